@@ -1,0 +1,119 @@
+# Declarations of the core state machine: the C structs it keeps and the records it reads and writes.
+# Layouts here are part of the on-disk format (docs/FORMAT.md) and of the public dtypes (ledger/enums.py).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+
+cdef extern from "_core_helpers.h" nogil:
+    void LEDGER_ASSERT(bint condition)
+    void LEDGER_DEBUG_ASSERT(bint condition)
+    bint ledger_likely(bint condition)
+    bint ledger_unlikely(bint condition)
+    void ledger_crc32c_init()
+    int ledger_crc32c_hardware
+    uint32_t ledger_crc32c(uint32_t crc, const void *data, size_t size)
+    uint64_t ledger_home_slot(uint64_t key, uint32_t capacity_log2)
+    uint64_t ledger_probe_step(uint64_t key)
+    void ledger_store_release_u64(uint64_t *address, uint64_t value)
+    uint64_t ledger_load_acquire_u64(const uint64_t *address)
+    void *ledger_map_anonymous(size_t size, int populate)
+    void ledger_unmap(void *memory, size_t size)
+    void ledger_prefetch(const void *address)
+
+# One row of a create_accounts batch (ledger.ACCOUNT_DTYPE, 40 bytes).
+ctypedef struct AccountRow:
+    uint64_t id
+    uint64_t user_data
+    int64_t min_balance
+    int64_t max_balance
+    uint32_t ledger
+    uint16_t flags
+
+# One row of a transfers batch (ledger.TRANSFER_DTYPE, 64 bytes).
+ctypedef struct TransferRow:
+    uint64_t id
+    uint64_t debit_account
+    uint64_t credit_account
+    int64_t amount
+    uint64_t pending_id
+    uint64_t user_data
+    uint32_t ledger
+    uint32_t timeout
+    uint16_t code
+    uint16_t flags
+
+# The part of an account every transfer touches: one 64-byte cache line.
+ctypedef struct AccountHot:
+    int64_t debits_posted
+    int64_t credits_posted
+    int64_t debits_pending
+    int64_t credits_pending
+    int64_t min_balance
+    int64_t max_balance
+    uint64_t last_position    # journal position of the newest event that touched this account
+    uint32_t ledger
+    uint16_t flags
+    uint16_t reserved
+
+# The part only reads need.
+ctypedef struct AccountCold:
+    uint64_t id
+    uint64_t user_data
+    uint64_t timestamp
+    uint64_t position         # journal position of the ACCOUNT event that created it
+
+# A journal record (64 bytes, little-endian). Field use by kind is in docs/FORMAT.md.
+ctypedef struct Event:
+    uint64_t id
+    uint64_t debit_account
+    uint64_t credit_account
+    int64_t amount
+    uint64_t user_data
+    uint64_t aux
+    uint64_t word_a           # previous debit position:40 | code:16 | kind:8
+    uint64_t word_b           # previous credit position:40 | offset in batch:24
+
+# The record in front of every batch (same size, same kind byte position as an Event).
+ctypedef struct BatchHeader:
+    uint64_t magic_version
+    uint64_t timestamp
+    uint64_t position
+    uint64_t event_count
+    uint64_t previous_checksum
+    uint64_t checksum
+    uint64_t word_a
+    uint64_t commit
+
+ctypedef struct TableSlot:
+    uint64_t key              # 0 = empty (0 is never a valid id)
+    uint64_t value
+
+ctypedef struct Table:
+    TableSlot *slots
+    uint64_t count
+    uint64_t count_max        # load factor limit, in slots
+    uint32_t capacity_log2
+
+ctypedef struct HeapEntry:
+    uint64_t deadline
+    uint64_t position
+
+ctypedef struct Heap:
+    HeapEntry *entries
+    uint64_t size
+    uint64_t capacity
+
+ctypedef struct State:
+    AccountHot *accounts
+    AccountCold *accounts_cold
+    uint64_t account_count
+    uint64_t account_capacity
+    Table account_table
+    Table transfer_table
+    Heap expiry_heap
+    char **segments
+    uint64_t segment_count
+    uint32_t segment_records_log2
+    uint64_t write_position       # next free journal position
+    uint64_t mapped_end           # positions below this have memory behind them
+    uint64_t last_timestamp
+    uint64_t last_checksum
+    uint64_t last_header_position

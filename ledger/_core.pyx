@@ -1,0 +1,1287 @@
+# cython: language_level=3
+# The single-writer state machine. It validates commands, applies them to the account arrays, and writes one
+# 64-byte event per applied command into journal memory handed to it by the caller. No I/O policy lives here:
+# where the memory comes from (anonymous or a mapped file) and when it is synced is the caller's business.
+# No Python object is created per command on the batch paths.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memset, memcpy
+from libc.stdlib cimport free, realloc
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+
+cimport cython
+import numpy as np
+from ledger.memory import anonymous_array
+cimport numpy as cnp
+
+from ledger.enums import (
+    ACCOUNT_DTYPE, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult, TransferResult, BATCH_SIZE_MAX,
+    EXPIRE_BATCH_MAX as _EXPIRE_BATCH_MAX,
+)
+from ledger.errors import LedgerClosedError, LedgerPoisonedError, LedgerCorruptError
+
+cnp.import_array()
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+
+ledger_crc32c_init()
+
+# ---- Constants (the numbers are part of the on-disk format: docs/FORMAT.md) ---------------------------------
+DEF KIND_ACCOUNT = 1
+DEF KIND_TRANSFER = 2
+DEF KIND_PENDING = 3
+DEF KIND_POST = 4
+DEF KIND_VOID = 5
+DEF KIND_EXPIRE = 6
+DEF KIND_HEADER = 15
+DEF KIND_MASK = 0x0F
+DEF KIND_LINKED = 0x10
+
+DEF FLAG_LINKED = 1
+DEF FLAG_PENDING = 2
+DEF FLAG_POST = 4
+DEF FLAG_VOID = 8
+DEF TRANSFER_FLAGS_ALL = 15
+DEF ACCOUNT_FLAGS_ALL = 1
+
+DEF STATE_POSTED = 1
+DEF STATE_PENDING = 2
+DEF STATE_PENDING_POSTED = 3
+DEF STATE_PENDING_VOIDED = 4
+DEF STATE_PENDING_EXPIRED = 5
+
+# 64-bit constants as C macros: Cython's DEF would turn them into Python integers.
+cdef extern from *:
+    """
+    #define POSITION_BITS 40
+    #define POSITION_MASK 0xFFFFFFFFFFULL
+    #define OFFSET_MAX 0xFFFFFFULL
+    #define ID_MAX 0xFFFFFFFFFFFFFFFFULL
+    #define AMOUNT_MAX 0x7FFFFFFFFFFFFFFFLL
+    #define MAGIC 0x5247444CULL            /* "LDGR" little-endian */
+    #define COMMIT_MAGIC 0xC0111117ULL
+    #define NANOSECONDS_PER_SECOND 1000000000ULL
+    """
+    const int POSITION_BITS
+    const uint64_t POSITION_MASK
+    const uint64_t OFFSET_MAX
+    const uint64_t ID_MAX
+    const int64_t AMOUNT_MAX
+    const uint64_t MAGIC
+    const uint64_t COMMIT_MAGIC
+    const uint64_t NANOSECONDS_PER_SECOND
+
+DEF TABLE_CAPACITY_LOG2_MIN = 10
+DEF TABLE_CAPACITY_LOG2_MAX = 40
+DEF ACCOUNT_CAPACITY_MIN = 1024
+
+FORMAT_VERSION = 1
+DEF FORMAT_VERSION_C = 1
+RECORD_SIZE = 64
+EXPIRE_BATCH_MAX = _EXPIRE_BATCH_MAX
+DEF EXPIRE_BATCH_MAX_C = 65536
+assert EXPIRE_BATCH_MAX == EXPIRE_BATCH_MAX_C
+POSITION_MAX = POSITION_MASK
+
+# Replay stop reasons.
+DEF REPLAY_END = 0          # a zero record where a header would be: the clean end of the journal
+DEF REPLAY_TORN = 1         # a header without its commit word, or a batch running past the mapped journal
+DEF REPLAY_CHECKSUM = 2     # the batch checksum does not match its bytes
+DEF REPLAY_HEADER = 4       # a record where a header should be is not a well-formed header
+DEF REPLAY_CHAIN = 3        # previous_checksum does not match the previous batch
+DEF REPLAY_INTEGRITY = 5    # checksums hold but the events contradict the state (unknown account, wrong back-pointer)
+REPLAY_REASONS = {REPLAY_END: "end", REPLAY_TORN: "torn", REPLAY_CHECKSUM: "checksum", REPLAY_CHAIN: "chain",
+                  REPLAY_HEADER: "header", REPLAY_INTEGRITY: "integrity"}
+
+DEF R_OK = 0
+DEF R_LINKED_EVENT_FAILED = 1
+DEF R_LINKED_CHAIN_OPEN = 2
+DEF R_FLAGS_INVALID = 3
+DEF R_ID_INVALID = 4
+DEF RT_PENDING_ID_MUST_BE_ZERO = 5
+DEF RT_PENDING_ID_REQUIRED = 6
+DEF RT_PENDING_ID_INVALID = 7
+DEF RT_PENDING_ID_MUST_BE_DIFFERENT = 8
+DEF RT_TIMEOUT_RESERVED_FOR_PENDING = 9
+DEF RT_EXISTS_WITH_DIFFERENT_FIELDS = 10
+DEF RT_EXISTS = 11
+DEF RT_DEBIT_ACCOUNT_ID_INVALID = 12
+DEF RT_CREDIT_ACCOUNT_ID_INVALID = 13
+DEF RT_ACCOUNTS_MUST_BE_DIFFERENT = 14
+DEF RT_AMOUNT_MUST_BE_POSITIVE = 15
+DEF RT_LEDGER_INVALID = 16
+DEF RT_DEBIT_ACCOUNT_NOT_FOUND = 17
+DEF RT_CREDIT_ACCOUNT_NOT_FOUND = 18
+DEF RT_LEDGER_MISMATCH = 19
+DEF RT_OVERFLOW = 20
+DEF RT_INSUFFICIENT_FUNDS = 21
+DEF RT_EXCEEDS_MAX_BALANCE = 22
+DEF RT_PENDING_NOT_FOUND = 23
+DEF RT_PENDING_TRANSFER_NOT_PENDING = 24
+DEF RT_PENDING_ALREADY_POSTED = 25
+DEF RT_PENDING_ALREADY_VOIDED = 26
+DEF RT_PENDING_EXPIRED = 27
+DEF RT_PENDING_DIFFERENT_DEBIT_ACCOUNT = 28
+DEF RT_PENDING_DIFFERENT_CREDIT_ACCOUNT = 29
+DEF RT_EXCEEDS_PENDING_AMOUNT = 30
+DEF RT_PENDING_DIFFERENT_AMOUNT = 31
+DEF RA_LEDGER_INVALID = 5
+DEF RA_BALANCE_LIMITS_INVALID = 6
+DEF RA_EXISTS_WITH_DIFFERENT_FIELDS = 7
+DEF RA_EXISTS = 8
+
+# Result members by code, so the single-call path returns an IntEnum without constructing one.
+cdef tuple TRANSFER_RESULTS = tuple(TransferResult(code) for code in range(len(TransferResult)))
+cdef tuple ACCOUNT_RESULTS = tuple(AccountResult(code) for code in range(len(AccountResult)))
+
+ACCOUNT_HOT_DTYPE = np.dtype([
+    ("debits_posted", "<i8"), ("credits_posted", "<i8"), ("debits_pending", "<i8"), ("credits_pending", "<i8"),
+    ("min_balance", "<i8"), ("max_balance", "<i8"), ("last_position", "<u8"),
+    ("ledger", "<u4"), ("flags", "<u2"), ("reserved", "<u2"),
+])
+ACCOUNT_COLD_DTYPE = np.dtype([("id", "<u8"), ("user_data", "<u8"), ("timestamp", "<u8"), ("position", "<u8")])
+assert ACCOUNT_HOT_DTYPE.itemsize == sizeof(AccountHot) == 64
+assert ACCOUNT_COLD_DTYPE.itemsize == sizeof(AccountCold)
+assert ACCOUNT_DTYPE.itemsize == sizeof(AccountRow)
+assert TRANSFER_DTYPE.itemsize == sizeof(TransferRow)
+assert sizeof(Event) == 64 and sizeof(BatchHeader) == 64
+
+ctypedef struct TransferRecord:
+    uint64_t id
+    uint64_t debit_account
+    uint64_t credit_account
+    int64_t amount
+    uint64_t pending_id
+    uint64_t user_data
+    uint64_t timestamp
+    uint64_t sequence
+    uint32_t ledger
+    uint32_t timeout
+    uint16_t code
+    uint16_t flags
+    uint8_t state
+
+assert TRANSFER_RECORD_DTYPE.itemsize == sizeof(TransferRecord)
+
+# ---- Record access ----------------------------------------------------------------------------------------
+
+cdef inline Event *event_at(State *s, uint64_t position) noexcept nogil:
+    LEDGER_DEBUG_ASSERT(position < s.mapped_end)
+    cdef uint64_t mask = (<uint64_t>1 << s.segment_records_log2) - 1
+    return <Event *>(s.segments[position >> s.segment_records_log2] + ((position & mask) << 6))
+
+cdef inline uint32_t event_kind(const Event *e) noexcept nogil:
+    return <uint32_t>((e.word_a >> 56) & KIND_MASK)
+
+cdef inline uint64_t event_offset(const Event *e) noexcept nogil:
+    return e.word_b >> POSITION_BITS
+
+cdef inline uint16_t event_code(const Event *e) noexcept nogil:
+    return <uint16_t>((e.word_a >> POSITION_BITS) & 0xFFFF)
+
+cdef inline uint64_t event_timestamp(State *s, const Event *e, uint64_t position) noexcept nogil:
+    cdef uint64_t offset = event_offset(e)
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, position - offset)
+    return header.timestamp + offset - 1
+
+cdef inline uint64_t word_a(uint64_t previous_position, uint16_t code, uint32_t kind_byte) noexcept nogil:
+    return previous_position | (<uint64_t>code << POSITION_BITS) | (<uint64_t>kind_byte << 56)
+
+cdef inline uint64_t word_b(uint64_t previous_position, uint64_t offset) noexcept nogil:
+    return previous_position | (offset << POSITION_BITS)
+
+# ---- Id tables: open addressing over groups of four slots (one cache line) -----------------------------
+# The home group keeps consecutive ids together (see ledger_home_slot); a full group hands over to a probe
+# walk with a per-key odd step. Entries are never deleted except to undo the newest inserts of a failed
+# linked chain, in reverse order, which restores the table exactly; so no tombstones are needed.
+
+cdef inline TableSlot *table_find(const Table *t, uint64_t key) noexcept nogil:
+    cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
+    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
+    cdef uint64_t step = 0
+    cdef TableSlot *slots
+    cdef int k
+    while True:
+        slots = t.slots + (group << 2)
+        for k in range(4):
+            if slots[k].key == key:
+                return &slots[k]
+            if slots[k].key == 0:
+                return NULL
+        if step == 0:
+            step = ledger_probe_step(key)
+        group = (group + step) & group_mask
+
+cdef inline void table_prefetch(const Table *t, uint64_t key) noexcept nogil:
+    ledger_prefetch(t.slots + ((ledger_home_slot(key, t.capacity_log2) >> 2) << 2))
+
+cdef inline TableSlot *table_insert(Table *t, uint64_t key, uint64_t value) noexcept nogil:
+    LEDGER_ASSERT(key != 0)
+    LEDGER_ASSERT(t.count < t.count_max)
+    cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
+    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
+    cdef uint64_t step = 0
+    cdef TableSlot *slots
+    cdef int k
+    while True:
+        slots = t.slots + (group << 2)
+        for k in range(4):
+            LEDGER_DEBUG_ASSERT(slots[k].key != key)
+            if slots[k].key == 0:
+                slots[k].key = key
+                slots[k].value = value
+                t.count += 1
+                return &slots[k]
+        if step == 0:
+            step = ledger_probe_step(key)
+        group = (group + step) & group_mask
+
+cdef inline void table_remove_newest(Table *t, uint64_t key) noexcept nogil:
+    cdef TableSlot *slot = table_find(t, key)
+    LEDGER_ASSERT(slot != NULL)
+    slot.key = 0
+    slot.value = 0
+    t.count -= 1
+
+cdef int table_allocate(Table *t, uint32_t capacity_log2) except -1:
+    if capacity_log2 > TABLE_CAPACITY_LOG2_MAX:
+        raise MemoryError(f"id table limit reached (2**{TABLE_CAPACITY_LOG2_MAX} slots)")
+    cdef size_t size = (<size_t>1 << capacity_log2) * sizeof(TableSlot)
+    cdef void *memory = ledger_map_anonymous(size, 1)   # page-aligned, zero-filled, huge pages, pre-faulted
+    if memory == NULL:
+        raise MemoryError(f"cannot allocate an id table of {size} bytes")
+    t.slots = <TableSlot *>memory
+    t.count = 0
+    t.capacity_log2 = capacity_log2
+    # Load factor limit 0.7: probe walks stay short for random ids; dense ids fill groups exactly anyway.
+    t.count_max = ((<uint64_t>1 << capacity_log2) * 7) // 10
+    return 0
+
+cdef void table_free(Table *t) noexcept:
+    if t.slots != NULL:
+        ledger_unmap(t.slots, (<size_t>1 << t.capacity_log2) * sizeof(TableSlot))
+        t.slots = NULL
+
+cdef int table_reserve(Table *t, uint64_t extra) except -1:
+    """Grow (rehash) so that `extra` more keys fit under the load limit. Never called inside a batch."""
+    if t.count + extra <= t.count_max:
+        return 0
+    cdef uint32_t capacity_log2 = t.capacity_log2
+    while ((<uint64_t>1 << capacity_log2) * 7) // 10 < t.count + extra:
+        capacity_log2 += 1
+    cdef Table grown
+    table_allocate(&grown, capacity_log2)
+    cdef uint64_t i, old_capacity = <uint64_t>1 << t.capacity_log2
+    with nogil:
+        for i in range(old_capacity):
+            if t.slots[i].key != 0:
+                table_insert(&grown, t.slots[i].key, t.slots[i].value)
+    LEDGER_ASSERT(grown.count == t.count)
+    table_free(t)
+    t[0] = grown
+    return 0
+
+# ---- Expiry heap: (deadline, position) min-heap with lazy deletion --------------------------------------
+
+cdef inline bint heap_less(const HeapEntry *a, const HeapEntry *b) noexcept nogil:
+    return a.deadline < b.deadline or (a.deadline == b.deadline and a.position < b.position)
+
+cdef inline void heap_push(Heap *h, uint64_t deadline, uint64_t position) noexcept nogil:
+    LEDGER_ASSERT(h.size < h.capacity)
+    cdef uint64_t i = h.size, parent
+    cdef HeapEntry entry
+    entry.deadline = deadline
+    entry.position = position
+    h.size += 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not heap_less(&entry, &h.entries[parent]):
+            break
+        h.entries[i] = h.entries[parent]
+        i = parent
+    h.entries[i] = entry
+
+cdef inline HeapEntry heap_pop(Heap *h) noexcept nogil:
+    LEDGER_ASSERT(h.size > 0)
+    cdef HeapEntry top = h.entries[0]
+    h.size -= 1
+    cdef HeapEntry last = h.entries[h.size]
+    cdef uint64_t i = 0, child
+    while True:
+        child = 2 * i + 1
+        if child >= h.size:
+            break
+        if child + 1 < h.size and heap_less(&h.entries[child + 1], &h.entries[child]):
+            child += 1
+        if not heap_less(&h.entries[child], &last):
+            break
+        h.entries[i] = h.entries[child]
+        i = child
+    if h.size > 0:
+        h.entries[i] = last
+    return top
+
+cdef int heap_reserve(Heap *h, uint64_t extra) except -1:
+    if h.size + extra <= h.capacity:
+        return 0
+    cdef uint64_t capacity = max(h.capacity * 2, h.size + extra, <uint64_t>1024)
+    cdef void *memory = realloc(h.entries, capacity * sizeof(HeapEntry))
+    if memory == NULL:
+        raise MemoryError("cannot grow the expiry heap")
+    h.entries = <HeapEntry *>memory
+    h.capacity = capacity
+    return 0
+
+# ---- Applying events (shared by the live path, linked-chain undo and replay) ------------------------------
+
+cdef inline void apply_account(State *s, const Event *e, uint64_t position, uint64_t timestamp) noexcept nogil:
+    LEDGER_ASSERT(s.account_count < s.account_capacity)
+    cdef uint64_t index = s.account_count
+    cdef AccountHot *hot = &s.accounts[index]
+    cdef AccountCold *cold = &s.accounts_cold[index]
+    memset(hot, 0, sizeof(AccountHot))
+    hot.min_balance = e.amount
+    hot.max_balance = <int64_t>e.aux
+    hot.last_position = position
+    hot.ledger = <uint32_t>e.debit_account   # low 32 bits
+    hot.flags = <uint16_t>((e.debit_account >> 32) & 0xFFFF)
+    cold.id = e.id
+    cold.user_data = e.user_data
+    cold.timestamp = timestamp
+    cold.position = position
+    table_insert(&s.account_table, e.id, index)
+    s.account_count += 1
+
+cdef inline void apply_transfer(AccountHot *debit, AccountHot *credit, const Event *e, uint64_t position,
+                                uint32_t kind) noexcept nogil:
+    if kind == KIND_TRANSFER:
+        debit.debits_posted += e.amount
+        credit.credits_posted += e.amount
+    else:
+        debit.debits_pending += e.amount
+        credit.credits_pending += e.amount
+    debit.last_position = position
+    credit.last_position = position
+
+cdef inline void apply_resolve(AccountHot *debit, AccountHot *credit, const Event *e, uint64_t position,
+                               uint32_t kind, TableSlot *pending_slot, int64_t pending_amount) noexcept nogil:
+    """POST, VOID or EXPIRE of a pending transfer: release the reservation, post the amount if POST."""
+    debit.debits_pending -= pending_amount
+    credit.credits_pending -= pending_amount
+    cdef uint64_t state = STATE_PENDING_EXPIRED
+    if kind == KIND_POST:
+        debit.debits_posted += e.amount
+        credit.credits_posted += e.amount
+        state = STATE_PENDING_POSTED
+    elif kind == KIND_VOID:
+        state = STATE_PENDING_VOIDED
+    LEDGER_ASSERT(debit.debits_pending >= 0 and credit.credits_pending >= 0)
+    pending_slot.value = (pending_slot.value & POSITION_MASK) | (state << POSITION_BITS)
+    debit.last_position = position
+    credit.last_position = position
+
+cdef inline AccountHot *account_of(State *s, uint64_t id) noexcept nogil:
+    cdef TableSlot *slot = table_find(&s.account_table, id)
+    if slot == NULL:
+        return NULL
+    return &s.accounts[slot.value]
+
+cdef void undo_event(State *s, uint64_t position) noexcept nogil:
+    """Reverse the event at `position`, which must be the newest applied one (linked-chain rollback)."""
+    cdef Event *e = event_at(s, position)
+    cdef uint32_t kind = event_kind(e)
+    cdef AccountHot *debit
+    cdef AccountHot *credit
+    cdef TableSlot *pending_slot
+    cdef Event *pending
+    if kind == KIND_ACCOUNT:
+        LEDGER_ASSERT(s.account_count > 0 and s.accounts_cold[s.account_count - 1].id == e.id)
+        table_remove_newest(&s.account_table, e.id)
+        s.account_count -= 1
+        memset(&s.accounts[s.account_count], 0, sizeof(AccountHot))
+        memset(&s.accounts_cold[s.account_count], 0, sizeof(AccountCold))
+        return
+    debit = account_of(s, e.debit_account)
+    credit = account_of(s, e.credit_account)
+    LEDGER_ASSERT(debit != NULL and credit != NULL)
+    LEDGER_ASSERT(debit.last_position == position and credit.last_position == position)
+    if kind == KIND_TRANSFER:
+        debit.debits_posted -= e.amount
+        credit.credits_posted -= e.amount
+    elif kind == KIND_PENDING:
+        debit.debits_pending -= e.amount
+        credit.credits_pending -= e.amount
+    else:
+        LEDGER_ASSERT(kind == KIND_POST or kind == KIND_VOID)
+        pending_slot = table_find(&s.transfer_table, e.aux)
+        LEDGER_ASSERT(pending_slot != NULL)
+        pending = event_at(s, pending_slot.value & POSITION_MASK)
+        debit.debits_pending += pending.amount
+        credit.credits_pending += pending.amount
+        if kind == KIND_POST:
+            debit.debits_posted -= e.amount
+            credit.credits_posted -= e.amount
+        pending_slot.value = (pending_slot.value & POSITION_MASK) | (<uint64_t>STATE_PENDING << POSITION_BITS)
+    debit.last_position = e.word_a & POSITION_MASK
+    credit.last_position = e.word_b & POSITION_MASK
+    table_remove_newest(&s.transfer_table, e.id)
+
+# ---- Validation: one row in, one result code out (and one event written when OK) --------------------------
+
+cdef inline uint8_t account_row(State *s, const AccountRow *a, uint64_t position, uint64_t offset,
+                                uint64_t timestamp) noexcept nogil:
+    if (a.flags & ~ACCOUNT_FLAGS_ALL) != 0:
+        return R_FLAGS_INVALID
+    if a.id == 0 or a.id == ID_MAX:
+        return R_ID_INVALID
+    if a.ledger == 0:
+        return RA_LEDGER_INVALID
+    if a.min_balance > 0 or a.max_balance < 0:
+        return RA_BALANCE_LIMITS_INVALID
+    cdef uint16_t flags = a.flags & ~FLAG_LINKED
+    cdef TableSlot *existing = table_find(&s.account_table, a.id)
+    cdef AccountHot *hot
+    if existing != NULL:
+        hot = &s.accounts[existing.value]
+        if (hot.ledger == a.ledger and hot.flags == flags and hot.min_balance == a.min_balance
+                and hot.max_balance == a.max_balance and s.accounts_cold[existing.value].user_data == a.user_data):
+            return RA_EXISTS
+        return RA_EXISTS_WITH_DIFFERENT_FIELDS
+    cdef Event *e = event_at(s, position)
+    e.id = a.id
+    e.debit_account = <uint64_t>a.ledger | (<uint64_t>flags << 32)
+    e.credit_account = 0
+    e.amount = a.min_balance
+    e.user_data = a.user_data
+    e.aux = <uint64_t>a.max_balance
+    e.word_a = word_a(0, 0, KIND_ACCOUNT | (KIND_LINKED if (a.flags & FLAG_LINKED) else 0))
+    e.word_b = word_b(0, offset)
+    apply_account(s, e, position, timestamp)
+    return R_OK
+
+cdef inline uint8_t compare_existing(State *s, const TableSlot *slot, const TransferRow *t) noexcept nogil:
+    cdef Event *e = event_at(s, slot.value & POSITION_MASK)
+    cdef uint32_t kind = event_kind(e)
+    cdef uint16_t recorded_flags = 0
+    if kind == KIND_PENDING:
+        recorded_flags = FLAG_PENDING
+    elif kind == KIND_POST:
+        recorded_flags = FLAG_POST
+    elif kind == KIND_VOID:
+        recorded_flags = FLAG_VOID
+    if (t.flags & ~FLAG_LINKED) != recorded_flags or t.code != event_code(e) or t.user_data != e.user_data:
+        return RT_EXISTS_WITH_DIFFERENT_FIELDS
+    cdef AccountHot *debit = account_of(s, e.debit_account)
+    LEDGER_ASSERT(debit != NULL)
+    if kind == KIND_POST or kind == KIND_VOID:
+        # Zeros in a resolving row mean "as the pending transfer", so they match what was recorded.
+        if (t.pending_id != e.aux
+                or (t.debit_account != 0 and t.debit_account != e.debit_account)
+                or (t.credit_account != 0 and t.credit_account != e.credit_account)
+                or (t.amount != 0 and t.amount != e.amount)
+                or (t.ledger != 0 and t.ledger != debit.ledger)):
+            return RT_EXISTS_WITH_DIFFERENT_FIELDS
+        return RT_EXISTS
+    if (t.debit_account != e.debit_account or t.credit_account != e.credit_account or t.amount != e.amount
+            or t.ledger != debit.ledger or t.timeout != (e.aux if kind == KIND_PENDING else 0)):
+        return RT_EXISTS_WITH_DIFFERENT_FIELDS
+    return RT_EXISTS
+
+cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t position, uint64_t offset,
+                                uint64_t timestamp, uint32_t kind) noexcept nogil:
+    """POST_PENDING or VOID_PENDING (kind is KIND_POST or KIND_VOID)."""
+    if t.pending_id == 0:
+        return RT_PENDING_ID_REQUIRED
+    if t.pending_id == ID_MAX:
+        return RT_PENDING_ID_INVALID
+    if t.pending_id == t.id:
+        return RT_PENDING_ID_MUST_BE_DIFFERENT
+    if t.timeout != 0:
+        return RT_TIMEOUT_RESERVED_FOR_PENDING
+    cdef TableSlot *existing = table_find(&s.transfer_table, t.id)
+    if existing != NULL:
+        return compare_existing(s, existing, t)
+    cdef TableSlot *pending_slot = table_find(&s.transfer_table, t.pending_id)
+    if pending_slot == NULL:
+        return RT_PENDING_NOT_FOUND
+    cdef uint64_t state = (pending_slot.value >> POSITION_BITS) & 0xFF
+    if state == STATE_POSTED:
+        return RT_PENDING_TRANSFER_NOT_PENDING
+    if state == STATE_PENDING_POSTED:
+        return RT_PENDING_ALREADY_POSTED
+    if state == STATE_PENDING_VOIDED:
+        return RT_PENDING_ALREADY_VOIDED
+    if state == STATE_PENDING_EXPIRED:
+        return RT_PENDING_EXPIRED
+    LEDGER_ASSERT(state == STATE_PENDING)
+    cdef uint64_t pending_position = pending_slot.value & POSITION_MASK
+    cdef Event *pending = event_at(s, pending_position)
+    if pending.aux != 0 and (event_timestamp(s, pending, pending_position)
+                             + pending.aux * NANOSECONDS_PER_SECOND) <= timestamp:
+        return RT_PENDING_EXPIRED
+    if t.debit_account != 0 and t.debit_account != pending.debit_account:
+        return RT_PENDING_DIFFERENT_DEBIT_ACCOUNT
+    if t.credit_account != 0 and t.credit_account != pending.credit_account:
+        return RT_PENDING_DIFFERENT_CREDIT_ACCOUNT
+    cdef AccountHot *debit = account_of(s, pending.debit_account)
+    cdef AccountHot *credit = account_of(s, pending.credit_account)
+    LEDGER_ASSERT(debit != NULL and credit != NULL)
+    if t.ledger != 0 and t.ledger != debit.ledger:
+        return RT_LEDGER_MISMATCH
+    if t.amount < 0:
+        return RT_AMOUNT_MUST_BE_POSITIVE
+    cdef int64_t amount = pending.amount
+    if kind == KIND_POST:
+        if t.amount != 0:
+            amount = t.amount
+        if amount > pending.amount:
+            return RT_EXCEEDS_PENDING_AMOUNT
+    elif t.amount != 0 and t.amount != pending.amount:
+        return RT_PENDING_DIFFERENT_AMOUNT
+    cdef Event *e = event_at(s, position)
+    e.id = t.id
+    e.debit_account = pending.debit_account
+    e.credit_account = pending.credit_account
+    e.amount = amount
+    e.user_data = t.user_data
+    e.aux = t.pending_id
+    e.word_a = word_a(debit.last_position, t.code, kind | (KIND_LINKED if (t.flags & FLAG_LINKED) else 0))
+    e.word_b = word_b(credit.last_position, offset)
+    apply_resolve(debit, credit, e, position, kind, pending_slot, pending.amount)
+    table_insert(&s.transfer_table, t.id, position | (<uint64_t>STATE_POSTED << POSITION_BITS))
+    return R_OK
+
+cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t position, uint64_t offset,
+                                 uint64_t timestamp) noexcept nogil:
+    cdef uint16_t flags = t.flags
+    cdef uint16_t phase = flags & (FLAG_PENDING | FLAG_POST | FLAG_VOID)
+    if (flags & ~TRANSFER_FLAGS_ALL) != 0 or (phase & (phase - 1)) != 0:
+        return R_FLAGS_INVALID
+    if t.id == 0 or t.id == ID_MAX:
+        return R_ID_INVALID
+    if phase == FLAG_POST:
+        return resolve_row(s, t, position, offset, timestamp, KIND_POST)
+    if phase == FLAG_VOID:
+        return resolve_row(s, t, position, offset, timestamp, KIND_VOID)
+    if t.pending_id != 0:
+        return RT_PENDING_ID_MUST_BE_ZERO
+    if t.timeout != 0 and phase != FLAG_PENDING:
+        return RT_TIMEOUT_RESERVED_FOR_PENDING
+    cdef TableSlot *existing = table_find(&s.transfer_table, t.id)
+    if existing != NULL:
+        return compare_existing(s, existing, t)
+    if t.debit_account == 0 or t.debit_account == ID_MAX:
+        return RT_DEBIT_ACCOUNT_ID_INVALID
+    if t.credit_account == 0 or t.credit_account == ID_MAX:
+        return RT_CREDIT_ACCOUNT_ID_INVALID
+    if t.debit_account == t.credit_account:
+        return RT_ACCOUNTS_MUST_BE_DIFFERENT
+    cdef int64_t amount = t.amount
+    if amount <= 0:
+        return RT_AMOUNT_MUST_BE_POSITIVE
+    if t.ledger == 0:
+        return RT_LEDGER_INVALID
+    cdef AccountHot *debit = account_of(s, t.debit_account)
+    if debit == NULL:
+        return RT_DEBIT_ACCOUNT_NOT_FOUND
+    cdef AccountHot *credit = account_of(s, t.credit_account)
+    if credit == NULL:
+        return RT_CREDIT_ACCOUNT_NOT_FOUND
+    if debit.ledger != credit.ledger or t.ledger != debit.ledger:
+        return RT_LEDGER_MISMATCH
+    # Invariant: posted + pending <= AMOUNT_MAX on each side, so these sums cannot wrap.
+    if debit.debits_posted + debit.debits_pending > AMOUNT_MAX - amount:
+        return RT_OVERFLOW
+    if credit.credits_posted + credit.credits_pending > AMOUNT_MAX - amount:
+        return RT_OVERFLOW
+    # min_balance <= 0 <= max_balance (checked at creation), so neither side of these compares can wrap.
+    if debit.credits_posted - (debit.debits_posted + debit.debits_pending) < debit.min_balance + amount:
+        return RT_INSUFFICIENT_FUNDS
+    if (credit.credits_posted + credit.credits_pending) - credit.debits_posted > credit.max_balance - amount:
+        return RT_EXCEEDS_MAX_BALANCE
+    cdef uint32_t kind = KIND_PENDING if phase == FLAG_PENDING else KIND_TRANSFER
+    cdef Event *e = event_at(s, position)
+    e.id = t.id
+    e.debit_account = t.debit_account
+    e.credit_account = t.credit_account
+    e.amount = amount
+    e.user_data = t.user_data
+    e.aux = t.timeout
+    e.word_a = word_a(debit.last_position, t.code, kind | (KIND_LINKED if (flags & FLAG_LINKED) else 0))
+    e.word_b = word_b(credit.last_position, offset)
+    apply_transfer(debit, credit, e, position, kind)
+    table_insert(&s.transfer_table, t.id,
+                 position | (<uint64_t>(STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
+    return R_OK
+
+# ---- Batch drivers ------------------------------------------------------------------------------------------
+
+DEF PREFETCH_TABLES_AHEAD = 16
+DEF PREFETCH_ACCOUNTS_AHEAD = 8
+
+cdef inline void prefetch_transfer(State *s, const TransferRow *rows, uint64_t i, uint64_t end) noexcept nogil:
+    """Software pipeline for random account access: 16 rows ahead, touch the id-table groups; 8 rows ahead,
+    resolve the (now cached) account slots and touch the account records. The row at hand then finds everything
+    in cache, so the loop is bound by bandwidth rather than by one memory latency after another."""
+    cdef const TransferRow *ahead
+    cdef TableSlot *slot
+    if i + PREFETCH_TABLES_AHEAD < end:
+        ahead = &rows[i + PREFETCH_TABLES_AHEAD]
+        table_prefetch(&s.account_table, ahead.debit_account)
+        table_prefetch(&s.account_table, ahead.credit_account)
+        table_prefetch(&s.transfer_table, ahead.id)
+    if i + PREFETCH_ACCOUNTS_AHEAD < end:
+        ahead = &rows[i + PREFETCH_ACCOUNTS_AHEAD]
+        slot = table_find(&s.account_table, ahead.debit_account)
+        if slot != NULL:
+            ledger_prefetch(&s.accounts[slot.value])
+        slot = table_find(&s.account_table, ahead.credit_account)
+        if slot != NULL:
+            ledger_prefetch(&s.accounts[slot.value])
+
+ctypedef fused Row:
+    AccountRow
+    TransferRow
+
+cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *results, uint64_t header_position,
+                         uint64_t position, uint64_t timestamp_base, uint64_t *written_end) noexcept nogil:
+    """Apply rows in order with linked-chain semantics; return the next free position. `written_end` gets the
+    end of every record written, rolled-back ones included, so the caller can zero what was undone."""
+    cdef uint8_t exists_code = RA_EXISTS if Row is AccountRow else RT_EXISTS
+    cdef uint64_t evaluated_end = count, i, k, p, offset
+    cdef uint64_t chain_start = count, chain_position = 0
+    cdef bint linked
+    cdef uint8_t code
+    # A chain still open at the end of the batch is not evaluated.
+    if count > 0 and (rows[count - 1].flags & FLAG_LINKED):
+        evaluated_end = count - 1
+        while evaluated_end > 0 and (rows[evaluated_end - 1].flags & FLAG_LINKED):
+            evaluated_end -= 1
+        for k in range(evaluated_end, count - 1):
+            results[k] = R_LINKED_EVENT_FAILED
+        results[count - 1] = R_LINKED_CHAIN_OPEN
+    i = 0
+    while i < evaluated_end:
+        if Row is TransferRow:
+            prefetch_transfer(s, rows, i, evaluated_end)
+        linked = (rows[i].flags & FLAG_LINKED) != 0
+        if linked and chain_start == count:
+            chain_start = i
+            chain_position = position
+        offset = position - header_position
+        if Row is AccountRow:
+            code = account_row(s, &rows[i], position, offset, timestamp_base + offset - 1)
+        else:
+            code = transfer_row(s, &rows[i], position, offset, timestamp_base + offset - 1)
+        results[i] = code
+        if code == R_OK:
+            position += 1
+        elif code != exists_code and chain_start != count:
+            if position > written_end[0]:
+                written_end[0] = position
+            p = position
+            while p > chain_position:
+                p -= 1
+                undo_event(s, p)
+            position = chain_position
+            for k in range(chain_start, i):
+                if results[k] != exists_code:
+                    results[k] = R_LINKED_EVENT_FAILED
+            k = i
+            while rows[k].flags & FLAG_LINKED:
+                k += 1
+                results[k] = R_LINKED_EVENT_FAILED
+            i = k + 1
+            chain_start = count
+            continue
+        if not linked:
+            chain_start = count
+        i += 1
+    return position
+
+cdef uint64_t expire_due(State *s, uint64_t header_position, uint64_t position, uint64_t timestamp_base) noexcept nogil:
+    """Write an EXPIRE event for each pending transfer whose deadline has passed (bounded per call)."""
+    cdef uint64_t expired = 0, offset
+    cdef HeapEntry top
+    cdef Event *pending
+    cdef Event *e
+    cdef TableSlot *slot
+    cdef AccountHot *debit
+    cdef AccountHot *credit
+    while s.expiry_heap.size > 0 and s.expiry_heap.entries[0].deadline <= timestamp_base \
+            and expired < EXPIRE_BATCH_MAX_C:
+        top = heap_pop(&s.expiry_heap)
+        pending = event_at(s, top.position)
+        slot = table_find(&s.transfer_table, pending.id)
+        if slot == NULL or (slot.value & POSITION_MASK) != top.position \
+                or ((slot.value >> POSITION_BITS) & 0xFF) != STATE_PENDING:
+            continue  # posted or voided before its deadline: a stale entry
+        debit = account_of(s, pending.debit_account)
+        credit = account_of(s, pending.credit_account)
+        LEDGER_ASSERT(debit != NULL and credit != NULL)
+        offset = position - header_position
+        e = event_at(s, position)
+        e.id = pending.id
+        e.debit_account = pending.debit_account
+        e.credit_account = pending.credit_account
+        e.amount = pending.amount
+        e.user_data = 0
+        e.aux = pending.id
+        e.word_a = word_a(debit.last_position, 0, KIND_EXPIRE)
+        e.word_b = word_b(credit.last_position, offset)
+        apply_resolve(debit, credit, e, position, KIND_EXPIRE, slot, pending.amount)
+        position += 1
+        expired += 1
+    return position
+
+cdef void schedule_expiries(State *s, uint64_t start, uint64_t end) noexcept nogil:
+    """Push the deadlines of the PENDING events in [start, end) once their batch is final (after rollbacks)."""
+    cdef uint64_t position
+    cdef Event *e
+    for position in range(start, end):
+        e = event_at(s, position)
+        if event_kind(e) == KIND_PENDING and e.aux != 0:
+            heap_push(&s.expiry_heap, event_timestamp(s, e, position) + e.aux * NANOSECONDS_PER_SECOND, position)
+
+cdef uint32_t checksum_range(State *s, uint32_t crc, uint64_t start, uint64_t end) noexcept nogil:
+    """CRC32C over the records [start, end), which may span segments."""
+    cdef uint64_t records_per_segment = <uint64_t>1 << s.segment_records_log2
+    cdef uint64_t chunk_end
+    while start < end:
+        chunk_end = min(end, (start | (records_per_segment - 1)) + 1)
+        crc = ledger_crc32c(crc, event_at(s, start), (chunk_end - start) * 64)
+        start = chunk_end
+    return crc
+
+cdef void zero_range(State *s, uint64_t start, uint64_t end) noexcept nogil:
+    cdef uint64_t records_per_segment = <uint64_t>1 << s.segment_records_log2
+    cdef uint64_t chunk_end
+    while start < end:
+        chunk_end = min(end, (start | (records_per_segment - 1)) + 1)
+        memset(event_at(s, start), 0, (chunk_end - start) * 64)
+        start = chunk_end
+
+cdef uint32_t header_checksum(State *s, uint64_t header_position, uint64_t end) noexcept nogil:
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    cdef uint32_t crc = checksum_range(s, 0, header_position + 1, end)
+    # The header fields up to and including previous_checksum: this is what chains batch to batch.
+    return ledger_crc32c(crc, header, 40)
+
+cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_t timestamp_base,
+                       uint64_t dirty_end) noexcept nogil:
+    """Seal the batch [header_position, end): header fields, checksum, and last the commit word."""
+    cdef uint64_t count = end - header_position - 1
+    if dirty_end > end:
+        zero_range(s, end, dirty_end)   # records of rolled-back chains past the end: keep the tail zero
+    if count == 0:
+        return
+    LEDGER_ASSERT(count <= OFFSET_MAX)
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    header.magic_version = <uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)
+    header.timestamp = timestamp_base
+    header.position = header_position
+    header.event_count = count
+    header.previous_checksum = s.last_checksum
+    header.word_a = <uint64_t>KIND_HEADER << 56
+    cdef uint32_t crc = header_checksum(s, header_position, end)
+    header.checksum = crc
+    ledger_store_release_u64(&header.commit, (<uint64_t>COMMIT_MAGIC << 32) | crc)
+    schedule_expiries(s, header_position + 1, end)
+    s.last_checksum = crc
+    s.last_timestamp = timestamp_base + count - 1
+    s.last_header_position = header_position
+    s.write_position = end
+
+cdef inline uint64_t clock_now_ns() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_REALTIME, &now)
+    return <uint64_t>now.tv_sec * NANOSECONDS_PER_SECOND + <uint64_t>now.tv_nsec
+
+cdef uint64_t run_transfers(State *s, const TransferRow *rows, uint64_t count, uint8_t *results,
+                           uint64_t now) noexcept nogil:
+    """One transfers call: expiries, rows, commit. Returns the number of events written."""
+    cdef uint64_t header_position = s.write_position
+    cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
+    cdef uint64_t position = expire_due(s, header_position, header_position + 1, timestamp_base)
+    cdef uint64_t written_end = position
+    cdef uint64_t end = apply_rows(s, rows, count, results, header_position, position, timestamp_base, &written_end)
+    commit_batch(s, header_position, end, timestamp_base, written_end)
+    return end - header_position - 1
+
+cdef uint64_t run_accounts(State *s, const AccountRow *rows, uint64_t count, uint8_t *results,
+                          uint64_t now) noexcept nogil:
+    cdef uint64_t header_position = s.write_position
+    cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
+    cdef uint64_t written_end = header_position + 1
+    cdef uint64_t end = apply_rows(s, rows, count, results, header_position, header_position + 1, timestamp_base,
+                                   &written_end)
+    commit_batch(s, header_position, end, timestamp_base, written_end)
+    return end - header_position - 1
+
+# ---- Replay: the state as a fold over committed batches ------------------------------------------------------
+
+cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
+    """Apply the events of a verified batch. Returns REPLAY_END (0) or REPLAY_INTEGRITY."""
+    cdef uint64_t position
+    cdef Event *e
+    cdef uint32_t kind
+    cdef AccountHot *debit
+    cdef AccountHot *credit
+    cdef TableSlot *slot
+    cdef Event *pending
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    for position in range(header_position + 1, header_position + 1 + count):
+        e = event_at(s, position)
+        kind = event_kind(e)
+        if event_offset(e) != position - header_position:
+            return REPLAY_INTEGRITY
+        if kind == KIND_ACCOUNT:
+            if e.id == 0 or e.id == ID_MAX or table_find(&s.account_table, e.id) != NULL:
+                return REPLAY_INTEGRITY
+            apply_account(s, e, position, header.timestamp + (position - header_position) - 1)
+            continue
+        if kind < KIND_TRANSFER or kind > KIND_EXPIRE or e.amount <= 0:
+            return REPLAY_INTEGRITY
+        debit = account_of(s, e.debit_account)
+        credit = account_of(s, e.credit_account)
+        if debit == NULL or credit == NULL or debit == credit:
+            return REPLAY_INTEGRITY
+        if debit.last_position != (e.word_a & POSITION_MASK) or credit.last_position != (e.word_b & POSITION_MASK):
+            return REPLAY_INTEGRITY
+        if kind == KIND_TRANSFER or kind == KIND_PENDING:
+            if table_find(&s.transfer_table, e.id) != NULL:
+                return REPLAY_INTEGRITY
+            apply_transfer(debit, credit, e, position, kind)
+            table_insert(&s.transfer_table, e.id, position | (<uint64_t>(
+                STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
+            continue
+        slot = table_find(&s.transfer_table, e.aux)
+        if slot == NULL or ((slot.value >> POSITION_BITS) & 0xFF) != STATE_PENDING:
+            return REPLAY_INTEGRITY
+        pending = event_at(s, slot.value & POSITION_MASK)
+        if pending.debit_account != e.debit_account or pending.credit_account != e.credit_account \
+                or e.amount > pending.amount:
+            return REPLAY_INTEGRITY
+        if kind != KIND_EXPIRE and table_find(&s.transfer_table, e.id) != NULL:
+            return REPLAY_INTEGRITY
+        apply_resolve(debit, credit, e, position, kind, slot, pending.amount)
+        if kind != KIND_EXPIRE:
+            table_insert(&s.transfer_table, e.id, position | (<uint64_t>STATE_POSTED << POSITION_BITS))
+    return REPLAY_END
+
+cdef uint64_t count_accounts(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
+    cdef uint64_t position, accounts = 0
+    for position in range(header_position + 1, header_position + 1 + count):
+        accounts += event_kind(event_at(s, position)) == KIND_ACCOUNT
+    return accounts
+
+cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t *crc_out) noexcept nogil:
+    """Classify the record where the next batch header should be."""
+    if position >= s.mapped_end:
+        return REPLAY_END
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, position)
+    cdef uint32_t kind = <uint32_t>((header.word_a >> 56) & KIND_MASK)
+    cdef uint64_t commit = ledger_load_acquire_u64(&header.commit)
+    if kind == 0 and header.magic_version == 0 and commit == 0:
+        return REPLAY_END if header.word_a == 0 and header.event_count == 0 else REPLAY_TORN
+    if kind != KIND_HEADER:
+        return REPLAY_HEADER
+    if (commit >> 32) != COMMIT_MAGIC:
+        return REPLAY_TORN
+    if header.magic_version != (<uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)) \
+            or header.position != position or header.event_count == 0 or header.event_count > OFFSET_MAX:
+        return REPLAY_HEADER
+    if position + 1 + header.event_count > s.mapped_end:
+        return REPLAY_TORN
+    cdef uint32_t crc = header_checksum(s, position, position + 1 + header.event_count)
+    if crc != header.checksum or crc != <uint32_t>commit:
+        return REPLAY_CHECKSUM
+    if header.previous_checksum != s.last_checksum:
+        return REPLAY_CHAIN
+    count_out[0] = header.event_count
+    crc_out[0] = crc
+    return -1   # a good batch
+
+
+@cython.final
+cdef class Engine:
+    """The state machine. Not thread-safe: one writer (the Ledger) owns it."""
+
+    cdef State state
+    cdef object _accounts_hot
+    cdef object _accounts_cold
+    cdef list _segment_objects
+    cdef object _segment_provider
+    cdef object _after_commit
+    cdef object _clock
+    cdef public bint closed
+    cdef public bint poisoned
+    cdef uint64_t _batch_size_max
+
+    def __cinit__(self):
+        memset(&self.state, 0, sizeof(State))
+
+    def __init__(self, segment_records_log2, segment_provider, *, after_commit=None, clock=None,
+                 account_capacity=ACCOUNT_CAPACITY_MIN, transfer_capacity=1024):
+        """segment_provider(index) returns a writable buffer of 64 << segment_records_log2 bytes (zero-filled
+        or holding earlier journal data); after_commit(start, end) makes positions [start, end) durable."""
+        if not 4 <= segment_records_log2 <= 30:
+            raise ValueError("segment_records_log2 must be in [4, 30]")
+        self.state.segment_records_log2 = segment_records_log2
+        self._segment_provider = segment_provider
+        self._after_commit = after_commit
+        self._clock = clock
+        self._segment_objects = []
+        self._batch_size_max = BATCH_SIZE_MAX
+        table_allocate(&self.state.account_table, TABLE_CAPACITY_LOG2_MIN)
+        table_allocate(&self.state.transfer_table, TABLE_CAPACITY_LOG2_MIN)
+        heap_reserve(&self.state.expiry_heap, 1024)
+        self._grow_accounts(max(int(account_capacity), ACCOUNT_CAPACITY_MIN))
+        table_reserve(&self.state.account_table, int(account_capacity))
+        table_reserve(&self.state.transfer_table, int(transfer_capacity))
+        # Position 0 is never written: a back-pointer of 0 means "no earlier event".
+        self.state.write_position = 1
+        self._map_through(2)
+
+    def __dealloc__(self):
+        table_free(&self.state.account_table)
+        table_free(&self.state.transfer_table)
+        free(self.state.expiry_heap.entries)
+        free(self.state.segments)
+
+    # -- capacity (all growth happens here, between batches, never inside the hot loop) --
+
+    cdef int _grow_accounts(self, uint64_t capacity) except -1:
+        hot = anonymous_array(capacity, ACCOUNT_HOT_DTYPE)
+        cold = anonymous_array(capacity, ACCOUNT_COLD_DTYPE)
+        cdef uint64_t count = self.state.account_count
+        if count:
+            hot[:count] = self._accounts_hot[:count]
+            cold[:count] = self._accounts_cold[:count]
+        self._accounts_hot = hot
+        self._accounts_cold = cold
+        self.state.accounts = <AccountHot *>cnp.PyArray_DATA(hot)
+        self.state.accounts_cold = <AccountCold *>cnp.PyArray_DATA(cold)
+        self.state.account_capacity = capacity
+        return 0
+
+    cdef int _map_through(self, uint64_t end) except -1:
+        """Ensure memory behind every position below `end`."""
+        cdef Py_buffer view
+        cdef uint64_t segment_bytes = <uint64_t>64 << self.state.segment_records_log2
+        cdef void *grown
+        if end - 1 > POSITION_MASK:
+            raise OverflowError(f"journal position limit (2**40 records) reached")
+        while self.state.mapped_end < end:
+            index = self.state.segment_count
+            # A memoryview holds an export on the buffer for as long as we keep it: an mmap cannot be closed
+            # (BufferError) while the core still writes through its address.
+            buffer = memoryview(self._segment_provider(index))
+            PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+            try:
+                if <uint64_t>view.len < segment_bytes:
+                    raise ValueError(f"segment {index} buffer has {view.len} bytes, need {segment_bytes}")
+                grown = realloc(self.state.segments, (index + 1) * sizeof(char *))
+                if grown == NULL:
+                    raise MemoryError("cannot grow the segment table")
+                self.state.segments = <char **>grown
+                self.state.segments[index] = <char *>view.buf
+            finally:
+                PyBuffer_Release(&view)
+            self._segment_objects.append(buffer)   # keeps the memory alive while we hold its address
+            self.state.segment_count = index + 1
+            self.state.mapped_end = (index + 1) << self.state.segment_records_log2
+        return 0
+
+    cdef int _reserve(self, uint64_t accounts, uint64_t transfers, uint64_t records) except -1:
+        if self.state.account_count + accounts > self.state.account_capacity:
+            self._grow_accounts(max(self.state.account_capacity * 2, self.state.account_count + accounts))
+        table_reserve(&self.state.account_table, accounts)
+        table_reserve(&self.state.transfer_table, transfers)
+        heap_reserve(&self.state.expiry_heap, transfers)
+        self._map_through(self.state.write_position + records)
+        return 0
+
+    cdef int _check_open(self) except -1:
+        if self.poisoned:
+            raise LedgerPoisonedError("the ledger handle is poisoned by a failed journal sync; reopen it")
+        if self.closed:
+            raise LedgerClosedError("the ledger is closed")
+        return 0
+
+    cdef inline uint64_t _now(self) except? 0:
+        if self._clock is None:
+            return clock_now_ns()
+        return <uint64_t>self._clock()
+
+    cdef int _committed(self, uint64_t start, uint64_t events) except -1:
+        if events == 0 or self._after_commit is None:
+            return 0
+        try:
+            self._after_commit(start, start + 1 + events)
+        except BaseException:
+            self.poisoned = True
+            raise
+        return 0
+
+    # -- commands --
+
+    def create_accounts(self, cnp.ndarray batch not None, cnp.ndarray results not None):
+        """Apply a C-contiguous ACCOUNT_DTYPE array; write codes into `results` (uint8, same length)."""
+        self._check_open()
+        cdef uint64_t count = batch.shape[0]
+        LEDGER_ASSERT(batch.dtype.itemsize == sizeof(AccountRow) and results.shape[0] == batch.shape[0])
+        LEDGER_ASSERT(cnp.PyArray_IS_C_CONTIGUOUS(batch) and cnp.PyArray_IS_C_CONTIGUOUS(results))
+        LEDGER_ASSERT(count <= self._batch_size_max)
+        self._reserve(count, 0, count + 1)
+        cdef uint64_t now = self._now()
+        cdef uint64_t start = self.state.write_position, events
+        cdef const AccountRow *rows = <const AccountRow *>cnp.PyArray_DATA(batch)
+        cdef uint8_t *codes = <uint8_t *>cnp.PyArray_DATA(results)
+        with nogil:
+            events = run_accounts(&self.state, rows, count, codes, now)
+        self._committed(start, events)
+        return events
+
+    def transfers(self, cnp.ndarray batch not None, cnp.ndarray results not None):
+        """Apply a C-contiguous TRANSFER_DTYPE array; write codes into `results` (uint8, same length)."""
+        self._check_open()
+        cdef uint64_t count = batch.shape[0]
+        LEDGER_ASSERT(batch.dtype.itemsize == sizeof(TransferRow) and results.shape[0] == batch.shape[0])
+        LEDGER_ASSERT(cnp.PyArray_IS_C_CONTIGUOUS(batch) and cnp.PyArray_IS_C_CONTIGUOUS(results))
+        LEDGER_ASSERT(count <= self._batch_size_max)
+        self._reserve(0, count, count + EXPIRE_BATCH_MAX_C + 1)
+        cdef uint64_t now = self._now()
+        cdef uint64_t start = self.state.write_position, events
+        cdef const TransferRow *rows = <const TransferRow *>cnp.PyArray_DATA(batch)
+        cdef uint8_t *codes = <uint8_t *>cnp.PyArray_DATA(results)
+        with nogil:
+            events = run_transfers(&self.state, rows, count, codes, now)
+        self._committed(start, events)
+        return events
+
+    def transfer(self, uint64_t id, uint64_t debit_account, uint64_t credit_account, int64_t amount, *,
+                 uint32_t ledger=1, uint16_t code=0, uint16_t flags=0, uint64_t pending_id=0,
+                 uint32_t timeout=0, uint64_t user_data=0):
+        """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation."""
+        if self.closed or self.poisoned:
+            self._check_open()
+        cdef TransferRow row
+        row.id = id
+        row.debit_account = debit_account
+        row.credit_account = credit_account
+        row.amount = amount
+        row.pending_id = pending_id
+        row.user_data = user_data
+        row.ledger = ledger
+        row.timeout = timeout
+        row.code = code
+        row.flags = flags
+        cdef State *s = &self.state
+        if (s.write_position + EXPIRE_BATCH_MAX_C + 2 > s.mapped_end
+                or s.transfer_table.count + 1 > s.transfer_table.count_max
+                or s.expiry_heap.size + 1 > s.expiry_heap.capacity):
+            self._reserve(0, 1, EXPIRE_BATCH_MAX_C + 2)
+        cdef uint64_t start = s.write_position
+        cdef uint8_t result = 0
+        cdef uint64_t events = run_transfers(s, &row, 1, &result, self._now())
+        if events != 0 and self._after_commit is not None:
+            self._committed(start, events)
+        return TRANSFER_RESULTS[result]
+
+    def create_account(self, uint64_t id, uint32_t ledger=1, *, int64_t min_balance=0,
+                       int64_t max_balance=AMOUNT_MAX, uint16_t flags=0, uint64_t user_data=0):
+        self._check_open()
+        cdef AccountRow row
+        row.id = id
+        row.user_data = user_data
+        row.min_balance = min_balance
+        row.max_balance = max_balance
+        row.ledger = ledger
+        row.flags = flags
+        self._reserve(1, 0, 2)
+        cdef uint64_t start = self.state.write_position
+        cdef uint8_t result = 0
+        cdef uint64_t events = run_accounts(&self.state, &row, 1, &result, self._now())
+        self._committed(start, events)
+        return ACCOUNT_RESULTS[result]
+
+    # -- reads --
+
+    def account(self, uint64_t id):
+        """(id, ledger, flags, min_balance, max_balance, user_data, debits_posted, credits_posted,
+        debits_pending, credits_pending, timestamp) or None."""
+        self._check_open()
+        cdef TableSlot *slot = table_find(&self.state.account_table, id)
+        if slot == NULL:
+            return None
+        cdef AccountHot *hot = &self.state.accounts[slot.value]
+        cdef AccountCold *cold = &self.state.accounts_cold[slot.value]
+        return (cold.id, hot.ledger, hot.flags, hot.min_balance, hot.max_balance, cold.user_data,
+                hot.debits_posted, hot.credits_posted, hot.debits_pending, hot.credits_pending, cold.timestamp)
+
+    def balance(self, uint64_t id):
+        self._check_open()
+        cdef TableSlot *slot = table_find(&self.state.account_table, id)
+        if slot == NULL:
+            raise KeyError(f"account {id} not found")
+        cdef AccountHot *hot = &self.state.accounts[slot.value]
+        return hot.credits_posted - hot.debits_posted
+
+    def available(self, uint64_t id):
+        self._check_open()
+        cdef TableSlot *slot = table_find(&self.state.account_table, id)
+        if slot == NULL:
+            raise KeyError(f"account {id} not found")
+        cdef AccountHot *hot = &self.state.accounts[slot.value]
+        return <object>hot.credits_posted - hot.debits_posted - hot.debits_pending
+
+    def account_arrays(self):
+        """Views (not copies) of the live hot and cold account arrays, trimmed to the account count."""
+        self._check_open()
+        cdef uint64_t count = self.state.account_count
+        return self._accounts_hot[:count], self._accounts_cold[:count]
+
+    def lookup_transfers(self, cnp.ndarray ids not None, cnp.ndarray out not None):
+        self._check_open()
+        LEDGER_ASSERT(ids.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(ids))
+        LEDGER_ASSERT(out.dtype.itemsize == sizeof(TransferRecord) and cnp.PyArray_IS_C_CONTIGUOUS(out))
+        LEDGER_ASSERT(out.shape[0] == ids.shape[0])
+        cdef uint64_t *keys = <uint64_t *>cnp.PyArray_DATA(ids)
+        cdef TransferRecord *records = <TransferRecord *>cnp.PyArray_DATA(out)
+        cdef uint64_t i, count = ids.shape[0], position
+        cdef TableSlot *slot
+        cdef Event *e
+        cdef uint32_t kind
+        cdef AccountHot *debit
+        with nogil:
+            for i in range(count):
+                memset(&records[i], 0, sizeof(TransferRecord))
+                slot = table_find(&self.state.transfer_table, keys[i]) if keys[i] != 0 else NULL
+                if slot == NULL:
+                    continue
+                position = slot.value & POSITION_MASK
+                e = event_at(&self.state, position)
+                kind = event_kind(e)
+                debit = account_of(&self.state, e.debit_account)
+                LEDGER_ASSERT(debit != NULL)
+                records[i].id = e.id
+                records[i].debit_account = e.debit_account
+                records[i].credit_account = e.credit_account
+                records[i].amount = e.amount
+                records[i].user_data = e.user_data
+                records[i].timestamp = event_timestamp(&self.state, e, position)
+                records[i].sequence = position
+                records[i].ledger = debit.ledger
+                records[i].code = event_code(e)
+                records[i].state = <uint8_t>((slot.value >> POSITION_BITS) & 0xFF)
+                records[i].flags = FLAG_LINKED if (e.word_a >> 56) & KIND_LINKED else 0
+                if kind == KIND_PENDING:
+                    records[i].timeout = <uint32_t>e.aux
+                    records[i].flags |= FLAG_PENDING
+                elif kind == KIND_POST or kind == KIND_VOID:
+                    records[i].pending_id = e.aux
+                    records[i].flags |= FLAG_POST if kind == KIND_POST else FLAG_VOID
+        return out
+
+    # -- replay --
+
+    def replay(self, uint64_t end_position=POSITION_MASK):
+        """Apply every committed batch from the current write position on, stopping at the first record that
+        is not a good batch header or at `end_position`. Returns (reason, position, batches, events)."""
+        self._check_open()
+        cdef uint64_t position = self.state.write_position, count = 0, batches = 0, events = 0
+        cdef uint32_t crc = 0
+        cdef int reason
+        cdef BatchHeader *header
+        while True:
+            if position >= end_position:
+                reason = REPLAY_END
+                break
+            reason = check_header(&self.state, position, &count, &crc)
+            if reason >= 0:
+                break
+            if position + 1 + count > end_position:
+                reason = REPLAY_END
+                break
+            self._reserve(count_accounts(&self.state, position, count), count, 0)
+            with nogil:
+                reason = replay_batch(&self.state, position, count)
+            if reason != REPLAY_END:
+                break
+            header = <BatchHeader *>event_at(&self.state, position)
+            with nogil:
+                schedule_expiries(&self.state, position + 1, position + 1 + count)
+            self.state.last_checksum = crc
+            self.state.last_timestamp = header.timestamp + count - 1
+            self.state.last_header_position = position
+            position += 1 + count
+            self.state.write_position = position
+            batches += 1
+            events += count
+        return reason, position, batches, events
+
+    def map_through(self, uint64_t end):
+        self._map_through(end)
+
+    # -- introspection --
+
+    @property
+    def write_position(self):
+        return self.state.write_position
+
+    @property
+    def last_timestamp(self):
+        return self.state.last_timestamp
+
+    @property
+    def last_checksum(self):
+        return self.state.last_checksum
+
+    @property
+    def account_count(self):
+        return self.state.account_count
+
+    @property
+    def transfer_count(self):
+        return self.state.transfer_table.count
+
+    @property
+    def pending_expiry_count(self):
+        return self.state.expiry_heap.size
+
+    @property
+    def segment_count(self):
+        return self.state.segment_count
+
+    def memory_bytes(self):
+        """Bytes held by the in-memory state (accounts, id tables, expiry heap), not the journal."""
+        return {
+            "accounts": int(self.state.account_capacity) * (sizeof(AccountHot) + sizeof(AccountCold)),
+            "account_table": (1 << self.state.account_table.capacity_log2) * sizeof(TableSlot),
+            "transfer_table": (1 << self.state.transfer_table.capacity_log2) * sizeof(TableSlot),
+            "expiry_heap": int(self.state.expiry_heap.capacity) * sizeof(HeapEntry),
+        }
+
+    def close(self):
+        self.closed = True
+        for buffer in self._segment_objects:
+            buffer.release()
+        self._segment_objects = []
+        self._segment_provider = None
+        self._after_commit = None
+
+
+def crc32c(data, uint32_t crc=0):
+    """CRC32C of a bytes-like object (hardware-accelerated where the CPU has SSE4.2)."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return ledger_crc32c(crc, view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def crc32c_hardware():
+    return ledger_crc32c_hardware == 1

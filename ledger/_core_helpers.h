@@ -1,0 +1,155 @@
+/* Small C helpers for the Cython core: checksums, hashing, atomics, assertions.
+ * Kept in C because they need compiler builtins and CPU dispatch that Cython cannot express. */
+#ifndef LEDGER_CORE_HELPERS_H
+#define LEDGER_CORE_HELPERS_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <nmmintrin.h>
+#define LEDGER_X86 1
+#endif
+
+#define ledger_likely(x) __builtin_expect(!!(x), 1)
+#define ledger_unlikely(x) __builtin_expect(!!(x), 0)
+
+/* Invariants stay checked in release builds (TigerStyle): a broken invariant in a ledger must stop the process
+ * before it journals a wrong balance. They are cheap compares off the data dependency chain. */
+static void ledger_panic(const char *file, int line, const char *expression) {
+    fprintf(stderr, "ledger: invariant violated at %s:%d: %s\n", file, line, expression);
+    fflush(stderr);
+    abort();
+}
+#define LEDGER_ASSERT(x) do { if (ledger_unlikely(!(x))) ledger_panic(__FILE__, __LINE__, #x); } while (0)
+
+/* Extra checks that cost real time (bounds of every slot index); on with LEDGER_DEBUG=1 at build time. */
+#ifdef LEDGER_DEBUG
+#define LEDGER_DEBUG_ASSERT(x) LEDGER_ASSERT(x)
+#else
+#define LEDGER_DEBUG_ASSERT(x) do { (void)sizeof(x); } while (0)
+#endif
+
+/* ---- CRC32C (Castagnoli) ---------------------------------------------------------------------------- */
+
+static uint32_t ledger_crc32c_table[256];
+static int ledger_crc32c_hardware = -1;
+
+static void ledger_crc32c_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : (c >> 1);
+        ledger_crc32c_table[i] = c;
+    }
+#ifdef LEDGER_X86
+    __builtin_cpu_init();
+    ledger_crc32c_hardware = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+#else
+    ledger_crc32c_hardware = 0;
+#endif
+    if (getenv("LEDGER_CRC32C_SOFTWARE") != NULL) ledger_crc32c_hardware = 0;
+}
+
+static uint32_t ledger_crc32c_software(uint32_t crc, const uint8_t *data, size_t size) {
+    crc = ~crc;
+    for (size_t i = 0; i < size; i++) crc = ledger_crc32c_table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+#ifdef LEDGER_X86
+__attribute__((target("sse4.2")))
+static uint32_t ledger_crc32c_sse42(uint32_t crc, const uint8_t *data, size_t size) {
+    uint64_t c = (uint32_t)~crc;
+    while (size >= 8) {
+        uint64_t word;
+        memcpy(&word, data, 8);
+        c = _mm_crc32_u64(c, word);
+        data += 8;
+        size -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (size > 0) {
+        c32 = _mm_crc32_u8(c32, *data);
+        data++;
+        size--;
+    }
+    return ~c32;
+}
+#endif
+
+/* crc: the running value (0 to start); returns the CRC32C of everything fed so far. */
+static inline uint32_t ledger_crc32c(uint32_t crc, const void *data, size_t size) {
+#ifdef LEDGER_X86
+    if (ledger_likely(ledger_crc32c_hardware == 1)) return ledger_crc32c_sse42(crc, (const uint8_t *)data, size);
+#endif
+    return ledger_crc32c_software(crc, (const uint8_t *)data, size);
+}
+
+/* ---- Hashing ------------------------------------------------------------------------------------------ */
+
+/* splitmix64 finaliser: a full-avalanche bijection on 64 bits. */
+static inline uint64_t ledger_mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+/* Home slot of a key in a table of 2**capacity_log2 slots. The low capacity_log2 bits of the key are kept and
+ * XORed with a hash of the bits above them: ids that differ only in their low bits (consecutive, time-ordered ids)
+ * land in neighbouring slots and never collide with each other, while ids that differ in their high bits are
+ * spread uniformly. The locality is what keeps the id table from costing a cache miss per transfer. */
+static inline uint64_t ledger_home_slot(uint64_t key, uint32_t capacity_log2) {
+    uint64_t mask = (capacity_log2 >= 64) ? ~0ULL : ((1ULL << capacity_log2) - 1);
+    uint64_t high = (capacity_log2 >= 64) ? 0 : (key >> capacity_log2);
+    return (key ^ ledger_mix64(high + 0x9E3779B97F4A7C15ULL)) & mask;
+}
+
+/* Step between probe groups: odd, so the walk visits every group of a power-of-two table. Drawn from the whole
+ * key, so two dense id blocks whose home ranges collide scatter instead of piling into one long run. */
+static inline uint64_t ledger_probe_step(uint64_t key) {
+    return (ledger_mix64(key ^ 0xD6E8FEB86659FD93ULL) >> 7) | 1ULL;
+}
+
+/* ---- Atomics ------------------------------------------------------------------------------------------ */
+
+/* The commit word of a batch header is stored last with release ordering: a reader that loads it with acquire
+ * ordering and sees it set also sees every record of the batch. */
+static inline void ledger_store_release_u64(uint64_t *address, uint64_t value) {
+    __atomic_store_n(address, value, __ATOMIC_RELEASE);
+}
+static inline uint64_t ledger_load_acquire_u64(const uint64_t *address) {
+    return __atomic_load_n(address, __ATOMIC_ACQUIRE);
+}
+
+/* ---- Memory ------------------------------------------------------------------------------------------- */
+
+/* Anonymous zero-filled memory with transparent huge pages requested: the tables and account arrays are read at
+ * random, and with 4 KiB pages every access would also be a TLB miss (doubly costly under virtualisation). */
+static void *ledger_map_anonymous(size_t size, int populate) {
+    void *memory = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+    if (size >= ((size_t)2 << 20)) madvise(memory, size, MADV_HUGEPAGE);
+#endif
+#ifdef MADV_POPULATE_WRITE
+    /* Fault the pages in now, in one call, rather than one first-touch fault at a time inside the hot loop:
+     * on virtual machines a first touch is costly (seen here: ~1 GB/s). */
+    if (populate) madvise(memory, size, MADV_POPULATE_WRITE);
+#else
+    (void)populate;
+#endif
+    return memory;
+}
+static void ledger_unmap(void *memory, size_t size) {
+    if (memory != NULL) munmap(memory, size);
+}
+
+static inline void ledger_prefetch(const void *address) { __builtin_prefetch(address, 1, 3); }
+
+#endif

@@ -1,0 +1,286 @@
+"""The public face: `ledger.open()` and the `Ledger` handle. Thin on purpose: it checks what callers hand in,
+then passes arrays straight to the Cython core (ledger._core), which does all per-transfer work."""
+from __future__ import annotations
+
+import operator
+import os
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+
+from ledger import _core
+from ledger.enums import (
+    ACCOUNT_DTYPE,
+    BALANCE_MAX,
+    BATCH_SIZE_MAX,
+    TRANSFER_DTYPE,
+    TRANSFER_RECORD_DTYPE,
+    AccountResult,
+    TransferResult,
+)
+from ledger.errors import LedgerClosedError
+from ledger.journal import SEGMENT_RECORDS_LOG2_DEFAULT, MemoryJournal
+
+__all__ = [
+    "ACCOUNT_STATE_DTYPE",
+    "Account",
+    "Ledger",
+    "accounts_batch",
+    "open",
+    "transfers_batch",
+]
+
+DURABILITY_MODES = ("fsync", "os")
+
+# What Ledger.accounts() returns: every account with its counters.
+ACCOUNT_STATE_DTYPE = np.dtype(
+    [
+        ("id", "<u8"),
+        ("ledger", "<u4"),
+        ("flags", "<u2"),
+        ("min_balance", "<i8"),
+        ("max_balance", "<i8"),
+        ("user_data", "<u8"),
+        ("debits_posted", "<i8"),
+        ("credits_posted", "<i8"),
+        ("debits_pending", "<i8"),
+        ("credits_pending", "<i8"),
+        ("timestamp", "<u8"),
+    ],
+    align=True,
+)
+
+
+class Account(NamedTuple):
+    """One account as of the moment it was read (a copy: it does not change afterwards)."""
+
+    id: int
+    ledger: int
+    flags: int
+    min_balance: int
+    max_balance: int
+    user_data: int
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+    timestamp: int
+
+    @property
+    def balance(self) -> int:
+        return self.credits_posted - self.debits_posted
+
+    @property
+    def available(self) -> int:
+        return self.credits_posted - self.debits_posted - self.debits_pending
+
+
+def accounts_batch(count: int) -> np.ndarray:
+    """`count` account rows with the defaults filled in: ledger 1, min_balance 0, max_balance int64 max.
+    (A zero-filled array would mean "ledger 0, cap 0"; start from this instead.)"""
+    batch = np.zeros(_count(count), ACCOUNT_DTYPE)
+    batch["ledger"] = 1
+    batch["max_balance"] = BALANCE_MAX
+    return batch
+
+
+def transfers_batch(count: int) -> np.ndarray:
+    """`count` transfer rows with the defaults filled in: ledger 1, everything else 0."""
+    batch = np.zeros(_count(count), TRANSFER_DTYPE)
+    batch["ledger"] = 1
+    return batch
+
+
+def _count(count: int) -> int:
+    count = operator.index(count)
+    if not 0 <= count <= BATCH_SIZE_MAX:
+        raise ValueError(f"batch size {count} is outside [0, BATCH_SIZE_MAX={BATCH_SIZE_MAX}]")
+    return count
+
+
+def _as_batch(batch: Any, dtype: np.dtype, make: Callable[[int], np.ndarray], what: str) -> np.ndarray:
+    """Check a caller's batch and return a C-contiguous array of `dtype` without copying when it already is one."""
+    if isinstance(batch, Mapping):
+        return _from_columns(batch, dtype, make, what)
+    if not isinstance(batch, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array of ledger.{_dtype_name(dtype)} or a dict of columns, "
+                        f"not {type(batch).__name__}")
+    if batch.dtype != dtype:
+        raise TypeError(f"{what} has dtype {batch.dtype}; expected ledger.{_dtype_name(dtype)} "
+                        f"(build it with ledger.{what}_batch(n))")
+    if batch.ndim != 1:
+        raise ValueError(f"{what} must be 1-dimensional, got shape {batch.shape}")
+    if not batch.flags.c_contiguous:
+        raise ValueError(f"{what} is not C-contiguous (a strided view?); pass np.ascontiguousarray(batch)")
+    if batch.shape[0] > BATCH_SIZE_MAX:
+        raise ValueError(f"{what} has {batch.shape[0]} rows; the limit is BATCH_SIZE_MAX={BATCH_SIZE_MAX} "
+                         f"(a batch is one atomic journal write)")
+    return batch
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return "ACCOUNT_DTYPE" if dtype == ACCOUNT_DTYPE else "TRANSFER_DTYPE"
+
+
+def _from_columns(columns: Mapping[str, Any], dtype: np.dtype, make: Callable[[int], np.ndarray],
+                  what: str) -> np.ndarray:
+    unknown = sorted(set(columns) - set(dtype.names))
+    if unknown:
+        raise ValueError(f"{what} columns {unknown} are not fields of ledger.{_dtype_name(dtype)} "
+                         f"(fields: {', '.join(dtype.names)})")
+    arrays = {name: np.asarray(value) for name, value in columns.items()}
+    lengths = {name: array.shape for name, array in arrays.items()}
+    shapes = set(lengths.values())
+    if len(shapes) > 1:
+        raise ValueError(f"{what} columns have different lengths: {lengths}")
+    shape = shapes.pop() if shapes else (0,)
+    if len(shape) != 1:
+        raise ValueError(f"{what} columns must be 1-dimensional, got shape {shape}")
+    batch = make(shape[0])
+    for name, array in arrays.items():
+        field = dtype.fields[name][0]
+        if array.dtype.kind not in "iub":
+            raise TypeError(f"{what} column {name!r} has dtype {array.dtype}; integers are required")
+        if array.size:
+            info = np.iinfo(field)
+            low, high = int(array.min()), int(array.max())
+            if low < info.min or high > info.max:
+                raise ValueError(f"{what} column {name!r} has values outside {field} range "
+                                 f"[{info.min}, {info.max}]: min {low}, max {high}")
+        batch[name] = array
+    return batch
+
+
+class Ledger:
+    """A handle on one ledger. Single writer: use it from one thread at a time (calls release the GIL inside
+    batch application, but the handle is not re-entrant).
+
+    Methods bound in __init__ for speed: `transfer` is the core's own method (no Python frame per call)."""
+
+    def __init__(self, engine: _core.Engine, journal: Any, path: str | None, durability: str) -> None:
+        self._engine = engine
+        self._journal = journal
+        self.path = path
+        self.durability = durability
+        # The single-call path goes straight to the core: argument parsing and the result lookup are C.
+        self.transfer = engine.transfer
+
+    # -- commands --
+
+    def create_accounts(self, batch: Any) -> np.ndarray:
+        """Create accounts from an ACCOUNT_DTYPE array (or dict of columns); one AccountResult code per row."""
+        rows = _as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
+        results = np.empty(rows.shape[0], np.uint8)
+        self._engine.create_accounts(rows, results)
+        return results
+
+    def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
+                       flags: int = 0, user_data: int = 0) -> AccountResult:
+        return self._engine.create_account(id, ledger, min_balance=min_balance, max_balance=max_balance,
+                                           flags=int(flags), user_data=user_data)
+
+    def transfers(self, batch: Any) -> np.ndarray:
+        """Apply a TRANSFER_DTYPE array (or dict of columns) as one atomic batch; one TransferResult code per row.
+        When it returns, every applied transfer is as durable as the ledger's durability mode says."""
+        rows = _as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
+        results = np.empty(rows.shape[0], np.uint8)
+        self._engine.transfers(rows, results)
+        return results
+
+    def transfer(self, id: int, debit_account: int, credit_account: int, amount: int, *, ledger: int = 1,
+                 code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
+                 user_data: int = 0) -> TransferResult:  # pragma: no cover - replaced per instance in __init__
+        return self._engine.transfer(id, debit_account, credit_account, amount, ledger=ledger, code=code,
+                                     flags=flags, pending_id=pending_id, timeout=timeout, user_data=user_data)
+
+    # -- reads --
+
+    def account(self, id: int) -> Account | None:
+        row = self._engine.account(id)
+        return None if row is None else Account(*row)
+
+    def balance(self, id: int) -> int:
+        """credits_posted - debits_posted. KeyError if there is no such account."""
+        return self._engine.balance(id)
+
+    def available(self, id: int) -> int:
+        """balance - debits_pending: what the account may still spend above its min_balance floor."""
+        return self._engine.available(id)
+
+    def accounts(self) -> np.ndarray:
+        """Every account (a copy) as an ACCOUNT_STATE_DTYPE array, in creation order."""
+        hot, cold = self._engine.account_arrays()
+        out = np.empty(hot.shape[0], ACCOUNT_STATE_DTYPE)
+        for name in ("ledger", "flags", "min_balance", "max_balance", "debits_posted", "credits_posted",
+                     "debits_pending", "credits_pending"):
+            out[name] = hot[name]
+        for name in ("id", "user_data", "timestamp"):
+            out[name] = cold[name]
+        return out
+
+    def lookup_transfers(self, ids: Any) -> np.ndarray:
+        """One TRANSFER_RECORD_DTYPE row per id; `state` is TransferState.NOT_FOUND for unknown ids."""
+        keys = np.asarray(ids)
+        if keys.ndim == 0:
+            keys = keys.reshape(1)
+        if keys.ndim != 1:
+            raise ValueError(f"ids must be 1-dimensional, got shape {keys.shape}")
+        if keys.size and keys.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {keys.dtype}")
+        if keys.size and keys.dtype.kind == "i" and int(keys.min()) < 0:
+            raise ValueError("ids must be >= 0")
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        out = np.empty(keys.shape[0], TRANSFER_RECORD_DTYPE)
+        return self._engine.lookup_transfers(keys, out)
+
+    def stats(self) -> dict[str, int]:
+        engine = self._engine
+        return {
+            "accounts": engine.account_count,
+            "transfers": engine.transfer_count,
+            "journal_position": engine.write_position,
+            "last_timestamp": engine.last_timestamp,
+            "pending_expiries_scheduled": engine.pending_expiry_count,
+            **{f"memory_{name}_bytes": size for name, size in engine.memory_bytes().items()},
+        }
+
+    # -- lifecycle --
+
+    @property
+    def closed(self) -> bool:
+        return self._engine.closed
+
+    def close(self) -> None:
+        if self._engine.closed:
+            return
+        self._engine.close()
+        self._journal.close()
+
+    def __enter__(self) -> "Ledger":
+        if self._engine.closed:
+            raise LedgerClosedError("the ledger is closed")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._engine.closed else f"{self._engine.account_count} accounts"
+        return f"<ledger.Ledger path={self.path!r} durability={self.durability!r} {state}>"
+
+
+def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: str = "fsync", *,
+         clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT) -> Ledger:
+    """Open a ledger. `path=None` keeps everything in memory (nothing survives the process).
+
+    clock: zero-argument callable returning the engine's notion of "now" in integer nanoseconds since the Unix
+    epoch (default: the real-time clock read in C). Tests inject one to drive pending-transfer timeouts."""
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+    if clock is not None and not callable(clock):
+        raise TypeError("clock must be a zero-argument callable returning integer nanoseconds")
+    if path is not None:
+        raise NotImplementedError("on-disk ledgers arrive with the journal; use ledger.open(None) for now")
+    journal = MemoryJournal(segment_records_log2)
+    engine = _core.Engine(segment_records_log2, journal.segment, after_commit=journal.after_commit, clock=clock)
+    return Ledger(engine, journal, None, "memory")

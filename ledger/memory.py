@@ -1,0 +1,32 @@
+"""Anonymous memory for large arrays: zero-filled, transparent huge pages requested, faulted in up front.
+
+Why: the account arrays and journal segments are large and touched at random or once each; with 4 KiB pages
+faulted one at a time inside the hot loop, a first touch costs more than the work (measured on this VM class:
+fresh memory fills at ~1 GB/s, memory already faulted at ~25 GB/s)."""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+__all__ = ["anonymous_buffer", "anonymous_array"]
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def anonymous_buffer(size: int, populate: bool = True) -> mmap.mmap:
+    memory = mmap.mmap(-1, max(int(size), 1))
+    if size >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    if populate:
+        try:
+            memory.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # older kernel: pages fault in on first touch instead
+            pass
+    return memory
+
+
+def anonymous_array(count: int, dtype: np.dtype, populate: bool = True) -> np.ndarray:
+    memory = anonymous_buffer(int(count) * dtype.itemsize, populate)
+    return np.frombuffer(memory, dtype, count=int(count))
