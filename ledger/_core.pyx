@@ -18,7 +18,7 @@ from ledger.enums import (
     ACCOUNT_DTYPE, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult, TransferResult, BATCH_SIZE_MAX,
     EXPIRE_BATCH_MAX as _EXPIRE_BATCH_MAX,
 )
-from ledger.errors import LedgerClosedError, LedgerPoisonedError, LedgerCorruptError
+from ledger.errors import LedgerClosedError, LedgerError, LedgerPoisonedError
 
 cnp.import_array()
 
@@ -917,6 +917,7 @@ cdef class Engine:
     cdef object _clock
     cdef public bint closed
     cdef public bint poisoned
+    cdef public bint readonly
     cdef uint64_t _batch_size_max
 
     def __cinit__(self):
@@ -971,7 +972,7 @@ cdef class Engine:
         cdef Py_buffer view
         cdef uint64_t segment_bytes = <uint64_t>64 << self.state.segment_records_log2
         cdef void *grown
-        if end - 1 > POSITION_MASK:
+        if end > POSITION_MASK + 1:
             raise OverflowError(f"journal position limit (2**40 records) reached")
         while self.state.mapped_end < end:
             index = self.state.segment_count
@@ -1010,6 +1011,12 @@ cdef class Engine:
             raise LedgerClosedError("the ledger is closed")
         return 0
 
+    cdef int _check_writable(self) except -1:
+        self._check_open()
+        if self.readonly:
+            raise LedgerError("the ledger was opened read-only")
+        return 0
+
     cdef inline uint64_t _now(self) except? 0:
         if self._clock is None:
             return clock_now_ns()
@@ -1029,7 +1036,7 @@ cdef class Engine:
 
     def create_accounts(self, cnp.ndarray batch not None, cnp.ndarray results not None):
         """Apply a C-contiguous ACCOUNT_DTYPE array; write codes into `results` (uint8, same length)."""
-        self._check_open()
+        self._check_writable()
         cdef uint64_t count = batch.shape[0]
         LEDGER_ASSERT(batch.dtype.itemsize == sizeof(AccountRow) and results.shape[0] == batch.shape[0])
         LEDGER_ASSERT(cnp.PyArray_IS_C_CONTIGUOUS(batch) and cnp.PyArray_IS_C_CONTIGUOUS(results))
@@ -1046,7 +1053,7 @@ cdef class Engine:
 
     def transfers(self, cnp.ndarray batch not None, cnp.ndarray results not None):
         """Apply a C-contiguous TRANSFER_DTYPE array; write codes into `results` (uint8, same length)."""
-        self._check_open()
+        self._check_writable()
         cdef uint64_t count = batch.shape[0]
         LEDGER_ASSERT(batch.dtype.itemsize == sizeof(TransferRow) and results.shape[0] == batch.shape[0])
         LEDGER_ASSERT(cnp.PyArray_IS_C_CONTIGUOUS(batch) and cnp.PyArray_IS_C_CONTIGUOUS(results))
@@ -1065,8 +1072,8 @@ cdef class Engine:
                  uint32_t ledger=1, uint16_t code=0, uint16_t flags=0, uint64_t pending_id=0,
                  uint32_t timeout=0, uint64_t user_data=0):
         """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation."""
-        if self.closed or self.poisoned:
-            self._check_open()
+        if self.closed or self.poisoned or self.readonly:
+            self._check_writable()
         cdef TransferRow row
         row.id = id
         row.debit_account = debit_account
@@ -1092,7 +1099,7 @@ cdef class Engine:
 
     def create_account(self, uint64_t id, uint32_t ledger=1, *, int64_t min_balance=0,
                        int64_t max_balance=AMOUNT_MAX, uint16_t flags=0, uint64_t user_data=0):
-        self._check_open()
+        self._check_writable()
         cdef AccountRow row
         row.id = id
         row.user_data = user_data
@@ -1250,6 +1257,10 @@ cdef class Engine:
     @property
     def pending_expiry_count(self):
         return self.state.expiry_heap.size
+
+    @property
+    def mapped_end(self):
+        return self.state.mapped_end
 
     @property
     def segment_count(self):

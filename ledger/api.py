@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -18,8 +18,17 @@ from ledger.enums import (
     AccountResult,
     TransferResult,
 )
-from ledger.errors import LedgerClosedError
-from ledger.journal import SEGMENT_RECORDS_LOG2_DEFAULT, MemoryJournal
+from ledger.errors import LedgerClosedError, LedgerPoisonedError
+from ledger.journal import (
+    FLUSH_INTERVAL_MS_DEFAULT,
+    SEGMENT_RECORDS_LOG2_DEFAULT,
+    FaultInjector,
+    FileJournal,
+    MemoryJournal,
+)
+
+if TYPE_CHECKING:
+    from ledger.audit import VerifyReport
 
 __all__ = [
     "ACCOUNT_STATE_DTYPE",
@@ -244,6 +253,29 @@ class Ledger:
             **{f"memory_{name}_bytes": size for name, size in engine.memory_bytes().items()},
         }
 
+    # -- durability and audit --
+
+    def flush(self) -> None:
+        """Make everything applied so far durable now (a no-op beyond what "fsync" mode already did)."""
+        if self._engine.poisoned:
+            raise LedgerPoisonedError("the ledger handle is poisoned by a failed journal sync; reopen it")
+        if self._engine.closed:
+            raise LedgerClosedError("the ledger is closed")
+        try:
+            self._journal.flush()
+        except BaseException:
+            self._poison()
+            raise
+
+    def verify(self) -> "VerifyReport":
+        """Replay the whole journal into a fresh engine (re-checking every checksum, the hash chain and the
+        back-pointers) and compare it with the live state; also check conservation and limits."""
+        from ledger.audit import verify_live
+        return verify_live(self)
+
+    def _poison(self) -> None:
+        self._engine.poisoned = True
+
     # -- lifecycle --
 
     @property
@@ -251,10 +283,15 @@ class Ledger:
         return self._engine.closed
 
     def close(self) -> None:
+        """Flush (in "os" mode), release the journal and the writer lock. Idempotent."""
         if self._engine.closed:
             return
+        poisoned = self._engine.poisoned
         self._engine.close()
-        self._journal.close()
+        if isinstance(self._journal, FileJournal):
+            self._journal.close(final_sync=not poisoned)
+        else:
+            self._journal.close()
 
     def __enter__(self) -> "Ledger":
         if self._engine.closed:
@@ -270,17 +307,53 @@ class Ledger:
 
 
 def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: str = "fsync", *,
-         clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT) -> Ledger:
-    """Open a ledger. `path=None` keeps everything in memory (nothing survives the process).
+         readonly: bool = False, clock: Callable[[], int] | None = None,
+         segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT, flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
+         accounts_capacity: int = 0, transfers_capacity: int = 0,
+         fault_injector: FaultInjector | None = None) -> Ledger:
+    """Open (or with create=True, create) the ledger in directory `path`; `path=None` keeps everything in memory.
 
+    durability: "fsync" (default) makes every batch durable before the call returns (one fdatasync per call:
+    group commit); "os" returns once the events are in the OS page cache (they survive a crash of the process,
+    not of the machine) and a flusher syncs at least every `flush_interval_ms`, and on flush()/close().
+    readonly: open without the writer lock; commands raise, reads work; several readers may open at once.
     clock: zero-argument callable returning the engine's notion of "now" in integer nanoseconds since the Unix
-    epoch (default: the real-time clock read in C). Tests inject one to drive pending-transfer timeouts."""
+    epoch (default: the real-time clock read in C). Tests inject one to drive pending-transfer timeouts.
+    accounts_capacity, transfers_capacity: how many accounts and remembered transfers to allocate room for up
+    front. Everything grows on demand anyway, but growth rehashes and copies inside the call that crosses the
+    limit; a service that knows its size avoids that pause (as TigerBeetle allocates everything at start).
+    fault_injector: tests only; called as fault_injector("allocate" | "sync") before those journal operations."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
     if clock is not None and not callable(clock):
         raise TypeError("clock must be a zero-argument callable returning integer nanoseconds")
-    if path is not None:
-        raise NotImplementedError("on-disk ledgers arrive with the journal; use ledger.open(None) for now")
-    journal = MemoryJournal(segment_records_log2)
-    engine = _core.Engine(segment_records_log2, journal.segment, after_commit=journal.after_commit, clock=clock)
-    return Ledger(engine, journal, None, "memory")
+    for name, value in (("accounts_capacity", accounts_capacity), ("transfers_capacity", transfers_capacity)):
+        if not 0 <= operator.index(value) <= 2**36:
+            raise ValueError(f"{name} must be in [0, 2**36], got {value}")
+    if path is None:
+        memory = MemoryJournal(segment_records_log2)
+        engine = _core.Engine(segment_records_log2, memory.segment, clock=clock,
+                              account_capacity=accounts_capacity, transfer_capacity=transfers_capacity)
+        return Ledger(engine, memory, None, "memory")
+    journal = FileJournal(os.fspath(path), create=create, durability=durability, readonly=readonly,
+                          segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
+                          fault_injector=fault_injector)
+    try:
+        engine = _core.Engine(journal.segment_records_log2, journal.segment,
+                              after_commit=journal.after_commit if durability == "fsync" else None, clock=clock,
+                              account_capacity=accounts_capacity, transfer_capacity=transfers_capacity)
+        engine.map_through(journal.existing_end_position)
+        reason, position, _, _ = engine.replay()
+        journal.recover_tail(reason, position, engine.mapped_end)
+        engine.readonly = readonly
+        handle = Ledger(engine, journal, os.fspath(path), durability)
+        if durability == "os" and not readonly:
+            journal.start_flusher(lambda: engine.write_position, handle._poison)
+        return handle
+    except BaseException:
+        try:
+            engine.close()  # type: ignore[possibly-undefined]
+        except NameError:
+            pass
+        journal.close(final_sync=False)
+        raise

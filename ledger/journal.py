@@ -1,15 +1,48 @@
-"""Where the core's journal memory comes from. This module decides I/O policy; the core only writes records."""
+"""Where the core's journal memory comes from, and when it reaches the disk. This module holds the I/O policy;
+the core (ledger._core) only writes 64-byte records into the memory it is handed.
+
+On disk (docs/FORMAT.md): `<dir>/journal/NNNNNNNN.segment` files, each a 4096-byte segment header followed by
+2**segment_records_log2 records of 64 bytes, preallocated and memory-mapped shared. `<dir>/LOCK` is held with an
+exclusive flock by the one writer."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
+import os
+import struct
 import threading
+import time
+from typing import Callable
 
-from ledger.memory import anonymous_buffer
+import numpy as np
 
-__all__ = ["MemoryJournal", "RECORD_SIZE", "SEGMENT_RECORDS_LOG2_DEFAULT"]
+from ledger import _core
+from ledger.errors import LedgerCorruptError, LedgerFullError, LedgerLockedError
+from ledger.memory import MADV_POPULATE_WRITE, anonymous_buffer
+
+__all__ = [
+    "FileJournal",
+    "MemoryJournal",
+    "RECORD_SIZE",
+    "SEGMENT_HEADER_BYTES",
+    "SEGMENT_RECORDS_LOG2_DEFAULT",
+    "FaultInjector",
+]
 
 RECORD_SIZE = 64
 SEGMENT_RECORDS_LOG2_DEFAULT = 20  # 2**20 records of 64 bytes = 64 MiB per segment
+SEGMENT_RECORDS_LOG2_MIN = 10
+SEGMENT_RECORDS_LOG2_MAX = 24      # 1 GiB segments at most
+SEGMENT_HEADER_BYTES = 4096
+SEGMENT_MAGIC = b"LDGRSEG\x00"
+SEGMENT_HEADER = struct.Struct("<8sIIIIQQQ")  # magic, version, record size, records log2, 0, index, first, created
+FLUSH_INTERVAL_MS_DEFAULT = 10
+FLUSH_INTERVAL_MS_MAX = 60_000
+
+# Called with an operation name ("allocate", "sync") before the journal does it; raising OSError there simulates
+# the failure (ENOSPC, EIO) at exactly that point. Tests only.
+FaultInjector = Callable[[str], None]
 
 
 class MemoryJournal:
@@ -43,6 +76,13 @@ class MemoryJournal:
         self._preparing.start()
         return buffer
 
+    def flush(self) -> None:
+        pass
+
+    def view(self, index: int) -> mmap.mmap:
+        """Segment `index` as already handed to the core (for a second, read-only engine: verify)."""
+        return self.segments[index]
+
     def close(self) -> None:
         if self._preparing is not None:
             self._preparing.join()
@@ -52,3 +92,323 @@ class MemoryJournal:
         if self._spare is not None:
             self._spare.close()
             self._spare = None
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def segment_name(index: int) -> str:
+    return f"{index:08d}.segment"
+
+
+class Segment:
+    """One mapped segment file."""
+
+    def __init__(self, path: str, fd: int, memory: mmap.mmap, index: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.memory = memory
+        self.index = index
+        self.records = memoryview(memory)[SEGMENT_HEADER_BYTES:]
+
+    def close(self) -> None:
+        self.records.release()
+        self.memory.close()
+        os.close(self.fd)
+
+
+class FileJournal:
+    """Segment files mapped shared; group commit by fdatasync per batch ("fsync") or by a flusher ("os")."""
+
+    def __init__(self, directory: str, *, create: bool, durability: str, readonly: bool = False,
+                 segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
+                 flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
+                 fault_injector: FaultInjector | None = None) -> None:
+        if not SEGMENT_RECORDS_LOG2_MIN <= segment_records_log2 <= SEGMENT_RECORDS_LOG2_MAX:
+            raise ValueError(f"segment_records_log2 must be in [{SEGMENT_RECORDS_LOG2_MIN}, "
+                             f"{SEGMENT_RECORDS_LOG2_MAX}], got {segment_records_log2}")
+        if not 1 <= flush_interval_ms <= FLUSH_INTERVAL_MS_MAX:
+            raise ValueError(f"flush_interval_ms must be in [1, {FLUSH_INTERVAL_MS_MAX}], got {flush_interval_ms}")
+        self.directory = os.fspath(directory)
+        self.journal_directory = os.path.join(self.directory, "journal")
+        self.durability = durability
+        self.readonly = readonly
+        self.flush_interval_ms = flush_interval_ms
+        self.fault_injector = fault_injector
+        self.segments: list[Segment] = []
+        self.torn_records_zeroed = 0
+        self._lock_fd: int | None = None
+        self._write_position: Callable[[], int] | None = None
+        self._synced_position = 0
+        self._flusher: threading.Thread | None = None
+        self._flusher_stop = threading.Event()
+        self._flush_error: BaseException | None = None
+        self._on_poison: Callable[[], None] | None = None
+        self._sync_lock = threading.Lock()
+
+        exists = os.path.isdir(self.journal_directory)
+        if not exists:
+            if not create or readonly:
+                raise FileNotFoundError(errno.ENOENT, "no ledger here (pass create=True to make one)", self.directory)
+            os.makedirs(self.journal_directory, mode=0o700, exist_ok=True)
+            _fsync_directory(self.directory)
+        if not readonly:
+            self._lock()
+        self.existing = self._existing_segments()
+        self.segment_records_log2 = segment_records_log2
+        if self.existing:
+            self.segment_records_log2 = self._read_header(0)[3]
+        self.segment_records = 1 << self.segment_records_log2
+        self.segment_bytes = SEGMENT_HEADER_BYTES + (RECORD_SIZE << self.segment_records_log2)
+
+    # -- opening --
+
+    def _lock(self) -> None:
+        path = os.path.join(self.directory, "LOCK")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerLockedError(f"{self.directory} is open for writing by another process "
+                                    f"(lock held on {path}); open it with readonly=True to read") from None
+        self._lock_fd = fd
+
+    def _existing_segments(self) -> int:
+        names = sorted(name for name in os.listdir(self.journal_directory) if name.endswith(".segment"))
+        for index, name in enumerate(names):
+            if name != segment_name(index):
+                raise LedgerCorruptError(f"journal segments are not contiguous in {self.journal_directory}: "
+                                         f"expected {segment_name(index)}, found {name}")
+        if not self.readonly:
+            for name in os.listdir(self.journal_directory):
+                if name.endswith(".tmp"):  # a segment whose creation did not finish: never referenced
+                    os.unlink(os.path.join(self.journal_directory, name))
+        return len(names)
+
+    def _read_header(self, index: int) -> tuple:
+        path = os.path.join(self.journal_directory, segment_name(index))
+        with open(path, "rb") as file:
+            raw = file.read(SEGMENT_HEADER.size + 4)
+        if len(raw) < SEGMENT_HEADER.size + 4:
+            raise LedgerCorruptError(f"{path}: segment header is truncated ({len(raw)} bytes)")
+        fields = SEGMENT_HEADER.unpack_from(raw)
+        (checksum,) = struct.unpack_from("<I", raw, SEGMENT_HEADER.size)
+        if _core.crc32c(raw[:SEGMENT_HEADER.size]) != checksum:
+            raise LedgerCorruptError(f"{path}: segment header checksum mismatch at byte 0")
+        magic, version, record_size, records_log2, _, stored_index, first_position, _ = fields
+        if magic != SEGMENT_MAGIC:
+            raise LedgerCorruptError(f"{path}: not a ledger segment (magic {magic!r})")
+        if version != _core.FORMAT_VERSION:
+            raise LedgerCorruptError(f"{path}: format version {version}, this build reads {_core.FORMAT_VERSION}")
+        if record_size != RECORD_SIZE or stored_index != index or first_position != index << records_log2 \
+                or not SEGMENT_RECORDS_LOG2_MIN <= records_log2 <= SEGMENT_RECORDS_LOG2_MAX:
+            raise LedgerCorruptError(f"{path}: segment header fields are inconsistent "
+                                     f"(index {stored_index}, records 2**{records_log2}, first {first_position})")
+        if index > 0 and records_log2 != self.segment_records_log2:
+            raise LedgerCorruptError(f"{path}: segment size differs from segment 0")
+        return fields
+
+    def _map(self, index: int) -> Segment:
+        path = os.path.join(self.journal_directory, segment_name(index))
+        self._read_header(index)
+        fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
+        size = os.fstat(fd).st_size
+        if size != self.segment_bytes:
+            os.close(fd)
+            raise LedgerCorruptError(f"{path}: size {size} bytes, expected {self.segment_bytes}")
+        # Read-only opens map copy-on-write: the core may build state in place, nothing reaches the file.
+        access = mmap.ACCESS_COPY if self.readonly else mmap.ACCESS_WRITE
+        memory = mmap.mmap(fd, size, access=access)
+        return Segment(path, fd, memory, index)
+
+    def _create(self, index: int) -> Segment:
+        """Preallocate, stamp and publish a new segment: temp file, fallocate, header, fsync, rename, dir fsync."""
+        final = os.path.join(self.journal_directory, segment_name(index))
+        temporary = os.path.join(self.journal_directory, f".{segment_name(index)}.tmp")
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._inject("allocate")
+            os.posix_fallocate(fd, 0, self.segment_bytes)
+            header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, _core.FORMAT_VERSION, RECORD_SIZE,
+                                         self.segment_records_log2, 0, index, index << self.segment_records_log2,
+                                         time.time_ns())
+            os.pwrite(fd, header + struct.pack("<I", _core.crc32c(header)), 0)
+            os.fsync(fd)
+            os.rename(temporary, final)
+            _fsync_directory(self.journal_directory)
+        except OSError as error:
+            os.close(fd)
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LedgerFullError(error.errno, f"cannot allocate journal segment {index} "
+                                      f"({self.segment_bytes} bytes): {os.strerror(error.errno)}", final) from error
+            raise
+        os.close(fd)
+        segment = self._map(index)
+        try:
+            segment.memory.madvise(MADV_POPULATE_WRITE)  # page-cache pages now, not one fault per 4 KiB later
+        except OSError:
+            pass
+        return segment
+
+    def segment(self, index: int) -> memoryview:
+        """The core's segment provider: existing segments in order, then new ones."""
+        assert index == len(self.segments), "segments are handed out in order"
+        if index < self.existing:
+            segment = self._map(index)
+        elif self.readonly:
+            # A read-only handle never writes; give it private zero memory past the end of the files.
+            segment = None
+            buffer = anonymous_buffer(RECORD_SIZE << self.segment_records_log2, populate=False)
+            self.segments.append(buffer)  # type: ignore[arg-type]
+            return memoryview(buffer)
+        else:
+            segment = self._create(index)
+        self.segments.append(segment)
+        return segment.records
+
+    def view(self, index: int) -> memoryview:
+        segment = self.segments[index]
+        return segment.records if isinstance(segment, Segment) else memoryview(segment)
+
+    @property
+    def existing_end_position(self) -> int:
+        return self.existing << self.segment_records_log2
+
+    # -- recovery --
+
+    def _record_view(self, position: int) -> np.ndarray:
+        segment = self.segments[position >> self.segment_records_log2]
+        records = segment.records if isinstance(segment, Segment) else memoryview(segment)
+        offset = (position & (self.segment_records - 1)) * RECORD_SIZE
+        return np.frombuffer(records, np.uint8, count=RECORD_SIZE, offset=offset)
+
+    def _last_nonzero(self, start: int, end: int) -> int:
+        """The position after the last non-zero record in [start, end), or `start` if all are zero."""
+        last = start
+        position = start
+        while position < end:
+            segment_end = min(end, ((position >> self.segment_records_log2) + 1) << self.segment_records_log2)
+            segment = self.segments[position >> self.segment_records_log2]
+            records = segment.records if isinstance(segment, Segment) else memoryview(segment)
+            first = (position & (self.segment_records - 1)) * RECORD_SIZE
+            view = np.frombuffer(records, np.uint64, count=(segment_end - position) * 8, offset=first)
+            nonzero = np.flatnonzero(view.reshape(-1, 8).any(axis=1))
+            if nonzero.size:
+                last = position + int(nonzero[-1]) + 1
+            position = segment_end
+        return last
+
+    def _zero(self, start: int, end: int) -> None:
+        position = start
+        while position < end:
+            segment_end = min(end, ((position >> self.segment_records_log2) + 1) << self.segment_records_log2)
+            segment = self.segments[position >> self.segment_records_log2]
+            first = (position & (self.segment_records - 1)) * RECORD_SIZE
+            np.frombuffer(segment.records, np.uint8, count=(segment_end - position) * RECORD_SIZE, offset=first)[:] = 0
+            position = segment_end
+        self.sync(start, end)
+
+    def recover_tail(self, reason: int, position: int, mapped_end: int) -> int:
+        """Classify what stopped replay at `position`. A torn last batch is zeroed (returns the records zeroed);
+        anything else is corruption: raise without changing the disk."""
+        window_end = min(mapped_end, position + 1 + _core.EXPIRE_BATCH_MAX + (1 << 23) + 1)
+        reason_name = _core.REPLAY_REASONS[reason]
+        if reason in (3, 5):  # chain or integrity: the checksums hold, so this is not a torn write
+            raise self._corrupt(position, reason_name)
+        header_extent = position + 1
+        if reason in (2, 4):  # checksum or header: the torn tail only if nothing follows the batch
+            count = int(self._record_view(position)[24:32].view(np.uint64)[0])
+            if 0 < count < (1 << 24):
+                header_extent = min(window_end, position + 1 + count)
+            if self._last_nonzero(header_extent, window_end) > header_extent:
+                raise self._corrupt(position, reason_name)
+        torn_end = max(self._last_nonzero(position, window_end), header_extent if reason != 0 else position)
+        if torn_end > position:
+            if self.readonly:
+                raise LedgerCorruptError(f"{self.directory}: torn tail of {torn_end - position} records at journal "
+                                         f"position {position}; open it for writing once to truncate it")
+            self._zero(position, torn_end)
+        self.torn_records_zeroed = torn_end - position
+        return self.torn_records_zeroed
+
+    def _corrupt(self, position: int, reason: str) -> LedgerCorruptError:
+        index = position >> self.segment_records_log2
+        offset = SEGMENT_HEADER_BYTES + (position & (self.segment_records - 1)) * RECORD_SIZE
+        path = os.path.join(self.journal_directory, segment_name(index))
+        return LedgerCorruptError(f"journal corrupt ({reason}) in {path} at byte offset {offset}, journal position "
+                                  f"{position}: a committed batch before the tail fails its check; nothing was "
+                                  f"changed on disk")
+
+    # -- durability --
+
+    def _inject(self, operation: str) -> None:
+        if self.fault_injector is not None:
+            self.fault_injector(operation)
+
+    def sync(self, start: int, end: int) -> None:
+        """Make positions [start, end) durable: fdatasync each segment file they touch."""
+        if self.readonly or end <= start:
+            return
+        with self._sync_lock:
+            self._inject("sync")
+            first = start >> self.segment_records_log2
+            last = (end - 1) >> self.segment_records_log2
+            for index in range(first, last + 1):
+                segment = self.segments[index]
+                os.fdatasync(segment.fd)
+
+    def after_commit(self, start: int, end: int) -> None:
+        """Group commit for durability="fsync": called by the core after each batch, before results return."""
+        self.sync(start, end)
+
+    def start_flusher(self, write_position: Callable[[], int], on_poison: Callable[[], None]) -> None:
+        """durability="os": a thread syncs what was written at least every flush_interval_ms."""
+        self._write_position = write_position
+        self._on_poison = on_poison
+        self._synced_position = write_position()
+        self._flusher = threading.Thread(target=self._flush_loop, name="ledger-flusher", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while not self._flusher_stop.wait(self.flush_interval_ms / 1000):
+            try:
+                self.flush()
+            except BaseException as error:  # a failed sync poisons the handle: no retry could prove success
+                self._flush_error = error
+                if self._on_poison is not None:
+                    self._on_poison()
+                return
+
+    def flush(self) -> None:
+        if self._write_position is None:
+            return
+        if self._flush_error is not None:
+            raise self._flush_error
+        end = self._write_position()
+        if end > self._synced_position:
+            self.sync(self._synced_position, end)
+            self._synced_position = end
+
+    def close(self, final_sync: bool = True) -> None:
+        if self._flusher is not None:
+            self._flusher_stop.set()
+            self._flusher.join()
+            self._flusher = None
+            if final_sync and self._flush_error is None:
+                self.flush()
+        for segment in self.segments:
+            segment.close()
+        self.segments = []
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,143 @@
+# Hand-written stubs for the public API (the implementation is split between Python and the Cython core).
+import enum
+import os
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+ACCOUNT_DTYPE: np.dtype
+TRANSFER_DTYPE: np.dtype
+TRANSFER_RECORD_DTYPE: np.dtype
+ACCOUNT_STATE_DTYPE: np.dtype
+ID_INVALID_MAX: int
+AMOUNT_MAX: int
+BALANCE_MIN: int
+BALANCE_MAX: int
+BATCH_SIZE_MAX: int
+EXPIRE_BATCH_MAX: int
+
+class AccountFlags(enum.IntFlag):
+    NONE = 0
+    LINKED = 1
+
+class TransferFlags(enum.IntFlag):
+    NONE = 0
+    LINKED = 1
+    PENDING = 2
+    POST_PENDING = 4
+    VOID_PENDING = 8
+
+class AccountResult(enum.IntEnum):
+    OK = 0
+    LINKED_EVENT_FAILED = 1
+    LINKED_CHAIN_OPEN = 2
+    FLAGS_INVALID = 3
+    ID_INVALID = 4
+    LEDGER_INVALID = 5
+    BALANCE_LIMITS_INVALID = 6
+    EXISTS_WITH_DIFFERENT_FIELDS = 7
+    EXISTS = 8
+
+class TransferResult(enum.IntEnum):
+    OK = 0
+    LINKED_EVENT_FAILED = 1
+    LINKED_CHAIN_OPEN = 2
+    FLAGS_INVALID = 3
+    ID_INVALID = 4
+    PENDING_ID_MUST_BE_ZERO = 5
+    PENDING_ID_REQUIRED = 6
+    PENDING_ID_INVALID = 7
+    PENDING_ID_MUST_BE_DIFFERENT = 8
+    TIMEOUT_RESERVED_FOR_PENDING = 9
+    EXISTS_WITH_DIFFERENT_FIELDS = 10
+    EXISTS = 11
+    DEBIT_ACCOUNT_ID_INVALID = 12
+    CREDIT_ACCOUNT_ID_INVALID = 13
+    ACCOUNTS_MUST_BE_DIFFERENT = 14
+    AMOUNT_MUST_BE_POSITIVE = 15
+    LEDGER_INVALID = 16
+    DEBIT_ACCOUNT_NOT_FOUND = 17
+    CREDIT_ACCOUNT_NOT_FOUND = 18
+    LEDGER_MISMATCH = 19
+    OVERFLOW = 20
+    INSUFFICIENT_FUNDS = 21
+    EXCEEDS_MAX_BALANCE = 22
+    PENDING_NOT_FOUND = 23
+    PENDING_TRANSFER_NOT_PENDING = 24
+    PENDING_ALREADY_POSTED = 25
+    PENDING_ALREADY_VOIDED = 26
+    PENDING_EXPIRED = 27
+    PENDING_DIFFERENT_DEBIT_ACCOUNT = 28
+    PENDING_DIFFERENT_CREDIT_ACCOUNT = 29
+    EXCEEDS_PENDING_AMOUNT = 30
+    PENDING_DIFFERENT_AMOUNT = 31
+
+class TransferState(enum.IntEnum):
+    NOT_FOUND = 0
+    POSTED = 1
+    PENDING = 2
+    PENDING_POSTED = 3
+    PENDING_VOIDED = 4
+    PENDING_EXPIRED = 5
+
+class LedgerError(Exception): ...
+class LedgerClosedError(LedgerError): ...
+class LedgerPoisonedError(LedgerClosedError): ...
+class LedgerCorruptError(LedgerError): ...
+class LedgerLockedError(LedgerError): ...
+class LedgerFullError(LedgerError, OSError): ...
+
+class Account(NamedTuple):
+    id: int
+    ledger: int
+    flags: int
+    min_balance: int
+    max_balance: int
+    user_data: int
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+    timestamp: int
+    @property
+    def balance(self) -> int: ...
+    @property
+    def available(self) -> int: ...
+
+class IdGenerator:
+    def __init__(self, node: int = 0, node_bits: int = 0) -> None: ...
+    def __call__(self) -> int: ...
+    def batch(self, count: int) -> npt.NDArray[np.uint64]: ...
+
+Batch = npt.NDArray[Any] | Mapping[str, Any]
+
+class Ledger:
+    path: str | None
+    durability: str
+    @property
+    def closed(self) -> bool: ...
+    def create_accounts(self, batch: Batch) -> npt.NDArray[np.uint8]: ...
+    def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = ...,
+                       flags: int = 0, user_data: int = 0) -> AccountResult: ...
+    def transfers(self, batch: Batch) -> npt.NDArray[np.uint8]: ...
+    def transfer(self, id: int, debit_account: int, credit_account: int, amount: int, *, ledger: int = 1,
+                 code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
+                 user_data: int = 0) -> TransferResult: ...
+    def account(self, id: int) -> Account | None: ...
+    def balance(self, id: int) -> int: ...
+    def available(self, id: int) -> int: ...
+    def accounts(self) -> npt.NDArray[Any]: ...
+    def lookup_transfers(self, ids: npt.ArrayLike) -> npt.NDArray[Any]: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Ledger: ...
+    def __exit__(self, *exc_info: object) -> None: ...
+
+def accounts_batch(count: int) -> npt.NDArray[Any]: ...
+def transfers_batch(count: int) -> npt.NDArray[Any]: ...
+def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: str = "fsync", *,
+         clock: Callable[[], int] | None = None, segment_records_log2: int = 20, accounts_capacity: int = 0,
+         transfers_capacity: int = 0) -> Ledger: ...
