@@ -887,6 +887,8 @@ cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t
         return REPLAY_END if header.word_a == 0 and header.event_count == 0 else REPLAY_TORN
     if kind != KIND_HEADER:
         return REPLAY_HEADER
+    if header.word_a != (<uint64_t>KIND_HEADER << 56):
+        return REPLAY_HEADER   # the rest of this word is not under the checksum: it must be exactly this
     if (commit >> 32) != COMMIT_MAGIC:
         return REPLAY_TORN
     if header.magic_version != (<uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)) \

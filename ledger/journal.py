@@ -38,6 +38,10 @@ SEGMENT_HEADER_BYTES = 4096
 SEGMENT_MAGIC = b"LDGRSEG\x00"
 SEGMENT_HEADER = struct.Struct("<8sIIIIQQQ")  # magic, version, record size, records log2, 0, index, first, created
 FLUSH_INTERVAL_MS_DEFAULT = 10
+HEADER_WORD_A = 15 << 56           # kind byte of a batch header (docs/FORMAT.md)
+COMMIT_MAGIC = 0xC0111117
+REPLAY_CHAIN = 3
+REPLAY_INTEGRITY = 5
 FLUSH_INTERVAL_MS_MAX = 60_000
 
 # Called with an operation name ("allocate", "sync") before the journal does it; raising OSError there simulates
@@ -159,10 +163,14 @@ class FileJournal:
             _fsync_directory(self.directory)
         if not readonly:
             self._lock()
-        self.existing = self._existing_segments()
-        self.segment_records_log2 = segment_records_log2
-        if self.existing:
-            self.segment_records_log2 = self._read_header(0)[3]
+        try:
+            self.existing = self._existing_segments()
+            self.segment_records_log2 = segment_records_log2
+            if self.existing:
+                self.segment_records_log2 = self._read_header(0)[3]
+        except BaseException:
+            self.close(final_sync=False)
+            raise
         self.segment_records = 1 << self.segment_records_log2
         self.segment_bytes = SEGMENT_HEADER_BYTES + (RECORD_SIZE << self.segment_records_log2)
 
@@ -194,9 +202,12 @@ class FileJournal:
     def _read_header(self, index: int) -> tuple:
         path = os.path.join(self.journal_directory, segment_name(index))
         with open(path, "rb") as file:
-            raw = file.read(SEGMENT_HEADER.size + 4)
-        if len(raw) < SEGMENT_HEADER.size + 4:
-            raise LedgerCorruptError(f"{path}: segment header is truncated ({len(raw)} bytes)")
+            page = file.read(SEGMENT_HEADER_BYTES)
+        raw = page[:SEGMENT_HEADER.size + 4]
+        if len(page) < SEGMENT_HEADER_BYTES:
+            raise LedgerCorruptError(f"{path}: segment header is truncated ({len(page)} bytes)")
+        if page[SEGMENT_HEADER.size + 4:].count(0) != SEGMENT_HEADER_BYTES - SEGMENT_HEADER.size - 4:
+            raise LedgerCorruptError(f"{path}: non-zero bytes in the reserved part of the segment header")
         fields = SEGMENT_HEADER.unpack_from(raw)
         (checksum,) = struct.unpack_from("<I", raw, SEGMENT_HEADER.size)
         if _core.crc32c(raw[:SEGMENT_HEADER.size]) != checksum:
@@ -318,21 +329,49 @@ class FileJournal:
             position = segment_end
         self.sync(start, end)
 
+    def _records(self, start: int, end: int):
+        """Yield (first position, uint64 view of shape (n, 8)) for [start, end), one chunk per segment."""
+        position = start
+        while position < end:
+            segment_end = min(end, ((position >> self.segment_records_log2) + 1) << self.segment_records_log2)
+            segment = self.segments[position >> self.segment_records_log2]
+            records = segment.records if isinstance(segment, Segment) else memoryview(segment)
+            first = (position & (self.segment_records - 1)) * RECORD_SIZE
+            yield position, np.frombuffer(records, np.uint64, count=(segment_end - position) * 8,
+                                          offset=first).reshape(-1, 8)
+            position = segment_end
+
+    def _bytes(self, start: int, end: int) -> bytes:
+        return b"".join(chunk.tobytes() for _, chunk in self._records(start, end))
+
+    def _committed_batch_in(self, start: int, end: int, mapped_end: int) -> int | None:
+        """The position of a batch header in [start, end) whose checksum holds, if any: proof that committed data
+        follows, so whatever failed before it cannot be a torn tail."""
+        for first, words in self._records(start, end):
+            candidates = np.flatnonzero((words[:, 6] == np.uint64(HEADER_WORD_A))
+                                        & ((words[:, 7] >> np.uint64(32)) == np.uint64(COMMIT_MAGIC)))
+            for index in candidates.tolist():
+                position = first + index
+                header = words[index]
+                count = int(header[3])
+                if int(header[2]) != position or not 0 < count < (1 << 24) or position + 1 + count > mapped_end:
+                    continue
+                checksum = _core.crc32c(header[:5].tobytes(), _core.crc32c(self._bytes(position + 1, position + 1 + count)))
+                if checksum == int(header[5]) and checksum == int(header[7]) & 0xFFFFFFFF:
+                    return position
+        return None
+
     def recover_tail(self, reason: int, position: int, mapped_end: int) -> int:
-        """Classify what stopped replay at `position`. A torn last batch is zeroed (returns the records zeroed);
-        anything else is corruption: raise without changing the disk."""
-        window_end = min(mapped_end, position + 1 + _core.EXPIRE_BATCH_MAX + (1 << 23) + 1)
+        """Classify what stopped replay at `position`. If no committed batch follows, it is the torn tail of the
+        last write: zero it (returns the records zeroed). Otherwise it is corruption: raise without changing the
+        disk. A hash-chain or integrity failure has valid checksums, so it is never a torn write."""
+        window_end = min(mapped_end, position + 2 + _core.EXPIRE_BATCH_MAX + (1 << 23))
         reason_name = _core.REPLAY_REASONS[reason]
-        if reason in (3, 5):  # chain or integrity: the checksums hold, so this is not a torn write
+        if reason in (REPLAY_CHAIN, REPLAY_INTEGRITY):
             raise self._corrupt(position, reason_name)
-        header_extent = position + 1
-        if reason in (2, 4):  # checksum or header: the torn tail only if nothing follows the batch
-            count = int(self._record_view(position)[24:32].view(np.uint64)[0])
-            if 0 < count < (1 << 24):
-                header_extent = min(window_end, position + 1 + count)
-            if self._last_nonzero(header_extent, window_end) > header_extent:
-                raise self._corrupt(position, reason_name)
-        torn_end = max(self._last_nonzero(position, window_end), header_extent if reason != 0 else position)
+        if self._committed_batch_in(position + 1, window_end, mapped_end) is not None:
+            raise self._corrupt(position, reason_name)
+        torn_end = self._last_nonzero(position, window_end)
         if torn_end > position:
             if self.readonly:
                 raise LedgerCorruptError(f"{self.directory}: torn tail of {torn_end - position} records at journal "

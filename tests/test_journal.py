@@ -1,0 +1,330 @@
+"""Durability and recovery of the on-disk journal: crashes, torn tails, bit flips, full disks, failed syncs,
+the writer lock."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ledger
+from crash_workload import SEGMENT_RECORDS_LOG2, Model, accounts, applied_batches, batch
+
+HERE = os.path.dirname(__file__)
+COUNTERS = ["debits_posted", "credits_posted", "debits_pending", "credits_pending"]
+RECORD = 64
+HEADER_BYTES = 4096
+
+
+def segment_path(directory, index=0):
+    return os.path.join(directory, "journal", f"{index:08d}.segment")
+
+
+def counters(state):
+    return {name: state[name].copy() for name in COUNTERS}
+
+
+def assert_same_counters(handle, expected):
+    actual = handle.accounts()
+    assert actual["id"].tolist() == expected["id"].tolist()
+    for name in COUNTERS:
+        assert actual[name].tolist() == expected[name].tolist(), name
+
+
+def check_recovered(directory, model, acknowledged, checked=0):
+    """Reopen after a crash: nothing acknowledged lost, no batch half-applied, balances equal the model.
+    Batches before `checked` were compared row by row after an earlier crash (the balances cover them all)."""
+    with ledger.open(directory, segment_records_log2=SEGMENT_RECORDS_LOG2) as handle:
+        applied = applied_batches(handle)
+        assert applied >= acknowledged, f"acknowledged {acknowledged} batches, only {applied} survived"
+        for k in range(max(0, checked - 1), applied):
+            codes = model.codes_of(k)
+            states = handle.lookup_transfers(batch(k)["id"])["state"]
+            assert ((states != 0) == (codes == 0)).all(), f"batch {k} differs from the model (half-applied?)"
+        assert (handle.lookup_transfers(batch(applied)["id"])["state"] == 0).all()
+        assert_same_counters(handle, model.state_after(applied))
+        report = handle.verify()
+        assert report.ok, report
+    return applied
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_crash_kill9_at_random_moments(tmp_path, durability):
+    """SIGKILL a writer subprocess at random moments, 25 times per mode (50 in all); see bench/crash_campaign.py."""
+    directory = str(tmp_path / "data")
+    ack_log = str(tmp_path / "acks")
+    model = Model()
+    rng = random.Random(hash(durability) & 0xFFFF)
+    environment = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    checked = 0
+    for _ in range(25):
+        writer = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_workload.py"), directory, durability,
+                                   ack_log], env=environment)
+        time.sleep(rng.uniform(0.25, 0.6))  # import takes ~0.25 s; kills land before, during and after batches
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        acknowledged = 0
+        if os.path.exists(ack_log):
+            with open(ack_log) as log:
+                lines = log.read().split()
+            acknowledged = int(lines[-1]) + 1 if lines else 0
+        checked = check_recovered(directory, model, acknowledged, checked)
+
+
+def write_batches(directory, count):
+    """Write batches 0..count-1; return (position of each batch header, end position)."""
+    positions = []
+    with ledger.open(directory, create=True, segment_records_log2=SEGMENT_RECORDS_LOG2) as handle:
+        assert not handle.create_accounts(accounts()).any()
+        for k in range(count):
+            positions.append(handle.stats()["journal_position"])
+            handle.transfers(batch(k))
+        end = handle.stats()["journal_position"]
+    return positions, end
+
+
+def small_batches(k):
+    return batch(k)
+
+
+@pytest.fixture
+def three_batches(tmp_path, monkeypatch):
+    """A journal with the accounts batch and three small transfer batches (2..4 records each)."""
+    import crash_workload
+
+    def tiny(k):
+        rows = ledger.transfers_batch(2)
+        rows["id"] = crash_workload.first_id(k) + np.arange(2)
+        rows["debit_account"] = crash_workload.SETTLEMENT
+        rows["credit_account"] = crash_workload.FIRST_ACCOUNT + k
+        rows["amount"] = [100 + k, 7]
+        rows["user_data"] = [k, 0]
+        return rows
+
+    monkeypatch.setattr(crash_workload, "batch", tiny)
+    monkeypatch.setattr(sys.modules[__name__], "batch", tiny)
+    directory = str(tmp_path / "data")
+    positions, end = write_batches(directory, 3)
+    return directory, positions, end
+
+
+def reopen_state(directory):
+    with ledger.open(directory, segment_records_log2=SEGMENT_RECORDS_LOG2) as handle:
+        return applied_batches(handle), handle.accounts(), handle._journal.torn_records_zeroed
+
+
+def test_torn_tail_at_every_byte_offset(three_batches, tmp_path):
+    """Zero the last batch from every byte offset on (what a torn write leaves in a preallocated file):
+    reopening drops exactly that batch, or keeps it when the zeroed bytes were zero already."""
+    directory, positions, end = three_batches
+    last = positions[-1]
+    with open(segment_path(directory), "rb") as file:
+        pristine = file.read()
+    expected_without = None
+    start_byte = HEADER_BYTES + last * RECORD
+    end_byte = HEADER_BYTES + end * RECORD
+    for offset in range(start_byte, end_byte):
+        damaged = pristine[:offset] + bytes(end_byte - offset) + pristine[end_byte:]
+        with open(segment_path(directory), "wb") as file:
+            file.write(damaged)
+        applied, state, zeroed = reopen_state(directory)
+        if damaged == pristine:
+            assert applied == 3
+            continue
+        assert applied == 2, f"offset {offset}: torn batch kept"
+        # Something of the batch survived before the offset: recovery must have found and zeroed it.
+        assert (zeroed > 0) == any(pristine[start_byte:offset])
+        if expected_without is None:
+            expected_without = state
+        for name in COUNTERS:
+            assert state[name].tolist() == expected_without[name].tolist()
+        # The truncation is on disk: a second reopen finds a clean end.
+        assert reopen_state(directory)[2] == 0
+
+
+@pytest.mark.parametrize("target", ["last", "middle"])
+def test_bit_flips_are_detected(three_batches, target):
+    """Flip single bits in a batch's header and records: a flip in the last batch is a torn tail (dropped),
+    a flip in an earlier batch is LedgerCorruptError; never silently accepted."""
+    directory, positions, end = three_batches
+    index = 2 if target == "last" else 1
+    first = positions[index]
+    last_record = end if index == 2 else positions[index + 1]
+    with open(segment_path(directory), "rb") as file:
+        pristine = file.read()
+    bits = [(HEADER_BYTES + first * RECORD) * 8 + bit for bit in range((last_record - first) * RECORD * 8)]
+    rng = random.Random(index)
+    for bit in sorted(rng.sample(bits, 160)):
+        damaged = bytearray(pristine)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        with open(segment_path(directory), "wb") as file:
+            file.write(damaged)
+        if target == "last":
+            applied, _, zeroed = reopen_state(directory)
+            assert applied == 2 and zeroed > 0, f"bit {bit}: flip accepted"
+        else:
+            with pytest.raises(ledger.LedgerCorruptError, match="journal corrupt"):
+                reopen_state(directory)
+            with open(segment_path(directory), "rb") as file:
+                assert file.read() == bytes(damaged), "a corrupt journal must not be changed on open"
+    with open(segment_path(directory), "wb") as file:
+        file.write(pristine)
+    assert reopen_state(directory)[0] == 3
+
+
+def test_segment_header_flips_are_corruption(three_batches):
+    directory, _, _ = three_batches
+    with open(segment_path(directory), "rb") as file:
+        pristine = file.read()
+    for byte in list(range(0, 56)) + [100, 4095]:
+        damaged = bytearray(pristine)
+        damaged[byte] ^= 0x10
+        with open(segment_path(directory), "wb") as file:
+            file.write(damaged)
+        with pytest.raises(ledger.LedgerCorruptError):
+            reopen_state(directory)
+
+
+def test_disk_full_while_growing_journal(tmp_path):
+    """ENOSPC when a new segment is needed: a clear error, the batch is not applied, the journal reopens."""
+    directory = str(tmp_path / "data")
+    full = {"on": False}
+
+    def injector(operation):
+        if operation == "allocate" and full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    handle = ledger.open(directory, create=True, segment_records_log2=10, fault_injector=injector)
+    assert not handle.create_accounts(accounts()).any()
+    before = handle.accounts()
+    full["on"] = True
+    big = batch(0)
+    while big.shape[0] < 1100:
+        big = np.concatenate([big, batch(big.shape[0])])
+    big["id"] = np.arange(1, big.shape[0] + 1) + 10**9
+    with pytest.raises(ledger.LedgerFullError, match="cannot allocate journal segment"):
+        handle.transfers(big)
+    assert handle.lookup_transfers(big["id"])["state"].max() == 0
+    assert_same_counters(handle, before)
+    full["on"] = False
+    assert (handle.transfers(big) == 0).sum() > 0  # the same batch goes through once there is room
+    after = handle.accounts()
+    handle.close()
+    with ledger.open(directory) as reopened:
+        assert_same_counters(reopened, after)
+        assert reopened.verify().ok
+
+
+def test_real_enospc_on_a_tiny_filesystem(tmp_path):
+    """Against a real full disk when we can mount one (tmpfs needs root); otherwise skipped."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(ledger.LedgerFullError):
+            with ledger.open(str(mount / "data"), create=True, segment_records_log2=12) as handle:
+                handle.create_accounts(accounts())
+                for k in range(200):
+                    handle.transfers(batch(k))
+        with ledger.open(str(mount / "data"), segment_records_log2=12) as handle:
+            assert handle.verify().ok
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def test_failed_sync_poisons_the_handle(tmp_path):
+    directory = str(tmp_path / "data")
+    failing = {"on": False}
+
+    def injector(operation):
+        if operation == "sync" and failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+
+    handle = ledger.open(directory, create=True, fault_injector=injector)
+    handle.create_accounts(accounts())
+    failing["on"] = True
+    with pytest.raises(OSError, match="Input/output error"):
+        handle.transfers(batch(0))
+    failing["on"] = False
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.transfers(batch(1))
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.transfer(1, 1, 100, 5)
+    handle.close()
+    # Reopening recovers from the journal; the unacknowledged batch may or may not be there, and retrying it
+    # with the same ids is safe either way (idempotency).
+    with ledger.open(directory) as reopened:
+        first = reopened.transfers(batch(0))
+        assert set(first.tolist()) <= {ledger.TransferResult.OK, ledger.TransferResult.EXISTS,
+                                       ledger.TransferResult.INSUFFICIENT_FUNDS, ledger.TransferResult.LINKED_EVENT_FAILED}
+        assert reopened.verify().ok
+
+
+def test_os_mode_flusher_failure_poisons(tmp_path):
+    directory = str(tmp_path / "data")
+    failing = {"on": False}
+
+    def injector(operation):
+        if operation == "sync" and failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+
+    handle = ledger.open(directory, create=True, durability="os", flush_interval_ms=5, fault_injector=injector)
+    handle.create_accounts(accounts())
+    failing["on"] = True
+    handle.transfers(batch(0))  # "os" mode: returns before the sync
+    deadline = time.monotonic() + 10
+    while not handle._engine.poisoned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.transfers(batch(1))
+    handle.close()
+
+
+def test_second_writer_gets_locked_error(tmp_path):
+    directory = str(tmp_path / "data")
+    ledger.open(directory, create=True).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import ledger, sys, time; h = ledger.open(sys.argv[1]); print('open', flush=True); "
+                               "time.sleep(60)", directory], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(ledger.LedgerLockedError, match="open for writing by another process"):
+            ledger.open(directory)
+        with ledger.open(directory, readonly=True) as reader:  # readers are allowed alongside
+            assert reader.stats()["accounts"] == 0
+            with pytest.raises(ledger.LedgerError, match="read-only"):
+                reader.create_account(5)
+    finally:
+        holder.kill()
+        holder.wait()
+    ledger.open(directory).close()  # the lock died with the process
+
+
+def test_durability_modes_survive_reopen(tmp_path):
+    for durability in ("fsync", "os"):
+        directory = str(tmp_path / durability)
+        with ledger.open(directory, create=True, durability=durability) as handle:
+            handle.create_accounts(accounts())
+            for k in range(5):
+                handle.transfers(batch(k))
+            expected = handle.accounts()
+        with ledger.open(directory, durability=durability) as handle:
+            assert_same_counters(handle, expected)
+            assert handle.verify().ok
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="create=True"):
+        ledger.open(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="durability"):
+        ledger.open(str(tmp_path / "x"), create=True, durability="sometimes")
+    with pytest.raises(ValueError, match="flush_interval_ms"):
+        ledger.open(str(tmp_path / "y"), create=True, durability="os", flush_interval_ms=0)
