@@ -164,6 +164,31 @@ ctypedef struct TransferRecord:
 
 assert TRANSFER_RECORD_DTYPE.itemsize == sizeof(TransferRecord)
 
+# A decoded journal event (what history, explain and the read side consume).
+ctypedef struct DecodedEvent:
+    uint64_t position
+    uint64_t timestamp
+    uint64_t id
+    uint64_t debit_account
+    uint64_t credit_account
+    int64_t amount
+    uint64_t user_data
+    uint64_t aux
+    uint64_t previous_debit_position
+    uint64_t previous_credit_position
+    uint16_t code
+    uint8_t kind
+    uint8_t linked
+
+EVENT_DTYPE = np.dtype([
+    ("position", "<u8"), ("timestamp", "<u8"), ("id", "<u8"), ("debit_account", "<u8"), ("credit_account", "<u8"),
+    ("amount", "<i8"), ("user_data", "<u8"), ("aux", "<u8"), ("previous_debit_position", "<u8"),
+    ("previous_credit_position", "<u8"), ("code", "<u2"), ("kind", "u1"), ("linked", "u1"),
+], align=True)
+assert EVENT_DTYPE.itemsize == sizeof(DecodedEvent)
+EVENT_KINDS = {KIND_ACCOUNT: "account", KIND_TRANSFER: "transfer", KIND_PENDING: "pending", KIND_POST: "post",
+               KIND_VOID: "void", KIND_EXPIRE: "expire"}
+
 # ---- Record access ----------------------------------------------------------------------------------------
 
 cdef inline Event *event_at(State *s, uint64_t position) noexcept nogil:
@@ -775,6 +800,7 @@ cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_
     if dirty_end > end:
         zero_range(s, end, dirty_end)   # records of rolled-back chains past the end: keep the tail zero
     if count == 0:
+        zero_range(s, header_position, header_position + 1)   # the timestamp stamped by begin_batch
         return
     LEDGER_ASSERT(count <= OFFSET_MAX)
     cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
@@ -798,11 +824,19 @@ cdef inline uint64_t clock_now_ns() noexcept nogil:
     clock_gettime(CLOCK_REALTIME, &now)
     return <uint64_t>now.tv_sec * NANOSECONDS_PER_SECOND + <uint64_t>now.tv_nsec
 
+cdef inline uint64_t begin_batch(State *s, uint64_t now) noexcept nogil:
+    """Stamp the batch's base timestamp into its header slot first: events of this batch that are read back
+    before the commit (a POST of a PENDING made earlier in the same batch) find their time there. A crash before
+    the commit leaves a header without its commit word, which recovery treats as a torn tail."""
+    cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
+    (<BatchHeader *>event_at(s, s.write_position)).timestamp = timestamp_base
+    return timestamp_base
+
 cdef uint64_t run_transfers(State *s, const TransferRow *rows, uint64_t count, uint8_t *results,
                            uint64_t now) noexcept nogil:
     """One transfers call: expiries, rows, commit. Returns the number of events written."""
     cdef uint64_t header_position = s.write_position
-    cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
+    cdef uint64_t timestamp_base = begin_batch(s, now)
     cdef uint64_t position = expire_due(s, header_position, header_position + 1, timestamp_base)
     cdef uint64_t written_end = position
     cdef uint64_t end = apply_rows(s, rows, count, results, header_position, position, timestamp_base, &written_end)
@@ -812,7 +846,7 @@ cdef uint64_t run_transfers(State *s, const TransferRow *rows, uint64_t count, u
 cdef uint64_t run_accounts(State *s, const AccountRow *rows, uint64_t count, uint8_t *results,
                           uint64_t now) noexcept nogil:
     cdef uint64_t header_position = s.write_position
-    cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
+    cdef uint64_t timestamp_base = begin_batch(s, now)
     cdef uint64_t written_end = header_position + 1
     cdef uint64_t end = apply_rows(s, rows, count, results, header_position, header_position + 1, timestamp_base,
                                    &written_end)
@@ -1233,6 +1267,91 @@ cdef class Engine:
 
     def map_through(self, uint64_t end):
         self._map_through(end)
+
+    # -- journal reads for history, explain and the read side --
+
+    def account_positions(self, uint64_t id):
+        """(creation position, newest event position) of an account, or None."""
+        self._check_open()
+        cdef TableSlot *slot = table_find(&self.state.account_table, id)
+        if slot == NULL:
+            return None
+        return self.state.accounts_cold[slot.value].position, self.state.accounts[slot.value].last_position
+
+    def account_history(self, uint64_t id, uint64_t before_position=POSITION_MASK + 1,
+                        uint64_t after_position=0, uint64_t limit=POSITION_MASK):
+        """Positions of the account's events with after_position < position < before_position, newest first,
+        at most `limit`, found by walking the per-account back-pointers (cost: the events returned plus those
+        skipped at or after before_position, never the journal size)."""
+        self._check_open()
+        cdef TableSlot *slot = table_find(&self.state.account_table, id)
+        if slot == NULL:
+            raise KeyError(f"account {id} not found")
+        cdef uint64_t position = self.state.accounts[slot.value].last_position, count = 0
+        cdef Event *e
+        out = []
+        while position != 0 and position > after_position and count < limit:
+            e = event_at(&self.state, position)
+            if position < before_position:
+                out.append(position)
+                count += 1
+            if event_kind(e) == KIND_ACCOUNT:
+                break
+            position = (e.word_a if e.debit_account == id else e.word_b) & POSITION_MASK
+        return np.array(out, dtype=np.uint64)
+
+    def decode_events(self, cnp.ndarray positions not None):
+        """Decode the events at the given journal positions (uint64, each a committed event) into EVENT_DTYPE."""
+        self._check_open()
+        LEDGER_ASSERT(positions.dtype.itemsize == 8)
+        positions = np.ascontiguousarray(positions, dtype=np.uint64)
+        cdef uint64_t count = positions.shape[0], i, position
+        out = np.zeros(count, EVENT_DTYPE)
+        cdef uint64_t *keys = <uint64_t *>cnp.PyArray_DATA(positions)
+        cdef DecodedEvent *decoded = <DecodedEvent *>cnp.PyArray_DATA(out)
+        cdef Event *e
+        for i in range(count):
+            position = keys[i]
+            if position == 0 or position >= self.state.write_position:
+                raise IndexError(f"journal position {position} is not a committed record")
+            e = event_at(&self.state, position)
+            if event_kind(e) == KIND_HEADER or event_kind(e) == 0:
+                raise IndexError(f"journal position {position} is a batch header, not an event")
+        with nogil:
+            for i in range(count):
+                position = keys[i]
+                e = event_at(&self.state, position)
+                decoded[i].position = position
+                decoded[i].timestamp = event_timestamp(&self.state, e, position)
+                decoded[i].id = e.id
+                decoded[i].debit_account = e.debit_account
+                decoded[i].credit_account = e.credit_account
+                decoded[i].amount = e.amount
+                decoded[i].user_data = e.user_data
+                decoded[i].aux = e.aux
+                decoded[i].previous_debit_position = e.word_a & POSITION_MASK
+                decoded[i].previous_credit_position = e.word_b & POSITION_MASK
+                decoded[i].code = event_code(e)
+                decoded[i].kind = <uint8_t>event_kind(e)
+                decoded[i].linked = 1 if (e.word_a >> 56) & KIND_LINKED else 0
+        return out
+
+    def batch_headers(self, uint64_t start=1, uint64_t end=POSITION_MASK, uint64_t limit=1 << 20):
+        """(header position, timestamp, event count) of committed batches with start <= header position < end.
+        `start` must be a batch header position (1 is the first)."""
+        self._check_open()
+        cdef uint64_t position = start, count = 0
+        cdef BatchHeader *header
+        out = []
+        end = min(end, self.state.write_position)
+        while position < end and count < limit:
+            header = <BatchHeader *>event_at(&self.state, position)
+            if (header.word_a >> 56) != KIND_HEADER:
+                raise IndexError(f"journal position {position} is not a batch header")
+            out.append((position, header.timestamp, header.event_count))
+            position += 1 + header.event_count
+            count += 1
+        return out
 
     # -- introspection --
 

@@ -208,9 +208,24 @@ class Ledger:
         row = self._engine.account(id)
         return None if row is None else Account(*row)
 
-    def balance(self, id: int) -> int:
-        """credits_posted - debits_posted. KeyError if there is no such account."""
-        return self._engine.balance(id)
+    def balance(self, id: int, at: Any = None) -> int:
+        """credits_posted - debits_posted, now or `at` a past journal position (int) or moment (datetime, or
+        int nanoseconds via `at=ledger.At(ns=...)`). KeyError if there is no such account."""
+        if at is None:
+            return self._engine.balance(id)
+        from ledger.history import balance_at
+        return balance_at(self, id, at)
+
+    def history(self, id: int, since: Any = None, until: Any = None, limit: int | None = None) -> np.ndarray:
+        """The events that moved account `id`, oldest first, found through its back-pointers (cost proportional
+        to the account's events, not the journal)."""
+        from ledger.history import history
+        return history(self, id, since=since, until=until, limit=limit)
+
+    def explain(self, id: int, since: Any = None, until: Any = None) -> Any:
+        """Opening balance, every movement with a running balance, closing balance, checked to add up."""
+        from ledger.history import explain
+        return explain(self, id, since=since, until=until)
 
     def available(self, id: int) -> int:
         """balance - debits_pending: what the account may still spend above its min_balance floor."""

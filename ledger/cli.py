@@ -144,6 +144,11 @@ def balance(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def bench(arguments: argparse.Namespace) -> int:
+    from ledger.bench_command import main as bench_main  # the peer comparison (bench/peers); see its --help
+    return bench_main(arguments.options)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="ledger", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -159,6 +164,10 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("dir")
         command.add_argument("--json", action="store_true")
         command.set_defaults(handler=handler)
+    command = commands.add_parser("bench", help="compare against SQLite, PostgreSQL, Redis and plain Python",
+                                  add_help=False)
+    command.add_argument("options", nargs=argparse.REMAINDER)
+    command.set_defaults(handler=bench)
     command = commands.add_parser("balance", help="one account's balance")
     command.add_argument("dir")
     command.add_argument("id", type=int)

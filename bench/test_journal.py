@@ -1,0 +1,89 @@
+"""Durable throughput of the journal and recovery (replay) rate, beside the machine's own disk limit measured
+in the same run.
+
+Run: pytest bench/test_journal.py --benchmark-only   (not part of the CI test run)."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import ledger
+from workload import TransferStream, funded_ledger
+
+ACCOUNTS = 100_000
+RECORD_BYTES = 64
+
+
+def disk_probe(directory: str, chunk_bytes: int, total_bytes: int = 512 << 20) -> float:
+    """Bytes/s of sequential writes into a preallocated file with fdatasync after every chunk (a dd-like
+    probe of what the journal's group commit can reach at this batch size)."""
+    path = os.path.join(directory, "probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, total_bytes)
+        os.fsync(fd)
+        data = os.urandom(chunk_bytes)
+        started = time.perf_counter()
+        for offset in range(0, total_bytes, chunk_bytes):
+            os.pwrite(fd, data, offset)
+            os.fdatasync(fd)
+        return total_bytes / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("batch_size", [1_024, 8_192, 65_536])
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_durable_batches(benchmark, tmp_path, batch_size, durability):
+    if durability == "os" and batch_size != 8_192:
+        pytest.skip("os mode measured at 8k")
+    batches_per_round = max(1, 1_000_000 // batch_size)
+    rounds = 5
+    handle = funded_ledger(ACCOUNTS, path=str(tmp_path / "data"), durability=durability,
+                           transfers_capacity=(rounds + 1) * batches_per_round * batch_size)
+    stream = TransferStream(ACCOUNTS, batch_size)
+    prepared = [[stream.batch() for _ in range(batches_per_round)] for _ in range(rounds + 1)]
+
+    def run(batches):
+        for batch in batches:
+            handle.transfers(batch)
+
+    iterator = iter(prepared)
+    benchmark.pedantic(run, setup=lambda: ((next(iterator),), {}), rounds=rounds, iterations=1, warmup_rounds=1)
+    handle.close()
+    transfers = batches_per_round * batch_size
+    rate = transfers / benchmark.stats.stats.median
+    disk = disk_probe(str(tmp_path), batch_size * RECORD_BYTES)
+    benchmark.extra_info.update(
+        transfers_per_second=round(rate),
+        disk_bytes_per_second_same_chunk=round(disk),
+        disk_limit_events_per_second=round(disk / RECORD_BYTES),
+        fraction_of_disk_limit=round(rate * RECORD_BYTES / disk, 3),
+    )
+
+
+def test_recovery_replay(benchmark, tmp_path):
+    """Reopen a journal of 10M transfer events (8k batches): replay rate in events/s."""
+    directory = str(tmp_path / "data")
+    total = 10_000_000
+    batch_size = 65_536
+    handle = funded_ledger(ACCOUNTS, path=directory, durability="os", transfers_capacity=total)
+    stream = TransferStream(ACCOUNTS, batch_size)
+    written = 0
+    while written < total:
+        handle.transfers(stream.batch())
+        written += batch_size
+    events = handle.stats()["journal_position"]
+    handle.close()
+
+    def reopen():
+        with ledger.open(directory, transfers_capacity=total + ACCOUNTS) as reopened:
+            return reopened.stats()["journal_position"]
+
+    assert benchmark.pedantic(reopen, rounds=3, iterations=1, warmup_rounds=1) == events
+    benchmark.extra_info["events"] = events
+    benchmark.extra_info["events_per_second"] = round(events / benchmark.stats.stats.median)
