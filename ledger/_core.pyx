@@ -8,6 +8,10 @@ from libc.string cimport memset, memcpy
 from libc.stdlib cimport free, realloc
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.memoryview cimport PyMemoryView_FromMemory
+
+cdef extern from "Python.h":
+    int PyBUF_WRITE
 
 cimport cython
 import numpy as np
@@ -141,6 +145,8 @@ ACCOUNT_HOT_DTYPE = np.dtype([
     ("ledger", "<u4"), ("flags", "<u2"), ("reserved", "<u2"),
 ])
 ACCOUNT_COLD_DTYPE = np.dtype([("id", "<u8"), ("user_data", "<u8"), ("timestamp", "<u8"), ("position", "<u8")])
+TABLE_SLOT_DTYPE = np.dtype([("key", "<u8"), ("value", "<u8")])
+HEAP_ENTRY_DTYPE = np.dtype([("deadline", "<u8"), ("position", "<u8")])
 assert ACCOUNT_HOT_DTYPE.itemsize == sizeof(AccountHot) == 64
 assert ACCOUNT_COLD_DTYPE.itemsize == sizeof(AccountCold)
 assert ACCOUNT_DTYPE.itemsize == sizeof(AccountRow)
@@ -940,6 +946,13 @@ cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t
     return -1   # a good batch
 
 
+cdef object memory_view(void *memory, uint64_t count, object dtype):
+    """A writable numpy view (no copy) of `count` items of `dtype` at `memory`; the owner keeps it alive."""
+    if count == 0:
+        return np.empty(0, dtype)
+    return np.frombuffer(PyMemoryView_FromMemory(<char *>memory, count * dtype.itemsize, PyBUF_WRITE), dtype)
+
+
 @cython.final
 cdef class Engine:
     """The state machine. Not thread-safe: one writer (the Ledger) owns it."""
@@ -1386,6 +1399,85 @@ cdef class Engine:
     @property
     def segment_count(self):
         return self.state.segment_count
+
+    # -- snapshots: the whole state as arrays, and back --
+
+    def state_views(self):
+        """The scalars and numpy views (no copies) of every piece of state: accounts, both id tables, the expiry
+        heap. Valid until the next command; a forked child uses them as a frozen copy-on-write image."""
+        self._check_open()
+        cdef State *s = &self.state
+        cdef uint64_t count = s.account_count
+        scalars = {
+            "write_position": s.write_position, "last_timestamp": s.last_timestamp,
+            "last_checksum": s.last_checksum, "last_header_position": s.last_header_position,
+            "account_count": count, "transfer_count": s.transfer_table.count,
+            "segment_records_log2": s.segment_records_log2,
+        }
+        return scalars, {
+            "accounts_hot": self._accounts_hot[:count], "accounts_cold": self._accounts_cold[:count],
+            "account_slots": memory_view(s.account_table.slots, (<uint64_t>1 << s.account_table.capacity_log2),
+                                         TABLE_SLOT_DTYPE),
+            "transfer_slots": memory_view(s.transfer_table.slots, (<uint64_t>1 << s.transfer_table.capacity_log2),
+                                          TABLE_SLOT_DTYPE),
+            "expiry_heap": memory_view(s.expiry_heap.entries, s.expiry_heap.size, HEAP_ENTRY_DTYPE),
+        }
+
+    def import_begin(self, dict scalars, uint64_t account_slots, uint64_t transfer_slots, uint64_t heap_size):
+        """Make room for a snapshot in this fresh engine and return writable views to read it into; then call
+        import_end. If reading fails, discard this engine."""
+        self._check_open()
+        cdef State *s = &self.state
+        LEDGER_ASSERT(s.account_count == 0 and s.transfer_table.count == 0 and s.write_position == 1)
+        if scalars["segment_records_log2"] != s.segment_records_log2:
+            raise ValueError("snapshot segment size differs from the journal's")
+        for slots in (account_slots, transfer_slots):
+            if slots < 1024 or slots & (slots - 1) or slots > (<uint64_t>1 << TABLE_CAPACITY_LOG2_MAX):
+                raise ValueError("snapshot id table size is not a power of two in range")
+        cdef uint64_t count = scalars["account_count"]
+        if count > s.account_capacity:
+            self._grow_accounts(count)
+        cdef Table table
+        table_allocate(&table, (<uint64_t>account_slots).bit_length() - 1)
+        table_free(&s.account_table)
+        s.account_table = table
+        table_allocate(&table, (<uint64_t>transfer_slots).bit_length() - 1)
+        table_free(&s.transfer_table)
+        s.transfer_table = table
+        heap_reserve(&s.expiry_heap, heap_size)
+        return {
+            "accounts_hot": self._accounts_hot[:count], "accounts_cold": self._accounts_cold[:count],
+            "account_slots": memory_view(s.account_table.slots, account_slots, TABLE_SLOT_DTYPE),
+            "transfer_slots": memory_view(s.transfer_table.slots, transfer_slots, TABLE_SLOT_DTYPE),
+            "expiry_heap": memory_view(s.expiry_heap.entries, heap_size, HEAP_ENTRY_DTYPE),
+        }
+
+    def import_end(self, dict scalars, uint64_t heap_size):
+        """Adopt what import_begin's views were filled with. Replay continues from scalars["write_position"]."""
+        cdef State *s = &self.state
+        s.account_count = scalars["account_count"]
+        s.account_table.count = s.account_count
+        s.transfer_table.count = scalars["transfer_count"]
+        s.expiry_heap.size = heap_size
+        if s.account_table.count > s.account_table.count_max or s.transfer_table.count > s.transfer_table.count_max:
+            raise ValueError("snapshot id table is over its load limit")
+        self._map_through(scalars["write_position"] + 1)
+        s.write_position = scalars["write_position"]
+        s.last_timestamp = scalars["last_timestamp"]
+        s.last_checksum = scalars["last_checksum"]
+        s.last_header_position = scalars["last_header_position"]
+
+    def check_batch_end(self, uint64_t header_position, uint64_t end, uint64_t checksum):
+        """True if the journal holds a committed batch at header_position ending at `end` with this checksum:
+        a snapshot taken at `end` belongs to this journal."""
+        if header_position == 0:
+            return end == 1 and checksum == 0
+        if end > self.state.mapped_end or header_position >= end:
+            return False
+        cdef BatchHeader *header = <BatchHeader *>event_at(&self.state, header_position)
+        return ((header.word_a >> 56) == KIND_HEADER and header.position == header_position
+                and header_position + 1 + header.event_count == end and header.checksum == checksum
+                and (ledger_load_acquire_u64(&header.commit) >> 32) == COMMIT_MAGIC)
 
     def memory_bytes(self):
         """Bytes held by the in-memory state (accounts, id tables, expiry heap), not the journal."""

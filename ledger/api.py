@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import numpy as np
@@ -18,7 +19,8 @@ from ledger.enums import (
     AccountResult,
     TransferResult,
 )
-from ledger.errors import LedgerClosedError, LedgerPoisonedError
+from ledger.errors import LedgerClosedError, LedgerCorruptError, LedgerPoisonedError
+from ledger.snapshot import KEEP_DEFAULT, SnapshotInfo, SnapshotJob, list_snapshots, load_into
 from ledger.journal import (
     FLUSH_INTERVAL_MS_DEFAULT,
     SEGMENT_RECORDS_LOG2_DEFAULT,
@@ -173,6 +175,7 @@ class Ledger:
         self.durability = durability
         # The single-call path goes straight to the core: argument parsing and the result lookup are C.
         self.transfer = engine.transfer
+        self.recovered_from: SnapshotInfo | None = None  # the snapshot this handle was opened from, if any
 
     # -- commands --
 
@@ -288,6 +291,19 @@ class Ledger:
         from ledger.audit import verify_live
         return verify_live(self)
 
+    def snapshot(self, wait: bool = True, keep: int = KEEP_DEFAULT) -> "SnapshotInfo | SnapshotJob":
+        """Write the whole state at the current journal position to <dir>/snapshots/, keeping the newest `keep`.
+        The writer is held only while the state is copied in memory; the file is written and fsynced by a
+        background thread. wait=False returns the job (`.wait()` gives the SnapshotInfo)."""
+        if self.path is None:
+            raise ValueError("an in-memory ledger has no directory to snapshot into")
+        if not 1 <= keep <= 1000:
+            raise ValueError(f"keep must be in [1, 1000], got {keep}")
+        self.flush()  # the journal is durable at least up to the snapshot, so a snapshot never runs ahead of it
+        scalars, views = self._engine.state_views()
+        job = SnapshotJob(self.path, scalars, views, keep)
+        return job.wait() if wait else job
+
     def _poison(self) -> None:
         self._engine.poisoned = True
 
@@ -353,22 +369,42 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
     journal = FileJournal(os.fspath(path), create=create, durability=durability, readonly=readonly,
                           segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
                           fault_injector=fault_injector)
+    engine = None
     try:
-        engine = _core.Engine(journal.segment_records_log2, journal.segment,
-                              after_commit=journal.after_commit if durability == "fsync" else None, clock=clock,
-                              account_capacity=accounts_capacity, transfer_capacity=transfers_capacity)
-        engine.map_through(journal.existing_end_position)
+        def new_engine() -> _core.Engine:
+            fresh = _core.Engine(journal.segment_records_log2, journal.segment,
+                                 after_commit=journal.after_commit if durability == "fsync" else None, clock=clock,
+                                 account_capacity=accounts_capacity, transfer_capacity=transfers_capacity)
+            fresh.map_through(journal.existing_end_position)
+            return fresh
+
+        engine, recovered_from = _engine_from_snapshot(os.fspath(path), new_engine)
         reason, position, _, _ = engine.replay()
         journal.recover_tail(reason, position, engine.mapped_end)
         engine.readonly = readonly
         handle = Ledger(engine, journal, os.fspath(path), durability)
+        handle.recovered_from = recovered_from
         if durability == "os" and not readonly:
             journal.start_flusher(lambda: engine.write_position, handle._poison)
         return handle
     except BaseException:
-        try:
-            engine.close()  # type: ignore[possibly-undefined]
-        except NameError:
-            pass
+        if engine is not None:
+            engine.close()
         journal.close(final_sync=False)
         raise
+
+
+def _engine_from_snapshot(directory: str, new_engine: Callable[[], _core.Engine]
+                          ) -> tuple[_core.Engine, SnapshotInfo | None]:
+    """A fresh engine loaded from the newest snapshot that passes its checks and belongs to this journal.
+    A damaged one is skipped with a warning and an older one (or genesis) is used."""
+    engine = new_engine()
+    for position, snapshot_path in list_snapshots(directory):
+        try:
+            return engine, load_into(snapshot_path, position, engine)
+        except (LedgerCorruptError, ValueError, OSError) as error:
+            warnings.warn(f"ledger: snapshot skipped, using an older one or the journal from genesis: {error}",
+                          RuntimeWarning, stacklevel=3)
+            engine.close()
+            engine = new_engine()
+    return engine, None

@@ -272,7 +272,10 @@ class FileJournal:
         return segment
 
     def segment(self, index: int) -> memoryview:
-        """The core's segment provider: existing segments in order, then new ones."""
+        """The core's segment provider: existing segments in order, then new ones. An engine that replaces a
+        discarded one (a snapshot that failed to load) gets the segments already mapped."""
+        if index < len(self.segments):
+            return self.view(index)
         assert index == len(self.segments), "segments are handed out in order"
         if index < self.existing:
             segment = self._map(index)

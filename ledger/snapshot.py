@@ -1,0 +1,257 @@
+"""Snapshots: the whole engine state at a journal position, so that opening replays only the journal tail.
+
+File `<dir>/snapshots/snapshot-<position:016d>.snapshot` (docs/FORMAT.md, "Snapshot file"): a 4096-byte header
+page, then each state array at a 4096-aligned offset. Written atomically (temporary file, fsync, rename,
+directory fsync). The header carries a CRC32C of the body and a state hash (CRC32C of the account arrays) that
+`verify` recomputes from a replay of the journal.
+
+Stall: `Ledger.snapshot()` holds the writer only for a fork(): the child writes the snapshot from its
+copy-on-write image of the state while the writer goes on (pages the writer modifies meanwhile are copied once
+by the kernel). The alternative, copying the arrays first, measured ~1 GB/s here because the copy's pages must
+be faulted in; fork copies only page tables."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import threading
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ledger import _core
+from ledger.errors import LedgerCorruptError
+
+__all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "state_hash",
+           "SNAPSHOT_FORMAT_VERSION"]
+
+SNAPSHOT_MAGIC = b"LDGRSNP\x00"
+SNAPSHOT_FORMAT_VERSION = 1
+PAGE_BYTES = 4096
+SECTIONS = ("accounts_hot", "accounts_cold", "account_slots", "transfer_slots", "expiry_heap")
+SECTION_DTYPES = {
+    "accounts_hot": _core.ACCOUNT_HOT_DTYPE,
+    "accounts_cold": _core.ACCOUNT_COLD_DTYPE,
+    "account_slots": _core.TABLE_SLOT_DTYPE,
+    "transfer_slots": _core.TABLE_SLOT_DTYPE,
+    "expiry_heap": _core.HEAP_ENTRY_DTYPE,
+}
+# magic, version, segment_records_log2, write_position, last_timestamp, last_checksum, last_header_position,
+# account_count, transfer_count, created_ns, state_hash, body_checksum, then (offset, count) per section.
+HEADER = struct.Struct("<8sII7QII" + "QQ" * len(SECTIONS))
+SCALARS = ("write_position", "last_timestamp", "last_checksum", "last_header_position", "account_count",
+           "transfer_count")
+KEEP_DEFAULT = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    path: str
+    position: int
+    timestamp: int
+    accounts: int
+    transfers: int
+    bytes: int
+    stall_seconds: float
+    write_seconds: float
+
+
+def state_hash(hot: np.ndarray, cold: np.ndarray) -> int:
+    """CRC32C of the account arrays: what a replay of the journal must reproduce exactly."""
+    return _core.crc32c(np.ascontiguousarray(cold).view(np.uint8), _core.crc32c(np.ascontiguousarray(hot).view(np.uint8)))
+
+
+def snapshot_directory(directory: str) -> str:
+    return os.path.join(directory, "snapshots")
+
+
+def list_snapshots(directory: str) -> list[tuple[int, str]]:
+    """(position, path) of the snapshot files, newest first."""
+    folder = snapshot_directory(directory)
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        if name.startswith("snapshot-") and name.endswith(".snapshot"):
+            try:
+                found.append((int(name[len("snapshot-"):-len(".snapshot")]), os.path.join(folder, name)))
+            except ValueError:
+                continue
+    return sorted(found, reverse=True)
+
+
+def _layout(arrays: dict[str, np.ndarray]) -> list[tuple[int, int]]:
+    offset = PAGE_BYTES
+    layout = []
+    for name in SECTIONS:
+        size = arrays[name].nbytes
+        layout.append((offset, arrays[name].shape[0]))
+        offset += (size + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
+    return layout
+
+
+def write_snapshot(directory: str, scalars: dict[str, int], arrays: dict[str, np.ndarray], keep: int,
+                   stall_seconds: float) -> SnapshotInfo:
+    started = time.perf_counter()
+    folder = snapshot_directory(directory)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    position = scalars["write_position"]
+    final = os.path.join(folder, f"snapshot-{position:016d}.snapshot")
+    temporary = os.path.join(folder, f".snapshot-{position:016d}.tmp")
+    layout = _layout(arrays)
+    body_checksum = 0
+    for name in SECTIONS:
+        body_checksum = _core.crc32c(np.ascontiguousarray(arrays[name]).view(np.uint8), body_checksum)
+    header = HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_FORMAT_VERSION, scalars["segment_records_log2"],
+                         *(scalars[name] for name in SCALARS), time.time_ns(),
+                         state_hash(arrays["accounts_hot"], arrays["accounts_cold"]), body_checksum,
+                         *(value for pair in layout for value in pair))
+    header += struct.pack("<I", _core.crc32c(header))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.pwrite(fd, header.ljust(PAGE_BYTES, b"\0"), 0)
+        for name, (offset, _) in zip(SECTIONS, layout):
+            data = memoryview(np.ascontiguousarray(arrays[name]).view(np.uint8))
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, data[written:written + (64 << 20)], offset + written)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, final)
+    directory_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+    for _, old in list_snapshots(directory)[max(1, keep):]:
+        os.unlink(old)
+    return SnapshotInfo(final, position, scalars["last_timestamp"], scalars["account_count"],
+                        scalars["transfer_count"], os.path.getsize(final), stall_seconds,
+                        time.perf_counter() - started)
+
+
+def _read_header(path: str, file: Any) -> tuple[dict[str, int], int, int, list[tuple[int, int]]]:
+    page = file.read(PAGE_BYTES)
+    if len(page) < HEADER.size + 4:
+        raise LedgerCorruptError(f"{path}: snapshot header truncated")
+    (checksum,) = struct.unpack_from("<I", page, HEADER.size)
+    if _core.crc32c(page[:HEADER.size]) != checksum:
+        raise LedgerCorruptError(f"{path}: snapshot header checksum mismatch")
+    fields = HEADER.unpack_from(page)
+    magic, version, segment_records_log2 = fields[:3]
+    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_FORMAT_VERSION:
+        raise LedgerCorruptError(f"{path}: not a version {SNAPSHOT_FORMAT_VERSION} ledger snapshot")
+    scalars = dict(zip(SCALARS, fields[3:9]))
+    scalars["segment_records_log2"] = segment_records_log2
+    pairs = fields[12:]
+    layout = [(pairs[2 * index], pairs[2 * index + 1]) for index in range(len(SECTIONS))]
+    return scalars, fields[10], fields[11], layout
+
+
+def _read_sections(path: str, file: Any, layout: list[tuple[int, int]], targets: dict[str, np.ndarray],
+                   state_hash_expected: int, body_expected: int) -> None:
+    body_checksum = 0
+    for name, (offset, count) in zip(SECTIONS, layout):
+        target = targets[name]
+        assert target.shape[0] == count and target.dtype == SECTION_DTYPES[name]
+        file.seek(offset)
+        if count and file.readinto(memoryview(target.view(np.uint8))) != target.nbytes:
+            raise LedgerCorruptError(f"{path}: snapshot section {name} truncated")
+        body_checksum = _core.crc32c(target.view(np.uint8), body_checksum)
+    if body_checksum != body_expected:
+        raise LedgerCorruptError(f"{path}: snapshot body checksum mismatch")
+    if state_hash(targets["accounts_hot"], targets["accounts_cold"]) != state_hash_expected:
+        raise LedgerCorruptError(f"{path}: snapshot state hash mismatch")
+
+
+def read_snapshot(path: str) -> tuple[dict[str, int], dict[str, np.ndarray], int]:
+    """Read and check one snapshot file into new arrays: (scalars, arrays, state hash)."""
+    with open(path, "rb") as file:
+        scalars, hash_expected, body_expected, layout = _read_header(path, file)
+        arrays = {name: np.empty(count, SECTION_DTYPES[name]) for name, (_, count) in zip(SECTIONS, layout)}
+        _read_sections(path, file, layout, arrays, hash_expected, body_expected)
+    return scalars, arrays, hash_expected
+
+
+def load_into(path: str, position: int, engine: Any) -> SnapshotInfo:
+    """Read a snapshot straight into a fresh engine's memory (no intermediate copy). On any error the engine
+    is left half-loaded: the caller discards it."""
+    started = time.perf_counter()
+    with open(path, "rb") as file:
+        scalars, hash_expected, body_expected, layout = _read_header(path, file)
+        if scalars["write_position"] != position:
+            raise LedgerCorruptError(f"{path}: position {scalars['write_position']} differs from its name")
+        if not engine.check_batch_end(scalars["last_header_position"], position, scalars["last_checksum"]):
+            raise LedgerCorruptError(f"{path}: does not match the journal at position {position}")
+        counts = dict(zip(SECTIONS, (count for _, count in layout)))
+        if counts["accounts_hot"] != scalars["account_count"] or counts["accounts_cold"] != scalars["account_count"]:
+            raise LedgerCorruptError(f"{path}: account section sizes differ from the account count")
+        targets = engine.import_begin(scalars, counts["account_slots"], counts["transfer_slots"],
+                                      counts["expiry_heap"])
+        _read_sections(path, file, layout, targets, hash_expected, body_expected)
+        if int(np.count_nonzero(targets["account_slots"]["key"])) != scalars["account_count"] \
+                or int(np.count_nonzero(targets["transfer_slots"]["key"])) != scalars["transfer_count"]:
+            raise LedgerCorruptError(f"{path}: id table counts do not match")
+        engine.import_end(scalars, counts["expiry_heap"])
+    return SnapshotInfo(path, position, scalars["last_timestamp"], scalars["account_count"],
+                        scalars["transfer_count"], os.path.getsize(path), 0.0, time.perf_counter() - started)
+
+
+class SnapshotJob:
+    """A snapshot written by a forked child from a copy-on-write image of the state (as Redis does): the writer
+    is held only for the fork. `wait()` returns its SnapshotInfo (or raises its error)."""
+
+    def __init__(self, directory: str, scalars: dict[str, int], views: dict[str, np.ndarray], keep: int) -> None:
+        read_end, write_end = os.pipe()
+        started = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # the child: write, report, and leave without running any parent clean-up
+            os.close(read_end)
+            status = 0
+            try:
+                info = write_snapshot(directory, scalars, views, keep, 0.0)
+                message = f"ok {info.bytes} {info.write_seconds}"
+            except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
+                message = f"error {type(error).__name__}: {error}"
+                status = 1
+            os.write(write_end, message.encode())
+            os._exit(status)
+        self.stall_seconds = time.perf_counter() - started
+        os.close(write_end)
+        self._pid = pid
+        self._read_end = read_end
+        self._directory = directory
+        self._scalars = scalars
+        self._result: SnapshotInfo | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._reap, name="ledger-snapshot", daemon=True)
+        self._thread.start()
+
+    def _reap(self) -> None:
+        chunks = []
+        while chunk := os.read(self._read_end, 4096):
+            chunks.append(chunk)
+        os.close(self._read_end)
+        os.waitpid(self._pid, 0)
+        message = b"".join(chunks).decode()
+        if not message.startswith("ok "):
+            self._error = OSError(f"snapshot writer failed: {message or 'no report (killed?)'}")
+            return
+        _, size, seconds = message.split()
+        position = self._scalars["write_position"]
+        path = os.path.join(snapshot_directory(self._directory), f"snapshot-{position:016d}.snapshot")
+        self._result = SnapshotInfo(path, position, self._scalars["last_timestamp"], self._scalars["account_count"],
+                                    self._scalars["transfer_count"], int(size), self.stall_seconds, float(seconds))
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> SnapshotInfo:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
