@@ -16,7 +16,8 @@ HUGE_PAGE_BYTES = 2 << 20
 
 
 def anonymous_buffer(size: int, populate: bool = True) -> mmap.mmap:
-    memory = mmap.mmap(-1, max(int(size), 1))
+    # MAP_PRIVATE, not Python's default MAP_SHARED: a forked snapshot writer must see a copy-on-write image.
+    memory = mmap.mmap(-1, max(int(size), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if size >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
         memory.madvise(mmap.MADV_HUGEPAGE)
     if populate:
