@@ -1107,7 +1107,8 @@ cdef class Engine:
         LEDGER_ASSERT(batch.dtype.itemsize == sizeof(TransferRow) and results.shape[0] == batch.shape[0])
         LEDGER_ASSERT(cnp.PyArray_IS_C_CONTIGUOUS(batch) and cnp.PyArray_IS_C_CONTIGUOUS(results))
         LEDGER_ASSERT(count <= self._batch_size_max)
-        self._reserve(0, count, count + EXPIRE_BATCH_MAX_C + 1)
+        # Room for the rows, the header and the expiries that can be due (at most one per scheduled deadline).
+        self._reserve(0, count, count + min(self.state.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 1)
         cdef uint64_t now = self._now()
         cdef uint64_t start = self.state.write_position, events
         cdef const TransferRow *rows = <const TransferRow *>cnp.PyArray_DATA(batch)
@@ -1135,10 +1136,11 @@ cdef class Engine:
         row.code = code
         row.flags = flags
         cdef State *s = &self.state
-        if (s.write_position + EXPIRE_BATCH_MAX_C + 2 > s.mapped_end
+        cdef uint64_t records = min(s.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 2
+        if (s.write_position + records > s.mapped_end
                 or s.transfer_table.count + 1 > s.transfer_table.count_max
                 or s.expiry_heap.size + 1 > s.expiry_heap.capacity):
-            self._reserve(0, 1, EXPIRE_BATCH_MAX_C + 2)
+            self._reserve(0, 1, records)
         cdef uint64_t start = s.write_position
         cdef uint8_t result = 0
         cdef uint64_t events = run_transfers(s, &row, 1, &result, self._now())
