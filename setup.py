@@ -19,7 +19,14 @@ extensions = [
         include_dirs=[numpy.get_include(), "ledger"],
         define_macros=macros,
         extra_compile_args=compile_args,
-    )
+    ),
+    Extension(
+        "ledger._ring",
+        ["ledger/_ring.pyx"],
+        include_dirs=[numpy.get_include(), "ledger"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(

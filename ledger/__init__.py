@@ -24,20 +24,34 @@ from ledger.enums import (
     TransferState,
 )
 from ledger.errors import (
+    LedgerBusyError,
     LedgerClosedError,
     LedgerCorruptError,
     LedgerError,
     LedgerFullError,
     LedgerLockedError,
     LedgerPoisonedError,
+    LedgerTimeoutError,
+    LedgerUnavailableError,
 )
+from ledger.history import HISTORY_DTYPE, At, Counters, Difference, EventKind, Explanation, account_at, balance_at, explain_difference
 from ledger.ids import IdGenerator
+from ledger.ring import Client, connect
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACCOUNT_DTYPE",
     "ACCOUNT_STATE_DTYPE",
+    "At",
+    "Counters",
+    "Difference",
+    "EventKind",
+    "Explanation",
+    "HISTORY_DTYPE",
+    "account_at",
+    "balance_at",
+    "explain_difference",
     "AMOUNT_MAX",
     "Account",
     "AccountFlags",
@@ -48,19 +62,24 @@ __all__ = [
     "EXPIRE_BATCH_MAX",
     "ID_INVALID_MAX",
     "IdGenerator",
+    "Client",
     "Ledger",
+    "LedgerBusyError",
     "LedgerClosedError",
     "LedgerCorruptError",
     "LedgerError",
     "LedgerFullError",
     "LedgerLockedError",
     "LedgerPoisonedError",
+    "LedgerTimeoutError",
+    "LedgerUnavailableError",
     "TRANSFER_DTYPE",
     "TRANSFER_RECORD_DTYPE",
     "TransferFlags",
     "TransferResult",
     "TransferState",
     "accounts_batch",
+    "connect",
     "open",
     "transfers_batch",
 ]

@@ -1,6 +1,12 @@
-"""The `ledger` command line: `python -m ledger demo | verify DIR | stats DIR | balance DIR ID`.
+"""The `ledger` command line: `python -m ledger demo | verify DIR | stats DIR | balance DIR ID [--at X] |
+history DIR ID | explain DIR ID`. A moment X is a journal position (`12345`), an ISO-8601 time
+(`2024-05-01T12:00:00.123456789Z`; without an offset it is UTC) or nanoseconds since the epoch
+(`1714564800000000000ns`).
 
-Exit codes: 0 success, 1 verification failed, 2 usage or input error, 3 the data directory is locked or corrupt."""
+Also: init, account create, transfer, snapshot, restore, serve, project, bench.
+
+Exit codes: 0 success, 1 verification failed, 2 usage or input error (also a transfer or account that was not
+applied), 3 the data directory is locked, corrupt or unavailable."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +19,11 @@ import time
 import numpy as np
 
 import ledger
+
+# By name from the module: `ledger.history` the attribute may be the package's export rather than the module.
+from ledger.history import At, account_at, row_to_dict, rows_to_text
+from ledger.history import explain as explain_account
+from ledger.history import history as account_history
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -130,6 +141,8 @@ def stats(arguments: argparse.Namespace) -> int:
 
 
 def balance(arguments: argparse.Namespace) -> int:
+    if arguments.at is not None:
+        return balance_at(arguments)
     with ledger.open(arguments.dir, readonly=True) as handle:
         account = handle.account(arguments.id)
     if account is None:
@@ -144,9 +157,138 @@ def balance(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _moment(text: str | None) -> At | None:
+    """Moments are parsed in the handlers, not by argparse, so a bad one is a one-line error like any other."""
+    return None if text is None else At.parse(text)
+
+
+def _account_error(error: KeyError) -> int:
+    """A missing account (or one that did not exist yet at the moment asked) is an input error: one line."""
+    print(f"ledger: {error.args[0] if error.args else error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def balance_at(arguments: argparse.Namespace) -> int:
+    """`balance DIR ID --at X`: the account's counters after every event at or before X."""
+    at = _moment(arguments.at)
+    with ledger.open(arguments.dir, readonly=True) as handle:
+        try:
+            account = account_at(handle, arguments.id, at)
+        except KeyError as error:
+            return _account_error(error)
+    if arguments.json:
+        print(json.dumps({**account._asdict(), "balance": account.balance, "available": account.available,
+                          "at": str(at)}))
+    else:
+        print(f"account {account.id} at {at}: balance {account.balance:,}, available "
+              f"{account.available:,} (debits {account.debits_posted:,} + pending {account.debits_pending:,}, "
+              f"credits {account.credits_posted:,} + pending {account.credits_pending:,})")
+    return EXIT_OK
+
+
+def history(arguments: argparse.Namespace) -> int:
+    """`history DIR ID`: the account's events, oldest first, with running balances."""
+    if arguments.limit is not None and arguments.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {arguments.limit}")
+    since, until = _moment(arguments.since), _moment(arguments.until)
+    with ledger.open(arguments.dir, readonly=True) as handle:
+        try:
+            rows = account_history(handle, arguments.id, since=since, until=until, limit=arguments.limit)
+        except KeyError as error:
+            return _account_error(error)
+    if arguments.json:
+        print(json.dumps([row_to_dict(row) for row in rows]))
+    else:
+        print(rows_to_text(rows))
+    return EXIT_OK
+
+
+def explain(arguments: argparse.Namespace) -> int:
+    """`explain DIR ID`: opening balance, the events, closing balance, and whether it all adds up (exit 1 if not)."""
+    since, until = _moment(arguments.since), _moment(arguments.until)
+    with ledger.open(arguments.dir, readonly=True) as handle:
+        try:
+            explanation = explain_account(handle, arguments.id, since=since, until=until)
+        except KeyError as error:
+            return _account_error(error)
+    print(json.dumps(explanation.to_dict()) if arguments.json else explanation.to_text())
+    return EXIT_OK if explanation.ok else EXIT_VERIFY_FAILED
+
+
 def bench(arguments: argparse.Namespace) -> int:
     from ledger.bench_command import main as bench_main  # the peer comparison (bench/peers); see its --help
     return bench_main(arguments.options)
+
+
+def _print(arguments: argparse.Namespace, payload: dict, text: str) -> None:
+    print(json.dumps(payload) if getattr(arguments, "json", False) else text)
+
+
+def init(arguments: argparse.Namespace) -> int:
+    if os.path.isdir(os.path.join(arguments.dir, "journal")):
+        print(f"ledger: {arguments.dir} already holds a ledger", file=sys.stderr)
+        return EXIT_USAGE
+    with ledger.open(arguments.dir, create=True, segment_records_log2=arguments.segment_records_log2):
+        pass
+    _print(arguments, {"created": arguments.dir}, f"created an empty ledger in {arguments.dir}")
+    return EXIT_OK
+
+
+def account_create(arguments: argparse.Namespace) -> int:
+    with ledger.open(arguments.dir) as handle:
+        result = handle.create_account(arguments.id, arguments.ledger, min_balance=arguments.min_balance,
+                                       max_balance=arguments.max_balance, user_data=arguments.user_data)
+    _print(arguments, {"result": result.name, "code": int(result)}, result.name)
+    return EXIT_OK if result in (ledger.AccountResult.OK, ledger.AccountResult.EXISTS) else EXIT_USAGE
+
+
+def transfer(arguments: argparse.Namespace) -> int:
+    flags = 0
+    for name in arguments.flag or []:
+        flags |= ledger.TransferFlags[name.upper()]
+    with ledger.open(arguments.dir) as handle:
+        result = handle.transfer(arguments.id, arguments.debit, arguments.credit, arguments.amount,
+                                 ledger=arguments.ledger, code=arguments.code, flags=flags,
+                                 pending_id=arguments.pending_id, timeout=arguments.timeout,
+                                 user_data=arguments.user_data)
+    _print(arguments, {"result": result.name, "code": int(result)}, result.name)
+    return EXIT_OK if result in (ledger.TransferResult.OK, ledger.TransferResult.EXISTS) else EXIT_USAGE
+
+
+def snapshot(arguments: argparse.Namespace) -> int:
+    with ledger.open(arguments.dir) as handle:
+        info = handle.snapshot(keep=arguments.keep)
+    _print(arguments, {"path": info.path, "position": info.position, "bytes": info.bytes,
+                       "stall_seconds": info.stall_seconds, "write_seconds": info.write_seconds},
+           f"snapshot at journal position {info.position:,}: {info.path} ({info.bytes / 2**20:,.1f} MiB, "
+           f"writer held {info.stall_seconds * 1000:.1f} ms, written in {info.write_seconds:.2f} s)")
+    return EXIT_OK
+
+
+def restore_command(arguments: argparse.Namespace) -> int:
+    from ledger.restore import parse_time, print_progress, restore
+    until_time = parse_time(arguments.until_time) if arguments.until_time else None
+    result = restore(arguments.source, arguments.destination, until_position=arguments.until,
+                     until_time=until_time, progress=print_progress)
+    _print(arguments, {"destination": result.destination, "cut_position": result.cut_position,
+                       "last_timestamp": result.last_timestamp, "snapshot": result.snapshot,
+                       "verified": result.verified},
+           f"restored {result.destination} up to journal position {result.cut_position:,} "
+           f"(from {'snapshot ' + result.snapshot if result.snapshot else 'genesis'}); "
+           f"verify {'OK' if result.verified else 'FAILED'}")
+    return EXIT_OK if result.verified else EXIT_VERIFY_FAILED
+
+
+def serve_command(arguments: argparse.Namespace) -> int:
+    from ledger.ring import serve
+    return serve(arguments.dir, durability=arguments.durability, slot_count=arguments.slots, group=arguments.group,
+                 ready=lambda: print(f"ledger: serving {arguments.dir} (durability={arguments.durability}); "
+                                     f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
+
+
+def project(arguments: argparse.Namespace) -> int:
+    from ledger.project import main as project_main
+    return project_main(arguments.options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -168,19 +310,90 @@ def parser() -> argparse.ArgumentParser:
                                   add_help=False)
     command.add_argument("options", nargs=argparse.REMAINDER)
     command.set_defaults(handler=bench)
-    command = commands.add_parser("balance", help="one account's balance")
+    command = commands.add_parser("balance", help="one account's balance, now or at a past moment")
     command.add_argument("dir")
     command.add_argument("id", type=int)
+    command.add_argument("--at", metavar="X",
+                         help="as of a journal position or a time (ISO-8601, or nanoseconds as 123ns)")
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=balance)
+    for name, handler, text in (("history", history, "an account's events with running balances"),
+                                ("explain", explain, "opening balance, events, closing balance, checked to add up")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("dir")
+        command.add_argument("id", type=int)
+        command.add_argument("--since", metavar="X", help="from this position or time (inclusive)")
+        command.add_argument("--until", metavar="X", help="through this position or time (inclusive)")
+        if name == "history":
+            command.add_argument("--limit", type=int, metavar="N", help="only the newest N events of the range")
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(handler=handler)
+    command = commands.add_parser("init", help="create an empty ledger directory")
+    command.add_argument("dir")
+    command.add_argument("--segment-records-log2", type=int, default=20)
+    command.add_argument("--json", action="store_true")
+    command.set_defaults(handler=init)
+    account = commands.add_parser("account", help="account commands").add_subparsers(dest="action", required=True)
+    command = account.add_parser("create", help="create one account")
+    command.add_argument("dir")
+    command.add_argument("id", type=int)
+    command.add_argument("--ledger", type=int, default=1)
+    command.add_argument("--min-balance", type=int, default=0)
+    command.add_argument("--max-balance", type=int, default=ledger.BALANCE_MAX)
+    command.add_argument("--user-data", type=int, default=0)
+    command.add_argument("--json", action="store_true")
+    command.set_defaults(handler=account_create)
+    command = commands.add_parser("transfer", help="one transfer")
+    command.add_argument("dir")
+    for name in ("id", "debit", "credit", "amount"):
+        command.add_argument(name, type=int)
+    command.add_argument("--ledger", type=int, default=1)
+    command.add_argument("--code", type=int, default=0)
+    command.add_argument("--flag", action="append", choices=["linked", "pending", "post_pending", "void_pending"])
+    command.add_argument("--pending-id", type=int, default=0)
+    command.add_argument("--timeout", type=int, default=0, help="seconds (pending transfers)")
+    command.add_argument("--user-data", type=int, default=0)
+    command.add_argument("--json", action="store_true")
+    command.set_defaults(handler=transfer)
+    command = commands.add_parser("snapshot", help="write a snapshot of the whole state")
+    command.add_argument("dir")
+    command.add_argument("--keep", type=int, default=3)
+    command.add_argument("--json", action="store_true")
+    command.set_defaults(handler=snapshot)
+    command = commands.add_parser("restore", help="point-in-time restore into a new directory")
+    command.add_argument("source", help="a data directory or one of its snapshot files")
+    command.add_argument("destination")
+    group = command.add_mutually_exclusive_group()
+    group.add_argument("--until", type=int, metavar="SEQ", help="last journal position to include")
+    group.add_argument("--until-time", metavar="ISO8601", help="last moment to include")
+    command.add_argument("--json", action="store_true")
+    command.set_defaults(handler=restore_command)
+    command = commands.add_parser("serve", help="run the writer for other processes (ledger.connect)")
+    command.add_argument("dir")
+    command.add_argument("--durability", choices=["fsync", "os"], default="fsync")
+    command.add_argument("--slots", type=int, default=1 << 16)
+    command.add_argument("--group", type=int, help="gid allowed to submit commands (files become 0660)")
+    command.set_defaults(handler=serve_command)
+    command = commands.add_parser("project", help="keep a read model up to date (ledger project sqlite ...)",
+                                  add_help=False)
+    command.add_argument("options", nargs=argparse.REMAINDER)
+    command.set_defaults(handler=project)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # argparse's REMAINDER drops options that start with "--"; bench and project parse their own arguments.
+        from ledger.bench_command import main as bench_main
+        return bench_main(argv[1:])
+    if argv[:1] == ["project"]:
+        from ledger.project import main as project_main
+        return project_main(argv[1:])
     arguments = parser().parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (ledger.LedgerLockedError, ledger.LedgerCorruptError) as error:
+    except ledger.LedgerError as error:
         print(f"ledger: {error}", file=sys.stderr)
         return EXIT_DATA
     except (FileNotFoundError, ValueError, TypeError) as error:

@@ -9,6 +9,9 @@ __all__ = [
     "LedgerLockedError",
     "LedgerPoisonedError",
     "LedgerFullError",
+    "LedgerBusyError",
+    "LedgerUnavailableError",
+    "LedgerTimeoutError",
 ]
 
 
@@ -34,3 +37,16 @@ class LedgerLockedError(LedgerError):
 
 class LedgerFullError(LedgerError, OSError):
     """The journal could not grow (disk full or a configured limit); the batch was not applied."""
+
+
+class LedgerBusyError(LedgerError):
+    """The command ring stayed full past the client's busy timeout; nothing of the batch was applied."""
+
+
+class LedgerUnavailableError(LedgerError):
+    """The writer process (`ledger serve`) is not running or stopped answering. The batch may or may not have
+    been applied: retry with the same transfer ids once it is back (EXISTS means it was applied)."""
+
+
+class LedgerTimeoutError(LedgerError):
+    """No answer within the client's timeout. The batch may still be applied: retry with the same ids."""

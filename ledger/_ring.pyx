@@ -1,0 +1,452 @@
+# cython: language_level=3
+# The command ring (docs/RING.md): a file-backed mmap of fixed-size slots shared by many producer processes and
+# one consumer (the writer). Producers claim sequences with an atomic fetch-add, write the slot, then publish it
+# with a compare-and-swap of its `published` word; the consumer drains published slots in order, applies them
+# through the core in one call, group-commits, and writes each result back into its slot. Every slot is
+# untrusted input: the consumer checks it before use and answers a malformed one with a status, not a crash.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memset
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+
+cimport cython
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "_ring_helpers.h" nogil:
+    uint64_t ring_load_acquire(const uint64_t *address)
+    void ring_store_release(uint64_t *address, uint64_t value)
+    uint64_t ring_fetch_add(uint64_t *address, uint64_t value)
+    int ring_compare_exchange(uint64_t *address, uint64_t expected, uint64_t desired)
+    uint32_t ring_load_acquire_u32(const uint32_t *address)
+    void ring_store_u32(uint32_t *address, uint32_t value)
+    void ring_add_u32(uint32_t *address, uint32_t value)
+    void ring_pause()
+    uint64_t ring_monotonic_ns()
+    int ring_futex_wait(uint32_t *address, uint32_t expected, uint64_t timeout_ns)
+    int ring_futex_wake(uint32_t *address, int count)
+    int ring_process_alive(uint32_t pid)
+
+DEF HEADER_BYTES = 4096
+DEF SLOT_BYTES = 128
+DEF PAYLOAD_BYTES = 80
+DEF SPIN_ROUNDS = 2000
+cdef extern from *:
+    """
+    #define RING_ABANDONED 0x8000000000000000ULL
+    """
+    const uint64_t ABANDONED "RING_ABANDONED"
+
+RING_MAGIC = 0x474E495252474C44  # "LDGRRING"
+RING_VERSION = 1
+HEADER_SIZE = HEADER_BYTES
+SLOT_SIZE = SLOT_BYTES
+PAYLOAD_SIZE = PAYLOAD_BYTES
+
+# What a slot carries.
+KIND_TRANSFER = 1
+KIND_ACCOUNT = 2
+KIND_QUERY_ACCOUNT = 3
+KINDS = (KIND_TRANSFER, KIND_ACCOUNT, KIND_QUERY_ACCOUNT)
+
+# What happened to a slot (the result code is only meaningful with STATUS_APPLIED).
+STATUS_APPLIED = 0
+STATUS_INVALID_SLOT = 1
+STATUS_ABANDONED = 2
+STATUS_NOT_FOUND = 3
+
+ctypedef struct RingHeader:
+    uint64_t magic
+    uint32_t version
+    uint32_t slot_size
+    uint64_t slot_count
+    uint64_t writer_pid
+    uint64_t writer_epoch
+    uint64_t created_ns
+    uint64_t padding0[2]
+    uint64_t claim_sequence          # producers: fetch-add; its own cache line
+    uint64_t padding1[7]
+    uint64_t consume_sequence        # consumer: next sequence to apply
+    uint64_t padding2[7]
+    uint64_t heartbeat_ns            # consumer: CLOCK_MONOTONIC of its last loop, so clients can tell it died
+    uint64_t state                   # 1 running, 2 stopped cleanly
+    uint64_t padding3[6]
+    uint32_t consumer_wake           # futex: producers bump it after publishing
+    uint32_t consumer_sleeping
+    uint64_t padding4[7]
+    uint32_t results_epoch           # futex: the consumer bumps it after writing results
+    uint32_t result_waiters
+    uint64_t padding5[7]
+
+ctypedef struct Slot:
+    uint64_t published               # sequence + 1 once published; ABANDONED | (sequence + 1) if given up
+    uint64_t result                  # (sequence + 1) << 16 | status << 8 | code, written by the consumer
+    uint64_t released                # sequence + 1 once the producer has read its result: the slot is free
+    uint32_t pid
+    uint16_t kind
+    uint16_t reserved
+    uint64_t batch_first             # sequence of the first slot of the producer's batch
+    uint32_t batch_count
+    uint32_t reserved2
+    uint8_t payload[PAYLOAD_BYTES]   # a TRANSFER_DTYPE or ACCOUNT_DTYPE row; for queries, the answer
+
+assert sizeof(RingHeader) <= HEADER_BYTES
+assert sizeof(Slot) == SLOT_BYTES
+
+
+class RingBusyError(Exception):
+    pass
+
+
+class RingWriterGoneError(Exception):
+    pass
+
+
+class RingTimeoutError(Exception):
+    pass
+
+
+class RingAbandonedError(Exception):
+    pass
+
+
+@cython.final
+cdef class Ring:
+    """A view of a ring mapping. Producer and consumer operations are on the same class; a process uses one side."""
+
+    cdef object _buffer
+    cdef Py_buffer _view
+    cdef bint _has_view
+    cdef RingHeader *header
+    cdef Slot *slots
+    cdef uint64_t slot_count
+    cdef uint64_t mask
+    cdef uint32_t pid
+    cdef uint64_t _head_since_ns      # consumer: when the current head slot was first seen unpublished
+    cdef uint64_t _head_sequence      # consumer: that head sequence + 1 (0: none)
+
+    def __cinit__(self):
+        self._has_view = False
+
+    def __init__(self, buffer, uint32_t pid):
+        PyObject_GetBuffer(buffer, &self._view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+        self._has_view = True
+        self._buffer = buffer
+        if self._view.len < HEADER_BYTES:
+            raise ValueError("ring mapping too small")
+        self.header = <RingHeader *>self._view.buf
+        self.slots = <Slot *>(<char *>self._view.buf + HEADER_BYTES)
+        self.pid = pid
+
+    def __dealloc__(self):
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+
+    def release(self):
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+            self._has_view = False
+        self.header = NULL
+        self.slots = NULL
+
+    def initialise(self, uint64_t slot_count, uint64_t writer_pid, uint64_t epoch, uint64_t now_ns):
+        """Stamp a new ring (the writer does this on a freshly created, zeroed file)."""
+        if slot_count < 16 or slot_count & (slot_count - 1):
+            raise ValueError("slot_count must be a power of two >= 16")
+        if HEADER_BYTES + slot_count * SLOT_BYTES > <uint64_t>self._view.len:
+            raise ValueError("ring mapping smaller than its slots")
+        self.header.version = RING_VERSION
+        self.header.slot_size = SLOT_BYTES
+        self.header.slot_count = slot_count
+        self.header.writer_pid = writer_pid
+        self.header.writer_epoch = epoch
+        self.header.created_ns = now_ns
+        self.header.heartbeat_ns = ring_monotonic_ns()
+        self.header.state = 1
+        ring_store_release(&self.header.magic, RING_MAGIC)
+        self.attach()
+
+    def attach(self):
+        """Check the header of an existing ring (a client does this) and adopt its geometry."""
+        if ring_load_acquire(&self.header.magic) != RING_MAGIC or self.header.version != RING_VERSION \
+                or self.header.slot_size != SLOT_BYTES:
+            raise ValueError("not a version 1 ledger command ring")
+        cdef uint64_t slot_count = self.header.slot_count
+        if slot_count < 16 or slot_count & (slot_count - 1) \
+                or HEADER_BYTES + slot_count * SLOT_BYTES > <uint64_t>self._view.len:
+            raise ValueError("ring header geometry is invalid")
+        self.slot_count = slot_count
+        self.mask = slot_count - 1
+
+    @property
+    def slot_count(self):
+        return self.slot_count
+
+    @property
+    def writer_pid(self):
+        return self.header.writer_pid
+
+    @property
+    def writer_epoch(self):
+        return self.header.writer_epoch
+
+    @property
+    def consume_sequence(self):
+        return ring_load_acquire(&self.header.consume_sequence)
+
+    @property
+    def claim_sequence(self):
+        return ring_load_acquire(&self.header.claim_sequence)
+
+    # ---- producer side ----
+
+    def submit(self, uint16_t kind, cnp.ndarray rows not None, uint64_t busy_timeout_ms):
+        """Claim len(rows) consecutive slots, wait until each is free, write and publish them. Returns the first
+        sequence. Raises RingBusyError if a slot stays occupied past busy_timeout_ms (the claimed slots are then
+        given up by the consumer after its abandon timeout: nothing of this batch is applied)."""
+        cdef uint64_t count = rows.shape[0], row_size = rows.dtype.itemsize, i, sequence, required, published
+        if count == 0 or count > self.slot_count // 2:
+            raise ValueError(f"a ring batch holds 1 to {self.slot_count // 2} rows, got {count}")
+        if row_size > PAYLOAD_BYTES or not cnp.PyArray_IS_C_CONTIGUOUS(rows):
+            raise ValueError("rows must be C-contiguous with at most 80-byte rows")
+        cdef char *data = <char *>cnp.PyArray_DATA(rows)
+        cdef uint64_t first = ring_fetch_add(&self.header.claim_sequence, count)
+        cdef uint64_t deadline = ring_monotonic_ns() + busy_timeout_ms * 1000000
+        cdef Slot *slot
+        cdef int rounds
+        with nogil:
+            for i in range(count):
+                sequence = first + i
+                slot = &self.slots[sequence & self.mask]
+                required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
+                rounds = 0
+                while ring_load_acquire(&slot.released) != required:
+                    # The previous lap's producer has not collected its result: wait, or take over if it died.
+                    if required != 0 and (ring_load_acquire(&slot.result) >> 16) == required \
+                            and not ring_process_alive(slot.pid):
+                        ring_store_release(&slot.released, required)  # its producer died before collecting
+                        continue
+                    rounds += 1
+                    if rounds > SPIN_ROUNDS:
+                        if ring_monotonic_ns() > deadline:
+                            with gil:
+                                raise RingBusyError(f"ring slot {sequence & self.mask} still busy after "
+                                                    f"{busy_timeout_ms} ms; nothing of this batch was applied")
+                        ring_futex_wait(&self.header.results_epoch, ring_load_acquire_u32(&self.header.results_epoch), 1000000)
+                    else:
+                        ring_pause()
+                published = ring_load_acquire(&slot.published)
+                slot.pid = self.pid
+                slot.kind = kind
+                slot.batch_first = first
+                slot.batch_count = <uint32_t>count
+                memset(slot.payload, 0, PAYLOAD_BYTES)
+                memcpy(slot.payload, data + i * row_size, row_size)
+                if (published & ABANDONED) and (published & ~ABANDONED) == sequence + 1:
+                    with gil:
+                        raise RingAbandonedError("the writer gave up on this batch (too slow to publish); "
+                                                 "nothing of it was applied")
+                if not ring_compare_exchange(&slot.published, published, sequence + 1):
+                    with gil:
+                        raise RingAbandonedError("the writer gave up on this batch (too slow to publish); "
+                                                 "nothing of it was applied")
+        ring_add_u32(&self.header.consumer_wake, 1)
+        if ring_load_acquire_u32(&self.header.consumer_sleeping):
+            ring_futex_wake(&self.header.consumer_wake, 1)
+        return first
+
+    def wait_results(self, uint64_t first, uint64_t count, cnp.ndarray codes not None, cnp.ndarray statuses not None,
+                     uint64_t timeout_ms, uint64_t writer_timeout_ms, cnp.ndarray payloads=None):
+        """Wait until the consumer has answered every slot of the batch, copy codes (and for queries the answer
+        payloads) out, and release the slots. RingWriterGoneError if the writer stops beating, RingTimeoutError
+        past timeout_ms (the batch may still be applied later: retry with the same ids, which is safe)."""
+        cdef uint8_t *code_out = <uint8_t *>cnp.PyArray_DATA(codes)
+        cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
+        cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
+        cdef uint64_t deadline = ring_monotonic_ns() + timeout_ms * 1000000
+        cdef uint64_t last = first + count - 1, i, result, now
+        cdef Slot *slot = &self.slots[last & self.mask]
+        cdef int rounds = 0
+        cdef int outcome = 0
+        cdef uint32_t epoch
+        with nogil:
+            while (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                rounds += 1
+                if rounds <= SPIN_ROUNDS:
+                    ring_pause()
+                    continue
+                now = ring_monotonic_ns()
+                if now > deadline:
+                    outcome = 1
+                    break
+                if ring_load_acquire(&self.header.state) != 1 \
+                        or now > ring_load_acquire(&self.header.heartbeat_ns) + writer_timeout_ms * 1000000 \
+                        or not ring_process_alive(<uint32_t>self.header.writer_pid):
+                    outcome = 2
+                    break
+                epoch = ring_load_acquire_u32(&self.header.results_epoch)
+                ring_add_u32(&self.header.result_waiters, 1)
+                if (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                    ring_futex_wait(&self.header.results_epoch, epoch, 10000000)
+                ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
+        if outcome == 1:
+            raise RingTimeoutError(f"no result within {timeout_ms} ms; the batch may still be applied: "
+                                   f"retry with the same ids (EXISTS means it was)")
+        if outcome == 2:
+            raise RingWriterGoneError("the ledger writer stopped (or stopped beating); the batch may or may not "
+                                      "be applied: reconnect when it is back and retry with the same ids")
+        for i in range(count):
+            slot = &self.slots[(first + i) & self.mask]
+            result = ring_load_acquire(&slot.result)
+            if (result >> 16) != first + i + 1:
+                raise RuntimeError("ring results out of order")
+            code_out[i] = <uint8_t>(result & 0xFF)
+            status_out[i] = <uint8_t>((result >> 8) & 0xFF)
+            if payload_out != NULL:
+                memcpy(payload_out + i * PAYLOAD_BYTES, slot.payload, PAYLOAD_BYTES)
+            ring_store_release(&slot.released, first + i + 1)
+        return count
+
+    def claim_without_publishing(self, uint64_t count):
+        """Claim slots and never publish them: what a producer that dies right after claiming leaves behind.
+        Tests and the fuzz campaign only."""
+        return ring_fetch_add(&self.header.claim_sequence, count)
+
+    def publish_raw(self, uint64_t sequence, bytes slot_bytes):
+        """Write arbitrary bytes into the slot of `sequence` and publish it: a hostile or broken producer.
+        Tests and the fuzz campaign only."""
+        if len(slot_bytes) != SLOT_BYTES - 24:
+            raise ValueError("slot bytes after the three control words must be 104 bytes")
+        cdef Slot *slot = &self.slots[sequence & self.mask]
+        memcpy(<char *>slot + 24, <const char *>slot_bytes, SLOT_BYTES - 24)
+        ring_store_release(&slot.published, sequence + 1)
+
+    # ---- consumer side ----
+
+    def heartbeat(self):
+        ring_store_release(&self.header.heartbeat_ns, ring_monotonic_ns())
+
+    def stop(self):
+        ring_store_release(&self.header.state, 2)
+        ring_add_u32(&self.header.results_epoch, 1)
+        ring_futex_wake(&self.header.results_epoch, 1 << 30)
+
+    def wait_for_work(self, uint64_t timeout_ms):
+        """Sleep until a producer publishes (or timeout_ms): spin briefly, then a futex wait (no CPU when idle)."""
+        cdef uint64_t sequence = ring_load_acquire(&self.header.consume_sequence)
+        cdef Slot *slot = &self.slots[sequence & self.mask]
+        cdef int rounds
+        cdef uint32_t wake
+        cdef bint ready = False
+        with nogil:
+            for rounds in range(SPIN_ROUNDS):
+                if ring_load_acquire(&slot.published) == sequence + 1:
+                    ready = True
+                    break
+                ring_pause()
+        if ready:
+            return True
+        with nogil:
+            wake = ring_load_acquire_u32(&self.header.consumer_wake)
+            ring_store_u32(&self.header.consumer_sleeping, 1)
+            if ring_load_acquire(&slot.published) != sequence + 1:
+                ring_futex_wait(&self.header.consumer_wake, wake, timeout_ms * 1000000)
+            ring_store_u32(&self.header.consumer_sleeping, 0)
+        return ring_load_acquire(&slot.published) == sequence + 1
+
+    def gather(self, uint64_t limit, uint64_t abandon_after_ns, cnp.ndarray kinds not None,
+               cnp.ndarray payloads not None, cnp.ndarray batch_ends not None, cnp.ndarray statuses not None):
+        """Collect published slots from the consume position, whole producer batches only, at most `limit`.
+        Fills kinds (uint16), payloads (uint8 rows of 80 bytes), batch_ends (uint8: 1 on a batch's last row) and
+        statuses (STATUS_INVALID_SLOT for malformed slots, else 0). Gives up on a head batch that stays
+        unpublished for abandon_after_ns (its producer died or hangs). Returns (first sequence, count)."""
+        cdef uint64_t first = ring_load_acquire(&self.header.consume_sequence)
+        cdef uint64_t claimed = ring_load_acquire(&self.header.claim_sequence)
+        cdef uint16_t *kind_out = <uint16_t *>cnp.PyArray_DATA(kinds)
+        cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads)
+        cdef uint8_t *end_out = <uint8_t *>cnp.PyArray_DATA(batch_ends)
+        cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
+        cdef uint64_t count = 0, sequence, batch_count, batch_first, j, complete = 0
+        cdef Slot *slot
+        cdef bint valid
+        limit = min(limit, <uint64_t>kinds.shape[0], self.slot_count)
+        while count < limit:
+            sequence = first + count
+            slot = &self.slots[sequence & self.mask]
+            if ring_load_acquire(&slot.published) != sequence + 1:
+                break
+            batch_first = slot.batch_first
+            batch_count = slot.batch_count
+            valid = (slot.kind == KIND_TRANSFER or slot.kind == KIND_ACCOUNT or slot.kind == KIND_QUERY_ACCOUNT) \
+                and batch_count >= 1 and batch_count <= self.slot_count // 2 \
+                and batch_first <= sequence and sequence < batch_first + batch_count
+            if not valid:
+                # A malformed slot is answered alone; the consumer never trusts its batch fields.
+                kind_out[count] = 0
+                end_out[count] = 1
+                status_out[count] = STATUS_INVALID_SLOT
+                count += 1
+                complete = count
+                continue
+            kind_out[count] = slot.kind
+            memcpy(payload_out + count * PAYLOAD_BYTES, slot.payload, PAYLOAD_BYTES)
+            status_out[count] = 0
+            end_out[count] = 1 if sequence + 1 == batch_first + batch_count else 0
+            count += 1
+            if end_out[count - 1]:
+                complete = count
+        if complete == 0 and claimed > first:
+            self._maybe_abandon(first, abandon_after_ns)
+        return first, complete
+
+    cdef _maybe_abandon(self, uint64_t head, uint64_t abandon_after_ns):
+        """The head batch is claimed but incomplete. After abandon_after_ns, give it up: mark every slot of it
+        abandoned (a late publish then fails its compare-and-swap), answer and release them, move on."""
+        cdef uint64_t now = ring_monotonic_ns()
+        if self._head_sequence != head + 1:
+            self._head_sequence = head + 1
+            self._head_since_ns = now
+            return
+        if now - self._head_since_ns < abandon_after_ns:
+            return
+        # How far does the head batch go? Published slots say it; otherwise give up one slot at a time.
+        cdef Slot *slot = &self.slots[head & self.mask]
+        cdef uint64_t end = head + 1, sequence, published
+        if ring_load_acquire(&slot.published) == head + 1 and slot.batch_first == head \
+                and 1 <= slot.batch_count <= self.slot_count // 2:
+            end = head + slot.batch_count
+        for sequence in range(head, end):
+            slot = &self.slots[sequence & self.mask]
+            published = ring_load_acquire(&slot.published)
+            if published != sequence + 1:
+                if not ring_compare_exchange(&slot.published, published, ABANDONED | (sequence + 1)):
+                    return  # it was published just now: no need to give up
+            ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
+            ring_store_release(&slot.released, sequence + 1)
+        ring_store_release(&self.header.consume_sequence, end)
+        self._head_sequence = 0
+        self.wake_producers()
+
+    def complete(self, uint64_t first, cnp.ndarray codes not None, cnp.ndarray statuses not None,
+                 cnp.ndarray payloads=None):
+        """Write each slot's result (and query answers), advance the consume position, wake the producers."""
+        cdef uint64_t count = codes.shape[0], i, sequence
+        cdef uint8_t *code_in = <uint8_t *>cnp.PyArray_DATA(codes)
+        cdef uint8_t *status_in = <uint8_t *>cnp.PyArray_DATA(statuses)
+        cdef uint8_t *payload_in = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
+        cdef Slot *slot
+        for i in range(count):
+            sequence = first + i
+            slot = &self.slots[sequence & self.mask]
+            if payload_in != NULL:
+                memcpy(slot.payload, payload_in + i * PAYLOAD_BYTES, PAYLOAD_BYTES)
+            ring_store_release(&slot.result, ((sequence + 1) << 16) | (<uint64_t>status_in[i] << 8) | code_in[i])
+        ring_store_release(&self.header.consume_sequence, first + count)
+        self._head_sequence = 0
+        self.wake_producers()
+
+    def wake_producers(self):
+        ring_add_u32(&self.header.results_epoch, 1)
+        if ring_load_acquire_u32(&self.header.result_waiters):
+            ring_futex_wake(&self.header.results_epoch, 1 << 30)

@@ -1,0 +1,322 @@
+"""Many processes, one writer, no broker: `ledger serve DIR` owns the ledger and drains a shared command ring;
+`ledger.connect(DIR)` gives other processes a `Client` with the same calls as `Ledger`.
+
+The ring (`<dir>/commands.ring`, see docs/RING.md) is created afresh by each `serve`: clients of a writer that
+died see `LedgerUnavailableError` (never a hang) and reconnect. Retrying is always safe with the same transfer
+ids: a transfer that was applied answers EXISTS."""
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import stat
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+import ledger
+from ledger import _ring
+from ledger.api import Account, _as_batch, accounts_batch, transfers_batch
+from ledger.enums import (
+    ACCOUNT_DTYPE,
+    BALANCE_MAX,
+    TRANSFER_DTYPE,
+    AccountResult,
+    TransferResult,
+)
+from ledger.errors import LedgerBusyError, LedgerError, LedgerTimeoutError, LedgerUnavailableError
+
+__all__ = ["Client", "Server", "connect", "RING_FILE", "SLOT_COUNT_DEFAULT"]
+
+RING_FILE = "commands.ring"
+SLOT_COUNT_DEFAULT = 1 << 16
+SLOT_COUNT_MAX = 1 << 22
+GROUP_ROWS_MAX = 1 << 15          # rows applied (and group-committed) per drain
+ABANDON_AFTER_MS_DEFAULT = 2_000  # a claimed slot unpublished this long: its producer is dead or stuck
+IDLE_WAIT_MS = 50                 # futex wait when idle; also the heartbeat period
+WRITER_TIMEOUT_MS_DEFAULT = 3_000
+TIMEOUT_MS_DEFAULT = 30_000
+BUSY_TIMEOUT_MS_DEFAULT = 5_000
+PAYLOAD = _ring.PAYLOAD_SIZE
+
+# A query's answer in the slot payload: the account record.
+ANSWER_DTYPE = np.dtype([
+    ("id", "<u8"), ("user_data", "<u8"), ("min_balance", "<i8"), ("max_balance", "<i8"),
+    ("debits_posted", "<i8"), ("credits_posted", "<i8"), ("debits_pending", "<i8"), ("credits_pending", "<i8"),
+    ("timestamp", "<u8"), ("ledger", "<u4"), ("flags", "<u2"), ("reserved", "<u2"),
+])
+assert ANSWER_DTYPE.itemsize == PAYLOAD
+
+
+def _ring_size(slot_count: int) -> int:
+    return _ring.HEADER_SIZE + slot_count * _ring.SLOT_SIZE
+
+
+def check_permissions(directory: str) -> None:
+    """Anyone who can write the ring can move money: refuse a directory or files writable by others."""
+    for path in [directory] + [os.path.join(directory, name) for name in os.listdir(directory)]:
+        mode = os.stat(path).st_mode
+        if mode & stat.S_IWOTH:
+            raise PermissionError(f"{path} is writable by others (mode {stat.filemode(mode)}); "
+                                  f"refusing to serve: chmod o-w it")
+
+
+class Server:
+    """The single writer: owns the Ledger, drains the ring, group-commits, answers."""
+
+    def __init__(self, directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
+                 group: int | None = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT, create: bool = True,
+                 **open_options: Any) -> None:
+        if slot_count < 16 or slot_count > SLOT_COUNT_MAX or slot_count & (slot_count - 1):
+            raise ValueError(f"slot_count must be a power of two in [16, {SLOT_COUNT_MAX}], got {slot_count}")
+        if durability not in ("fsync", "os"):
+            raise ValueError(f"durability must be 'fsync' or 'os', got {durability!r}")
+        self.directory = os.fspath(directory)
+        self.durability = durability
+        self.abandon_after_ns = abandon_after_ms * 1_000_000
+        if create:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        check_permissions(self.directory)
+        # "os" underneath: this server syncs once per drained group itself (group commit across clients).
+        self.ledger = ledger.open(self.directory, create=create, durability="os", **open_options)
+        self.file_mode = 0o660 if group is not None else 0o600
+        self.group = group
+        self.ring, self._memory = self._create_ring(slot_count)
+        self._stop = threading.Event()
+        self.slot_count = slot_count
+        self.applied_rows = 0
+
+    def _create_ring(self, slot_count: int) -> tuple[_ring.Ring, mmap.mmap]:
+        path = os.path.join(self.directory, RING_FILE)
+        temporary = path + f".{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.file_mode)
+        try:
+            if self.group is not None:
+                os.fchown(fd, -1, self.group)
+                os.fchmod(fd, self.file_mode)
+            os.ftruncate(fd, _ring_size(slot_count))
+            memory = mmap.mmap(fd, _ring_size(slot_count))
+        finally:
+            os.close(fd)
+        ring = _ring.Ring(memory, os.getpid())
+        ring.initialise(slot_count, os.getpid(), time.time_ns(), time.time_ns())
+        os.rename(temporary, path)  # clients of an earlier writer keep the old, dead ring and notice
+        return ring, memory
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.ring.heartbeat()
+                if not self.drain_once():
+                    self.ring.wait_for_work(IDLE_WAIT_MS)
+        finally:
+            self.close()
+
+    def drain_once(self) -> bool:
+        kinds = np.zeros(GROUP_ROWS_MAX, np.uint16)
+        payloads = np.zeros((GROUP_ROWS_MAX, PAYLOAD), np.uint8)
+        ends = np.zeros(GROUP_ROWS_MAX, np.uint8)
+        statuses = np.zeros(GROUP_ROWS_MAX, np.uint8)
+        first, count = self.ring.gather(GROUP_ROWS_MAX, self.abandon_after_ns, kinds, payloads, ends, statuses)
+        if count == 0:
+            return False
+        kinds, payloads, ends, statuses = kinds[:count], payloads[:count], ends[:count], statuses[:count]
+        codes = np.zeros(count, np.uint8)
+        start = self.ledger._engine.write_position
+        for begin, end in self._runs(kinds, payloads, ends, statuses):
+            self._apply(int(kinds[begin]), payloads, codes, statuses, begin, end)
+        if self.durability == "fsync":
+            self.ledger._journal.sync(start, self.ledger._engine.write_position)
+        self.ring.complete(first, codes, statuses, payloads)
+        self.applied_rows += count
+        return True
+
+    @staticmethod
+    def _runs(kinds: np.ndarray, payloads: np.ndarray, ends: np.ndarray, statuses: np.ndarray):
+        """Split the drained rows into core calls: same kind, valid slots, and never across the end of a producer
+        batch whose last row is LINKED (that chain is open: it must fail alone, not join the next batch)."""
+        flags_transfer = payloads[:, 62].astype(np.uint16) | (payloads[:, 63].astype(np.uint16) << 8)
+        flags_account = payloads[:, 36].astype(np.uint16) | (payloads[:, 37].astype(np.uint16) << 8)
+        flags = np.where(kinds == _ring.KIND_ACCOUNT, flags_account, flags_transfer)
+        cut_after = (ends == 1) & ((flags & 1) == 1)
+        begin = 0
+        count = kinds.shape[0]
+        for index in range(count):
+            last = index + 1 == count
+            boundary = last or kinds[index + 1] != kinds[index] or statuses[index] != 0 \
+                or statuses[index + 1] != 0 or cut_after[index] or kinds[index] == _ring.KIND_QUERY_ACCOUNT
+            if boundary:
+                if statuses[begin] == 0:
+                    yield begin, index + 1
+                begin = index + 1
+
+    def _apply(self, kind: int, payloads: np.ndarray, codes: np.ndarray, statuses: np.ndarray, begin: int,
+               end: int) -> None:
+        if kind == _ring.KIND_TRANSFER:
+            rows = np.ascontiguousarray(payloads[begin:end, :TRANSFER_DTYPE.itemsize]).view(TRANSFER_DTYPE).ravel()
+            codes[begin:end] = self.ledger.transfers(rows)
+        elif kind == _ring.KIND_ACCOUNT:
+            rows = np.ascontiguousarray(payloads[begin:end, :ACCOUNT_DTYPE.itemsize]).view(ACCOUNT_DTYPE).ravel()
+            codes[begin:end] = self.ledger.create_accounts(rows)
+        else:
+            for index in range(begin, end):
+                account_id = int(payloads[index, :8].view(np.uint64)[0])
+                account = self.ledger.account(account_id)
+                answer = np.zeros(1, ANSWER_DTYPE)
+                if account is None:
+                    statuses[index] = _ring.STATUS_NOT_FOUND
+                else:
+                    for name in ANSWER_DTYPE.names:
+                        if name != "reserved":
+                            answer[name] = getattr(account, name)
+                payloads[index] = answer.view(np.uint8)
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.stop()
+            self.ring.release()
+            self._memory.close()
+            self.ring = None
+        self.ledger.close()
+
+
+class Client:
+    """A connection to a running `ledger serve`. Same calls as Ledger; every call has a timeout."""
+
+    def __init__(self, directory: str, timeout_ms: int = TIMEOUT_MS_DEFAULT,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT,
+                 writer_timeout_ms: int = WRITER_TIMEOUT_MS_DEFAULT) -> None:
+        for name, value in (("timeout_ms", timeout_ms), ("busy_timeout_ms", busy_timeout_ms),
+                            ("writer_timeout_ms", writer_timeout_ms)):
+            if not 1 <= value <= 3_600_000:
+                raise ValueError(f"{name} must be in [1, 3600000], got {value}")
+        self.directory = os.fspath(directory)
+        self.timeout_ms = timeout_ms
+        self.busy_timeout_ms = busy_timeout_ms
+        self.writer_timeout_ms = writer_timeout_ms
+        path = os.path.join(self.directory, RING_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise LedgerUnavailableError(f"no ledger writer at {self.directory} (start `ledger serve`)") from None
+        try:
+            self._memory = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self._ring = _ring.Ring(self._memory, os.getpid())
+        try:
+            self._ring.attach()
+        except ValueError as error:
+            raise LedgerUnavailableError(f"{path}: {error}") from None
+        self.batch_rows_max = self._ring.slot_count // 2
+        self._lock = threading.Lock()  # one batch at a time per client object: results are read in order
+
+    def _call(self, kind: int, rows: np.ndarray, with_answers: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
+        if self._ring is None:
+            raise ledger.LedgerClosedError("the client is closed")
+        count = rows.shape[0]
+        codes = np.zeros(count, np.uint8)
+        statuses = np.zeros(count, np.uint8)
+        answers = np.zeros((count, PAYLOAD), np.uint8) if with_answers else None
+        if count == 0:
+            return codes, statuses, answers
+        if count > self.batch_rows_max:
+            raise ValueError(f"a client batch holds at most {self.batch_rows_max} rows (half the ring), got {count}")
+        with self._lock:
+            try:
+                first = self._ring.submit(kind, rows, self.busy_timeout_ms)
+                self._ring.wait_results(first, count, codes, statuses, self.timeout_ms, self.writer_timeout_ms,
+                                        answers)
+            except _ring.RingBusyError as error:
+                raise LedgerBusyError(str(error)) from None
+            except _ring.RingAbandonedError as error:
+                raise LedgerBusyError(str(error)) from None
+            except _ring.RingWriterGoneError as error:
+                raise LedgerUnavailableError(str(error)) from None
+            except _ring.RingTimeoutError as error:
+                raise LedgerTimeoutError(str(error)) from None
+        if (statuses == _ring.STATUS_ABANDONED).any():
+            raise LedgerBusyError("the writer gave up on this batch (a slot was not published in time); "
+                                  "nothing of it was applied")
+        if (statuses == _ring.STATUS_INVALID_SLOT).any():
+            raise LedgerError("the writer rejected a malformed ring slot")
+        return codes, statuses, answers
+
+    def transfers(self, batch: Any) -> np.ndarray:
+        rows = _as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
+        return self._call(_ring.KIND_TRANSFER, rows)[0]
+
+    def create_accounts(self, batch: Any) -> np.ndarray:
+        rows = _as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
+        return self._call(_ring.KIND_ACCOUNT, rows)[0]
+
+    def transfer(self, id: int, debit_account: int, credit_account: int, amount: int, *, ledger: int = 1,
+                 code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
+                 user_data: int = 0) -> TransferResult:
+        rows = transfers_batch(1)
+        rows[0] = (id, debit_account, credit_account, amount, pending_id, user_data, ledger, timeout, code, int(flags))
+        return TransferResult(int(self._call(_ring.KIND_TRANSFER, rows)[0][0]))
+
+    def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
+                       flags: int = 0, user_data: int = 0) -> AccountResult:
+        rows = accounts_batch(1)
+        rows[0] = (id, user_data, min_balance, max_balance, ledger, int(flags))
+        return AccountResult(int(self._call(_ring.KIND_ACCOUNT, rows)[0][0]))
+
+    def account(self, id: int) -> Account | None:
+        rows = np.zeros(1, np.dtype([("id", "<u8")]))
+        rows["id"] = id
+        _, statuses, answers = self._call(_ring.KIND_QUERY_ACCOUNT, rows, with_answers=True)
+        if statuses[0] == _ring.STATUS_NOT_FOUND:
+            return None
+        answer = answers[0].view(ANSWER_DTYPE)[0]
+        return Account(int(answer["id"]), int(answer["ledger"]), int(answer["flags"]), int(answer["min_balance"]),
+                       int(answer["max_balance"]), int(answer["user_data"]), int(answer["debits_posted"]),
+                       int(answer["credits_posted"]), int(answer["debits_pending"]), int(answer["credits_pending"]),
+                       int(answer["timestamp"]))
+
+    def balance(self, id: int) -> int:
+        account = self.account(id)
+        if account is None:
+            raise KeyError(f"account {id} not found")
+        return account.balance
+
+    def available(self, id: int) -> int:
+        account = self.account(id)
+        if account is None:
+            raise KeyError(f"account {id} not found")
+        return account.available
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.release()
+            self._memory.close()
+            self._ring = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def connect(directory: str, **options: Any) -> Client:
+    """A Client of the writer serving `directory` (`ledger serve DIR` must be running)."""
+    return Client(directory, **options)
+
+
+def serve(directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
+          group: int | None = None, ready: Any = None) -> int:
+    """Run a writer until SIGTERM or SIGINT. `ready` (a callable) is called once the ring accepts commands."""
+    server = Server(directory, durability=durability, slot_count=slot_count, group=group)
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: server.stop())
+    if ready is not None:
+        ready()
+    server.serve_forever()
+    return 0

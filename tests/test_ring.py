@@ -1,0 +1,211 @@
+"""The command ring: many producer processes, one writer; crashes on both sides; hostile slots."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import ledger
+from ledger import _ring
+from ledger.ring import Server, connect
+from ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
+
+HERE = os.path.dirname(__file__)
+ENVIRONMENT = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def start_writer(directory, durability="fsync", abandon_after_ms=300):
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "serve", directory,
+                                durability, str(abandon_after_ms)], stdout=subprocess.PIPE, text=True,
+                               env=ENVIRONMENT)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def setup_accounts(directory):
+    with connect(directory) as client:
+        rows = ledger.accounts_batch(ACCOUNTS + 1)
+        rows["id"] = [SETTLEMENT] + list(range(FIRST_ACCOUNT, FIRST_ACCOUNT + ACCOUNTS))
+        rows["min_balance"][0] = ledger.BALANCE_MIN
+        assert not client.create_accounts(rows).any()
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as log:
+        return [tuple(map(int, line.split())) for line in log if line.strip()]
+
+
+def expected_counters(applied_ids):
+    """Balances after applying each id once (order does not matter: no transfer here can fail)."""
+    rows = transfer_rows(np.array(sorted(applied_ids), dtype=np.uint64))
+    credits = {FIRST_ACCOUNT + index: 0 for index in range(ACCOUNTS)}
+    for credit, amount in zip(rows["credit_account"].tolist(), rows["amount"].tolist()):
+        credits[credit] += amount
+    return credits
+
+
+@pytest.mark.parametrize("producers", [2, 4])
+def test_producers_hammer_one_writer(tmp_path, producers):
+    directory = str(tmp_path / "data")
+    writer = start_writer(directory)
+    try:
+        setup_accounts(directory)
+        logs = [str(tmp_path / f"log{index}") for index in range(producers)]
+        children = [subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "produce", directory,
+                                      str(index), "60", logs[index]], env=ENVIRONMENT) for index in range(producers)]
+        for child in children:
+            assert child.wait(timeout=120) == 0
+    finally:
+        stop(writer)
+    answers = [entry for log in logs for entry in read_log(log)]
+    ok = [identifier for identifier, code in answers if code == ledger.TransferResult.OK]
+    assert len(ok) == len(set(ok)), "an id was applied twice"
+    assert all(code in (ledger.TransferResult.OK, ledger.TransferResult.EXISTS) for _, code in answers)
+    sent = {identifier for identifier, _ in answers}
+    assert set(ok) == sent, "every id that was sent was applied exactly once"
+    with ledger.open(directory, readonly=True) as handle:
+        for account, credit in expected_counters(ok).items():
+            assert handle.account(account).credits_posted == credit
+        assert handle.verify().ok
+
+
+def test_dead_producer_after_claim_does_not_wedge(tmp_path):
+    directory = str(tmp_path / "data")
+    writer = start_writer(directory, abandon_after_ms=200)
+    try:
+        setup_accounts(directory)
+        with connect(directory) as client:
+            client._ring.claim_without_publishing(3)  # a producer that died right after claiming
+            started = time.monotonic()
+            assert client.transfers(transfer_rows(np.array([1, 2], dtype=np.uint64))).tolist() == [0, 0]
+            assert time.monotonic() - started < 20
+            # Many laps around the (1024-slot) ring later, it still works.
+            for start in range(0, 4000, 300):
+                ids = np.arange(10 + start, 10 + start + 300, dtype=np.uint64) % IDS + 1
+                assert set(client.transfers(transfer_rows(ids)).tolist()) <= {0, ledger.TransferResult.EXISTS}
+    finally:
+        stop(writer)
+
+
+def test_writer_killed_mid_batch_then_restarted(tmp_path):
+    """SIGKILL the writer while producers run: clients get a clear error, not a hang; after a restart,
+    retrying with the same ids is safe and nothing acknowledged is lost."""
+    directory = str(tmp_path / "data")
+    writer = start_writer(directory)
+    setup_accounts(directory)
+    log = str(tmp_path / "log")
+    producer = subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "produce", directory, "9",
+                                 "100000", log], env=ENVIRONMENT, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert producer.wait(timeout=60) != 0
+    assert "LedgerUnavailableError" in producer.stderr.read()
+    acknowledged = {identifier for identifier, code in read_log(log) if code == ledger.TransferResult.OK}
+    assert acknowledged
+    writer = start_writer(directory)
+    try:
+        with connect(directory) as client:
+            every = np.arange(1, IDS + 1, dtype=np.uint64)
+            for start in range(0, IDS, 500):
+                codes = client.transfers(transfer_rows(every[start:start + 500]))
+                assert set(codes.tolist()) <= {0, ledger.TransferResult.EXISTS}
+            for identifier in list(acknowledged)[:50]:
+                assert client.transfer(int(identifier), SETTLEMENT, 0, 0) != ledger.TransferResult.OK
+    finally:
+        stop(writer)
+    with ledger.open(directory, readonly=True) as handle:
+        states = handle.lookup_transfers(np.array(sorted(acknowledged), dtype=np.uint64))["state"]
+        assert (states == ledger.TransferState.POSTED).all(), "an acknowledged transfer was lost"
+        for account, credit in expected_counters(set(range(1, IDS + 1))).items():
+            assert handle.account(account).credits_posted == credit
+        assert handle.verify().ok
+
+
+def test_no_writer_is_a_clear_error(tmp_path):
+    with pytest.raises(ledger.LedgerUnavailableError, match="ledger serve"):
+        connect(str(tmp_path))
+
+
+def test_serve_refuses_world_writable_directory(tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    with pytest.raises(PermissionError, match="writable by others"):
+        Server(str(directory))
+
+
+def test_ring_file_is_private(tmp_path):
+    server = Server(str(tmp_path / "data"))
+    try:
+        mode = os.stat(tmp_path / "data" / "commands.ring").st_mode & 0o777
+        assert mode == 0o600
+    finally:
+        server.close()
+
+
+def test_idle_writer_sleeps(tmp_path):
+    writer = start_writer(str(tmp_path / "data"))
+    try:
+        time.sleep(0.5)
+        before = _cpu_seconds(writer.pid)
+        time.sleep(2.0)
+        used = _cpu_seconds(writer.pid) - before
+        assert used < 0.6, f"an idle writer used {used:.2f} s of CPU in 2 s"
+    finally:
+        stop(writer)
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+slot_bytes = st.binary(min_size=104, max_size=104)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(slots=st.lists(st.tuples(slot_bytes, st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)),
+                      min_size=1, max_size=12))
+def test_hostile_slots_get_a_status_never_a_crash(tmp_path_factory, slots):
+    """Arbitrary bytes in published slots: the writer answers each one (a status or a result code), applies only
+    what the core accepts, and the ledger stays consistent."""
+    directory = str(tmp_path_factory.mktemp("fuzz"))
+    server = Server(directory, durability="os", slot_count=64)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = server.ring
+        first = ring.claim_without_publishing(len(slots))
+        for index, (raw, kind, batch_shape, hint) in enumerate(slots):
+            data = bytearray(raw)
+            if kind:  # often well-formed metadata, so the payload reaches the core
+                data[4:6] = kind.to_bytes(2, "little")
+                data[8:16] = (first + index).to_bytes(8, "little")
+                data[16:20] = (1 if batch_shape else 0).to_bytes(4, "little")
+                if hint == 1:  # a transfer between the two existing accounts
+                    data[24 + 8:24 + 16] = (1).to_bytes(8, "little")
+                    data[24 + 16:24 + 24] = (2).to_bytes(8, "little")
+            ring.publish_raw(first + index, bytes(data))
+        drained = 0
+        while drained < len(slots):
+            assert server.drain_once()
+            drained = ring.consume_sequence - first
+        assert server.ledger.verify().ok
+    finally:
+        server.close()
