@@ -140,8 +140,12 @@ class Server:
     def _runs(kinds: np.ndarray, payloads: np.ndarray, ends: np.ndarray, statuses: np.ndarray):
         """Split the drained rows into core calls: same kind, valid slots, and never across the end of a producer
         batch whose last row is LINKED (that chain is open: it must fail alone, not join the next batch)."""
-        flags_transfer = payloads[:, 62].astype(np.uint16) | (payloads[:, 63].astype(np.uint16) << 8)
-        flags_account = payloads[:, 36].astype(np.uint16) | (payloads[:, 37].astype(np.uint16) << 8)
+        transfer_flags_offset = TRANSFER_DTYPE.fields["flags"][1]
+        account_flags_offset = ACCOUNT_DTYPE.fields["flags"][1]
+        flags_transfer = payloads[:, transfer_flags_offset].astype(np.uint16) \
+            | (payloads[:, transfer_flags_offset + 1].astype(np.uint16) << 8)
+        flags_account = payloads[:, account_flags_offset].astype(np.uint16) \
+            | (payloads[:, account_flags_offset + 1].astype(np.uint16) << 8)
         flags = np.where(kinds == _ring.KIND_ACCOUNT, flags_account, flags_transfer)
         cut_after = (ends == 1) & ((flags & 1) == 1)
         begin = 0

@@ -209,3 +209,33 @@ def test_hostile_slots_get_a_status_never_a_crash(tmp_path_factory, slots):
         assert server.ledger.verify().ok
     finally:
         server.close()
+
+
+def test_open_chain_at_a_batch_end_does_not_join_the_next_batch(tmp_path):
+    """Two producer batches drained in one group: the first ends with LINKED (an open chain); it must fail with
+    LINKED_CHAIN_OPEN on its own, and the second batch must apply as if alone."""
+    directory = str(tmp_path / "data")
+    os.makedirs(directory, mode=0o700)
+    server = Server(directory, durability="os", slot_count=64)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        first_batch = ledger.transfers_batch(2)
+        first_batch["id"] = [10, 11]
+        first_batch["debit_account"], first_batch["credit_account"], first_batch["amount"] = 1, 2, 5
+        first_batch["flags"] = ledger.TransferFlags.LINKED
+        second_batch = ledger.transfers_batch(1)
+        second_batch[0] = (12, 1, 2, 7, 0, 0, 1, 0, 0, 0)
+        ring = server.ring
+        start_a = ring.submit(_ring.KIND_TRANSFER, first_batch, 1000)
+        start_b = ring.submit(_ring.KIND_TRANSFER, second_batch, 1000)
+        assert server.drain_once()
+        assert ring.consume_sequence == start_b + 1, "both batches were drained in one group"
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        ring.wait_results(start_a, 2, codes, statuses, 1000, 1000)
+        assert codes.tolist() == [ledger.TransferResult.LINKED_EVENT_FAILED, ledger.TransferResult.LINKED_CHAIN_OPEN]
+        ring.wait_results(start_b, 1, codes[:1], statuses[:1], 1000, 1000)
+        assert codes[0] == ledger.TransferResult.OK
+        assert server.ledger.balance(2) == 7
+    finally:
+        server.close()
