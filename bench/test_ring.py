@@ -1,0 +1,84 @@
+"""Throughput and acknowledgement latency through the command ring with 1 and 2 producer processes, batched
+and single commands, against one `ledger serve` writer (durability fsync: one sync per drained group).
+
+Run: pytest bench/test_ring.py --benchmark-only   (not part of the CI test run)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ledger
+from workload import SETTLEMENT_ID, funded_ledger
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ACCOUNTS = 10_000
+
+
+def fsync_seconds(directory: str) -> float:
+    """Median time of one 64 KiB pwrite + fdatasync here: the floor of an acknowledged durable call."""
+    path = os.path.join(directory, "probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 64 << 20)
+        samples = []
+        data = os.urandom(64 << 10)
+        for index in range(200):
+            began = time.perf_counter()
+            os.pwrite(fd, data, index * len(data))
+            os.fdatasync(fd)
+            samples.append(time.perf_counter() - began)
+        return float(np.median(samples))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("batch_size", [1, 1_000, 16_000], ids=["single", "batch1000", "batch16000"])
+@pytest.mark.parametrize("producers", [1, 2])
+def test_ring_throughput(benchmark, tmp_path, producers, batch_size):
+    directory = str(tmp_path / "data")
+    funded_ledger(ACCOUNTS, path=directory).close()
+    os.chmod(directory, 0o700)
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory], stderr=subprocess.PIPE,
+                              text=True)
+    assert "serving" in writer.stderr.readline()
+    calls = 2_000 if batch_size == 1 else max(20, 300_000 // batch_size)
+    environment = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    outputs = []
+
+    def run():
+        children = [subprocess.Popen([sys.executable, os.path.join(HERE, "ring_producer.py"), directory,
+                                      str(index), str(calls), str(batch_size),
+                                      str((len(outputs) * producers + index + 1) << 32), str(ACCOUNTS)],
+                                     stdout=subprocess.PIPE, env=environment) for index in range(producers)]
+        results = [json.loads(child.communicate()[0]) for child in children]
+        outputs.append(results)
+        return results
+
+    try:
+        benchmark.pedantic(run, rounds=3, iterations=1)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        writer.wait()
+    last = outputs[-1]
+    transfers = sum(result["transfers"] for result in last)
+    seconds = max(result["seconds"] for result in last)
+    latencies = np.concatenate([np.array(result["latencies_ns"]) for result in last]) / 1e6
+    floor = fsync_seconds(str(tmp_path)) * 1e3
+    benchmark.extra_info.update(
+        transfers_per_second=round(transfers / seconds),
+        ack_latency_ms_p50=round(float(np.percentile(latencies, 50)), 3),
+        ack_latency_ms_p99=round(float(np.percentile(latencies, 99)), 3),
+        ack_latency_ms_p999=round(float(np.percentile(latencies, 99.9)), 3),
+        fsync_ms_median=round(floor, 3),
+        p99_over_fsync=round(float(np.percentile(latencies, 99)) / floor, 2),
+    )
+    with ledger.open(directory, readonly=True) as handle:
+        assert handle.account(SETTLEMENT_ID) is not None
