@@ -268,6 +268,29 @@ cdef inline TableSlot *table_insert(Table *t, uint64_t key, uint64_t value) noex
             step = ledger_probe_step(key)
         group = (group + step) & group_mask
 
+cdef inline TableSlot *table_insert_unique(Table *t, uint64_t key, uint64_t value) noexcept nogil:
+    """Insert a key that must be new; NULL (and no change) if it is already there. One probe walk for both."""
+    LEDGER_ASSERT(key != 0)
+    LEDGER_ASSERT(t.count < t.count_max)
+    cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
+    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
+    cdef uint64_t step = 0
+    cdef TableSlot *slots
+    cdef int k
+    while True:
+        slots = t.slots + (group << 2)
+        for k in range(4):
+            if slots[k].key == key:
+                return NULL
+            if slots[k].key == 0:
+                slots[k].key = key
+                slots[k].value = value
+                t.count += 1
+                return &slots[k]
+        if step == 0:
+            step = ledger_probe_step(key)
+        group = (group + step) & group_mask
+
 cdef inline void table_remove_newest(Table *t, uint64_t key) noexcept nogil:
     cdef TableSlot *slot = table_find(t, key)
     LEDGER_ASSERT(slot != NULL)
@@ -651,25 +674,41 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
 DEF PREFETCH_TABLES_AHEAD = 16
 DEF PREFETCH_ACCOUNTS_AHEAD = 8
 
+cdef inline void prefetch_tables(State *s, uint64_t debit_account, uint64_t credit_account,
+                                 uint64_t transfer_id) noexcept nogil:
+    table_prefetch(&s.account_table, debit_account)
+    table_prefetch(&s.account_table, credit_account)
+    table_prefetch(&s.transfer_table, transfer_id)
+
+cdef inline void prefetch_accounts(State *s, uint64_t debit_account, uint64_t credit_account) noexcept nogil:
+    cdef TableSlot *slot = table_find(&s.account_table, debit_account)
+    if slot != NULL:
+        ledger_prefetch(&s.accounts[slot.value])
+    slot = table_find(&s.account_table, credit_account)
+    if slot != NULL:
+        ledger_prefetch(&s.accounts[slot.value])
+
 cdef inline void prefetch_transfer(State *s, const TransferRow *rows, uint64_t i, uint64_t end) noexcept nogil:
     """Software pipeline for random account access: 16 rows ahead, touch the id-table groups; 8 rows ahead,
     resolve the (now cached) account slots and touch the account records. The row at hand then finds everything
     in cache, so the loop is bound by bandwidth rather than by one memory latency after another."""
     cdef const TransferRow *ahead
-    cdef TableSlot *slot
     if i + PREFETCH_TABLES_AHEAD < end:
         ahead = &rows[i + PREFETCH_TABLES_AHEAD]
-        table_prefetch(&s.account_table, ahead.debit_account)
-        table_prefetch(&s.account_table, ahead.credit_account)
-        table_prefetch(&s.transfer_table, ahead.id)
+        prefetch_tables(s, ahead.debit_account, ahead.credit_account, ahead.id)
     if i + PREFETCH_ACCOUNTS_AHEAD < end:
         ahead = &rows[i + PREFETCH_ACCOUNTS_AHEAD]
-        slot = table_find(&s.account_table, ahead.debit_account)
-        if slot != NULL:
-            ledger_prefetch(&s.accounts[slot.value])
-        slot = table_find(&s.account_table, ahead.credit_account)
-        if slot != NULL:
-            ledger_prefetch(&s.accounts[slot.value])
+        prefetch_accounts(s, ahead.debit_account, ahead.credit_account)
+
+cdef inline void prefetch_event(State *s, uint64_t position, uint64_t end) noexcept nogil:
+    """The same pipeline for replay, over journal records instead of rows."""
+    cdef Event *ahead
+    if position + PREFETCH_TABLES_AHEAD < end:
+        ahead = event_at(s, position + PREFETCH_TABLES_AHEAD)
+        prefetch_tables(s, ahead.debit_account, ahead.credit_account, ahead.id)
+    if position + PREFETCH_ACCOUNTS_AHEAD < end:
+        ahead = event_at(s, position + PREFETCH_ACCOUNTS_AHEAD)
+        prefetch_accounts(s, ahead.debit_account, ahead.credit_account)
 
 ctypedef fused Row:
     AccountRow
@@ -871,7 +910,9 @@ cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexce
     cdef TableSlot *slot
     cdef Event *pending
     cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
-    for position in range(header_position + 1, header_position + 1 + count):
+    cdef uint64_t end = header_position + 1 + count
+    for position in range(header_position + 1, end):
+        prefetch_event(s, position, end)
         e = event_at(s, position)
         kind = event_kind(e)
         if event_offset(e) != position - header_position:
@@ -890,11 +931,10 @@ cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexce
         if debit.last_position != (e.word_a & POSITION_MASK) or credit.last_position != (e.word_b & POSITION_MASK):
             return REPLAY_INTEGRITY
         if kind == KIND_TRANSFER or kind == KIND_PENDING:
-            if table_find(&s.transfer_table, e.id) != NULL:
-                return REPLAY_INTEGRITY
+            if table_insert_unique(&s.transfer_table, e.id, position | (<uint64_t>(
+                    STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS)) == NULL:
+                return REPLAY_INTEGRITY   # a transfer id applied twice
             apply_transfer(debit, credit, e, position, kind)
-            table_insert(&s.transfer_table, e.id, position | (<uint64_t>(
-                STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
             continue
         slot = table_find(&s.transfer_table, e.aux)
         if slot == NULL or ((slot.value >> POSITION_BITS) & 0xFF) != STATE_PENDING:

@@ -11,7 +11,8 @@ import numpy as np
 
 __all__ = ["anonymous_buffer", "anonymous_array"]
 
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 HUGE_PAGE_BYTES = 2 << 20
 
 
