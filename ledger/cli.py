@@ -81,7 +81,7 @@ def demo(arguments: argparse.Namespace) -> int:
         outcome = ", ".join(f"{ledger.TransferResult(code).name}={int(n):,}" for code, n in enumerate(codes) if n)
         print(f"  {applied:,} transfers, durable (fdatasync per batch): {_rate(applied, durable_seconds)}  [{outcome}]")
 
-        single = min(20_000, transfers)
+        single = min(20_000, max(1, transfers // 50))
         debit = (first + rng.integers(0, accounts, single)).tolist()
         credit = (first + rng.integers(0, accounts, single)).tolist()
         began = time.perf_counter()

@@ -1,0 +1,98 @@
+"""The command line through subprocesses: exit codes, --json output, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ledger
+
+
+def run(*arguments, expect=0):
+    completed = subprocess.run([sys.executable, "-m", "ledger", *map(str, arguments)], capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == expect, (arguments, completed.stdout, completed.stderr)
+    return completed
+
+
+def run_json(*arguments, expect=0):
+    return json.loads(run(*arguments, "--json", expect=expect).stdout)
+
+
+def test_cli_round_trip(tmp_path):
+    data = tmp_path / "data"
+    assert run_json("init", data)["created"] == str(data)
+    run("init", data, expect=2)  # already there
+    assert run_json("account", "create", data, 1, "--min-balance", -10**9)["result"] == "OK"
+    assert run_json("account", "create", data, 2)["result"] == "OK"
+    assert run_json("account", "create", data, 2)["result"] == "EXISTS"
+    assert run_json("transfer", data, 10, 1, 2, 500)["result"] == "OK"
+    assert run_json("transfer", data, 10, 1, 2, 500)["result"] == "EXISTS"
+    refused = run_json("transfer", data, 11, 2, 1, 10**6, expect=2)
+    assert refused["result"] == "INSUFFICIENT_FUNDS"
+    assert run_json("transfer", data, 12, 1, 2, 70, "--flag", "pending", "--timeout", 60)["result"] == "OK"
+    assert run_json("transfer", data, 13, 0, 0, 0, "--flag", "void_pending", "--pending-id", 12)["result"] == "OK"
+    balance = run_json("balance", data, 2)
+    assert balance["balance"] == 500 and balance["credits_pending"] == 0
+    stats = run_json("stats", data)
+    assert stats["accounts"] == 2 and stats["transfers"] == 3
+    snapshot = run_json("snapshot", data)
+    assert os.path.exists(snapshot["path"]) and snapshot["position"] == stats["journal_position"]
+    assert run_json("transfer", data, 14, 1, 2, 5)["result"] == "OK"
+    verify = run_json("verify", data)
+    assert verify["ok"] and verify["problems"] == []
+    restored = run_json("restore", data, tmp_path / "restored", "--until", snapshot["position"] - 1)
+    assert restored["verified"] and restored["cut_position"] == snapshot["position"]
+    assert run_json("balance", tmp_path / "restored", 2)["balance"] == 500
+    assert run_json("balance", data, 2)["balance"] == 505
+    assert run_json("balance", data, 2, "--at", snapshot["position"] - 1)["balance"] == 500
+    history = run_json("history", data, 2)
+    assert len(history["events"] if isinstance(history, dict) else history) >= 4
+    explanation = run_json("explain", data, 2)
+    assert explanation["ok"]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    missing = run("stats", tmp_path / "missing", expect=2)
+    assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+    data = tmp_path / "data"
+    run("init", data)
+    with ledger.open(str(data)):  # held by this process: the CLI cannot take the writer lock
+        locked = run("transfer", data, 1, 1, 2, 3, expect=3)
+        assert "open for writing by another process" in locked.stderr and "Traceback" not in locked.stderr
+    unknown = run("balance", data, 99, expect=2)
+    assert "not found" in unknown.stderr
+
+
+def test_cli_corrupt_journal_exit_code(tmp_path):
+    data = tmp_path / "data"
+    run("init", data)
+    run("account", "create", data, 1, "--min-balance", -100)
+    run("account", "create", data, 2)
+    for identifier in range(10, 14):
+        run("transfer", data, identifier, 1, 2, 1)
+    segment = data / "journal" / "00000000.segment"
+    raw = bytearray(segment.read_bytes())
+    raw[4096 + 64 * 2 + 3] ^= 0x40  # inside the first batch's events: corruption before the tail
+    segment.write_bytes(bytes(raw))
+    failed = run("verify", data, expect=3)
+    assert "journal corrupt" in failed.stderr
+
+
+def test_cli_demo_small(tmp_path):
+    completed = run("demo", "--dir", tmp_path / "demo", "--accounts", 2000, "--transfers", 20000,
+                    "--batch-size", 1000)
+    assert "demo OK" in completed.stdout
+    assert "verify OK" in completed.stdout
+
+
+@pytest.mark.parametrize("command", ["verify", "stats"])
+def test_cli_readonly_commands_work_beside_a_writer(tmp_path, command):
+    data = tmp_path / "data"
+    run("init", data)
+    with ledger.open(str(data)) as handle:
+        handle.create_account(5)
+        run(command, data, "--json")
