@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ledger import _core
+from ledger.progress import Progress
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
 
 __all__ = ["VerifyReport", "verify_live", "check_invariants"]
+
+VERIFY_SLICE = 1 << 22  # journal records replayed between progress updates
 
 
 @dataclasses.dataclass
@@ -74,7 +77,23 @@ def verify_live(handle: "Ledger") -> VerifyReport:
                            account_capacity=live.account_count, transfer_capacity=live.transfer_count)
     try:
         rebuilt.map_through(end)
-        reason, position, batches, events = rebuilt.replay(end)
+        batches = events = 0
+        reason, position = 0, rebuilt.write_position
+        with Progress(end, "verify", "records") as progress:
+            while position < end:
+                # In slices, so a long replay shows progress; each slice stops at a batch boundary.
+                reason, position, slice_batches, slice_events = rebuilt.replay(min(end, position + VERIFY_SLICE))
+                batches += slice_batches
+                events += slice_events
+                progress.update(position)
+                if reason != 0:
+                    break  # a failed check: reported below
+                if slice_batches == 0:
+                    # The next batch is larger than a slice: replay the rest in one go.
+                    reason, position, slice_batches, slice_events = rebuilt.replay(end)
+                    batches += slice_batches
+                    events += slice_events
+                    break
         seconds = time.perf_counter() - started
         problems = []
         if position != end:

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 import ledger
+from ledger.progress import Progress
 
 # By name from the module: `ledger.history` the attribute may be the package's export rather than the module.
 from ledger.history import At, account_at, row_to_dict, rows_to_text
@@ -66,6 +67,7 @@ def demo(arguments: argparse.Namespace) -> int:
         codes = np.zeros(len(ledger.TransferResult), np.int64)
         applied = 0
         durable_seconds = 0.0
+        progress = Progress(transfers, "  transfers", "transfers")
         for start in range(0, transfers, batch_size):
             count = min(batch_size, transfers - start)
             rows = ledger.transfers_batch(count)
@@ -78,6 +80,8 @@ def demo(arguments: argparse.Namespace) -> int:
             durable_seconds += time.perf_counter() - began
             codes += np.bincount(results, minlength=codes.size)
             applied += count
+            progress.update(applied)
+        progress.close()
         outcome = ", ".join(f"{ledger.TransferResult(code).name}={int(n):,}" for code, n in enumerate(codes) if n)
         print(f"  {applied:,} transfers, durable (fdatasync per batch): {_rate(applied, durable_seconds)}  [{outcome}]")
 
