@@ -239,3 +239,30 @@ def test_open_chain_at_a_batch_end_does_not_join_the_next_batch(tmp_path):
         assert server.ledger.balance(2) == 7
     finally:
         server.close()
+
+
+def test_sigkill_of_a_producer_does_not_wedge_the_others(tmp_path):
+    """Kill -9 one of two busy producers at a random moment (it may die mid-claim or mid-publish): the other one
+    and later clients carry on, and every transfer anyone was told is OK is in the ledger."""
+    directory = str(tmp_path / "data")
+    writer = start_writer(directory, abandon_after_ms=300)
+    try:
+        setup_accounts(directory)
+        logs = [str(tmp_path / f"log{index}") for index in range(2)]
+        children = [subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "produce", directory,
+                                      str(20 + index), "100000" if index == 0 else "150", logs[index]],
+                                     env=ENVIRONMENT) for index in range(2)]
+        time.sleep(random.Random(3).uniform(0.6, 1.2))
+        children[0].send_signal(signal.SIGKILL)
+        children[0].wait()
+        assert children[1].wait(timeout=120) == 0
+        with connect(directory) as client:  # a new client after the kill
+            codes = client.transfers(transfer_rows(np.arange(1, 200, dtype=np.uint64)))
+            assert set(codes.tolist()) <= {0, ledger.TransferResult.EXISTS}
+    finally:
+        stop(writer)
+    acknowledged = {identifier for log in logs for identifier, code in read_log(log) if code == 0}
+    with ledger.open(directory, readonly=True) as handle:
+        states = handle.lookup_transfers(np.array(sorted(acknowledged), dtype=np.uint64))["state"]
+        assert (states == ledger.TransferState.POSTED).all()
+        assert handle.verify().ok
