@@ -117,3 +117,4 @@ ctypedef struct State:
     uint64_t last_timestamp
     uint64_t last_checksum
     uint64_t last_header_position
+    uint64_t batch_pending_deadlines  # PENDING events with a timeout written in the current batch (upper bound)

@@ -244,6 +244,34 @@ cdef inline TableSlot *table_find(const Table *t, uint64_t key) noexcept nogil:
             step = ledger_probe_step(key)
         group = (group + step) & group_mask
 
+cdef inline TableSlot *table_find_for_insert(const Table *t, uint64_t key, TableSlot **empty) noexcept nogil:
+    """table_find that also hands back the empty slot where `key` would go, so a later insert of the same key
+    (with no other insert in between) needs no second probe walk."""
+    cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
+    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
+    cdef uint64_t step = 0
+    cdef TableSlot *slots
+    cdef int k
+    while True:
+        slots = t.slots + (group << 2)
+        for k in range(4):
+            if slots[k].key == key:
+                empty[0] = NULL
+                return &slots[k]
+            if slots[k].key == 0:
+                empty[0] = &slots[k]
+                return NULL
+        if step == 0:
+            step = ledger_probe_step(key)
+        group = (group + step) & group_mask
+
+cdef inline void table_insert_at(Table *t, TableSlot *empty, uint64_t key, uint64_t value) noexcept nogil:
+    LEDGER_ASSERT(empty != NULL and empty.key == 0 and key != 0)
+    LEDGER_ASSERT(t.count < t.count_max)
+    empty.key = key
+    empty.value = value
+    t.count += 1
+
 cdef inline void table_prefetch(const Table *t, uint64_t key) noexcept nogil:
     ledger_prefetch(t.slots + ((ledger_home_slot(key, t.capacity_log2) >> 2) << 2))
 
@@ -607,7 +635,8 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
     return R_OK
 
 cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t position, uint64_t offset,
-                                 uint64_t timestamp) noexcept nogil:
+                                 uint64_t timestamp, AccountHot *debit, AccountHot *credit) noexcept nogil:
+    """debit, credit: the accounts of t.debit_account and t.credit_account, already looked up (NULL: none)."""
     cdef uint16_t flags = t.flags
     cdef uint16_t phase = flags & (FLAG_PENDING | FLAG_POST | FLAG_VOID)
     if (flags & ~TRANSFER_FLAGS_ALL) != 0 or (phase & (phase - 1)) != 0:
@@ -622,7 +651,8 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
         return RT_PENDING_ID_MUST_BE_ZERO
     if t.timeout != 0 and phase != FLAG_PENDING:
         return RT_TIMEOUT_RESERVED_FOR_PENDING
-    cdef TableSlot *existing = table_find(&s.transfer_table, t.id)
+    cdef TableSlot *empty = NULL
+    cdef TableSlot *existing = table_find_for_insert(&s.transfer_table, t.id, &empty)
     if existing != NULL:
         return compare_existing(s, existing, t)
     if t.debit_account == 0 or t.debit_account == ID_MAX:
@@ -636,10 +666,8 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
         return RT_AMOUNT_MUST_BE_POSITIVE
     if t.ledger == 0:
         return RT_LEDGER_INVALID
-    cdef AccountHot *debit = account_of(s, t.debit_account)
     if debit == NULL:
         return RT_DEBIT_ACCOUNT_NOT_FOUND
-    cdef AccountHot *credit = account_of(s, t.credit_account)
     if credit == NULL:
         return RT_CREDIT_ACCOUNT_NOT_FOUND
     if debit.ledger != credit.ledger or t.ledger != debit.ledger:
@@ -665,14 +693,17 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
     e.word_a = word_a(debit.last_position, t.code, kind | (KIND_LINKED if (flags & FLAG_LINKED) else 0))
     e.word_b = word_b(credit.last_position, offset)
     apply_transfer(debit, credit, e, position, kind)
-    table_insert(&s.transfer_table, t.id,
-                 position | (<uint64_t>(STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
+    table_insert_at(&s.transfer_table, empty, t.id,
+                    position | (<uint64_t>(STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
+    if kind == KIND_PENDING and t.timeout != 0:
+        s.batch_pending_deadlines += 1
     return R_OK
 
 # ---- Batch drivers ------------------------------------------------------------------------------------------
 
 DEF PREFETCH_TABLES_AHEAD = 16
 DEF PREFETCH_ACCOUNTS_AHEAD = 8
+DEF PREFETCH_RING = 16   # power of two > PREFETCH_ACCOUNTS_AHEAD
 
 cdef inline void prefetch_tables(State *s, uint64_t debit_account, uint64_t credit_account,
                                  uint64_t transfer_id) noexcept nogil:
@@ -680,15 +711,19 @@ cdef inline void prefetch_tables(State *s, uint64_t debit_account, uint64_t cred
     table_prefetch(&s.account_table, credit_account)
     table_prefetch(&s.transfer_table, transfer_id)
 
-cdef inline void prefetch_accounts(State *s, uint64_t debit_account, uint64_t credit_account) noexcept nogil:
-    cdef TableSlot *slot = table_find(&s.account_table, debit_account)
-    if slot != NULL:
-        ledger_prefetch(&s.accounts[slot.value])
-    slot = table_find(&s.account_table, credit_account)
-    if slot != NULL:
-        ledger_prefetch(&s.accounts[slot.value])
+cdef inline void prefetch_accounts(State *s, uint64_t debit_account, uint64_t credit_account,
+                                   AccountHot **debit_out, AccountHot **credit_out) noexcept nogil:
+    cdef AccountHot *debit = account_of(s, debit_account)
+    cdef AccountHot *credit = account_of(s, credit_account)
+    if debit != NULL:
+        ledger_prefetch(debit)
+    if credit != NULL:
+        ledger_prefetch(credit)
+    debit_out[0] = debit
+    credit_out[0] = credit
 
-cdef inline void prefetch_transfer(State *s, const TransferRow *rows, uint64_t i, uint64_t end) noexcept nogil:
+cdef inline void prefetch_transfer(State *s, const TransferRow *rows, uint64_t i, uint64_t end,
+                                   AccountHot **debit_hints, AccountHot **credit_hints) noexcept nogil:
     """Software pipeline for random account access: 16 rows ahead, touch the id-table groups; 8 rows ahead,
     resolve the (now cached) account slots and touch the account records. The row at hand then finds everything
     in cache, so the loop is bound by bandwidth rather than by one memory latency after another."""
@@ -696,9 +731,10 @@ cdef inline void prefetch_transfer(State *s, const TransferRow *rows, uint64_t i
     if i + PREFETCH_TABLES_AHEAD < end:
         ahead = &rows[i + PREFETCH_TABLES_AHEAD]
         prefetch_tables(s, ahead.debit_account, ahead.credit_account, ahead.id)
+    cdef uint64_t slot = (i + PREFETCH_ACCOUNTS_AHEAD) & (PREFETCH_RING - 1)
     if i + PREFETCH_ACCOUNTS_AHEAD < end:
         ahead = &rows[i + PREFETCH_ACCOUNTS_AHEAD]
-        prefetch_accounts(s, ahead.debit_account, ahead.credit_account)
+        prefetch_accounts(s, ahead.debit_account, ahead.credit_account, &debit_hints[slot], &credit_hints[slot])
 
 cdef inline void prefetch_event(State *s, uint64_t position, uint64_t end) noexcept nogil:
     """The same pipeline for replay, over journal records instead of rows."""
@@ -706,9 +742,10 @@ cdef inline void prefetch_event(State *s, uint64_t position, uint64_t end) noexc
     if position + PREFETCH_TABLES_AHEAD < end:
         ahead = event_at(s, position + PREFETCH_TABLES_AHEAD)
         prefetch_tables(s, ahead.debit_account, ahead.credit_account, ahead.id)
+    cdef AccountHot *ignored
     if position + PREFETCH_ACCOUNTS_AHEAD < end:
         ahead = event_at(s, position + PREFETCH_ACCOUNTS_AHEAD)
-        prefetch_accounts(s, ahead.debit_account, ahead.credit_account)
+        prefetch_accounts(s, ahead.debit_account, ahead.credit_account, &ignored, &ignored)
 
 ctypedef fused Row:
     AccountRow
@@ -723,6 +760,10 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
     cdef uint64_t chain_start = count, chain_position = 0
     cdef bint linked
     cdef uint8_t code
+    # Account records of the rows PREFETCH_ACCOUNTS_AHEAD ahead, resolved by the prefetch pipeline and used when
+    # the row's turn comes: transfers never create or move accounts, so the pointers stay valid in the batch.
+    cdef AccountHot *debit_hints[PREFETCH_RING]
+    cdef AccountHot *credit_hints[PREFETCH_RING]
     # A chain still open at the end of the batch is not evaluated.
     if count > 0 and (rows[count - 1].flags & FLAG_LINKED):
         evaluated_end = count - 1
@@ -732,9 +773,13 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
             results[k] = R_LINKED_EVENT_FAILED
         results[count - 1] = R_LINKED_CHAIN_OPEN
     i = 0
+    if Row is TransferRow:
+        for k in range(min(<uint64_t>PREFETCH_ACCOUNTS_AHEAD, evaluated_end)):
+            debit_hints[k] = account_of(s, rows[k].debit_account)
+            credit_hints[k] = account_of(s, rows[k].credit_account)
     while i < evaluated_end:
         if Row is TransferRow:
-            prefetch_transfer(s, rows, i, evaluated_end)
+            prefetch_transfer(s, rows, i, evaluated_end, debit_hints, credit_hints)
         linked = (rows[i].flags & FLAG_LINKED) != 0
         if linked and chain_start == count:
             chain_start = i
@@ -743,7 +788,8 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
         if Row is AccountRow:
             code = account_row(s, &rows[i], position, offset, timestamp_base + offset - 1)
         else:
-            code = transfer_row(s, &rows[i], position, offset, timestamp_base + offset - 1)
+            code = transfer_row(s, &rows[i], position, offset, timestamp_base + offset - 1,
+                                debit_hints[i & (PREFETCH_RING - 1)], credit_hints[i & (PREFETCH_RING - 1)])
         results[i] = code
         if code == R_OK:
             position += 1
@@ -764,6 +810,11 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
                 results[k] = R_LINKED_EVENT_FAILED
             i = k + 1
             chain_start = count
+            if Row is TransferRow:
+                # The skipped rows' iterations did not run the pipeline: resolve the next rows' hints here.
+                for k in range(i, min(i + PREFETCH_ACCOUNTS_AHEAD, evaluated_end)):
+                    debit_hints[k & (PREFETCH_RING - 1)] = account_of(s, rows[k].debit_account)
+                    credit_hints[k & (PREFETCH_RING - 1)] = account_of(s, rows[k].credit_account)
             continue
         if not linked:
             chain_start = count
@@ -858,7 +909,8 @@ cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_
     cdef uint32_t crc = header_checksum(s, header_position, end)
     header.checksum = crc
     ledger_store_release_u64(&header.commit, (<uint64_t>COMMIT_MAGIC << 32) | crc)
-    schedule_expiries(s, header_position + 1, end)
+    if s.batch_pending_deadlines != 0:   # an upper bound (rolled-back ones count): skip the pass when zero
+        schedule_expiries(s, header_position + 1, end)
     s.last_checksum = crc
     s.last_timestamp = timestamp_base + count - 1
     s.last_header_position = header_position
@@ -875,6 +927,7 @@ cdef inline uint64_t begin_batch(State *s, uint64_t now) noexcept nogil:
     the commit leaves a header without its commit word, which recovery treats as a torn tail."""
     cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
     (<BatchHeader *>event_at(s, s.write_position)).timestamp = timestamp_base
+    s.batch_pending_deadlines = 0
     return timestamp_base
 
 cdef uint64_t run_transfers(State *s, const TransferRow *rows, uint64_t count, uint8_t *results,
