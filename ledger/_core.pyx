@@ -701,6 +701,16 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
 
 # ---- Batch drivers ------------------------------------------------------------------------------------------
 
+ctypedef fused Row:
+    AccountRow
+    TransferRow
+
+cdef inline bint row_id_exists(State *s, const Row *row) noexcept nogil:
+    if Row is AccountRow:
+        return table_find(&s.account_table, row.id) != NULL
+    else:
+        return table_find(&s.transfer_table, row.id) != NULL
+
 DEF PREFETCH_TABLES_AHEAD = 16
 DEF PREFETCH_ACCOUNTS_AHEAD = 8
 DEF PREFETCH_RING = 16   # power of two > PREFETCH_ACCOUNTS_AHEAD
@@ -747,9 +757,6 @@ cdef inline void prefetch_event(State *s, uint64_t position, uint64_t end) noexc
         ahead = event_at(s, position + PREFETCH_ACCOUNTS_AHEAD)
         prefetch_accounts(s, ahead.debit_account, ahead.credit_account, &ignored, &ignored)
 
-ctypedef fused Row:
-    AccountRow
-    TransferRow
 
 cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *results, uint64_t header_position,
                          uint64_t position, uint64_t timestamp_base, uint64_t *written_end) noexcept nogil:
@@ -802,7 +809,8 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
                 undo_event(s, p)
             position = chain_position
             for k in range(chain_start, i):
-                if results[k] != exists_code:
+                # EXISTS stays EXISTS only if what it matched survives the undo (it was not made by this chain).
+                if results[k] != exists_code or not row_id_exists(s, &rows[k]):
                     results[k] = R_LINKED_EVENT_FAILED
             k = i
             while rows[k].flags & FLAG_LINKED:

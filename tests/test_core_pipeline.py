@@ -58,3 +58,28 @@ def test_many_chains_and_random_accounts_agree_with_a_numpy_fold():
             if account >= 100:
                 assert credited == int(credits[account])
         assert handle.verify().ok
+
+
+def test_exists_on_something_the_same_chain_created_is_undone_with_it():
+    with ledger.open(None) as handle:
+        accounts = ledger.accounts_batch(3)
+        accounts["id"] = [7, 7, 0]
+        accounts["flags"] = [ledger.AccountFlags.LINKED, ledger.AccountFlags.LINKED, 0]
+        assert handle.create_accounts(accounts).tolist() == [ledger.AccountResult.LINKED_EVENT_FAILED,
+                                                              ledger.AccountResult.LINKED_EVENT_FAILED,
+                                                              ledger.AccountResult.ID_INVALID]
+        assert handle.account(7) is None
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        assert handle.transfer(50, 1, 2, 5) == TransferResult.OK
+        rows = ledger.transfers_batch(4)
+        rows["id"] = [50, 60, 60, 61]  # 50 exists from an earlier call; 60 is made and matched in this chain
+        rows["debit_account"], rows["credit_account"] = 1, 2
+        rows["amount"] = [5, 3, 3, 4]
+        rows["credit_account"][3] = 9  # fails the chain
+        rows["flags"][:3] = TransferFlags.LINKED
+        assert handle.transfers(rows).tolist() == [TransferResult.EXISTS, TransferResult.LINKED_EVENT_FAILED,
+                                                   TransferResult.LINKED_EVENT_FAILED,
+                                                   TransferResult.CREDIT_ACCOUNT_NOT_FOUND]
+        assert handle.lookup_transfers([60])["state"][0] == ledger.TransferState.NOT_FOUND
+        assert handle.balance(2) == 5
