@@ -70,6 +70,12 @@ class MemoryJournal:
 
     def segment(self, index: int) -> mmap.mmap:
         assert index == len(self.segments), "segments are handed out in order"
+        if index == 0:
+            # Faulted in lazily: a small ledger (most tests, most services' first minutes) never pays for
+            # 64 MiB up front. Preparing spares starts once a ledger proves big enough to need a second segment.
+            buffer = anonymous_buffer(self.segment_bytes, populate=False)
+            self.segments.append(buffer)
+            return buffer
         if self._preparing is not None:
             self._preparing.join()
             self._preparing = None
