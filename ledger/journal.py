@@ -321,27 +321,15 @@ class FileJournal:
     def _last_nonzero(self, start: int, end: int) -> int:
         """The position after the last non-zero record in [start, end), or `start` if all are zero."""
         last = start
-        position = start
-        while position < end:
-            segment_end = min(end, ((position >> self.segment_records_log2) + 1) << self.segment_records_log2)
-            segment = self.segments[position >> self.segment_records_log2]
-            records = segment.records if isinstance(segment, Segment) else memoryview(segment)
-            first = (position & (self.segment_records - 1)) * RECORD_SIZE
-            view = np.frombuffer(records, np.uint64, count=(segment_end - position) * 8, offset=first)
-            nonzero = np.flatnonzero(view.reshape(-1, 8).any(axis=1))
+        for first, words in self._records(start, end):
+            nonzero = np.flatnonzero(words.any(axis=1))
             if nonzero.size:
-                last = position + int(nonzero[-1]) + 1
-            position = segment_end
+                last = first + int(nonzero[-1]) + 1
         return last
 
     def _zero(self, start: int, end: int) -> None:
-        position = start
-        while position < end:
-            segment_end = min(end, ((position >> self.segment_records_log2) + 1) << self.segment_records_log2)
-            segment = self.segments[position >> self.segment_records_log2]
-            first = (position & (self.segment_records - 1)) * RECORD_SIZE
-            np.frombuffer(segment.records, np.uint8, count=(segment_end - position) * RECORD_SIZE, offset=first)[:] = 0
-            position = segment_end
+        for _, words in self._records(start, end):
+            words[:] = 0
         self.sync(start, end)
 
     def _records(self, start: int, end: int):
