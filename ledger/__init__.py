@@ -37,6 +37,8 @@ from ledger.errors import (
 from ledger.history import HISTORY_DTYPE, At, Counters, Difference, EventKind, Explanation, account_at, balance_at, explain_difference
 from ledger.ids import IdGenerator
 from ledger.ring import Client, connect
+from ledger._core import EVENT_DTYPE
+from ledger.tail import Tailer, tail
 
 __version__ = "0.1.0"
 
@@ -59,6 +61,7 @@ __all__ = [
     "BALANCE_MAX",
     "BALANCE_MIN",
     "BATCH_SIZE_MAX",
+    "EVENT_DTYPE",
     "EXPIRE_BATCH_MAX",
     "ID_INVALID_MAX",
     "IdGenerator",
@@ -77,9 +80,11 @@ __all__ = [
     "TRANSFER_RECORD_DTYPE",
     "TransferFlags",
     "TransferResult",
+    "Tailer",
     "TransferState",
     "accounts_batch",
     "connect",
     "open",
+    "tail",
     "transfers_batch",
 ]

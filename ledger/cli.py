@@ -306,11 +306,6 @@ def serve_command(arguments: argparse.Namespace) -> int:
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
 
 
-def project(arguments: argparse.Namespace) -> int:
-    from ledger.project import main as project_main
-    return project_main(arguments.options)
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="ledger", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -394,10 +389,10 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--slots", type=int, default=1 << 16)
     command.add_argument("--group", type=int, help="gid allowed to submit commands (files become 0660)")
     command.set_defaults(handler=serve_command)
-    command = commands.add_parser("project", help="keep a read model up to date (ledger project sqlite ...)",
-                                  add_help=False)
-    command.add_argument("options", nargs=argparse.REMAINDER)
-    command.set_defaults(handler=project)
+    from ledger import project as project_module
+    command = commands.add_parser("project", help="keep a read model (SQLite) up to date from the journal")
+    project_module.add_arguments(command)
+    command.set_defaults(handler=project_module.run)
     return root
 
 
@@ -407,9 +402,6 @@ def main(argv: list[str] | None = None) -> int:
         # argparse's REMAINDER drops options that start with "--"; bench and project parse their own arguments.
         from ledger.bench_command import main as bench_main
         return bench_main(argv[1:])
-    if argv[:1] == ["project"]:
-        from ledger.project import main as project_main
-        return project_main(argv[1:])
     arguments = parser().parse_args(argv)
     try:
         return arguments.handler(arguments)

@@ -374,11 +374,13 @@ class FileJournal:
             raise self._corrupt(position, reason_name)
         if self._committed_batch_in(position + 1, window_end, mapped_end) is not None:
             raise self._corrupt(position, reason_name)
+        if self.readonly:
+            # Beside a live writer the tail is usually a batch being written right now: for a reader it is
+            # simply the end. Only the writer ever truncates.
+            self.torn_records_zeroed = 0
+            return 0
         torn_end = self._last_nonzero(position, window_end)
         if torn_end > position:
-            if self.readonly:
-                raise LedgerCorruptError(f"{self.directory}: torn tail of {torn_end - position} records at journal "
-                                         f"position {position}; open it for writing once to truncate it")
             self._zero(position, torn_end)
         self.torn_records_zeroed = torn_end - position
         return self.torn_records_zeroed

@@ -328,3 +328,29 @@ def test_open_errors(tmp_path):
         ledger.open(str(tmp_path / "x"), create=True, durability="sometimes")
     with pytest.raises(ValueError, match="flush_interval_ms"):
         ledger.open(str(tmp_path / "y"), create=True, durability="os", flush_interval_ms=0)
+
+
+def test_readonly_open_beside_a_busy_writer(tmp_path):
+    """A reader opening while a batch is being written sees the journal up to the last committed batch; the
+    unfinished one is simply the end for it (only the writer truncates)."""
+    directory = str(tmp_path / "data")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import ledger, numpy as np
+lg = ledger.open({directory!r}, create=True, durability='os')
+lg.create_account(1, min_balance=ledger.BALANCE_MIN); lg.create_account(2)
+rows = ledger.transfers_batch(50_000); rows['debit_account'] = 1; rows['credit_account'] = 2; rows['amount'] = 1
+print('ready', flush=True)
+for k in range(60):
+    rows['id'] = np.arange(1 + k * rows.size, 1 + (k + 1) * rows.size)
+    lg.transfers(rows)
+"""], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready"
+    opened = 0
+    while writer.poll() is None and opened < 40:
+        with ledger.open(directory, readonly=True) as reader:
+            balance = reader.balance(2)
+            assert balance % 50_000 == 0, "a reader saw part of a batch"
+            assert reader.stats()["transfers"] == balance
+        opened += 1
+    writer.wait(timeout=120)
+    assert opened > 0
