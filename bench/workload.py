@@ -12,8 +12,10 @@ OPENING_BALANCE = 10**9
 
 def funded_ledger(account_count: int, path=None, durability: str = "fsync", transfers_capacity: int = 0,
                   **open_options) -> ledger.Ledger:
-    """A ledger with a settlement account and `account_count` accounts each funded with OPENING_BALANCE."""
+    """A ledger with a settlement account and `account_count` accounts each funded with OPENING_BALANCE.
+    Room for `transfers_capacity` more transfers is allocated up front, journal memory included."""
     open_options.update(accounts_capacity=account_count + 1, transfers_capacity=account_count + transfers_capacity)
+    open_options.setdefault("journal_records_reserved", 2 * account_count + transfers_capacity + (1 << 20))
     if path:
         handle = ledger.open(path, create=True, durability=durability, **open_options)
     else:
