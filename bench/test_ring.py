@@ -46,8 +46,8 @@ def test_ring_throughput(benchmark, tmp_path, producers, batch_size):
     directory = str(tmp_path / "data")
     funded_ledger(ACCOUNTS, path=directory).close()
     os.chmod(directory, 0o700)
-    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory], stderr=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--transfers-capacity",
+                               str(8_000_000)], stderr=subprocess.PIPE, text=True)
     assert "serving" in writer.stderr.readline()
     calls = 2_000 if batch_size == 1 else max(20, 300_000 // batch_size)
     environment = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -302,6 +302,7 @@ def restore_command(arguments: argparse.Namespace) -> int:
 def serve_command(arguments: argparse.Namespace) -> int:
     from ledger.ring import serve
     return serve(arguments.dir, durability=arguments.durability, slot_count=arguments.slots, group=arguments.group,
+                 accounts_capacity=arguments.accounts_capacity, transfers_capacity=arguments.transfers_capacity,
                  ready=lambda: print(f"ledger: serving {arguments.dir} (durability={arguments.durability}); "
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
 
@@ -388,6 +389,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--durability", choices=["fsync", "os"], default="fsync")
     command.add_argument("--slots", type=int, default=1 << 16)
     command.add_argument("--group", type=int, help="gid allowed to submit commands (files become 0660)")
+    command.add_argument("--accounts-capacity", type=int, default=0, help="room to allocate up front")
+    command.add_argument("--transfers-capacity", type=int, default=0, help="room to allocate up front")
     command.set_defaults(handler=serve_command)
     from ledger import project as project_module
     command = commands.add_parser("project", help="keep a read model (SQLite) up to date from the journal")

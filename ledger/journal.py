@@ -13,7 +13,7 @@ import os
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -160,6 +160,8 @@ class FileJournal:
         self._flush_error: BaseException | None = None
         self._on_poison: Callable[[], None] | None = None
         self._sync_lock = threading.Lock()
+        self._preparing: threading.Thread | None = None
+        self._prepared: tuple[int, Any] | None = None
 
         exists = os.path.isdir(self.journal_directory)
         if not exists:
@@ -231,7 +233,7 @@ class FileJournal:
             raise LedgerCorruptError(f"{path}: segment size differs from segment 0")
         return fields
 
-    def _map(self, index: int) -> Segment:
+    def _map(self, index: int, populate: bool = True) -> Segment:
         path = os.path.join(self.journal_directory, segment_name(index))
         self._read_header(index)
         fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
@@ -242,12 +244,13 @@ class FileJournal:
         # Read-only opens map copy-on-write: the core may build state in place, nothing reaches the file.
         access = mmap.ACCESS_COPY if self.readonly else mmap.ACCESS_WRITE
         memory = mmap.mmap(fd, size, access=access)
-        try:
-            # Map the whole segment's page-cache pages in one call: replay then reads without a minor fault
-            # per 4 KiB page (measured ~2x faster recovery here).
-            memory.madvise(MADV_POPULATE_READ)
-        except OSError:
-            pass
+        if populate:
+            try:
+                # Map the whole segment's page-cache pages in one call: replay then reads without a minor fault
+                # per 4 KiB page.
+                memory.madvise(MADV_POPULATE_READ)
+            except OSError:
+                pass
         return Segment(path, fd, memory, index)
 
     def _create(self, index: int) -> Segment:
@@ -276,12 +279,32 @@ class FileJournal:
                                       f"({self.segment_bytes} bytes): {os.strerror(error.errno)}", final) from error
             raise
         os.close(fd)
-        segment = self._map(index)
-        try:
-            segment.memory.madvise(MADV_POPULATE_WRITE)  # page-cache pages now, not one fault per 4 KiB later
-        except OSError:
-            pass
+        segment = self._map(index, populate=False)
+        if index > 0:  # a first segment stays lazy: small ledgers (and tests) do not pay 64 MiB up front
+            try:
+                segment.memory.madvise(MADV_POPULATE_WRITE)  # page-cache pages now, not a fault per 4 KiB later
+            except OSError:
+                pass
         return segment
+
+    def _prepare(self, index: int) -> None:
+        """Background: create segment `index` ahead of need, so the writer never waits for fallocate, fsyncs
+        and page population at a segment boundary. An error is kept and raised when the segment is needed."""
+        try:
+            self._prepared = (index, self._create(index))
+        except BaseException as error:  # noqa: BLE001 - handed to the writer thread in _take_prepared
+            self._prepared = (index, error)
+
+    def _take_prepared(self, index: int) -> Segment | None:
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+        prepared, self._prepared = self._prepared, None
+        if prepared is None or prepared[0] != index:
+            return None
+        if isinstance(prepared[1], BaseException):
+            raise prepared[1]
+        return prepared[1]
 
     def segment(self, index: int) -> memoryview:
         """The core's segment provider: existing segments in order, then new ones. An engine that replaces a
@@ -298,7 +321,11 @@ class FileJournal:
             self.segments.append(buffer)  # type: ignore[arg-type]
             return memoryview(buffer)
         else:
-            segment = self._create(index)
+            segment = self._take_prepared(index) or self._create(index)
+            if index > 0:  # the ledger has outgrown one segment: from now on, keep the next one ready
+                self._preparing = threading.Thread(target=self._prepare, args=(index + 1,),
+                                                   name="ledger-segment-prepare", daemon=True)
+                self._preparing.start()
         self.segments.append(segment)
         return segment.records
 
@@ -444,6 +471,12 @@ class FileJournal:
             self._synced_position = end
 
     def close(self, final_sync: bool = True) -> None:
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+        if self._prepared is not None and isinstance(self._prepared[1], Segment):
+            self._prepared[1].close()  # created ahead and never used: an empty segment file, valid on reopen
+        self._prepared = None
         if self._flusher is not None:
             self._flusher_stop.set()
             self._flusher.join()

@@ -148,16 +148,17 @@ class Server:
             | (payloads[:, account_flags_offset + 1].astype(np.uint16) << 8)
         flags = np.where(kinds == _ring.KIND_ACCOUNT, flags_account, flags_transfer)
         cut_after = (ends == 1) & ((flags & 1) == 1)
-        begin = 0
+        # Vectorised: a Python loop per row cost ~1 us a row (16 ms for a 16k-row group).
         count = kinds.shape[0]
-        for index in range(count):
-            last = index + 1 == count
-            boundary = last or kinds[index + 1] != kinds[index] or statuses[index] != 0 \
-                or statuses[index + 1] != 0 or cut_after[index] or kinds[index] == _ring.KIND_QUERY_ACCOUNT
-            if boundary:
-                if statuses[begin] == 0:
-                    yield begin, index + 1
-                begin = index + 1
+        boundary = cut_after | (statuses != 0) | (kinds == _ring.KIND_QUERY_ACCOUNT)
+        boundary[:-1] |= (kinds[1:] != kinds[:-1]) | (statuses[1:] != 0)
+        boundary[-1] = True
+        begin = 0
+        for index in np.flatnonzero(boundary).tolist():
+            if statuses[begin] == 0:
+                yield begin, index + 1
+            begin = index + 1
+        assert begin == count
 
     def _apply(self, kind: int, payloads: np.ndarray, codes: np.ndarray, statuses: np.ndarray, begin: int,
                end: int) -> None:
@@ -315,9 +316,10 @@ def connect(directory: str, **options: Any) -> Client:
 
 
 def serve(directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
-          group: int | None = None, ready: Any = None) -> int:
-    """Run a writer until SIGTERM or SIGINT. `ready` (a callable) is called once the ring accepts commands."""
-    server = Server(directory, durability=durability, slot_count=slot_count, group=group)
+          group: int | None = None, ready: Any = None, **open_options: Any) -> int:
+    """Run a writer until SIGTERM or SIGINT. `ready` (a callable) is called once the ring accepts commands.
+    open_options go to ledger.open (capacities, journal_records_reserved)."""
+    server = Server(directory, durability=durability, slot_count=slot_count, group=group, **open_options)
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: server.stop())
     if ready is not None:

@@ -205,7 +205,7 @@ def test_disk_full_while_growing_journal(tmp_path):
     before = handle.accounts()
     full["on"] = True
     big = batch(0)
-    while big.shape[0] < 1100:
+    while big.shape[0] < 3100:  # needs segments 1 to 3: the later ones are created while the disk is full
         big = np.concatenate([big, batch(big.shape[0])])
     big["id"] = np.arange(1, big.shape[0] + 1) + 10**9
     with pytest.raises(ledger.LedgerFullError, match="cannot allocate journal segment"):
