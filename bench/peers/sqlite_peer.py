@@ -1,0 +1,91 @@
+"""SQLite (Python's sqlite3) in WAL mode with synchronous=FULL: every COMMIT syncs the WAL, so a committed
+transfer survives a power loss. The overdraft check is the UPDATE's WHERE clause; the transfers table (primary
+key = transfer id) is the durable record of every accepted transfer."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from bench.peers.workload import SETTLEMENT_ID, PeerState, Workload
+
+SCHEMA = """
+CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
+CREATE TABLE transfers (id INTEGER PRIMARY KEY, debit_account INTEGER NOT NULL, credit_account INTEGER NOT NULL,
+                        amount INTEGER NOT NULL);
+"""
+DEBIT = "UPDATE accounts SET balance = balance - ? WHERE id = ? AND balance >= ?"
+CREDIT = "UPDATE accounts SET balance = balance + ? WHERE id = ?"
+RECORD = "INSERT INTO transfers VALUES (?, ?, ?, ?)"
+
+
+class SqlitePeer:
+    group = "sqlite"
+    per_commit: bool
+
+    def __init__(self, batch_size: int | None) -> None:
+        """batch_size None: one transaction (and one WAL sync) per transfer; else one per batch."""
+        assert batch_size is None or batch_size >= 1
+        self.batch_size = batch_size
+        self.per_commit = batch_size is None
+        # A per-transfer run still steps in small runs of commits, so the time limit can stop it.
+        self.step_size = 256 if batch_size is None else batch_size
+        unit = "transfer" if batch_size is None else f"batch of {batch_size:,}"
+        self.label = f"SQLite {sqlite3.sqlite_version}, commit per {unit} (WAL, synchronous=FULL)"
+        self.connection: sqlite3.Connection | None = None
+
+    def open(self, workload: Workload, directory: Path) -> None:
+        self.workload = workload
+        # isolation_level=None: no implicit transactions; BEGIN/COMMIT below are the only ones.
+        self.connection = sqlite3.connect(directory / "bench.sqlite", isolation_level=None)
+        connection = self.connection
+        assert connection.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.executescript(SCHEMA)
+        balances = workload.opening_balances().tolist()
+        ids = workload.all_account_ids().tolist()
+        connection.execute("BEGIN")
+        connection.executemany("INSERT INTO accounts VALUES (?, ?)", zip(ids, balances))
+        connection.execute("COMMIT")
+
+    def apply(self, start: int, stop: int) -> None:
+        if self.per_commit:
+            self._apply_each_committed(start, stop)
+        else:
+            self._apply_one_transaction(start, stop)
+
+    def _apply_one_transaction(self, start: int, stop: int) -> None:
+        execute = self.connection.execute
+        execute("BEGIN IMMEDIATE")
+        for id, debit, credit, amount in zip(*self.workload.columns(start, stop)):
+            if execute(DEBIT, (amount, debit, amount)).rowcount == 1:
+                execute(CREDIT, (amount, credit))
+                execute(RECORD, (id, debit, credit, amount))
+        execute("COMMIT")
+
+    def _apply_each_committed(self, start: int, stop: int) -> None:
+        execute = self.connection.execute
+        for id, debit, credit, amount in zip(*self.workload.columns(start, stop)):
+            execute("BEGIN IMMEDIATE")
+            if execute(DEBIT, (amount, debit, amount)).rowcount == 1:
+                execute(CREDIT, (amount, credit))
+                execute(RECORD, (id, debit, credit, amount))
+                execute("COMMIT")
+            else:
+                execute("ROLLBACK")  # nothing changed: no WAL write, no sync
+
+    def state(self) -> PeerState:
+        rows = self.connection.execute("SELECT id, balance FROM accounts").fetchall()
+        balance_by_id = dict(rows)
+        ids = self.workload.all_account_ids().tolist()
+        assert ids[0] == SETTLEMENT_ID and len(balance_by_id) == len(ids)
+        balances = np.array([balance_by_id[id] for id in ids], np.int64)
+        accepted = np.array([row[0] for row in self.connection.execute("SELECT id FROM transfers ORDER BY id")],
+                            np.uint64)
+        return PeerState(balances=balances, accepted_ids=accepted)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None

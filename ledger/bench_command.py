@@ -1,0 +1,428 @@
+"""`ledger bench`: the same deterministic transfer workload against SQLite, PostgreSQL, Redis, a plain-Python
+engine and `ledger` itself, every peer's final balances and accepted transfers checked against `ledger`'s.
+
+Prints a table of transfers/s with the ratio to `ledger` batch durable, per-call latencies of `ledger` single
+calls and small batches, and writes results.json, table.md and peers_chart.png (if matplotlib is installed) to
+the results directory. PostgreSQL and Redis are started on 127.0.0.1 in a temporary directory and always stopped.
+
+The peers live in bench/peers/ of the source checkout (an editable install: pip install -e .), not in the wheel.
+
+Exit codes: 0 every row agrees with ledger, 1 a cross-check failed or a peer group failed to run, 2 usage,
+130 interrupted."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+PEERS_DIRECTORY = REPOSITORY / "bench" / "peers"
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+FULL = {"accounts": 100_000, "transfers": 1_000_000, "per_commit_transfers": 20_000, "time_limit_s": 120.0,
+        "latency_calls": 20_000, "latency_seconds": 5.0}
+QUICK = {"accounts": 10_000, "transfers": 100_000, "per_commit_transfers": 1_000, "time_limit_s": 15.0,
+         "latency_calls": 2_000, "latency_seconds": 0.5}
+DEFAULT_PEERS = "sqlite,postgres,redis,python,ledger"
+LATENCY_CASES = ((0, "os"), (0, "fsync"), (1, "fsync"), (10, "fsync"), (100, "fsync"), (1, "os"), (10, "os"),
+                 (100, "os"))  # (batch size, durability); batch size 0 = single transfer() calls
+PLAIN_PROGRESS_INTERVAL_S = 2.0
+LOAD_WARNING = 0.5  # a 1-minute load average above this means someone else shares the CPUs or the disk
+
+
+def _import_peers() -> Any:
+    """bench/peers is not part of the installed package: put the checkout on sys.path to import it."""
+    if not (PEERS_DIRECTORY / "suite.py").is_file():
+        raise FileNotFoundError(f"{PEERS_DIRECTORY} not found: `ledger bench` needs the source checkout "
+                                f"(git clone, then pip install -e .)")
+    if str(REPOSITORY) not in sys.path:
+        sys.path.insert(0, str(REPOSITORY))
+    from bench.peers import suite
+    return suite
+
+
+def parser(group_names: tuple[str, ...]) -> argparse.ArgumentParser:
+    command = argparse.ArgumentParser(prog="ledger bench", description=__doc__.split("\n\n")[0],
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_argument("--quick", action="store_true",
+                         help=f"small run ({QUICK['accounts']:,} accounts, {QUICK['transfers']:,} transfers)")
+    command.add_argument("--accounts", type=int, help=f"accounts (default {FULL['accounts']:,})")
+    command.add_argument("--transfers", type=int, help=f"transfers (default {FULL['transfers']:,})")
+    command.add_argument("--peers", default=DEFAULT_PEERS, help=f"comma-separated subset of {','.join(group_names)}")
+    command.add_argument("--out", type=Path, help="results directory (default bench/results/<timestamp>/)")
+    command.add_argument("--batch-size", type=int, default=8_192, help="transfers per batch commit (default 8192)")
+    command.add_argument("--per-commit-transfers", type=int,
+                         help="transfers run by rows that commit every transfer (default "
+                              f"{FULL['per_commit_transfers']:,}, quick {QUICK['per_commit_transfers']:,})")
+    command.add_argument("--time-limit-s", type=float, help="timed seconds after which a row stops at its next "
+                         f"commit (default {FULL['time_limit_s']:.0f}, quick {QUICK['time_limit_s']:.0f})")
+    command.add_argument("--seed", type=int, default=2026, help="workload seed (default 2026)")
+    command.add_argument("--data-dir", type=Path, help="where the temporary data directory goes (default: the "
+                         "system temporary directory; put it on the disk you want to measure)")
+    command.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
+    return command
+
+
+def parse_arguments(argv: list[str], group_names: tuple[str, ...]) -> argparse.Namespace:
+    command = parser(group_names)
+    arguments = command.parse_args(argv)
+    defaults = QUICK if arguments.quick else FULL
+    for name in ("accounts", "transfers", "per_commit_transfers", "time_limit_s"):
+        if getattr(arguments, name) is None:
+            setattr(arguments, name, defaults[name])
+    arguments.latency_calls = defaults["latency_calls"]
+    arguments.latency_seconds = defaults["latency_seconds"]
+    arguments.peer_names = [name.strip() for name in arguments.peers.split(",") if name.strip()]
+    unknown = sorted(set(arguments.peer_names) - set(group_names))
+    if unknown or not arguments.peer_names:
+        command.error(f"--peers: unknown {unknown}; choose from {','.join(group_names)}")
+    if arguments.accounts < 2 or arguments.transfers < 1:
+        command.error("--accounts must be >= 2 and --transfers >= 1")
+    if not 1 <= arguments.batch_size <= 2**23 or arguments.per_commit_transfers < 1 or arguments.time_limit_s <= 0:
+        command.error("--batch-size must be in [1, 2**23], --per-commit-transfers >= 1, --time-limit-s > 0")
+    if arguments.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        arguments.out = REPOSITORY / "bench" / "results" / stamp
+    return arguments
+
+
+# -- progress --
+
+class ProgressDisplay:
+    """A progress bar per row: tqdm when installed, a plain line every few seconds otherwise, nothing when the
+    standard error is not a terminal (logs and CI stay clean)."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.tqdm = None
+        if self.enabled and importlib.util.find_spec("tqdm") is not None:
+            from tqdm import tqdm
+            self.tqdm = tqdm
+
+    @contextlib.contextmanager
+    def row(self, label: str) -> Iterator[Callable[[int, int], None] | None]:
+        if not self.enabled:
+            yield None
+            return
+        state: dict[str, Any] = {"bar": None, "printed_at": time.monotonic()}
+
+        def update(done: int, target: int) -> None:
+            if self.tqdm is not None:
+                if state["bar"] is None:
+                    state["bar"] = self.tqdm(total=target, desc=_shorten(label, 60), unit=" transfers",
+                                             unit_scale=True, leave=False, file=sys.stderr)
+                state["bar"].update(done - state["bar"].n)
+            elif time.monotonic() - state["printed_at"] >= PLAIN_PROGRESS_INTERVAL_S or done == target:
+                state["printed_at"] = time.monotonic()
+                print(f"    {done:,} / {target:,} transfers ({100 * done // target}%)", file=sys.stderr)
+
+        try:
+            yield update
+        finally:
+            if state["bar"] is not None:
+                state["bar"].close()
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# -- machine --
+
+def machine_description(directory: Path) -> dict[str, Any]:
+    """What the figures depend on: CPU, cores, memory, the file system under the data and its sync latency."""
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    device, filesystem = _mount_of(directory)
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(memory_bytes / 2**30, 1),
+            "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+            "data_directory": str(directory), "device": device, "filesystem": filesystem,
+            "fdatasync_64_bytes_p50_us": _fdatasync_latency_us(directory), "kernel": platform.release(),
+            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+
+
+def _mount_of(directory: Path) -> tuple[str, str]:
+    best = ("unknown", "unknown", "")
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            device, mount_point, filesystem = line.split()[:3]
+            inside = str(directory).startswith(mount_point.rstrip("/") + "/") or str(directory) == mount_point
+            if inside and len(mount_point) >= len(best[2]):
+                best = (device, filesystem, mount_point)
+    return best[0], best[1]
+
+
+def _fdatasync_latency_us(directory: Path, samples: int = 200) -> float:
+    """Median of write(64 bytes) + fdatasync: the floor under every durable commit on this disk."""
+    path = directory / "fdatasync-probe"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    timings = []
+    try:
+        for _ in range(samples):
+            began = time.perf_counter()
+            os.write(descriptor, b"\0" * 64)
+            os.fdatasync(descriptor)
+            timings.append(time.perf_counter() - began)
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    return round(sorted(timings)[samples // 2] * 1e6, 1)
+
+
+# -- running --
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM becomes an exception, so servers and files are cleaned up as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signal_number: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal_number}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_groups(suite: Any, arguments: argparse.Namespace, workload: Any, work_directory: Path,
+               report: dict[str, Any]) -> None:
+    """Run every selected group's rows in turn; a group's server lives only while its rows run."""
+    from bench.peers.runner import RunLimits, run_peer
+    limits = RunLimits(per_commit_transfers=arguments.per_commit_transfers, time_limit_s=arguments.time_limit_s)
+    display = ProgressDisplay()
+    for name in arguments.peer_names:
+        group = suite.GROUPS[name]
+        reason = group.missing()
+        if reason:
+            print(f"  {name}: skipped: {reason}")
+            report["skipped"].append({"group": name, "reason": reason})
+            continue
+        try:
+            with group.rows(work_directory / name / "server", arguments.batch_size) as rows:
+                for number, peer in enumerate(rows):
+                    print(f"  {peer.label} ...", flush=True)
+                    with display.row(peer.label) as progress:
+                        result = run_peer(peer, workload, work_directory / name / f"row-{number}", limits, progress)
+                    report["rows"].append(result)
+                    print(f"    {_row_line(result)}", flush=True)
+        except Exception as error:  # noqa: BLE001 - reported and counted as a failure, never swallowed
+            # One peer's failure (a server that will not start, a driver error) must not hide the others;
+            # Ctrl-C and SIGTERM (KeyboardInterrupt) are not an Exception and still stop the whole run.
+            message = f"{type(error).__name__}: {error}"
+            print(f"  {name}: FAILED: {message}")
+            report["errors"].append({"group": name, "error": message})
+
+
+def _row_line(result: Any) -> str:
+    cut = f", stopped by the {result.stopped_by}" if result.stopped_by else ""
+    return (f"{result.transfers:,} transfers in {result.seconds:.2f} s = {result.transfers_per_second:,.0f}/s "
+            f"({result.accepted:,} accepted, {result.rejected:,} rejected{cut}); cross-check: {result.check}")
+
+
+def run_latency(arguments: argparse.Namespace, workload: Any, work_directory: Path) -> list[Any]:
+    from bench.peers.ledger_peer import measure_latency
+    results = []
+    for number, (batch_size, durability) in enumerate(LATENCY_CASES):
+        result = measure_latency(workload, work_directory / "latency" / str(number), batch_size, durability,
+                                 arguments.latency_calls, arguments.latency_seconds)
+        print(f"  {result.label}: {result.calls:,} calls, p50 {result.p50_us:,.1f} us, p99 {result.p99_us:,.1f} "
+              f"us, p99.9 {result.p999_us:,.1f} us", flush=True)
+        results.append(result)
+    return results
+
+
+# -- output --
+
+def ledger_durable_rate(rows: list[Any]) -> float | None:
+    """The rate every ratio is taken against: ledger, batches, durability=fsync."""
+    for row in rows:
+        if row.group == "ledger" and "transfers()" in row.label and "fsync" in row.label:
+            return row.transfers_per_second
+    return None
+
+
+def table_lines(rows: list[Any], reference_rate: float | None, markdown: bool) -> list[str]:
+    header = ("peer", "transfers", "seconds", "transfers/s", "ledger durable ÷ peer", "cross-check")
+    body = []
+    for row in rows:
+        ratio = f"{reference_rate / row.transfers_per_second:,.1f}×" if reference_rate and row.seconds else "n/a"
+        count = f"{row.transfers:,}" + (" (time limit)" if row.stopped_by else "")
+        body.append((row.label, count, f"{row.seconds:.2f}", f"{row.transfers_per_second:,.0f}", ratio, row.check))
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+        return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+    widths = [max(len(cells[column]) for cells in [header, *body]) for column in range(len(header))]
+    align = ["<", ">", ">", ">", ">", "<"]
+    return ["  ".join(f"{cell:{align[column]}{widths[column]}}" for column, cell in enumerate(cells))
+            for cells in [header, *body]]
+
+
+def latency_lines(latency: list[Any], markdown: bool) -> list[str]:
+    header = ("call", "calls", "p50 µs", "p99 µs", "p99.9 µs", "transfers/s")
+    body = [(result.label, f"{result.calls:,}", f"{result.p50_us:,.1f}", f"{result.p99_us:,.1f}",
+             f"{result.p999_us:,.1f}", f"{result.transfers_per_second:,.0f}") for result in latency]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+        return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+    widths = [max(len(cells[column]) for cells in [header, *body]) for column in range(len(header))]
+    return ["  ".join(f"{cell:{'<' if column == 0 else '>'}{widths[column]}}" for column, cell in enumerate(cells))
+            for cells in [header, *body]]
+
+
+def write_chart(rows: list[Any], reference_rate: float | None, title: str, path: Path) -> str | None:
+    """A horizontal bar chart of transfers/s (log scale); returns why not, when matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed (pip install matplotlib): no chart written"
+    if not rows:
+        return "no rows to chart"
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a window
+    from matplotlib import pyplot
+    colors = {"ledger": "#1b7837", "python": "#762a83", "sqlite": "#2166ac", "postgres": "#4393c3",
+              "redis": "#d6604d"}
+    figure, axes = pyplot.subplots(figsize=(11, 0.42 * len(rows) + 1.6), dpi=90)
+    positions = range(len(rows))[::-1]
+    rates = [max(row.transfers_per_second, 1.0) for row in rows]
+    axes.barh(list(positions), rates, color=[colors.get(row.group, "grey") for row in rows])
+    axes.set_yticks(list(positions), [_shorten(row.label, 78) for row in rows], fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("transfers per second (log scale)")
+    axes.set_title(title, fontsize=9)
+    for position, rate in zip(positions, rates):
+        ratio = f"  (ledger durable is {reference_rate / rate:,.1f}×)" if reference_rate else ""
+        axes.text(rate, position, f" {rate:,.0f}/s{ratio}", va="center", fontsize=7)
+    axes.set_xlim(right=max(rates) * 30)  # room for the labels right of the longest bar
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return None
+
+
+def write_outputs(arguments: argparse.Namespace, report: dict[str, Any]) -> None:
+    out = arguments.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows, latency = report["rows"], report["latency"]
+    reference_rate = ledger_durable_rate(rows)
+    title = (f"ledger bench: {arguments.accounts:,} accounts, {arguments.transfers:,} transfers, "
+             f"{report['machine']['cpu']}, {report['machine']['cores']} cores")
+    chart_problem = write_chart(rows, reference_rate, title, out / "peers_chart.png")
+    if chart_problem:
+        print(f"chart: {chart_problem}")
+    markdown = table_lines(rows, reference_rate, markdown=True)
+    if latency:
+        markdown += ["", *latency_lines(latency, markdown=True)]
+    (out / "table.md").write_text("\n".join(markdown) + "\n")
+    document = {**report, "rows": [_row_json(row, reference_rate) for row in rows],
+                "latency": [result.as_json() for result in latency],
+                "ledger_durable_transfers_per_second": reference_rate,
+                "chart": None if chart_problem else str(out / "peers_chart.png"), "chart_note": chart_problem}
+    (out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results: {out / 'results.json'}, {out / 'table.md'}" + ("" if chart_problem else
+                                                                       f", {out / 'peers_chart.png'}"))
+
+
+def _row_json(row: Any, reference_rate: float | None) -> dict[str, Any]:
+    ratio = reference_rate / row.transfers_per_second if reference_rate and row.seconds else None
+    return {**row.as_json(), "ledger_durable_over_peer": ratio}
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    rows = report["rows"]
+    reference_rate = ledger_durable_rate(rows)
+    print()
+    print("\n".join(table_lines(rows, reference_rate, markdown=False)))
+    if any(row.stopped_by for row in rows):
+        print("(time limit): the row stopped at a commit boundary after --time-limit-s; its check covers that prefix")
+    if report["latency"]:
+        print()
+        print("\n".join(latency_lines(report["latency"], markdown=False)))
+
+
+def run(arguments: argparse.Namespace, suite: Any, work_directory: Path) -> dict[str, Any]:
+    from bench.peers.workload import make_workload, reference_state
+    machine = machine_description(work_directory)
+    print(f"ledger bench: {arguments.accounts:,} accounts, {arguments.transfers:,} transfers, batches of "
+          f"{arguments.batch_size:,}, per-transfer-commit rows run {arguments.per_commit_transfers:,}; "
+          f"peers {','.join(arguments.peer_names)}")
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, data on "
+          f"{machine['device']} ({machine['filesystem']}), fdatasync of 64 bytes p50 "
+          f"{machine['fdatasync_64_bytes_p50_us']} us")
+    if machine["load_average_1m_at_start"] > LOAD_WARNING:
+        print(f"warning: load average {machine['load_average_1m_at_start']} at start: other processes are running, "
+              f"so the figures (the durable ones above all) understate what this machine can do")
+    workload = make_workload(arguments.accounts, arguments.transfers, arguments.seed)
+    reference = reference_state(workload, workload.transfer_count)  # computed once, outside every timing
+    rejected = workload.transfer_count - reference.accepted_ids.size
+    print(f"workload: {reference.accepted_ids.size:,} transfers accepted, {rejected:,} rejected for insufficient "
+          f"funds (the reference every peer must match)")
+    report: dict[str, Any] = {
+        "command": "ledger bench " + " ".join(arguments.argv), "machine": machine,
+        "parameters": {name: getattr(arguments, name) for name in (
+            "accounts", "transfers", "batch_size", "per_commit_transfers", "time_limit_s", "seed", "quick",
+            "latency_calls", "latency_seconds")} | {"peers": arguments.peer_names},
+        "rows": [], "skipped": [], "errors": [], "latency": []}
+    run_groups(suite, arguments, workload, work_directory, report)
+    if "ledger" in arguments.peer_names:
+        print("  latency per call (ledger):")
+        report["latency"] = run_latency(arguments, workload, work_directory)
+    report["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    report["cross_check_passed"] = (bool(report["rows"]) and not report["errors"]
+                                    and all(row.check == "ok" for row in report["rows"]))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `ledger bench -- --quick`: the separator the top-level parser lets through
+        argv = argv[1:]
+    try:
+        suite = _import_peers()
+    except (FileNotFoundError, ImportError) as error:
+        print(f"ledger bench: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    arguments = parse_arguments(argv, suite.GROUP_NAMES)
+    arguments.argv = argv
+    if arguments.data_dir is not None:
+        arguments.data_dir.mkdir(parents=True, exist_ok=True)
+    work_directory = Path(tempfile.mkdtemp(prefix="ledger-bench-", dir=arguments.data_dir))
+    # The postgres user (PostgreSQL refuses to run as root) must be able to reach its data directory inside.
+    work_directory.chmod(0o711)
+    try:
+        with stop_on_sigterm():
+            report = run(arguments, suite, work_directory)
+    except KeyboardInterrupt:
+        print("ledger bench: interrupted; servers stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if arguments.keep_data:
+            print(f"data kept in {work_directory}")
+        else:
+            shutil.rmtree(work_directory, ignore_errors=True)
+    _print_summary(report)
+    write_outputs(arguments, report)
+    passed = report["cross_check_passed"]
+    print("cross-check: every row agrees with ledger" if passed else "cross-check: FAILED (see above)")
+    return EXIT_OK if passed else EXIT_CHECK_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
