@@ -355,9 +355,25 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
     limit; a service that knows its size avoids that pause (as TigerBeetle allocates everything at start).
     journal_records_reserved: journal records to map (and, on disk, preallocate) up front, for the same reason:
     fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class).
-    fault_injector: tests only; called as fault_injector("allocate" | "sync") before those journal operations."""
+    fault_injector: tests only; called as fault_injector("allocate" | "write" | "sync") before those journal
+    operations."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+    return _open(path, create, durability, readonly=readonly, clock=clock, segment_records_log2=segment_records_log2,
+                 flush_interval_ms=flush_interval_ms, accounts_capacity=accounts_capacity,
+                 transfers_capacity=transfers_capacity, journal_records_reserved=journal_records_reserved,
+                 fault_injector=fault_injector)
+
+
+def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *, readonly: bool = False,
+          clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
+          flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT, accounts_capacity: int = 0,
+          transfers_capacity: int = 0, journal_records_reserved: int = 0,
+          fault_injector: FaultInjector | None = None, sync_each_commit: bool = True) -> Ledger:
+    """open() after its argument check. sync_each_commit=False (durability "fsync" only) leaves the sync to the
+    caller: every committed batch is written to the files, and the caller calls the journal's sync() once for a
+    group of calls (the ring server's group commit across clients)."""
+    assert durability in DURABILITY_MODES and (sync_each_commit or durability == "fsync")
     if clock is not None and not callable(clock):
         raise TypeError("clock must be a zero-argument callable returning integer nanoseconds")
     for name, value in (("accounts_capacity", accounts_capacity), ("transfers_capacity", transfers_capacity),
@@ -372,7 +388,7 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
         return Ledger(engine, memory, None, "memory")
     journal = FileJournal(os.fspath(path), create=create, durability=durability, readonly=readonly,
                           segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
-                          fault_injector=fault_injector)
+                          fault_injector=fault_injector, sync_each_commit=sync_each_commit)
     engine = None
     try:
         def new_engine() -> _core.Engine:
@@ -385,8 +401,9 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
         engine, recovered_from = _engine_from_snapshot(os.fspath(path), new_engine)
         reason, position, _, _ = engine.replay()
         journal.recover_tail(reason, position, engine.mapped_end)
-        if not readonly:
+        if not readonly and journal_records_reserved:
             engine.map_through(engine.write_position + journal_records_reserved)
+            journal.reserve(engine.write_position, engine.write_position + journal_records_reserved)
         engine.readonly = readonly
         handle = Ledger(engine, journal, os.fspath(path), durability)
         handle.recovered_from = recovered_from

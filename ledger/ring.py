@@ -18,7 +18,7 @@ import numpy as np
 
 import ledger
 from ledger import _ring
-from ledger.api import Account, _as_batch, accounts_batch, transfers_batch
+from ledger.api import Account, _as_batch, _open, accounts_batch, transfers_batch
 from ledger.enums import (
     ACCOUNT_DTYPE,
     BALANCE_MAX,
@@ -79,8 +79,10 @@ class Server:
         if create:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         check_permissions(self.directory)
-        # "os" underneath: this server syncs once per drained group itself (group commit across clients).
-        self.ledger = ledger.open(self.directory, create=create, durability="os", **open_options)
+        # This server syncs once per drained group itself (group commit across clients): with "fsync" every core
+        # call writes its batch through to the files and drain_once() syncs them together.
+        self.ledger = _open(self.directory, create, durability, sync_each_commit=(durability != "fsync"),
+                            **open_options)
         self.file_mode = 0o660 if group is not None else 0o600
         self.group = group
         self.ring, self._memory = self._create_ring(slot_count)

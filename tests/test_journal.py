@@ -354,3 +354,95 @@ for k in range(60):
         opened += 1
     writer.wait(timeout=120)
     assert opened > 0
+
+
+def committed_header_in_file(directory, position, index=0):
+    """The commit word of the batch header at `position`, read from the segment file itself (not a mapping)."""
+    with open(segment_path(directory, index), "rb") as file:
+        file.seek(HEADER_BYTES + position * RECORD + 56)
+        return int.from_bytes(file.read(8), "little")
+
+
+def test_fsync_mode_writes_each_batch_into_the_file_before_returning(tmp_path):
+    """The writer's mapping is private in fsync mode: a batch is in the file only because the commit wrote it
+    there. Read the file with plain reads after every call."""
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True) as handle:
+        handle.create_accounts(accounts())
+        for k in range(3):
+            header = handle.stats()["journal_position"]
+            handle.transfers(batch(k))
+            assert committed_header_in_file(directory, header) >> 32 == 0xC0111117, f"batch {k} not in the file"
+            header = handle.stats()["journal_position"]
+            assert handle.transfer(10**12 + k, 1, 100, 1) == ledger.TransferResult.OK
+            assert committed_header_in_file(directory, header) >> 32 == 0xC0111117
+
+
+def test_failed_write_poisons_and_loses_nothing_acknowledged(tmp_path):
+    """EIO while writing a batch through to the file: the call raises, the handle is poisoned, and a reopen has
+    every earlier batch and none of the failed one."""
+    directory = str(tmp_path / "data")
+    failing = {"on": False}
+
+    def injector(operation):
+        if operation == "write" and failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+
+    handle = ledger.open(directory, create=True, fault_injector=injector)
+    handle.create_accounts(accounts())
+    handle.transfers(batch(0))
+    expected = handle.accounts()
+    failing["on"] = True
+    with pytest.raises(OSError, match="Input/output error"):
+        handle.transfers(batch(1))
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.transfers(batch(2))
+    handle.close()
+    with ledger.open(directory) as reopened:
+        assert_same_counters(reopened, expected)
+        assert (reopened.lookup_transfers(batch(1)["id"])["state"] == 0).all()
+        assert reopened.verify().ok
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_full_segments_stay_readable_after_they_are_sealed(tmp_path, durability):
+    """Small segments, many of them: full ones are dropped from the writer's private mapping once durable and
+    read back from the page cache; history, verify and lookups of their events still see the same bytes."""
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True, durability=durability, segment_records_log2=10) as handle:
+        handle.create_accounts(accounts())
+        for k in range(12):
+            handle.transfers(batch(k))
+        assert handle.stats()["journal_position"] > 5 * 1024
+        first_ids = batch(0)["id"]
+        looked_up = handle.lookup_transfers(first_ids)
+        assert (looked_up["state"] != 0).any()
+        assert handle.verify().ok
+        history = handle.history(100)
+        assert history.size > 0
+        expected = handle.accounts()
+    with ledger.open(directory, durability=durability) as reopened:
+        assert_same_counters(reopened, expected)
+        assert (reopened.lookup_transfers(first_ids) == looked_up).all()
+        assert np.array_equal(reopened.history(100), history)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_reserving_journal_room_keeps_existing_data(tmp_path, durability):
+    """journal_records_reserved fills the room beyond the committed journal with zeros on disk: reopening a
+    ledger with data and a reservation must leave every committed batch as it was, and new batches after it."""
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True, durability=durability, segment_records_log2=10) as handle:
+        handle.create_accounts(accounts())
+        for k in range(3):
+            handle.transfers(batch(k))
+    for round_number in range(2):
+        with ledger.open(directory, durability=durability, journal_records_reserved=5000) as handle:
+            before = handle.accounts()
+            assert handle.verify().ok
+            handle.transfers(batch(3 + round_number))
+            expected = handle.accounts()
+            assert not np.array_equal(before["debits_posted"], expected["debits_posted"])
+        with ledger.open(directory, readonly=True) as reader:
+            assert_same_counters(reader, expected)
+            assert reader.verify().ok
