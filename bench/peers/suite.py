@@ -34,7 +34,7 @@ def _driver_missing(module: str, install: str) -> str | None:
 
 @contextlib.contextmanager
 def _sqlite_rows(directory: Path, batch_size: int) -> Iterator[list[Peer]]:
-    yield [SqlitePeer(None), SqlitePeer(batch_size)]
+    yield [SqlitePeer(None), SqlitePeer(batch_size), SqlitePeer(batch_size, triggers=True)]
 
 
 @contextlib.contextmanager
