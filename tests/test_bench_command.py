@@ -1,8 +1,11 @@
-"""`ledger bench` end to end on a tiny workload, with the peers every CI machine has (no PostgreSQL or Redis):
-it runs, every row did work, and every row's balances and accepted transfers agree with ledger's."""
+"""`ledger bench` end to end on a tiny workload: it runs, every row did work, and every row's balances and
+accepted transfers agree with ledger's. PostgreSQL and Redis take part when their servers and drivers are
+installed (the README's test command installs them); without them their rows are skipped with a line saying
+what to install, which is tested too."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,11 @@ from pathlib import Path
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-PEERS = ("sqlite", "python", "ledger")
+sys.path.insert(0, str(REPOSITORY))
+from bench.peers.suite import GROUPS  # noqa: E402 - the checkout's bench package, after the path is set
+
+AVAILABLE = tuple(name for name, group in GROUPS.items() if group.missing() is None)
+PEERS = AVAILABLE
 TIMEOUT_S = 120  # the run takes a few seconds; the bound only keeps a hang from stalling CI
 
 
@@ -24,11 +31,11 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     completed = subprocess.run(command, check=False, cwd=REPOSITORY, capture_output=True, text=True, timeout=TIMEOUT_S,
                                stdin=subprocess.DEVNULL)
     assert completed.returncode == 0, f"exit {completed.returncode}\n{completed.stdout}\n{completed.stderr}"
-    return completed, json.loads((out / "results.json").read_text())
+    return completed, json.loads((out / "results.json").read_text()), out
 
 
 def test_every_selected_peer_has_rows_with_a_positive_rate(bench_run):
-    _, results = bench_run
+    _, results, _ = bench_run
     groups = {row["group"] for row in results["rows"]}
     assert groups == set(PEERS)
     assert not results["skipped"] and not results["errors"]
@@ -38,7 +45,7 @@ def test_every_selected_peer_has_rows_with_a_positive_rate(bench_run):
 
 
 def test_balances_and_accepted_sets_agree_with_ledger(bench_run):
-    completed, results = bench_run
+    completed, results, _ = bench_run
     assert results["cross_check_passed"] is True
     assert all(row["check"] == "ok" for row in results["rows"])
     # The workload must exercise the overdraft check: some transfers are rejected.
@@ -47,8 +54,53 @@ def test_balances_and_accepted_sets_agree_with_ledger(bench_run):
 
 
 def test_latency_percentiles_are_reported(bench_run):
-    _, results = bench_run
+    _, results, _ = bench_run
     batch_sizes = {entry["batch_size"] for entry in results["latency"]}
     assert {0, 1, 10, 100} <= batch_sizes
     for entry in results["latency"]:
         assert 0 < entry["p50_us"] <= entry["p99_us"] <= entry["p999_us"], entry
+
+
+def test_outputs_table_json_and_chart(bench_run):
+    completed, results, out = bench_run
+    table = (out / "table.md").read_text()
+    for row in results["rows"]:
+        assert row["label"] in table and row["label"] in completed.stdout
+    assert results["rows"][0]["ledger_durable_over_peer"] is not None
+    chart = out / "peers_chart.png"
+    if results["chart"] is None:  # matplotlib missing: said so, never a fake file
+        assert "matplotlib is not installed" in results["chart_note"] and not chart.exists()
+    else:
+        assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("group", ["postgres", "redis"])
+def test_server_peers_ran_against_real_servers(bench_run, group):
+    """When the server is installed its rows ran against it (a real server on 127.0.0.1, per-transfer and batch
+    shapes) and agree with ledger; when it is not, the reason is in the skip."""
+    if group not in AVAILABLE:
+        pytest.skip(f"{group}: {GROUPS[group].missing()}")
+    _, results, _ = bench_run
+    rows = [row for row in results["rows"] if row["group"] == group]
+    assert len(rows) >= 2 and all(row["check"] == "ok" and row["transfers"] > 0 for row in rows), rows
+    version = rows[0]["label"].split(",")[0]
+    assert version.startswith("PostgreSQL 1" if group == "postgres" else "Redis 7"), version
+
+
+def test_a_missing_server_is_skipped_with_a_clear_line(tmp_path):
+    """With no server binaries on PATH (and no Debian PostgreSQL directory to find), their groups say what to
+    install and the run still succeeds for the others."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    environment = {**os.environ, "PATH": str(bare), "LEDGER_BENCH_POSTGRES_GLOB": str(tmp_path / "none" / "*")}
+    command = [sys.executable, "-m", "ledger", "bench", "--quick", "--peers", "redis,postgres,python", "--accounts",
+               "50", "--transfers", "200", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    completed = subprocess.run(command, check=False, cwd=REPOSITORY, capture_output=True, text=True,
+                               timeout=TIMEOUT_S, stdin=subprocess.DEVNULL, env=environment)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "redis: skipped: no redis-server binary; apt-get install -y redis-server" in completed.stdout
+    assert "postgres: skipped: no PostgreSQL server binaries" in completed.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {entry["group"] for entry in results["skipped"]} == {"redis", "postgres"}
+    assert {row["group"] for row in results["rows"]} == {"python"}

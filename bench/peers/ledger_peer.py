@@ -1,8 +1,8 @@
 """`ledger` itself: batches of TRANSFER_DTYPE rows through `transfers()`, or one `transfer()` call per transfer;
 plus the per-call latency of single calls and small batches.
 
-The ledger is opened with accounts_capacity / transfers_capacity for the whole run (as bench/workload.py does),
-the documented way to avoid a rehash pause mid-run. The read-back for the cross-check reopens the directory
+The ledger is opened with accounts_capacity / transfers_capacity / journal_records_reserved for the whole run (as
+bench/workload.py does), the documented way to avoid a rehash pause or page faults mid-run. The read-back for the cross-check reopens the directory
 (recovery by journal replay), so what is compared is what the journal recorded."""
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ DURABILITY_WORDS = {"fsync": "fsync (durable)", "os": "os (page cache)"}
 
 
 def open_funded(workload: Workload, directory: Path, durability: str, extra_transfers: int) -> ledger.Ledger:
+    # Room for every account, transfer and journal record of the run, allocated at open (set-up, not timed), as
+    # a service that knows its size would, and as TigerBeetle formats its data file before it starts.
     handle = ledger.open(directory, create=True, durability=durability,
                          accounts_capacity=workload.account_count + 1,
-                         transfers_capacity=workload.account_count + extra_transfers)
+                         transfers_capacity=workload.account_count + extra_transfers,
+                         journal_records_reserved=2 * workload.account_count + extra_transfers + (1 << 16))
     create_funded_accounts(handle, workload)
     return handle
 

@@ -13,7 +13,9 @@ import pwd
 import re
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +63,9 @@ def postgres_binaries() -> Path | None:
         match = re.search(r"/postgresql/(\d+)/bin$", path)
         return int(match.group(1)) if match else 0
 
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
+    # The environment variable lets a test hide the Debian directory (it cannot uninstall PostgreSQL).
+    pattern = os.environ.get("LEDGER_BENCH_POSTGRES_GLOB", "/usr/lib/postgresql/*/bin")
+    candidates = sorted(glob.glob(pattern), key=version, reverse=True)
     for found in (shutil.which("initdb"), shutil.which("pg_ctl")):
         if found:
             candidates.append(os.path.dirname(os.path.realpath(found)))
@@ -146,13 +150,33 @@ class PostgresServer:
 
 @contextlib.contextmanager
 def postgres_server(directory: Path) -> Iterator[PostgresServer]:
+    """A server with its data under `directory`, or, when the postgres user (as which a root caller runs it)
+    cannot reach `directory` (a parent without o+x, like pytest's temporary directories), under a directory of
+    its own in the system temporary directory, removed afterwards."""
     directory.mkdir(parents=True)
+    own_directory = None
+    if os.geteuid() == 0 and not _traversable_by_others(directory):
+        own_directory = Path(tempfile.mkdtemp(prefix="ledger-bench-postgres-"))
+        own_directory.chmod(0o711)
+        directory = own_directory / "server"
+        directory.mkdir()
     server = PostgresServer(directory)
     try:
         server.start()
         yield server
     finally:
         server.stop()
+        if own_directory is not None:
+            shutil.rmtree(own_directory, ignore_errors=True)
+
+
+def _traversable_by_others(directory: Path) -> bool:
+    """Whether every directory from / down to `directory` lets other users through (o+x)."""
+    path = directory.resolve()
+    for part in [path, *path.parents]:
+        if not os.stat(part).st_mode & stat.S_IXOTH:
+            return False
+    return True
 
 
 # -- Redis --
