@@ -14,8 +14,12 @@ from libc.errno cimport errno
 
 cdef extern from "Python.h":
     int PyBUF_WRITE
+    bint PyLong_Check(object value)
+    unsigned long long PyLong_AsUnsignedLongLong(object value) except? <unsigned long long>-1
+    long long PyLong_AsLongLong(object value) except? -1
 
 cimport cython
+import operator
 import numpy as np
 from ledger.memory import anonymous_array
 cimport numpy as cnp
@@ -197,6 +201,37 @@ assert EVENT_DTYPE.itemsize == sizeof(DecodedEvent)
 EVENT_KINDS = {KIND_ACCOUNT: "account", KIND_TRANSFER: "transfer", KIND_PENDING: "pending", KIND_POST: "post",
                KIND_VOID: "void", KIND_EXPIRE: "expire"}
 
+# ---- Scalars from Python: integers only, in range, or an exception naming the argument ------------------------
+# Cython's own conversion to a C integer accepts anything with __int__ (1.5 -> 1, Decimal("3.99") -> 3): for money
+# that is a silent change of amount. These accept int (and its subclasses: IntFlag, bool) on a fast path and
+# anything with __index__ (numpy integers), and nothing else.
+
+cdef object _integer(object value, str name):
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+
+cdef uint64_t to_unsigned(object value, str name, uint64_t maximum) except? 0xFFFFFFFFFFFFFFFF:
+    if not PyLong_Check(value):
+        value = _integer(value, name)
+    cdef uint64_t result
+    try:
+        result = PyLong_AsUnsignedLongLong(value)
+    except OverflowError:
+        raise ValueError(f"{name} {value} is outside [0, {maximum}]") from None
+    if result > maximum:
+        raise ValueError(f"{name} {value} is outside [0, {maximum}]")
+    return result
+
+cdef int64_t to_signed(object value, str name) except? -1:
+    if not PyLong_Check(value):
+        value = _integer(value, name)
+    try:
+        return PyLong_AsLongLong(value)
+    except OverflowError:
+        raise ValueError(f"{name} {value} is outside the int64 range [{-AMOUNT_MAX - 1}, {AMOUNT_MAX}]") from None
+
 # ---- Record access ----------------------------------------------------------------------------------------
 
 cdef inline Event *event_at(State *s, uint64_t position) noexcept nogil:
@@ -230,6 +265,8 @@ cdef inline uint64_t word_b(uint64_t previous_position, uint64_t offset) noexcep
 # linked chain, in reverse order, which restores the table exactly; so no tombstones are needed.
 
 cdef inline TableSlot *table_find(const Table *t, uint64_t key) noexcept nogil:
+    if key == 0:
+        return NULL   # 0 marks an empty slot: it is never a key (a search for it would "find" an empty slot)
     cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
     cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
     cdef uint64_t step = 0
@@ -1221,23 +1258,23 @@ cdef class Engine:
         self._committed(start, events)
         return events
 
-    def transfer(self, uint64_t id, uint64_t debit_account, uint64_t credit_account, int64_t amount, *,
-                 uint32_t ledger=1, uint16_t code=0, uint16_t flags=0, uint64_t pending_id=0,
-                 uint32_t timeout=0, uint64_t user_data=0):
-        """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation."""
+    def transfer(self, id, debit_account, credit_account, amount, *, ledger=1, code=0, flags=0, pending_id=0,
+                 timeout=0, user_data=0):
+        """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation.
+        Arguments must be integers in their field's range (TypeError / ValueError naming the argument)."""
         if self.closed or self.poisoned or self.readonly:
             self._check_writable()
         cdef TransferRow row
-        row.id = id
-        row.debit_account = debit_account
-        row.credit_account = credit_account
-        row.amount = amount
-        row.pending_id = pending_id
-        row.user_data = user_data
-        row.ledger = ledger
-        row.timeout = timeout
-        row.code = code
-        row.flags = flags
+        row.id = to_unsigned(id, "id", ID_MAX)
+        row.debit_account = to_unsigned(debit_account, "debit_account", ID_MAX)
+        row.credit_account = to_unsigned(credit_account, "credit_account", ID_MAX)
+        row.amount = to_signed(amount, "amount")
+        row.pending_id = to_unsigned(pending_id, "pending_id", ID_MAX)
+        row.user_data = to_unsigned(user_data, "user_data", ID_MAX)
+        row.ledger = <uint32_t>to_unsigned(ledger, "ledger", 0xFFFFFFFF)
+        row.timeout = <uint32_t>to_unsigned(timeout, "timeout", 0xFFFFFFFF)
+        row.code = <uint16_t>to_unsigned(code, "code", 0xFFFF)
+        row.flags = <uint16_t>to_unsigned(flags, "flags", 0xFFFF)
         cdef State *s = &self.state
         cdef uint64_t records = min(s.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 2
         if (s.write_position + records > s.mapped_end
@@ -1251,16 +1288,15 @@ cdef class Engine:
             self._committed(start, events)
         return TRANSFER_RESULTS[result]
 
-    def create_account(self, uint64_t id, uint32_t ledger=1, *, int64_t min_balance=0,
-                       int64_t max_balance=AMOUNT_MAX, uint16_t flags=0, uint64_t user_data=0):
+    def create_account(self, id, ledger=1, *, min_balance=0, max_balance=AMOUNT_MAX, flags=0, user_data=0):
         self._check_writable()
         cdef AccountRow row
-        row.id = id
-        row.user_data = user_data
-        row.min_balance = min_balance
-        row.max_balance = max_balance
-        row.ledger = ledger
-        row.flags = flags
+        row.id = to_unsigned(id, "id", ID_MAX)
+        row.user_data = to_unsigned(user_data, "user_data", ID_MAX)
+        row.min_balance = to_signed(min_balance, "min_balance")
+        row.max_balance = to_signed(max_balance, "max_balance")
+        row.ledger = <uint32_t>to_unsigned(ledger, "ledger", 0xFFFFFFFF)
+        row.flags = <uint16_t>to_unsigned(flags, "flags", 0xFFFF)
         self._reserve(1, 0, 2)
         cdef uint64_t start = self.state.write_position
         cdef uint8_t result = 0
@@ -1270,10 +1306,11 @@ cdef class Engine:
 
     # -- reads --
 
-    def account(self, uint64_t id):
+    def account(self, id_object):
         """(id, ledger, flags, min_balance, max_balance, user_data, debits_posted, credits_posted,
         debits_pending, credits_pending, timestamp) or None."""
         self._check_open()
+        cdef uint64_t id = to_unsigned(id_object, "id", ID_MAX)
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
         if slot == NULL:
             return None
@@ -1282,16 +1319,18 @@ cdef class Engine:
         return (cold.id, hot.ledger, hot.flags, hot.min_balance, hot.max_balance, cold.user_data,
                 hot.debits_posted, hot.credits_posted, hot.debits_pending, hot.credits_pending, cold.timestamp)
 
-    def balance(self, uint64_t id):
+    def balance(self, id_object):
         self._check_open()
+        cdef uint64_t id = to_unsigned(id_object, "id", ID_MAX)
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
         if slot == NULL:
             raise KeyError(f"account {id} not found")
         cdef AccountHot *hot = &self.state.accounts[slot.value]
         return hot.credits_posted - hot.debits_posted
 
-    def available(self, uint64_t id):
+    def available(self, id_object):
         self._check_open()
+        cdef uint64_t id = to_unsigned(id_object, "id", ID_MAX)
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
         if slot == NULL:
             raise KeyError(f"account {id} not found")
@@ -1388,9 +1427,10 @@ cdef class Engine:
 
     # -- journal reads for history, explain and the read side --
 
-    def account_positions(self, uint64_t id):
+    def account_positions(self, id_object):
         """(creation position, newest event position) of an account, or None."""
         self._check_open()
+        cdef uint64_t id = to_unsigned(id_object, "id", ID_MAX)
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
         if slot == NULL:
             return None

@@ -261,6 +261,7 @@ class Ledger:
         return self._engine.lookup_transfers(keys, out)
 
     def stats(self) -> dict[str, int]:
+        self._check_open()
         engine = self._engine
         return {
             "accounts": engine.account_count,
@@ -288,6 +289,7 @@ class Ledger:
     def verify(self) -> "VerifyReport":
         """Replay the whole journal into a fresh engine (re-checking every checksum, the hash chain and the
         back-pointers) and compare it with the live state; also check conservation and limits."""
+        self._check_open()
         from ledger.audit import verify_live
         return verify_live(self)
 
@@ -295,6 +297,7 @@ class Ledger:
         """Write the whole state at the current journal position to <dir>/snapshots/, keeping the newest `keep`.
         The writer is held only while the state is copied in memory; the file is written and fsynced by a
         background thread. wait=False returns the job (`.wait()` gives the SnapshotInfo)."""
+        self._check_open()
         if self.path is None:
             raise ValueError("an in-memory ledger has no directory to snapshot into")
         if not 1 <= keep <= 1000:
@@ -306,6 +309,10 @@ class Ledger:
 
     def _poison(self) -> None:
         self._engine.poisoned = True
+
+    def _check_open(self) -> None:
+        if self._engine.closed:
+            raise LedgerClosedError("the ledger is closed")
 
     # -- lifecycle --
 
