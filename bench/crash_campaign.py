@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +16,7 @@ import time
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 sys.path.insert(0, TESTS)
 
-from crash_workload import Model  # noqa: E402
+from crash_workload import Model, acknowledged_count, kill_once  # noqa: E402
 from test_journal import check_recovered  # noqa: E402
 
 
@@ -28,19 +26,11 @@ def campaign(kills: int, durability: str, seed: int) -> None:
         directory = os.path.join(scratch, "data")
         ack_log = os.path.join(scratch, "acks")
         model = Model()
-        environment = dict(os.environ, PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
         checked = 0
         started = time.monotonic()
         for kill in range(1, kills + 1):
-            writer = subprocess.Popen([sys.executable, os.path.join(TESTS, "crash_workload.py"), directory,
-                                       durability, ack_log], env=environment)
-            time.sleep(rng.uniform(0.2, 0.8))
-            writer.send_signal(signal.SIGKILL)
-            writer.wait()
-            with open(ack_log) if os.path.exists(ack_log) else open(os.devnull) as log:
-                lines = log.read().split()
-            acknowledged = int(lines[-1]) + 1 if lines else 0
-            checked = check_recovered(directory, model, acknowledged, checked)
+            kill_once(directory, durability, ack_log, rng, kill)
+            checked = check_recovered(directory, model, acknowledged_count(ack_log), checked)
             if kill % 50 == 0 or kill == kills:
                 print(f"{durability}: {kill}/{kills} kills, {checked} batches survived and checked, "
                       f"{time.monotonic() - started:.0f} s", flush=True)

@@ -266,6 +266,7 @@ class Ledger:
         return {
             "accounts": engine.account_count,
             "transfers": engine.transfer_count,
+            "recovered_torn_records": getattr(self._journal, "torn_records_zeroed", 0),
             "journal_position": engine.write_position,
             "last_timestamp": engine.last_timestamp,
             "pending_expiries_scheduled": engine.pending_expiry_count,
@@ -406,8 +407,11 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
             return fresh
 
         engine, recovered_from = _engine_from_snapshot(os.fspath(path), new_engine)
-        reason, position, _, _ = engine.replay()
-        journal.recover_tail(reason, position, engine.mapped_end)
+        _replay_and_recover(engine, journal, readonly)
+        report = journal.torn_tail_report()
+        if report is not None:
+            warnings.warn(report, RuntimeWarning, stacklevel=3)
+        journal.begin_writing(engine.write_position)
         if not readonly and journal_records_reserved:
             engine.map_through(engine.write_position + journal_records_reserved)
             journal.reserve(engine.write_position, engine.write_position + journal_records_reserved)
@@ -422,6 +426,28 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
             engine.close()
         journal.close(final_sync=False)
         raise
+
+
+READONLY_RECOVERY_ATTEMPTS = 5
+
+
+def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bool) -> None:
+    """Replay the journal, then have the journal judge where replay stopped (torn tail or corruption).
+    A reader beside a live writer can stop at a batch that is being written, which the writer then commits, with
+    more batches after it, before the judgement looks: that is not corruption. Batches are committed in order, so
+    the batch at the stop is complete by then: the reader replays on from it. A stop that does not move is judged."""
+    reason, position, _, _ = engine.replay()
+    for attempt in range(READONLY_RECOVERY_ATTEMPTS):
+        try:
+            journal.recover_tail(reason, position, engine.mapped_end)
+            return
+        except LedgerCorruptError:
+            if not readonly or attempt == READONLY_RECOVERY_ATTEMPTS - 1:
+                raise
+            stopped_at = position
+            reason, position, _, _ = engine.replay()
+            if position == stopped_at:
+                raise
 
 
 def _engine_from_snapshot(directory: str, new_engine: Callable[[], _core.Engine]

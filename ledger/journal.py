@@ -57,10 +57,21 @@ COMMIT_MAGIC = 0xC0111117
 REPLAY_CHAIN = 3
 REPLAY_INTEGRITY = 5
 FLUSH_INTERVAL_MS_MAX = 60_000
+# <dir>/journal/DURABLE (docs/FORMAT.md): where batches may stop being durable. An "os" writer keeps it at the end
+# of what its flusher has synced, so after a machine crash anything failing at or past it is a torn tail, even
+# with intact batches after it (writeback order is arbitrary). STRICT: every batch was synced before the next was
+# written ("fsync" mode), so only the last batch can be torn and a failure with a committed batch after it is
+# corruption. No file (journals written before it existed): STRICT.
+DURABLE_NAME = "DURABLE"
+DURABLE_RECORD = struct.Struct("<QII")   # position, format version, CRC32C of the 12 bytes before it
+DURABLE_STRICT = (1 << 64) - 1
 ZERO_FILL_CHUNK_BYTES = 4 << 20    # zeros written per pwrite when a segment is filled ahead of use
 
-# Called with an operation name ("allocate", "write", "sync") before the journal does it; raising OSError there
-# simulates the failure (ENOSPC, EIO) at exactly that point. Tests only.
+# Called with an operation name before the journal does it: "allocate" (a new segment), "write" (a batch's events
+# reach the files), "write-header" (then its header), "sync" (fdatasync), and "synced" after a sync returned.
+# Raising OSError there simulates the failure (ENOSPC, EIO) at exactly that point; killing the process there
+# lands a crash exactly between two steps; copying the files there records what a machine crash could leave.
+# Tests only.
 FaultInjector = Callable[[str], None]
 
 
@@ -127,6 +138,19 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def _make_directories(path: str) -> None:
+    """Create `path` and any missing parents (0700), fsyncing each new entry's parent: a directory made for a new
+    ledger must survive a power loss as surely as the batches acknowledged inside it."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.mkdir(directory, 0o700)
+        _fsync_directory(os.path.dirname(directory))
+
+
 def _write_zeros(fd: int, start: int, end: int) -> None:
     zeros = bytes(ZERO_FILL_CHUNK_BYTES)
     offset = start
@@ -191,12 +215,13 @@ class FileJournal:
         self._preparing: threading.Thread | None = None
         self._prepared: tuple[int, Any] | None = None
 
+        self.torn_at: int | None = None        # where recovery found the torn tail it zeroed
+        self._durable_fd: int | None = None
         exists = os.path.isdir(self.journal_directory)
         if not exists:
             if not create or readonly:
                 raise FileNotFoundError(errno.ENOENT, "no ledger here (pass create=True to make one)", self.directory)
-            os.makedirs(self.journal_directory, mode=0o700, exist_ok=True)
-            _fsync_directory(self.directory)
+            _make_directories(self.journal_directory)
         if not readonly:
             self._lock()
         try:
@@ -267,12 +292,14 @@ class FileJournal:
         fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
         size = os.fstat(fd).st_size
         if size != self.segment_bytes:
+            if index == self.existing - 1 and SEGMENT_HEADER_BYTES <= size < self.segment_bytes:
+                return self._map_short_last(path, fd, index, size)
             os.close(fd)
             raise LedgerCorruptError(f"{path}: size {size} bytes, expected {self.segment_bytes}")
         # Read-only opens map copy-on-write: the core may build state in place, nothing reaches the file. So does a
         # write-through writer: its records reach the file by pwrite at commit (write()).
         access = mmap.ACCESS_COPY if self.readonly or self.write_through else mmap.ACCESS_WRITE
-        memory = mmap.mmap(fd, size, access=access)
+        memory = mmap.mmap(fd, self.segment_bytes, access=access)
         if populate:
             try:
                 # Map the whole segment's page-cache pages in one call: replay then reads without a minor fault
@@ -280,6 +307,20 @@ class FileJournal:
                 memory.madvise(MADV_POPULATE_READ)
             except OSError:
                 pass
+        return Segment(path, fd, memory, index)
+
+    def _map_short_last(self, path: str, fd: int, index: int, size: int) -> Segment:
+        """The last segment cut short (the file system lost its end, a copy stopped early): the missing bytes are
+        the end of the journal, read as zeros, and recovery judges what stops there like any torn tail. The writer
+        gives the file back its full size; a reader maps a zero-padded private copy (mapping past the end of a
+        file would fault)."""
+        if not self.readonly:
+            os.ftruncate(fd, self.segment_bytes)
+            os.fsync(fd)
+            os.close(fd)
+            return self._map(index)
+        memory = anonymous_buffer(self.segment_bytes, populate=False)
+        memory[:size] = os.pread(fd, size, 0)
         return Segment(path, fd, memory, index)
 
     def _create(self, index: int, zero_fill: bool = False) -> Segment:
@@ -427,25 +468,84 @@ class FileJournal:
         return None
 
     def recover_tail(self, reason: int, position: int, mapped_end: int) -> int:
-        """Classify what stopped replay at `position`. If no committed batch follows, it is the torn tail of the
-        last write: zero it (returns the records zeroed). Otherwise it is corruption: raise without changing the
-        disk. A hash-chain or integrity failure has valid checksums, so it is never a torn write."""
+        """Classify what stopped replay at `position`. If it is at or past the durable mark (an "os" writer's
+        unsynced batches), or no committed batch follows, it is the torn tail of the last writes: zero it (returns
+        the records zeroed). Otherwise it is corruption: raise without changing the disk. A hash-chain or integrity
+        failure has valid checksums, so it is never a torn write."""
         window_end = min(mapped_end, position + 2 + _core.EXPIRE_BATCH_MAX + (1 << 23))
         reason_name = _core.REPLAY_REASONS[reason]
         if reason in (REPLAY_CHAIN, REPLAY_INTEGRITY):
             raise self._corrupt(position, reason_name)
-        if self._committed_batch_in(position + 1, window_end, mapped_end) is not None:
+        unsynced = position >= self.durable_mark()
+        if not unsynced and self._committed_batch_in(position + 1, window_end, mapped_end) is not None:
             raise self._corrupt(position, reason_name)
         if self.readonly:
             # Beside a live writer the tail is usually a batch being written right now: for a reader it is
             # simply the end. Only the writer ever truncates.
             self.torn_records_zeroed = 0
             return 0
-        torn_end = self._last_nonzero(position, window_end)
+        # Unsynced batches of an "os" writer can reach past the largest batch: zero to the end of what is mapped.
+        torn_end = self._last_nonzero(position, mapped_end if unsynced else window_end)
         if torn_end > position:
             self._zero(position, torn_end)
+            self.torn_at = position
         self.torn_records_zeroed = torn_end - position
         return self.torn_records_zeroed
+
+    def torn_tail_report(self) -> str | None:
+        """One line on the torn tail recovery zeroed, or None if there was none."""
+        if not self.torn_records_zeroed or self.torn_at is None:
+            return None
+        index = self.torn_at >> self.segment_records_log2
+        offset = SEGMENT_HEADER_BYTES + (self.torn_at & (self.segment_records - 1)) * RECORD_SIZE
+        return (f"ledger: recovery zeroed a torn tail of {self.torn_records_zeroed} records from journal position "
+                f"{self.torn_at} ({os.path.join(self.journal_directory, segment_name(index))}, byte offset "
+                f"{offset}): writes that were never acknowledged as durable")
+
+    # -- the durable mark --
+
+    def durable_mark(self) -> int:
+        """The position from which batches may not have been synced (DURABLE_STRICT: none may be missing but the
+        last). A damaged mark file counts as STRICT: the safe reading, which never drops a synced batch."""
+        path = os.path.join(self.journal_directory, DURABLE_NAME)
+        try:
+            with open(path, "rb") as file:
+                raw = file.read(DURABLE_RECORD.size)
+        except FileNotFoundError:
+            return DURABLE_STRICT
+        if len(raw) != DURABLE_RECORD.size:
+            return DURABLE_STRICT
+        position, version, checksum = DURABLE_RECORD.unpack(raw)
+        if version != _core.FORMAT_VERSION or checksum != _core.crc32c(raw[:12]):
+            return DURABLE_STRICT
+        return position
+
+    def set_durable_mark(self, position: int) -> None:
+        """Persist the mark (pwrite + fdatasync; the file and its directory entry are synced when created)."""
+        assert not self.readonly and 0 <= position <= DURABLE_STRICT
+        if self._durable_fd is None:
+            path = os.path.join(self.journal_directory, DURABLE_NAME)
+            created = not os.path.exists(path)
+            self._durable_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            if created:
+                os.fsync(self._durable_fd)
+                _fsync_directory(self.journal_directory)
+        raw = DURABLE_RECORD.pack(position & DURABLE_STRICT, _core.FORMAT_VERSION, 0)[:12]
+        os.pwrite(self._durable_fd, raw + struct.pack("<I", _core.crc32c(raw)), 0)
+        os.fdatasync(self._durable_fd)
+
+    def begin_writing(self, write_position: int) -> None:
+        """After recovery, before the first write: make what recovery kept durable (an earlier "os" writer may
+        have left it in the page cache only), then set the mark for this writer's mode."""
+        if self.readonly:
+            return
+        mark = self.durable_mark()
+        first = min(mark, write_position) >> self.segment_records_log2
+        for index in range(min(first, len(self.segments) - 1), len(self.segments)):
+            segment = self.segments[index]
+            if isinstance(segment, Segment):
+                os.fdatasync(segment.fd)
+        self.set_durable_mark(write_position if self.durability == "os" else DURABLE_STRICT)
 
     def _corrupt(self, position: int, reason: str) -> LedgerCorruptError:
         index = position >> self.segment_records_log2
@@ -473,6 +573,7 @@ class FileJournal:
             for index in range(first, last + 1):
                 segment = self.segments[index]
                 os.fdatasync(segment.fd)
+            self._inject("synced")
             if self.write_through:
                 self._seal_below(end >> self.segment_records_log2)
 
@@ -493,6 +594,7 @@ class FileJournal:
             return
         self._inject("write")
         self._write_range(header_position + 1, end)
+        self._inject("write-header")
         self._write_range(header_position, header_position + 1)
 
     def _write_range(self, start: int, end: int) -> None:
@@ -563,6 +665,8 @@ class FileJournal:
         if end > self._synced_position:
             self.sync(self._synced_position, end)
             self._synced_position = end
+            with self._sync_lock:
+                self.set_durable_mark(end)
 
     def close(self, final_sync: bool = True) -> None:
         if self._preparing is not None:
@@ -580,6 +684,9 @@ class FileJournal:
         for segment in self.segments:
             segment.close()
         self.segments = []
+        if self._durable_fd is not None:
+            os.close(self._durable_fd)
+            self._durable_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -2,10 +2,18 @@
 rebuild exactly what the journal must contain with an in-memory model ledger.
 
 Run as a writer:  python tests/crash_workload.py DIR DURABILITY ACK_LOG
-It appends "k\\n" to ACK_LOG after batch k's call returned (i.e. was acknowledged), forever, until killed."""
+It appends "k\\n" to ACK_LOG after batch k's call returned (i.e. was acknowledged), forever, until killed.
+With LEDGER_CRASH_POINT=OPERATION:N in its environment it kills itself (SIGKILL) the N-th time the journal is
+about to do OPERATION (allocate, write, write-header, sync, synced: the journal's fault-injection points), so a
+crash lands exactly between two steps of a commit instead of wherever a timer happens to fall."""
 from __future__ import annotations
 
+import os
+import random
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -83,8 +91,63 @@ class Model:
         return self.states[k]
 
 
+CRASH_OPERATIONS = ("allocate", "write", "write-header", "sync", "synced")
+HERE = os.path.dirname(os.path.abspath(__file__))
+WRITER_TIMEOUT_S = 20.0   # a writer that neither acknowledges nor dies by then is a hang: the test fails
+
+
+def crash_injector(point: str | None):
+    """A fault injector that SIGKILLs this process at the N-th OPERATION (point "OPERATION:N"), or None."""
+    if not point:
+        return None
+    operation, count_text = point.split(":")
+    assert operation in CRASH_OPERATIONS, operation
+    remaining = [int(count_text)]
+
+    def injector(name: str) -> None:
+        if name == operation:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return injector
+
+
+def acknowledged_count(ack_log: str) -> int:
+    if not os.path.exists(ack_log):
+        return 0
+    with open(ack_log) as log:
+        lines = log.read().split()
+    return int(lines[-1]) + 1 if lines else 0
+
+
+def kill_once(directory: str, durability: str, ack_log: str, rng: random.Random, kill_number: int) -> bool:
+    """Start a writer and crash it: every third kill at an exact step of a commit (the writer kills itself at a
+    random fault-injection point), the others a few milliseconds after it has acknowledged a new batch (so the
+    kill lands in the middle of work, not during import). Returns whether a batch was acknowledged first."""
+    before = acknowledged_count(ack_log)
+    environment = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if kill_number % 3 == 0:
+        operations = CRASH_OPERATIONS[1:] if durability == "fsync" else ("allocate", "sync", "synced")
+        environment["LEDGER_CRASH_POINT"] = f"{rng.choice(operations)}:{rng.randint(1, 40)}"
+    writer_process = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_workload.py"), directory,
+                                       durability, ack_log], env=environment)
+    deadline = time.monotonic() + WRITER_TIMEOUT_S
+    if kill_number % 3 == 0:
+        writer_process.wait(WRITER_TIMEOUT_S)   # it kills itself
+    else:
+        while acknowledged_count(ack_log) <= before and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.03))
+        writer_process.send_signal(signal.SIGKILL)
+        writer_process.wait()
+    assert writer_process.returncode == -signal.SIGKILL, f"writer ended with {writer_process.returncode}"
+    return acknowledged_count(ack_log) > before
+
+
 def writer(directory: str, durability: str, ack_log: str) -> None:
-    handle = ledger.open(directory, create=True, durability=durability, segment_records_log2=SEGMENT_RECORDS_LOG2)
+    handle = ledger.open(directory, create=True, durability=durability, segment_records_log2=SEGMENT_RECORDS_LOG2,
+                         fault_injector=crash_injector(os.environ.get("LEDGER_CRASH_POINT")))
     if handle.account(SETTLEMENT) is None:
         handle.create_accounts(accounts())
     k = applied_batches(handle)

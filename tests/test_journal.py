@@ -5,16 +5,17 @@ from __future__ import annotations
 import errno
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 
 import ledger
-from crash_workload import SEGMENT_RECORDS_LOG2, Model, accounts, applied_batches, batch
+from crash_workload import (SEGMENT_RECORDS_LOG2, Model, accounts, acknowledged_count, applied_batches, batch,
+                            kill_once)
 
 HERE = os.path.dirname(__file__)
 COUNTERS = ["debits_posted", "credits_posted", "debits_pending", "credits_pending"]
@@ -54,27 +55,25 @@ def check_recovered(directory, model, acknowledged, checked=0):
     return applied
 
 
+KILLS_PER_MODE = 25
+
+
 @pytest.mark.parametrize("durability", ["fsync", "os"])
 def test_crash_kill9_at_random_moments(tmp_path, durability):
-    """SIGKILL a writer subprocess at random moments, 25 times per mode (50 in all); see bench/crash_campaign.py."""
+    """SIGKILL a writer subprocess 25 times per mode (50 in all): a third at exact steps of a commit (between the
+    events and the header, before and after the sync, creating a segment), the rest in the middle of work right
+    after an acknowledgement. After each: reopen and check against the model. See bench/crash_campaign.py."""
     directory = str(tmp_path / "data")
     ack_log = str(tmp_path / "acks")
     model = Model()
     rng = random.Random(hash(durability) & 0xFFFF)
-    environment = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     checked = 0
-    for _ in range(25):
-        writer = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_workload.py"), directory, durability,
-                                   ack_log], env=environment)
-        time.sleep(rng.uniform(0.25, 0.6))  # import takes ~0.25 s; kills land before, during and after batches
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-        acknowledged = 0
-        if os.path.exists(ack_log):
-            with open(ack_log) as log:
-                lines = log.read().split()
-            acknowledged = int(lines[-1]) + 1 if lines else 0
-        checked = check_recovered(directory, model, acknowledged, checked)
+    after_an_acknowledgement = 0
+    for kill_number in range(KILLS_PER_MODE):
+        after_an_acknowledgement += kill_once(directory, durability, ack_log, rng, kill_number)
+        checked = check_recovered(directory, model, acknowledged_count(ack_log), checked)
+    # The kills must have landed in the middle of real work, not before the first batch.
+    assert after_an_acknowledgement >= KILLS_PER_MODE // 2, after_an_acknowledgement
 
 
 def write_batches(directory, count):
@@ -446,3 +445,153 @@ def test_reserving_journal_room_keeps_existing_data(tmp_path, durability):
         with ledger.open(directory, readonly=True) as reader:
             assert_same_counters(reader, expected)
             assert reader.verify().ok
+
+
+def test_truncated_last_segment_at_every_byte_offset(three_batches):
+    """Cut the last segment file short at every byte offset of the last batch: reopening gives the file its
+    size back, drops exactly the cut batch (reporting it when any of it survived) and keeps the earlier ones."""
+    directory, positions, end = three_batches
+    with open(segment_path(directory), "rb") as file:
+        pristine = file.read()
+    start_byte = HEADER_BYTES + positions[-1] * RECORD
+    end_byte = HEADER_BYTES + end * RECORD
+    for offset in range(start_byte, end_byte):
+        with open(segment_path(directory), "wb") as file:
+            file.write(pristine[:offset])
+        # What was cut off may have been zeros only (the high bytes of the last word): then nothing is lost.
+        intact = not any(pristine[offset:end_byte])
+        expected = 3 if intact else 2
+        with ledger.open(directory, readonly=True) as reader:  # a reader first: it never changes the file
+            assert applied_batches(reader) == expected
+        assert os.path.getsize(segment_path(directory)) == offset
+        survived = not intact and any(pristine[start_byte:offset])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            applied, _, zeroed = reopen_state(directory)
+        assert applied == expected, f"offset {offset}: cut batch kept"
+        assert (zeroed > 0) == survived
+        assert any("torn tail" in str(warning.message) for warning in caught) == survived
+        assert os.path.getsize(segment_path(directory)) == len(pristine)
+        assert reopen_state(directory)[0] == expected
+
+
+def test_torn_tail_is_reported(three_batches):
+    directory, positions, end = three_batches
+    with open(segment_path(directory), "r+b") as file:
+        file.seek(HEADER_BYTES + positions[-1] * RECORD + RECORD * 3 // 2)   # inside its first event
+        file.write(bytes(RECORD))
+    with pytest.warns(RuntimeWarning, match=r"torn tail of \d+ records from journal position "
+                                            rf"{positions[-1]} \(.*00000000.segment, byte offset"):
+        handle = ledger.open(directory, segment_records_log2=SEGMENT_RECORDS_LOG2)
+    assert handle.stats()["recovered_torn_records"] > 0
+    handle.close()
+    with ledger.open(directory) as again:
+        assert again.stats()["recovered_torn_records"] == 0
+
+
+SECTOR = 512
+
+
+class DiskImages:
+    """Copies of the journal files taken by the fault injector: at "sync" (what the writer has written and is
+    about to sync: any part of it may be on disk after a power cut) and at "synced" (what is surely on disk)."""
+
+    def __init__(self, directory):
+        self.journal = os.path.join(directory, "journal")
+        self.images = []   # (kind, {name: bytes})
+
+    def __call__(self, operation):
+        if operation in ("sync", "synced"):
+            self.images.append((operation, self._read()))
+
+    def _read(self):
+        return {name: open(os.path.join(self.journal, name), "rb").read()
+                for name in sorted(os.listdir(self.journal)) if not name.endswith(".tmp")}
+
+    def crash_image(self, index, rng):
+        """What a machine crash during the sync at images[index] (kind "sync") can leave: the files as of the
+        previous completed sync, with any subset of the 512-byte sectors written since."""
+        assert self.images[index][0] == "sync"
+        durable = next((files for kind, files in reversed(self.images[:index]) if kind == "synced"), {})
+        written = self.images[index][1]
+        image = {}
+        for name, data in written.items():
+            if name == "DURABLE":
+                image[name] = rng.choice([durable.get(name, data), data])
+                continue
+            # A segment created since: created durably (fsync, rename, directory fsync), zeros and its header.
+            base = durable.get(name, data[:HEADER_BYTES] + bytes(len(data) - HEADER_BYTES))
+            mixed = bytearray(base)
+            for start in range(0, len(data), SECTOR):
+                if data[start:start + SECTOR] != base[start:start + SECTOR] and rng.random() < 0.5:
+                    mixed[start:start + SECTOR] = data[start:start + SECTOR]
+            image[name] = bytes(mixed)
+        return image
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_machine_crash_images_open_with_every_durable_batch(tmp_path, durability):
+    """Simulated power cuts: the disk holds what the last completed sync made durable plus any subset of the
+    sectors written since. Every such image must open (never LedgerCorruptError: in "os" mode many unsynced
+    batches can be in flight, and a later one can survive while an earlier one did not), keep every batch that
+    was durable, and verify. In "os" mode flush() is the durability point (the flusher is kept out of the way)."""
+    directory = str(tmp_path / "data")
+    images = DiskImages(directory)
+    handle = ledger.open(directory, create=True, durability=durability, segment_records_log2=10,
+                         flush_interval_ms=60_000, fault_injector=images)
+    handle.create_accounts(accounts())
+    handle.flush()
+    durable_batches = {}   # index of a "sync" image -> batches durable before that sync began
+    durable = 0
+    for k in range(30):
+        handle.transfers(batch(k))
+        if durability == "os" and k % 4 != 3:
+            continue
+        if durability == "os":
+            sync_index = len(images.images)
+            handle.flush()
+        else:
+            sync_index = len(images.images) - 2
+        assert images.images[sync_index][0] == "sync"
+        durable_batches[sync_index] = durable
+        durable = k + 1
+    handle.close()
+    model = Model()
+    rng = random.Random(7)
+    for index, durable in sorted(durable_batches.items()):
+        for attempt in range(3):
+            crashed = tmp_path / f"crash-{index}-{attempt}"
+            (crashed / "journal").mkdir(parents=True)
+            for name, data in images.crash_image(index, rng).items():
+                (crashed / "journal" / name).write_bytes(data)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                with ledger.open(str(crashed), durability=durability) as reopened:
+                    applied = applied_batches(reopened)
+                    assert applied >= durable, f"sync {index}: {durable} batches were durable, {applied} survived"
+                    assert_same_counters(reopened, model.state_after(applied))
+                    assert reopened.verify().ok
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_readonly_opens_beside_one_row_batches_never_call_it_corrupt(tmp_path, durability):
+    """With one-row batches a reader's replay often stops at a batch the writer commits, with more after it,
+    before the reader judges the stop: that is not corruption (it was, ~1 open in 5 in "os" mode)."""
+    directory = str(tmp_path / "data")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import ledger, time
+lg = ledger.open({directory!r}, create=True, durability={durability!r}, segment_records_log2=16)
+lg.create_account(1, min_balance=ledger.BALANCE_MIN); lg.create_account(2)
+print('ready', flush=True)
+started = time.monotonic(); k = 0
+while time.monotonic() - started < 2.5:
+    k += 1
+    lg.transfer(k, 1, 2, 1)
+"""], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready"
+    opened = 0
+    while writer.poll() is None:
+        with ledger.open(directory, readonly=True) as reader:
+            assert reader.balance(2) == reader.stats()["transfers"]
+        opened += 1
+    assert writer.wait() == 0 and opened >= 10
