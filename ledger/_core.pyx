@@ -264,34 +264,35 @@ cdef inline uint64_t word_b(uint64_t previous_position, uint64_t offset) noexcep
 # walk with a per-key odd step. Entries are never deleted except to undo the newest inserts of a failed
 # linked chain, in reverse order, which restores the table exactly; so no tombstones are needed.
 
-cdef inline TableSlot *table_find(const Table *t, uint64_t key) noexcept nogil:
-    if key == 0:
-        return NULL   # 0 marks an empty slot: it is never a key (a search for it would "find" an empty slot)
-    cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
-    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
-    cdef uint64_t step = 0
-    cdef TableSlot *slots
-    cdef int k
-    while True:
-        slots = t.slots + (group << 2)
-        for k in range(4):
-            if slots[k].key == key:
-                return &slots[k]
-            if slots[k].key == 0:
-                return NULL
-        if step == 0:
-            step = ledger_probe_step(key)
-        group = (group + step) & group_mask
+cdef inline uint64_t table_home_group(const Table *t, uint64_t key) noexcept nogil:
+    """The group (of four slots, one cache line) where `key`'s probe walk starts. Computed once per key and row by
+    the apply loop's prefetch stage and handed on, so no key is hashed twice."""
+    return ledger_home_slot(key, t.capacity_log2) >> 2
 
-cdef inline TableSlot *table_find_for_insert(const Table *t, uint64_t key, TableSlot **empty) noexcept nogil:
-    """table_find that also hands back the empty slot where `key` would go, so a later insert of the same key
-    (with no other insert in between) needs no second probe walk."""
+cdef inline TableSlot *table_walk(const Table *t, uint64_t key, uint64_t group, TableSlot **empty) noexcept nogil:
+    """Find `key`, starting at its home `group`. Returns its slot, or NULL with `empty` set to the free slot where
+    it would be inserted (valid until the next insert). The home group is scanned here, inline; a full home group
+    without the key (rare below the load limit) continues in table_walk_on."""
+    cdef TableSlot *slots = t.slots + (group << 2)
+    cdef int k
+    for k in range(4):
+        if slots[k].key == key:
+            empty[0] = NULL
+            return &slots[k]
+        if slots[k].key == 0:
+            empty[0] = &slots[k]
+            return NULL
+    return table_walk_on(t, key, group, empty)
+
+cdef TableSlot *table_walk_on(const Table *t, uint64_t key, uint64_t group, TableSlot **empty) noexcept nogil:
+    """The probe walk past a full home group, with a per-key odd step (not inlined: the step's hash stays out of
+    the hot path)."""
     cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
-    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
-    cdef uint64_t step = 0
+    cdef uint64_t step = ledger_probe_step(key)
     cdef TableSlot *slots
     cdef int k
     while True:
+        group = (group + step) & group_mask
         slots = t.slots + (group << 2)
         for k in range(4):
             if slots[k].key == key:
@@ -300,9 +301,24 @@ cdef inline TableSlot *table_find_for_insert(const Table *t, uint64_t key, Table
             if slots[k].key == 0:
                 empty[0] = &slots[k]
                 return NULL
-        if step == 0:
-            step = ledger_probe_step(key)
-        group = (group + step) & group_mask
+
+cdef inline TableSlot *table_find_at(const Table *t, uint64_t key, uint64_t group) noexcept nogil:
+    """table_find with the home group already known. `key` must not be 0."""
+    LEDGER_DEBUG_ASSERT(key != 0 and group == table_home_group(t, key))
+    cdef TableSlot *empty
+    return table_walk(t, key, group, &empty)
+
+cdef inline TableSlot *table_find(const Table *t, uint64_t key) noexcept nogil:
+    if key == 0:
+        return NULL   # 0 marks an empty slot: it is never a key (a search for it would "find" an empty slot)
+    return table_find_at(t, key, table_home_group(t, key))
+
+cdef inline TableSlot *table_find_for_insert(const Table *t, uint64_t key, uint64_t group,
+                                             TableSlot **empty) noexcept nogil:
+    """table_find that also hands back the empty slot where `key` would go, so a later insert of the same key
+    (with no other insert in between) needs no second probe walk. `group`: the key's home group."""
+    LEDGER_DEBUG_ASSERT(key != 0 and group == table_home_group(t, key))
+    return table_walk(t, key, group, empty)
 
 cdef inline void table_insert_at(Table *t, TableSlot *empty, uint64_t key, uint64_t value) noexcept nogil:
     LEDGER_ASSERT(empty != NULL and empty.key == 0 and key != 0)
@@ -311,52 +327,26 @@ cdef inline void table_insert_at(Table *t, TableSlot *empty, uint64_t key, uint6
     empty.value = value
     t.count += 1
 
-cdef inline void table_prefetch(const Table *t, uint64_t key) noexcept nogil:
-    ledger_prefetch(t.slots + ((ledger_home_slot(key, t.capacity_log2) >> 2) << 2))
+cdef inline void table_prefetch_group(const Table *t, uint64_t group) noexcept nogil:
+    ledger_prefetch(t.slots + (group << 2))
 
 cdef inline TableSlot *table_insert(Table *t, uint64_t key, uint64_t value) noexcept nogil:
+    """Insert a key that is not in the table."""
     LEDGER_ASSERT(key != 0)
-    LEDGER_ASSERT(t.count < t.count_max)
-    cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
-    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
-    cdef uint64_t step = 0
-    cdef TableSlot *slots
-    cdef int k
-    while True:
-        slots = t.slots + (group << 2)
-        for k in range(4):
-            LEDGER_DEBUG_ASSERT(slots[k].key != key)
-            if slots[k].key == 0:
-                slots[k].key = key
-                slots[k].value = value
-                t.count += 1
-                return &slots[k]
-        if step == 0:
-            step = ledger_probe_step(key)
-        group = (group + step) & group_mask
+    cdef TableSlot *empty
+    cdef TableSlot *found = table_walk(t, key, table_home_group(t, key), &empty)
+    LEDGER_ASSERT(found == NULL)
+    table_insert_at(t, empty, key, value)
+    return empty
 
 cdef inline TableSlot *table_insert_unique(Table *t, uint64_t key, uint64_t value) noexcept nogil:
     """Insert a key that must be new; NULL (and no change) if it is already there. One probe walk for both."""
     LEDGER_ASSERT(key != 0)
-    LEDGER_ASSERT(t.count < t.count_max)
-    cdef uint64_t group_mask = ((<uint64_t>1 << t.capacity_log2) >> 2) - 1
-    cdef uint64_t group = ledger_home_slot(key, t.capacity_log2) >> 2
-    cdef uint64_t step = 0
-    cdef TableSlot *slots
-    cdef int k
-    while True:
-        slots = t.slots + (group << 2)
-        for k in range(4):
-            if slots[k].key == key:
-                return NULL
-            if slots[k].key == 0:
-                slots[k].key = key
-                slots[k].value = value
-                t.count += 1
-                return &slots[k]
-        if step == 0:
-            step = ledger_probe_step(key)
-        group = (group + step) & group_mask
+    cdef TableSlot *empty
+    if table_walk(t, key, table_home_group(t, key), &empty) != NULL:
+        return NULL
+    table_insert_at(t, empty, key, value)
+    return empty
 
 cdef inline void table_remove_newest(Table *t, uint64_t key) noexcept nogil:
     cdef TableSlot *slot = table_find(t, key)
@@ -504,6 +494,15 @@ cdef inline void apply_resolve(AccountHot *debit, AccountHot *credit, const Even
 
 cdef inline AccountHot *account_of(State *s, uint64_t id) noexcept nogil:
     cdef TableSlot *slot = table_find(&s.account_table, id)
+    if slot == NULL:
+        return NULL
+    return &s.accounts[slot.value]
+
+cdef inline AccountHot *account_at(State *s, uint64_t id, uint64_t group) noexcept nogil:
+    """account_of with the id's home group already known (the apply loop's pipeline)."""
+    if id == 0:
+        return NULL
+    cdef TableSlot *slot = table_find_at(&s.account_table, id, group)
     if slot == NULL:
         return NULL
     return &s.accounts[slot.value]
@@ -674,8 +673,10 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
     return R_OK
 
 cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t position, uint64_t offset,
-                                 uint64_t timestamp, AccountHot *debit, AccountHot *credit) noexcept nogil:
-    """debit, credit: the accounts of t.debit_account and t.credit_account, already looked up (NULL: none)."""
+                                 uint64_t timestamp, AccountHot *debit, AccountHot *credit,
+                                 uint64_t id_group) noexcept nogil:
+    """debit, credit: the accounts of t.debit_account and t.credit_account, already looked up (NULL: none);
+    id_group: the home group of t.id in the transfer table."""
     cdef uint16_t flags = t.flags
     cdef uint16_t phase = flags & (FLAG_PENDING | FLAG_POST | FLAG_VOID)
     if (flags & ~TRANSFER_FLAGS_ALL) != 0 or (phase & (phase - 1)) != 0:
@@ -691,7 +692,7 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
     if t.timeout != 0 and phase != FLAG_PENDING:
         return RT_TIMEOUT_RESERVED_FOR_PENDING
     cdef TableSlot *empty = NULL
-    cdef TableSlot *existing = table_find_for_insert(&s.transfer_table, t.id, &empty)
+    cdef TableSlot *existing = table_find_for_insert(&s.transfer_table, t.id, id_group, &empty)
     if existing != NULL:
         return compare_existing(s, existing, t)
     if t.debit_account == 0 or t.debit_account == ID_MAX:
@@ -752,13 +753,13 @@ cdef inline bint row_id_exists(State *s, const Row *row) noexcept nogil:
 
 DEF PREFETCH_TABLES_AHEAD = 16
 DEF PREFETCH_ACCOUNTS_AHEAD = 8
-DEF PREFETCH_RING = 16   # power of two > PREFETCH_ACCOUNTS_AHEAD
+DEF PREFETCH_RING = 32   # power of two > PREFETCH_TABLES_AHEAD
 
 cdef inline void prefetch_tables(State *s, uint64_t debit_account, uint64_t credit_account,
                                  uint64_t transfer_id) noexcept nogil:
-    table_prefetch(&s.account_table, debit_account)
-    table_prefetch(&s.account_table, credit_account)
-    table_prefetch(&s.transfer_table, transfer_id)
+    table_prefetch_group(&s.account_table, table_home_group(&s.account_table, debit_account))
+    table_prefetch_group(&s.account_table, table_home_group(&s.account_table, credit_account))
+    table_prefetch_group(&s.transfer_table, table_home_group(&s.transfer_table, transfer_id))
 
 cdef inline void prefetch_accounts(State *s, uint64_t debit_account, uint64_t credit_account,
                                    AccountHot **debit_out, AccountHot **credit_out) noexcept nogil:
@@ -771,19 +772,58 @@ cdef inline void prefetch_accounts(State *s, uint64_t debit_account, uint64_t cr
     debit_out[0] = debit
     credit_out[0] = credit
 
-cdef inline void prefetch_transfer(State *s, const TransferRow *rows, uint64_t i, uint64_t end,
-                                   AccountHot **debit_hints, AccountHot **credit_hints) noexcept nogil:
-    """Software pipeline for random account access: 16 rows ahead, touch the id-table groups; 8 rows ahead,
-    resolve the (now cached) account slots and touch the account records. The row at hand then finds everything
-    in cache, so the loop is bound by bandwidth rather than by one memory latency after another."""
-    cdef const TransferRow *ahead
+ctypedef struct Pipeline:
+    # Per row, indexed by row & (PREFETCH_RING - 1): the home groups of its debit account, credit account and
+    # transfer id (hashed once, PREFETCH_TABLES_AHEAD rows ahead, when their cache lines are prefetched), and its
+    # account records (resolved PREFETCH_ACCOUNTS_AHEAD rows ahead, when they are prefetched). Transfers never
+    # create or move accounts, so the pointers stay valid for the whole batch.
+    uint64_t debit_group[PREFETCH_RING]
+    uint64_t credit_group[PREFETCH_RING]
+    uint64_t id_group[PREFETCH_RING]
+    AccountHot *debit[PREFETCH_RING]
+    AccountHot *credit[PREFETCH_RING]
+
+cdef inline void pipeline_hash(State *s, Pipeline *p, const TransferRow *row, uint64_t i) noexcept nogil:
+    """Stage 1 for row i: hash its three keys and prefetch their id-table groups."""
+    cdef uint64_t slot = i & (PREFETCH_RING - 1)
+    p.debit_group[slot] = table_home_group(&s.account_table, row.debit_account)
+    p.credit_group[slot] = table_home_group(&s.account_table, row.credit_account)
+    p.id_group[slot] = table_home_group(&s.transfer_table, row.id)
+    table_prefetch_group(&s.account_table, p.debit_group[slot])
+    table_prefetch_group(&s.account_table, p.credit_group[slot])
+    table_prefetch_group(&s.transfer_table, p.id_group[slot])
+
+cdef inline void pipeline_resolve(State *s, Pipeline *p, const TransferRow *row, uint64_t i) noexcept nogil:
+    """Stage 2 for row i: find its accounts in the (now cached) groups and prefetch their records."""
+    cdef uint64_t slot = i & (PREFETCH_RING - 1)
+    cdef AccountHot *debit = account_at(s, row.debit_account, p.debit_group[slot])
+    cdef AccountHot *credit = account_at(s, row.credit_account, p.credit_group[slot])
+    if debit != NULL:
+        ledger_prefetch(debit)
+    if credit != NULL:
+        ledger_prefetch(credit)
+    p.debit[slot] = debit
+    p.credit[slot] = credit
+
+cdef inline void pipeline_fill(State *s, Pipeline *p, const TransferRow *rows, uint64_t i, uint64_t end) noexcept nogil:
+    """Start (or restart, after rows were skipped) the pipeline at row i: rows i .. i + 15 hashed, rows
+    i .. i + 7 resolved, as if the loop had run the stages for them."""
+    cdef uint64_t k
+    for k in range(i, min(i + PREFETCH_TABLES_AHEAD, end)):
+        pipeline_hash(s, p, &rows[k], k)
+    for k in range(i, min(i + PREFETCH_ACCOUNTS_AHEAD, end)):
+        pipeline_resolve(s, p, &rows[k], k)
+
+cdef inline void pipeline_advance(State *s, Pipeline *p, const TransferRow *rows, uint64_t i,
+                                  uint64_t end) noexcept nogil:
+    """Software pipeline for random account access, run once per row i: 16 rows ahead, hash and prefetch the
+    id-table groups; 8 rows ahead, resolve the account slots and prefetch the account records. The row at hand
+    then finds everything in cache, so the loop is bound by bandwidth rather than by one memory latency after
+    another."""
     if i + PREFETCH_TABLES_AHEAD < end:
-        ahead = &rows[i + PREFETCH_TABLES_AHEAD]
-        prefetch_tables(s, ahead.debit_account, ahead.credit_account, ahead.id)
-    cdef uint64_t slot = (i + PREFETCH_ACCOUNTS_AHEAD) & (PREFETCH_RING - 1)
+        pipeline_hash(s, p, &rows[i + PREFETCH_TABLES_AHEAD], i + PREFETCH_TABLES_AHEAD)
     if i + PREFETCH_ACCOUNTS_AHEAD < end:
-        ahead = &rows[i + PREFETCH_ACCOUNTS_AHEAD]
-        prefetch_accounts(s, ahead.debit_account, ahead.credit_account, &debit_hints[slot], &credit_hints[slot])
+        pipeline_resolve(s, p, &rows[i + PREFETCH_ACCOUNTS_AHEAD], i + PREFETCH_ACCOUNTS_AHEAD)
 
 cdef inline void prefetch_event(State *s, uint64_t position, uint64_t end) noexcept nogil:
     """The same pipeline for replay, over journal records instead of rows."""
@@ -806,10 +846,7 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
     cdef uint64_t chain_start = count, chain_position = 0
     cdef bint linked
     cdef uint8_t code
-    # Account records of the rows PREFETCH_ACCOUNTS_AHEAD ahead, resolved by the prefetch pipeline and used when
-    # the row's turn comes: transfers never create or move accounts, so the pointers stay valid in the batch.
-    cdef AccountHot *debit_hints[PREFETCH_RING]
-    cdef AccountHot *credit_hints[PREFETCH_RING]
+    cdef Pipeline pipeline
     # A chain still open at the end of the batch is not evaluated.
     if count > 0 and (rows[count - 1].flags & FLAG_LINKED):
         evaluated_end = count - 1
@@ -820,12 +857,10 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
         results[count - 1] = R_LINKED_CHAIN_OPEN
     i = 0
     if Row is TransferRow:
-        for k in range(min(<uint64_t>PREFETCH_ACCOUNTS_AHEAD, evaluated_end)):
-            debit_hints[k] = account_of(s, rows[k].debit_account)
-            credit_hints[k] = account_of(s, rows[k].credit_account)
+        pipeline_fill(s, &pipeline, rows, 0, evaluated_end)
     while i < evaluated_end:
         if Row is TransferRow:
-            prefetch_transfer(s, rows, i, evaluated_end, debit_hints, credit_hints)
+            pipeline_advance(s, &pipeline, rows, i, evaluated_end)
         linked = (rows[i].flags & FLAG_LINKED) != 0
         if linked and chain_start == count:
             chain_start = i
@@ -834,8 +869,9 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
         if Row is AccountRow:
             code = account_row(s, &rows[i], position, offset, timestamp_base + offset - 1)
         else:
+            k = i & (PREFETCH_RING - 1)
             code = transfer_row(s, &rows[i], position, offset, timestamp_base + offset - 1,
-                                debit_hints[i & (PREFETCH_RING - 1)], credit_hints[i & (PREFETCH_RING - 1)])
+                                pipeline.debit[k], pipeline.credit[k], pipeline.id_group[k])
         results[i] = code
         if code == R_OK:
             position += 1
@@ -858,10 +894,8 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
             i = k + 1
             chain_start = count
             if Row is TransferRow:
-                # The skipped rows' iterations did not run the pipeline: resolve the next rows' hints here.
-                for k in range(i, min(i + PREFETCH_ACCOUNTS_AHEAD, evaluated_end)):
-                    debit_hints[k & (PREFETCH_RING - 1)] = account_of(s, rows[k].debit_account)
-                    credit_hints[k & (PREFETCH_RING - 1)] = account_of(s, rows[k].credit_account)
+                # The skipped rows' iterations did not run the pipeline's stages: restart it at the next row.
+                pipeline_fill(s, &pipeline, rows, i, evaluated_end)
             continue
         if not linked:
             chain_start = count

@@ -105,8 +105,9 @@ static inline uint64_t ledger_mix64(uint64_t x) {
  * land in neighbouring slots and never collide with each other, while ids that differ in their high bits are
  * spread uniformly. The locality is what keeps the id table from costing a cache miss per transfer. */
 static inline uint64_t ledger_home_slot(uint64_t key, uint32_t capacity_log2) {
-    uint64_t mask = (capacity_log2 >= 64) ? ~0ULL : ((1ULL << capacity_log2) - 1);
-    uint64_t high = (capacity_log2 >= 64) ? 0 : (key >> capacity_log2);
+    /* capacity_log2 is at most 40 (TABLE_CAPACITY_LOG2_MAX), so both shifts are defined. */
+    uint64_t mask = (1ULL << capacity_log2) - 1;
+    uint64_t high = key >> capacity_log2;
     return (key ^ ledger_mix64(high + 0x9E3779B97F4A7C15ULL)) & mask;
 }
 
