@@ -755,23 +755,6 @@ DEF PREFETCH_TABLES_AHEAD = 16
 DEF PREFETCH_ACCOUNTS_AHEAD = 8
 DEF PREFETCH_RING = 32   # power of two > PREFETCH_TABLES_AHEAD
 
-cdef inline void prefetch_tables(State *s, uint64_t debit_account, uint64_t credit_account,
-                                 uint64_t transfer_id) noexcept nogil:
-    table_prefetch_group(&s.account_table, table_home_group(&s.account_table, debit_account))
-    table_prefetch_group(&s.account_table, table_home_group(&s.account_table, credit_account))
-    table_prefetch_group(&s.transfer_table, table_home_group(&s.transfer_table, transfer_id))
-
-cdef inline void prefetch_accounts(State *s, uint64_t debit_account, uint64_t credit_account,
-                                   AccountHot **debit_out, AccountHot **credit_out) noexcept nogil:
-    cdef AccountHot *debit = account_of(s, debit_account)
-    cdef AccountHot *credit = account_of(s, credit_account)
-    if debit != NULL:
-        ledger_prefetch(debit)
-    if credit != NULL:
-        ledger_prefetch(credit)
-    debit_out[0] = debit
-    credit_out[0] = credit
-
 ctypedef struct Pipeline:
     # Per row, indexed by row & (PREFETCH_RING - 1): the home groups of its debit account, credit account and
     # transfer id (hashed once, PREFETCH_TABLES_AHEAD rows ahead, when their cache lines are prefetched), and its
@@ -783,21 +766,23 @@ ctypedef struct Pipeline:
     AccountHot *debit[PREFETCH_RING]
     AccountHot *credit[PREFETCH_RING]
 
-cdef inline void pipeline_hash(State *s, Pipeline *p, const TransferRow *row, uint64_t i) noexcept nogil:
-    """Stage 1 for row i: hash its three keys and prefetch their id-table groups."""
+cdef inline void pipeline_hash(State *s, Pipeline *p, uint64_t debit_account, uint64_t credit_account,
+                               uint64_t id, uint64_t i) noexcept nogil:
+    """Stage 1 for row (or event) i: hash its three keys and prefetch their id-table groups."""
     cdef uint64_t slot = i & (PREFETCH_RING - 1)
-    p.debit_group[slot] = table_home_group(&s.account_table, row.debit_account)
-    p.credit_group[slot] = table_home_group(&s.account_table, row.credit_account)
-    p.id_group[slot] = table_home_group(&s.transfer_table, row.id)
+    p.debit_group[slot] = table_home_group(&s.account_table, debit_account)
+    p.credit_group[slot] = table_home_group(&s.account_table, credit_account)
+    p.id_group[slot] = table_home_group(&s.transfer_table, id)
     table_prefetch_group(&s.account_table, p.debit_group[slot])
     table_prefetch_group(&s.account_table, p.credit_group[slot])
     table_prefetch_group(&s.transfer_table, p.id_group[slot])
 
-cdef inline void pipeline_resolve(State *s, Pipeline *p, const TransferRow *row, uint64_t i) noexcept nogil:
-    """Stage 2 for row i: find its accounts in the (now cached) groups and prefetch their records."""
+cdef inline void pipeline_resolve(State *s, Pipeline *p, uint64_t debit_account, uint64_t credit_account,
+                                  uint64_t i) noexcept nogil:
+    """Stage 2 for row (or event) i: find its accounts in the (now cached) groups and prefetch their records."""
     cdef uint64_t slot = i & (PREFETCH_RING - 1)
-    cdef AccountHot *debit = account_at(s, row.debit_account, p.debit_group[slot])
-    cdef AccountHot *credit = account_at(s, row.credit_account, p.credit_group[slot])
+    cdef AccountHot *debit = account_at(s, debit_account, p.debit_group[slot])
+    cdef AccountHot *credit = account_at(s, credit_account, p.credit_group[slot])
     if debit != NULL:
         ledger_prefetch(debit)
     if credit != NULL:
@@ -810,9 +795,9 @@ cdef inline void pipeline_fill(State *s, Pipeline *p, const TransferRow *rows, u
     i .. i + 7 resolved, as if the loop had run the stages for them."""
     cdef uint64_t k
     for k in range(i, min(i + PREFETCH_TABLES_AHEAD, end)):
-        pipeline_hash(s, p, &rows[k], k)
+        pipeline_hash(s, p, rows[k].debit_account, rows[k].credit_account, rows[k].id, k)
     for k in range(i, min(i + PREFETCH_ACCOUNTS_AHEAD, end)):
-        pipeline_resolve(s, p, &rows[k], k)
+        pipeline_resolve(s, p, rows[k].debit_account, rows[k].credit_account, k)
 
 cdef inline void pipeline_advance(State *s, Pipeline *p, const TransferRow *rows, uint64_t i,
                                   uint64_t end) noexcept nogil:
@@ -820,21 +805,23 @@ cdef inline void pipeline_advance(State *s, Pipeline *p, const TransferRow *rows
     id-table groups; 8 rows ahead, resolve the account slots and prefetch the account records. The row at hand
     then finds everything in cache, so the loop is bound by bandwidth rather than by one memory latency after
     another."""
+    cdef const TransferRow *ahead
     if i + PREFETCH_TABLES_AHEAD < end:
-        pipeline_hash(s, p, &rows[i + PREFETCH_TABLES_AHEAD], i + PREFETCH_TABLES_AHEAD)
+        ahead = &rows[i + PREFETCH_TABLES_AHEAD]
+        pipeline_hash(s, p, ahead.debit_account, ahead.credit_account, ahead.id, i + PREFETCH_TABLES_AHEAD)
     if i + PREFETCH_ACCOUNTS_AHEAD < end:
-        pipeline_resolve(s, p, &rows[i + PREFETCH_ACCOUNTS_AHEAD], i + PREFETCH_ACCOUNTS_AHEAD)
+        ahead = &rows[i + PREFETCH_ACCOUNTS_AHEAD]
+        pipeline_resolve(s, p, ahead.debit_account, ahead.credit_account, i + PREFETCH_ACCOUNTS_AHEAD)
 
-cdef inline void prefetch_event(State *s, uint64_t position, uint64_t end) noexcept nogil:
-    """The same pipeline for replay, over journal records instead of rows."""
+cdef inline void pipeline_advance_events(State *s, Pipeline *p, uint64_t position, uint64_t end) noexcept nogil:
+    """The same pipeline for replay, over the journal records of a transfers batch instead of rows."""
     cdef Event *ahead
     if position + PREFETCH_TABLES_AHEAD < end:
         ahead = event_at(s, position + PREFETCH_TABLES_AHEAD)
-        prefetch_tables(s, ahead.debit_account, ahead.credit_account, ahead.id)
-    cdef AccountHot *ignored
+        pipeline_hash(s, p, ahead.debit_account, ahead.credit_account, ahead.id, position + PREFETCH_TABLES_AHEAD)
     if position + PREFETCH_ACCOUNTS_AHEAD < end:
         ahead = event_at(s, position + PREFETCH_ACCOUNTS_AHEAD)
-        prefetch_accounts(s, ahead.debit_account, ahead.credit_account, &ignored, &ignored)
+        pipeline_resolve(s, p, ahead.debit_account, ahead.credit_account, position + PREFETCH_ACCOUNTS_AHEAD)
 
 
 cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *results, uint64_t header_position,
@@ -1035,39 +1022,62 @@ cdef uint64_t run_accounts(State *s, const AccountRow *rows, uint64_t count, uin
 # ---- Replay: the state as a fold over committed batches ------------------------------------------------------
 
 cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
-    """Apply the events of a verified batch. Returns REPLAY_END (0) or REPLAY_INTEGRITY."""
+    """Apply the events of a verified batch. Returns REPLAY_END (0) or REPLAY_INTEGRITY. A batch is either all
+    ACCOUNT events (a create_accounts call) or has none (transfers and expiries), as the writer makes them."""
+    if event_kind(event_at(s, header_position + 1)) == KIND_ACCOUNT:
+        return replay_accounts(s, header_position, count)
+    return replay_transfers(s, header_position, count)
+
+cdef int replay_accounts(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
     cdef uint64_t position
+    cdef Event *e
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    for position in range(header_position + 1, header_position + 1 + count):
+        e = event_at(s, position)
+        if event_kind(e) != KIND_ACCOUNT or event_offset(e) != position - header_position:
+            return REPLAY_INTEGRITY
+        if e.id == 0 or e.id == ID_MAX or table_find(&s.account_table, e.id) != NULL:
+            return REPLAY_INTEGRITY
+        apply_account(s, e, position, header.timestamp + (position - header_position) - 1)
+    return REPLAY_END
+
+cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
+    cdef uint64_t position, slot_index
     cdef Event *e
     cdef uint32_t kind
     cdef AccountHot *debit
     cdef AccountHot *credit
     cdef TableSlot *slot
+    cdef TableSlot *empty
     cdef Event *pending
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
-    cdef uint64_t end = header_position + 1 + count
-    for position in range(header_position + 1, end):
-        prefetch_event(s, position, end)
+    cdef Pipeline pipeline
+    cdef uint64_t first = header_position + 1, end = header_position + 1 + count
+    for position in range(first, min(first + PREFETCH_TABLES_AHEAD, end)):
+        e = event_at(s, position)
+        pipeline_hash(s, &pipeline, e.debit_account, e.credit_account, e.id, position)
+    for position in range(first, min(first + PREFETCH_ACCOUNTS_AHEAD, end)):
+        e = event_at(s, position)
+        pipeline_resolve(s, &pipeline, e.debit_account, e.credit_account, position)
+    for position in range(first, end):
+        pipeline_advance_events(s, &pipeline, position, end)
         e = event_at(s, position)
         kind = event_kind(e)
         if event_offset(e) != position - header_position:
             return REPLAY_INTEGRITY
-        if kind == KIND_ACCOUNT:
-            if e.id == 0 or e.id == ID_MAX or table_find(&s.account_table, e.id) != NULL:
-                return REPLAY_INTEGRITY
-            apply_account(s, e, position, header.timestamp + (position - header_position) - 1)
-            continue
         if kind < KIND_TRANSFER or kind > KIND_EXPIRE or e.amount <= 0:
             return REPLAY_INTEGRITY
-        debit = account_of(s, e.debit_account)
-        credit = account_of(s, e.credit_account)
+        slot_index = position & (PREFETCH_RING - 1)
+        debit = pipeline.debit[slot_index]
+        credit = pipeline.credit[slot_index]
         if debit == NULL or credit == NULL or debit == credit:
             return REPLAY_INTEGRITY
         if debit.last_position != (e.word_a & POSITION_MASK) or credit.last_position != (e.word_b & POSITION_MASK):
             return REPLAY_INTEGRITY
         if kind == KIND_TRANSFER or kind == KIND_PENDING:
-            if table_insert_unique(&s.transfer_table, e.id, position | (<uint64_t>(
-                    STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS)) == NULL:
+            if e.id == 0 or table_walk(&s.transfer_table, e.id, pipeline.id_group[slot_index], &empty) != NULL:
                 return REPLAY_INTEGRITY   # a transfer id applied twice
+            table_insert_at(&s.transfer_table, empty, e.id, position | (<uint64_t>(
+                STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
             apply_transfer(debit, credit, e, position, kind)
             continue
         slot = table_find(&s.transfer_table, e.aux)
@@ -1085,10 +1095,9 @@ cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexce
     return REPLAY_END
 
 cdef uint64_t count_accounts(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
-    cdef uint64_t position, accounts = 0
-    for position in range(header_position + 1, header_position + 1 + count):
-        accounts += event_kind(event_at(s, position)) == KIND_ACCOUNT
-    return accounts
+    """Accounts a batch can create: all of its events if it is an accounts batch (replay_batch checks that every
+    one is), none otherwise. One record read instead of a pass over the batch."""
+    return count if event_kind(event_at(s, header_position + 1)) == KIND_ACCOUNT else 0
 
 cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t *crc_out) noexcept nogil:
     """Classify the record where the next batch header should be."""
