@@ -49,8 +49,11 @@ def demo(arguments: argparse.Namespace) -> int:
     rng = np.random.default_rng(2026)
     settlement = 1
     first = 1_000
+    # Room for everything the demo writes, allocated at open, as a service that knows its size would do.
     with ledger.open(directory, create=True, durability="fsync", accounts_capacity=accounts + 1,
-                     transfers_capacity=accounts + transfers + 10_000) as handle:
+                     transfers_capacity=accounts + transfers + 30_000,
+                     journal_records_reserved=2 * accounts + transfers + 30_000 + 2 * (transfers // batch_size + 1000),
+                     ) as handle:
         started = time.perf_counter()
         assert handle.create_account(settlement, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
         batch = ledger.accounts_batch(accounts)
