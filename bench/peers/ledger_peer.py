@@ -29,26 +29,17 @@ def open_funded(workload: Workload, directory: Path, durability: str, extra_tran
     return handle
 
 
-class LedgerBatchPeer:
-    group = "ledger"
-    per_commit = False
+class _LedgerPeer:
+    """What both ledger rows share: a funded ledger with room for the run, read back by reopening it."""
 
-    def __init__(self, batch_size: int, durability: str) -> None:
-        assert batch_size >= 1 and durability in DURABILITY_WORDS
-        self.step_size = batch_size
-        self.durability = durability
-        self.label = f"ledger transfers(), batch of {batch_size:,}, durability={DURABILITY_WORDS[durability]}"
-        self.handle: ledger.Ledger | None = None
+    group = "ledger"
+    durability: str
 
     def open(self, workload: Workload, directory: Path) -> None:
         self.workload = workload
         self.directory = directory
         self.done = 0
         self.handle = open_funded(workload, directory, self.durability, workload.transfer_count)
-
-    def apply(self, start: int, stop: int) -> None:
-        self.handle.transfers(transfer_rows(self.workload, start, stop))
-        self.done = stop
 
     def state(self) -> PeerState:
         return reopened_state(self, self.workload, self.directory, self.done)
@@ -59,11 +50,25 @@ class LedgerBatchPeer:
             self.handle = None
 
 
-class LedgerSinglePeer:
+class LedgerBatchPeer(_LedgerPeer):
+    per_commit = False
+
+    def __init__(self, batch_size: int, durability: str) -> None:
+        assert batch_size >= 1 and durability in DURABILITY_WORDS
+        self.step_size = batch_size
+        self.durability = durability
+        self.label = f"ledger transfers(), batch of {batch_size:,}, durability={DURABILITY_WORDS[durability]}"
+        self.handle: ledger.Ledger | None = None
+
+    def apply(self, start: int, stop: int) -> None:
+        self.handle.transfers(transfer_rows(self.workload, start, stop))
+        self.done = stop
+
+
+class LedgerSinglePeer(_LedgerPeer):
     """One `transfer()` call per transfer. With durability="fsync" every call syncs: capped like the other
     per-transfer-commit peers."""
 
-    group = "ledger"
     step_size = 8_192
 
     def __init__(self, durability: str) -> None:
@@ -75,28 +80,14 @@ class LedgerSinglePeer:
         self.label = f"ledger transfer(), one call per transfer, durability={DURABILITY_WORDS[durability]}"
         self.handle: ledger.Ledger | None = None
 
-    def open(self, workload: Workload, directory: Path) -> None:
-        self.workload = workload
-        self.directory = directory
-        self.done = 0
-        self.handle = open_funded(workload, directory, self.durability, workload.transfer_count)
-
     def apply(self, start: int, stop: int) -> None:
         transfer = self.handle.transfer
         for id, debit, credit, amount in zip(*self.workload.columns(start, stop)):
             transfer(id, debit, credit, amount)
         self.done = stop
 
-    def state(self) -> PeerState:
-        return reopened_state(self, self.workload, self.directory, self.done)
 
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-
-
-def reopened_state(peer: LedgerBatchPeer | LedgerSinglePeer, workload: Workload, directory: Path,
+def reopened_state(peer: _LedgerPeer, workload: Workload, directory: Path,
                    done: int) -> PeerState:
     peer.close()
     with ledger.open(directory, readonly=True) as reopened:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import numpy as np
 
 from bench.peers.servers import LOOPBACK, POSTGRES_USER
-from bench.peers.workload import PeerState, Workload
+from bench.peers.workload import PeerState, Workload, sql_state
 
 SCHEMA = """
 CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
@@ -106,13 +105,7 @@ class PostgresPeer:
                 assert len(accepted) == stop - start
 
     def state(self) -> PeerState:
-        balance_by_id = dict(self.connection.execute("SELECT id, balance FROM accounts").fetchall())
-        ids = self.workload.all_account_ids().tolist()
-        assert len(balance_by_id) == len(ids)
-        balances = np.array([balance_by_id[id] for id in ids], np.int64)
-        accepted = np.array([row[0] for row in self.connection.execute("SELECT id FROM transfers ORDER BY id")],
-                            np.uint64)
-        return PeerState(balances=balances, accepted_ids=accepted)
+        return sql_state(self.connection, self.workload)
 
     def close(self) -> None:
         if self.connection is not None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import numpy as np
 
-from bench.peers.workload import SETTLEMENT_ID, PeerState, Workload
+from bench.peers.workload import PeerState, Workload, sql_state
 
 SCHEMA = """
 CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
@@ -108,14 +107,7 @@ class SqlitePeer:
                 execute("ROLLBACK")  # nothing changed: no WAL write, no sync
 
     def state(self) -> PeerState:
-        rows = self.connection.execute("SELECT id, balance FROM accounts").fetchall()
-        balance_by_id = dict(rows)
-        ids = self.workload.all_account_ids().tolist()
-        assert ids[0] == SETTLEMENT_ID and len(balance_by_id) == len(ids)
-        balances = np.array([balance_by_id[id] for id in ids], np.int64)
-        accepted = np.array([row[0] for row in self.connection.execute("SELECT id FROM transfers ORDER BY id")],
-                            np.uint64)
-        return PeerState(balances=balances, accepted_ids=accepted)
+        return sql_state(self.connection, self.workload)
 
     def close(self) -> None:
         if self.connection is not None:

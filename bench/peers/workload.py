@@ -109,6 +109,18 @@ class PeerState:
     accepted_ids: np.ndarray  # uint64, sorted: the workload transfers the peer recorded as applied
 
 
+def sql_state(connection, workload: Workload) -> PeerState:
+    """Balances and accepted ids from a SQL peer's `accounts (id, balance)` and `transfers (id, ...)` tables
+    (a DB-API connection whose execute() returns rows: sqlite3, psycopg)."""
+    balance_by_id = dict(connection.execute("SELECT id, balance FROM accounts").fetchall())
+    ids = workload.all_account_ids().tolist()
+    assert ids[0] == SETTLEMENT_ID and len(balance_by_id) == len(ids)
+    balances = np.array([balance_by_id[id] for id in ids], np.int64)
+    accepted = np.array([row[0] for row in connection.execute("SELECT id FROM transfers ORDER BY id").fetchall()],
+                        np.uint64)
+    return PeerState(balances=balances, accepted_ids=accepted)
+
+
 def ledger_state(handle: ledger.Ledger, workload: Workload, transfer_count: int) -> PeerState:
     """Balances and accepted ids as `ledger` records them (accounts in creation order, lookups by id)."""
     accounts = handle.accounts()
