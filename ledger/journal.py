@@ -33,7 +33,7 @@ import numpy as np
 
 from ledger import _core
 from ledger.errors import LedgerCorruptError, LedgerFullError, LedgerLockedError
-from ledger.memory import MADV_POPULATE_READ, MADV_POPULATE_WRITE, anonymous_buffer, populate_pages
+from ledger.memory import MADV_POPULATE_READ, anonymous_buffer, populate_pages
 
 __all__ = [
     "FileJournal",
