@@ -143,7 +143,7 @@ def verify(arguments: argparse.Namespace) -> int:
     if arguments.json:
         print(json.dumps({"ok": report.ok, "batches": report.batches, "events": report.events,
                           "accounts": report.accounts, "transfers": report.transfers, "seconds": report.seconds,
-                          "problems": report.problems}))
+                          "snapshots": report.snapshots, "problems": report.problems}))
     else:
         print(report)
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED

@@ -2,8 +2,8 @@
 
 File `<dir>/snapshots/snapshot-<position:016d>.snapshot` (docs/FORMAT.md, "Snapshot file"): a 4096-byte header
 page, then each state array at a 4096-aligned offset. Written atomically (temporary file, fsync, rename,
-directory fsync). The header carries a CRC32C of the body and a state hash (CRC32C of the account arrays) that
-`verify` recomputes from a replay of the journal.
+directory fsync). The header carries a CRC32C of the body and a state hash (CRC32C of the account arrays), checked
+whenever the file is read; `verify` also compares every snapshot with a replay of the journal to its position.
 
 Stall: `Ledger.snapshot()` holds the writer only for a fork(): the child writes the snapshot from its
 copy-on-write image of the state while the writer goes on (pages the writer modifies meanwhile are copied once

@@ -12,6 +12,7 @@ import pytest
 import ledger
 from crash_workload import Model, accounts, batch
 from ledger.restore import restore
+from ledger.snapshot import read_snapshot, write_snapshot
 
 COUNTERS = ["debits_posted", "credits_posted", "debits_pending", "credits_pending"]
 
@@ -163,3 +164,82 @@ def test_snapshot_counts(tmp_path):
         assert info.accounts == handle.stats()["accounts"]
         assert info.transfers == handle.stats()["transfers"]
         assert np.isfinite(info.write_seconds)
+
+
+# ---- verify checks every snapshot file against the replay at its position --------------------------------------
+
+def rewrite_snapshot(path, change):
+    """Rewrite a snapshot file with `change(arrays)` applied and every checksum and the state hash recomputed:
+    damage that only a comparison with the journal can find."""
+    scalars, arrays, _ = read_snapshot(path)
+    change(arrays)
+    os.unlink(path)
+    write_snapshot(os.path.dirname(os.path.dirname(path)), scalars, arrays, keep=1000, stall_seconds=0.0)
+
+
+def pending_ledger(directory, clock):
+    """Pending transfers with timeouts: 10 still pending, 11 posted, 13 expired; a snapshot after them."""
+    with ledger.open(directory, create=True, clock=clock, segment_records_log2=12) as handle:
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        for transfer_id in (10, 11):
+            handle.transfer(transfer_id, 1, 2, 5, flags=ledger.TransferFlags.PENDING, timeout=3600)
+        handle.transfer(13, 1, 2, 7, flags=ledger.TransferFlags.PENDING, timeout=1)
+        handle.transfer(12, 0, 0, 0, flags=ledger.TransferFlags.POST_PENDING, pending_id=11)
+        clock.advance(2 * 10**9)
+        handle.transfer(14, 1, 2, 1)  # this batch expires 13
+        assert handle.lookup_transfers([10, 11, 13])["state"].tolist() == [2, 3, 5]
+        report = handle.verify()  # the live heap has popped entries that the replayed one still holds
+        assert report.ok, report
+        return handle.snapshot().path
+
+
+def set_transfer_state(transfer_id, state):
+    def change(arrays):
+        slots = arrays["transfer_slots"]
+        slot = np.flatnonzero(slots["key"] == transfer_id)[0]
+        slots["value"][slot] = (int(slots["value"][slot]) & (2**40 - 1)) | (int(state) << 40)
+    return change
+
+
+def drop_expiries(arrays):
+    arrays["expiry_heap"] = arrays["expiry_heap"][:0]
+
+
+def add_to_balance(arrays):
+    arrays["accounts_hot"]["credits_posted"][1] += 1
+    arrays["accounts_hot"]["debits_posted"][0] += 1  # still conserved: only the journal can tell
+
+
+@pytest.mark.parametrize("change, expected", [
+    (set_transfer_state(10, ledger.TransferState.PENDING_VOIDED), "transfer id table"),
+    (drop_expiries, "pending expiries"),
+    (add_to_balance, "debits_posted"),
+])
+def test_verify_compares_each_snapshot_with_the_replay(tmp_path, clock, change, expected):
+    directory = str(tmp_path / "data")
+    path = pending_ledger(directory, clock)
+    rewrite_snapshot(path, change)
+    with ledger.open(directory, readonly=True, clock=clock) as handle:  # loads the rewritten snapshot
+        report = handle.verify()
+    assert not report.ok and report.snapshots == 1
+    assert path in report.problems[0] and expected in report.problems[0], report  # the first divergence
+
+
+def test_verify_reports_a_damaged_snapshot(tmp_path):
+    directory = str(tmp_path / "data")
+    build(directory, 21, snapshot_every=10)
+    newest = sorted(glob.glob(os.path.join(directory, "snapshots", "*.snapshot")))[-1]
+    with ledger.open(directory, readonly=True) as handle:
+        assert handle.verify().ok and handle.verify().snapshots == 2
+    with open(newest, "r+b") as file:
+        file.seek(4096 + 10)
+        byte = file.read(1)
+        file.seek(4096 + 10)
+        file.write(bytes([byte[0] ^ 0x01]))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with ledger.open(directory, readonly=True) as handle:  # skips it, with a warning
+            report = handle.verify()
+    assert not report.ok and len(report.problems) == 1
+    assert newest in report.problems[0] and "body checksum" in report.problems[0]
