@@ -340,9 +340,9 @@ def snapshot(arguments: argparse.Namespace) -> int:
 
 def restore_command(arguments: argparse.Namespace) -> int:
     from ledger.restore import parse_time, print_progress, restore
-    until_time = parse_time(arguments.until_time) if arguments.until_time else None
+    until_time = parse_time(arguments.until_time) if arguments.until_time is not None else None
     result = restore(arguments.source, arguments.destination, until_position=arguments.until,
-                     until_time=until_time, progress=print_progress)
+                     until_time=until_time, progress=print_progress, journal=arguments.journal)
     _print(arguments, {"destination": result.destination, "cut_position": result.cut_position,
                        "last_timestamp": result.last_timestamp, "snapshot": result.snapshot,
                        "verified": result.verified},
@@ -433,12 +433,15 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=snapshot)
     command = commands.add_parser("restore", help="point-in-time restore into a new directory")
-    command.add_argument("source", help="a data directory or one of its snapshot files")
+    command.add_argument("source", help="a data directory, or a snapshot file to start from")
     command.add_argument("destination")
     group = command.add_mutually_exclusive_group()
     group.add_argument("--until", type=integer_in("journal position", 0, POSITION_MAX), metavar="SEQ",
                        help="last journal position to include")
-    group.add_argument("--until-time", metavar="ISO8601", help="last moment to include")
+    group.add_argument("--until-time", metavar="ISO8601",
+                       help="last moment to include (up to 9 fractional digits; no offset means UTC; or 123ns)")
+    command.add_argument("--journal", metavar="DIR",
+                         help="the data directory whose journal to use (default: the snapshot's own)")
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=restore_command)
     command = commands.add_parser("serve", help="run the writer for other processes (ledger.connect)")

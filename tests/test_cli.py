@@ -155,3 +155,24 @@ def test_cli_environment_errors(small_ledger, capsys, monkeypatch, raised, code)
 
     monkeypatch.setattr(ledger, "open", fail)
     assert main_in_process(capsys, ["balance", small_ledger, 2])[0] == code
+
+
+def test_cli_restore_until_time_from_a_named_snapshot(tmp_path):
+    from ledger.history import format_ns
+
+    data = str(tmp_path / "data")
+    with ledger.open(data, create=True) as handle:
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        handle.transfer(10, 1, 2, 5)
+        snapshot = handle.snapshot().path
+        for transfer_id in (11, 12, 13):
+            handle.transfer(transfer_id, 1, 2, 100)
+        moment = format_ns(int(handle.lookup_transfers([12])["timestamp"][0]))  # nanoseconds, UTC
+    restored = run_json("restore", snapshot, tmp_path / "restored", "--until-time", moment)
+    assert restored["verified"] and restored["snapshot"] == snapshot
+    with ledger.open(str(tmp_path / "restored"), readonly=True) as handle:
+        assert handle.balance(2) == 205 and handle.recovered_from is not None
+    refused = run("restore", snapshot, tmp_path / "early", "--until", 1, expect=2)
+    assert "after the cut" in refused.stderr and refused.stderr.count("\n") == 1
+    assert not os.path.exists(tmp_path / "early")

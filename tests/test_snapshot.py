@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import shutil
 import warnings
 
 import numpy as np
@@ -11,7 +12,10 @@ import pytest
 
 import ledger
 from crash_workload import Model, accounts, batch
-from ledger.restore import restore
+import ledger.restore as restore_module
+from ledger.history import format_ns
+from ledger.restore import parse_time, restore
+from model import Model as ReferenceModel
 from ledger.snapshot import read_snapshot, write_snapshot
 
 COUNTERS = ["debits_posted", "credits_posted", "debits_pending", "credits_pending"]
@@ -23,12 +27,15 @@ def same_counters(actual, expected):
         assert actual[name].tolist() == expected[name].tolist(), name
 
 
-def build(directory, batches, snapshot_every, durability="fsync"):
-    """Apply batches 0..batches-1, snapshotting every `snapshot_every`; return the journal end after each batch."""
+def build(directory, batches, snapshot_every, durability="fsync", clock=None):
+    """Apply batches 0..batches-1, snapshotting every `snapshot_every`; return the journal end after each batch.
+    With a clock, it moves 1,000,001 ns before each batch."""
     ends = []
-    with ledger.open(directory, create=True, durability=durability, segment_records_log2=12) as handle:
+    with ledger.open(directory, create=True, durability=durability, segment_records_log2=12, clock=clock) as handle:
         assert not handle.create_accounts(accounts()).any()
         for k in range(batches):
+            if clock is not None:
+                clock.advance(1_000_001)
             handle.transfers(batch(k))
             ends.append(handle.stats()["journal_position"])
             if snapshot_every and (k + 1) % snapshot_every == 0:
@@ -112,10 +119,40 @@ def test_snapshot_from_another_journal_is_rejected(tmp_path):
     assert any("snapshot" in str(warning.message) for warning in caught)
 
 
+class Reference:
+    """The independent reference model (tests/model.py, plain Python) fed the same accounts and batches."""
+
+    def __init__(self):
+        self.model = ReferenceModel()
+        assert not any(self.model.create_accounts(accounts(), now_ns=0))
+        self.applied = 0
+
+    def after(self, batches):
+        assert batches >= self.applied, "the reference only moves forward"
+        while self.applied < batches:
+            self.model.transfers(batch(self.applied), now_ns=0)
+            self.applied += 1
+        return self.model
+
+
+def same_as_reference(directory, reference, batches, checked_batches):
+    """The restored ledger holds exactly the reference's state after `batches` batches: every account's counters
+    and the state of every transfer id of batches 0 .. checked_batches - 1 (later ones must be unknown)."""
+    model = reference.after(batches)
+    with ledger.open(directory) as restored:
+        for row in restored.accounts():
+            expected = model.account(int(row["id"]))
+            assert [int(row[name]) for name in COUNTERS] == [getattr(expected, name) for name in COUNTERS]
+        assert restored.stats()["accounts"] == len(model.accounts)
+        for k in range(checked_batches):
+            ids = batch(k)["id"]
+            assert restored.lookup_transfers(ids)["state"].tolist() == [model.state(int(i)) for i in ids], k
+
+
 def test_point_in_time_restore_equals_the_model(tmp_path):
     directory = str(tmp_path / "data")
-    model = Model()
     ends = build(directory, 30, snapshot_every=8)
+    reference = Reference()
     rng = random.Random(5)
     for k in sorted(rng.sample(range(30), 5)) + [29]:
         destination = str(tmp_path / f"restored-{k}")
@@ -123,22 +160,103 @@ def test_point_in_time_restore_equals_the_model(tmp_path):
         until = ends[k] + (rng.randrange(ends[k + 1] - ends[k] - 1) if k + 1 < 30 else 0)
         result = restore(directory, destination, until_position=until)
         assert result.verified and result.cut_position == ends[k]
-        with ledger.open(destination) as restored:
-            same_counters(restored.accounts(), model.state_after(k + 1))
+        assert result.snapshot is None or int(result.snapshot[-25:-9]) <= ends[k]
+        same_as_reference(destination, reference, k + 1, min(k + 2, 30))
 
 
-def test_restore_until_time(tmp_path):
+def test_restore_until_time_to_the_nanosecond(tmp_path, clock):
+    """--until-time at the last event of batch 6 keeps it, one nanosecond earlier cuts it (batches are atomic);
+    a cut read at microseconds would drop batch 6 in the first case too."""
     directory = str(tmp_path / "data")
-    model = Model()
-    build(directory, 12, snapshot_every=5)
+    build(directory, 12, snapshot_every=5, clock=clock)
     with ledger.open(directory, readonly=True) as handle:
-        last_of_batch_6 = int(handle.lookup_transfers(batch(6)["id"][:1])["timestamp"][0])
-    result = restore(directory, str(tmp_path / "restored"), until_time=last_of_batch_6 + 1000 * 0)
-    # The first row of batch 6 is its first event, so batch 6 is cut unless all its events are at or before.
-    with ledger.open(str(tmp_path / "restored")) as restored:
-        kept = restored.lookup_transfers(batch(6)["id"][:1])["state"][0] != 0
-        same_counters(restored.accounts(), model.state_after(7 if kept else 6))
-    assert result.verified
+        header_position, timestamp, count = handle._engine.batch_headers(1)[7]  # [0] created the accounts
+        last_event_ns = timestamp + count - 1
+    assert last_event_ns % 1000 != 0
+    reference = Reference()
+    for until_ns, kept in ((last_event_ns - 1, 6), (last_event_ns, 7)):
+        destination = str(tmp_path / f"restored-{until_ns}")
+        result = restore(directory, destination, until_time=parse_time(format_ns(until_ns)))
+        assert result.verified and result.cut_position == (header_position + 1 + count if kept == 7
+                                                           else header_position)
+        same_as_reference(destination, reference, kept, 8)
+    with pytest.raises(ValueError, match="not '123'"):
+        parse_time("123")  # a journal position, not a time
+
+
+def test_restore_uses_the_named_snapshot(tmp_path):
+    directory = str(tmp_path / "data")
+    ends = build(directory, 24, snapshot_every=8)
+    snapshots = sorted(glob.glob(os.path.join(directory, "snapshots", "*.snapshot")))
+    assert len(snapshots) == 3
+    result = restore(snapshots[0], str(tmp_path / "r1"), until_position=ends[20])
+    assert result.verified and result.snapshot == snapshots[0] and result.cut_position == ends[20]
+    with ledger.open(str(tmp_path / "r1")) as restored:
+        assert restored.recovered_from.position == ends[7]  # the named one, not the newest at or before the cut
+    same_as_reference(str(tmp_path / "r1"), Reference(), 21, 22)
+    with pytest.raises(ValueError, match="after the cut"):
+        restore(snapshots[2], str(tmp_path / "r2"), until_position=ends[20])
+    # Held outside its data directory: --journal names the journal.
+    outside = str(tmp_path / "kept" / "copy.snapshot")
+    os.makedirs(os.path.dirname(outside))
+    shutil.copyfile(snapshots[1], outside)
+    with pytest.raises(FileNotFoundError, match="--journal"):
+        restore(outside, str(tmp_path / "r3"))
+    result = restore(outside, str(tmp_path / "r3"), journal=directory)
+    assert result.verified and result.snapshot == outside and result.cut_position == ends[-1]
+    with pytest.raises(ValueError, match="does not belong"):  # another journal
+        build(str(tmp_path / "other"), 24, snapshot_every=0)  # same positions, other timestamps
+        restore(outside, str(tmp_path / "r4"), journal=str(tmp_path / "other"))
+    assert not [name for name in os.listdir(tmp_path) if "restoring" in name or name in ("r2", "r4")]
+
+
+def flip_body_byte(path):
+    with open(path, "r+b") as file:
+        file.seek(4096 + 10)
+        byte = file.read(1)
+        file.seek(4096 + 10)
+        file.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_restore_checks_the_snapshot_it_copies(tmp_path):
+    directory = str(tmp_path / "data")
+    ends = build(directory, 24, snapshot_every=8)
+    snapshots = sorted(glob.glob(os.path.join(directory, "snapshots", "*.snapshot")))
+    flip_body_byte(snapshots[1])
+    with pytest.raises(ledger.LedgerCorruptError, match="body checksum"):
+        restore(snapshots[1], str(tmp_path / "named"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = restore(directory, str(tmp_path / "skipped"), until_position=ends[20])
+    assert result.verified and result.snapshot == snapshots[0]  # the damaged newer one was skipped
+    assert any("snapshot skipped" in str(warning.message) for warning in caught)
+
+
+def test_restore_fsyncs_what_it_writes(tmp_path, monkeypatch):
+    """Every file and directory the restore creates is fsynced before the rename that publishes it."""
+    directory = str(tmp_path / "data")
+    ends = build(directory, 12, snapshot_every=5)
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    destination = str(tmp_path / "restored")
+    result = restore(directory, destination, until_position=ends[9])
+    monkeypatch.undo()
+    staging = {os.path.dirname(path) for path in synced if path.endswith(".segment")}
+    assert len(staging) == 1
+    staging = staging.pop().removesuffix("/journal")
+    assert ".restored.restoring-" in staging and not os.path.exists(staging)
+    written = [os.path.join("journal", name) for name in os.listdir(os.path.join(destination, "journal"))]
+    assert result.segments_copied == len(written) > 1
+    for relative in written + ["journal", "snapshots", ""]:
+        assert os.path.normpath(os.path.join(staging, relative)) in synced, relative
+    assert any(path.startswith(staging + "/snapshots/.snapshot-") for path in synced)  # before its rename
+    assert str(tmp_path) in synced  # the parent, after the rename
 
 
 def test_restore_refuses_existing_destination(tmp_path):
@@ -147,6 +265,19 @@ def test_restore_refuses_existing_destination(tmp_path):
     os.makedirs(tmp_path / "exists")
     with pytest.raises(FileExistsError):
         restore(directory, str(tmp_path / "exists"))
+
+
+def test_failed_restore_leaves_nothing(tmp_path, monkeypatch):
+    directory = str(tmp_path / "data")
+    build(directory, 2, snapshot_every=0)
+
+    def disk_full(*arguments):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(restore_module, "_copy_segment", disk_full)
+    with pytest.raises(OSError):
+        restore(directory, str(tmp_path / "restored"))
+    assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
 def test_snapshot_of_memory_ledger_is_an_error():
