@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import os
+import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
@@ -295,16 +296,20 @@ class Ledger:
 
     def snapshot(self, wait: bool = True, keep: int = KEEP_DEFAULT) -> "SnapshotInfo | SnapshotJob":
         """Write the whole state at the current journal position to <dir>/snapshots/, keeping the newest `keep`.
-        The writer is held only while the state is copied in memory; the file is written and fsynced by a
-        background thread. wait=False returns the job (`.wait()` gives the SnapshotInfo)."""
+        The writer is held for a flush of the journal and a fork() (`stall_seconds`); the forked child writes and
+        fsyncs the file from its copy-on-write image of the state. wait=True returns the SnapshotInfo once the
+        file is durable, so the caller also waits for the write (about 1 s per 10M accounts); wait=False returns
+        the SnapshotJob at once and the writer may go on while the child writes (`.wait()` gives the info)."""
         self._check_open()
         if self.path is None:
             raise ValueError("an in-memory ledger has no directory to snapshot into")
         if not 1 <= keep <= 1000:
             raise ValueError(f"keep must be in [1, 1000], got {keep}")
+        held_since = time.perf_counter()
         self.flush()  # the journal is durable at least up to the snapshot, so a snapshot never runs ahead of it
         scalars, views = self._engine.state_views()
-        job = SnapshotJob(self.path, scalars, views, keep)
+        job = SnapshotJob(self.path, scalars, views, keep, held_since=held_since,
+                          lock_fd=getattr(self._journal, "_lock_fd", None))
         return job.wait() if wait else job
 
     def _poison(self) -> None:

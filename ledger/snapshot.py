@@ -5,10 +5,16 @@ page, then each state array at a 4096-aligned offset. Written atomically (tempor
 directory fsync). The header carries a CRC32C of the body and a state hash (CRC32C of the account arrays), checked
 whenever the file is read; `verify` also compares every snapshot with a replay of the journal to its position.
 
-Stall: `Ledger.snapshot()` holds the writer only for a fork(): the child writes the snapshot from its
-copy-on-write image of the state while the writer goes on (pages the writer modifies meanwhile are copied once
-by the kernel). The alternative, copying the arrays first, measured ~1 GB/s here because the copy's pages must
-be faulted in; fork copies only page tables."""
+Stall: `Ledger.snapshot()` holds the writer for a flush of the journal and a fork(); the child writes the
+snapshot from its copy-on-write image of the state while the writer goes on (pages the writer modifies meanwhile
+are copied once by the kernel). That is what `stall_seconds` measures. With `wait=True` (the default) the caller
+then waits for the child, so the call as a whole takes the write time as well; `wait=False` returns the job at
+once. The alternative, copying the arrays first, measured ~1 GB/s here because the copy's pages must be faulted
+in; fork copies only page tables.
+
+Fork safety: the writer's journal threads (flusher, segment preparation) may run during the fork. The child uses
+none of their locks: it runs only write_snapshot (numpy views, CRC32C in C, os-level file calls) and leaves with
+os._exit, so a lock held by another thread at the moment of the fork is never waited for in the child."""
 from __future__ import annotations
 
 import dataclasses
@@ -200,16 +206,35 @@ def load_into(path: str, position: int, engine: Any) -> SnapshotInfo:
                         scalars["transfer_count"], os.path.getsize(path), 0.0, time.perf_counter() - started)
 
 
+def _drop_inherited_lock(lock_fd: int) -> None:
+    """In the forked child: let go of the writer's LOCK. The child shares the writer's open file description, and an
+    flock lasts until every descriptor of it is closed, so a writer killed mid-snapshot would leave the directory
+    locked (LedgerLockedError on restart) until the child finished. dup2 of /dev/null over it rather than close:
+    the number stays taken, so no file the child opens can reuse it while a Python object still thinks it owns
+    it."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, lock_fd)
+    finally:
+        os.close(null)
+
+
 class SnapshotJob:
     """A snapshot written by a forked child from a copy-on-write image of the state (as Redis does): the writer
     is held only for the fork. `wait()` returns its SnapshotInfo (or raises its error)."""
 
-    def __init__(self, directory: str, scalars: dict[str, int], views: dict[str, np.ndarray], keep: int) -> None:
+    def __init__(self, directory: str, scalars: dict[str, int], views: dict[str, np.ndarray], keep: int, *,
+                 held_since: float | None = None, lock_fd: int | None = None) -> None:
+        """held_since: time.perf_counter() when the writer was first held for this snapshot (before its journal
+        flush), so that stall_seconds covers the whole hold. lock_fd: the writer's LOCK descriptor, which the
+        child must not keep (see _drop_inherited_lock)."""
         read_end, write_end = os.pipe()
-        started = time.perf_counter()
+        started = time.perf_counter() if held_since is None else held_since
         pid = os.fork()
         if pid == 0:  # the child: write, report, and leave without running any parent clean-up
             os.close(read_end)
+            if lock_fd is not None:
+                _drop_inherited_lock(lock_fd)
             status = 0
             try:
                 info = write_snapshot(directory, scalars, views, keep, 0.0)

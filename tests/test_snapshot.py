@@ -5,6 +5,8 @@ import glob
 import os
 import random
 import shutil
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import ledger
 from crash_workload import Model, accounts, batch
 import ledger.restore as restore_module
+import ledger.snapshot as snapshot_module
 from ledger.history import format_ns
 from ledger.restore import parse_time, restore
 from model import Model as ReferenceModel
@@ -374,3 +377,49 @@ def test_verify_reports_a_damaged_snapshot(tmp_path):
             report = handle.verify()
     assert not report.ok and len(report.problems) == 1
     assert newest in report.problems[0] and "body checksum" in report.problems[0]
+
+
+# ---- what the writer is held for, and what a killed writer leaves behind ---------------------------------------
+
+def test_stall_seconds_include_the_journal_flush(tmp_path):
+    with ledger.open(str(tmp_path / "data"), create=True, durability="os") as handle:
+        handle.create_accounts(accounts())
+        real_flush = handle._journal.flush
+
+        def slow_flush():
+            time.sleep(0.05)
+            real_flush()
+
+        handle._journal.flush = slow_flush
+        info = handle.snapshot()
+    assert info.stall_seconds >= 0.05  # the writer waits for the flush as much as for the fork
+
+
+def test_snapshot_child_does_not_keep_the_writer_lock(tmp_path, monkeypatch):
+    """A writer killed while its child still writes a snapshot must be reopenable at once: the child lets go of
+    the LOCK it inherited (an flock lasts while any descriptor of it is open)."""
+    directory = str(tmp_path / "data")
+    real_write = snapshot_module.write_snapshot
+
+    def slow_write(*arguments, **options):  # runs in the child
+        time.sleep(1.0)
+        return real_write(*arguments, **options)
+
+    monkeypatch.setattr(snapshot_module, "write_snapshot", slow_write)
+    handle = ledger.open(directory, create=True)
+    handle.create_accounts(accounts())
+    job = handle.snapshot(wait=False)
+    handle.close()  # as if the writer died: its own descriptor of LOCK is gone, the child's is not
+    reopened = None
+    deadline = time.monotonic() + 0.5  # the child lets go first thing; it writes for a second after that
+    while reopened is None:
+        try:
+            reopened = ledger.open(directory)
+        except ledger.LedgerLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    with reopened:
+        assert not job.done()
+        assert reopened.stats()["accounts"] == accounts().shape[0]
+    job.wait()
