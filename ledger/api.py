@@ -21,7 +21,15 @@ from ledger.enums import (
     TransferResult,
 )
 from ledger.errors import LedgerClosedError, LedgerCorruptError, LedgerPoisonedError
-from ledger.snapshot import KEEP_DEFAULT, SnapshotInfo, SnapshotJob, list_snapshots, load_into
+from ledger.snapshot import (
+    KEEP_DEFAULT,
+    SnapshotInfo,
+    SnapshotJob,
+    list_snapshots,
+    load_into,
+    remove_unfinished,
+    snapshot_bytes,
+)
 from ledger.journal import (
     FLUSH_INTERVAL_MS_DEFAULT,
     SEGMENT_RECORDS_LOG2_DEFAULT,
@@ -271,6 +279,7 @@ class Ledger:
             "last_timestamp": engine.last_timestamp,
             "pending_expiries_scheduled": engine.pending_expiry_count,
             **{f"memory_{name}_bytes": size for name, size in engine.memory_bytes().items()},
+            **_disk_bytes(self.path),
         }
 
     # -- durability and audit --
@@ -403,6 +412,8 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
                           fault_injector=fault_injector, sync_each_commit=sync_each_commit)
     engine = None
     try:
+        if not readonly:
+            remove_unfinished(os.fspath(path))  # we hold the writer lock: no snapshot of ours is being written
         def new_engine() -> _core.Engine:
             fresh = _core.Engine(journal.segment_records_log2, journal.segment,
                                  after_commit=journal.after_commit if durability == "fsync" else None, clock=clock,
@@ -443,3 +454,12 @@ def _engine_from_snapshot(directory: str, new_engine: Callable[[], _core.Engine]
             engine.close()
             engine = new_engine()
     return engine, None
+
+
+def _disk_bytes(path: str | None) -> dict[str, int]:
+    """Bytes of the journal segment files and of the snapshot files on disk (0 for an in-memory ledger)."""
+    if path is None:
+        return {"disk_journal_bytes": 0, "disk_snapshot_bytes": 0}
+    with os.scandir(os.path.join(path, "journal")) as entries:
+        journal_bytes = sum(entry.stat().st_size for entry in entries if entry.name.endswith(".segment"))
+    return {"disk_journal_bytes": journal_bytes, "disk_snapshot_bytes": snapshot_bytes(path)}

@@ -31,7 +31,7 @@ from ledger import _core
 from ledger.errors import LedgerCorruptError
 
 __all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "state_hash",
-           "SNAPSHOT_FORMAT_VERSION"]
+           "remove_unfinished", "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION"]
 
 SNAPSHOT_MAGIC = b"LDGRSNP\x00"
 SNAPSHOT_FORMAT_VERSION = 1
@@ -86,6 +86,26 @@ def list_snapshots(directory: str) -> list[tuple[int, str]]:
             except ValueError:
                 continue
     return sorted(found, reverse=True)
+
+
+def snapshot_bytes(directory: str) -> int:
+    """Bytes of the snapshot files on disk."""
+    return sum(os.path.getsize(path) for _, path in list_snapshots(directory))
+
+
+def remove_unfinished(directory: str) -> int:
+    """Delete temporary files of snapshot writes that never finished (a writer or its child killed mid-write);
+    returns how many. Call only with the writer lock held: then no snapshot of this directory is being written,
+    except by the orphaned child of a killed writer, whose rename then fails and whose snapshot is simply lost."""
+    folder = snapshot_directory(directory)
+    if not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for name in os.listdir(folder):
+        if name.startswith(".snapshot-") and name.endswith(".tmp"):
+            os.unlink(os.path.join(folder, name))
+            removed += 1
+    return removed
 
 
 def _layout(arrays: dict[str, np.ndarray]) -> list[tuple[int, int]]:

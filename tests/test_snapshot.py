@@ -423,3 +423,20 @@ def test_snapshot_child_does_not_keep_the_writer_lock(tmp_path, monkeypatch):
         assert not job.done()
         assert reopened.stats()["accounts"] == accounts().shape[0]
     job.wait()
+
+
+def test_unfinished_snapshot_files_are_removed_by_the_next_writer(tmp_path):
+    directory = str(tmp_path / "data")
+    build(directory, 2, snapshot_every=2)
+    leftover = os.path.join(directory, "snapshots", ".snapshot-0000000000000099.tmp")
+    with open(leftover, "wb") as file:
+        file.write(b"half a snapshot")
+    with ledger.open(directory, readonly=True):
+        assert os.path.exists(leftover)  # a reader changes nothing on disk
+    with ledger.open(directory) as handle:
+        assert not os.path.exists(leftover)
+        figures = handle.stats()
+    snapshot_files = glob.glob(os.path.join(directory, "snapshots", "*.snapshot"))
+    assert figures["disk_snapshot_bytes"] == sum(os.path.getsize(path) for path in snapshot_files) > 0
+    segment_files = glob.glob(os.path.join(directory, "journal", "*.segment"))
+    assert figures["disk_journal_bytes"] == sum(os.path.getsize(path) for path in segment_files) > 0
