@@ -440,3 +440,26 @@ def test_unfinished_snapshot_files_are_removed_by_the_next_writer(tmp_path):
     assert figures["disk_snapshot_bytes"] == sum(os.path.getsize(path) for path in snapshot_files) > 0
     segment_files = glob.glob(os.path.join(directory, "journal", "*.segment"))
     assert figures["disk_journal_bytes"] == sum(os.path.getsize(path) for path in segment_files) > 0
+
+
+def test_replay_at_open_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """Replay in slices with a bar (forced on here, with tiny slices) reaches the same state and still finds a
+    torn tail."""
+    import ledger.api as api_module
+
+    directory = str(tmp_path / "data")
+    model = Model()
+    build(directory, 12, snapshot_every=0)
+    with ledger.open(directory, readonly=True) as handle:
+        end = handle.stats()["journal_position"]
+    segment = os.path.join(directory, "journal", f"{end >> 12:08d}.segment")  # 2**12 records per segment
+    with open(segment, "r+b") as file:  # a torn tail: a header without its commit word, after the last batch
+        file.seek(4096 + (end & 4095) * 64)
+        file.write(b"\x4c\x44\x47\x52" + b"\x01" * 60)
+    monkeypatch.setattr(api_module, "REPLAY_SLICE_RECORDS", 300)
+    monkeypatch.setattr(api_module, "REPLAY_PROGRESS_RECORDS_MIN", 1)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with ledger.open(directory) as handle:
+        assert handle._journal.torn_records_zeroed > 0 and handle.stats()["journal_position"] == end
+        same_counters(handle.accounts(), model.state_after(12))
+    assert "replay [" in capsys.readouterr().err
