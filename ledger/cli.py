@@ -1,5 +1,5 @@
 """The `ledger` command line: `python -m ledger demo | verify DIR | stats DIR | balance DIR ID [--at X] |
-history DIR ID | explain DIR ID`. A moment X is a journal position (`12345`), an ISO-8601 time
+history DIR ID | explain DIR ID [--vs OTHER_ID]`. A moment X is a journal position (`12345`), an ISO-8601 time
 (`2024-05-01T12:00:00.123456789Z`; without an offset it is UTC) or nanoseconds since the epoch
 (`1714564800000000000ns`).
 
@@ -28,6 +28,7 @@ from ledger.progress import Progress
 # By name from the module: `ledger.history` the attribute may be the package's export rather than the module.
 from ledger.history import At, account_at, row_to_dict, rows_to_text
 from ledger.history import explain as explain_account
+from ledger.history import explain_difference
 from ledger.history import history as account_history
 
 EXIT_OK = 0
@@ -279,7 +280,12 @@ def history(arguments: argparse.Namespace) -> int:
 
 
 def explain(arguments: argparse.Namespace) -> int:
-    """`explain DIR ID`: opening balance, the events, closing balance, and whether it all adds up (exit 1 if not)."""
+    """`explain DIR ID`: opening balance, the events, closing balance, and whether it all adds up (exit 1 if not).
+    With `--vs OTHER_ID`: why the two balances differ (history.explain_difference)."""
+    if arguments.vs is not None:
+        return explain_versus(arguments)
+    if arguments.vs_until is not None:
+        raise UsageError("--vs-until needs --vs OTHER_ID")
     since, until = _moment(arguments.since), _moment(arguments.until)
     with ledger.open(arguments.dir, readonly=True) as handle:
         try:
@@ -288,6 +294,23 @@ def explain(arguments: argparse.Namespace) -> int:
             return _account_error(error)
     print(json.dumps(explanation.to_dict()) if arguments.json else explanation.to_text())
     return EXIT_OK if explanation.ok else EXIT_VERIFY_FAILED
+
+
+def explain_versus(arguments: argparse.Namespace) -> int:
+    """`explain DIR ID --vs OTHER_ID [--until X] [--vs-until Y]`: account ID at X against account OTHER_ID at Y
+    (default: the same moment; both default to now), each explained by its events from its creation; the
+    difference is balance(ID) - balance(OTHER_ID). Exit 1 if either explanation does not add up."""
+    if arguments.since is not None:
+        raise UsageError("--since does not combine with --vs: each account is explained from its creation")
+    until = _moment(arguments.until)
+    other_until = until if arguments.vs_until is None else _moment(arguments.vs_until)
+    with ledger.open(arguments.dir, readonly=True) as handle:
+        try:
+            difference = explain_difference(handle, arguments.id, arguments.vs, at_a=until, at_b=other_until)
+        except KeyError as error:
+            return _account_error(error)
+    print(json.dumps(difference.to_dict()) if arguments.json else difference.to_text())
+    return EXIT_OK if difference.ok else EXIT_VERIFY_FAILED
 
 
 def bench(arguments: argparse.Namespace) -> int:
@@ -399,6 +422,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "history":
             command.add_argument("--limit", type=integer_in("limit", 0, POSITION_MAX), metavar="N",
                                  help="only the newest N events of the range")
+        else:
+            command.add_argument("--vs", type=ACCOUNT_ID, metavar="OTHER_ID",
+                                 help="why this account's balance (at --until) differs from OTHER_ID's")
+            command.add_argument("--vs-until", metavar="Y", help="OTHER_ID's moment (default: the same as --until)")
         command.add_argument("--json", action="store_true")
         command.set_defaults(handler=handler)
     command = commands.add_parser("init", help="create an empty ledger directory")
