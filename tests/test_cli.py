@@ -176,3 +176,33 @@ def test_cli_restore_until_time_from_a_named_snapshot(tmp_path):
     refused = run("restore", snapshot, tmp_path / "early", "--until", 1, expect=2)
     assert "after the cut" in refused.stderr and refused.stderr.count("\n") == 1
     assert not os.path.exists(tmp_path / "early")
+
+
+def test_cli_verify_and_explain_fail_on_a_snapshot_that_differs_from_the_journal(tmp_path):
+    """Exit 1 (verification failed), naming the snapshot: first one rewritten with valid checksums and a balance
+    the journal does not give, then one with a damaged body (skipped at open with a one-line warning)."""
+    from ledger.snapshot import read_snapshot, write_snapshot
+
+    data = str(tmp_path / "data")
+    with ledger.open(data, create=True) as handle:
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        handle.transfer(10, 1, 2, 5)
+        path = handle.snapshot().path
+    scalars, arrays, _ = read_snapshot(path)
+    arrays["accounts_hot"]["credits_posted"][1] += 1
+    arrays["accounts_hot"]["debits_posted"][0] += 1
+    os.unlink(path)
+    write_snapshot(data, scalars, arrays, keep=3, stall_seconds=0.0)
+    explained = run("explain", data, 2, expect=1)
+    assert "FAILED" in explained.stdout and "folding the journal gives" in explained.stdout
+    verified = run("verify", data, expect=1)
+    assert "verify FAILED" in verified.stdout and f"problem: account 1: debits_posted is 6 in {path}" in verified.stdout
+    with open(path, "r+b") as file:
+        file.seek(4096)
+        byte = file.read(1)
+        file.seek(4096)
+        file.write(bytes([byte[0] ^ 0x01]))
+    verified = run("verify", data, expect=1)
+    assert f"problem: {path}: snapshot body checksum mismatch" in verified.stdout
+    assert verified.stderr.count("\n") == 1 and "snapshot skipped" in verified.stderr
