@@ -197,7 +197,8 @@ def test_cli_verify_and_explain_fail_on_a_snapshot_that_differs_from_the_journal
     explained = run("explain", data, 2, expect=1)
     assert "FAILED" in explained.stdout and "folding the journal gives" in explained.stdout
     verified = run("verify", data, expect=1)
-    assert "verify FAILED" in verified.stdout and f"problem: account 1: debits_posted is 6 in {path}" in verified.stdout
+    assert "verify FAILED" in verified.stdout
+    assert f"problem: account 1: debits_posted is 6 in {path}" in verified.stdout  # the first divergence
     with open(path, "r+b") as file:
         file.seek(4096)
         byte = file.read(1)
