@@ -463,3 +463,67 @@ def test_replay_at_open_shows_progress_on_a_terminal(tmp_path, monkeypatch, caps
         assert handle._journal.torn_records_zeroed > 0 and handle.stats()["journal_position"] == end
         same_counters(handle.accounts(), model.state_after(12))
     assert "replay [" in capsys.readouterr().err
+
+
+# ---- docs/FORMAT.md "Snapshot file", read independently of ledger.snapshot ----------------------------------
+
+MASK64 = 2**64 - 1
+
+
+def mix(value):
+    value ^= value >> 30
+    value = (value * 0xBF58476D1CE4E5B9) & MASK64
+    value ^= value >> 27
+    value = (value * 0x94D049BB133111EB) & MASK64
+    return value ^ (value >> 31)
+
+
+def find_slot(keys, key):
+    """The probe walk exactly as FORMAT.md describes it: the slot holding `key`, or None at an empty slot."""
+    capacity_log2 = keys.size.bit_length() - 1
+    group = ((key ^ mix(((key >> capacity_log2) + 0x9E3779B97F4A7C15) & MASK64)) & (keys.size - 1)) >> 2
+    step = (mix(key ^ 0xD6E8FEB86659FD93) >> 7) | 1
+    for _ in range(keys.size // 4):
+        for slot in range(group * 4, group * 4 + 4):
+            if int(keys[slot]) in (key, 0):
+                return slot if int(keys[slot]) == key else None
+        group = (group + step) % (keys.size // 4)
+    return None
+
+
+def test_snapshot_file_matches_format_md(tmp_path, clock):
+    import struct
+
+    from ledger._core import crc32c
+
+    path = pending_ledger(str(tmp_path / "data"), clock)
+    raw = open(path, "rb").read()
+    fields = struct.unpack_from("<8sII7QII10Q", raw, 0)
+    assert fields[:2] == (b"LDGRSNP\x00", 1) and fields[2] == 12
+    assert struct.unpack_from("<I", raw, 160)[0] == crc32c(raw[:160]) and not any(raw[164:4096])
+    write_position, account_count, transfer_count = fields[3], fields[7], fields[8]
+    assert path.endswith(f"snapshot-{write_position:016d}.snapshot")
+    entry_bytes = (64, 32, 16, 16, 16)
+    offset, body, sections = 4096, 0, []
+    for index, size in enumerate(entry_bytes):
+        start, count = fields[12 + 2 * index], fields[13 + 2 * index]
+        assert start == offset
+        sections.append(raw[start:start + count * size])
+        body = crc32c(sections[-1], body)
+        offset += (count * size + 4095) // 4096 * 4096
+    assert len(raw) == start + count * size
+    assert fields[11] == body and fields[10] == crc32c(sections[1], crc32c(sections[0]))
+    hot = np.frombuffer(sections[0], "<i8").reshape(account_count, 8)
+    cold = np.frombuffer(sections[1], "<u8").reshape(account_count, 4)
+    with ledger.open(str(tmp_path / "data"), readonly=True) as handle:
+        assert hot[:, 1].tolist() == handle.accounts()["credits_posted"].tolist()
+        assert cold[:, 0].tolist() == handle.accounts()["id"].tolist()
+    for index, expected_count in ((2, account_count), (3, transfer_count)):
+        slots = np.frombuffer(sections[index], "<u8").reshape(-1, 2)
+        keys = slots[:, 0]
+        assert int(np.count_nonzero(keys)) == expected_count
+        for slot in np.flatnonzero(keys):
+            assert find_slot(keys, int(keys[slot])) == slot
+    transfers = np.frombuffer(sections[3], "<u8").reshape(-1, 2)
+    states = {int(key): int(value) >> 40 for key, value in transfers if key}
+    assert {key: states[key] for key in (10, 11, 13)} == {10: 2, 11: 3, 13: 5}
