@@ -53,7 +53,7 @@ class VerifyReport:
 
     def __str__(self) -> str:
         status = "OK" if self.ok else "FAILED"
-        lines = [f"verify {status}: {self.events} events in {self.batches} batches replayed in {self.seconds:.3f} s "
+        lines = [f"verify {status}: {self.events} events in {self.batches} batches replayed and checked in {self.seconds:.3f} s "
                  f"({self.events_per_second:,.0f} events/s); {self.accounts} accounts, {self.transfers} transfers; "
                  f"{self.snapshots} snapshots checked"]
         lines += [f"  problem: {problem}" for problem in self.problems]
@@ -206,11 +206,16 @@ def _snapshots_to_check(directory: str | None, end: int) -> tuple[list[tuple[int
     return sorted(found[:SNAPSHOTS_CHECKED_MAX]), problems
 
 
-def _check_snapshot(rebuilt: _core.Engine, position: int, path: str) -> list[str]:
+def _check_snapshot(rebuilt: _core.Engine, position: int, path: str) -> list[str] | None:
     """Read one snapshot file (its checksums and state hash are checked on the way) and compare it with the
-    replayed state, which stopped at the last batch boundary at or before the position in the file's name."""
+    replayed state, which stopped at the last batch boundary at or before the position in the file's name.
+    Reads the whole file into memory (as large as the state) for the comparison, one snapshot at a time.
+    None: the file is gone (deleted since it was listed: a writer beside this read-only verify keeps only its
+    newest), so there is nothing to check."""
     try:
         scalars, arrays, _ = read_snapshot(path)
+    except FileNotFoundError:
+        return None
     except (LedgerCorruptError, OSError, ValueError, MemoryError) as error:
         message = str(error)
         return [message if path in message else f"{path}: {message}"]
@@ -232,7 +237,7 @@ def verify_live(handle: "Ledger") -> VerifyReport:
                            account_capacity=live.account_count, transfer_capacity=live.transfer_count)
     try:
         rebuilt.map_through(end)
-        batches = events = 0
+        batches = events = checked = 0
         reason = REPLAY_END
         with Progress(end, "verify", "records") as progress:
             # Stop at every snapshot's position on the way: the order of `problems` is the order of positions,
@@ -243,8 +248,10 @@ def verify_live(handle: "Ledger") -> VerifyReport:
                 events += stop_events
                 if reason != REPLAY_END:
                     break
-                if path is not None:
-                    problems += _check_snapshot(rebuilt, stop, path)
+                found = None if path is None else _check_snapshot(rebuilt, stop, path)
+                if found is not None:
+                    problems += found
+                    checked += 1
         seconds = time.perf_counter() - started
         if rebuilt.write_position != end:
             problems.append(f"replay stopped at journal position {rebuilt.write_position} "
@@ -254,7 +261,7 @@ def verify_live(handle: "Ledger") -> VerifyReport:
         hot, _ = rebuilt.account_arrays()
         problems += check_invariants(hot)
         return VerifyReport(not problems, batches, events, int(hot.shape[0]), int(rebuilt.transfer_count),
-                            seconds, problems, len(snapshots))
+                            seconds, problems, checked)
     finally:
         rebuilt.readonly = True
         rebuilt.close()
