@@ -53,9 +53,9 @@ class VerifyReport:
 
     def __str__(self) -> str:
         status = "OK" if self.ok else "FAILED"
-        lines = [f"verify {status}: {self.events} events in {self.batches} batches replayed and checked in {self.seconds:.3f} s "
-                 f"({self.events_per_second:,.0f} events/s); {self.accounts} accounts, {self.transfers} transfers; "
-                 f"{self.snapshots} snapshots checked"]
+        lines = [f"verify {status}: {self.events} events in {self.batches} batches replayed and checked in "
+                 f"{self.seconds:.3f} s ({self.events_per_second:,.0f} events/s); {self.accounts} accounts, "
+                 f"{self.transfers} transfers; {self.snapshots} snapshots checked"]
         lines += [f"  problem: {problem}" for problem in self.problems]
         return "\n".join(lines)
 
