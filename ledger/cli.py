@@ -359,7 +359,7 @@ def snapshot(arguments: argparse.Namespace) -> int:
     _print(arguments, {"path": info.path, "position": info.position, "bytes": info.bytes,
                        "stall_seconds": info.stall_seconds, "write_seconds": info.write_seconds},
            f"snapshot at journal position {info.position:,}: {info.path} ({info.bytes / 2**20:,.1f} MiB, "
-           f"written and fsynced in {info.write_seconds:.2f} s by a forked child; a writer would be held "
+           f"written and fsynced in {info.write_seconds:.2f} s by a forked child; the writer itself was held "
            f"{info.stall_seconds * 1000:.1f} ms for the journal flush and the fork)")
     return EXIT_OK
 

@@ -253,10 +253,10 @@ class SnapshotJob:
         pid = os.fork()
         if pid == 0:  # the child: write, report, and leave without running any parent clean-up
             os.close(read_end)
-            if lock_fd is not None:
-                _drop_inherited_lock(lock_fd)
             status = 0
-            try:
+            try:  # nothing may raise out of here: the child would go on running the parent's code
+                if lock_fd is not None:
+                    _drop_inherited_lock(lock_fd)
                 info = write_snapshot(directory, scalars, views, keep, 0.0)
                 message = f"ok {info.bytes} {info.write_seconds}"
             except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
