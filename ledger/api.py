@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
+import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
@@ -20,7 +22,16 @@ from ledger.enums import (
     TransferResult,
 )
 from ledger.errors import LedgerClosedError, LedgerCorruptError, LedgerPoisonedError
-from ledger.snapshot import KEEP_DEFAULT, SnapshotInfo, SnapshotJob, list_snapshots, load_into
+from ledger.progress import Progress
+from ledger.snapshot import (
+    KEEP_DEFAULT,
+    SnapshotInfo,
+    SnapshotJob,
+    list_snapshots,
+    load_into,
+    remove_unfinished,
+    snapshot_bytes,
+)
 from ledger.journal import (
     FLUSH_INTERVAL_MS_DEFAULT,
     SEGMENT_RECORDS_LOG2_DEFAULT,
@@ -42,6 +53,11 @@ __all__ = [
 ]
 
 DURABILITY_MODES = ("fsync", "os")
+REPLAY_END = next(code for code, name in _core.REPLAY_REASONS.items() if name == "end")
+# Opening replays the journal after the snapshot in slices of this many records, with a progress bar, when stderr
+# is a terminal and at least this much may be left (about 0.4 s of replay): less is not worth a bar.
+REPLAY_SLICE_RECORDS = 1 << 22
+REPLAY_PROGRESS_RECORDS_MIN = 1 << 22
 
 # What Ledger.accounts() returns: every account with its counters.
 ACCOUNT_STATE_DTYPE = np.dtype(
@@ -271,6 +287,7 @@ class Ledger:
             "last_timestamp": engine.last_timestamp,
             "pending_expiries_scheduled": engine.pending_expiry_count,
             **{f"memory_{name}_bytes": size for name, size in engine.memory_bytes().items()},
+            **_disk_bytes(self.path),
         }
 
     # -- durability and audit --
@@ -296,16 +313,20 @@ class Ledger:
 
     def snapshot(self, wait: bool = True, keep: int = KEEP_DEFAULT) -> "SnapshotInfo | SnapshotJob":
         """Write the whole state at the current journal position to <dir>/snapshots/, keeping the newest `keep`.
-        The writer is held only while the state is copied in memory; the file is written and fsynced by a
-        background thread. wait=False returns the job (`.wait()` gives the SnapshotInfo)."""
+        The writer is held for a flush of the journal and a fork() (`stall_seconds`); the forked child writes and
+        fsyncs the file from its copy-on-write image of the state. wait=True returns the SnapshotInfo once the
+        file is durable, so the caller also waits for the write (about 1 s per 10M accounts); wait=False returns
+        the SnapshotJob at once and the writer may go on while the child writes (`.wait()` gives the info)."""
         self._check_open()
         if self.path is None:
             raise ValueError("an in-memory ledger has no directory to snapshot into")
         if not 1 <= keep <= 1000:
             raise ValueError(f"keep must be in [1, 1000], got {keep}")
+        held_since = time.perf_counter()
         self.flush()  # the journal is durable at least up to the snapshot, so a snapshot never runs ahead of it
         scalars, views = self._engine.state_views()
-        job = SnapshotJob(self.path, scalars, views, keep)
+        job = SnapshotJob(self.path, scalars, views, keep, held_since=held_since,
+                          lock_fd=getattr(self._journal, "_lock_fd", None))
         return job.wait() if wait else job
 
     def _poison(self) -> None:
@@ -399,6 +420,8 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
                           fault_injector=fault_injector, sync_each_commit=sync_each_commit)
     engine = None
     try:
+        if not readonly:
+            remove_unfinished(os.fspath(path))  # we hold the writer lock: no snapshot of ours is being written
         def new_engine() -> _core.Engine:
             fresh = _core.Engine(journal.segment_records_log2, journal.segment,
                                  after_commit=journal.after_commit if durability == "fsync" else None, clock=clock,
@@ -436,7 +459,7 @@ def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bo
     A reader beside a live writer can stop at a batch that is being written, which the writer then commits, with
     more batches after it, before the judgement looks: that is not corruption. Batches are committed in order, so
     the batch at the stop is complete by then: the reader replays on from it. A stop that does not move is judged."""
-    reason, position, _, _ = engine.replay()
+    reason, position = _replay(engine, journal.existing_end_position)
     for attempt in range(READONLY_RECOVERY_ATTEMPTS):
         try:
             journal.recover_tail(reason, position, engine.mapped_end)
@@ -464,3 +487,34 @@ def _engine_from_snapshot(directory: str, new_engine: Callable[[], _core.Engine]
             engine.close()
             engine = new_engine()
     return engine, None
+
+
+def _replay(engine: _core.Engine, end_bound: int) -> tuple[int, int]:
+    """engine.replay() to the end of the journal: (stop reason, position). Recovery's longest step (about 10 s per
+    100M events), so on a terminal, when much may be left (`end_bound`: the end of the existing segment files),
+    it runs in slices that stop at batch boundaries and draws a progress bar; the outcome is the same."""
+    start = engine.write_position
+    if end_bound - start < REPLAY_PROGRESS_RECORDS_MIN or not sys.stderr.isatty():
+        reason, position, _, _ = engine.replay()
+        return reason, position
+    with Progress(end_bound - start, "replay", "records") as progress:
+        position = start
+        while True:
+            reason, position, batches, _ = engine.replay(position + REPLAY_SLICE_RECORDS)
+            progress.update(position - start)
+            if reason != REPLAY_END:
+                return reason, position  # torn tail or corruption: the caller decides which
+            if batches == 0:
+                # The clean end, or a batch longer than a slice: replay() without a bound says which, and
+                # replays the rest in one go.
+                reason, position, _, _ = engine.replay()
+                return reason, position
+
+
+def _disk_bytes(path: str | None) -> dict[str, int]:
+    """Bytes of the journal segment files and of the snapshot files on disk (0 for an in-memory ledger)."""
+    if path is None:
+        return {"disk_journal_bytes": 0, "disk_snapshot_bytes": 0}
+    with os.scandir(os.path.join(path, "journal")) as entries:
+        journal_bytes = sum(entry.stat().st_size for entry in entries if entry.name.endswith(".segment"))
+    return {"disk_journal_bytes": journal_bytes, "disk_snapshot_bytes": snapshot_bytes(path)}

@@ -2,25 +2,38 @@
 
 `verify_live(ledger)` replays the journal from genesis into a second, independent engine that reads the same
 journal memory (every batch checksum, the hash chain and every per-account back-pointer are re-checked on the
-way), then compares the rebuilt state with the live one field by field, and checks conservation and the
-balance limits on the result."""
+way). Whenever the replay reaches the position of a snapshot file in `<dir>/snapshots/`, that snapshot is read
+(its header checksum, body checksum and state hash re-checked) and compared with the replayed state there. At the
+end the rebuilt state is compared with the live one, and conservation and the balance limits are checked.
+
+Two states are compared piece by piece: the account arrays field by field, the scalars (journal position, time,
+hash chain head, counts), both id tables as sets of (id, value) entries (two tables of different capacities hold
+the same entries in different slots) and the pending expiries (see `_pending_expiries`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from ledger import _core
+from ledger.enums import TransferState
+from ledger.errors import LedgerCorruptError
 from ledger.progress import Progress
+from ledger.snapshot import SCALARS, list_snapshots, read_snapshot
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
 
-__all__ = ["VerifyReport", "verify_live", "check_invariants"]
+__all__ = ["VerifyReport", "verify_live", "check_invariants", "state_differences"]
 
 VERIFY_SLICE = 1 << 22  # journal records replayed between progress updates
+REPLAY_END = next(code for code, name in _core.REPLAY_REASONS.items() if name == "end")
+POSITION_BITS = 40  # a transfer table value is its event position | state << 40 (ledger/_core.pyx)
+POSITION_MASK = (1 << POSITION_BITS) - 1
+SNAPSHOTS_CHECKED_MAX = 1000  # Ledger.snapshot keeps at most 1000; more files than that is not ours
 
 
 @dataclasses.dataclass
@@ -32,6 +45,7 @@ class VerifyReport:
     transfers: int
     seconds: float
     problems: list[str]
+    snapshots: int = 0  # snapshot files checked against the replay at their position
 
     @property
     def events_per_second(self) -> float:
@@ -39,8 +53,9 @@ class VerifyReport:
 
     def __str__(self) -> str:
         status = "OK" if self.ok else "FAILED"
-        lines = [f"verify {status}: {self.events} events in {self.batches} batches replayed in {self.seconds:.3f} s "
-                 f"({self.events_per_second:,.0f} events/s); {self.accounts} accounts, {self.transfers} transfers"]
+        lines = [f"verify {status}: {self.events} events in {self.batches} batches replayed and checked in "
+                 f"{self.seconds:.3f} s ({self.events_per_second:,.0f} events/s); {self.accounts} accounts, "
+                 f"{self.transfers} transfers; {self.snapshots} snapshots checked"]
         lines += [f"  problem: {problem}" for problem in self.problems]
         return "\n".join(lines)
 
@@ -68,59 +83,185 @@ def check_invariants(hot: np.ndarray) -> list[str]:
     return problems
 
 
+# ---- Comparing two states -------------------------------------------------------------------------------------
+
+def _table_entries(slots: np.ndarray) -> np.ndarray:
+    """The occupied slots of an id table (key 0 marks an empty slot), sorted by key: the table as a set."""
+    entries = slots[slots["key"] != 0]
+    return entries[np.argsort(entries["key"], kind="stable")]
+
+
+def _pending_expiries(heap: np.ndarray, transfer_entries: np.ndarray) -> np.ndarray:
+    """The expiry heap entries that still matter, sorted: those whose event is a transfer still pending.
+
+    The heap deletes lazily: the entry of a transfer posted, voided or expired stays until a live batch reaches
+    its deadline and pops it, and replay never pops (the EXPIRE events are in the journal). So a live heap and a
+    replayed one differ in such stale entries, harmlessly; the entries of transfers still pending must agree."""
+    states = transfer_entries["value"] >> POSITION_BITS
+    pending_positions = transfer_entries["value"][states == int(TransferState.PENDING)] & POSITION_MASK
+    kept = heap[np.isin(heap["position"], pending_positions)]
+    return kept[np.lexsort((kept["position"], kept["deadline"]))]
+
+
+def _describe_transfer(entry: np.void) -> str:
+    state = int(entry["value"]) >> POSITION_BITS
+    name = TransferState(state).name if state in TransferState._value2member_map_ else f"unknown state {state}"
+    return f"transfer {int(entry['key'])} at position {int(entry['value']) & POSITION_MASK} {name}"
+
+
+def _describe_account(entry: np.void) -> str:
+    return f"account {int(entry['key'])} in slot {int(entry['value'])}"
+
+
+def _describe_expiry(entry: np.void) -> str:
+    return f"deadline {int(entry['deadline'])} ns of position {int(entry['position'])}"
+
+
+def _first_difference(what: str, labels: tuple[str, str], expected: np.ndarray, actual: np.ndarray,
+                      describe: Callable[[np.void], str]) -> list[str]:
+    """One sentence about the first entry (in sorted order) where two sorted entry arrays differ, if any."""
+    if expected.shape != actual.shape:
+        return [f"{what}: {expected.shape[0]} entries in {labels[0]}, {actual.shape[0]} in {labels[1]}"]
+    differ = np.flatnonzero(expected != actual)
+    if differ.size == 0:
+        return []
+    index = int(differ[0])
+    return [f"{what}: {differ.size} entries differ, first {describe(expected[index])} in {labels[0]}, "
+            f"{describe(actual[index])} in {labels[1]}"]
+
+
+def _account_differences(labels: tuple[str, str], expected: dict[str, np.ndarray],
+                         actual: dict[str, np.ndarray]) -> list[str]:
+    hot, cold = expected["accounts_hot"], expected["accounts_cold"]
+    if hot.shape != actual["accounts_hot"].shape:
+        return [f"account count differs: {hot.shape[0]} in {labels[0]}, {actual['accounts_hot'].shape[0]} "
+                f"in {labels[1]}"]
+    problems = []
+    for name in hot.dtype.names:
+        differ = np.flatnonzero(hot[name] != actual["accounts_hot"][name])
+        if differ.size:
+            slot = int(differ[0])
+            problems.append(f"account {int(cold['id'][slot])}: {name} is {hot[name][slot]} in {labels[0]}, "
+                            f"{actual['accounts_hot'][name][slot]} in {labels[1]} ({differ.size} accounts differ)")
+    for name in cold.dtype.names:
+        differ = np.flatnonzero(cold[name] != actual["accounts_cold"][name])
+        if differ.size:
+            problems.append(f"{differ.size} accounts differ in {name} between {labels[0]} and {labels[1]}")
+    return problems
+
+
+def state_differences(labels: tuple[str, str], expected: tuple[dict[str, int], dict[str, np.ndarray]],
+                      actual: tuple[dict[str, int], dict[str, np.ndarray]]) -> list[str]:
+    """Every difference between two states, each given as (scalars, arrays) in the shape of
+    Engine.state_views(): one sentence each, naming the two sides by `labels`. Empty: the same state."""
+    (expected_scalars, expected_arrays), (actual_scalars, actual_arrays) = expected, actual
+    problems = [f"{name} is {expected_scalars[name]} in {labels[0]}, {actual_scalars[name]} in {labels[1]}"
+                for name in SCALARS if expected_scalars[name] != actual_scalars[name]]
+    problems += _account_differences(labels, expected_arrays, actual_arrays)
+    transfers = []
+    for name, what, describe in (("account_slots", "account id table", _describe_account),
+                                 ("transfer_slots", "transfer id table", _describe_transfer)):
+        entries = (_table_entries(expected_arrays[name]), _table_entries(actual_arrays[name]))
+        problems += _first_difference(what, labels, *entries, describe)
+        transfers = entries
+    expiries = [_pending_expiries(arrays["expiry_heap"], entries)
+                for arrays, entries in zip((expected_arrays, actual_arrays), transfers)]
+    problems += _first_difference("pending expiries", labels, *expiries, _describe_expiry)
+    return problems
+
+
+# ---- Verifying a live ledger ----------------------------------------------------------------------------------
+
+def _replay_through(rebuilt: _core.Engine, stop: int, progress: Progress) -> tuple[int, int, int]:
+    """Replay `rebuilt` up to `stop` (to the last batch boundary at or before it) in slices, so that a long replay
+    shows progress. Returns (stop reason, batches, events)."""
+    reason, position = REPLAY_END, rebuilt.write_position
+    batches = events = 0
+    while position < stop:
+        reason, position, slice_batches, slice_events = rebuilt.replay(min(stop, position + VERIFY_SLICE))
+        batches += slice_batches
+        events += slice_events
+        progress.update(position)
+        if reason != REPLAY_END:
+            break  # a failed check: the caller reports where
+        if slice_batches == 0:
+            # The next batch is larger than a slice, or ends past `stop`: replay the rest in one go.
+            reason, position, slice_batches, slice_events = rebuilt.replay(stop)
+            batches += slice_batches
+            events += slice_events
+            break
+    return reason, batches, events
+
+
+def _snapshots_to_check(directory: str | None, end: int) -> tuple[list[tuple[int, str]], list[str]]:
+    """(position, path) of the snapshot files at or before `end`, oldest first, and any problem with the set.
+    A snapshot after `end` was written after the state being verified (a writer beside a read-only verify)."""
+    if directory is None:
+        return [], []
+    found = [(position, path) for position, path in list_snapshots(directory) if position <= end]
+    problems = []
+    if len(found) > SNAPSHOTS_CHECKED_MAX:
+        problems.append(f"{len(found)} snapshot files in {os.path.join(directory, 'snapshots')}; only the newest "
+                        f"{SNAPSHOTS_CHECKED_MAX} were checked")
+    return sorted(found[:SNAPSHOTS_CHECKED_MAX]), problems
+
+
+def _check_snapshot(rebuilt: _core.Engine, position: int, path: str) -> list[str] | None:
+    """Read one snapshot file (its checksums and state hash are checked on the way) and compare it with the
+    replayed state, which stopped at the last batch boundary at or before the position in the file's name.
+    Reads the whole file into memory (as large as the state) for the comparison, one snapshot at a time.
+    None: the file is gone (deleted since it was listed: a writer beside this read-only verify keeps only its
+    newest), so there is nothing to check."""
+    try:
+        scalars, arrays, _ = read_snapshot(path)
+    except FileNotFoundError:
+        return None
+    except (LedgerCorruptError, OSError, ValueError, MemoryError) as error:
+        message = str(error)
+        return [message if path in message else f"{path}: {message}"]
+    if scalars["write_position"] != position:
+        return [f"{path}: holds journal position {scalars['write_position']}, its name says {position}"]
+    if rebuilt.write_position != position:
+        return [f"{path}: the journal has no batch ending at position {position} (the last batch before it ends "
+                f"at {rebuilt.write_position}): the snapshot does not belong to this journal"]
+    return state_differences((path, "the replay of the journal"), (scalars, arrays), rebuilt.state_views())
+
+
 def verify_live(handle: "Ledger") -> VerifyReport:
     live = handle._engine
     journal = handle._journal
     end = live.write_position
     started = time.perf_counter()
+    snapshots, problems = _snapshots_to_check(handle.path, end)
     rebuilt = _core.Engine(journal.segment_records_log2, journal.view,
                            account_capacity=live.account_count, transfer_capacity=live.transfer_count)
     try:
         rebuilt.map_through(end)
-        batches = events = 0
-        reason, position = 0, rebuilt.write_position
+        batches = events = checked = 0
+        reason = REPLAY_END
         with Progress(end, "verify", "records") as progress:
-            while position < end:
-                # In slices, so a long replay shows progress; each slice stops at a batch boundary.
-                reason, position, slice_batches, slice_events = rebuilt.replay(min(end, position + VERIFY_SLICE))
-                batches += slice_batches
-                events += slice_events
-                progress.update(position)
-                if reason != 0:
-                    break  # a failed check: reported below
-                if slice_batches == 0:
-                    # The next batch is larger than a slice: replay the rest in one go.
-                    reason, position, slice_batches, slice_events = rebuilt.replay(end)
-                    batches += slice_batches
-                    events += slice_events
+            # Stop at every snapshot's position on the way: the order of `problems` is the order of positions,
+            # so the first problem is the first divergence.
+            for stop, path in snapshots + [(end, None)]:
+                reason, stop_batches, stop_events = _replay_through(rebuilt, stop, progress)
+                batches += stop_batches
+                events += stop_events
+                if reason != REPLAY_END:
                     break
+                found = None if path is None else _check_snapshot(rebuilt, stop, path)
+                if found is not None:
+                    problems += found
+                    checked += 1
         seconds = time.perf_counter() - started
-        problems = []
-        if position != end:
-            problems.append(f"replay stopped at journal position {position} ({_core.REPLAY_REASONS[reason]}); "
-                            f"the live state is at {end}")
-        live_hot, live_cold = live.account_arrays()
-        hot, cold = rebuilt.account_arrays()
-        if live_hot.shape != hot.shape:
-            problems.append(f"account count differs: live {live_hot.shape[0]}, replayed {hot.shape[0]}")
-        else:
-            for name in live_hot.dtype.names:
-                differ = np.flatnonzero(live_hot[name] != hot[name])
-                if differ.size:
-                    slot = int(differ[0])
-                    problems.append(f"account {int(live_cold['id'][slot])}: {name} is {live_hot[name][slot]} live, "
-                                    f"{hot[name][slot]} replayed ({differ.size} accounts differ)")
-            for name in live_cold.dtype.names:
-                differ = np.flatnonzero(live_cold[name] != cold[name])
-                if differ.size:
-                    problems.append(f"{differ.size} accounts differ in {name}")
-        if rebuilt.transfer_count != live.transfer_count:
-            problems.append(f"transfer count differs: live {live.transfer_count}, replayed {rebuilt.transfer_count}")
-        if rebuilt.last_checksum != live.last_checksum:
-            problems.append("hash chain head differs between live and replayed state")
+        if rebuilt.write_position != end:
+            problems.append(f"replay stopped at journal position {rebuilt.write_position} "
+                            f"({_core.REPLAY_REASONS[reason]}); the live state is at {end}")
+        problems += state_differences(("the live state", "the replayed state"), live.state_views(),
+                                      rebuilt.state_views())
+        hot, _ = rebuilt.account_arrays()
         problems += check_invariants(hot)
         return VerifyReport(not problems, batches, events, int(hot.shape[0]), int(rebuilt.transfer_count),
-                            seconds, problems)
+                            seconds, problems, checked)
     finally:
         rebuilt.readonly = True
         rebuilt.close()

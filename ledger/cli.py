@@ -1,12 +1,14 @@
 """The `ledger` command line: `python -m ledger demo | verify DIR | stats DIR | balance DIR ID [--at X] |
-history DIR ID | explain DIR ID`. A moment X is a journal position (`12345`), an ISO-8601 time
+history DIR ID | explain DIR ID [--vs OTHER_ID]`. A moment X is a journal position (`12345`), an ISO-8601 time
 (`2024-05-01T12:00:00.123456789Z`; without an offset it is UTC) or nanoseconds since the epoch
 (`1714564800000000000ns`).
 
 Also: init, account create, transfer, snapshot, restore, serve, project, bench.
 
-Exit codes: 0 success, 1 verification failed, 2 usage or input error (also a transfer or account that was not
-applied), 3 the data directory is locked, corrupt or unavailable."""
+Exit codes: 0 success, 1 verification failed, 2 usage or input error (a bad argument, a path that does not exist or
+already exists, a transfer or account that was not applied), 3 the data directory is locked, corrupt or
+unavailable (also: permission denied, an I/O error, disk full), 4 an unexpected internal error (a bug;
+LEDGER_TRACEBACK=1 shows its traceback). Every error is one line on stderr."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +17,8 @@ import os
 import sys
 import tempfile
 import time
+import warnings
+from typing import Callable
 
 import numpy as np
 
@@ -24,12 +28,64 @@ from ledger.progress import Progress
 # By name from the module: `ledger.history` the attribute may be the package's export rather than the module.
 from ledger.history import At, account_at, row_to_dict, rows_to_text
 from ledger.history import explain as explain_account
+from ledger.history import explain_difference
 from ledger.history import history as account_history
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATA = 3
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+UINT16_MAX = 2**16 - 1
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+ACCOUNT_ID_MAX = 2**64 - 2          # 0 and 2**64 - 1 are never account ids
+POSITION_MAX = 2**40 - 1            # journal positions are 40-bit (docs/FORMAT.md)
+SNAPSHOTS_KEPT_MAX = 1000           # Ledger.snapshot(keep=) accepts 1 .. 1000
+# A path the user typed that is missing, or in the way: an input error (2); any other OSError is the data directory
+# being unavailable (3).
+PATH_INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+class UsageError(Exception):
+    """A command line that does not parse: reported as one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse prints the usage block and exits from inside parse_args; raise instead, so that main() reports
+    every error the same way (one line) and tests can call main() in-process."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def integer_in(kind: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a base-10 integer in [low, high] (`kind` names the range in messages). Checked here so
+    that a value the engine cannot hold (an id of 2**64, an amount past int64) is a one-line usage error, not an
+    OverflowError from deep inside."""
+    assert low <= high
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside the {kind} range [{low}, {high}]")
+        return value
+
+    parse.__name__ = kind
+    return parse
+
+
+ACCOUNT_ID = integer_in("account id", 1, ACCOUNT_ID_MAX)
+UINT16 = integer_in("uint16", 0, UINT16_MAX)
+UINT32 = integer_in("uint32", 0, UINT32_MAX)
+UINT64 = integer_in("uint64", 0, UINT64_MAX)
+INT64 = integer_in("int64", INT64_MIN, INT64_MAX)
 
 
 def _rate(count: int, seconds: float) -> str:
@@ -111,15 +167,17 @@ def demo(arguments: argparse.Namespace) -> int:
         explanation = handle.explain(b)
         print(f"  explain account {b}: {len(explanation.rows)} events, opening {explanation.opening_balance:,} -> "
               f"closing {explanation.closing_balance:,}, adds up: {explanation.ok}")
-        info = handle.snapshot()
-        print(f"  snapshot at journal position {info.position:,}: {info.bytes / 2**20:,.1f} MiB, writer held "
-              f"{info.stall_seconds * 1000:.1f} ms (fork), written and fsynced in {info.write_seconds:.2f} s")
+        job = handle.snapshot(wait=False)  # the writer goes on while a forked child writes the file
         tail = ledger.transfers_batch(1000)
         tail["id"] = ids.batch(1000)
         tail["debit_account"] = first + rng.integers(0, accounts, 1000)
         tail["credit_account"] = first + rng.integers(0, accounts, 1000)
         tail["amount"] = 1
         handle.transfers(tail)
+        info = job.wait()
+        print(f"  snapshot at journal position {info.position:,}: {info.bytes / 2**20:,.1f} MiB written and fsynced "
+              f"by a forked child in {info.write_seconds:.2f} s; the writer was held {info.stall_seconds * 1000:.1f} "
+              f"ms (journal flush + fork) and applied 1,000 more transfers meanwhile")
         stats = handle.stats()
         memory = sum(value for key, value in stats.items() if key.startswith("memory_"))
         print(f"  state memory: {memory / 2**20:,.0f} MiB for {stats['accounts']:,} accounts and "
@@ -146,7 +204,7 @@ def verify(arguments: argparse.Namespace) -> int:
     if arguments.json:
         print(json.dumps({"ok": report.ok, "batches": report.batches, "events": report.events,
                           "accounts": report.accounts, "transfers": report.transfers, "seconds": report.seconds,
-                          "problems": report.problems}))
+                          "snapshots": report.snapshots, "problems": report.problems}))
     else:
         print(report)
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
@@ -211,8 +269,6 @@ def balance_at(arguments: argparse.Namespace) -> int:
 
 def history(arguments: argparse.Namespace) -> int:
     """`history DIR ID`: the account's events, oldest first, with running balances."""
-    if arguments.limit is not None and arguments.limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {arguments.limit}")
     since, until = _moment(arguments.since), _moment(arguments.until)
     with ledger.open(arguments.dir, readonly=True) as handle:
         try:
@@ -227,7 +283,12 @@ def history(arguments: argparse.Namespace) -> int:
 
 
 def explain(arguments: argparse.Namespace) -> int:
-    """`explain DIR ID`: opening balance, the events, closing balance, and whether it all adds up (exit 1 if not)."""
+    """`explain DIR ID`: opening balance, the events, closing balance, and whether it all adds up (exit 1 if not).
+    With `--vs OTHER_ID`: why the two balances differ (history.explain_difference)."""
+    if arguments.vs is not None:
+        return explain_versus(arguments)
+    if arguments.vs_until is not None:
+        raise UsageError("--vs-until needs --vs OTHER_ID")
     since, until = _moment(arguments.since), _moment(arguments.until)
     with ledger.open(arguments.dir, readonly=True) as handle:
         try:
@@ -236,6 +297,23 @@ def explain(arguments: argparse.Namespace) -> int:
             return _account_error(error)
     print(json.dumps(explanation.to_dict()) if arguments.json else explanation.to_text())
     return EXIT_OK if explanation.ok else EXIT_VERIFY_FAILED
+
+
+def explain_versus(arguments: argparse.Namespace) -> int:
+    """`explain DIR ID --vs OTHER_ID [--until X] [--vs-until Y]`: account ID at X against account OTHER_ID at Y
+    (default: the same moment; both default to now), each explained by its events from its creation; the
+    difference is balance(ID) - balance(OTHER_ID). Exit 1 if either explanation does not add up."""
+    if arguments.since is not None:
+        raise UsageError("--since does not combine with --vs: each account is explained from its creation")
+    until = _moment(arguments.until)
+    other_until = until if arguments.vs_until is None else _moment(arguments.vs_until)
+    with ledger.open(arguments.dir, readonly=True) as handle:
+        try:
+            difference = explain_difference(handle, arguments.id, arguments.vs, at_a=until, at_b=other_until)
+        except KeyError as error:
+            return _account_error(error)
+    print(json.dumps(difference.to_dict()) if arguments.json else difference.to_text())
+    return EXIT_OK if difference.ok else EXIT_VERIFY_FAILED
 
 
 def bench(arguments: argparse.Namespace) -> int:
@@ -284,15 +362,16 @@ def snapshot(arguments: argparse.Namespace) -> int:
     _print(arguments, {"path": info.path, "position": info.position, "bytes": info.bytes,
                        "stall_seconds": info.stall_seconds, "write_seconds": info.write_seconds},
            f"snapshot at journal position {info.position:,}: {info.path} ({info.bytes / 2**20:,.1f} MiB, "
-           f"writer held {info.stall_seconds * 1000:.1f} ms, written in {info.write_seconds:.2f} s)")
+           f"written and fsynced in {info.write_seconds:.2f} s by a forked child; the writer itself was held "
+           f"{info.stall_seconds * 1000:.1f} ms for the journal flush and the fork)")
     return EXIT_OK
 
 
 def restore_command(arguments: argparse.Namespace) -> int:
     from ledger.restore import parse_time, print_progress, restore
-    until_time = parse_time(arguments.until_time) if arguments.until_time else None
+    until_time = parse_time(arguments.until_time) if arguments.until_time is not None else None
     result = restore(arguments.source, arguments.destination, until_position=arguments.until,
-                     until_time=until_time, progress=print_progress)
+                     until_time=until_time, progress=print_progress, journal=arguments.journal)
     _print(arguments, {"destination": result.destination, "cut_position": result.cut_position,
                        "last_timestamp": result.last_timestamp, "snapshot": result.snapshot,
                        "verified": result.verified},
@@ -311,13 +390,13 @@ def serve_command(arguments: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="ledger", description=__doc__)
+    root = Parser(prog="ledger", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
     run = commands.add_parser("demo", help="run the demo workload and print figures")
     run.add_argument("--dir", help="data directory (default: a new temporary directory)")
-    run.add_argument("--accounts", type=int, default=100_000)
-    run.add_argument("--transfers", type=int, default=1_000_000)
-    run.add_argument("--batch-size", type=int, default=8_192)
+    run.add_argument("--accounts", type=integer_in("accounts", 2, 10**9), default=100_000)
+    run.add_argument("--transfers", type=integer_in("transfers", 1, 10**12), default=1_000_000)
+    run.add_argument("--batch-size", type=integer_in("batch size", 1, ledger.BATCH_SIZE_MAX), default=8_192)
     run.set_defaults(handler=demo)
     for name, handler, text in (("verify", verify, "replay the journal and check every balance"),
                                 ("stats", stats, "counts, sizes and positions")):
@@ -331,7 +410,7 @@ def parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=bench)
     command = commands.add_parser("balance", help="one account's balance, now or at a past moment")
     command.add_argument("dir")
-    command.add_argument("id", type=int)
+    command.add_argument("id", type=ACCOUNT_ID)
     command.add_argument("--at", metavar="X",
                          help="as of a journal position or a time (ISO-8601, or nanoseconds as 123ns)")
     command.add_argument("--json", action="store_true")
@@ -340,51 +419,62 @@ def parser() -> argparse.ArgumentParser:
                                 ("explain", explain, "opening balance, events, closing balance, checked to add up")):
         command = commands.add_parser(name, help=text)
         command.add_argument("dir")
-        command.add_argument("id", type=int)
+        command.add_argument("id", type=ACCOUNT_ID)
         command.add_argument("--since", metavar="X", help="from this position or time (inclusive)")
         command.add_argument("--until", metavar="X", help="through this position or time (inclusive)")
         if name == "history":
-            command.add_argument("--limit", type=int, metavar="N", help="only the newest N events of the range")
+            command.add_argument("--limit", type=integer_in("limit", 0, POSITION_MAX), metavar="N",
+                                 help="only the newest N events of the range")
+        else:
+            command.add_argument("--vs", type=ACCOUNT_ID, metavar="OTHER_ID",
+                                 help="why this account's balance (at --until) differs from OTHER_ID's")
+            command.add_argument("--vs-until", metavar="Y", help="OTHER_ID's moment (default: the same as --until)")
         command.add_argument("--json", action="store_true")
         command.set_defaults(handler=handler)
     command = commands.add_parser("init", help="create an empty ledger directory")
     command.add_argument("dir")
-    command.add_argument("--segment-records-log2", type=int, default=20)
+    command.add_argument("--segment-records-log2", type=integer_in("segment records log2", 10, 24), default=20)
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=init)
     account = commands.add_parser("account", help="account commands").add_subparsers(dest="action", required=True)
     command = account.add_parser("create", help="create one account")
     command.add_argument("dir")
-    command.add_argument("id", type=int)
-    command.add_argument("--ledger", type=int, default=1)
-    command.add_argument("--min-balance", type=int, default=0)
-    command.add_argument("--max-balance", type=int, default=ledger.BALANCE_MAX)
-    command.add_argument("--user-data", type=int, default=0)
+    command.add_argument("id", type=UINT64)
+    command.add_argument("--ledger", type=UINT32, default=1)
+    command.add_argument("--min-balance", type=INT64, default=0)
+    command.add_argument("--max-balance", type=INT64, default=ledger.BALANCE_MAX)
+    command.add_argument("--user-data", type=UINT64, default=0)
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=account_create)
     command = commands.add_parser("transfer", help="one transfer")
     command.add_argument("dir")
-    for name in ("id", "debit", "credit", "amount"):
-        command.add_argument(name, type=int)
-    command.add_argument("--ledger", type=int, default=1)
-    command.add_argument("--code", type=int, default=0)
+    # Ranges of the fields (TRANSFER_DTYPE); values in range that break a rule get a result code, as in the API.
+    for name in ("id", "debit", "credit"):
+        command.add_argument(name, type=UINT64)
+    command.add_argument("amount", type=INT64)
+    command.add_argument("--ledger", type=UINT32, default=1)
+    command.add_argument("--code", type=UINT16, default=0)
     command.add_argument("--flag", action="append", choices=["linked", "pending", "post_pending", "void_pending"])
-    command.add_argument("--pending-id", type=int, default=0)
-    command.add_argument("--timeout", type=int, default=0, help="seconds (pending transfers)")
-    command.add_argument("--user-data", type=int, default=0)
+    command.add_argument("--pending-id", type=UINT64, default=0)
+    command.add_argument("--timeout", type=UINT32, default=0, help="seconds (pending transfers)")
+    command.add_argument("--user-data", type=UINT64, default=0)
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=transfer)
     command = commands.add_parser("snapshot", help="write a snapshot of the whole state")
     command.add_argument("dir")
-    command.add_argument("--keep", type=int, default=3)
+    command.add_argument("--keep", type=integer_in("keep", 1, SNAPSHOTS_KEPT_MAX), default=3)
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=snapshot)
     command = commands.add_parser("restore", help="point-in-time restore into a new directory")
-    command.add_argument("source", help="a data directory or one of its snapshot files")
+    command.add_argument("source", help="a data directory, or a snapshot file to start from")
     command.add_argument("destination")
     group = command.add_mutually_exclusive_group()
-    group.add_argument("--until", type=int, metavar="SEQ", help="last journal position to include")
-    group.add_argument("--until-time", metavar="ISO8601", help="last moment to include")
+    group.add_argument("--until", type=integer_in("journal position", 0, POSITION_MAX), metavar="SEQ",
+                       help="last journal position to include")
+    group.add_argument("--until-time", metavar="ISO8601",
+                       help="last moment to include (up to 9 fractional digits; no offset means UTC; or 123ns)")
+    command.add_argument("--journal", metavar="DIR",
+                         help="the data directory whose journal to use (default: the snapshot's own)")
     command.add_argument("--json", action="store_true")
     command.set_defaults(handler=restore_command)
     command = commands.add_parser("serve", help="run the writer for other processes (ledger.connect)")
@@ -408,15 +498,49 @@ def main(argv: list[str] | None = None) -> int:
         # argparse's REMAINDER drops options that start with "--"; bench and project parse their own arguments.
         from ledger.bench_command import main as bench_main
         return bench_main(argv[1:])
-    arguments = parser().parse_args(argv)
-    try:
-        return arguments.handler(arguments)
-    except ledger.LedgerError as error:
-        print(f"ledger: {error}", file=sys.stderr)
-        return EXIT_DATA
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        print(f"ledger: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    with warnings.catch_warnings():  # restores the warning printer when main() returns (tests call it in-process)
+        warnings.showwarning = _warning_on_one_line
+        try:
+            arguments = parser().parse_args(argv)
+            return arguments.handler(arguments)
+        except Exception as error:  # noqa: BLE001 - every error becomes one line and an exit code
+            return _report(error)
+        except KeyboardInterrupt:
+            print("ledger: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _report(error: Exception) -> int:
+    """Print `error` as one line on stderr and return its exit code (see the module docstring)."""
+    if isinstance(error, ledger.LedgerError):
+        code = EXIT_DATA
+    elif isinstance(error, (UsageError, ValueError, TypeError, OverflowError) + PATH_INPUT_ERRORS):
+        code = EXIT_USAGE
+    elif isinstance(error, OSError):
+        code = EXIT_DATA
+    else:
+        if os.environ.get("LEDGER_TRACEBACK"):
+            raise error
+        print(f"ledger: internal error {type(error).__name__}: {error} (a bug: please report it; "
+              f"LEDGER_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    print(f"ledger: {_one_line(error)}", file=sys.stderr)
+    return code
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"  # not "[Errno 2] ...: 'path'"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _warning_on_one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                         file: object = None, line: str | None = None) -> None:
+    """The CLI's warnings (a damaged snapshot skipped at open) as one line, without the source line."""
+    text = " ".join(str(message).split())
+    print(text if text.startswith("ledger: ") else f"ledger: warning: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,44 @@
 """Point-in-time restore: a new data directory holding the state as of a journal position or a moment.
 
-    ledger restore SNAPSHOT_OR_DIR DEST [--until SEQ | --until-time ISO8601]
+    ledger restore SNAPSHOT_OR_DIR DEST [--until SEQ | --until-time ISO8601] [--journal DIR]
 
-The new directory gets the journal up to the cut (segment files copied, everything after the cut zeroed) and the
-newest snapshot at or before the cut, so opening it loads that snapshot and replays the rest. Batches are atomic,
-so the cut falls on a batch boundary: the last batch whose events are all at or before the requested position
-(or time) is the last one kept."""
+The new directory gets the journal up to the cut (segment files copied, everything after the cut zeroed) and a
+snapshot at or before the cut, so opening it loads that snapshot and replays the rest. Batches are atomic, so the
+cut falls on a batch boundary: the last batch whose events are all at or before the requested position (or time)
+is the last one kept.
+
+Which snapshot: a named snapshot file is used if its checks pass (header and body checksums, state hash, and it
+ends on a batch of this journal) and it is at or before the cut; one after the cut is refused. Given a data
+directory, the newest snapshot at or before the cut that passes the checks is used (a damaged one is skipped with
+a warning), or none (the restored ledger replays from genesis). The journal is the one in the snapshot's data
+directory, or in `--journal DIR`.
+
+Crash safety: everything is built in a temporary directory beside DEST, fsynced (files and directories), then
+renamed to DEST and the parent directory fsynced: after a crash DEST is either complete or absent (a leftover
+`.DEST.restoring-*` directory is an unfinished restore and can be deleted)."""
 from __future__ import annotations
 
 import dataclasses
-import datetime
+import errno
 import os
 import shutil
 import sys
-from typing import Callable
+import tempfile
+import warnings
+from typing import Any, Callable
 
 import ledger
+from ledger.errors import LedgerCorruptError
+from ledger.history import At
 from ledger.journal import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
-from ledger.snapshot import list_snapshots
+from ledger.snapshot import list_snapshots, read_snapshot, write_snapshot
 
 __all__ = ["RestoreResult", "restore", "parse_time"]
+
+COPY_CHUNK_BYTES = 16 << 20   # bytes per read/write while copying segments
+HEADERS_PER_CALL = 1 << 16    # batch headers fetched per call while looking for the cut
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,35 +46,44 @@ class RestoreResult:
     destination: str
     cut_position: int
     last_timestamp: int
-    snapshot: str | None
+    snapshot: str | None  # the snapshot file used (its source path), or None: replayed from genesis
     segments_copied: int
     verified: bool
 
 
 def parse_time(text: str) -> int:
-    """ISO 8601 (naive = UTC) to integer nanoseconds since the Unix epoch."""
-    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-    delta = moment - epoch
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+    """--until-time: ISO 8601 with up to 9 fractional digits (`Z`, an offset, or none = UTC) or `NNNns`, to
+    integer nanoseconds since the Unix epoch (the engine's timestamps are ns: a cut at microseconds would move
+    it)."""
+    at = At.parse(text)
+    if at.ns is None:
+        raise ValueError(f"--until-time takes a time (ISO 8601, or nanoseconds as 123ns), not {text!r}; "
+                         f"for a journal position use --until")
+    return at.ns
 
 
-def _source_directory(source: str) -> str:
-    """Accept a data directory or a snapshot file inside <dir>/snapshots/."""
+def _journal_directory(source: str, journal: str | None) -> tuple[str, str | None]:
+    """(the data directory whose journal to cut, the named snapshot file or None)."""
+    if journal is not None and not os.path.isdir(os.path.join(journal, "journal")) \
+            and os.path.basename(os.path.normpath(journal)) == "journal":
+        journal = os.path.dirname(os.path.normpath(journal)) or "."  # the journal/ folder itself was named
     if os.path.isfile(source):
-        return os.path.dirname(os.path.dirname(os.path.abspath(source)))
-    return source
+        directory = journal or os.path.dirname(os.path.dirname(os.path.abspath(source)))
+        if journal is None and not os.path.isdir(os.path.join(directory, "journal")):
+            raise FileNotFoundError(errno.ENOENT, "this snapshot is not inside a data directory; pass --journal DIR "
+                                    "(the data directory whose journal it belongs to)", source)
+        return directory, source
+    if os.path.isdir(source):
+        return journal or source, None
+    raise FileNotFoundError(errno.ENOENT, "no such snapshot file or data directory", source)
 
 
-def _find_cut(handle: ledger.Ledger, start: int, until_position: int | None, until_time: int | None) -> tuple[int, int]:
-    """(cut position, timestamp of the last kept event): walk batch headers from `start`, a header position."""
+def _find_cut(handle: ledger.Ledger, until_position: int | None, until_time: int | None) -> tuple[int, int]:
+    """(cut position, timestamp of the last kept event, 0 if none): walk the batch headers from genesis."""
     engine = handle._engine
-    cut, last_timestamp = start, 0
-    position = start
+    cut, last_timestamp = 1, 0
     while True:
-        headers = engine.batch_headers(position, limit=1 << 16)
+        headers = engine.batch_headers(cut, limit=HEADERS_PER_CALL)
         if not headers:
             return cut, last_timestamp
         for header_position, timestamp, count in headers:
@@ -66,51 +94,121 @@ def _find_cut(handle: ledger.Ledger, start: int, until_position: int | None, unt
             if until_time is not None and batch_last_time > until_time:
                 return cut, last_timestamp
             cut, last_timestamp = end, batch_last_time
-        position = cut
+
+
+def _checked_snapshot(path: str, handle: ledger.Ledger, cut: int) -> tuple[dict[str, int], dict[str, Any]]:
+    """Read a snapshot (checksums and state hash checked) and check that it fits the journal before the cut."""
+    scalars, arrays, _ = read_snapshot(path)
+    position = scalars["write_position"]
+    if position > cut:
+        raise ValueError(f"snapshot {path} is at journal position {position}, after the cut at {cut}: name an "
+                         f"earlier snapshot, or the data directory")
+    journal = handle._journal
+    if scalars["segment_records_log2"] != journal.segment_records_log2 or not handle._engine.check_batch_end(
+            scalars["last_header_position"], position, scalars["last_checksum"]):
+        raise ValueError(f"snapshot {path} does not belong to the journal in {journal.directory}: it has no batch "
+                         f"ending at position {position} with the snapshot's checksum")
+    return scalars, arrays
+
+
+def _choose_snapshot(source: str, named: str | None, handle: ledger.Ledger, cut: int
+                     ) -> tuple[str, dict[str, int], dict[str, Any]] | None:
+    """The named snapshot (its errors raise), or the newest good one at or before the cut in `source`."""
+    if named is not None:
+        return (named, *_checked_snapshot(named, handle, cut))
+    for position, path in list_snapshots(source):
+        if position > cut:
+            continue
+        try:
+            return (path, *_checked_snapshot(path, handle, cut))
+        except (LedgerCorruptError, ValueError, OSError) as error:
+            warnings.warn(f"ledger: snapshot skipped, using an older one or the journal from genesis: {error}",
+                          RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or a directory by path (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_segment(source_path: str, target_path: str, keep_bytes: int, segment_bytes: int) -> None:
+    """Copy the first `keep_bytes` of a segment file, write zeros up to its full size, fsync."""
+    assert SEGMENT_HEADER_BYTES <= keep_bytes <= segment_bytes
+    zeros = bytes(COPY_CHUNK_BYTES)
+    with open(source_path, "rb") as source, open(target_path, "xb") as target:
+        copied = 0
+        while copied < keep_bytes:
+            chunk = source.read(min(COPY_CHUNK_BYTES, keep_bytes - copied))
+            if not chunk:
+                raise LedgerCorruptError(f"{source_path}: shorter than its segment size")
+            target.write(chunk)
+            copied += len(chunk)
+        while copied < segment_bytes:
+            length = min(COPY_CHUNK_BYTES, segment_bytes - copied)
+            target.write(zeros[:length])
+            copied += length
+        target.flush()
+        os.fsync(target.fileno())
+
+
+def _build(staging: str, handle: ledger.Ledger, cut: int, chosen: tuple[str, dict, dict] | None,
+           progress: Progress | None) -> int:
+    """Write the journal up to the cut and the chosen snapshot into `staging`, all fsynced; return the number of
+    segments copied."""
+    journal = handle._journal
+    records_log2 = journal.segment_records_log2
+    segments = ((cut - 1) >> records_log2) + 1  # the segments holding positions 0 .. cut - 1
+    assert 1 <= segments <= journal.existing, "the cut is past the journal's segment files"
+    os.mkdir(os.path.join(staging, "journal"), 0o700)
+    total = segments * journal.segment_bytes
+    for index in range(segments):
+        kept_records = min(1 << records_log2, cut - (index << records_log2))
+        _copy_segment(os.path.join(journal.journal_directory, segment_name(index)),
+                      os.path.join(staging, "journal", segment_name(index)),
+                      SEGMENT_HEADER_BYTES + kept_records * RECORD_SIZE, journal.segment_bytes)
+        if progress is not None:
+            progress((index + 1) * journal.segment_bytes, total)
+    _fsync_path(os.path.join(staging, "journal"))
+    if chosen is not None:
+        _, scalars, arrays = chosen
+        write_snapshot(staging, scalars, arrays, keep=1, stall_seconds=0.0)  # fsyncs the file and its folder
+    _fsync_path(staging)
+    return segments
 
 
 def restore(source: str, destination: str, until_position: int | None = None, until_time: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> RestoreResult:
-    """Build `destination` (must not exist) from `source` up to the cut; open and verify it."""
-    directory = _source_directory(source)
-    if os.path.exists(destination):
-        raise FileExistsError(f"{destination} exists; restore builds a new directory")
+            progress: Progress | None = None, journal: str | None = None) -> RestoreResult:
+    """Build `destination` (must not exist) from `source` (a data directory or a snapshot file) and the journal
+    (of `journal`, a data directory, or the source's) up to the cut; then open and verify it."""
+    if until_position is not None and until_position < 0:
+        raise ValueError(f"until_position must be >= 0, got {until_position}")
+    if until_position is not None and until_time is not None:
+        raise ValueError("give until_position or until_time, not both")
+    directory, named = _journal_directory(source, journal)
+    if os.path.lexists(destination):
+        raise FileExistsError(errno.EEXIST, "exists; restore builds a new directory", destination)
+    parent = os.path.dirname(os.path.abspath(destination))
     with ledger.open(directory, readonly=True) as handle:
-        journal = handle._journal
-        records_log2 = journal.segment_records_log2
-        # Newest snapshot at or before the cut: find the cut from genesis positions, then pick the snapshot.
-        cut, last_timestamp = _find_cut(handle, 1, until_position, until_time)
-        chosen = next(((position, path) for position, path in list_snapshots(directory) if position <= cut), None)
-        segments = max(1, ((cut - 1) >> records_log2) + 1) if cut > 1 else 1
-        segments = min(segments, journal.existing)
-        os.makedirs(os.path.join(destination, "journal"), mode=0o700)
-        total = segments * journal.segment_bytes
-        for index in range(segments):
-            source_path = os.path.join(journal.journal_directory, segment_name(index))
-            target_path = os.path.join(destination, "journal", segment_name(index))
-            shutil.copyfile(source_path, target_path)
-            if progress is not None:
-                progress((index + 1) * journal.segment_bytes, total)
-        # Zero everything after the cut in the last copied segment, so the journal ends exactly there.
-        last_path = os.path.join(destination, "journal", segment_name(segments - 1))
-        first_zero = cut - ((segments - 1) << records_log2)
-        with open(last_path, "r+b") as file:
-            length = ((1 << records_log2) - first_zero) * RECORD_SIZE
-            if length > 0:
-                file.seek(SEGMENT_HEADER_BYTES + first_zero * RECORD_SIZE)
-                chunk = bytes(min(length, 16 << 20))
-                while length > 0:
-                    file.write(chunk[:min(length, len(chunk))])
-                    length -= min(length, len(chunk))
-            file.flush()
-            os.fsync(file.fileno())
-        if chosen is not None:
-            os.makedirs(os.path.join(destination, "snapshots"), mode=0o700)
-            shutil.copyfile(chosen[1], os.path.join(destination, "snapshots", os.path.basename(chosen[1])))
+        cut, last_timestamp = _find_cut(handle, until_position, until_time)
+        chosen = _choose_snapshot(source, named, handle, cut)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(destination))}.restoring-",
+                                   dir=parent)
+        try:
+            segments = _build(staging, handle, cut, chosen, progress)
+            os.rename(staging, destination)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    _fsync_path(parent)
     with ledger.open(destination) as restored:
         assert restored.stats()["journal_position"] == cut, "restored journal does not end at the cut"
         verified = restored.verify().ok
-    return RestoreResult(destination, cut, last_timestamp, chosen[1] if chosen else None, segments, verified)
+    return RestoreResult(destination, cut, last_timestamp, chosen[0] if chosen else None, segments, verified)
 
 
 def print_progress(done: int, total: int) -> None:
@@ -119,4 +217,3 @@ def print_progress(done: int, total: int) -> None:
         filled = int(width * done / max(total, 1))
         print(f"\rrestore [{'#' * filled}{'.' * (width - filled)}] {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB",
               end="" if done < total else "\n", file=sys.stderr, flush=True)
-

@@ -2,13 +2,19 @@
 
 File `<dir>/snapshots/snapshot-<position:016d>.snapshot` (docs/FORMAT.md, "Snapshot file"): a 4096-byte header
 page, then each state array at a 4096-aligned offset. Written atomically (temporary file, fsync, rename,
-directory fsync). The header carries a CRC32C of the body and a state hash (CRC32C of the account arrays) that
-`verify` recomputes from a replay of the journal.
+directory fsync). The header carries a CRC32C of the body and a state hash (CRC32C of the account arrays), checked
+whenever the file is read; `verify` also compares every snapshot with a replay of the journal to its position.
 
-Stall: `Ledger.snapshot()` holds the writer only for a fork(): the child writes the snapshot from its
-copy-on-write image of the state while the writer goes on (pages the writer modifies meanwhile are copied once
-by the kernel). The alternative, copying the arrays first, measured ~1 GB/s here because the copy's pages must
-be faulted in; fork copies only page tables."""
+Stall: `Ledger.snapshot()` holds the writer for a flush of the journal and a fork(); the child writes the
+snapshot from its copy-on-write image of the state while the writer goes on (pages the writer modifies meanwhile
+are copied once by the kernel). That is what `stall_seconds` measures. With `wait=True` (the default) the caller
+then waits for the child, so the call as a whole takes the write time as well; `wait=False` returns the job at
+once. The alternative, copying the arrays first, measured ~1 GB/s here because the copy's pages must be faulted
+in; fork copies only page tables.
+
+Fork safety: the writer's journal threads (flusher, segment preparation) may run during the fork. The child uses
+none of their locks: it runs only write_snapshot (numpy views, CRC32C in C, os-level file calls) and leaves with
+os._exit, so a lock held by another thread at the moment of the fork is never waited for in the child."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +31,7 @@ from ledger import _core
 from ledger.errors import LedgerCorruptError
 
 __all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "state_hash",
-           "SNAPSHOT_FORMAT_VERSION"]
+           "remove_unfinished", "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION"]
 
 SNAPSHOT_MAGIC = b"LDGRSNP\x00"
 SNAPSHOT_FORMAT_VERSION = 1
@@ -80,6 +86,26 @@ def list_snapshots(directory: str) -> list[tuple[int, str]]:
             except ValueError:
                 continue
     return sorted(found, reverse=True)
+
+
+def snapshot_bytes(directory: str) -> int:
+    """Bytes of the snapshot files on disk."""
+    return sum(os.path.getsize(path) for _, path in list_snapshots(directory))
+
+
+def remove_unfinished(directory: str) -> int:
+    """Delete temporary files of snapshot writes that never finished (a writer or its child killed mid-write);
+    returns how many. Call only with the writer lock held: then no snapshot of this directory is being written,
+    except by the orphaned child of a killed writer, whose rename then fails and whose snapshot is simply lost."""
+    folder = snapshot_directory(directory)
+    if not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for name in os.listdir(folder):
+        if name.startswith(".snapshot-") and name.endswith(".tmp"):
+            os.unlink(os.path.join(folder, name))
+            removed += 1
+    return removed
 
 
 def _layout(arrays: dict[str, np.ndarray]) -> list[tuple[int, int]]:
@@ -200,18 +226,37 @@ def load_into(path: str, position: int, engine: Any) -> SnapshotInfo:
                         scalars["transfer_count"], os.path.getsize(path), 0.0, time.perf_counter() - started)
 
 
+def _drop_inherited_lock(lock_fd: int) -> None:
+    """In the forked child: let go of the writer's LOCK. The child shares the writer's open file description, and an
+    flock lasts until every descriptor of it is closed, so a writer killed mid-snapshot would leave the directory
+    locked (LedgerLockedError on restart) until the child finished. dup2 of /dev/null over it rather than close:
+    the number stays taken, so no file the child opens can reuse it while a Python object still thinks it owns
+    it."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, lock_fd)
+    finally:
+        os.close(null)
+
+
 class SnapshotJob:
     """A snapshot written by a forked child from a copy-on-write image of the state (as Redis does): the writer
     is held only for the fork. `wait()` returns its SnapshotInfo (or raises its error)."""
 
-    def __init__(self, directory: str, scalars: dict[str, int], views: dict[str, np.ndarray], keep: int) -> None:
+    def __init__(self, directory: str, scalars: dict[str, int], views: dict[str, np.ndarray], keep: int, *,
+                 held_since: float | None = None, lock_fd: int | None = None) -> None:
+        """held_since: time.perf_counter() when the writer was first held for this snapshot (before its journal
+        flush), so that stall_seconds covers the whole hold. lock_fd: the writer's LOCK descriptor, which the
+        child must not keep (see _drop_inherited_lock)."""
         read_end, write_end = os.pipe()
-        started = time.perf_counter()
+        started = time.perf_counter() if held_since is None else held_since
         pid = os.fork()
         if pid == 0:  # the child: write, report, and leave without running any parent clean-up
             os.close(read_end)
             status = 0
-            try:
+            try:  # nothing may raise out of here: the child would go on running the parent's code
+                if lock_fd is not None:
+                    _drop_inherited_lock(lock_fd)
                 info = write_snapshot(directory, scalars, views, keep, 0.0)
                 message = f"ok {info.bytes} {info.write_seconds}"
             except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it

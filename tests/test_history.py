@@ -577,3 +577,27 @@ def test_cli_in_process(disk_workload, capsys):
         assert cli.main(arguments) == 2, arguments
         error = capsys.readouterr().err
         assert error.startswith("ledger: ") and error.count("\n") == 1, error
+
+
+def test_cli_explains_a_difference_between_two_accounts(disk_workload, capsys):
+    from ledger import cli
+
+    directory, work = disk_workload
+    middle = work.snapshots[len(work.snapshots) // 2]
+    assert cli.main(["explain", directory, "2", "--vs", "3", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    with ledger.open(directory, readonly=True) as handle:
+        assert answer["difference"] == handle.balance(2) - handle.balance(3)
+        now_3 = handle.balance(3)
+    assert answer["ok"] and [side["account"] for side in answer["explanations"]] == [2, 3]
+    assert cli.main(["explain", directory, "2", "--vs", "3", "--until", str(middle.last_position),
+                     "--vs-until", str(2**40 - 1)]) == 0  # account 3 as of the last position: now
+    text = capsys.readouterr().out
+    assert f"minus account 3 ({now_3:,} at position" in text
+    assert f"({balance_of(middle.counters[2]):,} at position {middle.last_position})" in text
+    for arguments in (["explain", directory, "2", "--vs", "3", "--since", "5"],
+                      ["explain", directory, "2", "--vs-until", "5"],
+                      ["explain", directory, "2", "--vs", "424242"]):
+        assert cli.main(arguments) == 2, arguments
+        error = capsys.readouterr().err
+        assert error.startswith("ledger: ") and error.count("\n") == 1, error
