@@ -49,6 +49,8 @@ KIND_TRANSFER = 1
 KIND_ACCOUNT = 2
 KIND_QUERY_ACCOUNT = 3
 KINDS = (KIND_TRANSFER, KIND_ACCOUNT, KIND_QUERY_ACCOUNT)
+DEF KIND_LAST = 3                 # kinds are 1..KIND_LAST
+assert KINDS == tuple(range(1, KIND_LAST + 1))
 
 # What happened to a slot (the result code is only meaningful with STATUS_APPLIED).
 STATUS_APPLIED = 0
@@ -125,6 +127,9 @@ cdef class Ring:
     cdef uint32_t pid
     cdef uint64_t _head_since_ns      # consumer: when the current head slot was first seen unpublished
     cdef uint64_t _head_sequence      # consumer: that head sequence + 1 (0: none)
+    # Consumer: the next sequence to apply. Kept here, not read back from the shared header, which any producer
+    # can overwrite: the header copy is only published for observers.
+    cdef uint64_t _consume
 
     def __cinit__(self):
         self._has_view = False
@@ -164,6 +169,7 @@ cdef class Ring:
         self.header.created_ns = now_ns
         self.header.heartbeat_ns = ring_monotonic_ns()
         self.header.state = 1
+        self._consume = 0
         ring_store_release(&self.header.magic, RING_MAGIC)
         self.attach()
 
@@ -193,6 +199,7 @@ cdef class Ring:
 
     @property
     def consume_sequence(self):
+        """The next sequence the writer applies, as published in the header (the writer's own copy is private)."""
         return ring_load_acquire(&self.header.consume_sequence)
 
     @property
@@ -334,7 +341,7 @@ cdef class Ring:
 
     def wait_for_work(self, uint64_t timeout_ms):
         """Sleep until a producer publishes (or timeout_ms): spin briefly, then a futex wait (no CPU when idle)."""
-        cdef uint64_t sequence = ring_load_acquire(&self.header.consume_sequence)
+        cdef uint64_t sequence = self._consume
         cdef Slot *slot = &self.slots[sequence & self.mask]
         cdef int rounds
         cdef uint32_t wake
@@ -361,27 +368,30 @@ cdef class Ring:
         Fills kinds (uint16), payloads (uint8 rows of 80 bytes), batch_ends (uint8: 1 on a batch's last row) and
         statuses (STATUS_INVALID_SLOT for malformed slots, else 0). Gives up on a head batch that stays
         unpublished for abandon_after_ns (its producer died or hangs). Returns (first sequence, count)."""
-        cdef uint64_t first = ring_load_acquire(&self.header.consume_sequence)
+        cdef uint64_t first = self._consume
         cdef uint64_t claimed = ring_load_acquire(&self.header.claim_sequence)
         cdef uint16_t *kind_out = <uint16_t *>cnp.PyArray_DATA(kinds)
         cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads)
         cdef uint8_t *end_out = <uint8_t *>cnp.PyArray_DATA(batch_ends)
         cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
-        cdef uint64_t count = 0, sequence, batch_count, batch_first, j, complete = 0
+        cdef uint64_t count = 0, sequence, batch_count, batch_first, complete = 0
+        cdef uint16_t kind
         cdef Slot *slot
-        cdef bint valid
+        assert kinds.shape[0] == payloads.shape[0] == batch_ends.shape[0] == statuses.shape[0]
+        assert payloads.shape[0] == 0 or payloads.strides[0] == PAYLOAD_BYTES
         limit = min(limit, <uint64_t>kinds.shape[0], self.slot_count)
         while count < limit:
             sequence = first + count
             slot = &self.slots[sequence & self.mask]
             if ring_load_acquire(&slot.published) != sequence + 1:
                 break
+            # Each field is read once: a hostile producer may rewrite the slot while we look at it.
+            kind = slot.kind
             batch_first = slot.batch_first
             batch_count = slot.batch_count
-            valid = (slot.kind == KIND_TRANSFER or slot.kind == KIND_ACCOUNT or slot.kind == KIND_QUERY_ACCOUNT) \
-                and batch_count >= 1 and batch_count <= self.slot_count // 2 \
-                and batch_first <= sequence and sequence < batch_first + batch_count
-            if not valid:
+            if batch_first + batch_count > claimed:  # claimed since we looked? (a producer claims before publishing)
+                claimed = ring_load_acquire(&self.header.claim_sequence)
+            if not self._batch_fields_valid(kind, sequence, batch_first, batch_count, claimed):
                 # A malformed slot is answered alone; the consumer never trusts its batch fields.
                 kind_out[count] = 0
                 end_out[count] = 1
@@ -389,7 +399,7 @@ cdef class Ring:
                 count += 1
                 complete = count
                 continue
-            kind_out[count] = slot.kind
+            kind_out[count] = kind
             memcpy(payload_out + count * PAYLOAD_BYTES, slot.payload, PAYLOAD_BYTES)
             status_out[count] = 0
             end_out[count] = 1 if sequence + 1 == batch_first + batch_count else 0
@@ -397,12 +407,24 @@ cdef class Ring:
             if end_out[count - 1]:
                 complete = count
         if complete == 0 and claimed > first:
-            self._maybe_abandon(first, abandon_after_ns)
+            self._maybe_abandon(first, claimed, abandon_after_ns)
         return first, complete
 
-    cdef _maybe_abandon(self, uint64_t head, uint64_t abandon_after_ns):
-        """The head batch is claimed but incomplete. After abandon_after_ns, give it up: mark every slot of it
-        abandoned (a late publish then fails its compare-and-swap), answer and release them, move on."""
+    cdef inline bint _batch_fields_valid(self, uint16_t kind, uint64_t sequence, uint64_t batch_first,
+                                         uint64_t batch_count, uint64_t claimed) noexcept nogil:
+        """An honest producer's slot: a known kind, and a batch that holds `sequence`, fits the per-call limit and
+        was claimed in full (producers claim a whole batch with one fetch-add before publishing any of it)."""
+        return 1 <= kind <= KIND_LAST \
+            and 1 <= batch_count <= self.slot_count // 2 \
+            and batch_first <= sequence < batch_first + batch_count \
+            and batch_first + batch_count <= claimed
+
+    cdef _maybe_abandon(self, uint64_t head, uint64_t claimed, uint64_t abandon_after_ns):
+        """The head batch is claimed but incomplete. After abandon_after_ns, give it up in one step: mark every
+        unpublished slot of it abandoned (a late publish then fails its compare-and-swap), then answer the
+        published ones, and move on. How far the head batch goes: the head slot says so once published;
+        otherwise every slot up to the next published slot that starts a batch, at most one batch long, and
+        never past claimed (sequences nobody claimed belong to future producers)."""
         cdef uint64_t now = ring_monotonic_ns()
         if self._head_sequence != head + 1:
             self._head_sequence = head + 1
@@ -410,20 +432,38 @@ cdef class Ring:
             return
         if now - self._head_since_ns < abandon_after_ns:
             return
-        # How far does the head batch go? Published slots say it; otherwise give up one slot at a time.
+        assert claimed > head
         cdef Slot *slot = &self.slots[head & self.mask]
-        cdef uint64_t end = head + 1, sequence, published
-        if ring_load_acquire(&slot.published) == head + 1 and slot.batch_first == head \
-                and 1 <= slot.batch_count <= self.slot_count // 2:
-            end = head + slot.batch_count
+        cdef uint64_t end, sequence, published, batch_first, batch_count
+        cdef uint64_t limit = min(claimed, head + self.slot_count // 2)
+        cdef bint head_published = ring_load_acquire(&slot.published) == head + 1
+        if head_published:
+            batch_first = slot.batch_first
+            batch_count = slot.batch_count
+            if not self._batch_fields_valid(slot.kind, head, batch_first, batch_count, claimed) \
+                    or batch_first != head:
+                return  # malformed: the next gather answers it INVALID_SLOT on its own
+            limit = head + batch_count
+        # Phase 1: mark. A mark that fails means the slot was published just now: it is answered with the rest.
+        end = head
+        while end < limit:
+            slot = &self.slots[end & self.mask]
+            published = ring_load_acquire(&slot.published)
+            if published == end + 1:
+                if not head_published and end != head and slot.batch_first == end:
+                    break  # the next producer's batch starts here: not ours to give up
+                end += 1
+                continue
+            if ring_compare_exchange(&slot.published, published, ABANDONED | (end + 1)):
+                end += 1
+            # else: published meanwhile; look at it again
+        assert head < end <= claimed
+        # Phase 2: answer and free every slot of the range (nobody collects the results of a broken batch).
         for sequence in range(head, end):
             slot = &self.slots[sequence & self.mask]
-            published = ring_load_acquire(&slot.published)
-            if published != sequence + 1:
-                if not ring_compare_exchange(&slot.published, published, ABANDONED | (sequence + 1)):
-                    return  # it was published just now: no need to give up
             ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
             ring_store_release(&slot.released, sequence + 1)
+        self._consume = end
         ring_store_release(&self.header.consume_sequence, end)
         self._head_sequence = 0
         self.wake_producers()
@@ -436,12 +476,15 @@ cdef class Ring:
         cdef uint8_t *status_in = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint8_t *payload_in = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
         cdef Slot *slot
+        assert first == self._consume and count <= self.slot_count
+        assert <uint64_t>statuses.shape[0] == count and (payloads is None or <uint64_t>payloads.shape[0] >= count)
         for i in range(count):
             sequence = first + i
             slot = &self.slots[sequence & self.mask]
             if payload_in != NULL:
                 memcpy(slot.payload, payload_in + i * PAYLOAD_BYTES, PAYLOAD_BYTES)
             ring_store_release(&slot.result, ((sequence + 1) << 16) | (<uint64_t>status_in[i] << 8) | code_in[i])
+        self._consume = first + count
         ring_store_release(&self.header.consume_sequence, first + count)
         self._head_sequence = 0
         self.wake_producers()

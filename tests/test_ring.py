@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ledger
 from ledger import _ring
-from ledger.ring import Server, connect
+from ledger.ring import ABANDON_AFTER_MS_DEFAULT, Server, connect
 from ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
 
 HERE = os.path.dirname(__file__)
+CONSUME_SEQUENCE_OFFSET = 128  # of the header word (docs/RING.md)
 ENVIRONMENT = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
@@ -266,3 +267,83 @@ def test_sigkill_of_a_producer_does_not_wedge_the_others(tmp_path):
         states = handle.lookup_transfers(np.array(sorted(acknowledged), dtype=np.uint64))["state"]
         assert (states == ledger.TransferState.POSTED).all()
         assert handle.verify().ok
+
+
+def drain_until(server, sequence, seconds):
+    """Run the writer's loop in this thread until it has consumed up to `sequence`; returns the seconds taken."""
+    started = time.monotonic()
+    while server.ring.consume_sequence < sequence:
+        assert time.monotonic() - started < seconds, f"the writer is stuck at {server.ring.consume_sequence}"
+        if not server.drain_once():
+            server.ring.wait_for_work(20)
+    return time.monotonic() - started
+
+
+def test_dead_producers_large_batch_is_given_up_in_one_step(tmp_path):
+    """A producer that claimed 300 slots and died before publishing any: with the default abandon timeout the
+    writer gives the whole batch up at once (not one slot per timeout: 300 x 2 s), and the next batch applies."""
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=1024)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = server.ring
+        dead = ring.claim_without_publishing(300)
+        rows = ledger.transfers_batch(2)
+        rows["id"], rows["debit_account"], rows["credit_account"], rows["amount"] = [7, 8], 1, 2, 5
+        live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        assert live == dead + 300
+        seconds = drain_until(server, live + 2, seconds=2 * ABANDON_AFTER_MS_DEFAULT / 1000 + 3)
+        assert seconds >= ABANDON_AFTER_MS_DEFAULT / 1000 * 0.9
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        ring.wait_results(live, 2, codes, statuses, 1000, 1000)
+        assert codes.tolist() == [0, 0] and statuses.tolist() == [0, 0]
+        assert server.ledger.balance(2) == 10
+    finally:
+        server.close()
+
+
+def test_hostile_head_slot_cannot_push_the_writer_past_the_claimed_slots(tmp_path):
+    """A published head slot that claims a 500-slot batch when only 1 slot was claimed is answered INVALID_SLOT
+    alone; the writer never moves past claim_sequence, so the next honest batch is applied."""
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=1024, abandon_after_ms=1)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = server.ring
+        head = ring.claim_without_publishing(1)
+        data = bytearray(104)
+        data[4:6] = _ring.KIND_TRANSFER.to_bytes(2, "little")
+        data[8:16] = head.to_bytes(8, "little")
+        data[16:20] = (500).to_bytes(4, "little")
+        ring.publish_raw(head, bytes(data))
+        for _ in range(3):
+            server.drain_once()
+            time.sleep(0.002)
+            assert ring.consume_sequence <= ring.claim_sequence
+        assert ring.consume_sequence == head + 1
+        rows = ledger.transfers_batch(1)
+        rows[0] = (9, 1, 2, 5, 0, 0, 1, 0, 0, 0)
+        live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        drain_until(server, live + 1, seconds=5)
+        assert server.ledger.balance(2) == 5
+    finally:
+        server.close()
+
+
+def test_writer_keeps_its_consume_position_private(tmp_path):
+    """A producer that overwrites the header's consume_sequence does not move the writer."""
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=64)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = server.ring
+        rows = ledger.transfers_batch(1)
+        rows[0] = (9, 1, 2, 5, 0, 0, 1, 0, 0, 0)
+        first = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        server._memory[CONSUME_SEQUENCE_OFFSET:CONSUME_SEQUENCE_OFFSET + 8] = (40).to_bytes(8, "little")
+        assert ring.consume_sequence == 40
+        assert server.drain_once()
+        assert ring.consume_sequence == first + 1
+        assert server.ledger.balance(2) == 5
+    finally:
+        server.close()
