@@ -35,11 +35,21 @@ DEF SPIN_ROUNDS = 2000
 cdef extern from *:
     """
     #define RING_ABANDONED 0x8000000000000000ULL
+    #define RING_WRITING 0x4000000000000000ULL
+    #define RING_SEQUENCE_MASK 0x3FFFFFFFFFFFFFFFULL
+    #define RING_DETACHED 0x8000000000000000ULL
     """
+    # `published` word: sequence + 1, with these flags. WRITING: a producer owns the slot and is writing it.
+    # ABANDONED: the writer gave this sequence up (ABANDONED | WRITING: while its owner was writing it).
     const uint64_t ABANDONED "RING_ABANDONED"
+    const uint64_t WRITING "RING_WRITING"
+    const uint64_t SEQUENCE_MASK "RING_SEQUENCE_MASK"
+    # `released` word: DETACHED | (sequence + 1): the producer stopped waiting for this result (timeout, writer
+    # gone, Ctrl-C); whoever needs the slot next frees it once the result is written.
+    const uint64_t DETACHED "RING_DETACHED"
 
 RING_MAGIC = 0x474E495252474C44  # "LDGRRING"
-RING_VERSION = 1
+RING_VERSION = 2
 HEADER_SIZE = HEADER_BYTES
 SLOT_SIZE = SLOT_BYTES
 PAYLOAD_SIZE = PAYLOAD_BYTES
@@ -82,9 +92,10 @@ ctypedef struct RingHeader:
     uint64_t padding5[7]
 
 ctypedef struct Slot:
-    uint64_t published               # sequence + 1 once published; ABANDONED | (sequence + 1) if given up
+    uint64_t published               # sequence + 1 once published; | WRITING while owned; | ABANDONED if given up
     uint64_t result                  # (sequence + 1) << 16 | status << 8 | code, written by the consumer
-    uint64_t released                # sequence + 1 once the producer has read its result: the slot is free
+    uint64_t released                # sequence + 1 once the producer has read its result: the slot is free;
+                                     # | DETACHED if the producer stopped waiting
     uint32_t pid
     uint16_t kind
     uint16_t reserved
@@ -113,6 +124,10 @@ class RingAbandonedError(Exception):
     pass
 
 
+class RingProtocolError(Exception):
+    """The ring's words say something no honest writer or producer writes (a hostile or broken process)."""
+
+
 @cython.final
 cdef class Ring:
     """A view of a ring mapping. Producer and consumer operations are on the same class; a process uses one side."""
@@ -130,6 +145,8 @@ cdef class Ring:
     # Consumer: the next sequence to apply. Kept here, not read back from the shared header, which any producer
     # can overwrite: the header copy is only published for observers.
     cdef uint64_t _consume
+    cdef bint _has_stall_hook         # tests only: submit calls _stall_hook(sequence) before taking each slot
+    cdef object _stall_hook
 
     def __cinit__(self):
         self._has_view = False
@@ -177,7 +194,7 @@ cdef class Ring:
         """Check the header of an existing ring (a client does this) and adopt its geometry."""
         if ring_load_acquire(&self.header.magic) != RING_MAGIC or self.header.version != RING_VERSION \
                 or self.header.slot_size != SLOT_BYTES:
-            raise ValueError("not a version 1 ledger command ring")
+            raise ValueError(f"not a version {RING_VERSION} ledger command ring")
         cdef uint64_t slot_count = self.header.slot_count
         if slot_count < 16 or slot_count & (slot_count - 1) \
                 or HEADER_BYTES + slot_count * SLOT_BYTES > <uint64_t>self._view.len:
@@ -209,10 +226,11 @@ cdef class Ring:
     # ---- producer side ----
 
     def submit(self, uint16_t kind, cnp.ndarray rows not None, uint64_t busy_timeout_ms):
-        """Claim len(rows) consecutive slots, wait until each is free, write and publish them. Returns the first
-        sequence. Raises RingBusyError if a slot stays occupied past busy_timeout_ms (the claimed slots are then
-        given up by the consumer after its abandon timeout: nothing of this batch is applied)."""
-        cdef uint64_t count = rows.shape[0], row_size = rows.dtype.itemsize, i, sequence, required, published
+        """Claim len(rows) consecutive slots, wait until each is free, take it, write and publish it. Returns the
+        first sequence. RingBusyError if a slot stays occupied past busy_timeout_ms, RingAbandonedError if the
+        writer gave the batch up meanwhile: either way nothing of this batch is applied (the slots it claimed and
+        did not publish are given up by the writer after its abandon timeout)."""
+        cdef uint64_t count = rows.shape[0], row_size = rows.dtype.itemsize, i, sequence, published
         if count == 0 or count > self.slot_count // 2:
             raise ValueError(f"a ring batch holds 1 to {self.slot_count // 2} rows, got {count}")
         if row_size > PAYLOAD_BYTES or not cnp.PyArray_IS_C_CONTIGUOUS(rows):
@@ -221,53 +239,109 @@ cdef class Ring:
         cdef uint64_t first = ring_fetch_add(&self.header.claim_sequence, count)
         cdef uint64_t deadline = ring_monotonic_ns() + busy_timeout_ms * 1000000
         cdef Slot *slot
-        cdef int rounds
+        cdef int outcome = 0
         with nogil:
             for i in range(count):
                 sequence = first + i
                 slot = &self.slots[sequence & self.mask]
-                required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
-                rounds = 0
-                while ring_load_acquire(&slot.released) != required:
-                    # The previous lap's producer has not collected its result: wait, or take over if it died.
-                    if required != 0 and (ring_load_acquire(&slot.result) >> 16) == required \
-                            and not ring_process_alive(slot.pid):
-                        ring_store_release(&slot.released, required)  # its producer died before collecting
-                        continue
-                    rounds += 1
-                    if rounds > SPIN_ROUNDS:
-                        if ring_monotonic_ns() > deadline:
-                            with gil:
-                                raise RingBusyError(f"ring slot {sequence & self.mask} still busy after "
-                                                    f"{busy_timeout_ms} ms; nothing of this batch was applied")
-                        ring_futex_wait(&self.header.results_epoch, ring_load_acquire_u32(&self.header.results_epoch), 1000000)
-                    else:
-                        ring_pause()
+                outcome = self._wait_until_free(slot, sequence, deadline)
+                if outcome != 0:
+                    break
+                # Take the slot before writing it: a producer stalled since it saw the slot free must not write
+                # into it once the writer has given this sequence up and the slot has gone to the next lap.
+                if self._has_stall_hook:
+                    with gil:
+                        self._stall_hook(sequence)
                 published = ring_load_acquire(&slot.published)
+                while True:
+                    if (published & SEQUENCE_MASK) >= sequence + 1:
+                        # Our sequence, or a later lap's: the writer gave ours up (and the slot may have moved on).
+                        outcome = 2
+                        break
+                    if ring_compare_exchange(&slot.published, published, WRITING | (sequence + 1)):
+                        break
+                    published = ring_load_acquire(&slot.published)
+                if outcome != 0:
+                    break
                 slot.pid = self.pid
                 slot.kind = kind
                 slot.batch_first = first
                 slot.batch_count = <uint32_t>count
                 memset(slot.payload, 0, PAYLOAD_BYTES)
                 memcpy(slot.payload, data + i * row_size, row_size)
-                if (published & ABANDONED) and (published & ~ABANDONED) == sequence + 1:
-                    with gil:
-                        raise RingAbandonedError("the writer gave up on this batch (too slow to publish); "
-                                                 "nothing of it was applied")
-                if not ring_compare_exchange(&slot.published, published, sequence + 1):
-                    with gil:
-                        raise RingAbandonedError("the writer gave up on this batch (too slow to publish); "
-                                                 "nothing of it was applied")
+                if not ring_compare_exchange(&slot.published, WRITING | (sequence + 1), sequence + 1):
+                    # The writer gave it up while we wrote and left the slot to us: free it for the next lap.
+                    ring_store_release(&slot.released, sequence + 1)
+                    outcome = 2
+                    break
+        if outcome == 1:
+            raise RingBusyError(f"ring slot {sequence & self.mask} still busy after {busy_timeout_ms} ms; "
+                                f"nothing of this batch was applied")
+        if outcome == 2:
+            raise RingAbandonedError("the writer gave up on this batch (too slow to publish); nothing of it was "
+                                     "applied")
         ring_add_u32(&self.header.consumer_wake, 1)
         if ring_load_acquire_u32(&self.header.consumer_sleeping):
             ring_futex_wake(&self.header.consumer_wake, 1)
         return first
 
+    cdef int _wait_until_free(self, Slot *slot, uint64_t sequence, uint64_t deadline) noexcept nogil:
+        """Wait until the slot's previous lap is released. 0: free; 1: still busy at the deadline; 2: the writer
+        already gave this sequence up (fail at once: the batch can no longer complete)."""
+        cdef uint64_t required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
+        cdef uint64_t released
+        cdef int rounds = 0
+        while True:
+            released = ring_load_acquire(&slot.released)
+            if released == required:
+                return 0
+            if (ring_load_acquire(&slot.published) & SEQUENCE_MASK) >= sequence + 1 \
+                    or (released & SEQUENCE_MASK) >= sequence + 1:
+                return 2  # the writer gave our sequence up (and the slot may already serve a later lap)
+            if self._release_on_behalf(slot, sequence, released, required):
+                continue
+            rounds += 1
+            if rounds <= SPIN_ROUNDS:
+                ring_pause()
+                continue
+            if ring_monotonic_ns() > deadline:
+                return 1
+            ring_futex_wait(&self.header.results_epoch, ring_load_acquire_u32(&self.header.results_epoch), 1000000)
+
+    cdef bint _release_on_behalf(self, Slot *slot, uint64_t sequence, uint64_t released,
+                                 uint64_t required) noexcept nogil:
+        """Free an earlier lap of this slot that nobody else will free; True if `released` moved. Each step is a
+        compare-and-swap from the value seen, so producers of several later laps may try at once."""
+        cdef uint64_t lap = released & SEQUENCE_MASK  # sequence + 1 of the last lap released (0: none yet)
+        cdef uint64_t next_lap, published
+        if released & DETACHED:
+            # Its producer stopped waiting for the result: free once the writer has answered it.
+            return (ring_load_acquire(&slot.result) >> 16) == lap \
+                and ring_compare_exchange(&slot.released, released, lap)
+        next_lap = lap + self.slot_count if lap != 0 else (sequence & self.mask) + 1
+        if next_lap > required:
+            return False  # the lap before ours is still owned by a live producer or the writer
+        if (ring_load_acquire(&slot.result) >> 16) == next_lap and not ring_process_alive(slot.pid):
+            # Answered, and its producer died before collecting.
+            return ring_compare_exchange(&slot.released, released, next_lap)
+        published = ring_load_acquire(&slot.published)
+        if published == ABANDONED | next_lap:
+            # Given up before anyone took it: nobody wrote it and nobody reads it.
+            return ring_compare_exchange(&slot.released, released, next_lap)
+        if published == ABANDONED | WRITING | next_lap and not ring_process_alive(slot.pid):
+            # Given up while its producer wrote it, and that producer died before freeing it.
+            return ring_compare_exchange(&slot.released, released, next_lap)
+        return False
+
     def wait_results(self, uint64_t first, uint64_t count, cnp.ndarray codes not None, cnp.ndarray statuses not None,
                      uint64_t timeout_ms, uint64_t writer_timeout_ms, cnp.ndarray payloads=None):
         """Wait until the consumer has answered every slot of the batch, copy codes (and for queries the answer
         payloads) out, and release the slots. RingWriterGoneError if the writer stops beating, RingTimeoutError
-        past timeout_ms (the batch may still be applied later: retry with the same ids, which is safe)."""
+        past timeout_ms (the batch may still be applied later: retry with the same ids, which is safe). On any
+        failure the slots are detached: the next producer to need one frees it once the writer has answered."""
+        assert 1 <= count <= self.slot_count // 2
+        assert <uint64_t>codes.shape[0] >= count and <uint64_t>statuses.shape[0] >= count
+        assert payloads is None or <uint64_t>payloads.shape[0] >= count
         cdef uint8_t *code_out = <uint8_t *>cnp.PyArray_DATA(codes)
         cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
@@ -298,22 +372,46 @@ cdef class Ring:
                     ring_futex_wait(&self.header.results_epoch, epoch, 10000000)
                 ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
         if outcome == 1:
+            self._detach(first, count)
             raise RingTimeoutError(f"no result within {timeout_ms} ms; the batch may still be applied: "
                                    f"retry with the same ids (EXISTS means it was)")
         if outcome == 2:
+            self._detach(first, count)
             raise RingWriterGoneError("the ledger writer stopped (or stopped beating); the batch may or may not "
                                       "be applied: reconnect when it is back and retry with the same ids")
         for i in range(count):
             slot = &self.slots[(first + i) & self.mask]
             result = ring_load_acquire(&slot.result)
             if (result >> 16) != first + i + 1:
-                raise RuntimeError("ring results out of order")
+                self._detach(first, count)
+                raise RingProtocolError(f"ring slot {(first + i) & self.mask} holds the result of another "
+                                        f"sequence ({(result >> 16) - 1}, expected {first + i}): the ring was "
+                                        f"written by a process that does not follow its protocol")
             code_out[i] = <uint8_t>(result & 0xFF)
             status_out[i] = <uint8_t>((result >> 8) & 0xFF)
             if payload_out != NULL:
                 memcpy(payload_out + i * PAYLOAD_BYTES, slot.payload, PAYLOAD_BYTES)
+        for i in range(count):  # after every read: a released slot may be rewritten at once
+            slot = &self.slots[(first + i) & self.mask]
             ring_store_release(&slot.released, first + i + 1)
         return count
+
+    cdef void _detach(self, uint64_t first, uint64_t count) noexcept nogil:
+        """Stop waiting for these results: mark each slot so the next producer that needs it frees it as soon as
+        the writer has answered (until then the slot still holds a published command)."""
+        cdef uint64_t i, sequence, required
+        cdef Slot *slot
+        for i in range(count):
+            sequence = first + i
+            slot = &self.slots[sequence & self.mask]
+            required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
+            ring_compare_exchange(&slot.released, required, DETACHED | (sequence + 1))
+
+    def set_stall_hook(self, hook):
+        """Call hook(sequence) in submit after each slot is free and before taking it, as if the producer stalled
+        there. Tests only (None removes it)."""
+        self._stall_hook = hook
+        self._has_stall_hook = hook is not None
 
     def claim_without_publishing(self, uint64_t count):
         """Claim slots and never publish them: what a producer that dies right after claiming leaves behind.
@@ -420,11 +518,11 @@ cdef class Ring:
             and batch_first + batch_count <= claimed
 
     cdef _maybe_abandon(self, uint64_t head, uint64_t claimed, uint64_t abandon_after_ns):
-        """The head batch is claimed but incomplete. After abandon_after_ns, give it up in one step: mark every
-        unpublished slot of it abandoned (a late publish then fails its compare-and-swap), then answer the
-        published ones, and move on. How far the head batch goes: the head slot says so once published;
-        otherwise every slot up to the next published slot that starts a batch, at most one batch long, and
-        never past claimed (sequences nobody claimed belong to future producers)."""
+        """The head batch is claimed but incomplete. After abandon_after_ns, give it up in one step, in two phases:
+        first mark every unpublished slot of it abandoned (a late owner then fails its compare-and-swap), then
+        answer and free the slots that were published. How far the head batch goes: the head slot says so once
+        published; otherwise every slot up to the next published slot that starts a batch, at most one batch
+        long, and never past claimed (sequences nobody claimed belong to future producers)."""
         cdef uint64_t now = ring_monotonic_ns()
         if self._head_sequence != head + 1:
             self._head_sequence = head + 1
@@ -434,39 +532,60 @@ cdef class Ring:
             return
         assert claimed > head
         cdef Slot *slot = &self.slots[head & self.mask]
-        cdef uint64_t end, sequence, published, batch_first, batch_count
+        cdef uint64_t end = head, sequence, published, batch_first, batch_count
         cdef uint64_t limit = min(claimed, head + self.slot_count // 2)
-        cdef bint head_published = ring_load_acquire(&slot.published) == head + 1
-        if head_published:
+        cdef bint head_published = False, marked = False
+        published = ring_load_acquire(&slot.published)
+        if published == head + 1:
+            head_published = True
             batch_first = slot.batch_first
             batch_count = slot.batch_count
             if not self._batch_fields_valid(slot.kind, head, batch_first, batch_count, claimed) \
                     or batch_first != head:
                 return  # malformed: the next gather answers it INVALID_SLOT on its own
             limit = head + batch_count
-        # Phase 1: mark. A mark that fails means the slot was published just now: it is answered with the rest.
-        end = head
+        elif not self._mark_abandoned(slot, head, published):
+            return  # published or taken just now: look again at the next gather
+        else:
+            marked = True
+            end = head + 1
+        # Phase 1: mark. A mark fails only when its slot moved on (taken, or published): look at it again.
         while end < limit:
             slot = &self.slots[end & self.mask]
             published = ring_load_acquire(&slot.published)
             if published == end + 1:
-                if not head_published and end != head and slot.batch_first == end:
+                if not head_published and slot.batch_first == end:
                     break  # the next producer's batch starts here: not ours to give up
                 end += 1
-                continue
-            if ring_compare_exchange(&slot.published, published, ABANDONED | (end + 1)):
+            elif self._mark_abandoned(slot, end, published):
+                marked = True
                 end += 1
-            # else: published meanwhile; look at it again
+        if not marked:
+            return  # the whole head batch was published meanwhile: the next gather applies it
         assert head < end <= claimed
-        # Phase 2: answer and free every slot of the range (nobody collects the results of a broken batch).
+        # Phase 2: the range can no longer complete, so its producers never read a result: answer and free the
+        # published slots. Slots marked while unowned or being written are freed by their owner or the next lap
+        # (their previous lap may hold a result nobody has read yet: never overwrite it).
         for sequence in range(head, end):
             slot = &self.slots[sequence & self.mask]
-            ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
-            ring_store_release(&slot.released, sequence + 1)
+            if ring_load_acquire(&slot.published) == sequence + 1:
+                ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
+                ring_store_release(&slot.released, sequence + 1)
         self._consume = end
         ring_store_release(&self.header.consume_sequence, end)
         self._head_sequence = 0
         self.wake_producers()
+
+    cdef inline bint _mark_abandoned(self, Slot *slot, uint64_t sequence, uint64_t published) noexcept nogil:
+        """Give up an unpublished sequence: unowned, or owned and being written (its owner then frees the slot).
+        False if the slot moved on meanwhile (the caller looks again). Never called on a published slot."""
+        if published == WRITING | (sequence + 1):
+            return ring_compare_exchange(&slot.published, published, ABANDONED | WRITING | (sequence + 1))
+        if (published & SEQUENCE_MASK) == sequence + 1:
+            # Already marked: only a hostile producer writes that (this writer marks a sequence once). Counting
+            # it as marked keeps the writer moving.
+            return (published & ABANDONED) != 0
+        return ring_compare_exchange(&slot.published, published, ABANDONED | (sequence + 1))
 
     def complete(self, uint64_t first, cnp.ndarray codes not None, cnp.ndarray statuses not None,
                  cnp.ndarray payloads=None):

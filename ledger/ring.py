@@ -247,6 +247,8 @@ class Client:
                 raise LedgerUnavailableError(str(error)) from None
             except _ring.RingTimeoutError as error:
                 raise LedgerTimeoutError(str(error)) from None
+            except _ring.RingProtocolError as error:
+                raise LedgerError(str(error)) from None
         if (statuses == _ring.STATUS_ABANDONED).any():
             raise LedgerBusyError("the writer gave up on this batch (a slot was not published in time); "
                                   "nothing of it was applied")

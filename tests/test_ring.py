@@ -347,3 +347,165 @@ def test_writer_keeps_its_consume_position_private(tmp_path):
         assert server.ledger.balance(2) == 5
     finally:
         server.close()
+
+
+def transfer_batch(ids, amount=5):
+    rows = ledger.transfers_batch(len(ids))
+    rows["id"], rows["debit_account"], rows["credit_account"], rows["amount"] = ids, 1, 2, amount
+    return rows
+
+
+def small_server(tmp_path, slot_count=16, abandon_after_ms=1):
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=slot_count, abandon_after_ms=abandon_after_ms)
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+    server.ledger.create_account(2)
+    return server
+
+
+def producer(server):
+    """Another producer with its own mapping of the writer's ring file (as a client process has)."""
+    import mmap
+    fd = os.open(os.path.join(server.directory, "commands.ring"), os.O_RDWR)
+    try:
+        memory = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    ring = _ring.Ring(memory, os.getpid())
+    ring.attach()
+    return ring
+
+
+def give_up_head(server):
+    """Let the writer see its head batch incomplete twice, abandon_after_ms apart: it gives it up."""
+    server.drain_once()
+    time.sleep(0.005)
+    server.drain_once()
+
+
+def test_a_stalled_producer_never_writes_into_the_next_laps_slot(tmp_path):
+    """A producer stalls after its slot became free; meanwhile the writer gives its sequence up and the next lap's
+    producer takes the slot and publishes. The stalled producer must fail without touching that slot."""
+    server = small_server(tmp_path)
+    try:
+        stalled, next_lap = producer(server), producer(server)
+        late = []
+
+        def stall(sequence):
+            stalled.set_stall_hook(None)
+            give_up_head(server)
+            assert server.ring.consume_sequence == sequence + 1
+            next_lap.claim_without_publishing(15)
+            late.append(next_lap.submit(_ring.KIND_TRANSFER, transfer_batch([200], amount=2), 1000))
+            assert late[0] == sequence + 16
+
+        stalled.set_stall_hook(stall)
+        with pytest.raises(_ring.RingAbandonedError):
+            stalled.submit(_ring.KIND_TRANSFER, transfer_batch([100], amount=1), 1000)
+        drain_until(server, late[0] + 1, seconds=5)
+        codes, statuses = np.zeros(1, np.uint8), np.zeros(1, np.uint8)
+        next_lap.wait_results(late[0], 1, codes, statuses, 1000, 1000)
+        assert (codes[0], statuses[0]) == (0, 0)
+        found = server.ledger.lookup_transfers(np.array([100, 200], np.uint64))
+        assert found["state"].tolist() == [ledger.TransferState.NOT_FOUND, ledger.TransferState.POSTED]
+        assert server.ledger.balance(2) == 2
+    finally:
+        server.close()
+
+
+def test_a_caller_that_stops_waiting_does_not_hold_its_slots(tmp_path):
+    """A call that times out detaches its slots: once the writer has answered them, the next lap takes them at
+    once instead of waiting for a release that never comes."""
+    server = small_server(tmp_path)
+    try:
+        client = connect(server.directory, timeout_ms=20, busy_timeout_ms=500)
+        with pytest.raises(ledger.LedgerTimeoutError):
+            client.transfers(transfer_batch(list(range(10, 18))))      # slots 0..7; nobody drains yet
+        assert server.drain_once()
+        ring = producer(server)
+        codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+        middle = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(20, 28))), 500)    # slots 8..15
+        assert server.drain_once()
+        ring.wait_results(middle, 8, codes, statuses, 1000, 1000)
+        started = time.monotonic()
+        lapped = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(10, 18))), 500)    # slots 0..7 again
+        assert time.monotonic() - started < 0.3
+        assert server.drain_once()
+        ring.wait_results(lapped, 8, codes, statuses, 1000, 1000)
+        assert (codes == ledger.TransferResult.EXISTS).all(), "the timed-out call was applied: a retry says EXISTS"
+        client.close()
+    finally:
+        server.close()
+
+
+def test_giving_up_a_waiting_producer_fails_it_at_once_and_keeps_the_last_laps_results(tmp_path):
+    """A producer waits for a slot whose previous lap's result is still unread; the writer gives its sequence up.
+    It fails at once (not after busy_timeout_ms), the unread result is intact, and later laps still get the
+    slot."""
+    server = small_server(tmp_path, abandon_after_ms=20)
+    try:
+        reader, waiter = producer(server), producer(server)
+        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        drain_until(server, second + 8, seconds=5)                     # answered, not read: slots 0..15 held
+        outcome = []
+
+        def wait_for_space():
+            started = time.monotonic()
+            try:
+                waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), 5000)   # sequence 16: slot 0
+                outcome.append("submitted")
+            except Exception as error:  # noqa: BLE001 - the test inspects it
+                outcome.append(error)
+            outcome.append(time.monotonic() - started)
+
+        import threading
+        thread = threading.Thread(target=wait_for_space)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while server.ring.consume_sequence < 17 and time.monotonic() < deadline:
+            server.drain_once()
+            time.sleep(0.005)
+        thread.join(timeout=10)
+        assert isinstance(outcome[0], _ring.RingAbandonedError), outcome
+        assert outcome[1] < 1.0, f"the producer noticed after {outcome[1]:.2f} s"
+        codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+        reader.wait_results(first, 8, codes, statuses, 1000, 1000)      # the unread lap is intact
+        assert codes.tolist() == [0] * 8 and statuses.tolist() == [0] * 8
+        reader.wait_results(second, 8, codes, statuses, 1000, 1000)
+        waiter.claim_without_publishing(15)                              # up to sequence 32: slot 0 again
+        started = time.monotonic()
+        waiter.submit(_ring.KIND_TRANSFER, transfer_batch([51]), 500)
+        assert time.monotonic() - started < 0.3
+    finally:
+        server.close()
+
+
+def test_a_result_of_another_sequence_is_a_ledger_error(tmp_path):
+    """A slot answered with another sequence's result (a process that breaks the protocol) raises LedgerError
+    naming the problem, not a bare RuntimeError."""
+    import threading
+    server = small_server(tmp_path)
+    try:
+        client = connect(server.directory, timeout_ms=5000)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(_raised(client.transfers, transfer_batch([60, 61]))))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while server.ring.claim_sequence < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for sequence, answered in ((0, 5), (1, 2)):             # result words hold sequence + 1: slot 0 is wrong
+            offset = _ring.HEADER_SIZE + sequence * _ring.SLOT_SIZE + 8
+            server._memory[offset:offset + 8] = (answered << 16).to_bytes(8, "little")
+        thread.join(timeout=10)
+        assert isinstance(outcome[0], ledger.LedgerError) and "another sequence" in str(outcome[0]), outcome
+        client.close()
+    finally:
+        server.close()
+
+
+def _raised(function, *arguments):
+    try:
+        function(*arguments)
+    except Exception as error:  # noqa: BLE001 - returned for the test to inspect
+        return error
+    return None
