@@ -76,7 +76,8 @@ ctypedef struct RingHeader:
     uint64_t writer_pid
     uint64_t writer_epoch
     uint64_t created_ns
-    uint64_t padding0[2]
+    uint64_t batch_rows_max          # the most rows one producer batch may hold (the writer's drain fits it)
+    uint64_t padding0[1]
     uint64_t claim_sequence          # producers: fetch-add; its own cache line
     uint64_t padding1[7]
     uint64_t consume_sequence        # consumer: next sequence to apply
@@ -139,6 +140,7 @@ cdef class Ring:
     cdef Slot *slots
     cdef uint64_t slot_count
     cdef uint64_t mask
+    cdef uint64_t batch_rows_max
     cdef uint32_t pid
     cdef uint64_t _head_since_ns      # consumer: when the current head slot was first seen unpublished
     cdef uint64_t _head_sequence      # consumer: that head sequence + 1 (0: none)
@@ -172,15 +174,21 @@ cdef class Ring:
         self.header = NULL
         self.slots = NULL
 
-    def initialise(self, uint64_t slot_count, uint64_t writer_pid, uint64_t epoch, uint64_t now_ns):
-        """Stamp a new ring (the writer does this on a freshly created, zeroed file)."""
+    def initialise(self, uint64_t slot_count, uint64_t batch_rows_max, uint64_t writer_pid, uint64_t epoch,
+                   uint64_t now_ns):
+        """Stamp a new ring (the writer does this on a freshly created, zeroed file). batch_rows_max: the most rows
+        one producer batch may hold; at most half the ring, and no more than the writer gathers per drain (a
+        bigger batch could never be seen complete)."""
         if slot_count < 16 or slot_count & (slot_count - 1):
             raise ValueError("slot_count must be a power of two >= 16")
+        if not 1 <= batch_rows_max <= slot_count // 2:
+            raise ValueError(f"batch_rows_max must be in [1, {slot_count // 2}], got {batch_rows_max}")
         if HEADER_BYTES + slot_count * SLOT_BYTES > <uint64_t>self._view.len:
             raise ValueError("ring mapping smaller than its slots")
         self.header.version = RING_VERSION
         self.header.slot_size = SLOT_BYTES
         self.header.slot_count = slot_count
+        self.header.batch_rows_max = batch_rows_max
         self.header.writer_pid = writer_pid
         self.header.writer_epoch = epoch
         self.header.created_ns = now_ns
@@ -199,12 +207,20 @@ cdef class Ring:
         if slot_count < 16 or slot_count & (slot_count - 1) \
                 or HEADER_BYTES + slot_count * SLOT_BYTES > <uint64_t>self._view.len:
             raise ValueError("ring header geometry is invalid")
+        cdef uint64_t batch_rows_max = self.header.batch_rows_max
+        if not 1 <= batch_rows_max <= slot_count // 2:
+            raise ValueError("ring header batch_rows_max is invalid")
+        self.batch_rows_max = batch_rows_max
         self.slot_count = slot_count
         self.mask = slot_count - 1
 
     @property
     def slot_count(self):
         return self.slot_count
+
+    @property
+    def batch_rows_max(self):
+        return self.batch_rows_max
 
     @property
     def writer_pid(self):
@@ -231,8 +247,8 @@ cdef class Ring:
         writer gave the batch up meanwhile: either way nothing of this batch is applied (the slots it claimed and
         did not publish are given up by the writer after its abandon timeout)."""
         cdef uint64_t count = rows.shape[0], row_size = rows.dtype.itemsize, i, sequence, published
-        if count == 0 or count > self.slot_count // 2:
-            raise ValueError(f"a ring batch holds 1 to {self.slot_count // 2} rows, got {count}")
+        if count == 0 or count > self.batch_rows_max:
+            raise ValueError(f"a ring batch holds 1 to {self.batch_rows_max} rows, got {count}")
         if row_size > PAYLOAD_BYTES or not cnp.PyArray_IS_C_CONTIGUOUS(rows):
             raise ValueError("rows must be C-contiguous with at most 80-byte rows")
         cdef char *data = <char *>cnp.PyArray_DATA(rows)
@@ -339,7 +355,7 @@ cdef class Ring:
         payloads) out, and release the slots. RingWriterGoneError if the writer stops beating, RingTimeoutError
         past timeout_ms (the batch may still be applied later: retry with the same ids, which is safe). On any
         failure the slots are detached: the next producer to need one frees it once the writer has answered."""
-        assert 1 <= count <= self.slot_count // 2
+        assert 1 <= count <= self.batch_rows_max
         assert <uint64_t>codes.shape[0] >= count and <uint64_t>statuses.shape[0] >= count
         assert payloads is None or <uint64_t>payloads.shape[0] >= count
         cdef uint8_t *code_out = <uint8_t *>cnp.PyArray_DATA(codes)
@@ -513,7 +529,7 @@ cdef class Ring:
         """An honest producer's slot: a known kind, and a batch that holds `sequence`, fits the per-call limit and
         was claimed in full (producers claim a whole batch with one fetch-add before publishing any of it)."""
         return 1 <= kind <= KIND_LAST \
-            and 1 <= batch_count <= self.slot_count // 2 \
+            and 1 <= batch_count <= self.batch_rows_max \
             and batch_first <= sequence < batch_first + batch_count \
             and batch_first + batch_count <= claimed
 
@@ -533,7 +549,7 @@ cdef class Ring:
         assert claimed > head
         cdef Slot *slot = &self.slots[head & self.mask]
         cdef uint64_t end = head, sequence, published, batch_first, batch_count
-        cdef uint64_t limit = min(claimed, head + self.slot_count // 2)
+        cdef uint64_t limit = min(claimed, head + self.batch_rows_max)
         cdef bint head_published = False, marked = False
         published = ring_load_acquire(&slot.published)
         if published == head + 1:

@@ -103,7 +103,9 @@ class Server:
         finally:
             os.close(fd)
         ring = _ring.Ring(memory, os.getpid())
-        ring.initialise(slot_count, os.getpid(), time.time_ns(), time.time_ns())
+        # A batch must fit one drain, or the writer never sees it complete and gives it up every time.
+        ring.initialise(slot_count, min(slot_count // 2, GROUP_ROWS_MAX), os.getpid(), time.time_ns(),
+                        time.time_ns())
         os.rename(temporary, path)  # clients of an earlier writer keep the old, dead ring and notice
         return ring, memory
 
@@ -220,7 +222,7 @@ class Client:
             self._ring.attach()
         except ValueError as error:
             raise LedgerUnavailableError(f"{path}: {error}") from None
-        self.batch_rows_max = self._ring.slot_count // 2
+        self.batch_rows_max = self._ring.batch_rows_max  # the writer's per-call limit: half the ring, <= 32,768
         self._lock = threading.Lock()  # one batch at a time per client object: results are read in order
 
     def _call(self, kind: int, rows: np.ndarray, with_answers: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -233,7 +235,9 @@ class Client:
         if count == 0:
             return codes, statuses, answers
         if count > self.batch_rows_max:
-            raise ValueError(f"a client batch holds at most {self.batch_rows_max} rows (half the ring), got {count}")
+            raise ValueError(f"a client batch holds at most {self.batch_rows_max} rows (the writer's per-call limit: "
+                             f"half its ring, at most {GROUP_ROWS_MAX}), got {count}: split it (a LINKED chain "
+                             f"must stay within one call)")
         with self._lock:
             try:
                 first = self._ring.submit(kind, rows, self.busy_timeout_ms)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ledger
 from ledger import _ring
-from ledger.ring import ABANDON_AFTER_MS_DEFAULT, Server, connect
+from ledger.ring import ABANDON_AFTER_MS_DEFAULT, GROUP_ROWS_MAX, Server, connect
 from ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
 
 HERE = os.path.dirname(__file__)
@@ -509,3 +509,27 @@ def _raised(function, *arguments):
     except Exception as error:  # noqa: BLE001 - returned for the test to inspect
         return error
     return None
+
+
+def test_per_call_row_limit_fits_one_drain(tmp_path):
+    """With a ring of 2**17 slots a call may still hold only what the writer gathers in one drain (32,768 rows):
+    a bigger one is refused up front, not given up by the writer every time; the largest one is applied."""
+    server = small_server(tmp_path, slot_count=1 << 17)
+    try:
+        client = connect(server.directory)
+        assert client.batch_rows_max == GROUP_ROWS_MAX
+        with pytest.raises(ValueError, match="at most 32768 rows"):
+            client.transfers(transfer_batch(np.arange(1, 40_001, dtype=np.uint64)))
+        client.close()
+        ring = producer(server)
+        with pytest.raises(ValueError, match="1 to 32768 rows"):
+            ring.submit(_ring.KIND_TRANSFER, transfer_batch(np.arange(1, 40_001, dtype=np.uint64)), 500)
+        largest = transfer_batch(np.arange(1, GROUP_ROWS_MAX + 1, dtype=np.uint64), amount=1)
+        first = ring.submit(_ring.KIND_TRANSFER, largest, 500)
+        assert server.drain_once()
+        codes, statuses = np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8)
+        ring.wait_results(first, GROUP_ROWS_MAX, codes, statuses, 1000, 1000)
+        assert not codes.any() and not statuses.any()
+        assert server.ledger.balance(2) == GROUP_ROWS_MAX
+    finally:
+        server.close()
