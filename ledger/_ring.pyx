@@ -7,6 +7,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.exc cimport PyErr_CheckSignals
 
 cimport cython
 import numpy as np
@@ -32,6 +33,13 @@ DEF HEADER_BYTES = 4096
 DEF SLOT_BYTES = 128
 DEF PAYLOAD_BYTES = 80
 DEF SPIN_ROUNDS = 2000
+DEF WRITER_TIMEOUT_MS_DEFAULT = 3000
+# _wait_until_free outcomes.
+DEF SLOT_FREE = 0
+DEF SLOT_BUSY = 1
+DEF SLOT_GIVEN_UP = 2
+DEF SLOT_WRITER_GONE = 3
+DEF SLOT_SLICE_OVER = 4           # one futex wait is over: check for signals (Ctrl-C) and wait again
 cdef extern from *:
     """
     #define RING_ABANDONED 0x8000000000000000ULL
@@ -241,11 +249,13 @@ cdef class Ring:
 
     # ---- producer side ----
 
-    def submit(self, uint16_t kind, cnp.ndarray rows not None, uint64_t busy_timeout_ms):
+    def submit(self, uint16_t kind, cnp.ndarray rows not None, uint64_t busy_timeout_ms,
+               uint64_t writer_timeout_ms=WRITER_TIMEOUT_MS_DEFAULT):
         """Claim len(rows) consecutive slots, wait until each is free, take it, write and publish it. Returns the
         first sequence. RingBusyError if a slot stays occupied past busy_timeout_ms, RingAbandonedError if the
-        writer gave the batch up meanwhile: either way nothing of this batch is applied (the slots it claimed and
-        did not publish are given up by the writer after its abandon timeout)."""
+        writer gave the batch up meanwhile, RingWriterGoneError if the writer stops (or stops beating for
+        writer_timeout_ms) while we wait for space: nothing of this batch is applied (the slots it claimed and
+        did not publish are given up by the writer after its abandon timeout). Ctrl-C interrupts the wait."""
         cdef uint64_t count = rows.shape[0], row_size = rows.dtype.itemsize, i, sequence, published
         if count == 0 or count > self.batch_rows_max:
             raise ValueError(f"a ring batch holds 1 to {self.batch_rows_max} rows, got {count}")
@@ -254,14 +264,23 @@ cdef class Ring:
         cdef char *data = <char *>cnp.PyArray_DATA(rows)
         cdef uint64_t first = ring_fetch_add(&self.header.claim_sequence, count)
         cdef uint64_t deadline = ring_monotonic_ns() + busy_timeout_ms * 1000000
+        cdef uint64_t writer_timeout_ns = writer_timeout_ms * 1000000
         cdef Slot *slot
         cdef int outcome = 0
+        cdef bint spin
         with nogil:
             for i in range(count):
                 sequence = first + i
                 slot = &self.slots[sequence & self.mask]
-                outcome = self._wait_until_free(slot, sequence, deadline)
-                if outcome != 0:
+                spin = True
+                while True:
+                    outcome = self._wait_until_free(slot, sequence, deadline, writer_timeout_ns, spin)
+                    if outcome != SLOT_SLICE_OVER:
+                        break
+                    spin = False
+                    with gil:
+                        PyErr_CheckSignals()
+                if outcome != SLOT_FREE:
                     break
                 # Take the slot before writing it: a producer stalled since it saw the slot free must not write
                 # into it once the writer has given this sequence up and the slot has gone to the next lap.
@@ -272,7 +291,7 @@ cdef class Ring:
                 while True:
                     if (published & SEQUENCE_MASK) >= sequence + 1:
                         # Our sequence, or a later lap's: the writer gave ours up (and the slot may have moved on).
-                        outcome = 2
+                        outcome = SLOT_GIVEN_UP
                         break
                     if ring_compare_exchange(&slot.published, published, WRITING | (sequence + 1)):
                         break
@@ -288,41 +307,59 @@ cdef class Ring:
                 if not ring_compare_exchange(&slot.published, WRITING | (sequence + 1), sequence + 1):
                     # The writer gave it up while we wrote and left the slot to us: free it for the next lap.
                     ring_store_release(&slot.released, sequence + 1)
-                    outcome = 2
+                    outcome = SLOT_GIVEN_UP
                     break
-        if outcome == 1:
+        if outcome == SLOT_BUSY:
             raise RingBusyError(f"ring slot {sequence & self.mask} still busy after {busy_timeout_ms} ms; "
                                 f"nothing of this batch was applied")
-        if outcome == 2:
+        if outcome == SLOT_GIVEN_UP:
             raise RingAbandonedError("the writer gave up on this batch (too slow to publish); nothing of it was "
                                      "applied")
+        if outcome == SLOT_WRITER_GONE:
+            raise RingWriterGoneError("the ledger writer stopped (or stopped beating) while this call waited for "
+                                      "ring space; nothing of it was applied: reconnect when it is back")
         ring_add_u32(&self.header.consumer_wake, 1)
         if ring_load_acquire_u32(&self.header.consumer_sleeping):
             ring_futex_wake(&self.header.consumer_wake, 1)
         return first
 
-    cdef int _wait_until_free(self, Slot *slot, uint64_t sequence, uint64_t deadline) noexcept nogil:
-        """Wait until the slot's previous lap is released. 0: free; 1: still busy at the deadline; 2: the writer
-        already gave this sequence up (fail at once: the batch can no longer complete)."""
+    cdef int _wait_until_free(self, Slot *slot, uint64_t sequence, uint64_t deadline, uint64_t writer_timeout_ns,
+                              bint spin) noexcept nogil:
+        """Wait until the slot's previous lap is released: spin first (if `spin`), then sleep one futex slice.
+        SLOT_FREE; SLOT_BUSY at the deadline; SLOT_GIVEN_UP if the writer already gave this sequence up (fail at
+        once: the batch can no longer complete); SLOT_WRITER_GONE; SLOT_SLICE_OVER after one slice."""
         cdef uint64_t required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
-        cdef uint64_t released
+        cdef uint64_t released, now
+        cdef uint32_t epoch
         cdef int rounds = 0
         while True:
             released = ring_load_acquire(&slot.released)
             if released == required:
-                return 0
+                return SLOT_FREE
             if (ring_load_acquire(&slot.published) & SEQUENCE_MASK) >= sequence + 1 \
                     or (released & SEQUENCE_MASK) >= sequence + 1:
-                return 2  # the writer gave our sequence up (and the slot may already serve a later lap)
+                return SLOT_GIVEN_UP  # the writer gave our sequence up (and the slot may already serve a later lap)
             if self._release_on_behalf(slot, sequence, released, required):
                 continue
-            rounds += 1
-            if rounds <= SPIN_ROUNDS:
+            if spin and rounds < SPIN_ROUNDS:
+                rounds += 1
                 ring_pause()
                 continue
-            if ring_monotonic_ns() > deadline:
-                return 1
-            ring_futex_wait(&self.header.results_epoch, ring_load_acquire_u32(&self.header.results_epoch), 1000000)
+            now = ring_monotonic_ns()
+            if now > deadline:
+                return SLOT_BUSY
+            if not self._writer_alive(now, writer_timeout_ns):
+                return SLOT_WRITER_GONE
+            epoch = ring_load_acquire_u32(&self.header.results_epoch)
+            if ring_load_acquire(&slot.released) == released:
+                ring_futex_wait(&self.header.results_epoch, epoch, 1000000)
+            return SLOT_SLICE_OVER
+
+    cdef inline bint _writer_alive(self, uint64_t now, uint64_t writer_timeout_ns) noexcept nogil:
+        """Running, beating within writer_timeout_ns, and its process exists."""
+        return ring_load_acquire(&self.header.state) == 1 \
+            and now <= ring_load_acquire(&self.header.heartbeat_ns) + writer_timeout_ns \
+            and ring_process_alive(<uint32_t>self.header.writer_pid)
 
     cdef bint _release_on_behalf(self, Slot *slot, uint64_t sequence, uint64_t released,
                                  uint64_t required) noexcept nogil:
@@ -364,29 +401,34 @@ cdef class Ring:
         cdef uint64_t deadline = ring_monotonic_ns() + timeout_ms * 1000000
         cdef uint64_t last = first + count - 1, i, result, now
         cdef Slot *slot = &self.slots[last & self.mask]
+        cdef uint64_t writer_timeout_ns = writer_timeout_ms * 1000000
         cdef int rounds = 0
         cdef int outcome = 0
         cdef uint32_t epoch
-        with nogil:
-            while (ring_load_acquire(&slot.result) >> 16) != last + 1:
-                rounds += 1
-                if rounds <= SPIN_ROUNDS:
-                    ring_pause()
-                    continue
-                now = ring_monotonic_ns()
-                if now > deadline:
-                    outcome = 1
-                    break
-                if ring_load_acquire(&self.header.state) != 1 \
-                        or now > ring_load_acquire(&self.header.heartbeat_ns) + writer_timeout_ms * 1000000 \
-                        or not ring_process_alive(<uint32_t>self.header.writer_pid):
-                    outcome = 2
-                    break
-                epoch = ring_load_acquire_u32(&self.header.results_epoch)
-                ring_add_u32(&self.header.result_waiters, 1)
-                if (ring_load_acquire(&slot.result) >> 16) != last + 1:
-                    ring_futex_wait(&self.header.results_epoch, epoch, 10000000)
-                ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
+        try:
+            with nogil:
+                while (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                    rounds += 1
+                    if rounds <= SPIN_ROUNDS:
+                        ring_pause()
+                        continue
+                    now = ring_monotonic_ns()
+                    if now > deadline:
+                        outcome = 1
+                        break
+                    if not self._writer_alive(now, writer_timeout_ns):
+                        outcome = 2
+                        break
+                    epoch = ring_load_acquire_u32(&self.header.results_epoch)
+                    ring_add_u32(&self.header.result_waiters, 1)
+                    if (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                        ring_futex_wait(&self.header.results_epoch, epoch, 10000000)
+                    ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
+                    with gil:
+                        PyErr_CheckSignals()  # Ctrl-C: raises here (KeyboardInterrupt), between slices
+        except BaseException:
+            self._detach(first, count)
+            raise
         if outcome == 1:
             self._detach(first, count)
             raise RingTimeoutError(f"no result within {timeout_ms} ms; the batch may still be applied: "

@@ -35,8 +35,13 @@ SLOT_COUNT_DEFAULT = 1 << 16
 SLOT_COUNT_MAX = 1 << 22
 GROUP_ROWS_MAX = 1 << 15          # rows applied (and group-committed) per drain
 ABANDON_AFTER_MS_DEFAULT = 2_000  # a claimed slot unpublished this long: its producer is dead or stuck
-IDLE_WAIT_MS = 50                 # futex wait when idle; also the heartbeat period
+IDLE_WAIT_MS = 50                 # futex wait when idle
+# The writer's heartbeat comes from its own thread, so a long drain (a slow fsync, creating a segment) does not
+# look like a dead writer; a writer that died or hangs outside Python's reach stops beating.
+HEARTBEAT_INTERVAL_MS = 50
 WRITER_TIMEOUT_MS_DEFAULT = 3_000
+WRITER_TIMEOUT_MS_MIN = 4 * HEARTBEAT_INTERVAL_MS  # less would take a late beat for a dead writer
+TIMEOUT_MS_MAX = 3_600_000
 TIMEOUT_MS_DEFAULT = 30_000
 BUSY_TIMEOUT_MS_DEFAULT = 5_000
 PAYLOAD = _ring.PAYLOAD_SIZE
@@ -87,6 +92,9 @@ class Server:
         self.group = group
         self.ring, self._memory = self._create_ring(slot_count)
         self._stop = threading.Event()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="ledger-ring-heartbeat", daemon=True)
+        self._heartbeat.start()
         self.slot_count = slot_count
         self.applied_rows = 0
 
@@ -112,10 +120,13 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
 
+    def _beat(self) -> None:
+        while not self._heartbeat_stop.wait(HEARTBEAT_INTERVAL_MS / 1000):
+            self.ring.heartbeat()
+
     def serve_forever(self) -> None:
         try:
             while not self._stop.is_set():
-                self.ring.heartbeat()
                 if not self.drain_once():
                     self.ring.wait_for_work(IDLE_WAIT_MS)
         finally:
@@ -187,6 +198,8 @@ class Server:
 
     def close(self) -> None:
         if self.ring is not None:
+            self._heartbeat_stop.set()
+            self._heartbeat.join()  # before the mapping goes away
             self.ring.stop()
             self.ring.release()
             self._memory.close()
@@ -200,10 +213,10 @@ class Client:
     def __init__(self, directory: str, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                  busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT,
                  writer_timeout_ms: int = WRITER_TIMEOUT_MS_DEFAULT) -> None:
-        for name, value in (("timeout_ms", timeout_ms), ("busy_timeout_ms", busy_timeout_ms),
-                            ("writer_timeout_ms", writer_timeout_ms)):
-            if not 1 <= value <= 3_600_000:
-                raise ValueError(f"{name} must be in [1, 3600000], got {value}")
+        for name, value, minimum in (("timeout_ms", timeout_ms, 1), ("busy_timeout_ms", busy_timeout_ms, 1),
+                                     ("writer_timeout_ms", writer_timeout_ms, WRITER_TIMEOUT_MS_MIN)):
+            if not minimum <= value <= TIMEOUT_MS_MAX:
+                raise ValueError(f"{name} must be in [{minimum}, {TIMEOUT_MS_MAX}], got {value}")
         self.directory = os.fspath(directory)
         self.timeout_ms = timeout_ms
         self.busy_timeout_ms = busy_timeout_ms
@@ -238,9 +251,14 @@ class Client:
             raise ValueError(f"a client batch holds at most {self.batch_rows_max} rows (the writer's per-call limit: "
                              f"half its ring, at most {GROUP_ROWS_MAX}), got {count}: split it (a LINKED chain "
                              f"must stay within one call)")
-        with self._lock:
+        # One call at a time per client (its results are read in order); a call waiting behind another one is
+        # bounded by the same timeout as the call itself.
+        if not self._lock.acquire(timeout=self.timeout_ms / 1000):
+            raise LedgerTimeoutError(f"another call on this client held it for {self.timeout_ms} ms; "
+                                     f"nothing of this call was sent")
+        try:
             try:
-                first = self._ring.submit(kind, rows, self.busy_timeout_ms)
+                first = self._ring.submit(kind, rows, self.busy_timeout_ms, self.writer_timeout_ms)
                 self._ring.wait_results(first, count, codes, statuses, self.timeout_ms, self.writer_timeout_ms,
                                         answers)
             except _ring.RingBusyError as error:
@@ -253,6 +271,8 @@ class Client:
                 raise LedgerTimeoutError(str(error)) from None
             except _ring.RingProtocolError as error:
                 raise LedgerError(str(error)) from None
+        finally:
+            self._lock.release()
         if (statuses == _ring.STATUS_ABANDONED).any():
             raise LedgerBusyError("the writer gave up on this batch (a slot was not published in time); "
                                   "nothing of it was applied")

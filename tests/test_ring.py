@@ -533,3 +533,94 @@ def test_per_call_row_limit_fits_one_drain(tmp_path):
         assert server.ledger.balance(2) == GROUP_ROWS_MAX
     finally:
         server.close()
+
+
+def test_waiting_for_space_notices_a_stopped_writer(tmp_path):
+    """A call that waits for ring space while the writer stops gets LedgerUnavailableError at once, not
+    LedgerBusyError after busy_timeout_ms."""
+    server = small_server(tmp_path)
+    try:
+        reader = producer(server)
+        reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        drain_until(server, 16, seconds=5)                              # answered, never read: the ring is full
+        server.ring.stop()                                              # the writer stops
+        client = connect(server.directory, busy_timeout_ms=3000)
+        started = time.monotonic()
+        with pytest.raises(ledger.LedgerUnavailableError, match="waited for ring space"):
+            client.transfer(50, 1, 2, 5)
+        assert time.monotonic() - started < 1.0
+        client.close()
+    finally:
+        server.close()
+
+
+def test_a_call_waiting_behind_another_on_the_same_client_times_out(tmp_path):
+    import threading
+    server = small_server(tmp_path)
+    try:
+        client = connect(server.directory, timeout_ms=100)
+        outcome = []
+        client._lock.acquire()                                          # another call in progress
+        try:
+            thread = threading.Thread(target=lambda: outcome.append(_raised(client.transfer, 50, 1, 2, 5)))
+            thread.start()
+            thread.join(timeout=3)
+        finally:
+            client._lock.release()
+        thread.join()
+        assert isinstance(outcome[0], ledger.LedgerTimeoutError), outcome
+        client.close()
+    finally:
+        server.close()
+
+
+CTRL_C_CLIENT = r'''
+import sys, time
+import ledger
+from ledger.ring import Server, connect
+server = Server(sys.argv[1], durability="os", slot_count=16)            # beats, never drains
+client = connect(sys.argv[1], timeout_ms=30000)
+print("waiting", flush=True)
+started = time.monotonic()
+try:
+    client.transfer(1, 1, 2, 5)
+except KeyboardInterrupt:
+    released = int.from_bytes(server._memory[4096 + 16:4096 + 24], "little")
+    print(f"interrupted {time.monotonic() - started:.2f} {released >> 63} {released & 0xFFFF}", flush=True)
+'''
+
+
+def test_ctrl_c_interrupts_a_waiting_call_and_detaches_its_slots(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", CTRL_C_CLIENT, str(tmp_path / "data")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    assert process.stdout.readline().strip() == "waiting"
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    words = out.split()
+    assert words[:1] == ["interrupted"], (out, err)
+    assert float(words[1]) < 2.0
+    assert words[2:] == ["1", "1"], "slot 0 is detached (DETACHED | sequence 0 + 1)"
+
+
+def test_a_long_drain_does_not_look_like_a_dead_writer(tmp_path):
+    """The heartbeat comes from its own thread: a drain longer than the client's writer_timeout_ms (a slow fsync)
+    delays the answer, it does not make the client report the writer gone."""
+    import threading
+    server = small_server(tmp_path)
+    apply = server._apply
+
+    def slow_apply(*arguments):
+        time.sleep(0.8)
+        apply(*arguments)
+
+    server._apply = slow_apply
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with connect(server.directory, writer_timeout_ms=300) as client:
+            assert client.transfer(70, 1, 2, 5) == ledger.TransferResult.OK
+    finally:
+        server.stop()
+        thread.join()
