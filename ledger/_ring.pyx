@@ -24,6 +24,7 @@ cdef extern from "_ring_helpers.h" nogil:
     void ring_store_u32(uint32_t *address, uint32_t value)
     void ring_add_u32(uint32_t *address, uint32_t value)
     void ring_pause()
+    void ring_fence()
     uint64_t ring_monotonic_ns()
     int ring_futex_wait(uint32_t *address, uint32_t expected, uint64_t timeout_ns)
     int ring_futex_wake(uint32_t *address, int count)
@@ -32,8 +33,16 @@ cdef extern from "_ring_helpers.h" nogil:
 DEF HEADER_BYTES = 4096
 DEF SLOT_BYTES = 128
 DEF PAYLOAD_BYTES = 80
-DEF SPIN_ROUNDS = 2000
+# The wait strategy (docs/RING.md): spin `spin_count` pause instructions, then sleep on a futex in slices.
+DEF SPIN_COUNT_DEFAULT = 2000     # ~50-300 us of pauses: a round trip through an idle writer usually fits
+DEF SPIN_COUNT_MAX = 1000000
+DEF WAIT_SLICE_MS_DEFAULT = 10    # between re-checks of deadlines, the writer's heartbeat and Ctrl-C
+DEF WAIT_SLICE_MS_MAX = 1000
 DEF WRITER_TIMEOUT_MS_DEFAULT = 3000
+SPIN_COUNT_DEFAULT_VALUE = SPIN_COUNT_DEFAULT
+SPIN_COUNT_LIMIT = SPIN_COUNT_MAX
+WAIT_SLICE_MS_DEFAULT_VALUE = WAIT_SLICE_MS_DEFAULT
+WAIT_SLICE_MS_LIMIT = WAIT_SLICE_MS_MAX
 # _wait_until_free outcomes.
 DEF SLOT_FREE = 0
 DEF SLOT_BUSY = 1
@@ -98,6 +107,7 @@ ctypedef struct RingHeader:
     uint64_t padding4[7]
     uint32_t results_epoch           # futex: the consumer bumps it after writing results
     uint32_t result_waiters
+    uint32_t space_waiters           # producers asleep until a slot is released (releasing producers wake them)
     uint64_t padding5[7]
 
 ctypedef struct Slot:
@@ -135,6 +145,14 @@ class RingAbandonedError(Exception):
 
 class RingProtocolError(Exception):
     """The ring's words say something no honest writer or producer writes (a hostile or broken process)."""
+
+
+cdef int check_wait_strategy(uint64_t spin_count, uint64_t wait_slice_ms) except -1:
+    if spin_count > SPIN_COUNT_MAX:
+        raise ValueError(f"spin_count must be in [0, {SPIN_COUNT_MAX}], got {spin_count}")
+    if not 1 <= wait_slice_ms <= WAIT_SLICE_MS_MAX:
+        raise ValueError(f"wait_slice_ms must be in [1, {WAIT_SLICE_MS_MAX}], got {wait_slice_ms}")
+    return 0
 
 
 @cython.final
@@ -250,7 +268,8 @@ cdef class Ring:
     # ---- producer side ----
 
     def submit(self, uint16_t kind, cnp.ndarray rows not None, uint64_t busy_timeout_ms,
-               uint64_t writer_timeout_ms=WRITER_TIMEOUT_MS_DEFAULT):
+               uint64_t writer_timeout_ms=WRITER_TIMEOUT_MS_DEFAULT, uint64_t spin_count=SPIN_COUNT_DEFAULT,
+               uint64_t wait_slice_ms=WAIT_SLICE_MS_DEFAULT):
         """Claim len(rows) consecutive slots, wait until each is free, take it, write and publish it. Returns the
         first sequence. RingBusyError if a slot stays occupied past busy_timeout_ms, RingAbandonedError if the
         writer gave the batch up meanwhile, RingWriterGoneError if the writer stops (or stops beating for
@@ -261,6 +280,7 @@ cdef class Ring:
             raise ValueError(f"a ring batch holds 1 to {self.batch_rows_max} rows, got {count}")
         if row_size > PAYLOAD_BYTES or not cnp.PyArray_IS_C_CONTIGUOUS(rows):
             raise ValueError("rows must be C-contiguous with at most 80-byte rows")
+        check_wait_strategy(spin_count, wait_slice_ms)
         cdef char *data = <char *>cnp.PyArray_DATA(rows)
         cdef uint64_t first = ring_fetch_add(&self.header.claim_sequence, count)
         cdef uint64_t deadline = ring_monotonic_ns() + busy_timeout_ms * 1000000
@@ -274,7 +294,8 @@ cdef class Ring:
                 slot = &self.slots[sequence & self.mask]
                 spin = True
                 while True:
-                    outcome = self._wait_until_free(slot, sequence, deadline, writer_timeout_ns, spin)
+                    outcome = self._wait_until_free(slot, sequence, deadline, writer_timeout_ns,
+                                                    spin_count if spin else 0, wait_slice_ms * 1000000)
                     if outcome != SLOT_SLICE_OVER:
                         break
                     spin = False
@@ -324,14 +345,14 @@ cdef class Ring:
         return first
 
     cdef int _wait_until_free(self, Slot *slot, uint64_t sequence, uint64_t deadline, uint64_t writer_timeout_ns,
-                              bint spin) noexcept nogil:
-        """Wait until the slot's previous lap is released: spin first (if `spin`), then sleep one futex slice.
+                              uint64_t spin_count, uint64_t wait_slice_ns) noexcept nogil:
+        """Wait until the slot's previous lap is released: spin spin_count times, then sleep one futex slice.
         SLOT_FREE; SLOT_BUSY at the deadline; SLOT_GIVEN_UP if the writer already gave this sequence up (fail at
         once: the batch can no longer complete); SLOT_WRITER_GONE; SLOT_SLICE_OVER after one slice."""
         cdef uint64_t required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
         cdef uint64_t released, now
         cdef uint32_t epoch
-        cdef int rounds = 0
+        cdef uint64_t rounds = 0
         while True:
             released = ring_load_acquire(&slot.released)
             if released == required:
@@ -341,7 +362,7 @@ cdef class Ring:
                 return SLOT_GIVEN_UP  # the writer gave our sequence up (and the slot may already serve a later lap)
             if self._release_on_behalf(slot, sequence, released, required):
                 continue
-            if spin and rounds < SPIN_ROUNDS:
+            if rounds < spin_count:
                 rounds += 1
                 ring_pause()
                 continue
@@ -350,9 +371,14 @@ cdef class Ring:
                 return SLOT_BUSY
             if not self._writer_alive(now, writer_timeout_ns):
                 return SLOT_WRITER_GONE
+            # Sleep until a producer releases a slot or the writer answers (both bump results_epoch), at most
+            # one slice. "I sleep" is visible before the re-check (fence), so a release in between wakes us.
             epoch = ring_load_acquire_u32(&self.header.results_epoch)
+            ring_add_u32(&self.header.space_waiters, 1)
+            ring_fence()
             if ring_load_acquire(&slot.released) == released:
-                ring_futex_wait(&self.header.results_epoch, epoch, 1000000)
+                ring_futex_wait(&self.header.results_epoch, epoch, wait_slice_ns)
+            ring_add_u32(&self.header.space_waiters, <uint32_t>-1)
             return SLOT_SLICE_OVER
 
     cdef inline bint _writer_alive(self, uint64_t now, uint64_t writer_timeout_ns) noexcept nogil:
@@ -387,7 +413,8 @@ cdef class Ring:
         return False
 
     def wait_results(self, uint64_t first, uint64_t count, cnp.ndarray codes not None, cnp.ndarray statuses not None,
-                     uint64_t timeout_ms, uint64_t writer_timeout_ms, cnp.ndarray payloads=None):
+                     uint64_t timeout_ms, uint64_t writer_timeout_ms, cnp.ndarray payloads=None,
+                     uint64_t spin_count=SPIN_COUNT_DEFAULT, uint64_t wait_slice_ms=WAIT_SLICE_MS_DEFAULT):
         """Wait until the consumer has answered every slot of the batch, copy codes (and for queries the answer
         payloads) out, and release the slots. RingWriterGoneError if the writer stops beating, RingTimeoutError
         past timeout_ms (the batch may still be applied later: retry with the same ids, which is safe). On any
@@ -395,6 +422,7 @@ cdef class Ring:
         assert 1 <= count <= self.batch_rows_max
         assert <uint64_t>codes.shape[0] >= count and <uint64_t>statuses.shape[0] >= count
         assert payloads is None or <uint64_t>payloads.shape[0] >= count
+        check_wait_strategy(spin_count, wait_slice_ms)
         cdef uint8_t *code_out = <uint8_t *>cnp.PyArray_DATA(codes)
         cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
@@ -402,14 +430,14 @@ cdef class Ring:
         cdef uint64_t last = first + count - 1, i, result, now
         cdef Slot *slot = &self.slots[last & self.mask]
         cdef uint64_t writer_timeout_ns = writer_timeout_ms * 1000000
-        cdef int rounds = 0
+        cdef uint64_t rounds = 0
         cdef int outcome = 0
         cdef uint32_t epoch
         try:
             with nogil:
                 while (ring_load_acquire(&slot.result) >> 16) != last + 1:
-                    rounds += 1
-                    if rounds <= SPIN_ROUNDS:
+                    if rounds < spin_count:
+                        rounds += 1
                         ring_pause()
                         continue
                     now = ring_monotonic_ns()
@@ -422,7 +450,7 @@ cdef class Ring:
                     epoch = ring_load_acquire_u32(&self.header.results_epoch)
                     ring_add_u32(&self.header.result_waiters, 1)
                     if (ring_load_acquire(&slot.result) >> 16) != last + 1:
-                        ring_futex_wait(&self.header.results_epoch, epoch, 10000000)
+                        ring_futex_wait(&self.header.results_epoch, epoch, wait_slice_ms * 1000000)
                     ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
                     with gil:
                         PyErr_CheckSignals()  # Ctrl-C: raises here (KeyboardInterrupt), between slices
@@ -452,6 +480,10 @@ cdef class Ring:
         for i in range(count):  # after every read: a released slot may be rewritten at once
             slot = &self.slots[(first + i) & self.mask]
             ring_store_release(&slot.released, first + i + 1)
+        ring_fence()  # the releases are visible before we look for sleepers (they re-check after announcing)
+        if ring_load_acquire_u32(&self.header.space_waiters):
+            ring_add_u32(&self.header.results_epoch, 1)
+            ring_futex_wake(&self.header.results_epoch, 1 << 30)
         return count
 
     cdef void _detach(self, uint64_t first, uint64_t count) noexcept nogil:
@@ -495,15 +527,17 @@ cdef class Ring:
         ring_add_u32(&self.header.results_epoch, 1)
         ring_futex_wake(&self.header.results_epoch, 1 << 30)
 
-    def wait_for_work(self, uint64_t timeout_ms):
-        """Sleep until a producer publishes (or timeout_ms): spin briefly, then a futex wait (no CPU when idle)."""
+    def wait_for_work(self, uint64_t timeout_ms, uint64_t spin_count=SPIN_COUNT_DEFAULT):
+        """Sleep until a producer publishes (or timeout_ms): spin spin_count times, then a futex wait (no CPU when
+        idle)."""
+        check_wait_strategy(spin_count, 1)
         cdef uint64_t sequence = self._consume
         cdef Slot *slot = &self.slots[sequence & self.mask]
-        cdef int rounds
+        cdef uint64_t rounds
         cdef uint32_t wake
         cdef bint ready = False
         with nogil:
-            for rounds in range(SPIN_ROUNDS):
+            for rounds in range(spin_count):
                 if ring_load_acquire(&slot.published) == sequence + 1:
                     ready = True
                     break
@@ -668,5 +702,5 @@ cdef class Ring:
 
     def wake_producers(self):
         ring_add_u32(&self.header.results_epoch, 1)
-        if ring_load_acquire_u32(&self.header.result_waiters):
+        if ring_load_acquire_u32(&self.header.result_waiters) or ring_load_acquire_u32(&self.header.space_waiters):
             ring_futex_wake(&self.header.results_epoch, 1 << 30)

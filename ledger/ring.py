@@ -35,7 +35,14 @@ SLOT_COUNT_DEFAULT = 1 << 16
 SLOT_COUNT_MAX = 1 << 22
 GROUP_ROWS_MAX = 1 << 15          # rows applied (and group-committed) per drain
 ABANDON_AFTER_MS_DEFAULT = 2_000  # a claimed slot unpublished this long: its producer is dead or stuck
-IDLE_WAIT_MS = 50                 # futex wait when idle
+ABANDON_AFTER_MS_MAX = 600_000
+# The wait strategy (docs/RING.md, "Wait strategy"): spin, then sleep on a futex.
+SPIN_COUNT_DEFAULT = _ring.SPIN_COUNT_DEFAULT_VALUE  # pause instructions before sleeping (writer and clients)
+SPIN_COUNT_MAX = _ring.SPIN_COUNT_LIMIT
+IDLE_WAIT_MS_DEFAULT = 50         # the idle writer's futex sleep: bounds how late it notices a stop or a dead
+IDLE_WAIT_MS_MAX = 1_000          # producer's claim (nobody wakes it for those)
+WAIT_SLICE_MS_DEFAULT = _ring.WAIT_SLICE_MS_DEFAULT_VALUE  # a client's futex sleep between re-checks of its
+WAIT_SLICE_MS_MAX = _ring.WAIT_SLICE_MS_LIMIT              # deadline, the writer's heartbeat and Ctrl-C
 # The writer's heartbeat comes from its own thread, so a long drain (a slow fsync, creating a segment) does not
 # look like a dead writer; a writer that died or hangs outside Python's reach stops beating.
 HEARTBEAT_INTERVAL_MS = 50
@@ -59,6 +66,15 @@ def _ring_size(slot_count: int) -> int:
     return _ring.HEADER_SIZE + slot_count * _ring.SLOT_SIZE
 
 
+def _check_range(name: str, value: int, minimum: int, maximum: int) -> int:
+    """An integer option within its limits, or ValueError naming it (bool and float are refused: 1.5 ms is a typo)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+    return value
+
+
 def check_permissions(directory: str) -> None:
     """Anyone who can write the ring can move money: refuse a directory or files writable by others."""
     for path in [directory] + [os.path.join(directory, name) for name in os.listdir(directory)]:
@@ -72,15 +88,25 @@ class Server:
     """The single writer: owns the Ledger, drains the ring, group-commits, answers."""
 
     def __init__(self, directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
-                 group: int | None = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT, create: bool = True,
-                 **open_options: Any) -> None:
+                 group: int | None = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
+                 spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
+                 create: bool = True, **open_options: Any) -> None:
+        """abandon_after_ms: how long a claimed, unpublished head slot may block the ring before the writer gives
+        its batch up (its producer died or hangs); short values risk giving up producers that were merely
+        descheduled. spin_count: pause instructions the writer spins for new work before it sleeps;
+        idle_wait_ms: how long it then sleeps at most (a publish wakes it at once)."""
         if slot_count < 16 or slot_count > SLOT_COUNT_MAX or slot_count & (slot_count - 1):
             raise ValueError(f"slot_count must be a power of two in [16, {SLOT_COUNT_MAX}], got {slot_count}")
         if durability not in ("fsync", "os"):
             raise ValueError(f"durability must be 'fsync' or 'os', got {durability!r}")
+        _check_range("abandon_after_ms", abandon_after_ms, 1, ABANDON_AFTER_MS_MAX)
+        _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
+        _check_range("idle_wait_ms", idle_wait_ms, 1, IDLE_WAIT_MS_MAX)
         self.directory = os.fspath(directory)
         self.durability = durability
         self.abandon_after_ns = abandon_after_ms * 1_000_000
+        self.spin_count = spin_count
+        self.idle_wait_ms = idle_wait_ms
         if create:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         check_permissions(self.directory)
@@ -128,7 +154,7 @@ class Server:
         try:
             while not self._stop.is_set():
                 if not self.drain_once():
-                    self.ring.wait_for_work(IDLE_WAIT_MS)
+                    self.ring.wait_for_work(self.idle_wait_ms, self.spin_count)
         finally:
             self.close()
 
@@ -212,11 +238,19 @@ class Client:
 
     def __init__(self, directory: str, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                  busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT,
-                 writer_timeout_ms: int = WRITER_TIMEOUT_MS_DEFAULT) -> None:
+                 writer_timeout_ms: int = WRITER_TIMEOUT_MS_DEFAULT, spin_count: int = SPIN_COUNT_DEFAULT,
+                 wait_slice_ms: int = WAIT_SLICE_MS_DEFAULT) -> None:
+        """timeout_ms: a whole call (LedgerTimeoutError); busy_timeout_ms: waiting for ring space
+        (LedgerBusyError); writer_timeout_ms: a writer silent this long is gone (LedgerUnavailableError).
+        spin_count: pause instructions spun before sleeping; wait_slice_ms: each futex sleep, between re-checks of
+        the deadlines, the writer's heartbeat and Ctrl-C (results and released slots wake it at once)."""
         for name, value, minimum in (("timeout_ms", timeout_ms, 1), ("busy_timeout_ms", busy_timeout_ms, 1),
                                      ("writer_timeout_ms", writer_timeout_ms, WRITER_TIMEOUT_MS_MIN)):
-            if not minimum <= value <= TIMEOUT_MS_MAX:
-                raise ValueError(f"{name} must be in [{minimum}, {TIMEOUT_MS_MAX}], got {value}")
+            _check_range(name, value, minimum, TIMEOUT_MS_MAX)
+        _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
+        _check_range("wait_slice_ms", wait_slice_ms, 1, WAIT_SLICE_MS_MAX)
+        self.spin_count = spin_count
+        self.wait_slice_ms = wait_slice_ms
         self.directory = os.fspath(directory)
         self.timeout_ms = timeout_ms
         self.busy_timeout_ms = busy_timeout_ms
@@ -258,9 +292,10 @@ class Client:
                                      f"nothing of this call was sent")
         try:
             try:
-                first = self._ring.submit(kind, rows, self.busy_timeout_ms, self.writer_timeout_ms)
+                first = self._ring.submit(kind, rows, self.busy_timeout_ms, self.writer_timeout_ms,
+                                          self.spin_count, self.wait_slice_ms)
                 self._ring.wait_results(first, count, codes, statuses, self.timeout_ms, self.writer_timeout_ms,
-                                        answers)
+                                        answers, self.spin_count, self.wait_slice_ms)
             except _ring.RingBusyError as error:
                 raise LedgerBusyError(str(error)) from None
             except _ring.RingAbandonedError as error:
@@ -339,15 +374,20 @@ class Client:
 
 
 def connect(directory: str, **options: Any) -> Client:
-    """A Client of the writer serving `directory` (`ledger serve DIR` must be running)."""
+    """A Client of the writer serving `directory` (`ledger serve DIR` must be running). options: timeout_ms,
+    busy_timeout_ms, writer_timeout_ms, spin_count, wait_slice_ms (see Client)."""
     return Client(directory, **options)
 
 
 def serve(directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
-          group: int | None = None, ready: Any = None, **open_options: Any) -> int:
+          group: int | None = None, ready: Any = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
+          spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
+          **open_options: Any) -> int:
     """Run a writer until SIGTERM or SIGINT. `ready` (a callable) is called once the ring accepts commands.
     open_options go to ledger.open (capacities, journal_records_reserved)."""
-    server = Server(directory, durability=durability, slot_count=slot_count, group=group, **open_options)
+    server = Server(directory, durability=durability, slot_count=slot_count, group=group,
+                    abandon_after_ms=abandon_after_ms, spin_count=spin_count, idle_wait_ms=idle_wait_ms,
+                    **open_options)
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: server.stop())
     if ready is not None:

@@ -624,3 +624,73 @@ def test_a_long_drain_does_not_look_like_a_dead_writer(tmp_path):
     finally:
         server.stop()
         thread.join()
+
+
+def test_wait_strategy_options_are_checked(tmp_path):
+    directory = str(tmp_path / "data")
+    for options in ({"spin_count": -1}, {"spin_count": 1_000_001}, {"idle_wait_ms": 0}, {"idle_wait_ms": 1001},
+                    {"abandon_after_ms": 0}, {"abandon_after_ms": 600_001}):
+        with pytest.raises(ValueError, match=next(iter(options))):
+            Server(directory, **options)
+    with pytest.raises(TypeError, match="idle_wait_ms must be an integer"):
+        Server(directory, idle_wait_ms=2.5)
+    server = small_server(tmp_path)
+    try:
+        for options in ({"spin_count": -1}, {"wait_slice_ms": 0}, {"wait_slice_ms": 1001},
+                        {"writer_timeout_ms": 199}, {"busy_timeout_ms": 0}):
+            with pytest.raises(ValueError, match=next(iter(options))):
+                connect(server.directory, **options)
+        with pytest.raises(TypeError, match="wait_slice_ms must be an integer"):
+            connect(server.directory, wait_slice_ms=1.5)
+        ring = producer(server)
+        with pytest.raises(ValueError, match="spin_count"):
+            ring.submit(_ring.KIND_TRANSFER, transfer_batch([1]), 100, 3000, 2_000_000)
+        with pytest.raises(ValueError, match="wait_slice_ms"):
+            ring.submit(_ring.KIND_TRANSFER, transfer_batch([1]), 100, 3000, 0, 0)
+    finally:
+        server.close()
+
+
+def test_serve_command_takes_the_wait_strategy(tmp_path):
+    """`ledger serve --spin-count 0 --idle-wait-ms 5 --abandon-after-ms 300`: a client that never spins works,
+    and a dead producer's claim is given up after 300 ms, not the 2 s default."""
+    directory = str(tmp_path / "data")
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--durability", "os", "--slots",
+                               "1024", "--spin-count", "0", "--idle-wait-ms", "5", "--abandon-after-ms", "300"],
+                              stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    try:
+        assert "serving" in writer.stderr.readline()
+        with connect(directory, spin_count=0, wait_slice_ms=1) as client:
+            assert client.create_account(1, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
+            assert client.create_account(2) == ledger.AccountResult.OK
+            client._ring.claim_without_publishing(5)                    # a producer that died after claiming
+            started = time.monotonic()
+            assert client.transfer(80, 1, 2, 5) == ledger.TransferResult.OK
+            assert 0.25 < time.monotonic() - started < 1.5
+    finally:
+        stop(writer)
+
+
+def test_releasing_a_slot_wakes_a_producer_waiting_for_it(tmp_path):
+    """A producer waiting for ring space sleeps in slices of wait_slice_ms; the producer that frees the slot wakes
+    it at once (the writer, idle, would not)."""
+    import threading
+    server = small_server(tmp_path)
+    try:
+        reader, waiter = producer(server), producer(server)
+        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        drain_until(server, 16, seconds=5)                              # answered, not read: the ring is full
+        done = []
+        thread = threading.Thread(target=lambda: done.append(
+            (waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), 5000, 3000, 0, 1000), time.monotonic())))
+        thread.start()
+        time.sleep(0.2)                                                 # asleep in its first 1 s slice
+        codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+        reader.wait_results(first, 8, codes, statuses, 1000, 1000)      # frees slots 0..7
+        released = time.monotonic()
+        thread.join(timeout=5)
+        assert done and done[0][1] - released < 0.3, "the waiting producer slept through the release"
+        reader.wait_results(second, 8, codes, statuses, 1000, 1000)
+    finally:
+        server.close()
