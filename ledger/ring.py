@@ -168,14 +168,31 @@ class Server:
             return False
         kinds, payloads, ends, statuses = kinds[:count], payloads[:count], ends[:count], statuses[:count]
         codes = np.zeros(count, np.uint8)
-        start = self.ledger._engine.write_position
+        synced = self.ledger._engine.write_position
         for begin, end in self._runs(kinds, payloads, ends, statuses):
+            # Each core call writes one journal batch. Recovery treats only the last batch as a possible torn
+            # tail, and a machine crash may keep a later unsynced batch while losing an earlier one: so sync
+            # before each further call (one sync per group when the group is a single call).
+            synced = self._sync_from(synced)
             self._apply(int(kinds[begin]), payloads, codes, statuses, begin, end)
-        if self.durability == "fsync":
-            self.ledger._journal.sync(start, self.ledger._engine.write_position)
-        self.ring.complete(first, codes, statuses, payloads)
+        self._sync_from(synced)
+        self.ring.complete(first, codes, statuses, payloads)  # only now: every answered batch is durable
         self.applied_rows += count
         return True
+
+    def _sync_from(self, start: int) -> int:
+        """durability "fsync": make the journal durable from `start` to the write position; returns that end.
+        A failed sync poisons the handle (no retry could prove the data reached the disk) and is raised: nothing
+        of the group is acknowledged, the writer stops, and reopening recovers from the journal."""
+        end = self.ledger._engine.write_position
+        assert start <= end
+        if self.durability == "fsync" and end > start:
+            try:
+                self.ledger._journal.sync(start, end)
+            except BaseException:
+                self.ledger._poison()
+                raise
+        return end
 
     @staticmethod
     def _runs(kinds: np.ndarray, payloads: np.ndarray, ends: np.ndarray, statuses: np.ndarray):

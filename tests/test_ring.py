@@ -694,3 +694,73 @@ def test_releasing_a_slot_wakes_a_producer_waiting_for_it(tmp_path):
         reader.wait_results(second, 8, codes, statuses, 1000, 1000)
     finally:
         server.close()
+
+
+def test_a_group_of_several_core_calls_never_has_two_unsynced_batches(tmp_path):
+    """Transfers, then account creations, then transfers: three core calls (three journal batches) in one drain.
+    Each batch is synced before the next is written; a single-call group is synced once."""
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        journal = server.ledger._journal
+        events, write, sync = [], journal.write, journal.sync
+
+        def logged_write(start, end):
+            events.append(("write", start, end))
+            write(start, end)
+
+        def logged_sync(start, end):
+            events.append(("sync", start, end))
+            sync(start, end)
+
+        journal.write, journal.sync = logged_write, logged_sync
+        ring = producer(server)
+        accounts = ledger.accounts_batch(1)
+        accounts["id"] = 3
+        firsts = [ring.submit(_ring.KIND_TRANSFER, transfer_batch([90, 91]), 500),
+                  ring.submit(_ring.KIND_ACCOUNT, accounts, 500),
+                  ring.submit(_ring.KIND_TRANSFER, transfer_batch([92]), 500)]
+        assert server.drain_once() and server.ring.consume_sequence == firsts[-1] + 1
+        writes = [event for event in events if event[0] == "write"]
+        assert len(writes) == 3
+        synced_to = writes[0][1]
+        for event in events:
+            if event[0] == "write":
+                assert event[1] == synced_to, f"batch at {event[1]} written with {synced_to}.. unsynced: {events}"
+            else:
+                assert event[1] == synced_to
+                synced_to = event[2]
+        assert events[-1][0] == "sync" and synced_to == server.ledger._engine.write_position
+        events.clear()
+        ring.submit(_ring.KIND_TRANSFER, transfer_batch([93]), 500)
+        assert server.drain_once()
+        assert [event[0] for event in events] == ["write", "sync"]
+    finally:
+        server.close()
+
+
+def test_a_failed_sync_poisons_the_writer_and_acknowledges_nothing(tmp_path):
+    failing = []
+
+    def inject(operation):
+        if operation == "sync" and failing:
+            raise OSError(5, "Input/output error (injected)")
+
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, fault_injector=inject)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = producer(server)
+        first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
+        failing.append(True)
+        with pytest.raises(OSError, match="injected"):
+            server.drain_once()
+        assert server.ledger._engine.poisoned
+        with pytest.raises(ledger.LedgerPoisonedError):
+            server.ledger.transfer(97, 1, 2, 5)
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        with pytest.raises(_ring.RingTimeoutError):                    # never answered
+            ring.wait_results(first, 2, codes, statuses, 50, 1000)
+    finally:
+        server.close()
