@@ -75,13 +75,42 @@ def _check_range(name: str, value: int, minimum: int, maximum: int) -> int:
     return value
 
 
-def check_permissions(directory: str) -> None:
-    """Anyone who can write the ring can move money: refuse a directory or files writable by others."""
-    for path in [directory] + [os.path.join(directory, name) for name in os.listdir(directory)]:
-        mode = os.stat(path).st_mode
-        if mode & stat.S_IWOTH:
-            raise PermissionError(f"{path} is writable by others (mode {stat.filemode(mode)}); "
-                                  f"refusing to serve: chmod o-w it")
+PERMISSION_CHECK_ENTRIES_MAX = 1_000_000  # a data directory holds a few files per 64 MiB segment
+
+
+def check_permissions(directory: str, group: int | None = None) -> None:
+    """Anyone who can write the ring, the journal or a snapshot can move money: refuse to serve a data directory
+    where anything (the directory, journal/, snapshots/, LOCK, every file, recursively) is writable by others, by
+    its group unless `group` is given and it belongs to that group, or owned by anyone but this user or root
+    (an owner can change the mode at will). The ring file itself is skipped: serve replaces it."""
+    user = os.geteuid()
+    checked = 0
+    for root, directories, files in os.walk(directory, onerror=_raise):
+        names = [""] if root == directory else []
+        names += directories + files
+        for name in names:
+            if root == directory and (name == RING_FILE or (name.startswith(RING_FILE + ".")
+                                                            and name.endswith(".tmp"))):
+                continue
+            path = os.path.join(root, name) if name else root
+            status = os.stat(path)
+            checked += 1
+            if checked > PERMISSION_CHECK_ENTRIES_MAX:
+                raise PermissionError(f"{directory} holds more than {PERMISSION_CHECK_ENTRIES_MAX} entries; "
+                                      f"refusing to serve a directory that is not a ledger's")
+            mode = stat.filemode(status.st_mode)
+            if status.st_uid not in (user, 0):
+                raise PermissionError(f"{path} is owned by uid {status.st_uid}, not by this user (uid {user}) or "
+                                      f"root; refusing to serve: chown it")
+            if status.st_mode & stat.S_IWOTH:
+                raise PermissionError(f"{path} is writable by others (mode {mode}); refusing to serve: chmod o-w it")
+            if status.st_mode & stat.S_IWGRP and (group is None or status.st_gid != group):
+                raise PermissionError(f"{path} is writable by its group {status.st_gid} (mode {mode}); refusing to "
+                                      f"serve: chmod g-w it (ledger serve --group GID shares the ring with a group)")
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 class Server:
@@ -107,9 +136,16 @@ class Server:
         self.abandon_after_ns = abandon_after_ms * 1_000_000
         self.spin_count = spin_count
         self.idle_wait_ms = idle_wait_ms
+        if group is not None:
+            _check_range("group", group, 0, 2**32 - 2)
         if create:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        check_permissions(self.directory)
+        check_permissions(self.directory, group)
+        if group is not None:
+            # Clients of the group must reach the ring: the directory becomes group-searchable (not writable);
+            # the journal, snapshots and LOCK stay private to the writer.
+            os.chown(self.directory, -1, group)
+            os.chmod(self.directory, 0o750)
         # This server syncs once per drained group itself (group commit across clients): with "fsync" every core
         # call writes its batch through to the files and drain_once() syncs them together.
         self.ledger = _open(self.directory, create, durability, sync_each_commit=(durability != "fsync"),

@@ -764,3 +764,50 @@ def test_a_failed_sync_poisons_the_writer_and_acknowledges_nothing(tmp_path):
             ring.wait_results(first, 2, codes, statuses, 50, 1000)
     finally:
         server.close()
+
+
+def made_ledger(tmp_path):
+    directory = tmp_path / "data"
+    Server(str(directory), durability="os").close()
+    assert (directory / "journal" / "00000000.segment").exists() and (directory / "LOCK").exists()
+    return directory
+
+
+@pytest.mark.parametrize("relative, mode, message", [
+    ("journal/00000000.segment", 0o666, "writable by others"),
+    ("LOCK", 0o602, "writable by others"),
+    ("journal", 0o777, "writable by others"),
+    (".", 0o770, "writable by its group"),
+    ("journal/00000000.segment", 0o660, "writable by its group"),
+])
+def test_serve_refuses_files_others_can_write_anywhere_in_the_directory(tmp_path, relative, mode, message):
+    directory = made_ledger(tmp_path)
+    os.chmod(directory / relative, mode)
+    with pytest.raises(PermissionError, match=message) as raised:
+        Server(str(directory), durability="os")
+    assert str(raised.value).startswith(os.path.normpath(directory / relative))      # names the culprit
+
+
+def test_serve_refuses_files_owned_by_another_user(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file away")
+    directory = made_ledger(tmp_path)
+    os.chown(directory / "journal" / "00000000.segment", 12345, -1)
+    with pytest.raises(PermissionError, match="owned by uid 12345"):
+        Server(str(directory), durability="os")
+
+
+def test_serve_with_a_group_lets_the_group_reach_the_ring_only(tmp_path):
+    directory = made_ledger(tmp_path)
+    group = os.getgid()
+    os.chmod(directory, 0o770)                                  # group-writable: accepted with --group only
+    server = Server(str(directory), durability="os", group=group)
+    try:
+        status = os.stat(directory)
+        assert (status.st_mode & 0o777, status.st_gid) == (0o750, group)
+        ring = os.stat(directory / "commands.ring")
+        assert (ring.st_mode & 0o777, ring.st_gid) == (0o660, group)
+        assert os.stat(directory / "journal" / "00000000.segment").st_mode & 0o077 == 0
+        assert os.stat(directory / "LOCK").st_mode & 0o077 == 0
+    finally:
+        server.close()
