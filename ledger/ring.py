@@ -12,6 +12,7 @@ import signal
 import stat
 import threading
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,12 @@ WRITER_TIMEOUT_MS_MIN = 4 * HEARTBEAT_INTERVAL_MS  # less would take a late beat
 TIMEOUT_MS_MAX = 3_600_000
 TIMEOUT_MS_DEFAULT = 30_000
 BUSY_TIMEOUT_MS_DEFAULT = 5_000
+# `ledger serve` snapshots every 5 minutes by default: a restart then replays at most ~5 minutes of journal
+# instead of everything since genesis, while the writer stalls only for the fork of each snapshot (the child
+# writes it) and old snapshots are pruned (the newest 3 kept). Skipped when nothing was written since the last one.
+SNAPSHOT_EVERY_S_DEFAULT = 300.0
+SNAPSHOT_EVERY_S_MIN = 0.1
+SNAPSHOT_EVERY_S_MAX = 7 * 24 * 3600.0
 PAYLOAD = _ring.PAYLOAD_SIZE
 
 # A query's answer in the slot payload: the account record.
@@ -119,11 +126,12 @@ class Server:
     def __init__(self, directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
                  group: int | None = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
                  spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
-                 create: bool = True, **open_options: Any) -> None:
+                 snapshot_every_s: float | None = None, create: bool = True, **open_options: Any) -> None:
         """abandon_after_ms: how long a claimed, unpublished head slot may block the ring before the writer gives
         its batch up (its producer died or hangs); short values risk giving up producers that were merely
         descheduled. spin_count: pause instructions the writer spins for new work before it sleeps;
-        idle_wait_ms: how long it then sleeps at most (a publish wakes it at once)."""
+        idle_wait_ms: how long it then sleeps at most (a publish wakes it at once). snapshot_every_s: serve_forever
+        takes a snapshot between drains this often (None: never), so a restart does not replay from genesis."""
         if slot_count < 16 or slot_count > SLOT_COUNT_MAX or slot_count & (slot_count - 1):
             raise ValueError(f"slot_count must be a power of two in [16, {SLOT_COUNT_MAX}], got {slot_count}")
         if durability not in ("fsync", "os"):
@@ -131,6 +139,12 @@ class Server:
         _check_range("abandon_after_ms", abandon_after_ms, 1, ABANDON_AFTER_MS_MAX)
         _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
         _check_range("idle_wait_ms", idle_wait_ms, 1, IDLE_WAIT_MS_MAX)
+        if snapshot_every_s is not None:
+            if isinstance(snapshot_every_s, bool) or not isinstance(snapshot_every_s, (int, float)):
+                raise TypeError(f"snapshot_every_s must be a number of seconds, not {type(snapshot_every_s).__name__}")
+            if not SNAPSHOT_EVERY_S_MIN <= snapshot_every_s <= SNAPSHOT_EVERY_S_MAX:
+                raise ValueError(f"snapshot_every_s must be in [{SNAPSHOT_EVERY_S_MIN}, {SNAPSHOT_EVERY_S_MAX}] "
+                                 f"(or None: never), got {snapshot_every_s}")
         self.directory = os.fspath(directory)
         self.durability = durability
         self.abandon_after_ns = abandon_after_ms * 1_000_000
@@ -159,6 +173,13 @@ class Server:
         self._heartbeat.start()
         self.slot_count = slot_count
         self.applied_rows = 0
+        self.snapshot_every_s = snapshot_every_s
+        self.last_snapshot: Any = None     # the SnapshotInfo of the newest snapshot this server took
+        self.snapshot_failures = 0
+        self._snapshot_job: Any = None
+        self._snapshot_due = time.monotonic() + (snapshot_every_s or 0.0)
+        recovered = self.ledger.recovered_from
+        self._snapshot_position = recovered.position if recovered is not None else 0
 
     def _create_ring(self, slot_count: int) -> tuple[_ring.Ring, mmap.mmap]:
         path = os.path.join(self.directory, RING_FILE)
@@ -189,7 +210,9 @@ class Server:
     def serve_forever(self) -> None:
         try:
             while not self._stop.is_set():
-                if not self.drain_once():
+                worked = self.drain_once()
+                self._snapshot_if_due()
+                if not worked:
                     self.ring.wait_for_work(self.idle_wait_ms, self.spin_count)
         finally:
             self.close()
@@ -215,6 +238,43 @@ class Server:
         self.ring.complete(first, codes, statuses, payloads)  # only now: every answered batch is durable
         self.applied_rows += count
         return True
+
+    def _snapshot_if_due(self) -> None:
+        """Between drains: reap a finished snapshot, and start one (in a forked child) every snapshot_every_s when
+        the journal moved since the last one. A failed snapshot is reported and retried at the next interval: the
+        journal still holds everything, only the restart gets slower."""
+        if self.snapshot_every_s is None:
+            return
+        if self._snapshot_job is not None:
+            if not self._snapshot_job.done():
+                return
+            self._reap_snapshot()
+        now = time.monotonic()
+        if now < self._snapshot_due:
+            return
+        self._snapshot_due = now + self.snapshot_every_s
+        position = self.ledger._engine.write_position
+        if position == self._snapshot_position:
+            return
+        try:
+            self._snapshot_job = self.ledger.snapshot(wait=False)
+        except (OSError, ledger.LedgerError) as error:
+            self._snapshot_failed(error)
+            return
+        self._snapshot_position = position
+
+    def _reap_snapshot(self) -> None:
+        job, self._snapshot_job = self._snapshot_job, None
+        try:
+            self.last_snapshot = job.wait()
+        except (OSError, ledger.LedgerError) as error:
+            self._snapshot_failed(error)
+
+    def _snapshot_failed(self, error: BaseException) -> None:
+        self.snapshot_failures += 1
+        self._snapshot_position = -1  # try again at the next interval even if nothing new was written
+        warnings.warn(f"ledger serve: snapshot failed (the journal is intact; retrying in {self.snapshot_every_s} s):"
+                      f" {error}", RuntimeWarning, stacklevel=2)
 
     def _sync_from(self, start: int) -> int:
         """durability "fsync": make the journal durable from `start` to the write position; returns that end.
@@ -283,6 +343,8 @@ class Server:
             self.ring.release()
             self._memory.close()
             self.ring = None
+        if self._snapshot_job is not None:
+            self._reap_snapshot()  # let a snapshot in progress finish: it holds the lock until its child exits
         self.ledger.close()
 
 
@@ -435,12 +497,13 @@ def connect(directory: str, **options: Any) -> Client:
 def serve(directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
           group: int | None = None, ready: Any = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
           spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
-          **open_options: Any) -> int:
+          snapshot_every_s: float | None = SNAPSHOT_EVERY_S_DEFAULT, **open_options: Any) -> int:
     """Run a writer until SIGTERM or SIGINT. `ready` (a callable) is called once the ring accepts commands.
-    open_options go to ledger.open (capacities, journal_records_reserved)."""
+    snapshot_every_s: a snapshot this often when the journal moved (None: never). open_options go to ledger.open
+    (capacities, journal_records_reserved)."""
     server = Server(directory, durability=durability, slot_count=slot_count, group=group,
                     abandon_after_ms=abandon_after_ms, spin_count=spin_count, idle_wait_ms=idle_wait_ms,
-                    **open_options)
+                    snapshot_every_s=snapshot_every_s, **open_options)
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: server.stop())
     if ready is not None:

@@ -811,3 +811,61 @@ def test_serve_with_a_group_lets_the_group_reach_the_ring_only(tmp_path):
         assert os.stat(directory / "LOCK").st_mode & 0o077 == 0
     finally:
         server.close()
+
+
+def test_serve_snapshots_periodically_so_a_restart_does_not_replay_from_genesis(tmp_path):
+    directory = str(tmp_path / "data")
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--slots", "1024",
+                               "--snapshot-every-s", "0.2"], stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    try:
+        assert "serving" in writer.stderr.readline()
+        with connect(directory) as client:
+            assert client.create_account(1, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
+            assert client.create_account(2) == ledger.AccountResult.OK
+            assert not client.transfers(transfer_batch(list(range(1, 101)))).any()
+            snapshots = os.path.join(directory, "snapshots")
+            deadline = time.monotonic() + 10
+            while not (os.path.isdir(snapshots) and any(name.endswith(".snapshot") for name in os.listdir(snapshots))):
+                assert time.monotonic() < deadline, "no snapshot within 10 s"
+                time.sleep(0.05)
+            assert client.transfer(200, 1, 2, 7) == ledger.TransferResult.OK
+    finally:
+        stop(writer)
+    assert writer.returncode == 0
+    with ledger.open(directory, readonly=True) as handle:
+        assert handle.recovered_from is not None and handle.recovered_from.position > 1
+        assert handle.balance(2) == 100 * 5 + 7
+        assert handle.verify().ok
+
+
+def test_a_failed_periodic_snapshot_is_reported_and_serving_goes_on(tmp_path):
+    import threading
+    server = small_server(tmp_path)
+    server.snapshot_every_s = 0.1
+    server._snapshot_due = 0.0
+
+    def failing_snapshot(wait=True):
+        raise OSError(28, "No space left on device (injected)")
+
+    server.ledger.snapshot = failing_snapshot
+    thread = threading.Thread(target=server.serve_forever)
+    with pytest.warns(RuntimeWarning, match="snapshot failed"):
+        thread.start()
+        try:
+            with connect(server.directory) as client:
+                assert client.transfer(300, 1, 2, 5) == ledger.TransferResult.OK
+                deadline = time.monotonic() + 5
+                while server.snapshot_failures < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert client.transfer(301, 1, 2, 5) == ledger.TransferResult.OK
+        finally:
+            server.stop()
+            thread.join()
+    assert server.snapshot_failures >= 2
+
+
+def test_snapshot_interval_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="snapshot_every_s"):
+        Server(str(tmp_path / "data"), snapshot_every_s=0.01)
+    with pytest.raises(TypeError, match="snapshot_every_s"):
+        Server(str(tmp_path / "data"), snapshot_every_s="60")
