@@ -7,6 +7,7 @@ ids: a transfer that was applied answers EXISTS."""
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import signal
 import stat
@@ -22,6 +23,7 @@ from ledger import _ring
 from ledger.api import Account, _as_batch, _open, accounts_batch, transfers_batch
 from ledger.enums import (
     ACCOUNT_DTYPE,
+    AMOUNT_MAX,
     BALANCE_MAX,
     TRANSFER_DTYPE,
     AccountResult,
@@ -83,6 +85,35 @@ def _check_range(name: str, value: int, minimum: int, maximum: int) -> int:
 
 
 PERMISSION_CHECK_ENTRIES_MAX = 1_000_000  # a data directory holds a few files per 64 MiB segment
+
+
+ID_MAX = 2**64 - 1
+U32_MAX = 2**32 - 1
+U16_MAX = 2**16 - 1
+
+
+# Scalars of the single calls, checked as Ledger's core checks them (same exceptions, same messages): numpy's
+# tuple assignment would truncate a float (1.5 -> 1: a silent change of amount) and wrap or reject others vaguely.
+def _unsigned(value: Any, name: str, maximum: int) -> int:
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{name} {value} is outside [0, {maximum}]")
+    return int(value)
+
+
+def _signed(value: Any, name: str) -> int:
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not -AMOUNT_MAX - 1 <= value <= AMOUNT_MAX:
+        raise ValueError(f"{name} {value} is outside the int64 range [{-AMOUNT_MAX - 1}, {AMOUNT_MAX}]")
+    return int(value)
 
 
 def check_permissions(directory: str, group: int | None = None) -> None:
@@ -442,18 +473,24 @@ class Client:
                  code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
                  user_data: int = 0) -> TransferResult:
         rows = transfers_batch(1)
-        rows[0] = (id, debit_account, credit_account, amount, pending_id, user_data, ledger, timeout, code, int(flags))
+        rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(debit_account, "debit_account", ID_MAX),
+                   _unsigned(credit_account, "credit_account", ID_MAX), _signed(amount, "amount"),
+                   _unsigned(pending_id, "pending_id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
+                   _unsigned(ledger, "ledger", U32_MAX), _unsigned(timeout, "timeout", U32_MAX),
+                   _unsigned(code, "code", U16_MAX), _unsigned(flags, "flags", U16_MAX))
         return TransferResult(int(self._call(_ring.KIND_TRANSFER, rows)[0][0]))
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
                        flags: int = 0, user_data: int = 0) -> AccountResult:
         rows = accounts_batch(1)
-        rows[0] = (id, user_data, min_balance, max_balance, ledger, int(flags))
+        rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
+                   _signed(min_balance, "min_balance"), _signed(max_balance, "max_balance"),
+                   _unsigned(ledger, "ledger", U32_MAX), _unsigned(flags, "flags", U16_MAX))
         return AccountResult(int(self._call(_ring.KIND_ACCOUNT, rows)[0][0]))
 
     def account(self, id: int) -> Account | None:
         rows = np.zeros(1, np.dtype([("id", "<u8")]))
-        rows["id"] = id
+        rows["id"] = _unsigned(id, "id", ID_MAX)
         _, statuses, answers = self._call(_ring.KIND_QUERY_ACCOUNT, rows, with_answers=True)
         if statuses[0] == _ring.STATUS_NOT_FOUND:
             return None

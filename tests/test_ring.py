@@ -869,3 +869,50 @@ def test_snapshot_interval_is_checked(tmp_path):
         Server(str(tmp_path / "data"), snapshot_every_s=0.01)
     with pytest.raises(TypeError, match="snapshot_every_s"):
         Server(str(tmp_path / "data"), snapshot_every_s="60")
+
+
+@pytest.mark.parametrize("call, arguments, keywords", [
+    ("transfer", (1, 1, 2, 1.5), {}),
+    ("transfer", (1.0, 1, 2, 5), {}),
+    ("transfer", (__import__("decimal").Decimal("3.99"), 1, 2, 5), {}),
+    ("transfer", (2**64, 1, 2, 5), {}),
+    ("transfer", (-1, 1, 2, 5), {}),
+    ("transfer", (1, 1, 2, -2**63 - 1), {}),
+    ("transfer", (1, 1, 2, 5), {"code": 70_000}),
+    ("transfer", (1, 1, 2, 5), {"ledger": 2**32}),
+    ("transfer", (1, 1, 2, 5), {"timeout": 0.5}),
+    ("transfer", (1, 1, 2, 5), {"flags": 1 << 16}),
+    ("create_account", (9,), {"min_balance": 1.5}),
+    ("create_account", (9,), {"max_balance": 2**63}),
+    ("create_account", (9.0,), {}),
+    ("account", (1.0,), {}),
+])
+def test_client_single_calls_check_arguments_as_ledger_does(tmp_path, call, arguments, keywords):
+    """A float, Decimal or out-of-range argument raises what Ledger raises (TypeError or ValueError naming the
+    argument), instead of numpy truncating 1.5 to 1."""
+    server = small_server(tmp_path)
+    try:
+        with pytest.raises((TypeError, ValueError)) as expected:
+            getattr(server.ledger, call)(*arguments, **keywords)
+        with connect(server.directory, timeout_ms=200) as client:
+            with pytest.raises(expected.type) as raised:
+                getattr(client, call)(*arguments, **keywords)
+        assert str(raised.value) == str(expected.value)
+        assert server.ring.claim_sequence == 0, "nothing was sent"
+    finally:
+        server.close()
+
+
+def test_client_single_calls_take_numpy_integers_and_flags(tmp_path):
+    import threading
+    server = small_server(tmp_path)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with connect(server.directory) as client:
+            assert client.create_account(np.uint64(3), ledger=np.uint32(1)) == ledger.AccountResult.OK
+            assert client.transfer(np.int64(400), 1, 3, np.int64(9), flags=ledger.TransferFlags.NONE) == 0
+            assert client.balance(np.uint64(3)) == 9
+    finally:
+        server.stop()
+        thread.join()
