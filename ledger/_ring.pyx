@@ -565,7 +565,9 @@ cdef class Ring:
         cdef uint8_t *end_out = <uint8_t *>cnp.PyArray_DATA(batch_ends)
         cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint64_t count = 0, sequence, batch_count, batch_first, complete = 0
+        cdef uint64_t open_first = 0, open_count = 0  # the producer batch being gathered (count 0: none)
         cdef uint16_t kind
+        cdef bint valid
         cdef Slot *slot
         assert kinds.shape[0] == payloads.shape[0] == batch_ends.shape[0] == statuses.shape[0]
         assert payloads.shape[0] == 0 or payloads.strides[0] == PAYLOAD_BYTES
@@ -581,8 +583,17 @@ cdef class Ring:
             batch_count = slot.batch_count
             if batch_first + batch_count > claimed:  # claimed since we looked? (a producer claims before publishing)
                 claimed = ring_load_acquire(&self.header.claim_sequence)
-            if not self._batch_fields_valid(kind, sequence, batch_first, batch_count, claimed):
+            valid = self._batch_fields_valid(kind, sequence, batch_first, batch_count, claimed)
+            if valid and open_count != 0:
+                # Inside a batch, every slot continues it, described the same way: else a producer could make a
+                # batch that no slot ever ends, and the writer would wait for it forever.
+                valid = batch_first == open_first and batch_count == open_count
+            elif valid:
+                valid = batch_first == sequence  # a batch starts here (the consume position is a batch boundary)
+                open_first, open_count = batch_first, batch_count
+            if not valid:
                 # A malformed slot is answered alone; the consumer never trusts its batch fields.
+                open_count = 0
                 kind_out[count] = 0
                 end_out[count] = 1
                 status_out[count] = STATUS_INVALID_SLOT
@@ -596,6 +607,7 @@ cdef class Ring:
             count += 1
             if end_out[count - 1]:
                 complete = count
+                open_count = 0
         if complete == 0 and claimed > first:
             self._maybe_abandon(first, claimed, abandon_after_ns)
         return first, complete
@@ -627,6 +639,7 @@ cdef class Ring:
         cdef uint64_t end = head, sequence, published, batch_first, batch_count
         cdef uint64_t limit = min(claimed, head + self.batch_rows_max)
         cdef bint head_published = False, marked = False
+        cdef uint64_t attempts = 0
         published = ring_load_acquire(&slot.published)
         if published == head + 1:
             head_published = True
@@ -641,8 +654,13 @@ cdef class Ring:
         else:
             marked = True
             end = head + 1
-        # Phase 1: mark. A mark fails only when its slot moved on (taken, or published): look at it again.
+        # Phase 1: mark. A mark fails only when its slot moved on (taken, or published): look at it again. An
+        # honest slot moves on at most twice; a hostile process flipping words gets this round cut short (marks
+        # are final, so the next round goes on from them).
         while end < limit:
+            attempts += 1
+            if attempts > 3 * (limit - head) + 16:
+                return
             slot = &self.slots[end & self.mask]
             published = ring_load_acquire(&slot.published)
             if published == end + 1:

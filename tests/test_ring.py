@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import ledger
 from ledger import _ring
@@ -180,36 +180,43 @@ def _cpu_seconds(pid):
 slot_bytes = st.binary(min_size=104, max_size=104)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory):
+    """One writer for every example of the fuzz tests (opening a ledger costs ~0.2 s): each example claims
+    sequences of its own, and the ledger must stay consistent across all of them."""
+    server = Server(str(tmp_path_factory.mktemp("fuzz") / "data"), durability="os", slot_count=64,
+                    abandon_after_ms=1)
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+    server.ledger.create_account(2)
+    yield server
+    assert server.ledger.verify().ok
+    server.close()
+
+
+@settings(max_examples=40, deadline=None)
 @given(slots=st.lists(st.tuples(slot_bytes, st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)),
                       min_size=1, max_size=12))
-def test_hostile_slots_get_a_status_never_a_crash(tmp_path_factory, slots):
+def test_hostile_slots_get_a_status_never_a_crash(fuzzed_server, slots):
     """Arbitrary bytes in published slots: the writer answers each one (a status or a result code), applies only
     what the core accepts, and the ledger stays consistent."""
-    directory = str(tmp_path_factory.mktemp("fuzz"))
-    server = Server(directory, durability="os", slot_count=64)
-    try:
-        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
-        server.ledger.create_account(2)
-        ring = server.ring
-        first = ring.claim_without_publishing(len(slots))
-        for index, (raw, kind, batch_shape, hint) in enumerate(slots):
-            data = bytearray(raw)
-            if kind:  # often well-formed metadata, so the payload reaches the core
-                data[4:6] = kind.to_bytes(2, "little")
-                data[8:16] = (first + index).to_bytes(8, "little")
-                data[16:20] = (1 if batch_shape else 0).to_bytes(4, "little")
-                if hint == 1:  # a transfer between the two existing accounts
-                    data[24 + 8:24 + 16] = (1).to_bytes(8, "little")
-                    data[24 + 16:24 + 24] = (2).to_bytes(8, "little")
-            ring.publish_raw(first + index, bytes(data))
-        drained = 0
-        while drained < len(slots):
-            assert server.drain_once()
-            drained = ring.consume_sequence - first
-        assert server.ledger.verify().ok
-    finally:
-        server.close()
+    server = fuzzed_server
+    ring = server.ring
+    first = ring.claim_without_publishing(len(slots))
+    for index, (raw, kind, batch_shape, hint) in enumerate(slots):
+        data = bytearray(raw)
+        if kind:  # often well-formed metadata, so the payload reaches the core
+            data[4:6] = kind.to_bytes(2, "little")
+            data[8:16] = (first + index).to_bytes(8, "little")
+            data[16:20] = (1 if batch_shape else 0).to_bytes(4, "little")
+            if hint == 1:  # a transfer between the two existing accounts
+                data[24 + 8:24 + 16] = (1).to_bytes(8, "little")
+                data[24 + 16:24 + 24] = (2).to_bytes(8, "little")
+        ring.publish_raw(first + index, bytes(data))
+    drained = 0
+    while drained < len(slots):
+        assert server.drain_once()
+        drained = ring.consume_sequence - first
+    assert server.ledger.verify().ok
 
 
 def test_open_chain_at_a_batch_end_does_not_join_the_next_batch(tmp_path):
@@ -916,3 +923,50 @@ def test_client_single_calls_take_numpy_integers_and_flags(tmp_path):
     finally:
         server.stop()
         thread.join()
+
+
+batch_layouts = st.lists(st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(0, 15), st.integers(0, 3),
+                                   slot_bytes), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches=batch_layouts)
+# A published batch whose last slot claims one more slot, followed by a dead producer's slot: no slot ever ends the
+# batch, so a writer that trusted each slot's own fields waited for it forever.
+@example(batches=[(2, 1, 0, 2, bytes(104)), (1, 1, 1, 0, bytes(104))])
+def test_multi_slot_batches_with_holes_and_lies_never_stall_or_overrun_the_writer(fuzzed_server, batches):
+    """Producer batches of 1-4 slots, some slots never published (dead producers), some with batch fields that
+    disagree with their batch (hostile): the writer answers or gives up every slot, never moves past
+    claim_sequence, never waits forever, and the ledger stays consistent."""
+    server = fuzzed_server
+    ring = server.ring
+    total = sum(size for size, *_ in batches)
+    first = ring.claim_without_publishing(total)
+    sequence = first
+    published = []
+    for size, kind, holes, lie, raw in batches:
+        for index in range(size):
+            data = bytearray(raw)
+            data[4:6] = (kind or _ring.KIND_TRANSFER).to_bytes(2, "little")
+            batch_first, batch_count = sequence, size
+            if lie and index == size - 1:                          # the last slot disagrees with its batch
+                batch_first, batch_count = (batch_first + lie, batch_count) if lie == 1 else \
+                    (batch_first, batch_count + lie - 1)
+            data[8:16] = batch_first.to_bytes(8, "little")
+            data[16:20] = batch_count.to_bytes(4, "little")
+            data[24 + 8:24 + 24] = (1).to_bytes(8, "little") + (2).to_bytes(8, "little")
+            if not holes >> index & 1:
+                ring.publish_raw(sequence + index, bytes(data))
+                published.append(sequence + index)
+        sequence += size
+    deadline = time.monotonic() + 10
+    while ring.consume_sequence < first + total:
+        assert time.monotonic() < deadline, f"the writer stalled at {ring.consume_sequence} of {first + total}"
+        if not server.drain_once():
+            time.sleep(0.002)
+        assert ring.consume_sequence <= ring.claim_sequence
+    assert ring.consume_sequence == first + total
+    for answered in published:                                      # every published slot was answered
+        offset = _ring.HEADER_SIZE + (answered % 64) * _ring.SLOT_SIZE + 8
+        assert int.from_bytes(server._memory[offset:offset + 8], "little") >> 16 == answered + 1
+    assert server.ledger.verify().ok
