@@ -640,12 +640,14 @@ cdef class Ring:
         cdef uint64_t limit = min(claimed, head + self.batch_rows_max)
         cdef bint head_published = False, marked = False
         cdef uint64_t attempts = 0
+        cdef uint16_t kind
         published = ring_load_acquire(&slot.published)
         if published == head + 1:
             head_published = True
+            kind = slot.kind  # each field read once, as in gather
             batch_first = slot.batch_first
             batch_count = slot.batch_count
-            if not self._batch_fields_valid(slot.kind, head, batch_first, batch_count, claimed) \
+            if not self._batch_fields_valid(kind, head, batch_first, batch_count, claimed) \
                     or batch_first != head:
                 return  # malformed: the next gather answers it INVALID_SLOT on its own
             limit = head + batch_count

@@ -176,13 +176,13 @@ class Server:
             if not SNAPSHOT_EVERY_S_MIN <= snapshot_every_s <= SNAPSHOT_EVERY_S_MAX:
                 raise ValueError(f"snapshot_every_s must be in [{SNAPSHOT_EVERY_S_MIN}, {SNAPSHOT_EVERY_S_MAX}] "
                                  f"(or None: never), got {snapshot_every_s}")
+        if group is not None:
+            _check_range("group", group, 0, 2**32 - 2)
         self.directory = os.fspath(directory)
         self.durability = durability
         self.abandon_after_ns = abandon_after_ms * 1_000_000
         self.spin_count = spin_count
         self.idle_wait_ms = idle_wait_ms
-        if group is not None:
-            _check_range("group", group, 0, 2**32 - 2)
         if create:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         check_permissions(self.directory, group)
@@ -191,8 +191,9 @@ class Server:
             # the journal, snapshots and LOCK stay private to the writer.
             os.chown(self.directory, -1, group)
             os.chmod(self.directory, 0o750)
-        # This server syncs once per drained group itself (group commit across clients): with "fsync" every core
-        # call writes its batch through to the files and drain_once() syncs them together.
+        # This server syncs itself, once per drained group when it is one core call (group commit across
+        # clients): with "fsync" every core call writes its batch through to the files and drain_once() syncs it
+        # before the next call and before answering.
         self.ledger = _open(self.directory, create, durability, sync_each_commit=(durability != "fsync"),
                             **open_options)
         self.file_mode = 0o660 if group is not None else 0o600
