@@ -7,6 +7,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.exc cimport PyErr_CheckSignals
 
 cimport cython
 import numpy as np
@@ -23,6 +24,7 @@ cdef extern from "_ring_helpers.h" nogil:
     void ring_store_u32(uint32_t *address, uint32_t value)
     void ring_add_u32(uint32_t *address, uint32_t value)
     void ring_pause()
+    void ring_fence()
     uint64_t ring_monotonic_ns()
     int ring_futex_wait(uint32_t *address, uint32_t expected, uint64_t timeout_ns)
     int ring_futex_wake(uint32_t *address, int count)
@@ -31,15 +33,40 @@ cdef extern from "_ring_helpers.h" nogil:
 DEF HEADER_BYTES = 4096
 DEF SLOT_BYTES = 128
 DEF PAYLOAD_BYTES = 80
-DEF SPIN_ROUNDS = 2000
+# The wait strategy (docs/RING.md): spin `spin_count` pause instructions, then sleep on a futex in slices.
+DEF SPIN_COUNT_DEFAULT = 2000     # ~50-300 us of pauses: a round trip through an idle writer usually fits
+DEF SPIN_COUNT_MAX = 1000000
+DEF WAIT_SLICE_MS_DEFAULT = 10    # between re-checks of deadlines, the writer's heartbeat and Ctrl-C
+DEF WAIT_SLICE_MS_MAX = 1000
+DEF WRITER_TIMEOUT_MS_DEFAULT = 3000
+SPIN_COUNT_DEFAULT_VALUE = SPIN_COUNT_DEFAULT
+SPIN_COUNT_LIMIT = SPIN_COUNT_MAX
+WAIT_SLICE_MS_DEFAULT_VALUE = WAIT_SLICE_MS_DEFAULT
+WAIT_SLICE_MS_LIMIT = WAIT_SLICE_MS_MAX
+# _wait_until_free outcomes.
+DEF SLOT_FREE = 0
+DEF SLOT_BUSY = 1
+DEF SLOT_GIVEN_UP = 2
+DEF SLOT_WRITER_GONE = 3
+DEF SLOT_SLICE_OVER = 4           # one futex wait is over: check for signals (Ctrl-C) and wait again
 cdef extern from *:
     """
     #define RING_ABANDONED 0x8000000000000000ULL
+    #define RING_WRITING 0x4000000000000000ULL
+    #define RING_SEQUENCE_MASK 0x3FFFFFFFFFFFFFFFULL
+    #define RING_DETACHED 0x8000000000000000ULL
     """
+    # `published` word: sequence + 1, with these flags. WRITING: a producer owns the slot and is writing it.
+    # ABANDONED: the writer gave this sequence up (ABANDONED | WRITING: while its owner was writing it).
     const uint64_t ABANDONED "RING_ABANDONED"
+    const uint64_t WRITING "RING_WRITING"
+    const uint64_t SEQUENCE_MASK "RING_SEQUENCE_MASK"
+    # `released` word: DETACHED | (sequence + 1): the producer stopped waiting for this result (timeout, writer
+    # gone, Ctrl-C); whoever needs the slot next frees it once the result is written.
+    const uint64_t DETACHED "RING_DETACHED"
 
 RING_MAGIC = 0x474E495252474C44  # "LDGRRING"
-RING_VERSION = 1
+RING_VERSION = 2
 HEADER_SIZE = HEADER_BYTES
 SLOT_SIZE = SLOT_BYTES
 PAYLOAD_SIZE = PAYLOAD_BYTES
@@ -49,6 +76,8 @@ KIND_TRANSFER = 1
 KIND_ACCOUNT = 2
 KIND_QUERY_ACCOUNT = 3
 KINDS = (KIND_TRANSFER, KIND_ACCOUNT, KIND_QUERY_ACCOUNT)
+DEF KIND_LAST = 3                 # kinds are 1..KIND_LAST
+assert KINDS == tuple(range(1, KIND_LAST + 1))
 
 # What happened to a slot (the result code is only meaningful with STATUS_APPLIED).
 STATUS_APPLIED = 0
@@ -64,7 +93,8 @@ ctypedef struct RingHeader:
     uint64_t writer_pid
     uint64_t writer_epoch
     uint64_t created_ns
-    uint64_t padding0[2]
+    uint64_t batch_rows_max          # the most rows one producer batch may hold (the writer's drain fits it)
+    uint64_t padding0[1]
     uint64_t claim_sequence          # producers: fetch-add; its own cache line
     uint64_t padding1[7]
     uint64_t consume_sequence        # consumer: next sequence to apply
@@ -77,12 +107,14 @@ ctypedef struct RingHeader:
     uint64_t padding4[7]
     uint32_t results_epoch           # futex: the consumer bumps it after writing results
     uint32_t result_waiters
+    uint32_t space_waiters           # producers asleep until a slot is released (releasing producers wake them)
     uint64_t padding5[7]
 
 ctypedef struct Slot:
-    uint64_t published               # sequence + 1 once published; ABANDONED | (sequence + 1) if given up
+    uint64_t published               # sequence + 1 once published; | WRITING while owned; | ABANDONED if given up
     uint64_t result                  # (sequence + 1) << 16 | status << 8 | code, written by the consumer
-    uint64_t released                # sequence + 1 once the producer has read its result: the slot is free
+    uint64_t released                # sequence + 1 once the producer has read its result: the slot is free;
+                                     # | DETACHED if the producer stopped waiting
     uint32_t pid
     uint16_t kind
     uint16_t reserved
@@ -111,6 +143,18 @@ class RingAbandonedError(Exception):
     pass
 
 
+class RingProtocolError(Exception):
+    """The ring's words say something no honest writer or producer writes (a hostile or broken process)."""
+
+
+cdef int check_wait_strategy(uint64_t spin_count, uint64_t wait_slice_ms) except -1:
+    if spin_count > SPIN_COUNT_MAX:
+        raise ValueError(f"spin_count must be in [0, {SPIN_COUNT_MAX}], got {spin_count}")
+    if not 1 <= wait_slice_ms <= WAIT_SLICE_MS_MAX:
+        raise ValueError(f"wait_slice_ms must be in [1, {WAIT_SLICE_MS_MAX}], got {wait_slice_ms}")
+    return 0
+
+
 @cython.final
 cdef class Ring:
     """A view of a ring mapping. Producer and consumer operations are on the same class; a process uses one side."""
@@ -122,9 +166,15 @@ cdef class Ring:
     cdef Slot *slots
     cdef uint64_t slot_count
     cdef uint64_t mask
+    cdef uint64_t batch_rows_max
     cdef uint32_t pid
     cdef uint64_t _head_since_ns      # consumer: when the current head slot was first seen unpublished
     cdef uint64_t _head_sequence      # consumer: that head sequence + 1 (0: none)
+    # Consumer: the next sequence to apply. Kept here, not read back from the shared header, which any producer
+    # can overwrite: the header copy is only published for observers.
+    cdef uint64_t _consume
+    cdef bint _has_stall_hook         # tests only: submit calls _stall_hook(sequence) before taking each slot
+    cdef object _stall_hook
 
     def __cinit__(self):
         self._has_view = False
@@ -150,20 +200,27 @@ cdef class Ring:
         self.header = NULL
         self.slots = NULL
 
-    def initialise(self, uint64_t slot_count, uint64_t writer_pid, uint64_t epoch, uint64_t now_ns):
-        """Stamp a new ring (the writer does this on a freshly created, zeroed file)."""
+    def initialise(self, uint64_t slot_count, uint64_t batch_rows_max, uint64_t writer_pid, uint64_t epoch,
+                   uint64_t now_ns):
+        """Stamp a new ring (the writer does this on a freshly created, zeroed file). batch_rows_max: the most rows
+        one producer batch may hold; at most half the ring, and no more than the writer gathers per drain (a
+        bigger batch could never be seen complete)."""
         if slot_count < 16 or slot_count & (slot_count - 1):
             raise ValueError("slot_count must be a power of two >= 16")
+        if not 1 <= batch_rows_max <= slot_count // 2:
+            raise ValueError(f"batch_rows_max must be in [1, {slot_count // 2}], got {batch_rows_max}")
         if HEADER_BYTES + slot_count * SLOT_BYTES > <uint64_t>self._view.len:
             raise ValueError("ring mapping smaller than its slots")
         self.header.version = RING_VERSION
         self.header.slot_size = SLOT_BYTES
         self.header.slot_count = slot_count
+        self.header.batch_rows_max = batch_rows_max
         self.header.writer_pid = writer_pid
         self.header.writer_epoch = epoch
         self.header.created_ns = now_ns
         self.header.heartbeat_ns = ring_monotonic_ns()
         self.header.state = 1
+        self._consume = 0
         ring_store_release(&self.header.magic, RING_MAGIC)
         self.attach()
 
@@ -171,17 +228,25 @@ cdef class Ring:
         """Check the header of an existing ring (a client does this) and adopt its geometry."""
         if ring_load_acquire(&self.header.magic) != RING_MAGIC or self.header.version != RING_VERSION \
                 or self.header.slot_size != SLOT_BYTES:
-            raise ValueError("not a version 1 ledger command ring")
+            raise ValueError(f"not a version {RING_VERSION} ledger command ring")
         cdef uint64_t slot_count = self.header.slot_count
         if slot_count < 16 or slot_count & (slot_count - 1) \
                 or HEADER_BYTES + slot_count * SLOT_BYTES > <uint64_t>self._view.len:
             raise ValueError("ring header geometry is invalid")
+        cdef uint64_t batch_rows_max = self.header.batch_rows_max
+        if not 1 <= batch_rows_max <= slot_count // 2:
+            raise ValueError("ring header batch_rows_max is invalid")
+        self.batch_rows_max = batch_rows_max
         self.slot_count = slot_count
         self.mask = slot_count - 1
 
     @property
     def slot_count(self):
         return self.slot_count
+
+    @property
+    def batch_rows_max(self):
+        return self.batch_rows_max
 
     @property
     def writer_pid(self):
@@ -193,6 +258,7 @@ cdef class Ring:
 
     @property
     def consume_sequence(self):
+        """The next sequence the writer applies, as published in the header (the writer's own copy is private)."""
         return ring_load_acquire(&self.header.consume_sequence)
 
     @property
@@ -201,112 +267,241 @@ cdef class Ring:
 
     # ---- producer side ----
 
-    def submit(self, uint16_t kind, cnp.ndarray rows not None, uint64_t busy_timeout_ms):
-        """Claim len(rows) consecutive slots, wait until each is free, write and publish them. Returns the first
-        sequence. Raises RingBusyError if a slot stays occupied past busy_timeout_ms (the claimed slots are then
-        given up by the consumer after its abandon timeout: nothing of this batch is applied)."""
-        cdef uint64_t count = rows.shape[0], row_size = rows.dtype.itemsize, i, sequence, required, published
-        if count == 0 or count > self.slot_count // 2:
-            raise ValueError(f"a ring batch holds 1 to {self.slot_count // 2} rows, got {count}")
+    def submit(self, uint16_t kind, cnp.ndarray rows not None, uint64_t busy_timeout_ms,
+               uint64_t writer_timeout_ms=WRITER_TIMEOUT_MS_DEFAULT, uint64_t spin_count=SPIN_COUNT_DEFAULT,
+               uint64_t wait_slice_ms=WAIT_SLICE_MS_DEFAULT):
+        """Claim len(rows) consecutive slots, wait until each is free, take it, write and publish it. Returns the
+        first sequence. RingBusyError if a slot stays occupied past busy_timeout_ms, RingAbandonedError if the
+        writer gave the batch up meanwhile, RingWriterGoneError if the writer stops (or stops beating for
+        writer_timeout_ms) while we wait for space: nothing of this batch is applied (the slots it claimed and
+        did not publish are given up by the writer after its abandon timeout). Ctrl-C interrupts the wait."""
+        cdef uint64_t count = rows.shape[0], row_size = rows.dtype.itemsize, i, sequence, published
+        if count == 0 or count > self.batch_rows_max:
+            raise ValueError(f"a ring batch holds 1 to {self.batch_rows_max} rows, got {count}")
         if row_size > PAYLOAD_BYTES or not cnp.PyArray_IS_C_CONTIGUOUS(rows):
             raise ValueError("rows must be C-contiguous with at most 80-byte rows")
+        check_wait_strategy(spin_count, wait_slice_ms)
         cdef char *data = <char *>cnp.PyArray_DATA(rows)
         cdef uint64_t first = ring_fetch_add(&self.header.claim_sequence, count)
         cdef uint64_t deadline = ring_monotonic_ns() + busy_timeout_ms * 1000000
+        cdef uint64_t writer_timeout_ns = writer_timeout_ms * 1000000
         cdef Slot *slot
-        cdef int rounds
+        cdef int outcome = 0
+        cdef bint spin
         with nogil:
             for i in range(count):
                 sequence = first + i
                 slot = &self.slots[sequence & self.mask]
-                required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
-                rounds = 0
-                while ring_load_acquire(&slot.released) != required:
-                    # The previous lap's producer has not collected its result: wait, or take over if it died.
-                    if required != 0 and (ring_load_acquire(&slot.result) >> 16) == required \
-                            and not ring_process_alive(slot.pid):
-                        ring_store_release(&slot.released, required)  # its producer died before collecting
-                        continue
-                    rounds += 1
-                    if rounds > SPIN_ROUNDS:
-                        if ring_monotonic_ns() > deadline:
-                            with gil:
-                                raise RingBusyError(f"ring slot {sequence & self.mask} still busy after "
-                                                    f"{busy_timeout_ms} ms; nothing of this batch was applied")
-                        ring_futex_wait(&self.header.results_epoch, ring_load_acquire_u32(&self.header.results_epoch), 1000000)
-                    else:
-                        ring_pause()
+                spin = True
+                while True:
+                    outcome = self._wait_until_free(slot, sequence, deadline, writer_timeout_ns,
+                                                    spin_count if spin else 0, wait_slice_ms * 1000000)
+                    if outcome != SLOT_SLICE_OVER:
+                        break
+                    spin = False
+                    with gil:
+                        PyErr_CheckSignals()
+                if outcome != SLOT_FREE:
+                    break
+                # Take the slot before writing it: a producer stalled since it saw the slot free must not write
+                # into it once the writer has given this sequence up and the slot has gone to the next lap.
+                if self._has_stall_hook:
+                    with gil:
+                        self._stall_hook(sequence)
                 published = ring_load_acquire(&slot.published)
+                while True:
+                    if (published & SEQUENCE_MASK) >= sequence + 1:
+                        # Our sequence, or a later lap's: the writer gave ours up (and the slot may have moved on).
+                        outcome = SLOT_GIVEN_UP
+                        break
+                    if ring_compare_exchange(&slot.published, published, WRITING | (sequence + 1)):
+                        break
+                    published = ring_load_acquire(&slot.published)
+                if outcome != 0:
+                    break
                 slot.pid = self.pid
                 slot.kind = kind
                 slot.batch_first = first
                 slot.batch_count = <uint32_t>count
                 memset(slot.payload, 0, PAYLOAD_BYTES)
                 memcpy(slot.payload, data + i * row_size, row_size)
-                if (published & ABANDONED) and (published & ~ABANDONED) == sequence + 1:
-                    with gil:
-                        raise RingAbandonedError("the writer gave up on this batch (too slow to publish); "
-                                                 "nothing of it was applied")
-                if not ring_compare_exchange(&slot.published, published, sequence + 1):
-                    with gil:
-                        raise RingAbandonedError("the writer gave up on this batch (too slow to publish); "
-                                                 "nothing of it was applied")
+                if not ring_compare_exchange(&slot.published, WRITING | (sequence + 1), sequence + 1):
+                    # The writer gave it up while we wrote and left the slot to us: free it for the next lap.
+                    ring_store_release(&slot.released, sequence + 1)
+                    outcome = SLOT_GIVEN_UP
+                    break
+        if outcome == SLOT_BUSY:
+            raise RingBusyError(f"ring slot {sequence & self.mask} still busy after {busy_timeout_ms} ms; "
+                                f"nothing of this batch was applied")
+        if outcome == SLOT_GIVEN_UP:
+            raise RingAbandonedError("the writer gave up on this batch (too slow to publish); nothing of it was "
+                                     "applied")
+        if outcome == SLOT_WRITER_GONE:
+            raise RingWriterGoneError("the ledger writer stopped (or stopped beating) while this call waited for "
+                                      "ring space; nothing of it was applied: reconnect when it is back")
         ring_add_u32(&self.header.consumer_wake, 1)
         if ring_load_acquire_u32(&self.header.consumer_sleeping):
             ring_futex_wake(&self.header.consumer_wake, 1)
         return first
 
+    cdef int _wait_until_free(self, Slot *slot, uint64_t sequence, uint64_t deadline, uint64_t writer_timeout_ns,
+                              uint64_t spin_count, uint64_t wait_slice_ns) noexcept nogil:
+        """Wait until the slot's previous lap is released: spin spin_count times, then sleep one futex slice.
+        SLOT_FREE; SLOT_BUSY at the deadline; SLOT_GIVEN_UP if the writer already gave this sequence up (fail at
+        once: the batch can no longer complete); SLOT_WRITER_GONE; SLOT_SLICE_OVER after one slice."""
+        cdef uint64_t required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
+        cdef uint64_t released, now
+        cdef uint32_t epoch
+        cdef uint64_t rounds = 0
+        while True:
+            released = ring_load_acquire(&slot.released)
+            if released == required:
+                return SLOT_FREE
+            if (ring_load_acquire(&slot.published) & SEQUENCE_MASK) >= sequence + 1 \
+                    or (released & SEQUENCE_MASK) >= sequence + 1:
+                return SLOT_GIVEN_UP  # the writer gave our sequence up (and the slot may already serve a later lap)
+            if self._release_on_behalf(slot, sequence, released, required):
+                continue
+            if rounds < spin_count:
+                rounds += 1
+                ring_pause()
+                continue
+            now = ring_monotonic_ns()
+            if now > deadline:
+                return SLOT_BUSY
+            if not self._writer_alive(now, writer_timeout_ns):
+                return SLOT_WRITER_GONE
+            # Sleep until a producer releases a slot or the writer answers (both bump results_epoch), at most
+            # one slice. "I sleep" is visible before the re-check (fence), so a release in between wakes us.
+            epoch = ring_load_acquire_u32(&self.header.results_epoch)
+            ring_add_u32(&self.header.space_waiters, 1)
+            ring_fence()
+            if ring_load_acquire(&slot.released) == released:
+                ring_futex_wait(&self.header.results_epoch, epoch, wait_slice_ns)
+            ring_add_u32(&self.header.space_waiters, <uint32_t>-1)
+            return SLOT_SLICE_OVER
+
+    cdef inline bint _writer_alive(self, uint64_t now, uint64_t writer_timeout_ns) noexcept nogil:
+        """Running, beating within writer_timeout_ns, and its process exists."""
+        return ring_load_acquire(&self.header.state) == 1 \
+            and now <= ring_load_acquire(&self.header.heartbeat_ns) + writer_timeout_ns \
+            and ring_process_alive(<uint32_t>self.header.writer_pid)
+
+    cdef bint _release_on_behalf(self, Slot *slot, uint64_t sequence, uint64_t released,
+                                 uint64_t required) noexcept nogil:
+        """Free an earlier lap of this slot that nobody else will free; True if `released` moved. Each step is a
+        compare-and-swap from the value seen, so producers of several later laps may try at once."""
+        cdef uint64_t lap = released & SEQUENCE_MASK  # sequence + 1 of the last lap released (0: none yet)
+        cdef uint64_t next_lap, published
+        if released & DETACHED:
+            # Its producer stopped waiting for the result: free once the writer has answered it.
+            return (ring_load_acquire(&slot.result) >> 16) == lap \
+                and ring_compare_exchange(&slot.released, released, lap)
+        next_lap = lap + self.slot_count if lap != 0 else (sequence & self.mask) + 1
+        if next_lap > required:
+            return False  # the lap before ours is still owned by a live producer or the writer
+        if (ring_load_acquire(&slot.result) >> 16) == next_lap and not ring_process_alive(slot.pid):
+            # Answered, and its producer died before collecting.
+            return ring_compare_exchange(&slot.released, released, next_lap)
+        published = ring_load_acquire(&slot.published)
+        if published == ABANDONED | next_lap:
+            # Given up before anyone took it: nobody wrote it and nobody reads it.
+            return ring_compare_exchange(&slot.released, released, next_lap)
+        if published == ABANDONED | WRITING | next_lap and not ring_process_alive(slot.pid):
+            # Given up while its producer wrote it, and that producer died before freeing it.
+            return ring_compare_exchange(&slot.released, released, next_lap)
+        return False
+
     def wait_results(self, uint64_t first, uint64_t count, cnp.ndarray codes not None, cnp.ndarray statuses not None,
-                     uint64_t timeout_ms, uint64_t writer_timeout_ms, cnp.ndarray payloads=None):
+                     uint64_t timeout_ms, uint64_t writer_timeout_ms, cnp.ndarray payloads=None,
+                     uint64_t spin_count=SPIN_COUNT_DEFAULT, uint64_t wait_slice_ms=WAIT_SLICE_MS_DEFAULT):
         """Wait until the consumer has answered every slot of the batch, copy codes (and for queries the answer
         payloads) out, and release the slots. RingWriterGoneError if the writer stops beating, RingTimeoutError
-        past timeout_ms (the batch may still be applied later: retry with the same ids, which is safe)."""
+        past timeout_ms (the batch may still be applied later: retry with the same ids, which is safe). On any
+        failure the slots are detached: the next producer to need one frees it once the writer has answered."""
+        assert 1 <= count <= self.batch_rows_max
+        assert <uint64_t>codes.shape[0] >= count and <uint64_t>statuses.shape[0] >= count
+        assert payloads is None or <uint64_t>payloads.shape[0] >= count
+        check_wait_strategy(spin_count, wait_slice_ms)
         cdef uint8_t *code_out = <uint8_t *>cnp.PyArray_DATA(codes)
         cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
         cdef uint64_t deadline = ring_monotonic_ns() + timeout_ms * 1000000
         cdef uint64_t last = first + count - 1, i, result, now
         cdef Slot *slot = &self.slots[last & self.mask]
-        cdef int rounds = 0
+        cdef uint64_t writer_timeout_ns = writer_timeout_ms * 1000000
+        cdef uint64_t rounds = 0
         cdef int outcome = 0
         cdef uint32_t epoch
-        with nogil:
-            while (ring_load_acquire(&slot.result) >> 16) != last + 1:
-                rounds += 1
-                if rounds <= SPIN_ROUNDS:
-                    ring_pause()
-                    continue
-                now = ring_monotonic_ns()
-                if now > deadline:
-                    outcome = 1
-                    break
-                if ring_load_acquire(&self.header.state) != 1 \
-                        or now > ring_load_acquire(&self.header.heartbeat_ns) + writer_timeout_ms * 1000000 \
-                        or not ring_process_alive(<uint32_t>self.header.writer_pid):
-                    outcome = 2
-                    break
-                epoch = ring_load_acquire_u32(&self.header.results_epoch)
-                ring_add_u32(&self.header.result_waiters, 1)
-                if (ring_load_acquire(&slot.result) >> 16) != last + 1:
-                    ring_futex_wait(&self.header.results_epoch, epoch, 10000000)
-                ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
+        try:
+            with nogil:
+                while (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                    if rounds < spin_count:
+                        rounds += 1
+                        ring_pause()
+                        continue
+                    now = ring_monotonic_ns()
+                    if now > deadline:
+                        outcome = 1
+                        break
+                    if not self._writer_alive(now, writer_timeout_ns):
+                        outcome = 2
+                        break
+                    epoch = ring_load_acquire_u32(&self.header.results_epoch)
+                    ring_add_u32(&self.header.result_waiters, 1)
+                    if (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                        ring_futex_wait(&self.header.results_epoch, epoch, wait_slice_ms * 1000000)
+                    ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
+                    with gil:
+                        PyErr_CheckSignals()  # Ctrl-C: raises here (KeyboardInterrupt), between slices
+        except BaseException:
+            self._detach(first, count)
+            raise
         if outcome == 1:
+            self._detach(first, count)
             raise RingTimeoutError(f"no result within {timeout_ms} ms; the batch may still be applied: "
                                    f"retry with the same ids (EXISTS means it was)")
         if outcome == 2:
+            self._detach(first, count)
             raise RingWriterGoneError("the ledger writer stopped (or stopped beating); the batch may or may not "
                                       "be applied: reconnect when it is back and retry with the same ids")
         for i in range(count):
             slot = &self.slots[(first + i) & self.mask]
             result = ring_load_acquire(&slot.result)
             if (result >> 16) != first + i + 1:
-                raise RuntimeError("ring results out of order")
+                self._detach(first, count)
+                raise RingProtocolError(f"ring slot {(first + i) & self.mask} holds the result of another "
+                                        f"sequence ({(result >> 16) - 1}, expected {first + i}): the ring was "
+                                        f"written by a process that does not follow its protocol")
             code_out[i] = <uint8_t>(result & 0xFF)
             status_out[i] = <uint8_t>((result >> 8) & 0xFF)
             if payload_out != NULL:
                 memcpy(payload_out + i * PAYLOAD_BYTES, slot.payload, PAYLOAD_BYTES)
+        for i in range(count):  # after every read: a released slot may be rewritten at once
+            slot = &self.slots[(first + i) & self.mask]
             ring_store_release(&slot.released, first + i + 1)
+        ring_fence()  # the releases are visible before we look for sleepers (they re-check after announcing)
+        if ring_load_acquire_u32(&self.header.space_waiters):
+            ring_add_u32(&self.header.results_epoch, 1)
+            ring_futex_wake(&self.header.results_epoch, 1 << 30)
         return count
+
+    cdef void _detach(self, uint64_t first, uint64_t count) noexcept nogil:
+        """Stop waiting for these results: mark each slot so the next producer that needs it frees it as soon as
+        the writer has answered (until then the slot still holds a published command)."""
+        cdef uint64_t i, sequence, required
+        cdef Slot *slot
+        for i in range(count):
+            sequence = first + i
+            slot = &self.slots[sequence & self.mask]
+            required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
+            ring_compare_exchange(&slot.released, required, DETACHED | (sequence + 1))
+
+    def set_stall_hook(self, hook):
+        """Call hook(sequence) in submit after each slot is free and before taking it, as if the producer stalled
+        there. Tests only (None removes it)."""
+        self._stall_hook = hook
+        self._has_stall_hook = hook is not None
 
     def claim_without_publishing(self, uint64_t count):
         """Claim slots and never publish them: what a producer that dies right after claiming leaves behind.
@@ -332,15 +527,17 @@ cdef class Ring:
         ring_add_u32(&self.header.results_epoch, 1)
         ring_futex_wake(&self.header.results_epoch, 1 << 30)
 
-    def wait_for_work(self, uint64_t timeout_ms):
-        """Sleep until a producer publishes (or timeout_ms): spin briefly, then a futex wait (no CPU when idle)."""
-        cdef uint64_t sequence = ring_load_acquire(&self.header.consume_sequence)
+    def wait_for_work(self, uint64_t timeout_ms, uint64_t spin_count=SPIN_COUNT_DEFAULT):
+        """Sleep until a producer publishes (or timeout_ms): spin spin_count times, then a futex wait (no CPU when
+        idle)."""
+        check_wait_strategy(spin_count, 1)
+        cdef uint64_t sequence = self._consume
         cdef Slot *slot = &self.slots[sequence & self.mask]
-        cdef int rounds
+        cdef uint64_t rounds
         cdef uint32_t wake
         cdef bint ready = False
         with nogil:
-            for rounds in range(SPIN_ROUNDS):
+            for rounds in range(spin_count):
                 if ring_load_acquire(&slot.published) == sequence + 1:
                     ready = True
                     break
@@ -361,48 +558,75 @@ cdef class Ring:
         Fills kinds (uint16), payloads (uint8 rows of 80 bytes), batch_ends (uint8: 1 on a batch's last row) and
         statuses (STATUS_INVALID_SLOT for malformed slots, else 0). Gives up on a head batch that stays
         unpublished for abandon_after_ns (its producer died or hangs). Returns (first sequence, count)."""
-        cdef uint64_t first = ring_load_acquire(&self.header.consume_sequence)
+        cdef uint64_t first = self._consume
         cdef uint64_t claimed = ring_load_acquire(&self.header.claim_sequence)
         cdef uint16_t *kind_out = <uint16_t *>cnp.PyArray_DATA(kinds)
         cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads)
         cdef uint8_t *end_out = <uint8_t *>cnp.PyArray_DATA(batch_ends)
         cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
-        cdef uint64_t count = 0, sequence, batch_count, batch_first, j, complete = 0
-        cdef Slot *slot
+        cdef uint64_t count = 0, sequence, batch_count, batch_first, complete = 0
+        cdef uint64_t open_first = 0, open_count = 0  # the producer batch being gathered (count 0: none)
+        cdef uint16_t kind
         cdef bint valid
+        cdef Slot *slot
+        assert kinds.shape[0] == payloads.shape[0] == batch_ends.shape[0] == statuses.shape[0]
+        assert payloads.shape[0] == 0 or payloads.strides[0] == PAYLOAD_BYTES
         limit = min(limit, <uint64_t>kinds.shape[0], self.slot_count)
         while count < limit:
             sequence = first + count
             slot = &self.slots[sequence & self.mask]
             if ring_load_acquire(&slot.published) != sequence + 1:
                 break
+            # Each field is read once: a hostile producer may rewrite the slot while we look at it.
+            kind = slot.kind
             batch_first = slot.batch_first
             batch_count = slot.batch_count
-            valid = (slot.kind == KIND_TRANSFER or slot.kind == KIND_ACCOUNT or slot.kind == KIND_QUERY_ACCOUNT) \
-                and batch_count >= 1 and batch_count <= self.slot_count // 2 \
-                and batch_first <= sequence and sequence < batch_first + batch_count
+            if batch_first + batch_count > claimed:  # claimed since we looked? (a producer claims before publishing)
+                claimed = ring_load_acquire(&self.header.claim_sequence)
+            valid = self._batch_fields_valid(kind, sequence, batch_first, batch_count, claimed)
+            if valid and open_count != 0:
+                # Inside a batch, every slot continues it, described the same way: else a producer could make a
+                # batch that no slot ever ends, and the writer would wait for it forever.
+                valid = batch_first == open_first and batch_count == open_count
+            elif valid:
+                valid = batch_first == sequence  # a batch starts here (the consume position is a batch boundary)
+                open_first, open_count = batch_first, batch_count
             if not valid:
                 # A malformed slot is answered alone; the consumer never trusts its batch fields.
+                open_count = 0
                 kind_out[count] = 0
                 end_out[count] = 1
                 status_out[count] = STATUS_INVALID_SLOT
                 count += 1
                 complete = count
                 continue
-            kind_out[count] = slot.kind
+            kind_out[count] = kind
             memcpy(payload_out + count * PAYLOAD_BYTES, slot.payload, PAYLOAD_BYTES)
             status_out[count] = 0
             end_out[count] = 1 if sequence + 1 == batch_first + batch_count else 0
             count += 1
             if end_out[count - 1]:
                 complete = count
+                open_count = 0
         if complete == 0 and claimed > first:
-            self._maybe_abandon(first, abandon_after_ns)
+            self._maybe_abandon(first, claimed, abandon_after_ns)
         return first, complete
 
-    cdef _maybe_abandon(self, uint64_t head, uint64_t abandon_after_ns):
-        """The head batch is claimed but incomplete. After abandon_after_ns, give it up: mark every slot of it
-        abandoned (a late publish then fails its compare-and-swap), answer and release them, move on."""
+    cdef inline bint _batch_fields_valid(self, uint16_t kind, uint64_t sequence, uint64_t batch_first,
+                                         uint64_t batch_count, uint64_t claimed) noexcept nogil:
+        """An honest producer's slot: a known kind, and a batch that holds `sequence`, fits the per-call limit and
+        was claimed in full (producers claim a whole batch with one fetch-add before publishing any of it)."""
+        return 1 <= kind <= KIND_LAST \
+            and 1 <= batch_count <= self.batch_rows_max \
+            and batch_first <= sequence < batch_first + batch_count \
+            and batch_first + batch_count <= claimed
+
+    cdef _maybe_abandon(self, uint64_t head, uint64_t claimed, uint64_t abandon_after_ns):
+        """The head batch is claimed but incomplete. After abandon_after_ns, give it up in one step, in two phases:
+        first mark every unpublished slot of it abandoned (a late owner then fails its compare-and-swap), then
+        answer and free the slots that were published. How far the head batch goes: the head slot says so once
+        published; otherwise every slot up to the next published slot that starts a batch, at most one batch
+        long, and never past claimed (sequences nobody claimed belong to future producers)."""
         cdef uint64_t now = ring_monotonic_ns()
         if self._head_sequence != head + 1:
             self._head_sequence = head + 1
@@ -410,23 +634,70 @@ cdef class Ring:
             return
         if now - self._head_since_ns < abandon_after_ns:
             return
-        # How far does the head batch go? Published slots say it; otherwise give up one slot at a time.
+        assert claimed > head
         cdef Slot *slot = &self.slots[head & self.mask]
-        cdef uint64_t end = head + 1, sequence, published
-        if ring_load_acquire(&slot.published) == head + 1 and slot.batch_first == head \
-                and 1 <= slot.batch_count <= self.slot_count // 2:
-            end = head + slot.batch_count
+        cdef uint64_t end = head, sequence, published, batch_first, batch_count
+        cdef uint64_t limit = min(claimed, head + self.batch_rows_max)
+        cdef bint head_published = False, marked = False
+        cdef uint64_t attempts = 0
+        cdef uint16_t kind
+        published = ring_load_acquire(&slot.published)
+        if published == head + 1:
+            head_published = True
+            kind = slot.kind  # each field read once, as in gather
+            batch_first = slot.batch_first
+            batch_count = slot.batch_count
+            if not self._batch_fields_valid(kind, head, batch_first, batch_count, claimed) \
+                    or batch_first != head:
+                return  # malformed: the next gather answers it INVALID_SLOT on its own
+            limit = head + batch_count
+        elif not self._mark_abandoned(slot, head, published):
+            return  # published or taken just now: look again at the next gather
+        else:
+            marked = True
+            end = head + 1
+        # Phase 1: mark. A mark fails only when its slot moved on (taken, or published): look at it again. An
+        # honest slot moves on at most twice; a hostile process flipping words gets this round cut short (marks
+        # are final, so the next round goes on from them).
+        while end < limit:
+            attempts += 1
+            if attempts > 3 * (limit - head) + 16:
+                return
+            slot = &self.slots[end & self.mask]
+            published = ring_load_acquire(&slot.published)
+            if published == end + 1:
+                if not head_published and slot.batch_first == end:
+                    break  # the next producer's batch starts here: not ours to give up
+                end += 1
+            elif self._mark_abandoned(slot, end, published):
+                marked = True
+                end += 1
+        if not marked:
+            return  # the whole head batch was published meanwhile: the next gather applies it
+        assert head < end <= claimed
+        # Phase 2: the range can no longer complete, so its producers never read a result: answer and free the
+        # published slots. Slots marked while unowned or being written are freed by their owner or the next lap
+        # (their previous lap may hold a result nobody has read yet: never overwrite it).
         for sequence in range(head, end):
             slot = &self.slots[sequence & self.mask]
-            published = ring_load_acquire(&slot.published)
-            if published != sequence + 1:
-                if not ring_compare_exchange(&slot.published, published, ABANDONED | (sequence + 1)):
-                    return  # it was published just now: no need to give up
-            ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
-            ring_store_release(&slot.released, sequence + 1)
+            if ring_load_acquire(&slot.published) == sequence + 1:
+                ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
+                ring_store_release(&slot.released, sequence + 1)
+        self._consume = end
         ring_store_release(&self.header.consume_sequence, end)
         self._head_sequence = 0
         self.wake_producers()
+
+    cdef inline bint _mark_abandoned(self, Slot *slot, uint64_t sequence, uint64_t published) noexcept nogil:
+        """Give up an unpublished sequence: unowned, or owned and being written (its owner then frees the slot).
+        False if the slot moved on meanwhile (the caller looks again). Never called on a published slot."""
+        if published == WRITING | (sequence + 1):
+            return ring_compare_exchange(&slot.published, published, ABANDONED | WRITING | (sequence + 1))
+        if (published & SEQUENCE_MASK) == sequence + 1:
+            # Already marked: only a hostile producer writes that (this writer marks a sequence once). Counting
+            # it as marked keeps the writer moving.
+            return (published & ABANDONED) != 0
+        return ring_compare_exchange(&slot.published, published, ABANDONED | (sequence + 1))
 
     def complete(self, uint64_t first, cnp.ndarray codes not None, cnp.ndarray statuses not None,
                  cnp.ndarray payloads=None):
@@ -436,17 +707,20 @@ cdef class Ring:
         cdef uint8_t *status_in = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint8_t *payload_in = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
         cdef Slot *slot
+        assert first == self._consume and count <= self.slot_count
+        assert <uint64_t>statuses.shape[0] == count and (payloads is None or <uint64_t>payloads.shape[0] >= count)
         for i in range(count):
             sequence = first + i
             slot = &self.slots[sequence & self.mask]
             if payload_in != NULL:
                 memcpy(slot.payload, payload_in + i * PAYLOAD_BYTES, PAYLOAD_BYTES)
             ring_store_release(&slot.result, ((sequence + 1) << 16) | (<uint64_t>status_in[i] << 8) | code_in[i])
+        self._consume = first + count
         ring_store_release(&self.header.consume_sequence, first + count)
         self._head_sequence = 0
         self.wake_producers()
 
     def wake_producers(self):
         ring_add_u32(&self.header.results_epoch, 1)
-        if ring_load_acquire_u32(&self.header.result_waiters):
+        if ring_load_acquire_u32(&self.header.result_waiters) or ring_load_acquire_u32(&self.header.space_waiters):
             ring_futex_wake(&self.header.results_epoch, 1 << 30)

@@ -24,6 +24,8 @@ static inline uint32_t ring_load_acquire_u32(const uint32_t *address) { return _
 /* Sequentially consistent: "I am going to sleep" must be visible before re-checking for work (Dekker). */
 static inline void ring_store_u32(uint32_t *address, uint32_t value) { __atomic_store_n(address, value, __ATOMIC_SEQ_CST); }
 static inline void ring_add_u32(uint32_t *address, uint32_t value) { __atomic_fetch_add(address, value, __ATOMIC_ACQ_REL); }
+/* A full barrier: stores before it are visible to every process before loads after it (store-load order). */
+static inline void ring_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void ring_pause(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();

@@ -384,6 +384,8 @@ def restore_command(arguments: argparse.Namespace) -> int:
 def serve_command(arguments: argparse.Namespace) -> int:
     from ledger.ring import serve
     return serve(arguments.dir, durability=arguments.durability, slot_count=arguments.slots, group=arguments.group,
+                 abandon_after_ms=arguments.abandon_after_ms, spin_count=arguments.spin_count,
+                 idle_wait_ms=arguments.idle_wait_ms, snapshot_every_s=arguments.snapshot_every_s or None,
                  accounts_capacity=arguments.accounts_capacity, transfers_capacity=arguments.transfers_capacity,
                  ready=lambda: print(f"ledger: serving {arguments.dir} (durability={arguments.durability}); "
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
@@ -484,6 +486,15 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--group", type=int, help="gid allowed to submit commands (files become 0660)")
     command.add_argument("--accounts-capacity", type=int, default=0, help="room to allocate up front")
     command.add_argument("--transfers-capacity", type=int, default=0, help="room to allocate up front")
+    from ledger import ring as ring_module
+    command.add_argument("--abandon-after-ms", type=int, default=ring_module.ABANDON_AFTER_MS_DEFAULT,
+                         help="give up a claimed batch left unpublished this long (its producer died or hangs)")
+    command.add_argument("--spin-count", type=int, default=ring_module.SPIN_COUNT_DEFAULT,
+                         help=f"pause instructions spun for new work before sleeping (0..{ring_module.SPIN_COUNT_MAX})")
+    command.add_argument("--idle-wait-ms", type=int, default=ring_module.IDLE_WAIT_MS_DEFAULT,
+                         help=f"longest idle sleep (1..{ring_module.IDLE_WAIT_MS_MAX}); a publish wakes it at once")
+    command.add_argument("--snapshot-every-s", type=float, default=ring_module.SNAPSHOT_EVERY_S_DEFAULT,
+                         help="snapshot this often when the journal moved, so a restart replays little (0: never)")
     command.set_defaults(handler=serve_command)
     from ledger import project as project_module
     command = commands.add_parser("project", help="keep a read model (SQLite) up to date from the journal")

@@ -7,11 +7,13 @@ ids: a transfer that was applied answers EXISTS."""
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import signal
 import stat
 import threading
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from ledger import _ring
 from ledger.api import Account, _as_batch, _open, accounts_batch, transfers_batch
 from ledger.enums import (
     ACCOUNT_DTYPE,
+    AMOUNT_MAX,
     BALANCE_MAX,
     TRANSFER_DTYPE,
     AccountResult,
@@ -35,10 +38,28 @@ SLOT_COUNT_DEFAULT = 1 << 16
 SLOT_COUNT_MAX = 1 << 22
 GROUP_ROWS_MAX = 1 << 15          # rows applied (and group-committed) per drain
 ABANDON_AFTER_MS_DEFAULT = 2_000  # a claimed slot unpublished this long: its producer is dead or stuck
-IDLE_WAIT_MS = 50                 # futex wait when idle; also the heartbeat period
+ABANDON_AFTER_MS_MAX = 600_000
+# The wait strategy (docs/RING.md, "Wait strategy"): spin, then sleep on a futex.
+SPIN_COUNT_DEFAULT = _ring.SPIN_COUNT_DEFAULT_VALUE  # pause instructions before sleeping (writer and clients)
+SPIN_COUNT_MAX = _ring.SPIN_COUNT_LIMIT
+IDLE_WAIT_MS_DEFAULT = 50         # the idle writer's futex sleep: bounds how late it notices a stop or a dead
+IDLE_WAIT_MS_MAX = 1_000          # producer's claim (nobody wakes it for those)
+WAIT_SLICE_MS_DEFAULT = _ring.WAIT_SLICE_MS_DEFAULT_VALUE  # a client's futex sleep between re-checks of its
+WAIT_SLICE_MS_MAX = _ring.WAIT_SLICE_MS_LIMIT              # deadline, the writer's heartbeat and Ctrl-C
+# The writer's heartbeat comes from its own thread, so a long drain (a slow fsync, creating a segment) does not
+# look like a dead writer; a writer that died or hangs outside Python's reach stops beating.
+HEARTBEAT_INTERVAL_MS = 50
 WRITER_TIMEOUT_MS_DEFAULT = 3_000
+WRITER_TIMEOUT_MS_MIN = 4 * HEARTBEAT_INTERVAL_MS  # less would take a late beat for a dead writer
+TIMEOUT_MS_MAX = 3_600_000
 TIMEOUT_MS_DEFAULT = 30_000
 BUSY_TIMEOUT_MS_DEFAULT = 5_000
+# `ledger serve` snapshots every 5 minutes by default: a restart then replays at most ~5 minutes of journal
+# instead of everything since genesis, while the writer stalls only for the fork of each snapshot (the child
+# writes it) and old snapshots are pruned (the newest 3 kept). Skipped when nothing was written since the last one.
+SNAPSHOT_EVERY_S_DEFAULT = 300.0
+SNAPSHOT_EVERY_S_MIN = 0.1
+SNAPSHOT_EVERY_S_MAX = 7 * 24 * 3600.0
 PAYLOAD = _ring.PAYLOAD_SIZE
 
 # A query's answer in the slot payload: the account record.
@@ -54,41 +75,143 @@ def _ring_size(slot_count: int) -> int:
     return _ring.HEADER_SIZE + slot_count * _ring.SLOT_SIZE
 
 
-def check_permissions(directory: str) -> None:
-    """Anyone who can write the ring can move money: refuse a directory or files writable by others."""
-    for path in [directory] + [os.path.join(directory, name) for name in os.listdir(directory)]:
-        mode = os.stat(path).st_mode
-        if mode & stat.S_IWOTH:
-            raise PermissionError(f"{path} is writable by others (mode {stat.filemode(mode)}); "
-                                  f"refusing to serve: chmod o-w it")
+def _check_range(name: str, value: int, minimum: int, maximum: int) -> int:
+    """An integer option within its limits, or ValueError naming it (bool and float are refused: 1.5 ms is a typo)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+PERMISSION_CHECK_ENTRIES_MAX = 1_000_000  # a data directory holds a few files per 64 MiB segment
+
+
+ID_MAX = 2**64 - 1
+U32_MAX = 2**32 - 1
+U16_MAX = 2**16 - 1
+
+
+# Scalars of the single calls, checked as Ledger's core checks them (same exceptions, same messages): numpy's
+# tuple assignment would truncate a float (1.5 -> 1: a silent change of amount) and wrap or reject others vaguely.
+def _unsigned(value: Any, name: str, maximum: int) -> int:
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{name} {value} is outside [0, {maximum}]")
+    return int(value)
+
+
+def _signed(value: Any, name: str) -> int:
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not -AMOUNT_MAX - 1 <= value <= AMOUNT_MAX:
+        raise ValueError(f"{name} {value} is outside the int64 range [{-AMOUNT_MAX - 1}, {AMOUNT_MAX}]")
+    return int(value)
+
+
+def check_permissions(directory: str, group: int | None = None) -> None:
+    """Anyone who can write the ring, the journal or a snapshot can move money: refuse to serve a data directory
+    where anything (the directory, journal/, snapshots/, LOCK, every file, recursively) is writable by others, by
+    its group unless `group` is given and it belongs to that group, or owned by anyone but this user or root
+    (an owner can change the mode at will). The ring file itself is skipped: serve replaces it."""
+    user = os.geteuid()
+    checked = 0
+    for root, directories, files in os.walk(directory, onerror=_raise):
+        names = [""] if root == directory else []
+        names += directories + files
+        for name in names:
+            if root == directory and (name == RING_FILE or (name.startswith(RING_FILE + ".")
+                                                            and name.endswith(".tmp"))):
+                continue
+            path = os.path.join(root, name) if name else root
+            status = os.stat(path)
+            checked += 1
+            if checked > PERMISSION_CHECK_ENTRIES_MAX:
+                raise PermissionError(f"{directory} holds more than {PERMISSION_CHECK_ENTRIES_MAX} entries; "
+                                      f"refusing to serve a directory that is not a ledger's")
+            mode = stat.filemode(status.st_mode)
+            if status.st_uid not in (user, 0):
+                raise PermissionError(f"{path} is owned by uid {status.st_uid}, not by this user (uid {user}) or "
+                                      f"root; refusing to serve: chown it")
+            if status.st_mode & stat.S_IWOTH:
+                raise PermissionError(f"{path} is writable by others (mode {mode}); refusing to serve: chmod o-w it")
+            if status.st_mode & stat.S_IWGRP and (group is None or status.st_gid != group):
+                raise PermissionError(f"{path} is writable by its group {status.st_gid} (mode {mode}); refusing to "
+                                      f"serve: chmod g-w it (ledger serve --group GID shares the ring with a group)")
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 class Server:
     """The single writer: owns the Ledger, drains the ring, group-commits, answers."""
 
     def __init__(self, directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
-                 group: int | None = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT, create: bool = True,
-                 **open_options: Any) -> None:
+                 group: int | None = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
+                 spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
+                 snapshot_every_s: float | None = None, create: bool = True, **open_options: Any) -> None:
+        """abandon_after_ms: how long a claimed, unpublished head slot may block the ring before the writer gives
+        its batch up (its producer died or hangs); short values risk giving up producers that were merely
+        descheduled. spin_count: pause instructions the writer spins for new work before it sleeps;
+        idle_wait_ms: how long it then sleeps at most (a publish wakes it at once). snapshot_every_s: serve_forever
+        takes a snapshot between drains this often (None: never), so a restart does not replay from genesis."""
         if slot_count < 16 or slot_count > SLOT_COUNT_MAX or slot_count & (slot_count - 1):
             raise ValueError(f"slot_count must be a power of two in [16, {SLOT_COUNT_MAX}], got {slot_count}")
         if durability not in ("fsync", "os"):
             raise ValueError(f"durability must be 'fsync' or 'os', got {durability!r}")
+        _check_range("abandon_after_ms", abandon_after_ms, 1, ABANDON_AFTER_MS_MAX)
+        _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
+        _check_range("idle_wait_ms", idle_wait_ms, 1, IDLE_WAIT_MS_MAX)
+        if snapshot_every_s is not None:
+            if isinstance(snapshot_every_s, bool) or not isinstance(snapshot_every_s, (int, float)):
+                raise TypeError(f"snapshot_every_s must be a number of seconds, not {type(snapshot_every_s).__name__}")
+            if not SNAPSHOT_EVERY_S_MIN <= snapshot_every_s <= SNAPSHOT_EVERY_S_MAX:
+                raise ValueError(f"snapshot_every_s must be in [{SNAPSHOT_EVERY_S_MIN}, {SNAPSHOT_EVERY_S_MAX}] "
+                                 f"(or None: never), got {snapshot_every_s}")
+        if group is not None:
+            _check_range("group", group, 0, 2**32 - 2)
         self.directory = os.fspath(directory)
         self.durability = durability
         self.abandon_after_ns = abandon_after_ms * 1_000_000
+        self.spin_count = spin_count
+        self.idle_wait_ms = idle_wait_ms
         if create:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        check_permissions(self.directory)
-        # This server syncs once per drained group itself (group commit across clients): with "fsync" every core
-        # call writes its batch through to the files and drain_once() syncs them together.
+        check_permissions(self.directory, group)
+        if group is not None:
+            # Clients of the group must reach the ring: the directory becomes group-searchable (not writable);
+            # the journal, snapshots and LOCK stay private to the writer.
+            os.chown(self.directory, -1, group)
+            os.chmod(self.directory, 0o750)
+        # This server syncs itself, once per drained group when it is one core call (group commit across
+        # clients): with "fsync" every core call writes its batch through to the files and drain_once() syncs it
+        # before the next call and before answering.
         self.ledger = _open(self.directory, create, durability, sync_each_commit=(durability != "fsync"),
                             **open_options)
         self.file_mode = 0o660 if group is not None else 0o600
         self.group = group
         self.ring, self._memory = self._create_ring(slot_count)
         self._stop = threading.Event()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="ledger-ring-heartbeat", daemon=True)
+        self._heartbeat.start()
         self.slot_count = slot_count
         self.applied_rows = 0
+        self.snapshot_every_s = snapshot_every_s
+        self.last_snapshot: Any = None     # the SnapshotInfo of the newest snapshot this server took
+        self.snapshot_failures = 0
+        self._snapshot_job: Any = None
+        self._snapshot_due = time.monotonic() + (snapshot_every_s or 0.0)
+        recovered = self.ledger.recovered_from
+        self._snapshot_position = recovered.position if recovered is not None else 0
 
     def _create_ring(self, slot_count: int) -> tuple[_ring.Ring, mmap.mmap]:
         path = os.path.join(self.directory, RING_FILE)
@@ -103,19 +226,26 @@ class Server:
         finally:
             os.close(fd)
         ring = _ring.Ring(memory, os.getpid())
-        ring.initialise(slot_count, os.getpid(), time.time_ns(), time.time_ns())
+        # A batch must fit one drain, or the writer never sees it complete and gives it up every time.
+        ring.initialise(slot_count, min(slot_count // 2, GROUP_ROWS_MAX), os.getpid(), time.time_ns(),
+                        time.time_ns())
         os.rename(temporary, path)  # clients of an earlier writer keep the old, dead ring and notice
         return ring, memory
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _beat(self) -> None:
+        while not self._heartbeat_stop.wait(HEARTBEAT_INTERVAL_MS / 1000):
+            self.ring.heartbeat()
+
     def serve_forever(self) -> None:
         try:
             while not self._stop.is_set():
-                self.ring.heartbeat()
-                if not self.drain_once():
-                    self.ring.wait_for_work(IDLE_WAIT_MS)
+                worked = self.drain_once()
+                self._snapshot_if_due()
+                if not worked:
+                    self.ring.wait_for_work(self.idle_wait_ms, self.spin_count)
         finally:
             self.close()
 
@@ -129,14 +259,68 @@ class Server:
             return False
         kinds, payloads, ends, statuses = kinds[:count], payloads[:count], ends[:count], statuses[:count]
         codes = np.zeros(count, np.uint8)
-        start = self.ledger._engine.write_position
+        synced = self.ledger._engine.write_position
         for begin, end in self._runs(kinds, payloads, ends, statuses):
+            # Each core call writes one journal batch. Recovery treats only the last batch as a possible torn
+            # tail, and a machine crash may keep a later unsynced batch while losing an earlier one: so sync
+            # before each further call (one sync per group when the group is a single call).
+            synced = self._sync_from(synced)
             self._apply(int(kinds[begin]), payloads, codes, statuses, begin, end)
-        if self.durability == "fsync":
-            self.ledger._journal.sync(start, self.ledger._engine.write_position)
-        self.ring.complete(first, codes, statuses, payloads)
+        self._sync_from(synced)
+        self.ring.complete(first, codes, statuses, payloads)  # only now: every answered batch is durable
         self.applied_rows += count
         return True
+
+    def _snapshot_if_due(self) -> None:
+        """Between drains: reap a finished snapshot, and start one (in a forked child) every snapshot_every_s when
+        the journal moved since the last one. A failed snapshot is reported and retried at the next interval: the
+        journal still holds everything, only the restart gets slower."""
+        if self.snapshot_every_s is None:
+            return
+        if self._snapshot_job is not None:
+            if not self._snapshot_job.done():
+                return
+            self._reap_snapshot()
+        now = time.monotonic()
+        if now < self._snapshot_due:
+            return
+        self._snapshot_due = now + self.snapshot_every_s
+        position = self.ledger._engine.write_position
+        if position == self._snapshot_position:
+            return
+        try:
+            self._snapshot_job = self.ledger.snapshot(wait=False)
+        except (OSError, ledger.LedgerError) as error:
+            self._snapshot_failed(error)
+            return
+        self._snapshot_position = position
+
+    def _reap_snapshot(self) -> None:
+        job, self._snapshot_job = self._snapshot_job, None
+        try:
+            self.last_snapshot = job.wait()
+        except (OSError, ledger.LedgerError) as error:
+            self._snapshot_failed(error)
+
+    def _snapshot_failed(self, error: BaseException) -> None:
+        self.snapshot_failures += 1
+        self._snapshot_position = -1  # try again at the next interval even if nothing new was written
+        warnings.warn(f"ledger serve: snapshot failed (the journal is intact; retrying in {self.snapshot_every_s} s):"
+                      f" {error}", RuntimeWarning, stacklevel=2)
+
+    def _sync_from(self, start: int) -> int:
+        """durability "fsync": make the journal durable from `start` to the write position; returns that end.
+        A failed sync poisons the handle (no retry could prove the data reached the disk) and is raised: nothing
+        of the group is acknowledged, the writer stops, and reopening recovers from the journal."""
+        end = self.ledger._engine.write_position
+        assert start <= end
+        if self.durability == "fsync" and end > start:
+            try:
+                self.ledger._journal.sync(start, end)
+            except BaseException:
+                self.ledger._poison()
+                raise
+        return end
 
     @staticmethod
     def _runs(kinds: np.ndarray, payloads: np.ndarray, ends: np.ndarray, statuses: np.ndarray):
@@ -185,10 +369,14 @@ class Server:
 
     def close(self) -> None:
         if self.ring is not None:
+            self._heartbeat_stop.set()
+            self._heartbeat.join()  # before the mapping goes away
             self.ring.stop()
             self.ring.release()
             self._memory.close()
             self.ring = None
+        if self._snapshot_job is not None:
+            self._reap_snapshot()  # let a snapshot in progress finish: it holds the lock until its child exits
         self.ledger.close()
 
 
@@ -197,11 +385,19 @@ class Client:
 
     def __init__(self, directory: str, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                  busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT,
-                 writer_timeout_ms: int = WRITER_TIMEOUT_MS_DEFAULT) -> None:
-        for name, value in (("timeout_ms", timeout_ms), ("busy_timeout_ms", busy_timeout_ms),
-                            ("writer_timeout_ms", writer_timeout_ms)):
-            if not 1 <= value <= 3_600_000:
-                raise ValueError(f"{name} must be in [1, 3600000], got {value}")
+                 writer_timeout_ms: int = WRITER_TIMEOUT_MS_DEFAULT, spin_count: int = SPIN_COUNT_DEFAULT,
+                 wait_slice_ms: int = WAIT_SLICE_MS_DEFAULT) -> None:
+        """timeout_ms: a whole call (LedgerTimeoutError); busy_timeout_ms: waiting for ring space
+        (LedgerBusyError); writer_timeout_ms: a writer silent this long is gone (LedgerUnavailableError).
+        spin_count: pause instructions spun before sleeping; wait_slice_ms: each futex sleep, between re-checks of
+        the deadlines, the writer's heartbeat and Ctrl-C (results and released slots wake it at once)."""
+        for name, value, minimum in (("timeout_ms", timeout_ms, 1), ("busy_timeout_ms", busy_timeout_ms, 1),
+                                     ("writer_timeout_ms", writer_timeout_ms, WRITER_TIMEOUT_MS_MIN)):
+            _check_range(name, value, minimum, TIMEOUT_MS_MAX)
+        _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
+        _check_range("wait_slice_ms", wait_slice_ms, 1, WAIT_SLICE_MS_MAX)
+        self.spin_count = spin_count
+        self.wait_slice_ms = wait_slice_ms
         self.directory = os.fspath(directory)
         self.timeout_ms = timeout_ms
         self.busy_timeout_ms = busy_timeout_ms
@@ -220,7 +416,7 @@ class Client:
             self._ring.attach()
         except ValueError as error:
             raise LedgerUnavailableError(f"{path}: {error}") from None
-        self.batch_rows_max = self._ring.slot_count // 2
+        self.batch_rows_max = self._ring.batch_rows_max  # the writer's per-call limit: half the ring, <= 32,768
         self._lock = threading.Lock()  # one batch at a time per client object: results are read in order
 
     def _call(self, kind: int, rows: np.ndarray, with_answers: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -233,12 +429,20 @@ class Client:
         if count == 0:
             return codes, statuses, answers
         if count > self.batch_rows_max:
-            raise ValueError(f"a client batch holds at most {self.batch_rows_max} rows (half the ring), got {count}")
-        with self._lock:
+            raise ValueError(f"a client batch holds at most {self.batch_rows_max} rows (the writer's per-call limit: "
+                             f"half its ring, at most {GROUP_ROWS_MAX}), got {count}: split it (a LINKED chain "
+                             f"must stay within one call)")
+        # One call at a time per client (its results are read in order); a call waiting behind another one is
+        # bounded by the same timeout as the call itself.
+        if not self._lock.acquire(timeout=self.timeout_ms / 1000):
+            raise LedgerTimeoutError(f"another call on this client held it for {self.timeout_ms} ms; "
+                                     f"nothing of this call was sent")
+        try:
             try:
-                first = self._ring.submit(kind, rows, self.busy_timeout_ms)
+                first = self._ring.submit(kind, rows, self.busy_timeout_ms, self.writer_timeout_ms,
+                                          self.spin_count, self.wait_slice_ms)
                 self._ring.wait_results(first, count, codes, statuses, self.timeout_ms, self.writer_timeout_ms,
-                                        answers)
+                                        answers, self.spin_count, self.wait_slice_ms)
             except _ring.RingBusyError as error:
                 raise LedgerBusyError(str(error)) from None
             except _ring.RingAbandonedError as error:
@@ -247,6 +451,10 @@ class Client:
                 raise LedgerUnavailableError(str(error)) from None
             except _ring.RingTimeoutError as error:
                 raise LedgerTimeoutError(str(error)) from None
+            except _ring.RingProtocolError as error:
+                raise LedgerError(str(error)) from None
+        finally:
+            self._lock.release()
         if (statuses == _ring.STATUS_ABANDONED).any():
             raise LedgerBusyError("the writer gave up on this batch (a slot was not published in time); "
                                   "nothing of it was applied")
@@ -266,18 +474,24 @@ class Client:
                  code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
                  user_data: int = 0) -> TransferResult:
         rows = transfers_batch(1)
-        rows[0] = (id, debit_account, credit_account, amount, pending_id, user_data, ledger, timeout, code, int(flags))
+        rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(debit_account, "debit_account", ID_MAX),
+                   _unsigned(credit_account, "credit_account", ID_MAX), _signed(amount, "amount"),
+                   _unsigned(pending_id, "pending_id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
+                   _unsigned(ledger, "ledger", U32_MAX), _unsigned(timeout, "timeout", U32_MAX),
+                   _unsigned(code, "code", U16_MAX), _unsigned(flags, "flags", U16_MAX))
         return TransferResult(int(self._call(_ring.KIND_TRANSFER, rows)[0][0]))
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
                        flags: int = 0, user_data: int = 0) -> AccountResult:
         rows = accounts_batch(1)
-        rows[0] = (id, user_data, min_balance, max_balance, ledger, int(flags))
+        rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
+                   _signed(min_balance, "min_balance"), _signed(max_balance, "max_balance"),
+                   _unsigned(ledger, "ledger", U32_MAX), _unsigned(flags, "flags", U16_MAX))
         return AccountResult(int(self._call(_ring.KIND_ACCOUNT, rows)[0][0]))
 
     def account(self, id: int) -> Account | None:
         rows = np.zeros(1, np.dtype([("id", "<u8")]))
-        rows["id"] = id
+        rows["id"] = _unsigned(id, "id", ID_MAX)
         _, statuses, answers = self._call(_ring.KIND_QUERY_ACCOUNT, rows, with_answers=True)
         if statuses[0] == _ring.STATUS_NOT_FOUND:
             return None
@@ -313,15 +527,21 @@ class Client:
 
 
 def connect(directory: str, **options: Any) -> Client:
-    """A Client of the writer serving `directory` (`ledger serve DIR` must be running)."""
+    """A Client of the writer serving `directory` (`ledger serve DIR` must be running). options: timeout_ms,
+    busy_timeout_ms, writer_timeout_ms, spin_count, wait_slice_ms (see Client)."""
     return Client(directory, **options)
 
 
 def serve(directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
-          group: int | None = None, ready: Any = None, **open_options: Any) -> int:
+          group: int | None = None, ready: Any = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
+          spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
+          snapshot_every_s: float | None = SNAPSHOT_EVERY_S_DEFAULT, **open_options: Any) -> int:
     """Run a writer until SIGTERM or SIGINT. `ready` (a callable) is called once the ring accepts commands.
-    open_options go to ledger.open (capacities, journal_records_reserved)."""
-    server = Server(directory, durability=durability, slot_count=slot_count, group=group, **open_options)
+    snapshot_every_s: a snapshot this often when the journal moved (None: never). open_options go to ledger.open
+    (capacities, journal_records_reserved)."""
+    server = Server(directory, durability=durability, slot_count=slot_count, group=group,
+                    abandon_after_ms=abandon_after_ms, spin_count=spin_count, idle_wait_ms=idle_wait_ms,
+                    snapshot_every_s=snapshot_every_s, **open_options)
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: server.stop())
     if ready is not None:

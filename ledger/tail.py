@@ -7,11 +7,15 @@
 
     ledger.tail("data", stored_position, callback=handle, stop=stop_event)   # the same, calling back
 
-How it reads (docs/FORMAT.md): the segment files are mapped read-only (`mmap.ACCESS_READ`, the writer's shared
-mapping of the same page cache, so a batch is visible as soon as the writer commits it). A batch is yielded only
-when all of these hold, in this order:
-- its header's commit word is present (the writer stores it last, with a release store: whatever it seals is
-  complete when it can be seen; the tailer reads it before anything else of the batch);
+How it reads (docs/FORMAT.md): the segment files are mapped read-only (`mmap.ACCESS_READ`), a view of the page
+cache the writer's batches reach the moment it commits them. How they get there depends on the writer: with
+`durability="os"` it writes into a shared mapping of the files and stores the header's commit word last, with a
+release store; with `durability="fsync"` (and `ledger serve`, by default) it writes into a private mapping and
+copies each committed batch into the files with pwrite, the events first and the header (with its commit word)
+last, then fdatasyncs. Either way the commit word reaches the page cache after the events it seals. A batch is
+yielded only when all of these hold, in this order:
+- its header's commit word is present (whatever it seals is complete when it can be seen; the tailer reads it
+  before anything else of the batch);
 - the header is well formed (magic, version, its own position, a count in range);
 - the CRC32C over its event records and header bytes 0..39 equals both the header checksum and the commit word;
 - its `previous_checksum` equals the checksum of the batch before (the hash chain);

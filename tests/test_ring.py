@@ -10,14 +10,15 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import ledger
 from ledger import _ring
-from ledger.ring import Server, connect
+from ledger.ring import ABANDON_AFTER_MS_DEFAULT, GROUP_ROWS_MAX, Server, connect
 from ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
 
 HERE = os.path.dirname(__file__)
+CONSUME_SEQUENCE_OFFSET = 128  # of the header word (docs/RING.md)
 ENVIRONMENT = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
@@ -179,36 +180,43 @@ def _cpu_seconds(pid):
 slot_bytes = st.binary(min_size=104, max_size=104)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory):
+    """One writer for every example of the fuzz tests (opening a ledger costs ~0.2 s): each example claims
+    sequences of its own, and the ledger must stay consistent across all of them."""
+    server = Server(str(tmp_path_factory.mktemp("fuzz") / "data"), durability="os", slot_count=64,
+                    abandon_after_ms=1)
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+    server.ledger.create_account(2)
+    yield server
+    assert server.ledger.verify().ok
+    server.close()
+
+
+@settings(max_examples=40, deadline=None)
 @given(slots=st.lists(st.tuples(slot_bytes, st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)),
                       min_size=1, max_size=12))
-def test_hostile_slots_get_a_status_never_a_crash(tmp_path_factory, slots):
+def test_hostile_slots_get_a_status_never_a_crash(fuzzed_server, slots):
     """Arbitrary bytes in published slots: the writer answers each one (a status or a result code), applies only
     what the core accepts, and the ledger stays consistent."""
-    directory = str(tmp_path_factory.mktemp("fuzz"))
-    server = Server(directory, durability="os", slot_count=64)
-    try:
-        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
-        server.ledger.create_account(2)
-        ring = server.ring
-        first = ring.claim_without_publishing(len(slots))
-        for index, (raw, kind, batch_shape, hint) in enumerate(slots):
-            data = bytearray(raw)
-            if kind:  # often well-formed metadata, so the payload reaches the core
-                data[4:6] = kind.to_bytes(2, "little")
-                data[8:16] = (first + index).to_bytes(8, "little")
-                data[16:20] = (1 if batch_shape else 0).to_bytes(4, "little")
-                if hint == 1:  # a transfer between the two existing accounts
-                    data[24 + 8:24 + 16] = (1).to_bytes(8, "little")
-                    data[24 + 16:24 + 24] = (2).to_bytes(8, "little")
-            ring.publish_raw(first + index, bytes(data))
-        drained = 0
-        while drained < len(slots):
-            assert server.drain_once()
-            drained = ring.consume_sequence - first
-        assert server.ledger.verify().ok
-    finally:
-        server.close()
+    server = fuzzed_server
+    ring = server.ring
+    first = ring.claim_without_publishing(len(slots))
+    for index, (raw, kind, batch_shape, hint) in enumerate(slots):
+        data = bytearray(raw)
+        if kind:  # often well-formed metadata, so the payload reaches the core
+            data[4:6] = kind.to_bytes(2, "little")
+            data[8:16] = (first + index).to_bytes(8, "little")
+            data[16:20] = (1 if batch_shape else 0).to_bytes(4, "little")
+            if hint == 1:  # a transfer between the two existing accounts
+                data[24 + 8:24 + 16] = (1).to_bytes(8, "little")
+                data[24 + 16:24 + 24] = (2).to_bytes(8, "little")
+        ring.publish_raw(first + index, bytes(data))
+    drained = 0
+    while drained < len(slots):
+        assert server.drain_once()
+        drained = ring.consume_sequence - first
+    assert server.ledger.verify().ok
 
 
 def test_open_chain_at_a_batch_end_does_not_join_the_next_batch(tmp_path):
@@ -266,3 +274,699 @@ def test_sigkill_of_a_producer_does_not_wedge_the_others(tmp_path):
         states = handle.lookup_transfers(np.array(sorted(acknowledged), dtype=np.uint64))["state"]
         assert (states == ledger.TransferState.POSTED).all()
         assert handle.verify().ok
+
+
+def drain_until(server, sequence, seconds):
+    """Run the writer's loop in this thread until it has consumed up to `sequence`; returns the seconds taken."""
+    started = time.monotonic()
+    while server.ring.consume_sequence < sequence:
+        assert time.monotonic() - started < seconds, f"the writer is stuck at {server.ring.consume_sequence}"
+        if not server.drain_once():
+            server.ring.wait_for_work(20)
+    return time.monotonic() - started
+
+
+def test_dead_producers_large_batch_is_given_up_in_one_step(tmp_path):
+    """A producer that claimed 300 slots and died before publishing any: with the default abandon timeout the
+    writer gives the whole batch up at once (not one slot per timeout: 300 x 2 s), and the next batch applies."""
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=1024)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = server.ring
+        dead = ring.claim_without_publishing(300)
+        rows = ledger.transfers_batch(2)
+        rows["id"], rows["debit_account"], rows["credit_account"], rows["amount"] = [7, 8], 1, 2, 5
+        live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        assert live == dead + 300
+        seconds = drain_until(server, live + 2, seconds=2 * ABANDON_AFTER_MS_DEFAULT / 1000 + 3)
+        assert seconds >= ABANDON_AFTER_MS_DEFAULT / 1000 * 0.9
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        ring.wait_results(live, 2, codes, statuses, 1000, 1000)
+        assert codes.tolist() == [0, 0] and statuses.tolist() == [0, 0]
+        assert server.ledger.balance(2) == 10
+    finally:
+        server.close()
+
+
+def test_hostile_head_slot_cannot_push_the_writer_past_the_claimed_slots(tmp_path):
+    """A published head slot that claims a 500-slot batch when only 1 slot was claimed is answered INVALID_SLOT
+    alone; the writer never moves past claim_sequence, so the next honest batch is applied."""
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=1024, abandon_after_ms=1)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = server.ring
+        head = ring.claim_without_publishing(1)
+        data = bytearray(104)
+        data[4:6] = _ring.KIND_TRANSFER.to_bytes(2, "little")
+        data[8:16] = head.to_bytes(8, "little")
+        data[16:20] = (500).to_bytes(4, "little")
+        ring.publish_raw(head, bytes(data))
+        for _ in range(3):
+            server.drain_once()
+            time.sleep(0.002)
+            assert ring.consume_sequence <= ring.claim_sequence
+        assert ring.consume_sequence == head + 1
+        rows = ledger.transfers_batch(1)
+        rows[0] = (9, 1, 2, 5, 0, 0, 1, 0, 0, 0)
+        live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        drain_until(server, live + 1, seconds=5)
+        assert server.ledger.balance(2) == 5
+    finally:
+        server.close()
+
+
+def test_writer_keeps_its_consume_position_private(tmp_path):
+    """A producer that overwrites the header's consume_sequence does not move the writer."""
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=64)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = server.ring
+        rows = ledger.transfers_batch(1)
+        rows[0] = (9, 1, 2, 5, 0, 0, 1, 0, 0, 0)
+        first = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        server._memory[CONSUME_SEQUENCE_OFFSET:CONSUME_SEQUENCE_OFFSET + 8] = (40).to_bytes(8, "little")
+        assert ring.consume_sequence == 40
+        assert server.drain_once()
+        assert ring.consume_sequence == first + 1
+        assert server.ledger.balance(2) == 5
+    finally:
+        server.close()
+
+
+def transfer_batch(ids, amount=5):
+    rows = ledger.transfers_batch(len(ids))
+    rows["id"], rows["debit_account"], rows["credit_account"], rows["amount"] = ids, 1, 2, amount
+    return rows
+
+
+def small_server(tmp_path, slot_count=16, abandon_after_ms=1):
+    server = Server(str(tmp_path / "data"), durability="os", slot_count=slot_count, abandon_after_ms=abandon_after_ms)
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+    server.ledger.create_account(2)
+    return server
+
+
+def producer(server):
+    """Another producer with its own mapping of the writer's ring file (as a client process has)."""
+    import mmap
+    fd = os.open(os.path.join(server.directory, "commands.ring"), os.O_RDWR)
+    try:
+        memory = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    ring = _ring.Ring(memory, os.getpid())
+    ring.attach()
+    return ring
+
+
+def give_up_head(server):
+    """Let the writer see its head batch incomplete twice, abandon_after_ms apart: it gives it up."""
+    server.drain_once()
+    time.sleep(0.005)
+    server.drain_once()
+
+
+def test_a_stalled_producer_never_writes_into_the_next_laps_slot(tmp_path):
+    """A producer stalls after its slot became free; meanwhile the writer gives its sequence up and the next lap's
+    producer takes the slot and publishes. The stalled producer must fail without touching that slot."""
+    server = small_server(tmp_path)
+    try:
+        stalled, next_lap = producer(server), producer(server)
+        late = []
+
+        def stall(sequence):
+            stalled.set_stall_hook(None)
+            give_up_head(server)
+            assert server.ring.consume_sequence == sequence + 1
+            next_lap.claim_without_publishing(15)
+            late.append(next_lap.submit(_ring.KIND_TRANSFER, transfer_batch([200], amount=2), 1000))
+            assert late[0] == sequence + 16
+
+        stalled.set_stall_hook(stall)
+        with pytest.raises(_ring.RingAbandonedError):
+            stalled.submit(_ring.KIND_TRANSFER, transfer_batch([100], amount=1), 1000)
+        drain_until(server, late[0] + 1, seconds=5)
+        codes, statuses = np.zeros(1, np.uint8), np.zeros(1, np.uint8)
+        next_lap.wait_results(late[0], 1, codes, statuses, 1000, 1000)
+        assert (codes[0], statuses[0]) == (0, 0)
+        found = server.ledger.lookup_transfers(np.array([100, 200], np.uint64))
+        assert found["state"].tolist() == [ledger.TransferState.NOT_FOUND, ledger.TransferState.POSTED]
+        assert server.ledger.balance(2) == 2
+    finally:
+        server.close()
+
+
+def test_a_caller_that_stops_waiting_does_not_hold_its_slots(tmp_path):
+    """A call that times out detaches its slots: once the writer has answered them, the next lap takes them at
+    once instead of waiting for a release that never comes."""
+    server = small_server(tmp_path)
+    try:
+        client = connect(server.directory, timeout_ms=20, busy_timeout_ms=500)
+        with pytest.raises(ledger.LedgerTimeoutError):
+            client.transfers(transfer_batch(list(range(10, 18))))      # slots 0..7; nobody drains yet
+        assert server.drain_once()
+        ring = producer(server)
+        codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+        middle = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(20, 28))), 500)    # slots 8..15
+        assert server.drain_once()
+        ring.wait_results(middle, 8, codes, statuses, 1000, 1000)
+        started = time.monotonic()
+        lapped = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(10, 18))), 500)    # slots 0..7 again
+        assert time.monotonic() - started < 0.3
+        assert server.drain_once()
+        ring.wait_results(lapped, 8, codes, statuses, 1000, 1000)
+        assert (codes == ledger.TransferResult.EXISTS).all(), "the timed-out call was applied: a retry says EXISTS"
+        client.close()
+    finally:
+        server.close()
+
+
+def test_giving_up_a_waiting_producer_fails_it_at_once_and_keeps_the_last_laps_results(tmp_path):
+    """A producer waits for a slot whose previous lap's result is still unread; the writer gives its sequence up.
+    It fails at once (not after busy_timeout_ms), the unread result is intact, and later laps still get the
+    slot."""
+    server = small_server(tmp_path, abandon_after_ms=20)
+    try:
+        reader, waiter = producer(server), producer(server)
+        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        drain_until(server, second + 8, seconds=5)                     # answered, not read: slots 0..15 held
+        outcome = []
+
+        def wait_for_space():
+            started = time.monotonic()
+            try:
+                waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), 5000)   # sequence 16: slot 0
+                outcome.append("submitted")
+            except Exception as error:  # noqa: BLE001 - the test inspects it
+                outcome.append(error)
+            outcome.append(time.monotonic() - started)
+
+        import threading
+        thread = threading.Thread(target=wait_for_space)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while server.ring.consume_sequence < 17 and time.monotonic() < deadline:
+            server.drain_once()
+            time.sleep(0.005)
+        thread.join(timeout=10)
+        assert isinstance(outcome[0], _ring.RingAbandonedError), outcome
+        assert outcome[1] < 1.0, f"the producer noticed after {outcome[1]:.2f} s"
+        codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+        reader.wait_results(first, 8, codes, statuses, 1000, 1000)      # the unread lap is intact
+        assert codes.tolist() == [0] * 8 and statuses.tolist() == [0] * 8
+        reader.wait_results(second, 8, codes, statuses, 1000, 1000)
+        waiter.claim_without_publishing(15)                              # up to sequence 32: slot 0 again
+        started = time.monotonic()
+        waiter.submit(_ring.KIND_TRANSFER, transfer_batch([51]), 500)
+        assert time.monotonic() - started < 0.3
+    finally:
+        server.close()
+
+
+def test_a_result_of_another_sequence_is_a_ledger_error(tmp_path):
+    """A slot answered with another sequence's result (a process that breaks the protocol) raises LedgerError
+    naming the problem, not a bare RuntimeError."""
+    import threading
+    server = small_server(tmp_path)
+    try:
+        client = connect(server.directory, timeout_ms=5000)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(_raised(client.transfers, transfer_batch([60, 61]))))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while server.ring.claim_sequence < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for sequence, answered in ((0, 5), (1, 2)):             # result words hold sequence + 1: slot 0 is wrong
+            offset = _ring.HEADER_SIZE + sequence * _ring.SLOT_SIZE + 8
+            server._memory[offset:offset + 8] = (answered << 16).to_bytes(8, "little")
+        thread.join(timeout=10)
+        assert isinstance(outcome[0], ledger.LedgerError) and "another sequence" in str(outcome[0]), outcome
+        client.close()
+    finally:
+        server.close()
+
+
+def _raised(function, *arguments):
+    try:
+        function(*arguments)
+    except Exception as error:  # noqa: BLE001 - returned for the test to inspect
+        return error
+    return None
+
+
+def test_per_call_row_limit_fits_one_drain(tmp_path):
+    """With a ring of 2**17 slots a call may still hold only what the writer gathers in one drain (32,768 rows):
+    a bigger one is refused up front, not given up by the writer every time; the largest one is applied."""
+    server = small_server(tmp_path, slot_count=1 << 17)
+    try:
+        client = connect(server.directory)
+        assert client.batch_rows_max == GROUP_ROWS_MAX
+        with pytest.raises(ValueError, match="at most 32768 rows"):
+            client.transfers(transfer_batch(np.arange(1, 40_001, dtype=np.uint64)))
+        client.close()
+        ring = producer(server)
+        with pytest.raises(ValueError, match="1 to 32768 rows"):
+            ring.submit(_ring.KIND_TRANSFER, transfer_batch(np.arange(1, 40_001, dtype=np.uint64)), 500)
+        largest = transfer_batch(np.arange(1, GROUP_ROWS_MAX + 1, dtype=np.uint64), amount=1)
+        first = ring.submit(_ring.KIND_TRANSFER, largest, 500)
+        assert server.drain_once()
+        codes, statuses = np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8)
+        ring.wait_results(first, GROUP_ROWS_MAX, codes, statuses, 1000, 1000)
+        assert not codes.any() and not statuses.any()
+        assert server.ledger.balance(2) == GROUP_ROWS_MAX
+    finally:
+        server.close()
+
+
+def test_waiting_for_space_notices_a_stopped_writer(tmp_path):
+    """A call that waits for ring space while the writer stops gets LedgerUnavailableError at once, not
+    LedgerBusyError after busy_timeout_ms."""
+    server = small_server(tmp_path)
+    try:
+        reader = producer(server)
+        reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        drain_until(server, 16, seconds=5)                              # answered, never read: the ring is full
+        server.ring.stop()                                              # the writer stops
+        client = connect(server.directory, busy_timeout_ms=3000)
+        started = time.monotonic()
+        with pytest.raises(ledger.LedgerUnavailableError, match="waited for ring space"):
+            client.transfer(50, 1, 2, 5)
+        assert time.monotonic() - started < 1.0
+        client.close()
+    finally:
+        server.close()
+
+
+def test_a_call_waiting_behind_another_on_the_same_client_times_out(tmp_path):
+    import threading
+    server = small_server(tmp_path)
+    try:
+        client = connect(server.directory, timeout_ms=100)
+        outcome = []
+        client._lock.acquire()                                          # another call in progress
+        try:
+            thread = threading.Thread(target=lambda: outcome.append(_raised(client.transfer, 50, 1, 2, 5)))
+            thread.start()
+            thread.join(timeout=3)
+        finally:
+            client._lock.release()
+        thread.join()
+        assert isinstance(outcome[0], ledger.LedgerTimeoutError), outcome
+        client.close()
+    finally:
+        server.close()
+
+
+CTRL_C_CLIENT = r'''
+import sys, time
+import ledger
+from ledger.ring import Server, connect
+server = Server(sys.argv[1], durability="os", slot_count=16)            # beats, never drains
+client = connect(sys.argv[1], timeout_ms=30000)
+print("waiting", flush=True)
+started = time.monotonic()
+try:
+    client.transfer(1, 1, 2, 5)
+except KeyboardInterrupt:
+    released = int.from_bytes(server._memory[4096 + 16:4096 + 24], "little")
+    print(f"interrupted {time.monotonic() - started:.2f} {released >> 63} {released & 0xFFFF}", flush=True)
+'''
+
+
+def test_ctrl_c_interrupts_a_waiting_call_and_detaches_its_slots(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", CTRL_C_CLIENT, str(tmp_path / "data")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    assert process.stdout.readline().strip() == "waiting"
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    words = out.split()
+    assert words[:1] == ["interrupted"], (out, err)
+    assert float(words[1]) < 2.0
+    assert words[2:] == ["1", "1"], "slot 0 is detached (DETACHED | sequence 0 + 1)"
+
+
+def test_a_long_drain_does_not_look_like_a_dead_writer(tmp_path):
+    """The heartbeat comes from its own thread: a drain longer than the client's writer_timeout_ms (a slow fsync)
+    delays the answer, it does not make the client report the writer gone."""
+    import threading
+    server = small_server(tmp_path)
+    apply = server._apply
+
+    def slow_apply(*arguments):
+        time.sleep(0.8)
+        apply(*arguments)
+
+    server._apply = slow_apply
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with connect(server.directory, writer_timeout_ms=300) as client:
+            assert client.transfer(70, 1, 2, 5) == ledger.TransferResult.OK
+    finally:
+        server.stop()
+        thread.join()
+
+
+def test_wait_strategy_options_are_checked(tmp_path):
+    directory = str(tmp_path / "data")
+    for options in ({"spin_count": -1}, {"spin_count": 1_000_001}, {"idle_wait_ms": 0}, {"idle_wait_ms": 1001},
+                    {"abandon_after_ms": 0}, {"abandon_after_ms": 600_001}):
+        with pytest.raises(ValueError, match=next(iter(options))):
+            Server(directory, **options)
+    with pytest.raises(TypeError, match="idle_wait_ms must be an integer"):
+        Server(directory, idle_wait_ms=2.5)
+    server = small_server(tmp_path)
+    try:
+        for options in ({"spin_count": -1}, {"wait_slice_ms": 0}, {"wait_slice_ms": 1001},
+                        {"writer_timeout_ms": 199}, {"busy_timeout_ms": 0}):
+            with pytest.raises(ValueError, match=next(iter(options))):
+                connect(server.directory, **options)
+        with pytest.raises(TypeError, match="wait_slice_ms must be an integer"):
+            connect(server.directory, wait_slice_ms=1.5)
+        ring = producer(server)
+        with pytest.raises(ValueError, match="spin_count"):
+            ring.submit(_ring.KIND_TRANSFER, transfer_batch([1]), 100, 3000, 2_000_000)
+        with pytest.raises(ValueError, match="wait_slice_ms"):
+            ring.submit(_ring.KIND_TRANSFER, transfer_batch([1]), 100, 3000, 0, 0)
+    finally:
+        server.close()
+
+
+def test_serve_command_takes_the_wait_strategy(tmp_path):
+    """`ledger serve --spin-count 0 --idle-wait-ms 5 --abandon-after-ms 300`: a client that never spins works,
+    and a dead producer's claim is given up after 300 ms, not the 2 s default."""
+    directory = str(tmp_path / "data")
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--durability", "os", "--slots",
+                               "1024", "--spin-count", "0", "--idle-wait-ms", "5", "--abandon-after-ms", "300"],
+                              stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    try:
+        assert "serving" in writer.stderr.readline()
+        with connect(directory, spin_count=0, wait_slice_ms=1) as client:
+            assert client.create_account(1, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
+            assert client.create_account(2) == ledger.AccountResult.OK
+            client._ring.claim_without_publishing(5)                    # a producer that died after claiming
+            started = time.monotonic()
+            assert client.transfer(80, 1, 2, 5) == ledger.TransferResult.OK
+            assert 0.25 < time.monotonic() - started < 1.5
+    finally:
+        stop(writer)
+
+
+def test_releasing_a_slot_wakes_a_producer_waiting_for_it(tmp_path):
+    """A producer waiting for ring space sleeps in slices of wait_slice_ms; the producer that frees the slot wakes
+    it at once (the writer, idle, would not)."""
+    import threading
+    server = small_server(tmp_path)
+    try:
+        reader, waiter = producer(server), producer(server)
+        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        drain_until(server, 16, seconds=5)                              # answered, not read: the ring is full
+        done = []
+        thread = threading.Thread(target=lambda: done.append(
+            (waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), 5000, 3000, 0, 1000), time.monotonic())))
+        thread.start()
+        time.sleep(0.2)                                                 # asleep in its first 1 s slice
+        codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+        reader.wait_results(first, 8, codes, statuses, 1000, 1000)      # frees slots 0..7
+        released = time.monotonic()
+        thread.join(timeout=5)
+        assert done and done[0][1] - released < 0.3, "the waiting producer slept through the release"
+        reader.wait_results(second, 8, codes, statuses, 1000, 1000)
+    finally:
+        server.close()
+
+
+def test_a_group_of_several_core_calls_never_has_two_unsynced_batches(tmp_path):
+    """Transfers, then account creations, then transfers: three core calls (three journal batches) in one drain.
+    Each batch is synced before the next is written; a single-call group is synced once."""
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        journal = server.ledger._journal
+        events, write, sync = [], journal.write, journal.sync
+
+        def logged_write(start, end):
+            events.append(("write", start, end))
+            write(start, end)
+
+        def logged_sync(start, end):
+            events.append(("sync", start, end))
+            sync(start, end)
+
+        journal.write, journal.sync = logged_write, logged_sync
+        ring = producer(server)
+        accounts = ledger.accounts_batch(1)
+        accounts["id"] = 3
+        firsts = [ring.submit(_ring.KIND_TRANSFER, transfer_batch([90, 91]), 500),
+                  ring.submit(_ring.KIND_ACCOUNT, accounts, 500),
+                  ring.submit(_ring.KIND_TRANSFER, transfer_batch([92]), 500)]
+        assert server.drain_once() and server.ring.consume_sequence == firsts[-1] + 1
+        writes = [event for event in events if event[0] == "write"]
+        assert len(writes) == 3
+        synced_to = writes[0][1]
+        for event in events:
+            if event[0] == "write":
+                assert event[1] == synced_to, f"batch at {event[1]} written with {synced_to}.. unsynced: {events}"
+            else:
+                assert event[1] == synced_to
+                synced_to = event[2]
+        assert events[-1][0] == "sync" and synced_to == server.ledger._engine.write_position
+        events.clear()
+        ring.submit(_ring.KIND_TRANSFER, transfer_batch([93]), 500)
+        assert server.drain_once()
+        assert [event[0] for event in events] == ["write", "sync"]
+    finally:
+        server.close()
+
+
+def test_a_failed_sync_poisons_the_writer_and_acknowledges_nothing(tmp_path):
+    failing = []
+
+    def inject(operation):
+        if operation == "sync" and failing:
+            raise OSError(5, "Input/output error (injected)")
+
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, fault_injector=inject)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = producer(server)
+        first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
+        failing.append(True)
+        with pytest.raises(OSError, match="injected"):
+            server.drain_once()
+        assert server.ledger._engine.poisoned
+        with pytest.raises(ledger.LedgerPoisonedError):
+            server.ledger.transfer(97, 1, 2, 5)
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        with pytest.raises(_ring.RingTimeoutError):                    # never answered
+            ring.wait_results(first, 2, codes, statuses, 50, 1000)
+    finally:
+        server.close()
+
+
+def made_ledger(tmp_path):
+    directory = tmp_path / "data"
+    Server(str(directory), durability="os").close()
+    assert (directory / "journal" / "00000000.segment").exists() and (directory / "LOCK").exists()
+    return directory
+
+
+@pytest.mark.parametrize("relative, mode, message", [
+    ("journal/00000000.segment", 0o666, "writable by others"),
+    ("LOCK", 0o602, "writable by others"),
+    ("journal", 0o777, "writable by others"),
+    (".", 0o770, "writable by its group"),
+    ("journal/00000000.segment", 0o660, "writable by its group"),
+])
+def test_serve_refuses_files_others_can_write_anywhere_in_the_directory(tmp_path, relative, mode, message):
+    directory = made_ledger(tmp_path)
+    os.chmod(directory / relative, mode)
+    with pytest.raises(PermissionError, match=message) as raised:
+        Server(str(directory), durability="os")
+    assert str(raised.value).startswith(os.path.normpath(directory / relative))      # names the culprit
+
+
+def test_serve_refuses_files_owned_by_another_user(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file away")
+    directory = made_ledger(tmp_path)
+    os.chown(directory / "journal" / "00000000.segment", 12345, -1)
+    with pytest.raises(PermissionError, match="owned by uid 12345"):
+        Server(str(directory), durability="os")
+
+
+def test_serve_with_a_group_lets_the_group_reach_the_ring_only(tmp_path):
+    directory = made_ledger(tmp_path)
+    group = os.getgid()
+    os.chmod(directory, 0o770)                                  # group-writable: accepted with --group only
+    server = Server(str(directory), durability="os", group=group)
+    try:
+        status = os.stat(directory)
+        assert (status.st_mode & 0o777, status.st_gid) == (0o750, group)
+        ring = os.stat(directory / "commands.ring")
+        assert (ring.st_mode & 0o777, ring.st_gid) == (0o660, group)
+        assert os.stat(directory / "journal" / "00000000.segment").st_mode & 0o077 == 0
+        assert os.stat(directory / "LOCK").st_mode & 0o077 == 0
+    finally:
+        server.close()
+
+
+def test_serve_snapshots_periodically_so_a_restart_does_not_replay_from_genesis(tmp_path):
+    directory = str(tmp_path / "data")
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--slots", "1024",
+                               "--snapshot-every-s", "0.2"], stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    try:
+        assert "serving" in writer.stderr.readline()
+        with connect(directory) as client:
+            assert client.create_account(1, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
+            assert client.create_account(2) == ledger.AccountResult.OK
+            assert not client.transfers(transfer_batch(list(range(1, 101)))).any()
+            snapshots = os.path.join(directory, "snapshots")
+            deadline = time.monotonic() + 10
+            while not (os.path.isdir(snapshots) and any(name.endswith(".snapshot") for name in os.listdir(snapshots))):
+                assert time.monotonic() < deadline, "no snapshot within 10 s"
+                time.sleep(0.05)
+            assert client.transfer(200, 1, 2, 7) == ledger.TransferResult.OK
+    finally:
+        stop(writer)
+    assert writer.returncode == 0
+    with ledger.open(directory, readonly=True) as handle:
+        assert handle.recovered_from is not None and handle.recovered_from.position > 1
+        assert handle.balance(2) == 100 * 5 + 7
+        assert handle.verify().ok
+
+
+def test_a_failed_periodic_snapshot_is_reported_and_serving_goes_on(tmp_path):
+    import threading
+    server = small_server(tmp_path)
+    server.snapshot_every_s = 0.1
+    server._snapshot_due = 0.0
+
+    def failing_snapshot(wait=True):
+        raise OSError(28, "No space left on device (injected)")
+
+    server.ledger.snapshot = failing_snapshot
+    thread = threading.Thread(target=server.serve_forever)
+    with pytest.warns(RuntimeWarning, match="snapshot failed"):
+        thread.start()
+        try:
+            with connect(server.directory) as client:
+                assert client.transfer(300, 1, 2, 5) == ledger.TransferResult.OK
+                deadline = time.monotonic() + 5
+                while server.snapshot_failures < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert client.transfer(301, 1, 2, 5) == ledger.TransferResult.OK
+        finally:
+            server.stop()
+            thread.join()
+    assert server.snapshot_failures >= 2
+
+
+def test_snapshot_interval_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="snapshot_every_s"):
+        Server(str(tmp_path / "data"), snapshot_every_s=0.01)
+    with pytest.raises(TypeError, match="snapshot_every_s"):
+        Server(str(tmp_path / "data"), snapshot_every_s="60")
+
+
+@pytest.mark.parametrize("call, arguments, keywords", [
+    ("transfer", (1, 1, 2, 1.5), {}),
+    ("transfer", (1.0, 1, 2, 5), {}),
+    ("transfer", (__import__("decimal").Decimal("3.99"), 1, 2, 5), {}),
+    ("transfer", (2**64, 1, 2, 5), {}),
+    ("transfer", (-1, 1, 2, 5), {}),
+    ("transfer", (1, 1, 2, -2**63 - 1), {}),
+    ("transfer", (1, 1, 2, 5), {"code": 70_000}),
+    ("transfer", (1, 1, 2, 5), {"ledger": 2**32}),
+    ("transfer", (1, 1, 2, 5), {"timeout": 0.5}),
+    ("transfer", (1, 1, 2, 5), {"flags": 1 << 16}),
+    ("create_account", (9,), {"min_balance": 1.5}),
+    ("create_account", (9,), {"max_balance": 2**63}),
+    ("create_account", (9.0,), {}),
+    ("account", (1.0,), {}),
+])
+def test_client_single_calls_check_arguments_as_ledger_does(tmp_path, call, arguments, keywords):
+    """A float, Decimal or out-of-range argument raises what Ledger raises (TypeError or ValueError naming the
+    argument), instead of numpy truncating 1.5 to 1."""
+    server = small_server(tmp_path)
+    try:
+        with pytest.raises((TypeError, ValueError)) as expected:
+            getattr(server.ledger, call)(*arguments, **keywords)
+        with connect(server.directory, timeout_ms=200) as client:
+            with pytest.raises(expected.type) as raised:
+                getattr(client, call)(*arguments, **keywords)
+        assert str(raised.value) == str(expected.value)
+        assert server.ring.claim_sequence == 0, "nothing was sent"
+    finally:
+        server.close()
+
+
+def test_client_single_calls_take_numpy_integers_and_flags(tmp_path):
+    import threading
+    server = small_server(tmp_path)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with connect(server.directory) as client:
+            assert client.create_account(np.uint64(3), ledger=np.uint32(1)) == ledger.AccountResult.OK
+            assert client.transfer(np.int64(400), 1, 3, np.int64(9), flags=ledger.TransferFlags.NONE) == 0
+            assert client.balance(np.uint64(3)) == 9
+    finally:
+        server.stop()
+        thread.join()
+
+
+batch_layouts = st.lists(st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(0, 15), st.integers(0, 3),
+                                   slot_bytes), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches=batch_layouts)
+# A published batch whose last slot claims one more slot, followed by a dead producer's slot: no slot ever ends the
+# batch, so a writer that trusted each slot's own fields waited for it forever.
+@example(batches=[(2, 1, 0, 2, bytes(104)), (1, 1, 1, 0, bytes(104))])
+def test_multi_slot_batches_with_holes_and_lies_never_stall_or_overrun_the_writer(fuzzed_server, batches):
+    """Producer batches of 1-4 slots, some slots never published (dead producers), some with batch fields that
+    disagree with their batch (hostile): the writer answers or gives up every slot, never moves past
+    claim_sequence, never waits forever, and the ledger stays consistent."""
+    server = fuzzed_server
+    ring = server.ring
+    total = sum(size for size, *_ in batches)
+    first = ring.claim_without_publishing(total)
+    sequence = first
+    published = []
+    for size, kind, holes, lie, raw in batches:
+        for index in range(size):
+            data = bytearray(raw)
+            data[4:6] = (kind or _ring.KIND_TRANSFER).to_bytes(2, "little")
+            batch_first, batch_count = sequence, size
+            if lie and index == size - 1:                          # the last slot disagrees with its batch
+                batch_first, batch_count = (batch_first + lie, batch_count) if lie == 1 else \
+                    (batch_first, batch_count + lie - 1)
+            data[8:16] = batch_first.to_bytes(8, "little")
+            data[16:20] = batch_count.to_bytes(4, "little")
+            data[24 + 8:24 + 24] = (1).to_bytes(8, "little") + (2).to_bytes(8, "little")
+            if not holes >> index & 1:
+                ring.publish_raw(sequence + index, bytes(data))
+                published.append(sequence + index)
+        sequence += size
+    deadline = time.monotonic() + 10
+    while ring.consume_sequence < first + total:
+        assert time.monotonic() < deadline, f"the writer stalled at {ring.consume_sequence} of {first + total}"
+        if not server.drain_once():
+            time.sleep(0.002)
+        assert ring.consume_sequence <= ring.claim_sequence
+    assert ring.consume_sequence == first + total
+    for answered in published:                                      # every published slot was answered
+        offset = _ring.HEADER_SIZE + (answered % 64) * _ring.SLOT_SIZE + 8
+        assert int.from_bytes(server._memory[offset:offset + 8], "little") >> 16 == answered + 1
+    assert server.ledger.verify().ok

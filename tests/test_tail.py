@@ -208,10 +208,11 @@ def transfer_event(id: int, offset: int, previous_debit: int, previous_credit: i
 
 # -- tests --
 
-def test_follows_a_live_writer_exactly_once_in_order(tmp_path):
+@pytest.mark.parametrize("durability", ["os", "fsync"])   # shared mapping; write-through (pwrite, header last)
+def test_follows_a_live_writer_exactly_once_in_order(tmp_path, durability):
     directory = tmp_path / "data"
     directory.mkdir()     # the writer creates the journal inside it; the tailer waits for segment 0
-    process = start_writer(directory, sleep_ms=3, batches=400)
+    process = start_writer(directory, sleep_ms=3, batches=400, durability=durability)
     with Tailer(directory, interval_ms=1) as tailer:
         arrays = follow_while(process, tailer)
     assert process.returncode == 0, process.stderr.read()
@@ -501,3 +502,45 @@ def test_projection_refuses_a_different_journal(tmp_path):
     process = projector(shorter, database)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 3 and "past the end" in err and "rebuild" in err
+
+
+def test_projection_follows_ledger_serve(tmp_path):
+    """`ledger serve` writes through (pwrite, one sync per drained group, durability fsync) while clients submit
+    from this process: a following projection ends equal to the ledger."""
+    directory = tmp_path / "data"
+    database = tmp_path / "read.db"
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", str(directory), "--slots", "1024",
+                               "--snapshot-every-s", "0"], stderr=subprocess.PIPE, text=True)
+    process = None
+    try:
+        assert "serving" in writer.stderr.readline()
+        process = projector(directory, database, "--follow", "--interval-ms", "2")
+        with ledger.connect(str(directory)) as client:
+            accounts = ledger.accounts_batch(21)
+            accounts["id"] = np.arange(1, 22, dtype=np.uint64)
+            accounts["min_balance"][0] = ledger.BALANCE_MIN
+            assert not client.create_accounts(accounts).any()
+            rng = np.random.default_rng(5)
+            for batch in range(60):
+                count = int(rng.choice([1, 7, 40]))
+                rows = ledger.transfers_batch(count)
+                rows["id"] = np.arange(1000 * batch + 1, 1000 * batch + 1 + count, dtype=np.uint64)
+                rows["debit_account"] = 1
+                rows["credit_account"] = rng.integers(2, 22, count)
+                rows["amount"] = rng.integers(1, 100, count)
+                rows["flags"] = np.where(rng.random(count) < 0.3, int(ledger.TransferFlags.PENDING), 0)
+                assert not client.transfers(rows).any()
+                if batch % 10 == 0:
+                    client.account(2)                                  # a query between writes: its own group
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        assert writer.wait(timeout=30) == 0
+    with ledger.open(directory, readonly=True) as handle:
+        end = handle._engine.write_position
+    deadline = time.monotonic() + 30
+    while stored_position(database) != end and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert_projection_matches(directory, database)
