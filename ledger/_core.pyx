@@ -206,6 +206,9 @@ EVENT_KINDS = {KIND_ACCOUNT: "account", KIND_TRANSFER: "transfer", KIND_PENDING:
 # that is a silent change of amount. These accept int (and its subclasses: IntFlag, bool) on a fast path and
 # anything with __index__ (numpy integers), and nothing else.
 
+cdef object _ONE = 1    # the defaults of transfer()'s keywords, compared by identity
+cdef object _ZERO = 0
+
 cdef object _integer(object value, str name):
     try:
         return operator.index(value)
@@ -1301,8 +1304,8 @@ cdef class Engine:
         self._committed(start, events)
         return events
 
-    def transfer(self, id, debit_account, credit_account, amount, *, ledger=1, code=0, flags=0, pending_id=0,
-                 timeout=0, user_data=0):
+    def transfer(self, id, debit_account, credit_account, amount, *, ledger=_ONE, code=_ZERO, flags=_ZERO,
+                 pending_id=_ZERO, timeout=_ZERO, user_data=_ZERO):
         """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation.
         Arguments must be integers in their field's range (TypeError / ValueError naming the argument)."""
         if self.closed or self.poisoned or self.readonly:
@@ -1312,12 +1315,17 @@ cdef class Engine:
         row.debit_account = to_unsigned(debit_account, "debit_account", ID_MAX)
         row.credit_account = to_unsigned(credit_account, "credit_account", ID_MAX)
         row.amount = to_signed(amount, "amount")
-        row.pending_id = to_unsigned(pending_id, "pending_id", ID_MAX)
-        row.user_data = to_unsigned(user_data, "user_data", ID_MAX)
-        row.ledger = <uint32_t>to_unsigned(ledger, "ledger", 0xFFFFFFFF)
-        row.timeout = <uint32_t>to_unsigned(timeout, "timeout", 0xFFFFFFFF)
-        row.code = <uint16_t>to_unsigned(code, "code", 0xFFFF)
-        row.flags = <uint16_t>to_unsigned(flags, "flags", 0xFFFF)
+        # Keywords left at their defaults (the same int objects: small ints are shared) skip the conversion.
+        row.ledger = 1 if ledger is _ONE else <uint32_t>to_unsigned(ledger, "ledger", 0xFFFFFFFF)
+        if code is _ZERO and flags is _ZERO and pending_id is _ZERO and timeout is _ZERO and user_data is _ZERO:
+            row.code = row.flags = row.timeout = 0
+            row.pending_id = row.user_data = 0
+        else:
+            row.pending_id = to_unsigned(pending_id, "pending_id", ID_MAX)
+            row.user_data = to_unsigned(user_data, "user_data", ID_MAX)
+            row.timeout = <uint32_t>to_unsigned(timeout, "timeout", 0xFFFFFFFF)
+            row.code = <uint16_t>to_unsigned(code, "code", 0xFFFF)
+            row.flags = <uint16_t>to_unsigned(flags, "flags", 0xFFFF)
         cdef State *s = &self.state
         cdef uint64_t records = min(s.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 2
         if (s.write_position + records > s.mapped_end
