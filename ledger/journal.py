@@ -15,9 +15,10 @@ Two ways the records reach the files, chosen by the durability mode:
   mapping (MADV_DONTNEED) and read back from the page cache, so the journal costs no anonymous memory.
 - shared (`os`): the core writes straight into a shared mapping of the files (the page cache), so a committed batch
   survives a crash of the process the moment it is written; the flusher fdatasyncs in the background.
-Segments created ahead of need (in the background, or reserved with `journal_records_reserved`) are filled with
-real zeros before use: fdatasync then writes data only, instead of also converting preallocated ("unwritten")
-extents in the filesystem journal (measured: 2x)."""
+Room reserved at open with `journal_records_reserved` is filled with real zeros before use: fdatasync then writes
+data only, instead of also converting preallocated ("unwritten") extents in the filesystem journal (measured: up to
+2x at 8k-record syncs). Segments created in the background as the journal grows are only preallocated: zeroing
+them costs as much disk bandwidth as it saves in a disk-bound run."""
 from __future__ import annotations
 
 import errno
@@ -323,10 +324,8 @@ class FileJournal:
         memory[:size] = os.pread(fd, size, 0)
         return Segment(path, fd, memory, index)
 
-    def _create(self, index: int, zero_fill: bool = False) -> Segment:
-        """Preallocate, stamp and publish a new segment: temp file, fallocate, header, (zeros), fsync, rename,
-        dir fsync. zero_fill writes real zeros over the records (see the module docstring): worth it for segments
-        made ahead of need, not for the first segment of a small ledger."""
+    def _create(self, index: int) -> Segment:
+        """Preallocate, stamp and publish a new segment: temp file, fallocate, header, fsync, rename, dir fsync."""
         final = os.path.join(self.journal_directory, segment_name(index))
         temporary = os.path.join(self.journal_directory, f".{segment_name(index)}.tmp")
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -337,8 +336,6 @@ class FileJournal:
                                          self.segment_records_log2, 0, index, index << self.segment_records_log2,
                                          time.time_ns())
             os.pwrite(fd, header + struct.pack("<I", _core.crc32c(header)), 0)
-            if zero_fill:
-                _write_zeros(fd, SEGMENT_HEADER_BYTES, self.segment_bytes)
             os.fsync(fd)
             os.rename(temporary, final)
             _fsync_directory(self.journal_directory)
@@ -359,7 +356,9 @@ class FileJournal:
         """Background: create segment `index` ahead of need, so the writer never waits for fallocate, zeros,
         fsyncs and page population at a segment boundary. An error is kept and raised when the segment is needed."""
         try:
-            segment = self._create(index, zero_fill=True)
+            # No zero fill here: writing 64 MiB of zeros competes with the journal's own syncs for the disk and
+            # can outlast the segment before it (measured: 250-340 ms stalls of the ring writer on a slow disk).
+            segment = self._create(index)
             populate_pages(segment.memory)  # page-cache pages (or private copies) now, not a fault per 4 KiB later
             self._prepared = (index, segment)
         except BaseException as error:  # noqa: BLE001 - handed to the writer thread in _take_prepared
