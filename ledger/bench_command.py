@@ -184,6 +184,47 @@ def _fdatasync_latency_us(directory: Path, samples: int = 200) -> float:
     return round(sorted(timings)[samples // 2] * 1e6, 1)
 
 
+RECORD_BYTES = 64
+
+
+def disk_limit(directory: Path, chunk_records: int, total_bytes: int) -> dict[str, float]:
+    """What the disk itself allows a group commit: sequential pwrite of `chunk_records` 64-byte records, fdatasync
+    after each, into a preallocated, zero-filled file (as the journal's reserved room is), in records/s."""
+    chunk_bytes = chunk_records * RECORD_BYTES
+    total_bytes = max(total_bytes // chunk_bytes, 8) * chunk_bytes
+    path = directory / "disk-limit-probe"
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(descriptor, 0, total_bytes)
+        zeros = bytes(4 << 20)
+        for offset in range(0, total_bytes, len(zeros)):
+            os.pwrite(descriptor, zeros[:total_bytes - offset], offset)
+        os.fsync(descriptor)
+        data = os.urandom(chunk_bytes)
+        began = time.perf_counter()
+        for offset in range(0, total_bytes, chunk_bytes):
+            os.pwrite(descriptor, data, offset)
+            os.fdatasync(descriptor)
+        seconds = time.perf_counter() - began
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    return {"chunk_records": chunk_records, "bytes": total_bytes,
+            "records_per_second": round(total_bytes / RECORD_BYTES / seconds)}
+
+
+def disk_limit_line(report: dict[str, Any]) -> str | None:
+    limit = report.get("disk_limit")
+    durable = ledger_durable_rate(report["rows"])
+    if not limit:
+        return None
+    line = (f"disk limit: pwrite + fdatasync of {limit['chunk_records']:,}-record chunks into a zero-filled file: "
+            f"{limit['records_per_second']:,} records/s")
+    if durable:
+        line += f"; ledger durable reaches {durable / limit['records_per_second']:.0%} of it"
+    return line
+
+
 # -- running --
 
 @contextlib.contextmanager
@@ -310,7 +351,7 @@ def write_chart(rows: list[Any], reference_rate: float | None, title: str, path:
     for position, rate in zip(positions, rates):
         ratio = f"  (ledger durable is {reference_rate / rate:,.1f}×)" if reference_rate else ""
         axes.text(rate, position, f" {rate:,.0f}/s{ratio}", va="center", fontsize=7)
-    axes.set_xlim(right=max(rates) * 30)  # room for the labels right of the longest bar
+    axes.set_xlim(right=max(rates) * 60)  # room for the labels right of the longest bar
     figure.tight_layout()
     figure.savefig(path)
     pyplot.close(figure)
@@ -328,6 +369,8 @@ def write_outputs(arguments: argparse.Namespace, report: dict[str, Any]) -> None
     if chart_problem:
         print(f"chart: {chart_problem}")
     markdown = table_lines(rows, reference_rate, markdown=True)
+    if disk_limit_line(report):
+        markdown += ["", disk_limit_line(report)]
     if latency:
         markdown += ["", *latency_lines(latency, markdown=True)]
     (out / "table.md").write_text("\n".join(markdown) + "\n")
@@ -352,6 +395,8 @@ def _print_summary(report: dict[str, Any]) -> None:
     print("\n".join(table_lines(rows, reference_rate, markdown=False)))
     if any(row.stopped_by for row in rows):
         print("(time limit): the row stopped at a commit boundary after --time-limit-s; its check covers that prefix")
+    if disk_limit_line(report):
+        print(disk_limit_line(report))
     if report["latency"]:
         print()
         print("\n".join(latency_lines(report["latency"], markdown=False)))
@@ -382,6 +427,10 @@ def run(arguments: argparse.Namespace, suite: Any, work_directory: Path) -> dict
         "rows": [], "skipped": [], "errors": [], "latency": []}
     run_groups(suite, arguments, workload, work_directory, report)
     if "ledger" in arguments.peer_names:
+        # Right after the ledger rows, on the same disk: the durable rate's ceiling, measured in the same run.
+        report["disk_limit"] = disk_limit(work_directory, arguments.batch_size,
+                                          (32 << 20) if arguments.quick else (256 << 20))
+        print(f"  {disk_limit_line(report)}", flush=True)
         print("  latency per call (ledger):")
         report["latency"] = run_latency(arguments, workload, work_directory)
     report["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)

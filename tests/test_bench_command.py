@@ -53,6 +53,14 @@ def test_balances_and_accepted_sets_agree_with_ledger(bench_run):
     assert "cross-check: every row agrees with ledger" in completed.stdout
 
 
+def test_disk_limit_is_measured_in_the_same_run(bench_run):
+    completed, results, _ = bench_run
+    limit = results["disk_limit"]
+    assert limit["chunk_records"] == 8_192 and limit["records_per_second"] > 0
+    assert "disk limit: pwrite + fdatasync of 8,192-record chunks" in completed.stdout
+    assert "ledger durable reaches" in completed.stdout
+
+
 def test_latency_percentiles_are_reported(bench_run):
     _, results, _ = bench_run
     batch_sizes = {entry["batch_size"] for entry in results["latency"]}
