@@ -1012,6 +1012,19 @@ cdef uint64_t run_transfers(State *s, const TransferRow *rows, uint64_t count, u
     commit_batch(s, header_position, end, timestamp_base, written_end)
     return end - header_position - 1
 
+DEF WRITE_AHEAD_ROWS = 4096       # 256 KiB of events per chunk
+# Each background sync is a device cache flush as well as data: below about four chunks the extra flush costs
+# what the overlap saves (measured: 8k batches no faster, 64k batches 4.3 -> 4.9-6.0M transfers/s).
+DEF WRITE_AHEAD_BATCH_MIN_ROWS = 16384
+
+cdef inline uint64_t chunk_end(const TransferRow *rows, uint64_t first, uint64_t count) noexcept nogil:
+    """The end of the chunk that starts at row `first`: about WRITE_AHEAD_ROWS rows, moved past the end of a
+    LINKED chain it would cut (a chain is applied or undone as a whole inside one apply_rows call)."""
+    cdef uint64_t last = min(first + WRITE_AHEAD_ROWS, count)
+    while last < count and (rows[last - 1].flags & FLAG_LINKED):
+        last += 1
+    return last
+
 cdef uint64_t run_accounts(State *s, const AccountRow *rows, uint64_t count, uint8_t *results,
                           uint64_t now) noexcept nogil:
     cdef uint64_t header_position = s.write_position
@@ -1149,6 +1162,7 @@ cdef class Engine:
     cdef list _segment_objects
     cdef object _segment_provider
     cdef object _after_commit
+    cdef object _write_ahead
     cdef object _clock
     cdef public bint closed
     cdef public bint poisoned
@@ -1158,15 +1172,18 @@ cdef class Engine:
     def __cinit__(self):
         memset(&self.state, 0, sizeof(State))
 
-    def __init__(self, segment_records_log2, segment_provider, *, after_commit=None, clock=None,
+    def __init__(self, segment_records_log2, segment_provider, *, after_commit=None, write_ahead=None, clock=None,
                  account_capacity=ACCOUNT_CAPACITY_MIN, transfer_capacity=1024):
         """segment_provider(index) returns a writable buffer of 64 << segment_records_log2 bytes (zero-filled
-        or holding earlier journal data); after_commit(start, end) makes positions [start, end) durable."""
+        or holding earlier journal data); after_commit(start, end) makes positions [start, end) durable;
+        write_ahead(header_position, end), if given, is called inside a large batch with the events
+        [header_position + 1, end) that are final so far (the journal may start writing them out)."""
         if not 4 <= segment_records_log2 <= 30:
             raise ValueError("segment_records_log2 must be in [4, 30]")
         self.state.segment_records_log2 = segment_records_log2
         self._segment_provider = segment_provider
         self._after_commit = after_commit
+        self._write_ahead = write_ahead
         self._clock = clock
         self._segment_objects = []
         self._batch_size_max = BATCH_SIZE_MAX
@@ -1299,10 +1316,43 @@ cdef class Engine:
         cdef uint64_t start = self.state.write_position, events
         cdef const TransferRow *rows = <const TransferRow *>cnp.PyArray_DATA(batch)
         cdef uint8_t *codes = <uint8_t *>cnp.PyArray_DATA(results)
-        with nogil:
-            events = run_transfers(&self.state, rows, count, codes, now)
+        if self._write_ahead is not None and count >= WRITE_AHEAD_BATCH_MIN_ROWS:
+            events = self._transfers_in_chunks(rows, count, codes, now)
+        else:
+            with nogil:
+                events = run_transfers(&self.state, rows, count, codes, now)
         self._committed(start, events)
         return events
+
+    cdef uint64_t _transfers_in_chunks(self, const TransferRow *rows, uint64_t count, uint8_t *codes,
+                                       uint64_t now) except? 0xFFFFFFFFFFFFFFFF:
+        """run_transfers for a large batch, in chunks of about WRITE_AHEAD_ROWS rows: after each chunk the events
+        written so far (final: no linked chain crosses a chunk boundary, and a rollback undoes only its chain)
+        are handed to write_ahead(header_position, end), which writes them to the files and starts their sync
+        in the background while the next chunk is applied. The batch is still one atomic batch: nothing of it
+        counts until commit_batch writes its header, and after_commit syncs before the call returns."""
+        cdef State *s = &self.state
+        cdef uint64_t header_position = s.write_position, timestamp_base, position, written_end
+        cdef uint64_t first = 0, last
+        with nogil:
+            timestamp_base = begin_batch(s, now)
+            position = expire_due(s, header_position, header_position + 1, timestamp_base)
+        written_end = position
+        while first < count:
+            last = chunk_end(rows, first, count)
+            with nogil:
+                position = apply_rows(s, rows + first, last - first, codes + first, header_position, position,
+                                      timestamp_base, &written_end)
+            if last < count and position > header_position + 1:
+                try:
+                    self._write_ahead(header_position, position)
+                except BaseException:
+                    self.poisoned = True   # half a batch is applied in memory: nothing more may use this state
+                    raise
+            first = last
+        with nogil:
+            commit_batch(s, header_position, position, timestamp_base, written_end)
+        return position - header_position - 1
 
     def transfer(self, id, debit_account, credit_account, amount, *, ledger=_ONE, code=_ZERO, flags=_ZERO,
                  pending_id=_ZERO, timeout=_ZERO, user_data=_ZERO):
@@ -1691,6 +1741,7 @@ cdef class Engine:
         self._segment_objects = []
         self._segment_provider = None
         self._after_commit = None
+        self._write_ahead = None
 
 
 def crc32c(data, uint32_t crc=0):

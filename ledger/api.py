@@ -424,7 +424,8 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
             remove_unfinished(os.fspath(path))  # we hold the writer lock: no snapshot of ours is being written
         def new_engine() -> _core.Engine:
             fresh = _core.Engine(journal.segment_records_log2, journal.segment,
-                                 after_commit=journal.after_commit if durability == "fsync" else None, clock=clock,
+                                 after_commit=journal.after_commit if durability == "fsync" else None,
+                                 write_ahead=journal.write_ahead if durability == "fsync" else None, clock=clock,
                                  account_capacity=accounts_capacity, transfer_capacity=transfers_capacity)
             fresh.map_through(journal.existing_end_position)
             return fresh

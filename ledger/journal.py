@@ -139,6 +139,64 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+class _BackgroundSync:
+    """A thread that fdatasyncs a range of the journal when asked (write_ahead), so that most of a large batch is
+    on disk by the time the core has applied all of it. At most one sync runs; requests made meanwhile merge into
+    one more. An error is kept and raised by finish()."""
+
+    def __init__(self, journal: FileJournal) -> None:
+        self._journal = journal
+        self._condition = threading.Condition()
+        self._wanted: tuple[int, int] | None = None
+        self._busy = False
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ledger-write-ahead-sync", daemon=True)
+        self._thread.start()
+
+    def request(self, start: int, end: int) -> None:
+        with self._condition:
+            if self._wanted is not None:
+                start = min(start, self._wanted[0])
+            self._wanted = (start, end)
+            self._condition.notify_all()
+
+    def finish(self) -> None:
+        """Drop a sync not started yet (the caller's own sync, next, covers its range) and wait for the one running:
+        each sync is a device cache flush, so two in a row would cost one flush too many. Raises what a sync
+        raised since the last finish()."""
+        with self._condition:
+            self._wanted = None
+            while self._busy:
+                self._condition.wait()
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while self._wanted is None and not self._stopping:
+                    self._condition.wait()
+                if self._wanted is None:
+                    return
+                (start, end), self._wanted, self._busy = self._wanted, None, True
+            try:
+                if self._error is None:
+                    self._journal.sync_files(start, end)
+            except BaseException as error:  # noqa: BLE001 - handed to the writer by finish()
+                self._error = error
+            with self._condition:
+                self._busy = False
+                self._condition.notify_all()
+
+
 def _make_directories(path: str) -> None:
     """Create `path` and any missing parents (0700), fsyncing each new entry's parent: a directory made for a new
     ledger must survive a power loss as surely as the batches acknowledged inside it."""
@@ -201,6 +259,11 @@ class FileJournal:
         self.write_through = durability == "fsync" and not readonly
         self.sync_each_commit = sync_each_commit
         self._sealed_segments = 0          # write-through: segments dropped from the private mapping so far
+        # write_ahead: the batch being written ahead (its header position), how far, and a write error to report.
+        self._ahead_header: int | None = None
+        self._ahead_written = 0
+        self._ahead_error: OSError | None = None
+        self._background_sync: _BackgroundSync | None = None
         self.flush_interval_ms = flush_interval_ms
         self.fault_injector = fault_injector
         self.segments: list[Segment] = []
@@ -588,13 +651,42 @@ class FileJournal:
     def write(self, header_position: int, end: int) -> None:
         """Write-through: copy the committed batch [header_position, end) from the private mapping into the files,
         its events first and its header (with the commit word) last, so a reader of the files never sees a commit
-        word before the events it seals."""
+        word before the events it seals. Events already written ahead (write_ahead) are not written again."""
         if not self.write_through or end <= header_position:
             return
+        events_from = header_position + 1
+        if self._ahead_header == header_position:
+            if self._ahead_error is not None:
+                error, self._ahead_error = self._ahead_error, None
+                raise error
+            events_from = self._ahead_written
+        self._ahead_header = None
         self._inject("write")
-        self._write_range(header_position + 1, end)
+        self._write_range(events_from, end)
         self._inject("write-header")
         self._write_range(header_position, header_position + 1)
+
+    def write_ahead(self, header_position: int, end: int) -> None:
+        """Inside a large batch (the core calls this between chunks of rows): write the batch's events that are
+        final so far, [header_position + 1, end), and start syncing them in the background while the core
+        applies the next chunk. The batch still counts only once after_commit has written its header and synced.
+        Never raises: an error is kept and raised by after_commit, which fails the call and poisons the handle."""
+        if not self.write_through:
+            return
+        if self._ahead_header != header_position:
+            self._ahead_header, self._ahead_written, self._ahead_error = header_position, header_position + 1, None
+        if self._ahead_error is not None or end <= self._ahead_written:
+            return
+        try:
+            self._inject("write")
+            self._write_range(self._ahead_written, end)
+        except OSError as error:
+            self._ahead_error = error
+            return
+        self._ahead_written = end
+        if self._background_sync is None:
+            self._background_sync = _BackgroundSync(self)
+        self._background_sync.request(header_position + 1, end)
 
     def _write_range(self, start: int, end: int) -> None:
         position = start
@@ -613,7 +705,11 @@ class FileJournal:
 
     def after_commit(self, start: int, end: int) -> None:
         """Group commit for durability="fsync": called by the core after each batch, before results return."""
-        self.write(start, end)
+        try:
+            self.write(start, end)
+        finally:
+            if self._background_sync is not None:
+                self._background_sync.finish()   # a sync still running over this batch's files: let it end
         if self.sync_each_commit:
             self.sync(start, end)
 
@@ -667,7 +763,17 @@ class FileJournal:
             with self._sync_lock:
                 self.set_durable_mark(end)
 
+    def sync_files(self, start: int, end: int) -> None:
+        """fdatasync the segment files holding positions [start, end); nothing else (no mark, no sealing): what
+        the background sync of write_ahead runs."""
+        self._inject("sync")
+        for index in range(start >> self.segment_records_log2, ((end - 1) >> self.segment_records_log2) + 1):
+            os.fdatasync(self.segments[index].fd)
+
     def close(self, final_sync: bool = True) -> None:
+        if self._background_sync is not None:
+            self._background_sync.stop()
+            self._background_sync = None
         if self._preparing is not None:
             self._preparing.join()
             self._preparing = None

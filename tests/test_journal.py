@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -595,3 +596,112 @@ while time.monotonic() - started < 2.5:
             assert reader.balance(2) == reader.stats()["transfers"]
         opened += 1
     assert writer.wait() == 0 and opened >= 10
+
+
+WRITTEN_AHEAD_ROWS = 40_000   # well above the size from which the core writes a batch ahead in chunks (16k)
+
+
+def linked_rows(count, seed):
+    """A large batch with LINKED chains of random lengths (some failing, so that chains roll back) that cross
+    every multiple of the write-ahead chunk size."""
+    rng = np.random.default_rng(seed)
+    rows = ledger.transfers_batch(count)
+    rows["id"] = 10**9 + seed * 10**7 + np.arange(count)
+    debit = 100 + rng.integers(0, 40, count)
+    rows["debit_account"] = debit
+    rows["credit_account"] = 100 + (debit - 100 + rng.integers(1, 40, count)) % 40
+    rows["amount"] = rng.integers(1, 40_000, count)       # some overdraw: their chains fail and roll back
+    rows["flags"] = np.where(rng.random(count) < 0.6, ledger.TransferFlags.LINKED, 0)
+    rows["flags"][-1] = 0
+    funding = rng.random(count) < 0.2
+    rows["debit_account"][funding] = 1
+    return rows
+
+
+def test_large_batches_written_ahead_equal_the_in_memory_engine(tmp_path):
+    """fsync mode writes a large batch's events in chunks while applying it and syncs them in the background;
+    the outcome (codes, balances, journal) must be exactly what one in-memory call gives, and survive reopening."""
+    directory = str(tmp_path / "data")
+    syncs = []
+    handle = ledger.open(directory, create=True, fault_injector=lambda operation: syncs.append(operation))
+    reference = ledger.open(None)
+    for target in (handle, reference):
+        assert not target.create_accounts(accounts()).any()
+    all_codes = []
+    for seed in range(3):
+        rows = linked_rows(WRITTEN_AHEAD_ROWS, seed)
+        syncs_before, writes_before = syncs.count("sync"), syncs.count("write")
+        codes = handle.transfers(rows)
+        # Written in about ten chunks, synced in the background at least once before the final sync.
+        assert syncs.count("write") >= writes_before + 8, "the batch was not written ahead in chunks"
+        assert syncs.count("sync") >= syncs_before + 2, "no background sync while the batch was applied"
+        assert np.array_equal(codes, reference.transfers(rows))
+        all_codes.append(codes)
+    all_codes = np.concatenate(all_codes)
+    assert (all_codes == ledger.TransferResult.LINKED_EVENT_FAILED).any() and (all_codes == 0).any()
+    expected = reference.accounts()
+    assert_same_counters(handle, expected)
+    assert handle.verify().ok
+    handle.close()
+    with ledger.open(directory) as reopened:
+        assert_same_counters(reopened, expected)
+        assert reopened.verify().ok
+
+
+def test_failed_write_ahead_fails_the_call_and_keeps_nothing_of_the_batch(tmp_path):
+    directory = str(tmp_path / "data")
+    writes = {"count": 0, "fail_at": None}
+
+    def injector(operation):
+        if operation == "write":
+            writes["count"] += 1
+            if writes["count"] == writes["fail_at"]:
+                raise OSError(errno.EIO, "Input/output error")
+
+    handle = ledger.open(directory, create=True, fault_injector=injector)
+    handle.create_accounts(accounts())
+    handle.transfers(batch(0))
+    expected = handle.accounts()
+    writes["fail_at"] = writes["count"] + 2          # the second chunk written ahead
+    rows = linked_rows(WRITTEN_AHEAD_ROWS, 7)
+    with pytest.raises(OSError, match="Input/output error"):
+        handle.transfers(rows)
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.account(100)
+    handle.close()
+    with ledger.open(directory) as reopened:
+        assert_same_counters(reopened, expected)
+        assert (reopened.lookup_transfers(rows["id"])["state"] == 0).all()
+        assert reopened.verify().ok
+
+
+@pytest.mark.parametrize("point", ["write:2", "write:6", "sync:2", "write-header:1"])
+def test_crash_inside_a_batch_written_ahead_drops_exactly_that_batch(tmp_path, point):
+    """Kill the writer while a large batch is being written ahead (its first chunks on disk, no header yet) or
+    just before its header: reopening drops the whole batch, keeps the one before, and verifies."""
+    directory = str(tmp_path / "data")
+    script = f"""
+import sys
+sys.path.insert(0, {HERE!r})
+import ledger
+from crash_workload import accounts, crash_injector
+from test_journal import WRITTEN_AHEAD_ROWS, linked_rows
+handle = ledger.open({directory!r}, create=True)
+handle.create_accounts(accounts())
+handle.transfers(linked_rows(WRITTEN_AHEAD_ROWS, 1))
+handle.close()
+handle = ledger.open({directory!r}, fault_injector=crash_injector({point!r}))
+handle.transfers(linked_rows(WRITTEN_AHEAD_ROWS, 2))
+print("not killed", flush=True)
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == -signal.SIGKILL, completed.stdout + completed.stderr
+    reference = ledger.open(None)
+    reference.create_accounts(accounts())
+    reference.transfers(linked_rows(WRITTEN_AHEAD_ROWS, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with ledger.open(directory) as reopened:
+            assert_same_counters(reopened, reference.accounts())
+            assert (reopened.lookup_transfers(linked_rows(WRITTEN_AHEAD_ROWS, 2)["id"])["state"] == 0).all()
+            assert reopened.verify().ok
