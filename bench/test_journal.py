@@ -4,8 +4,6 @@ in the same run.
 Run: pytest bench/test_journal.py --benchmark-only   (not part of the CI test run)."""
 from __future__ import annotations
 
-import os
-import time
 
 import pytest
 
@@ -17,27 +15,13 @@ RECORD_BYTES = 64
 
 
 def disk_probe(directory: str, chunk_bytes: int, total_bytes: int = 512 << 20) -> float:
-    """Bytes/s of sequential writes into a preallocated, zero-filled file with fdatasync after every chunk (a
-    dd-like probe of what the journal's group commit can reach at this batch size). Zero-filled, as the journal's
-    reserved room is: into merely fallocated space each fdatasync also commits extent conversions, which would
-    understate the disk."""
-    path = os.path.join(directory, "probe")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, total_bytes)
-        zeros = bytes(4 << 20)
-        for offset in range(0, total_bytes, len(zeros)):
-            os.pwrite(fd, zeros, offset)
-        os.fsync(fd)
-        data = os.urandom(chunk_bytes)
-        started = time.perf_counter()
-        for offset in range(0, total_bytes, chunk_bytes):
-            os.pwrite(fd, data, offset)
-            os.fdatasync(fd)
-        return total_bytes / (time.perf_counter() - started)
-    finally:
-        os.close(fd)
-        os.unlink(path)
+    """Bytes/s of sequential writes with fdatasync after every chunk into a preallocated, zero-filled file: the
+    same probe `ledger bench` runs (ledger.bench_command.disk_limit)."""
+    from pathlib import Path
+
+    from ledger.bench_command import RECORD_BYTES as BYTES_PER_RECORD, disk_limit
+    limit = disk_limit(Path(directory), chunk_bytes // BYTES_PER_RECORD, total_bytes)
+    return limit["records_per_second"] * BYTES_PER_RECORD
 
 
 @pytest.mark.parametrize("batch_size", [1_024, 8_192, 65_536])

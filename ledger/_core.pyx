@@ -1744,24 +1744,25 @@ cdef class Engine:
         self._write_ahead = None
 
 
-def crc32c(data, uint32_t crc=0):
-    """CRC32C of a bytes-like object (hardware-accelerated where the CPU has SSE4.2)."""
+cdef uint32_t _crc32c_of(object data, uint32_t crc, bint reference) except? 0:
     cdef Py_buffer view
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
+        if reference:
+            return ledger_crc32c_reference(crc, view.buf, view.len)
         return ledger_crc32c(crc, view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
 
 
+def crc32c(data, uint32_t crc=0):
+    """CRC32C of a bytes-like object (hardware-accelerated where the CPU has SSE4.2)."""
+    return _crc32c_of(data, crc, False)
+
+
 def crc32c_reference(data, uint32_t crc=0):
     """CRC32C computed a byte at a time from a table, whatever the CPU: what tests check crc32c against."""
-    cdef Py_buffer view
-    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-    try:
-        return ledger_crc32c_reference(crc, view.buf, view.len)
-    finally:
-        PyBuffer_Release(&view)
+    return _crc32c_of(data, crc, True)
 
 
 def crc32c_hardware():

@@ -123,52 +123,39 @@ static inline uint32_t ledger_crc32c_shift(uint32_t tables[4][256], uint32_t crc
 }
 
 #ifdef LEDGER_X86
+/* One round: three blocks of `block` bytes from `*data` on three streams, combined into crc0. */
+__attribute__((target("sse4.2")))
+static inline uint64_t ledger_crc32c_three_blocks(uint64_t crc0, const uint8_t **data, size_t block,
+                                                  uint32_t tables[4][256]) {
+    uint64_t crc1 = 0, crc2 = 0, word;
+    const uint8_t *next = *data, *end = *data + block;
+    for (; next < end; next += 8) {
+        memcpy(&word, next, 8);
+        crc0 = _mm_crc32_u64(crc0, word);
+        memcpy(&word, next + block, 8);
+        crc1 = _mm_crc32_u64(crc1, word);
+        memcpy(&word, next + 2 * block, 8);
+        crc2 = _mm_crc32_u64(crc2, word);
+    }
+    crc0 = ledger_crc32c_shift(tables, (uint32_t)crc0) ^ crc1;
+    crc0 = ledger_crc32c_shift(tables, (uint32_t)crc0) ^ crc2;
+    *data += 3 * block;
+    return crc0;
+}
+
 __attribute__((target("sse4.2")))
 static uint32_t ledger_crc32c_sse42(uint32_t crc, const uint8_t *data, size_t size) {
-    uint64_t crc0 = (uint32_t)~crc, crc1, crc2, word;
-    const uint8_t *end;
-    while (size >= 3 * LEDGER_CRC_LONG) {
-        crc1 = crc2 = 0;
-        for (end = data + LEDGER_CRC_LONG; data < end; data += 8) {
-            memcpy(&word, data, 8);
-            crc0 = _mm_crc32_u64(crc0, word);
-            memcpy(&word, data + LEDGER_CRC_LONG, 8);
-            crc1 = _mm_crc32_u64(crc1, word);
-            memcpy(&word, data + 2 * LEDGER_CRC_LONG, 8);
-            crc2 = _mm_crc32_u64(crc2, word);
-        }
-        crc0 = ledger_crc32c_shift(ledger_crc32c_long, (uint32_t)crc0) ^ crc1;
-        crc0 = ledger_crc32c_shift(ledger_crc32c_long, (uint32_t)crc0) ^ crc2;
-        data += 2 * LEDGER_CRC_LONG;
-        size -= 3 * LEDGER_CRC_LONG;
-    }
-    while (size >= 3 * LEDGER_CRC_SHORT) {
-        crc1 = crc2 = 0;
-        for (end = data + LEDGER_CRC_SHORT; data < end; data += 8) {
-            memcpy(&word, data, 8);
-            crc0 = _mm_crc32_u64(crc0, word);
-            memcpy(&word, data + LEDGER_CRC_SHORT, 8);
-            crc1 = _mm_crc32_u64(crc1, word);
-            memcpy(&word, data + 2 * LEDGER_CRC_SHORT, 8);
-            crc2 = _mm_crc32_u64(crc2, word);
-        }
-        crc0 = ledger_crc32c_shift(ledger_crc32c_short, (uint32_t)crc0) ^ crc1;
-        crc0 = ledger_crc32c_shift(ledger_crc32c_short, (uint32_t)crc0) ^ crc2;
-        data += 2 * LEDGER_CRC_SHORT;
-        size -= 3 * LEDGER_CRC_SHORT;
-    }
-    while (size >= 8) {
+    uint64_t crc0 = (uint32_t)~crc, word;
+    for (; size >= 3 * LEDGER_CRC_LONG; size -= 3 * LEDGER_CRC_LONG)
+        crc0 = ledger_crc32c_three_blocks(crc0, &data, LEDGER_CRC_LONG, ledger_crc32c_long);
+    for (; size >= 3 * LEDGER_CRC_SHORT; size -= 3 * LEDGER_CRC_SHORT)
+        crc0 = ledger_crc32c_three_blocks(crc0, &data, LEDGER_CRC_SHORT, ledger_crc32c_short);
+    for (; size >= 8; size -= 8, data += 8) {
         memcpy(&word, data, 8);
         crc0 = _mm_crc32_u64(crc0, word);
-        data += 8;
-        size -= 8;
     }
     uint32_t c32 = (uint32_t)crc0;
-    while (size > 0) {
-        c32 = _mm_crc32_u8(c32, *data);
-        data++;
-        size--;
-    }
+    for (; size > 0; size--, data++) c32 = _mm_crc32_u8(c32, *data);
     return ~c32;
 }
 #endif

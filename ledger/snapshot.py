@@ -22,7 +22,6 @@ import os
 import struct
 import threading
 import time
-import warnings
 from typing import Any
 
 import numpy as np
