@@ -18,7 +18,9 @@ Two ways the records reach the files, chosen by the durability mode:
 Room reserved at open with `journal_records_reserved` is filled with real zeros before use: fdatasync then writes
 data only, instead of also converting preallocated ("unwritten") extents in the filesystem journal (measured: up to
 2x at 8k-record syncs). Segments created in the background as the journal grows are only preallocated: zeroing
-them costs as much disk bandwidth as it saves in a disk-bound run."""
+them costs as much disk bandwidth as it saves in a disk-bound run. A writer that reopens a journal whose files
+reach past its write position faults that room in for writing at open and creates the segment after it in the
+background, as a growing writer does."""
 from __future__ import annotations
 
 import errno
@@ -459,11 +461,15 @@ class FileJournal:
                 if index > 0:  # a first segment stays lazy: small ledgers (and tests) do not pay 64 MiB up front
                     populate_pages(segment.memory)
             if index > 0:  # the ledger has outgrown one segment: from now on, keep the next one ready
-                self._preparing = threading.Thread(target=self._prepare, args=(index + 1,),
-                                                   name="ledger-segment-prepare", daemon=True)
-                self._preparing.start()
+                self._prepare_ahead(index + 1)
         self.segments.append(segment)
         return segment.records
+
+    def _prepare_ahead(self, index: int) -> None:
+        assert self._preparing is None and not self.readonly
+        self._preparing = threading.Thread(target=self._prepare, args=(index,), name="ledger-segment-prepare",
+                                           daemon=True)
+        self._preparing.start()
 
     def view(self, index: int) -> memoryview:
         segment = self.segments[index]
@@ -608,6 +614,25 @@ class FileJournal:
             if isinstance(segment, Segment):
                 os.fdatasync(segment.fd)
         self.set_durable_mark(write_position if self.durability == "os" else DURABLE_STRICT)
+        self._populate_room(write_position)
+
+    def _populate_room(self, write_position: int) -> None:
+        """The mapped files reach past the write position (segments an earlier writer prepared ahead, or room
+        reserved at creation): fault that room in for writing now, and create the next segment in the background. Recovery mapped it for reading, and each first
+        write to a page would take a fault (a copy-on-write one with write-through) inside the core's loop:
+        measured 2.1 ms instead of 1.0 ms for a batch of 16k transfers. A lone first segment stays lazy, as at
+        creation: small ledgers (and tests) do not pay 64 MiB up front."""
+        if len(self.segments) <= 1:
+            return
+        self._prepare_ahead(len(self.segments))  # and the segment after them, not at the boundary
+        position, end = write_position, len(self.segments) << self.segment_records_log2
+        while position < end:
+            index = position >> self.segment_records_log2
+            segment = self.segments[index]
+            first = SEGMENT_HEADER_BYTES + (position & (self.segment_records - 1)) * RECORD_SIZE
+            if isinstance(segment, Segment):
+                populate_pages(segment.memory, first, self.segment_bytes - first)
+            position = (index + 1) << self.segment_records_log2
 
     def _corrupt(self, position: int, reason: str) -> LedgerCorruptError:
         index = position >> self.segment_records_log2

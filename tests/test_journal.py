@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -425,6 +426,37 @@ def test_full_segments_stay_readable_after_they_are_sealed(tmp_path, durability)
         assert_same_counters(reopened, expected)
         assert (reopened.lookup_transfers(first_ids) == looked_up).all()
         assert np.array_equal(reopened.history(100), history)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_a_reopened_writer_creates_the_segment_after_its_room_in_the_background(tmp_path, durability):
+    """A writer reopening a journal whose files reach past its write position (room reserved, or segments an
+    earlier writer prepared ahead) faults that room in for writing and creates the next segment in the background,
+    not inside a call at the boundary; everything written across the existing segments into the new ones reads
+    back the same."""
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True, durability=durability, segment_records_log2=10,
+                     journal_records_reserved=2500) as handle:
+        handle.create_accounts(accounts())
+    allocated_by = []
+
+    def injector(operation):
+        if operation == "allocate":
+            allocated_by.append(threading.current_thread().name)
+
+    with ledger.open(directory, durability=durability, fault_injector=injector) as handle:
+        existing = len(handle._journal.segments)
+        assert existing >= 3
+        k = 0
+        while handle.stats()["journal_position"] < (existing + 2) * 1024:
+            handle.transfers(batch(k))
+            k += 1
+        assert allocated_by and set(allocated_by) == {"ledger-segment-prepare"}
+        expected = handle.accounts()
+        assert handle.verify().ok
+    with ledger.open(directory, readonly=True) as reader:
+        assert_same_counters(reader, expected)
+        assert reader.verify().ok
 
 
 @pytest.mark.parametrize("durability", ["fsync", "os"])
