@@ -170,9 +170,11 @@ cdef class Ring:
     cdef uint32_t pid
     cdef uint64_t _head_since_ns      # consumer: when the current head slot was first seen unpublished
     cdef uint64_t _head_sequence      # consumer: that head sequence + 1 (0: none)
-    # Consumer: the next sequence to apply. Kept here, not read back from the shared header, which any producer
-    # can overwrite: the header copy is only published for observers.
+    # Consumer: the next sequence to answer (complete), and the next to gather; they differ while a gathered
+    # group is applied and synced but not answered yet. Kept here, not read back from the shared header, which
+    # any producer can overwrite: the header copy is only published for observers.
     cdef uint64_t _consume
+    cdef uint64_t _gather
     cdef bint _has_stall_hook         # tests only: submit calls _stall_hook(sequence) before taking each slot
     cdef object _stall_hook
 
@@ -221,6 +223,7 @@ cdef class Ring:
         self.header.heartbeat_ns = ring_monotonic_ns()
         self.header.state = 1
         self._consume = 0
+        self._gather = 0
         ring_store_release(&self.header.magic, RING_MAGIC)
         self.attach()
 
@@ -531,7 +534,7 @@ cdef class Ring:
         """Sleep until a producer publishes (or timeout_ms): spin spin_count times, then a futex wait (no CPU when
         idle)."""
         check_wait_strategy(spin_count, 1)
-        cdef uint64_t sequence = self._consume
+        cdef uint64_t sequence = self._gather
         cdef Slot *slot = &self.slots[sequence & self.mask]
         cdef uint64_t rounds
         cdef uint32_t wake
@@ -554,11 +557,12 @@ cdef class Ring:
 
     def gather(self, uint64_t limit, uint64_t abandon_after_ns, cnp.ndarray kinds not None,
                cnp.ndarray payloads not None, cnp.ndarray batch_ends not None, cnp.ndarray statuses not None):
-        """Collect published slots from the consume position, whole producer batches only, at most `limit`.
+        """Collect published slots after those gathered before, whole producer batches only, at most `limit`.
         Fills kinds (uint16), payloads (uint8 rows of 80 bytes), batch_ends (uint8: 1 on a batch's last row) and
         statuses (STATUS_INVALID_SLOT for malformed slots, else 0). Gives up on a head batch that stays
-        unpublished for abandon_after_ns (its producer died or hangs). Returns (first sequence, count)."""
-        cdef uint64_t first = self._consume
+        unpublished for abandon_after_ns (its producer died or hangs). Returns (first sequence, count); the
+        caller answers every gathered group with complete(), in order."""
+        cdef uint64_t first = self._gather
         cdef uint64_t claimed = ring_load_acquire(&self.header.claim_sequence)
         cdef uint16_t *kind_out = <uint16_t *>cnp.PyArray_DATA(kinds)
         cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads)
@@ -608,7 +612,9 @@ cdef class Ring:
             if end_out[count - 1]:
                 complete = count
                 open_count = 0
-        if complete == 0 and claimed > first:
+        self._gather = first + complete
+        if complete == 0 and claimed > first and self._consume == first:
+            # (Only with every gathered group answered: giving up a batch answers it, in sequence order.)
             self._maybe_abandon(first, claimed, abandon_after_ns)
         return first, complete
 
@@ -683,7 +689,8 @@ cdef class Ring:
             if ring_load_acquire(&slot.published) == sequence + 1:
                 ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
                 ring_store_release(&slot.released, sequence + 1)
-        self._consume = end
+        assert self._consume == self._gather == head
+        self._consume = self._gather = end
         ring_store_release(&self.header.consume_sequence, end)
         self._head_sequence = 0
         self.wake_producers()
@@ -707,14 +714,16 @@ cdef class Ring:
         cdef uint8_t *status_in = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint8_t *payload_in = <uint8_t *>cnp.PyArray_DATA(payloads) if payloads is not None else NULL
         cdef Slot *slot
-        assert first == self._consume and count <= self.slot_count
+        assert first == self._consume and first + count <= self._gather and count <= self.slot_count
         assert <uint64_t>statuses.shape[0] == count and (payloads is None or <uint64_t>payloads.shape[0] >= count)
-        for i in range(count):
-            sequence = first + i
-            slot = &self.slots[sequence & self.mask]
-            if payload_in != NULL:
-                memcpy(slot.payload, payload_in + i * PAYLOAD_BYTES, PAYLOAD_BYTES)
-            ring_store_release(&slot.result, ((sequence + 1) << 16) | (<uint64_t>status_in[i] << 8) | code_in[i])
+        with nogil:  # the ring server answers from its sync thread while its writer thread applies the next group
+            for i in range(count):
+                sequence = first + i
+                slot = &self.slots[sequence & self.mask]
+                if payload_in != NULL:
+                    memcpy(slot.payload, payload_in + i * PAYLOAD_BYTES, PAYLOAD_BYTES)
+                ring_store_release(&slot.result,
+                                   ((sequence + 1) << 16) | (<uint64_t>status_in[i] << 8) | code_in[i])
         self._consume = first + count
         ring_store_release(&self.header.consume_sequence, first + count)
         self._head_sequence = 0

@@ -386,7 +386,7 @@ def serve_command(arguments: argparse.Namespace) -> int:
     return serve(arguments.dir, durability=arguments.durability, slot_count=arguments.slots, group=arguments.group,
                  abandon_after_ms=arguments.abandon_after_ms, spin_count=arguments.spin_count,
                  idle_wait_ms=arguments.idle_wait_ms, snapshot_every_s=arguments.snapshot_every_s or None,
-                 accounts_capacity=arguments.accounts_capacity, transfers_capacity=arguments.transfers_capacity,
+                 overlap_rows_min=arguments.overlap_rows_min, accounts_capacity=arguments.accounts_capacity, transfers_capacity=arguments.transfers_capacity,
                  ready=lambda: print(f"ledger: serving {arguments.dir} (durability={arguments.durability}); "
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
 
@@ -495,6 +495,9 @@ def parser() -> argparse.ArgumentParser:
                          help=f"longest idle sleep (1..{ring_module.IDLE_WAIT_MS_MAX}); a publish wakes it at once")
     command.add_argument("--snapshot-every-s", type=float, default=ring_module.SNAPSHOT_EVERY_S_DEFAULT,
                          help="snapshot this often when the journal moved, so a restart replays little (0: never)")
+    command.add_argument("--overlap-rows-min", type=int, default=ring_module.OVERLAP_ROWS_MIN_DEFAULT,
+                         help=f"a drained group this large is synced while the next is applied "
+                              f"(1..{ring_module.GROUP_ROWS_MAX + 1}; the maximum: never)")
     command.set_defaults(handler=serve_command)
     from ledger import project as project_module
     command = commands.add_parser("project", help="keep a read model (SQLite) up to date from the journal")

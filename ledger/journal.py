@@ -260,6 +260,10 @@ class FileJournal:
         self.readonly = readonly
         self.write_through = durability == "fsync" and not readonly
         self.sync_each_commit = sync_each_commit
+        # The ring server sets this around its core calls: committed batches then stay in the private mapping
+        # until it calls write() itself, once every earlier batch is durable (its sync may still be running in the
+        # background while the core applies the next group). Nothing is written ahead meanwhile.
+        self.hold_writes = False
         self._sealed_segments = 0          # write-through: segments dropped from the private mapping so far
         # write_ahead: the batch being written ahead (its header position), how far, and a write error to report.
         self._ahead_header: int | None = None
@@ -696,7 +700,7 @@ class FileJournal:
         final so far, [header_position + 1, end), and start syncing them in the background while the core
         applies the next chunk. The batch still counts only once after_commit has written its header and synced.
         Never raises: an error is kept and raised by after_commit, which fails the call and poisons the handle."""
-        if not self.write_through:
+        if not self.write_through or self.hold_writes:
             return
         if self._ahead_header != header_position:
             self._ahead_header, self._ahead_written, self._ahead_error = header_position, header_position + 1, None
@@ -712,6 +716,15 @@ class FileJournal:
         if self._background_sync is None:
             self._background_sync = _BackgroundSync(self)
         self._background_sync.request(header_position + 1, end)
+
+    def write_events(self, header_position: int, end: int) -> None:
+        """Write a held batch's events [header_position + 1, end) ahead of its header; write() then writes only the
+        header. Safe before earlier batches are durable: records past the last commit word are a torn tail to
+        recovery, whatever reached the disk of them. Only headers must reach the files in order."""
+        assert self.write_through and self.hold_writes is False and self._ahead_header is None
+        self._inject("write")
+        self._write_range(header_position + 1, end)
+        self._ahead_header, self._ahead_written, self._ahead_error = header_position, end, None
 
     def _write_range(self, start: int, end: int) -> None:
         position = start
@@ -730,6 +743,8 @@ class FileJournal:
 
     def after_commit(self, start: int, end: int) -> None:
         """Group commit for durability="fsync": called by the core after each batch, before results return."""
+        if self.hold_writes:
+            return  # the owner writes and syncs it (see hold_writes)
         try:
             self.write(start, end)
         finally:

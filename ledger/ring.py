@@ -6,6 +6,7 @@ died see `LedgerUnavailableError` (never a hang) and reconnect. Retrying is alwa
 ids: a transfer that was applied answers EXISTS."""
 from __future__ import annotations
 
+import concurrent.futures
 import mmap
 import operator
 import os
@@ -37,6 +38,10 @@ RING_FILE = "commands.ring"
 SLOT_COUNT_DEFAULT = 1 << 16
 SLOT_COUNT_MAX = 1 << 22
 GROUP_ROWS_MAX = 1 << 15          # rows applied (and group-committed) per drain
+# A drained group this large is synced in the background while the next group is gathered and applied (see
+# Server.drain_once): its sync then overlaps useful work. Smaller groups are synced at once, as a hop to the sync
+# thread would cost a small group's latency more than the overlap saves.
+OVERLAP_ROWS_MIN_DEFAULT = 1024
 ABANDON_AFTER_MS_DEFAULT = 2_000  # a claimed slot unpublished this long: its producer is dead or stuck
 ABANDON_AFTER_MS_MAX = 600_000
 # The wait strategy (docs/RING.md, "Wait strategy"): spin, then sleep on a futex.
@@ -69,6 +74,17 @@ ANSWER_DTYPE = np.dtype([
     ("timestamp", "<u8"), ("ledger", "<u4"), ("flags", "<u2"), ("reserved", "<u2"),
 ])
 assert ANSWER_DTYPE.itemsize == PAYLOAD
+
+
+class _PendingGroup:
+    """A group handed to the sync thread: `synced` is set once its sync returned (having failed if `error`),
+    `answered` resolves once its producers are answered."""
+    __slots__ = ("synced", "error", "answered")
+
+    def __init__(self) -> None:
+        self.synced = threading.Event()
+        self.error: BaseException | None = None
+        self.answered: concurrent.futures.Future | None = None
 
 
 def _ring_size(slot_count: int) -> int:
@@ -157,12 +173,15 @@ class Server:
     def __init__(self, directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
                  group: int | None = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
                  spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
-                 snapshot_every_s: float | None = None, create: bool = True, **open_options: Any) -> None:
+                 snapshot_every_s: float | None = None, create: bool = True,
+                 overlap_rows_min: int = OVERLAP_ROWS_MIN_DEFAULT, **open_options: Any) -> None:
         """abandon_after_ms: how long a claimed, unpublished head slot may block the ring before the writer gives
         its batch up (its producer died or hangs); short values risk giving up producers that were merely
         descheduled. spin_count: pause instructions the writer spins for new work before it sleeps;
         idle_wait_ms: how long it then sleeps at most (a publish wakes it at once). snapshot_every_s: serve_forever
-        takes a snapshot between drains this often (None: never), so a restart does not replay from genesis."""
+        takes a snapshot between drains this often (None: never), so a restart does not replay from genesis.
+        overlap_rows_min: a drained group of at least this many rows (durability "fsync") is synced in the
+        background while the next one is applied; it is answered when its sync returns."""
         if slot_count < 16 or slot_count > SLOT_COUNT_MAX or slot_count & (slot_count - 1):
             raise ValueError(f"slot_count must be a power of two in [16, {SLOT_COUNT_MAX}], got {slot_count}")
         if durability not in ("fsync", "os"):
@@ -170,6 +189,7 @@ class Server:
         _check_range("abandon_after_ms", abandon_after_ms, 1, ABANDON_AFTER_MS_MAX)
         _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
         _check_range("idle_wait_ms", idle_wait_ms, 1, IDLE_WAIT_MS_MAX)
+        _check_range("overlap_rows_min", overlap_rows_min, 1, GROUP_ROWS_MAX + 1)  # the maximum: never overlap
         if snapshot_every_s is not None:
             if isinstance(snapshot_every_s, bool) or not isinstance(snapshot_every_s, (int, float)):
                 raise TypeError(f"snapshot_every_s must be a number of seconds, not {type(snapshot_every_s).__name__}")
@@ -200,7 +220,19 @@ class Server:
         self.group = group
         self.ring, self._memory = self._create_ring(slot_count)
         self._stop = threading.Event()
-        self._gathered: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.overlap_rows_min = overlap_rows_min
+        # Two sets of gather buffers (about 3 MB each, allocated once: zeroing fresh arrays on every drain cost
+        # more than a small group's work): one may belong to the group whose sync is pending.
+        self._buffers = [(np.zeros(GROUP_ROWS_MAX, np.uint16), np.zeros((GROUP_ROWS_MAX, PAYLOAD), np.uint8),
+                          np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8)) for _ in range(2)]
+        self._buffer_index = 0
+        # The group handed last to the sync thread, which syncs and answers it while this thread applies the
+        # next one; and for each buffer set, the answer (a Future) of the group gathered into it last.
+        self._pending: _PendingGroup | None = None
+        self._buffer_users: list[concurrent.futures.Future | None] = [None, None]
+        # The ring's consumer side (gather, complete) is used by this thread and the sync thread.
+        self._consumer_lock = threading.Lock()
+        self._syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-ring-sync")
         self._heartbeat_stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="ledger-ring-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -251,28 +283,89 @@ class Server:
             self.close()
 
     def drain_once(self) -> bool:
-        if self._gathered is None:
-            # Allocated once (about 3 MB): zeroing fresh arrays on every drain cost more than a small group's work.
-            self._gathered = (np.zeros(GROUP_ROWS_MAX, np.uint16), np.zeros((GROUP_ROWS_MAX, PAYLOAD), np.uint8),
-                              np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8))
-        kinds, payloads, ends, statuses = self._gathered
-        first, count = self.ring.gather(GROUP_ROWS_MAX, self.abandon_after_ns, kinds, payloads, ends, statuses)
+        """Gather what producers published, apply it (one core call per run of same-kind rows), make it durable
+        and answer it. Returns whether anything was gathered. With durability "fsync", a group of at least
+        overlap_rows_min rows is synced and answered by the sync thread while this one gathers and applies the
+        next group (settle() waits for it)."""
+        index = self._buffer_index
+        if self._buffer_users[index] is not None:
+            self._buffer_users[index].result()  # the group gathered into these buffers before is answered
+            self._buffer_users[index] = None
+        kinds, payloads, ends, statuses = self._buffers[index]
+        with self._consumer_lock:
+            first, count = self.ring.gather(GROUP_ROWS_MAX, self.abandon_after_ns, kinds, payloads, ends,
+                                            statuses)
+        if self._pending is not None and self._pending.synced.is_set():
+            self._wait_synced()  # raises what the sync thread raised (not the poisoned handle's error, later)
         if count == 0:
             return False
         kinds, payloads, ends, statuses = kinds[:count], payloads[:count], ends[:count], statuses[:count]
         payloads[statuses != 0] = 0   # gather copies no payload for a malformed slot: no bytes of an earlier drain
         codes = np.zeros(count, np.uint8)
-        synced = self.ledger._engine.write_position
+        engine, journal = self.ledger._engine, self.ledger._journal
+        unsynced = engine.write_position  # written below here; the pending group's sync may still be running
         for begin, end in self._runs(kinds, payloads, ends, statuses):
-            # Each core call writes one journal batch. Recovery treats only the last batch as a possible torn
-            # tail, and a machine crash may keep a later unsynced batch while losing an earlier one: so sync
-            # before each further call (one sync per group when the group is a single call).
-            synced = self._sync_from(synced)
-            self._apply(int(kinds[begin]), payloads, codes, statuses, begin, end)
-        self._sync_from(synced)
-        self.ring.complete(first, codes, statuses, payloads)  # only now: every answered batch is durable
-        self.applied_rows += count
+            start = engine.write_position
+            journal.hold_writes = True
+            try:
+                self._apply(int(kinds[begin]), payloads, codes, statuses, begin, end)
+            finally:
+                journal.hold_writes = False
+            if engine.write_position == start:
+                continue              # nothing committed (queries, or every row failed): nothing to write
+            # The batch is in memory only. Recovery takes only the last batch for a possible torn tail, and a
+            # machine crash may keep a later batch while losing an earlier unsynced one: so every earlier batch
+            # is made durable before this one's header (its commit word) reaches the files. Its events may go
+            # first: past the last commit word they are a torn tail.
+            self._write(journal.write_events, start, engine.write_position)
+            self._wait_synced()
+            self._sync(unsynced, start)
+            self._write(journal.write, start, engine.write_position)
+            unsynced = start
+        end_position = engine.write_position
+        if self.durability == "fsync" and count >= self.overlap_rows_min and end_position > unsynced:
+            # The sync thread takes its tasks in order: it answers the pending group before this one.
+            pending = _PendingGroup()
+            pending.answered = self._syncer.submit(self._sync_and_answer, unsynced, end_position, first, codes,
+                                                   statuses, payloads, pending)
+            self._pending, self._buffer_users[index] = pending, pending.answered
+            self._buffer_index ^= 1
+            return True
+        self.settle()                 # answers leave in sequence order: an earlier group first
+        self._sync_and_answer(unsynced, end_position, first, codes, statuses, payloads, None)
         return True
+
+    def _wait_synced(self) -> None:
+        """Wait until the sync of the group handed to the sync thread last has returned; raise what it raised."""
+        pending = self._pending
+        if pending is not None:
+            pending.synced.wait()
+            if pending.error is not None:
+                raise pending.error
+
+    def settle(self) -> bool:
+        """Wait until every group handed to the sync thread is durable and answered. A failed sync poisoned the
+        handle and is raised here: that group is never acknowledged. Returns whether there was one."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        pending.answered.result()
+        return True
+
+    def _sync_and_answer(self, start: int, end: int, first: int, codes: np.ndarray, statuses: np.ndarray,
+                         payloads: np.ndarray, pending: _PendingGroup | None) -> None:
+        try:
+            self._sync(start, end)
+        except BaseException as error:
+            if pending is not None:
+                pending.error = error
+            raise
+        finally:
+            if pending is not None:
+                pending.synced.set()
+        with self._consumer_lock:
+            self.ring.complete(first, codes, statuses, payloads)  # only once every batch of the group is durable
+        self.applied_rows += codes.shape[0]  # (one thread at a time: the sync thread's tasks run in order)
 
     def _snapshot_if_due(self) -> None:
         """Between drains: reap a finished snapshot, and start one (in a forked child) every snapshot_every_s when
@@ -291,6 +384,7 @@ class Server:
         position = self.ledger._engine.write_position
         if position == self._snapshot_position:
             return
+        self.settle()  # a snapshot only of durable state, and no sync thread busy across the fork
         try:
             self._snapshot_job = self.ledger.snapshot(wait=False)
         except (OSError, ledger.LedgerError) as error:
@@ -311,11 +405,10 @@ class Server:
         warnings.warn(f"ledger serve: snapshot failed (the journal is intact; retrying in {self.snapshot_every_s} s):"
                       f" {error}", RuntimeWarning, stacklevel=2)
 
-    def _sync_from(self, start: int) -> int:
-        """durability "fsync": make the journal durable from `start` to the write position; returns that end.
-        A failed sync poisons the handle (no retry could prove the data reached the disk) and is raised: nothing
-        of the group is acknowledged, the writer stops, and reopening recovers from the journal."""
-        end = self.ledger._engine.write_position
+    def _sync(self, start: int, end: int) -> None:
+        """durability "fsync": make journal positions [start, end) durable (written by _write before). A failed
+        sync poisons the handle (no retry could prove the data reached the disk) and is raised: nothing of the
+        group is acknowledged, the writer stops, and reopening recovers from the journal."""
         assert start <= end
         if self.durability == "fsync" and end > start:
             try:
@@ -323,7 +416,16 @@ class Server:
             except BaseException:
                 self.ledger._poison()
                 raise
-        return end
+
+    def _write(self, write: Any, start: int, end: int) -> None:
+        """write(start, end): the batch [start, end) held in the private mapping goes to the journal files
+        (durability "fsync"; with "os" the core wrote into the shared mapping already)."""
+        if self.durability == "fsync":
+            try:
+                write(start, end)
+            except BaseException:
+                self.ledger._poison()  # applied in memory, not in the files: nothing more may use this state
+                raise
 
     @staticmethod
     def _runs(kinds: np.ndarray, payloads: np.ndarray, ends: np.ndarray, statuses: np.ndarray):
@@ -371,6 +473,15 @@ class Server:
                 payloads[index] = answer.view(np.uint8)
 
     def close(self) -> None:
+        try:
+            if self.ring is not None:
+                self.settle()  # its batches are written: answered if its sync succeeds (even when a later one failed)
+        finally:
+            self._pending = None
+            self._syncer.shutdown(wait=True)
+            self._close_ring_and_ledger()
+
+    def _close_ring_and_ledger(self) -> None:
         if self.ring is not None:
             self._heartbeat_stop.set()
             self._heartbeat.join()  # before the mapping goes away
@@ -538,13 +649,14 @@ def connect(directory: str, **options: Any) -> Client:
 def serve(directory: str, durability: str = "fsync", slot_count: int = SLOT_COUNT_DEFAULT,
           group: int | None = None, ready: Any = None, abandon_after_ms: int = ABANDON_AFTER_MS_DEFAULT,
           spin_count: int = SPIN_COUNT_DEFAULT, idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT,
-          snapshot_every_s: float | None = SNAPSHOT_EVERY_S_DEFAULT, **open_options: Any) -> int:
+          snapshot_every_s: float | None = SNAPSHOT_EVERY_S_DEFAULT,
+          overlap_rows_min: int = OVERLAP_ROWS_MIN_DEFAULT, **open_options: Any) -> int:
     """Run a writer until SIGTERM or SIGINT. `ready` (a callable) is called once the ring accepts commands.
     snapshot_every_s: a snapshot this often when the journal moved (None: never). open_options go to ledger.open
     (capacities, journal_records_reserved)."""
     server = Server(directory, durability=durability, slot_count=slot_count, group=group,
                     abandon_after_ms=abandon_after_ms, spin_count=spin_count, idle_wait_ms=idle_wait_ms,
-                    snapshot_every_s=snapshot_every_s, **open_options)
+                    snapshot_every_s=snapshot_every_s, overlap_rows_min=overlap_rows_min, **open_options)
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: server.stop())
     if ready is not None:

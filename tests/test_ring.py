@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -771,6 +772,96 @@ def test_a_failed_sync_poisons_the_writer_and_acknowledges_nothing(tmp_path):
             ring.wait_results(first, 2, codes, statuses, 50, 1000)
     finally:
         server.close()
+
+
+def committed_record_on_disk(server, position):
+    """The 64-byte record at a journal position as the segment file holds it (not the writer's private mapping)."""
+    journal = server.ledger._journal
+    segment = journal.segments[position >> journal.segment_records_log2]
+    offset = ledger.journal.SEGMENT_HEADER_BYTES + (position & (journal.segment_records - 1)) * 64
+    return os.pread(segment.fd, 64, offset)
+
+
+def test_a_large_group_is_synced_in_the_background_and_its_successor_committed_only_after(tmp_path):
+    """overlap_rows_min=2: a group of two transfers is synced (and answered) by the sync thread while the writer
+    applies the next group. The next group's events may reach the files early, its commit word only once the
+    first group's sync returned; no group is answered before its own sync returned."""
+    release, syncing = threading.Event(), threading.Event()
+
+    def inject(operation):
+        if operation == "sync" and threading.current_thread().name.startswith("ledger-ring-sync"):
+            syncing.set()
+            assert release.wait(10)
+
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, fault_injector=inject,
+                    overlap_rows_min=2)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = producer(server)
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([90, 91]), 500)
+        assert server.drain_once()
+        assert syncing.wait(5)                                          # its sync runs, held by the test
+        with pytest.raises(_ring.RingTimeoutError):
+            ring.wait_results(first, 2, codes, statuses, 50, 1000)      # not answered before its sync returns
+        second = ring.submit(_ring.KIND_TRANSFER, transfer_batch([92, 93]), 500)
+        header = server.ledger._engine.write_position
+        writer = threading.Thread(target=server.drain_once)
+        writer.start()
+        deadline = time.monotonic() + 5
+        while server.ledger._engine.write_position == header and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert server.ledger._engine.write_position == header + 3      # applied in memory: header and 2 events
+        time.sleep(0.1)
+        assert writer.is_alive()                                        # waiting for the first group's sync
+        assert committed_record_on_disk(server, header) == bytes(64)    # no commit word in the files yet
+        assert committed_record_on_disk(server, header + 1) != bytes(64)  # its events may go ahead
+        release.set()
+        writer.join(5)
+        assert not writer.is_alive()
+        ring.wait_results(first, 2, codes, statuses, 5000, 5000)
+        assert codes.tolist() == [0, 0] and statuses.tolist() == [0, 0]
+        assert server.settle()                                          # the second group: synced and answered
+        assert committed_record_on_disk(server, header) != bytes(64)
+        ring.wait_results(second, 2, codes, statuses, 5000, 5000)
+        assert codes.tolist() == [0, 0]
+        assert server.ledger.balance(2) == 4 * 5
+    finally:
+        release.set()
+        server.close()
+    with ledger.open(str(tmp_path / "data")) as reopened:
+        assert reopened.balance(2) == 4 * 5 and reopened.verify().ok
+
+
+def test_a_failed_background_sync_poisons_the_writer_and_answers_nothing(tmp_path):
+    failing = []
+
+    def inject(operation):
+        if operation == "sync" and failing:
+            raise OSError(5, "Input/output error (injected)")
+
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, fault_injector=inject,
+                    overlap_rows_min=2)
+    try:
+        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+        server.ledger.create_account(2)
+        ring = producer(server)
+        failing.append(True)
+        first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
+        assert server.drain_once()                                      # handed to the sync thread, which fails
+        assert server._pending.synced.wait(5)
+        header = server.ledger._engine.write_position
+        ring.submit(_ring.KIND_TRANSFER, transfer_batch([97, 98]), 500)
+        with pytest.raises(OSError, match="injected"):                  # the real error, at the next drain
+            server.drain_once()
+        assert server.ledger._engine.poisoned and server.ledger._engine.write_position == header
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        with pytest.raises(_ring.RingTimeoutError):                    # never answered
+            ring.wait_results(first, 2, codes, statuses, 50, 1000)
+    finally:
+        with pytest.raises(OSError, match="injected"):
+            server.close()                                              # still reported, never acknowledged
 
 
 def made_ledger(tmp_path):
