@@ -445,9 +445,17 @@ def test_a_reopened_writer_creates_the_segment_after_its_room_in_the_background(
             allocated_by.append(threading.current_thread().name)
 
     with ledger.open(directory, durability=durability, fault_injector=injector) as handle:
-        existing = len(handle._journal.segments)
+        journal = handle._journal
+        existing = len(journal.segments)
         assert existing >= 3
         k = 0
+        while handle.stats()["journal_position"] < (existing - 1) * 1024 + 1:   # into the last existing segment
+            handle.transfers(batch(k))
+            k += 1
+        # The writer (fsync: at once) or the flusher (os: within flush_interval_ms) notices and readies the next.
+        deadline = time.monotonic() + 5
+        while journal._ready_through < existing and time.monotonic() < deadline:
+            time.sleep(0.01)
         while handle.stats()["journal_position"] < (existing + 2) * 1024:
             handle.transfers(batch(k))
             k += 1
