@@ -1,6 +1,6 @@
 """Subprocess entry points for the ring tests: a writer and a producer.
 
-    python tests/ring_processes.py serve DIR DURABILITY ABANDON_AFTER_MS
+    python tests/ring_processes.py serve DIR DURABILITY ABANDON_AFTER_MS [OVERLAP_ROWS_MIN]
     python tests/ring_processes.py produce DIR SEED ROUNDS LOG
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ def transfer_rows(ids: np.ndarray) -> np.ndarray:
     return rows
 
 
-def serve(directory: str, durability: str, abandon_after_ms: int) -> None:
+def serve(directory: str, durability: str, abandon_after_ms: int, overlap_rows_min: int) -> None:
     import signal
-    server = Server(directory, durability=durability, slot_count=1024, abandon_after_ms=abandon_after_ms)
+    server = Server(directory, durability=durability, slot_count=1024, abandon_after_ms=abandon_after_ms,
+                    overlap_rows_min=overlap_rows_min)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     print("ready", flush=True)
     server.serve_forever()
@@ -50,6 +51,6 @@ def produce(directory: str, seed: int, rounds: int, log_path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        serve(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1024)
     else:
         produce(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

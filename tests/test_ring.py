@@ -15,7 +15,7 @@ from hypothesis import example, given, settings, strategies as st
 
 import ledger
 from ledger import _ring
-from ledger.ring import ABANDON_AFTER_MS_DEFAULT, GROUP_ROWS_MAX, Server, connect
+from ledger.ring import ABANDON_AFTER_MS_DEFAULT, GROUP_ROWS_MAX, OVERLAP_ROWS_MIN_DEFAULT, Server, connect
 from ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
 
 HERE = os.path.dirname(__file__)
@@ -23,10 +23,10 @@ CONSUME_SEQUENCE_OFFSET = 128  # of the header word (docs/RING.md)
 ENVIRONMENT = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def start_writer(directory, durability="fsync", abandon_after_ms=300):
+def start_writer(directory, durability="fsync", abandon_after_ms=300, overlap_rows_min=OVERLAP_ROWS_MIN_DEFAULT):
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "serve", directory,
-                                durability, str(abandon_after_ms)], stdout=subprocess.PIPE, text=True,
-                               env=ENVIRONMENT)
+                                durability, str(abandon_after_ms), str(overlap_rows_min)], stdout=subprocess.PIPE,
+                               text=True, env=ENVIRONMENT)
     assert process.stdout.readline().strip() == "ready"
     return process
 
@@ -60,10 +60,12 @@ def expected_counters(applied_ids):
     return credits
 
 
-@pytest.mark.parametrize("producers", [2, 4])
-def test_producers_hammer_one_writer(tmp_path, producers):
+@pytest.mark.parametrize("producers, overlap_rows_min", [(2, OVERLAP_ROWS_MIN_DEFAULT), (4, OVERLAP_ROWS_MIN_DEFAULT),
+                                                       (4, 2)])
+def test_producers_hammer_one_writer(tmp_path, producers, overlap_rows_min):
+    """overlap_rows_min 2: nearly every group is synced and answered by the sync thread (docs/RING.md)."""
     directory = str(tmp_path / "data")
-    writer = start_writer(directory)
+    writer = start_writer(directory, overlap_rows_min=overlap_rows_min)
     try:
         setup_accounts(directory)
         logs = [str(tmp_path / f"log{index}") for index in range(producers)]
@@ -103,11 +105,13 @@ def test_dead_producer_after_claim_does_not_wedge(tmp_path):
         stop(writer)
 
 
-def test_writer_killed_mid_batch_then_restarted(tmp_path):
+@pytest.mark.parametrize("overlap_rows_min", [OVERLAP_ROWS_MIN_DEFAULT, 2])
+def test_writer_killed_mid_batch_then_restarted(tmp_path, overlap_rows_min):
     """SIGKILL the writer while producers run: clients get a clear error, not a hang; after a restart,
-    retrying with the same ids is safe and nothing acknowledged is lost."""
+    retrying with the same ids is safe and nothing acknowledged is lost (also with nearly every group synced and
+    answered by the sync thread: overlap_rows_min 2)."""
     directory = str(tmp_path / "data")
-    writer = start_writer(directory)
+    writer = start_writer(directory, overlap_rows_min=overlap_rows_min)
     setup_accounts(directory)
     log = str(tmp_path / "log")
     producer = subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "produce", directory, "9",
