@@ -637,6 +637,13 @@ class FileJournal:
             populate_pages(self.segments[index].memory, first, self.segment_bytes - first)
         self._ready_after(min(index, len(self.segments) - 1))  # at the very end of the files: the next new one
 
+    def _ready_after_writing(self, end: int) -> None:
+        """The journal is written up to `end`: entered a segment that existed at open (new ones are readied by
+        segment())? Ready the one after it."""
+        index = (end - 1) >> self.segment_records_log2
+        if 1 <= index < len(self.segments) and index + 1 > self._ready_through:
+            self._ready_after(index)
+
     def _ready_after(self, index: int) -> None:
         """Have segment index + 1 ready for writing before the writer reaches it, in the background: an existing
         one faulted in, a new one created (and faulted in). At most one segment ahead: a large reserve left by an
@@ -717,9 +724,7 @@ class FileJournal:
         self._write_range(events_from, end)
         self._inject("write-header")
         self._write_range(header_position, header_position + 1)
-        index = (end - 1) >> self.segment_records_log2
-        if index >= 1 and index + 1 > self._ready_through:
-            self._ready_after(index)  # entered a segment that existed at open: ready the one after it
+        self._ready_after_writing(end)
 
     def write_ahead(self, header_position: int, end: int) -> None:
         """Inside a large batch (the core calls this between chunks of rows): write the batch's events that are
@@ -811,10 +816,7 @@ class FileJournal:
         while not self._flusher_stop.wait(self.flush_interval_ms / 1000):
             try:
                 self.flush()
-                # What write() does for write-through: entered a segment that existed at open? Ready the next.
-                index = (self._synced_position - 1) >> self.segment_records_log2
-                if index >= 1 and index + 1 > self._ready_through and index < len(self.segments):
-                    self._ready_after(index)
+                self._ready_after_writing(self._synced_position)  # what write() does with write-through
             except BaseException as error:  # a failed sync poisons the handle: no retry could prove success
                 self._flush_error = error
                 if self._on_poison is not None:

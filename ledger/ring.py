@@ -15,7 +15,7 @@ import stat
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -417,7 +417,7 @@ class Server:
                 self.ledger._poison()
                 raise
 
-    def _write(self, write: Any, start: int, end: int) -> None:
+    def _write(self, write: Callable[[int, int], None], start: int, end: int) -> None:
         """write(start, end): the batch [start, end) held in the private mapping goes to the journal files
         (durability "fsync"; with "os" the core wrote into the shared mapping already)."""
         if self.durability == "fsync":

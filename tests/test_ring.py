@@ -367,8 +367,9 @@ def transfer_batch(ids, amount=5):
     return rows
 
 
-def small_server(tmp_path, slot_count=16, abandon_after_ms=1):
-    server = Server(str(tmp_path / "data"), durability="os", slot_count=slot_count, abandon_after_ms=abandon_after_ms)
+def small_server(tmp_path, slot_count=16, abandon_after_ms=1, durability="os", **options):
+    server = Server(str(tmp_path / "data"), durability=durability, slot_count=slot_count,
+                    abandon_after_ms=abandon_after_ms, **options)
     server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
     server.ledger.create_account(2)
     return server
@@ -641,7 +642,8 @@ def test_a_long_drain_does_not_look_like_a_dead_writer(tmp_path):
 def test_wait_strategy_options_are_checked(tmp_path):
     directory = str(tmp_path / "data")
     for options in ({"spin_count": -1}, {"spin_count": 1_000_001}, {"idle_wait_ms": 0}, {"idle_wait_ms": 1001},
-                    {"abandon_after_ms": 0}, {"abandon_after_ms": 600_001}):
+                    {"abandon_after_ms": 0}, {"abandon_after_ms": 600_001}, {"overlap_rows_min": 0},
+                    {"overlap_rows_min": GROUP_ROWS_MAX + 2}):
         with pytest.raises(ValueError, match=next(iter(options))):
             Server(directory, **options)
     with pytest.raises(TypeError, match="idle_wait_ms must be an integer"):
@@ -797,11 +799,9 @@ def test_a_large_group_is_synced_in_the_background_and_its_successor_committed_o
             syncing.set()
             assert release.wait(10)
 
-    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, fault_injector=inject,
-                    overlap_rows_min=2)
+    server = small_server(tmp_path, slot_count=64, abandon_after_ms=ABANDON_AFTER_MS_DEFAULT, durability="fsync",
+                          fault_injector=inject, overlap_rows_min=2)
     try:
-        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
-        server.ledger.create_account(2)
         ring = producer(server)
         codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
         first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([90, 91]), 500)
@@ -845,11 +845,9 @@ def test_a_failed_background_sync_poisons_the_writer_and_answers_nothing(tmp_pat
         if operation == "sync" and failing:
             raise OSError(5, "Input/output error (injected)")
 
-    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, fault_injector=inject,
-                    overlap_rows_min=2)
+    server = small_server(tmp_path, slot_count=64, abandon_after_ms=ABANDON_AFTER_MS_DEFAULT, durability="fsync",
+                          fault_injector=inject, overlap_rows_min=2)
     try:
-        server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
-        server.ledger.create_account(2)
         ring = producer(server)
         failing.append(True)
         first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
