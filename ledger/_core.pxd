@@ -11,6 +11,7 @@ cdef extern from "_core_helpers.h" nogil:
     int ledger_crc32c_hardware
     uint32_t ledger_crc32c(uint32_t crc, const void *data, size_t size)
     uint32_t ledger_crc32c_reference(uint32_t crc, const void *data, size_t size)
+    uint32_t ledger_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b)
     uint64_t ledger_home_slot(uint64_t key, uint32_t capacity_log2)
     uint64_t ledger_probe_step(uint64_t key)
     void ledger_store_release_u64(uint64_t *address, uint64_t value)

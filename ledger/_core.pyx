@@ -85,6 +85,8 @@ cdef extern from *:
 DEF TABLE_CAPACITY_LOG2_MIN = 10
 DEF TABLE_CAPACITY_LOG2_MAX = 40
 DEF ACCOUNT_CAPACITY_MIN = 1024
+# Below this a CRC is done before a GIL hand-off would pay for itself.
+DEF CRC_NOGIL_BYTES_MIN = 1 << 16
 
 FORMAT_VERSION = 1
 DEF FORMAT_VERSION_C = 1
@@ -358,11 +360,13 @@ cdef inline void table_remove_newest(Table *t, uint64_t key) noexcept nogil:
     slot.value = 0
     t.count -= 1
 
-cdef int table_allocate(Table *t, uint32_t capacity_log2) except -1:
+cdef int table_allocate(Table *t, uint32_t capacity_log2, bint populate=True) except -1:
+    """populate=False leaves the pages to be faulted in by whoever fills the table first (a snapshot load, whose
+    reads then zero and fill each page in one go, on several threads)."""
     if capacity_log2 > TABLE_CAPACITY_LOG2_MAX:
         raise MemoryError(f"id table limit reached (2**{TABLE_CAPACITY_LOG2_MAX} slots)")
     cdef size_t size = (<size_t>1 << capacity_log2) * sizeof(TableSlot)
-    cdef void *memory = ledger_map_anonymous(size, 1)   # page-aligned, zero-filled, huge pages, pre-faulted
+    cdef void *memory = ledger_map_anonymous(size, populate)   # page-aligned, zero-filled, huge pages
     if memory == NULL:
         raise MemoryError(f"cannot allocate an id table of {size} bytes")
     t.slots = <TableSlot *>memory
@@ -1205,9 +1209,9 @@ cdef class Engine:
 
     # -- capacity (all growth happens here, between batches, never inside the hot loop) --
 
-    cdef int _grow_accounts(self, uint64_t capacity) except -1:
-        hot = anonymous_array(capacity, ACCOUNT_HOT_DTYPE)
-        cold = anonymous_array(capacity, ACCOUNT_COLD_DTYPE)
+    cdef int _grow_accounts(self, uint64_t capacity, bint populate=True) except -1:
+        hot = anonymous_array(capacity, ACCOUNT_HOT_DTYPE, populate)
+        cold = anonymous_array(capacity, ACCOUNT_COLD_DTYPE, populate)
         cdef uint64_t count = self.state.account_count
         if count:
             hot[:count] = self._accounts_hot[:count]
@@ -1681,13 +1685,15 @@ cdef class Engine:
             if slots < 1024 or slots & (slots - 1) or slots > (<uint64_t>1 << TABLE_CAPACITY_LOG2_MAX):
                 raise ValueError("snapshot id table size is not a power of two in range")
         cdef uint64_t count = scalars["account_count"]
+        # Not pre-faulted: the snapshot's reads fault each page in as they fill it (a page is zeroed once either
+        # way, and faulting it separately first would cost a second pass over the memory).
         if count > s.account_capacity:
-            self._grow_accounts(count)
+            self._grow_accounts(count, False)
         cdef Table table
-        table_allocate(&table, (<uint64_t>account_slots).bit_length() - 1)
+        table_allocate(&table, (<uint64_t>account_slots).bit_length() - 1, False)
         table_free(&s.account_table)
         s.account_table = table
-        table_allocate(&table, (<uint64_t>transfer_slots).bit_length() - 1)
+        table_allocate(&table, (<uint64_t>transfer_slots).bit_length() - 1, False)
         table_free(&s.transfer_table)
         s.transfer_table = table
         heap_reserve(&s.expiry_heap, heap_size)
@@ -1698,8 +1704,12 @@ cdef class Engine:
             "expiry_heap": memory_view(s.expiry_heap.entries, heap_size, HEAP_ENTRY_DTYPE),
         }
 
-    def import_end(self, dict scalars, uint64_t heap_size):
-        """Adopt what import_begin's views were filled with. Replay continues from scalars["write_position"]."""
+    def import_end(self, dict scalars, uint64_t heap_size, uint64_t account_capacity=0,
+                   uint64_t transfer_capacity=0):
+        """Adopt what import_begin's views were filled with. Replay continues from scalars["write_position"].
+        account_capacity, transfer_capacity: room to make for that many accounts and transfers in all, as the
+        constructor does from genesis (so an engine to load into is best constructed small: its tables are
+        replaced by the snapshot's)."""
         cdef State *s = &self.state
         s.account_count = scalars["account_count"]
         s.account_table.count = s.account_count
@@ -1712,6 +1722,12 @@ cdef class Engine:
         s.last_timestamp = scalars["last_timestamp"]
         s.last_checksum = scalars["last_checksum"]
         s.last_header_position = scalars["last_header_position"]
+        if account_capacity > s.account_capacity:
+            self._grow_accounts(account_capacity)
+        if account_capacity > s.account_count:
+            table_reserve(&s.account_table, account_capacity - s.account_count)
+        if transfer_capacity > s.transfer_table.count:
+            table_reserve(&s.transfer_table, transfer_capacity - s.transfer_table.count)
 
     def check_batch_end(self, uint64_t header_position, uint64_t end, uint64_t checksum):
         """True if the journal holds a committed batch at header_position ending at `end` with this checksum:
@@ -1750,7 +1766,11 @@ cdef uint32_t _crc32c_of(object data, uint32_t crc, bint reference) except? 0:
     try:
         if reference:
             return ledger_crc32c_reference(crc, view.buf, view.len)
-        return ledger_crc32c(crc, view.buf, view.len)
+        if view.len < CRC_NOGIL_BYTES_MIN:
+            return ledger_crc32c(crc, view.buf, view.len)
+        with nogil:  # snapshot sections are checksummed on several threads at once
+            crc = ledger_crc32c(crc, view.buf, view.len)
+        return crc
     finally:
         PyBuffer_Release(&view)
 
@@ -1767,6 +1787,30 @@ def crc32c_reference(data, uint32_t crc=0):
 
 def crc32c_hardware():
     return ledger_crc32c_hardware == 1
+
+
+def crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b):
+    """CRC32C of A followed by B, given crc32c(A), crc32c(B) and len(B)."""
+    return ledger_crc32c_combine(crc_a, crc_b, length_b)
+
+
+def count_table_keys(data):
+    """How many slots of an id table section (16-byte slots: key, value) hold a key (non-zero), without the GIL."""
+    cdef Py_buffer view
+    cdef uint64_t count = 0, i, slots
+    cdef const TableSlot *slot
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        if view.len % sizeof(TableSlot) != 0:
+            raise ValueError(f"id table section of {view.len} bytes is not whole 16-byte slots")
+        slots = view.len // sizeof(TableSlot)
+        slot = <const TableSlot *>view.buf
+        with nogil:
+            for i in range(slots):
+                count += slot[i].key != 0
+        return count
+    finally:
+        PyBuffer_Release(&view)
 
 
 def advise(buffer, int advice, size_t offset=0, size_t length=0):

@@ -173,6 +173,22 @@ static inline uint32_t ledger_crc32c(uint32_t crc, const void *data, size_t size
     return ledger_crc32c_software(crc, (const uint8_t *)data, size);
 }
 
+/* The CRC32C of A followed by B, from crc_a = CRC32C(A), crc_b = CRC32C(B) and B's length: crc_a shifted over
+ * length_b zero bytes, XOR crc_b (the pre- and post-inversions cancel, as in zlib's crc32_combine). Lets pieces of
+ * one stream be checksummed on several threads and chained afterwards. Costs O(log length_b) 32x32 GF(2) steps. */
+static uint32_t ledger_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
+    uint32_t operator_matrix[32], square[32];
+    ledger_crc32c_zeros_operator(operator_matrix, 1);  /* one zero byte */
+    while (length_b) {
+        if (length_b & 1) crc_a = ledger_gf2_times(operator_matrix, crc_a);
+        length_b >>= 1;
+        if (length_b == 0) break;
+        ledger_gf2_square(square, operator_matrix);
+        memcpy(operator_matrix, square, sizeof operator_matrix);
+    }
+    return crc_a ^ crc_b;
+}
+
 /* ---- Hashing ------------------------------------------------------------------------------------------ */
 
 /* splitmix64 finaliser: a full-avalanche bijection on 64 bits. */

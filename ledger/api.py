@@ -422,15 +422,18 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
     try:
         if not readonly:
             remove_unfinished(os.fspath(path))  # we hold the writer lock: no snapshot of ours is being written
-        def new_engine() -> _core.Engine:
+        def new_engine(capacity: bool) -> _core.Engine:
+            """capacity False: the smallest engine, to load a snapshot into (which replaces its tables)."""
             fresh = _core.Engine(journal.segment_records_log2, journal.segment,
                                  after_commit=journal.after_commit if durability == "fsync" else None,
                                  write_ahead=journal.write_ahead if durability == "fsync" else None, clock=clock,
-                                 account_capacity=accounts_capacity, transfer_capacity=transfers_capacity)
+                                 **({"account_capacity": accounts_capacity, "transfer_capacity": transfers_capacity}
+                                    if capacity else {}))
             fresh.map_through(journal.existing_end_position)
             return fresh
 
-        engine, recovered_from = _engine_from_snapshot(os.fspath(path), new_engine)
+        engine, recovered_from = _engine_from_snapshot(os.fspath(path), new_engine, accounts_capacity,
+                                                       transfers_capacity)
         _replay_and_recover(engine, journal, readonly)
         report = journal.torn_tail_report()
         if report is not None:
@@ -474,20 +477,21 @@ def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bo
                 raise
 
 
-def _engine_from_snapshot(directory: str, new_engine: Callable[[], _core.Engine]
-                          ) -> tuple[_core.Engine, SnapshotInfo | None]:
-    """A fresh engine loaded from the newest snapshot that passes its checks and belongs to this journal.
-    A damaged one is skipped with a warning and an older one (or genesis) is used."""
-    engine = new_engine()
+def _engine_from_snapshot(directory: str, new_engine: Callable[[bool], _core.Engine], accounts_capacity: int,
+                          transfers_capacity: int) -> tuple[_core.Engine, SnapshotInfo | None]:
+    """A fresh engine loaded from the newest snapshot that passes its checks and belongs to this journal, with
+    room for the capacities asked for. A damaged one is skipped with a warning and an older one (or genesis) is
+    used. An engine to load into starts small: allocating the capacities first would fault in memory (4 GB for a
+    100M-transfer table) that the snapshot's own tables then replace."""
     for position, snapshot_path in list_snapshots(directory):
+        engine = new_engine(False)
         try:
-            return engine, load_into(snapshot_path, position, engine)
+            return engine, load_into(snapshot_path, position, engine, accounts_capacity, transfers_capacity)
         except (LedgerCorruptError, ValueError, OSError) as error:
             warnings.warn(f"ledger: snapshot skipped, using an older one or the journal from genesis: {error}",
                           RuntimeWarning, stacklevel=3)
             engine.close()
-            engine = new_engine()
-    return engine, None
+    return new_engine(True), None
 
 
 def _replay(engine: _core.Engine, end_bound: int) -> tuple[int, int]:

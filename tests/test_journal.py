@@ -764,3 +764,39 @@ def test_crc32c_equals_the_byte_at_a_time_reference():
         assert _core.crc32c(piece, seed) == _core.crc32c_reference(piece, seed), (start, length, seed)
         cut = rng.randrange(0, length + 1)
         assert _core.crc32c(piece[cut:], _core.crc32c(piece[:cut], seed)) == _core.crc32c_reference(piece, seed)
+
+
+def test_crc32c_combine_chains_pieces_checksummed_apart():
+    """crc32c_combine(crc(A), crc(B), len(B)) == crc(A + B): what lets a snapshot be checksummed on several threads."""
+    from ledger import _core
+
+    rng = random.Random(11)
+    data = os.urandom(70_000)
+    assert _core.crc32c_combine(0, 0, 0) == 0
+    for _ in range(200):
+        length = rng.choice([0, 1, 2, 63, 64, 4096, rng.randrange(0, 70_000)])
+        start = rng.randrange(0, 70_000 - length + 1)
+        whole = data[start:start + length]
+        cut = rng.randrange(0, length + 1)
+        head, tail = whole[:cut], whole[cut:]
+        combined = _core.crc32c_combine(_core.crc32c(head), _core.crc32c(tail), len(tail))
+        assert combined == _core.crc32c_reference(whole), (length, cut)
+    # A long piece (the size of a snapshot load's piece): 8 MiB of zeros appended by the shift operator and by
+    # checksumming them a MiB at a time agree.
+    zeros = bytes(1 << 20)
+    crc = _core.crc32c(b"head")
+    for _ in range(8):
+        crc = _core.crc32c(zeros, crc)
+    assert _core.crc32c_combine(_core.crc32c(b"head"), _core.crc32c(bytes(8 << 20)), 8 << 20) == crc
+
+
+def test_count_table_keys():
+    from ledger import _core
+
+    slots = np.zeros(1000, [("key", "<u8"), ("value", "<u8")])
+    slots["key"][::3] = np.arange(1, 335, dtype=np.uint64)
+    slots["value"][1::3] = 9  # values alone do not count
+    assert _core.count_table_keys(slots.view(np.uint8)) == 334
+    assert _core.count_table_keys(b"") == 0
+    with pytest.raises(ValueError, match="16-byte slots"):
+        _core.count_table_keys(bytes(24))

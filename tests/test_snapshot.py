@@ -108,6 +108,91 @@ def test_damaged_newest_snapshot_falls_back(tmp_path):
             same_counters(handle.accounts(), model.state_after(21))
 
 
+@pytest.fixture
+def small_load_pieces(monkeypatch):
+    """Snapshot loads in pieces of 4,112 bytes and steps of 1,040 (whole 16-byte slots, neither dividing the
+    other): the small test files then take many pieces on several threads, as a 10M-account file does."""
+    monkeypatch.setattr(snapshot_module, "LOAD_PIECE_BYTES", 4112)
+    monkeypatch.setattr(snapshot_module, "LOAD_STEP_BYTES", 1040)
+
+
+def damage_byte(path, offset):
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0x01]))
+
+
+def rewrite_header(path, **fields):
+    """Set header fields (by HEADER position name) and recompute the header checksum, as a careless or hostile
+    writer could."""
+    names = ["magic", "version", "segment_records_log2", *snapshot_module.SCALARS, "created_ns", "state_hash",
+             "body_checksum"]
+    with open(path, "r+b") as file:
+        page = bytearray(file.read(snapshot_module.PAGE_BYTES))
+        values = list(snapshot_module.HEADER.unpack_from(page))
+        for name, value in fields.items():
+            values[names.index(name)] = value
+        snapshot_module.HEADER.pack_into(page, 0, *values)
+        page[snapshot_module.HEADER.size:snapshot_module.HEADER.size + 4] = ledger._core.crc32c(
+            bytes(page[:snapshot_module.HEADER.size])).to_bytes(4, "little")
+        file.seek(0)
+        file.write(page)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("transfer_slots_byte", "body checksum"),  # a later piece than the first: every piece's checksum counts
+    ("truncated", "truncated"),
+    ("state_hash", "state hash"),
+])
+def test_snapshot_loaded_in_pieces(tmp_path, small_load_pieces, damage, message):
+    directory = str(tmp_path / "data")
+    model = Model()
+    build(directory, 21, snapshot_every=10)
+    older, newest = sorted(glob.glob(os.path.join(directory, "snapshots", "*.snapshot")))
+    with ledger.open(directory) as handle:  # undamaged: loaded piece by piece, equal to the model
+        assert handle.recovered_from.path == newest
+        same_counters(handle.accounts(), model.state_after(21))
+        assert handle.verify().ok
+    with open(newest, "rb") as file:
+        _, hash_expected, _, layout = snapshot_module._read_header(newest, file.fileno())
+    transfer_slots_offset = layout[snapshot_module.SECTIONS.index("transfer_slots")][0]
+    if damage == "transfer_slots_byte":
+        damage_byte(newest, transfer_slots_offset + 3 * 4112 + 5)
+    elif damage == "truncated":
+        os.truncate(newest, transfer_slots_offset + 100)
+    else:
+        rewrite_header(newest, state_hash=hash_expected ^ 1)
+    with pytest.raises(ledger.LedgerCorruptError, match=message):
+        snapshot_module.read_snapshot(newest)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ledger.open(directory) as handle:
+            assert handle.recovered_from.path == older
+            same_counters(handle.accounts(), model.state_after(21))
+    assert any(message in str(warning.message) for warning in caught)
+
+
+def test_capacities_asked_at_open_hold_after_a_snapshot_load(tmp_path):
+    """A loaded snapshot brings its own table sizes; the capacities asked for at open are then made room for, as
+    from genesis, so that the first batches after a restart do not pay for growing the tables."""
+    directory = str(tmp_path / "data")
+    build(directory, 10, snapshot_every=10)
+    with ledger.open(directory) as handle:
+        assert handle.recovered_from is not None
+        small = handle.stats()
+    assert small["memory_transfer_table_bytes"] < (1 << 18) * 16 and small["memory_account_table_bytes"] == 1024 * 16
+    with ledger.open(directory, accounts_capacity=5000, transfers_capacity=100_000) as handle:
+        assert handle.recovered_from is not None
+        stats = handle.stats()
+        assert stats["memory_transfer_table_bytes"] == (1 << 18) * 16  # the smallest table with 100,000 under 70%
+        assert stats["memory_account_table_bytes"] == (1 << 13) * 16
+        assert stats["memory_accounts_bytes"] >= 5000 * (64 + 32)
+        same_counters(handle.accounts(), Model().state_after(10))
+        assert handle.verify().ok
+
+
 def test_snapshot_from_another_journal_is_rejected(tmp_path):
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
     build(first, 5, snapshot_every=5)
