@@ -49,13 +49,17 @@ def test_snapshot_load_10M_accounts(benchmark, ten_million):
     handle.snapshot(keep=2)
     handle.close()
 
-    def load():
+    loads = []
+
+    def open_and_close():
         with ledger.open(directory) as reopened:
             assert reopened.recovered_from is not None
-            return reopened.recovered_from.write_seconds
+            loads.append(reopened.recovered_from.write_seconds)
 
-    benchmark.pedantic(load, rounds=3, iterations=1)
-    benchmark.extra_info["snapshot_load_seconds"] = round(load(), 3)
+    # Timed: the whole open (journal mapping and tail check included) and close; the load itself (reading and
+    # checking the snapshot into the engine) is reported per round.
+    benchmark.pedantic(open_and_close, rounds=3, iterations=1)
+    benchmark.extra_info["snapshot_load_seconds"] = [round(seconds, 3) for seconds in loads]
 
 
 def test_recovery_from_snapshot_and_tail(benchmark, tmp_path):
