@@ -2,10 +2,13 @@
 rate and per-call latencies (ns) as JSON on stdout.
 
     python bench/ring_producer.py DIR SEED CALLS BATCH_SIZE FIRST_ID
+
+LEDGER_BENCH_SPIN_COUNT sets the client's spin_count (compare wait strategies side by side).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -19,7 +22,9 @@ def main() -> None:
     directory, seed, calls, batch_size, first_id = sys.argv[1], *map(int, sys.argv[2:6])
     accounts = int(sys.argv[6]) if len(sys.argv) > 6 else 10_000
     rng = np.random.default_rng(seed)
-    client = ledger.connect(directory)
+    # LEDGER_BENCH_SPIN_COUNT: the client's spin_count, to compare wait strategies (default: the library's).
+    spin_count = os.environ.get("LEDGER_BENCH_SPIN_COUNT")
+    client = ledger.connect(directory, **({"spin_count": int(spin_count)} if spin_count else {}))
     latencies = np.empty(calls, np.int64)
     next_id = first_id
     started = time.perf_counter()

@@ -184,6 +184,14 @@ def _read_header(path: str, fd: int) -> tuple[dict[str, int], int, int, list[tup
     return scalars, fields[10], fields[11], layout
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _read_piece(path: str, fd: int, name: str, data: memoryview, file_offset: int) -> tuple[int, int]:
     """Read one piece of a section into `data` (faulting its fresh pages in as it goes): (its CRC32C, how many id
     table keys it holds). Every call here runs without the GIL, so pieces on other threads proceed meanwhile."""
@@ -220,7 +228,7 @@ def _read_sections(path: str, fd: int, layout: list[tuple[int, int]], targets: d
         data = memoryview(target.view(np.uint8))
         pieces.extend((name, data[start:start + LOAD_PIECE_BYTES], offset + start)
                       for start in range(0, len(data), LOAD_PIECE_BYTES))
-    threads = max(1, min(LOAD_THREADS_MAX, os.cpu_count() or 1, len(pieces)))
+    threads = max(1, min(LOAD_THREADS_MAX, _usable_cpus(), len(pieces)))
     with ThreadPoolExecutor(threads, thread_name_prefix="ledger-snapshot-load") as pool:
         outcomes = list(pool.map(lambda piece: _read_piece(path, fd, *piece), pieces))
     body_checksum = 0
