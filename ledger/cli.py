@@ -177,7 +177,7 @@ def demo(arguments: argparse.Namespace) -> int:
         info = job.wait()
         print(f"  snapshot at journal position {info.position:,}: {info.bytes / 2**20:,.1f} MiB written and fsynced "
               f"by a forked child in {info.write_seconds:.2f} s; the writer was held {info.stall_seconds * 1000:.1f} "
-              f"ms (journal flush + fork) and applied 1,000 more transfers meanwhile")
+              f"ms (the fork) and applied 1,000 more transfers meanwhile")
         stats = handle.stats()
         memory = sum(value for key, value in stats.items() if key.startswith("memory_"))
         print(f"  state memory: {memory / 2**20:,.0f} MiB for {stats['accounts']:,} accounts and "
@@ -363,7 +363,7 @@ def snapshot(arguments: argparse.Namespace) -> int:
                        "stall_seconds": info.stall_seconds, "write_seconds": info.write_seconds},
            f"snapshot at journal position {info.position:,}: {info.path} ({info.bytes / 2**20:,.1f} MiB, "
            f"written and fsynced in {info.write_seconds:.2f} s by a forked child; the writer itself was held "
-           f"{info.stall_seconds * 1000:.1f} ms for the journal flush and the fork)")
+           f"{info.stall_seconds * 1000:.1f} ms for the fork)")
     return EXIT_OK
 
 

@@ -277,6 +277,8 @@ class FileJournal:
         self._lock_fd: int | None = None
         self._write_position: Callable[[], int] | None = None
         self._synced_position = 0
+        self._synced_changed = threading.Condition()  # _synced_position moved, the flusher failed, or closed
+        self._durable_waits_over = False               # closed: nothing more becomes durable through this handle
         self._flusher: threading.Thread | None = None
         self._flusher_stop = threading.Event()
         self._flush_error: BaseException | None = None
@@ -821,6 +823,8 @@ class FileJournal:
                 self._flush_error = error
                 if self._on_poison is not None:
                     self._on_poison()
+                with self._synced_changed:
+                    self._synced_changed.notify_all()
                 return
 
     def flush(self) -> None:
@@ -834,6 +838,22 @@ class FileJournal:
             self._synced_position = end
             with self._sync_lock:
                 self.set_durable_mark(end)
+            with self._synced_changed:
+                self._synced_changed.notify_all()
+
+    def wait_durable(self, position: int) -> bool:
+        """Block until every position below `position` is durable: True; False if that will not happen through
+        this handle (its flusher failed, or it was closed without a final sync). Any thread may call it: it only
+        waits for the flusher. In "fsync" mode each committed batch was synced before its call returned: True at
+        once."""
+        if self.durability != "os" or self.readonly:
+            return True
+        with self._synced_changed:
+            while self._synced_position < position:
+                if self._flush_error is not None or self._durable_waits_over:
+                    return False
+                self._synced_changed.wait(0.1)  # a bound, not a poll: every change notifies
+        return True
 
     def sync_files(self, start: int, end: int) -> None:
         """fdatasync the segment files holding positions [start, end); nothing else (no mark, no sealing): what
@@ -843,12 +863,17 @@ class FileJournal:
             os.fdatasync(self.segments[index].fd)
 
     def close(self, final_sync: bool = True) -> None:
-        if self._flusher is not None:  # first: it may start readying a segment (_ready_after)
-            self._flusher_stop.set()
-            self._flusher.join()
-            self._flusher = None
-            if final_sync and self._flush_error is None:
-                self.flush()
+        try:
+            if self._flusher is not None:  # first: it may start readying a segment (_ready_after)
+                self._flusher_stop.set()
+                self._flusher.join()
+                self._flusher = None
+                if final_sync and self._flush_error is None:
+                    self.flush()
+        finally:
+            with self._synced_changed:  # a snapshot waiting for durability learns the answer now
+                self._durable_waits_over = True
+                self._synced_changed.notify_all()
         if self._background_sync is not None:
             self._background_sync.stop()
             self._background_sync = None

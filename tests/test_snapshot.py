@@ -1,11 +1,15 @@
 """Snapshots (round trips under load, fallback past damage) and point-in-time restore against a model."""
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -21,6 +25,7 @@ from ledger.restore import parse_time, restore
 from model import Model as ReferenceModel
 from ledger.snapshot import read_snapshot, write_snapshot
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
 COUNTERS = ["debits_posted", "credits_posted", "debits_pending", "credits_pending"]
 
 
@@ -469,18 +474,113 @@ def test_verify_reports_a_damaged_snapshot(tmp_path):
 
 # ---- what the writer is held for, and what a killed writer leaves behind ---------------------------------------
 
-def test_stall_seconds_include_the_journal_flush(tmp_path):
-    with ledger.open(str(tmp_path / "data"), create=True, durability="os") as handle:
+class SyncGate:
+    """A fault injector for durability "os" that holds the flusher inside its sync once armed, until released
+    (then lets it sync, or fails it with EIO)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.armed, self.held, self.released = threading.Event(), threading.Event(), threading.Event()
+        self.fail = fail
+
+    def __call__(self, operation: str) -> None:
+        if operation == "sync" and self.armed.is_set():
+            self.held.set()
+            assert self.released.wait(60)
+            if self.fail:
+                raise OSError(errno.EIO, "injected sync failure")
+
+
+def snapshot_files(directory):
+    return sorted(os.listdir(os.path.join(directory, "snapshots")))
+
+
+def test_os_mode_snapshot_holds_the_writer_only_for_the_fork(tmp_path):
+    """durability os: the writer is not held while the journal is flushed; the child renames its file into place
+    only once the flusher has made the journal durable through the snapshot's position."""
+    directory = str(tmp_path / "data")
+    gate = SyncGate()
+    with ledger.open(directory, create=True, durability="os", fault_injector=gate) as handle:
+        gate.armed.set()
         handle.create_accounts(accounts())
-        real_flush = handle._journal.flush
+        assert gate.held.wait(10)  # the flusher is inside its sync of that batch, and stays there
+        job = handle.snapshot(wait=False)  # returns: it used to flush first, which would wait here for the gate
+        position = handle.stats()["journal_position"]
+        time.sleep(0.3)  # room for a child that did not wait to write and rename its small file
+        assert not job.done() and f"snapshot-{position:016d}.snapshot" not in snapshot_files(directory)
+        gate.released.set()
+        info = job.wait()
+        assert info.position == position and snapshot_files(directory) == [f"snapshot-{position:016d}.snapshot"]
+        assert handle._journal.wait_durable(position)
+    with ledger.open(directory) as reopened:
+        assert reopened.recovered_from.position == position
 
-        def slow_flush():
-            time.sleep(0.05)
-            real_flush()
 
-        handle._journal.flush = slow_flush
-        info = handle.snapshot()
-    assert info.stall_seconds >= 0.05  # the writer waits for the flush as much as for the fork
+def test_snapshot_is_not_kept_when_the_journal_sync_fails(tmp_path):
+    directory = str(tmp_path / "data")
+    gate = SyncGate(fail=True)
+    with ledger.open(directory, create=True, durability="os", fault_injector=gate) as handle:
+        gate.armed.set()
+        handle.create_accounts(accounts())
+        assert gate.held.wait(10)
+        job = handle.snapshot(wait=False)
+        gate.released.set()  # the flusher's sync fails: the handle is poisoned, the journal never durable
+        with pytest.raises(OSError, match="did not become durable through position"):
+            job.wait()
+        assert snapshot_files(directory) == []  # neither the file nor its temporary
+        with pytest.raises(ledger.LedgerPoisonedError):
+            handle.snapshot()
+
+
+ORPHANED_SNAPSHOT_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[2])
+import ledger
+from crash_workload import accounts
+from test_snapshot import SyncGate
+
+gate = SyncGate()
+handle = ledger.open(sys.argv[1], create=True, durability="os", fault_injector=gate)
+gate.armed.set()
+handle.create_accounts(accounts())
+assert gate.held.wait(10)
+writer = os.getpid()
+try:  # as `ledger serve` does: a failed snapshot is reported, and the writer goes on
+    job = handle.snapshot(wait=False)
+except OSError:
+    job = None
+if os.getpid() != writer:  # the child came back out of snapshot(): it would go on as a second writer
+    open(os.path.join(sys.argv[1], "child-ran-on"), "w").close()
+    os._exit(0)
+print(job._pid, flush=True)
+time.sleep(0.3)
+os.kill(writer, signal.SIGKILL)  # the writer dies before its journal is durable
+"""
+
+
+def process_gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_snapshot_child_of_a_killed_writer_keeps_nothing(tmp_path):
+    """The child waits for the parent's word that the journal is durable; a writer killed first closes the pipe
+    without it: the child deletes its file and exits (it must not rename, nor run on in the parent's code)."""
+    directory = str(tmp_path / "data")
+    outcome = subprocess.run([sys.executable, "-c", ORPHANED_SNAPSHOT_SCRIPT, directory, TESTS],
+                             capture_output=True, text=True, timeout=120)
+    assert outcome.returncode == -signal.SIGKILL, outcome.stderr
+    child = int(outcome.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while not process_gone(child):
+        assert time.monotonic() < deadline, "the orphaned snapshot child did not exit"
+        time.sleep(0.05)
+    assert snapshot_files(directory) == []
+    assert not os.path.exists(os.path.join(directory, "child-ran-on"))  # its report hit EPIPE: it still left
+    with ledger.open(directory) as reopened:  # recovery: nothing acknowledged as durable was lost
+        assert reopened.recovered_from is None
 
 
 def test_snapshot_child_does_not_keep_the_writer_lock(tmp_path, monkeypatch):
