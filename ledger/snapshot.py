@@ -326,6 +326,29 @@ def _wait_for_go(go_read: int, position: int) -> None:
                       f"without a final sync, or died): the snapshot was not kept")
 
 
+def _child(directory: str, scalars: dict[str, int], views: dict[str, np.ndarray], keep: int, lock_fd: int | None,
+           read_end: int, write_end: int, go_read: int, go_write: int) -> None:
+    """The forked child's whole life: write the snapshot, report on write_end, and leave with os._exit whatever
+    happens (a signal, EPIPE from a dead parent): returning or raising would go on running the parent's code, as
+    a second writer in `ledger serve`."""
+    status = 1
+    try:
+        os.close(read_end)
+        os.close(go_write)
+        try:
+            if lock_fd is not None:
+                _drop_inherited_lock(lock_fd)
+            info = write_snapshot(directory, scalars, views, keep, 0.0,
+                                  before_rename=lambda: _wait_for_go(go_read, scalars["write_position"]))
+            message = f"ok {info.bytes} {info.write_seconds}"
+            status = 0
+        except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
+            message = f"error {type(error).__name__}: {error}"
+        os.write(write_end, message.encode())
+    finally:
+        os._exit(status)
+
+
 class SnapshotJob:
     """A snapshot written by a forked child from a copy-on-write image of the state (as Redis does): the writer
     is held only for the fork. `wait()` returns its SnapshotInfo (or raises its error).
@@ -346,25 +369,9 @@ class SnapshotJob:
         read_end, write_end = os.pipe()
         go_read, go_write = os.pipe()
         started = time.perf_counter() if held_since is None else held_since
-        position = scalars["write_position"]
         pid = os.fork()
         if pid == 0:  # the child: write, report, and leave without running any parent clean-up
-            os.close(read_end)
-            os.close(go_write)
-            status = 0
-            try:  # nothing may raise out of here: the child would go on running the parent's code
-                if lock_fd is not None:
-                    _drop_inherited_lock(lock_fd)
-                info = write_snapshot(directory, scalars, views, keep, 0.0,
-                                      before_rename=lambda: _wait_for_go(go_read, position))
-                message = f"ok {info.bytes} {info.write_seconds}"
-            except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
-                message = f"error {type(error).__name__}: {error}"
-                status = 1
-            try:  # EPIPE if the parent died meanwhile: the child must still leave here, never run on
-                os.write(write_end, message.encode())
-            finally:
-                os._exit(status)
+            _child(directory, scalars, views, keep, lock_fd, read_end, write_end, go_read, go_write)
         self.stall_seconds = time.perf_counter() - started
         os.close(write_end)
         os.close(go_read)
