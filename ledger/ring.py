@@ -546,16 +546,22 @@ class Client:
             raise ValueError(f"a client batch holds at most {self.batch_rows_max} rows (the writer's per-call limit: "
                              f"half its ring, at most {GROUP_ROWS_MAX}), got {count}: split it (a LINKED chain "
                              f"must stay within one call)")
-        # One call at a time per client (its results are read in order); a call waiting behind another one is
-        # bounded by the same timeout as the call itself.
+        # One call at a time per client (its results are read in order). timeout_ms bounds the whole call: the
+        # wait behind another call, for ring space and for the results all come out of one deadline.
+        deadline = time.monotonic() + self.timeout_ms / 1000
         if not self._lock.acquire(timeout=self.timeout_ms / 1000):
             raise LedgerTimeoutError(f"another call on this client held it for {self.timeout_ms} ms; "
                                      f"nothing of this call was sent")
         try:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms < 1:
+                raise LedgerTimeoutError(f"another call on this client held it for {self.timeout_ms} ms; "
+                                         f"nothing of this call was sent")
             try:
-                first = self._ring.submit(kind, rows, self.busy_timeout_ms, self.writer_timeout_ms,
+                first = self._ring.submit(kind, rows, min(self.busy_timeout_ms, left_ms), self.writer_timeout_ms,
                                           self.spin_count, self.wait_slice_ms)
-                self._ring.wait_results(first, count, codes, statuses, self.timeout_ms, self.writer_timeout_ms,
+                left_ms = max(1, int((deadline - time.monotonic()) * 1000))  # sent: wait at least a moment
+                self._ring.wait_results(first, count, codes, statuses, left_ms, self.writer_timeout_ms,
                                         answers, self.spin_count, self.wait_slice_ms)
             except _ring.RingBusyError as error:
                 raise LedgerBusyError(str(error)) from None

@@ -971,6 +971,43 @@ def test_snapshot_interval_is_checked(tmp_path):
         Server(str(tmp_path / "data"), snapshot_every_s="60")
 
 
+class RecordingRing:
+    """The client's real ring, recording the timeouts each call passes to it."""
+
+    def __init__(self, ring):
+        self.ring, self.timeouts = ring, []
+
+    def submit(self, kind, rows, busy_timeout_ms, *rest):
+        self.timeouts.append(("submit", busy_timeout_ms))
+        return self.ring.submit(kind, rows, busy_timeout_ms, *rest)
+
+    def wait_results(self, first, count, codes, statuses, timeout_ms, *rest):
+        self.timeouts.append(("wait_results", timeout_ms))
+        return self.ring.wait_results(first, count, codes, statuses, timeout_ms, *rest)
+
+
+def test_a_call_that_waited_behind_another_gets_only_the_rest_of_its_timeout(tmp_path):
+    """timeout_ms bounds the whole call: time spent waiting for the client (another call in progress) is taken
+    from what the call may then wait for ring space and for its results (it used to get the full timeout again)."""
+    import threading
+    server = small_server(tmp_path)
+    try:
+        client = connect(server.directory, timeout_ms=600, busy_timeout_ms=5000)
+        recording = client._ring = RecordingRing(client._ring)
+        client._lock.acquire()                                          # another call in progress for 300 ms
+        releaser = threading.Timer(0.3, client._lock.release)
+        releaser.start()
+        with pytest.raises(ledger.LedgerTimeoutError):                  # nobody drains: no result comes
+            client.transfer(50, 1, 2, 5)
+        releaser.join()
+        (_, busy_ms), (_, wait_ms) = recording.timeouts
+        assert busy_ms <= 300 and wait_ms <= 300, recording.timeouts   # at most 600 - 300, not 5,000 and 600
+        client._ring = recording.ring
+        client.close()
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("call, arguments, keywords", [
     ("transfer", (1, 1, 2, 1.5), {}),
     ("transfer", (1.0, 1, 2, 5), {}),
