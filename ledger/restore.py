@@ -14,8 +14,9 @@ a warning), or none (the restored ledger replays from genesis). The journal is t
 directory, or in `--journal DIR`.
 
 Crash safety: everything is built in a temporary directory beside DEST, fsynced (files and directories), then
-renamed to DEST and the parent directory fsynced: after a crash DEST is either complete or absent (a leftover
-`.DEST.restoring-*` directory is an unfinished restore and can be deleted)."""
+renamed to DEST (never over anything that appeared at DEST meanwhile: FileExistsError) and the parent directory
+fsynced: after a crash DEST is either complete or absent (a leftover `.DEST.restoring-*` directory is an
+unfinished restore and can be deleted)."""
 from __future__ import annotations
 
 import dataclasses
@@ -181,6 +182,30 @@ def _build(staging: str, handle: ledger.Ledger, cut: int, chosen: tuple[str, dic
     return segments
 
 
+RENAME_NOREPLACE = 1
+AT_FDCWD = -100
+
+
+def _rename_no_replace(source: str, destination: str) -> None:
+    """rename(2) that fails with FileExistsError if `destination` appeared meanwhile: a plain rename would replace
+    an empty directory created there since restore checked (renameat2 RENAME_NOREPLACE, Linux >= 3.15). Where
+    the kernel, libc or file system lacks it, a check just before the rename narrows the window instead."""
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        renameat2 = None
+    if renameat2 is not None:
+        if renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(destination), RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(error, os.strerror(error), destination)
+    if os.path.lexists(destination):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), destination)
+    os.rename(source, destination)
+
+
 def restore(source: str, destination: str, until_position: int | None = None, until_time: int | None = None,
             progress: Progress | None = None, journal: str | None = None) -> RestoreResult:
     """Build `destination` (must not exist) from `source` (a data directory or a snapshot file) and the journal
@@ -200,7 +225,7 @@ def restore(source: str, destination: str, until_position: int | None = None, un
                                    dir=parent)
         try:
             segments = _build(staging, handle, cut, chosen, progress)
-            os.rename(staging, destination)
+            _rename_no_replace(staging, destination)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -363,6 +363,33 @@ def test_restore_refuses_existing_destination(tmp_path):
         restore(directory, str(tmp_path / "exists"))
 
 
+@pytest.mark.parametrize("appears", ["empty directory", "file"])
+def test_restore_does_not_replace_a_destination_that_appears_meanwhile(tmp_path, monkeypatch, appears):
+    """DEST is checked first, then built beside it for a while: something created at DEST meanwhile (even an empty
+    directory, which a plain rename would silently replace) makes restore fail and stay untouched."""
+    directory = str(tmp_path / "data")
+    destination = tmp_path / "restored"
+    build(directory, 2, snapshot_every=0)
+    real_build = restore_module._build
+
+    def build_while_someone_creates_destination(*arguments):
+        segments = real_build(*arguments)
+        if appears == "file":
+            destination.write_bytes(b"theirs")
+        else:
+            destination.mkdir()
+        return segments
+
+    monkeypatch.setattr(restore_module, "_build", build_while_someone_creates_destination)
+    with pytest.raises(FileExistsError):
+        restore(directory, str(destination))
+    assert sorted(os.listdir(tmp_path)) == ["data", "restored"]  # the staging directory was removed
+    if appears == "file":
+        assert destination.read_bytes() == b"theirs"
+    else:
+        assert list(destination.iterdir()) == []
+
+
 def test_failed_restore_leaves_nothing(tmp_path, monkeypatch):
     directory = str(tmp_path / "data")
     build(directory, 2, snapshot_every=0)
