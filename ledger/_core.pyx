@@ -1044,6 +1044,7 @@ cdef uint64_t run_accounts(State *s, const AccountRow *rows, uint64_t count, uin
 cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
     """Apply the events of a verified batch. Returns REPLAY_END (0) or REPLAY_INTEGRITY. A batch is either all
     ACCOUNT events (a create_accounts call) or has none (transfers and expiries), as the writer makes them."""
+    s.batch_pending_deadlines = 0   # counted by replay_transfers: the expiry pass is skipped when none
     if event_kind(event_at(s, header_position + 1)) == KIND_ACCOUNT:
         return replay_accounts(s, header_position, count)
     return replay_transfers(s, header_position, count)
@@ -1099,6 +1100,7 @@ cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) no
             table_insert_at(&s.transfer_table, empty, e.id, position | (<uint64_t>(
                 STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
             apply_transfer(debit, credit, e, position, kind)
+            s.batch_pending_deadlines += kind == KIND_PENDING and e.aux != 0
             continue
         slot = table_find(&s.transfer_table, e.aux)
         if slot == NULL or ((slot.value >> POSITION_BITS) & 0xFF) != STATE_PENDING:
@@ -1516,8 +1518,9 @@ cdef class Engine:
             if reason != REPLAY_END:
                 break
             header = <BatchHeader *>event_at(&self.state, position)
-            with nogil:
-                schedule_expiries(&self.state, position + 1, position + 1 + count)
+            if self.state.batch_pending_deadlines != 0:   # a pass over the batch only if it made deadlines
+                with nogil:
+                    schedule_expiries(&self.state, position + 1, position + 1 + count)
             self.state.last_checksum = crc
             self.state.last_timestamp = header.timestamp + count - 1
             self.state.last_header_position = position

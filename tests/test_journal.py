@@ -800,3 +800,28 @@ def test_count_table_keys():
     assert _core.count_table_keys(b"") == 0
     with pytest.raises(ValueError, match="16-byte slots"):
         _core.count_table_keys(bytes(24))
+
+
+def test_replay_schedules_the_deadlines_of_pending_transfers(tmp_path, clock):
+    """Replay pushes a deadline for each PENDING event with a timeout (and makes its pass over a batch only when
+    the batch has one): after a reopen the reservation still expires on time, with and without a snapshot."""
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True, clock=clock, segment_records_log2=12) as handle:
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        handle.transfer(9, 1, 2, 3)                                           # a batch without deadlines
+        handle.transfer(10, 1, 2, 5, flags=ledger.TransferFlags.PENDING, timeout=1)
+        handle.transfer(11, 1, 2, 7, flags=ledger.TransferFlags.PENDING)    # no timeout: never expires
+        handle.transfer(12, 1, 2, 1)
+    for with_snapshot in (False, True):
+        with ledger.open(directory, clock=clock) as handle:
+            assert handle.stats()["pending_expiries_scheduled"] == 1
+            if with_snapshot:
+                handle.snapshot()
+    clock.advance(2 * 10**9)
+    with ledger.open(directory, clock=clock) as handle:
+        assert handle.recovered_from is not None
+        handle.transfers(ledger.transfers_batch(0))                          # the first call after the deadline
+        assert handle.lookup_transfers([10, 11])["state"].tolist() == [ledger.TransferState.PENDING_EXPIRED,
+                                                                       ledger.TransferState.PENDING]
+        assert handle.balance(2) == 3 + 1
