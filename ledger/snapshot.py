@@ -11,8 +11,8 @@ That is what `stall_seconds` measures. The child renames its file into place onl
 through the snapshot's position (SnapshotJob): in "os" mode the flusher's work, which the writer no longer waits
 for (it used to flush first: 1.2 s of stall after writing 1.3 GB faster than this disk takes it). With
 `wait=True` (the default) the caller then waits for the child, so the call as a whole takes the write time as
-well; `wait=False` returns the job at once. The alternative, copying the arrays first, measured ~1 GB/s here because the copy's pages must be faulted
-in; fork copies only page tables.
+well; `wait=False` returns the job at once. The alternative, copying the arrays first, measured ~1 GB/s here
+because the copy's pages must be faulted in; fork copies only page tables.
 
 Fork safety: the writer's journal threads (flusher, segment preparation) may run during the fork. The child uses
 none of their locks: it runs only write_snapshot (numpy views, CRC32C in C, os-level file calls) and leaves with
@@ -315,13 +315,7 @@ def _drop_inherited_lock(lock_fd: int) -> None:
 
 def _wait_for_go(go_read: int, position: int) -> None:
     """In the child, before the rename: wait for the parent's word that the journal is durable below `position`."""
-    while True:
-        try:
-            answer = os.read(go_read, 1)
-            break
-        except InterruptedError:  # pragma: no cover - Python retries EINTR itself (PEP 475)
-            continue
-    if answer != b"g":
+    if os.read(go_read, 1) != b"g":  # b"": the parent closed the pipe without the word, or died
         raise OSError(f"the journal did not become durable through position {position} (the writer failed, closed "
                       f"without a final sync, or died): the snapshot was not kept")
 
@@ -369,7 +363,12 @@ class SnapshotJob:
         read_end, write_end = os.pipe()
         go_read, go_write = os.pipe()
         started = time.perf_counter() if held_since is None else held_since
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            for fd in (read_end, write_end, go_read, go_write):
+                os.close(fd)
+            raise
         if pid == 0:  # the child: write, report, and leave without running any parent clean-up
             _child(directory, scalars, views, keep, lock_fd, read_end, write_end, go_read, go_write)
         self.stall_seconds = time.perf_counter() - started
