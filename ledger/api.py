@@ -329,7 +329,9 @@ class Ledger:
         held_since = time.perf_counter()
         scalars, views = self._engine.state_views()
         job = SnapshotJob(self.path, scalars, views, keep, held_since=held_since,
-                          lock_fd=getattr(self._journal, "_lock_fd", None), durable=self._journal.wait_durable)
+                          lock_fd=getattr(self._journal, "_lock_fd", None),
+                          # "fsync": every committed batch is durable already; "os": the flusher's to make so
+                          durable=self._journal.wait_durable if self.durability == "os" else None)
         return job.wait() if wait else job
 
     def _poison(self) -> None:

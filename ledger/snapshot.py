@@ -374,6 +374,12 @@ class SnapshotJob:
         self.stall_seconds = time.perf_counter() - started
         os.close(write_end)
         os.close(go_read)
+        if durable is None:  # durable already: the word goes now, not from a thread that process exit could stop
+            try:
+                os.write(go_write, b"g")
+            finally:
+                os.close(go_write)
+            go_write = None
         self._pid = pid
         self._read_end = read_end
         self._go_write = go_write
@@ -386,11 +392,13 @@ class SnapshotJob:
         self._thread.start()
 
     def _reap(self) -> None:
-        try:
-            if self._durable is None or self._durable(self._scalars["write_position"]):
-                os.write(self._go_write, b"g")
-        finally:
-            os.close(self._go_write)  # without the byte: the child deletes its file
+        if self._go_write is not None:
+            assert self._durable is not None
+            try:
+                if self._durable(self._scalars["write_position"]):
+                    os.write(self._go_write, b"g")
+            finally:
+                os.close(self._go_write)  # without the byte: the child deletes its file
         chunks = []
         while chunk := os.read(self._read_end, 4096):
             chunks.append(chunk)

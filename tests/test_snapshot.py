@@ -592,6 +592,37 @@ def process_gone(pid):
         return True
 
 
+EXITING_WRITER_SCRIPT = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import ledger
+from crash_workload import accounts
+
+handle = ledger.open(sys.argv[1], create=True)  # durability fsync: every committed batch is durable already
+handle.create_accounts(accounts())
+job = handle.snapshot(wait=False)
+print(job._pid, handle.stats()["journal_position"], flush=True)
+os._exit(0)  # at once: no thread of the writer gets to run again
+"""
+
+
+def test_fsync_mode_snapshot_lands_even_if_the_writer_exits_at_once(tmp_path):
+    """In fsync mode the journal is durable when the snapshot starts: the word that lets the child rename goes
+    before snapshot() returns, not from a thread that the writer's exit could stop first."""
+    directory = str(tmp_path / "data")
+    outcome = subprocess.run([sys.executable, "-c", EXITING_WRITER_SCRIPT, directory, TESTS],
+                             capture_output=True, text=True, timeout=120)
+    assert outcome.returncode == 0, outcome.stderr
+    child, position = map(int, outcome.stdout.split())
+    deadline = time.monotonic() + 60
+    while not process_gone(child):
+        assert time.monotonic() < deadline, "the snapshot child did not finish"
+        time.sleep(0.05)
+    assert snapshot_files(directory) == [f"snapshot-{position:016d}.snapshot"]
+    with ledger.open(directory) as reopened:
+        assert reopened.recovered_from.position == position
+
+
 def test_snapshot_child_of_a_killed_writer_keeps_nothing(tmp_path):
     """The child waits for the parent's word that the journal is durable; a writer killed first closes the pipe
     without it: the child deletes its file and exits (it must not rename, nor run on in the parent's code)."""
