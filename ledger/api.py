@@ -21,7 +21,7 @@ from ledger.enums import (
     AccountResult,
     TransferResult,
 )
-from ledger.errors import LedgerClosedError, LedgerCorruptError, LedgerPoisonedError
+from ledger.errors import LedgerClosedError, LedgerCorruptError, LedgerError, LedgerPoisonedError
 from ledger.progress import Progress
 from ledger.snapshot import (
     KEEP_DEFAULT,
@@ -324,6 +324,8 @@ class Ledger:
             raise ValueError("an in-memory ledger has no directory to snapshot into")
         if not 1 <= keep <= 1000:
             raise ValueError(f"keep must be in [1, 1000], got {keep}")
+        if self._engine.readonly:  # a reader changes nothing on disk; and its view may run ahead of what is synced
+            raise LedgerError("the ledger was opened read-only: snapshots are written by the directory's writer")
         if self._engine.poisoned:
             raise LedgerPoisonedError("the ledger handle is poisoned by a failed journal sync; reopen it")
         held_since = time.perf_counter()

@@ -403,6 +403,17 @@ def test_failed_restore_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
+def test_a_reader_does_not_write_snapshots(tmp_path):
+    """A read-only handle never changes the files: snapshots are the writer's (a reader's view of an os-mode
+    journal may also run ahead of what the writer has synced)."""
+    directory = str(tmp_path / "data")
+    build(directory, 2, snapshot_every=0)
+    with ledger.open(directory, readonly=True) as reader:
+        with pytest.raises(ledger.LedgerError, match="read-only"):
+            reader.snapshot()
+    assert not os.path.exists(os.path.join(directory, "snapshots")) or snapshot_files(directory) == []
+
+
 def test_snapshot_of_memory_ledger_is_an_error():
     with ledger.open(None) as handle:
         with pytest.raises(ValueError, match="in-memory"):
