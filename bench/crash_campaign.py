@@ -2,7 +2,10 @@
 checking after each kill that nothing acknowledged was lost, no batch is half-applied and every balance equals
 the reference model. CI runs 50 kills (tests/test_journal.py); this is the long run.
 
-    python bench/crash_campaign.py --kills 1000
+    python bench/crash_campaign.py --kills 1000 [--snapshot-every N]
+
+With --snapshot-every the writer also snapshots (forked children, wait=False) as it goes: kills then land while
+children write, orphan them, and the reopen loads the newest snapshot that passes its checks.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from crash_workload import Model, acknowledged_count, kill_once  # noqa: E402
 from test_journal import check_recovered  # noqa: E402
 
 
-def campaign(kills: int, durability: str, seed: int) -> None:
+def campaign(kills: int, durability: str, seed: int, snapshot_every: int = 0) -> None:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="ledger-crash-") as scratch:
         directory = os.path.join(scratch, "data")
@@ -30,7 +33,7 @@ def campaign(kills: int, durability: str, seed: int) -> None:
         checked = 0
         started = time.monotonic()
         for kill in range(1, kills + 1):
-            kill_once(directory, durability, ack_log, rng, kill)
+            kill_once(directory, durability, ack_log, rng, kill, snapshot_every)
             checked = check_recovered(directory, model, acknowledged_count(ack_log), checked)
             if kill % 50 == 0 or kill == kills:
                 print(f"{durability}: {kill}/{kills} kills, {checked} batches survived and checked, "
@@ -44,10 +47,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=1000)
     parser.add_argument("--durability", choices=["fsync", "os", "both"], default="both")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="the writer also starts a snapshot after every N-th batch (0: never)")
     arguments = parser.parse_args()
     modes = ["fsync", "os"] if arguments.durability == "both" else [arguments.durability]
     for mode in modes:
-        campaign(arguments.kills, mode, arguments.seed)
+        campaign(arguments.kills, mode, arguments.seed, arguments.snapshot_every)
     print("crash campaign OK")
 
 

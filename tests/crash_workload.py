@@ -5,7 +5,9 @@ Run as a writer:  python tests/crash_workload.py DIR DURABILITY ACK_LOG
 It appends "k\\n" to ACK_LOG after batch k's call returned (i.e. was acknowledged), forever, until killed.
 With LEDGER_CRASH_POINT=OPERATION:N in its environment it kills itself (SIGKILL) the N-th time the journal is
 about to do OPERATION (allocate, write, write-header, sync, synced: the journal's fault-injection points), so a
-crash lands exactly between two steps of a commit instead of wherever a timer happens to fall."""
+crash lands exactly between two steps of a commit instead of wherever a timer happens to fall.
+With LEDGER_CRASH_SNAPSHOT_EVERY=N it also starts a snapshot (wait=False, keep 2) after every N-th batch, so kills
+land while forked children write snapshots, and orphan them."""
 from __future__ import annotations
 
 import os
@@ -121,12 +123,15 @@ def acknowledged_count(ack_log: str) -> int:
     return int(lines[-1]) + 1 if lines else 0
 
 
-def kill_once(directory: str, durability: str, ack_log: str, rng: random.Random, kill_number: int) -> bool:
+def kill_once(directory: str, durability: str, ack_log: str, rng: random.Random, kill_number: int,
+              snapshot_every: int = 0) -> bool:
     """Start a writer and crash it: every third kill at an exact step of a commit (the writer kills itself at a
     random fault-injection point), the others a few milliseconds after it has acknowledged a new batch (so the
     kill lands in the middle of work, not during import). Returns whether a batch was acknowledged first."""
     before = acknowledged_count(ack_log)
     environment = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if snapshot_every:
+        environment["LEDGER_CRASH_SNAPSHOT_EVERY"] = str(snapshot_every)
     if kill_number % 3 == 0:
         operations = CRASH_OPERATIONS[1:] if durability == "fsync" else ("allocate", "sync", "synced")
         environment["LEDGER_CRASH_POINT"] = f"{rng.choice(operations)}:{rng.randint(1, 40)}"
@@ -151,11 +156,15 @@ def writer(directory: str, durability: str, ack_log: str) -> None:
     if handle.account(SETTLEMENT) is None:
         handle.create_accounts(accounts())
     k = applied_batches(handle)
+    snapshot_every = int(os.environ.get("LEDGER_CRASH_SNAPSHOT_EVERY", "0"))
+    job = None
     with open(ack_log, "a", buffering=1) as log:
         while True:
             handle.transfers(batch(k))
             log.write(f"{k}\n")  # written only after the call returned: the batch was acknowledged
             k += 1
+            if snapshot_every and k % snapshot_every == 0 and (job is None or job.done()):
+                job = handle.snapshot(wait=False, keep=2)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,28 @@ def test_crash_kill9_at_random_moments(tmp_path, durability):
     assert after_an_acknowledgement >= KILLS_PER_MODE // 2, after_an_acknowledgement
 
 
+KILLS_WITH_SNAPSHOTS_PER_MODE = 10
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_crash_kill9_while_snapshots_are_written(tmp_path, durability):
+    """The same kills with the writer starting a snapshot (a forked child, wait=False) after every third batch:
+    kills land while children write, and orphan them. Every reopen loads the newest snapshot that passes its checks
+    and must still equal the model; verify (in check_recovered) compares each snapshot with the replay."""
+    directory = str(tmp_path / "data")
+    ack_log = str(tmp_path / "acks")
+    model = Model()
+    rng = random.Random(7 if durability == "fsync" else 8)
+    checked = 0
+    loaded = 0
+    for kill_number in range(KILLS_WITH_SNAPSHOTS_PER_MODE):
+        kill_once(directory, durability, ack_log, rng, kill_number, snapshot_every=3)
+        checked = check_recovered(directory, model, acknowledged_count(ack_log), checked)
+        with ledger.open(directory, readonly=True, segment_records_log2=SEGMENT_RECORDS_LOG2) as handle:
+            loaded += handle.recovered_from is not None
+    assert loaded >= KILLS_WITH_SNAPSHOTS_PER_MODE // 2, f"only {loaded} reopens loaded a snapshot"
+
+
 def write_batches(directory, count):
     """Write batches 0..count-1; return (position of each batch header, end position)."""
     positions = []
