@@ -1,6 +1,6 @@
 """Crash campaign: SIGKILL a writer at random moments N times (default 1000) per durability mode, reopening and
 checking after each kill that nothing acknowledged was lost, no batch is half-applied and every balance equals
-the reference model. CI runs 50 kills (tests/test_journal.py); this is the long run.
+the reference model. CI runs 50 kills, and 20 more with snapshots (tests/test_journal.py); this is the long run.
 
     python bench/crash_campaign.py --kills 1000 [--snapshot-every N]
 
