@@ -33,8 +33,8 @@ import numpy as np
 from ledger import _core
 from ledger.errors import LedgerCorruptError
 
-__all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "state_hash",
-           "remove_unfinished", "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION"]
+__all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "remove_unfinished",
+           "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION"]
 
 SNAPSHOT_MAGIC = b"LDGRSNP\x00"
 SNAPSHOT_FORMAT_VERSION = 1
@@ -42,6 +42,7 @@ PAGE_BYTES = 4096
 SECTIONS = ("accounts_hot", "accounts_cold", "account_slots", "transfer_slots", "expiry_heap")
 ACCOUNT_SECTIONS = ("accounts_hot", "accounts_cold")  # what the state hash covers, and the body checksum's start
 TABLE_SECTIONS = ("account_slots", "transfer_slots")
+assert SECTIONS[:len(ACCOUNT_SECTIONS)] == ACCOUNT_SECTIONS
 # Loading reads sections in pieces of this size on up to LOAD_THREADS_MAX threads: large enough that handing a
 # piece to a thread is noise, small enough that two threads share even one large section evenly.
 LOAD_PIECE_BYTES = 32 << 20
@@ -72,11 +73,6 @@ class SnapshotInfo:
     bytes: int
     stall_seconds: float
     write_seconds: float
-
-
-def state_hash(hot: np.ndarray, cold: np.ndarray) -> int:
-    """CRC32C of the account arrays: what a replay of the journal must reproduce exactly."""
-    return _core.crc32c(np.ascontiguousarray(cold).view(np.uint8), _core.crc32c(np.ascontiguousarray(hot).view(np.uint8)))
 
 
 def snapshot_directory(directory: str) -> str:
@@ -139,19 +135,22 @@ def write_snapshot(directory: str, scalars: dict[str, int], arrays: dict[str, np
     final = os.path.join(folder, f"snapshot-{position:016d}.snapshot")
     temporary = os.path.join(folder, f".snapshot-{position:016d}.tmp")
     layout = _layout(arrays)
-    body_checksum = 0
-    for name in SECTIONS:
-        body_checksum = _core.crc32c(np.ascontiguousarray(arrays[name]).view(np.uint8), body_checksum)
+    sections = [np.ascontiguousarray(arrays[name]).view(np.uint8) for name in SECTIONS]
+    state_checksum = 0  # the state hash: the body checksum's value after the account sections, which come first
+    for data in sections[:len(ACCOUNT_SECTIONS)]:
+        state_checksum = _core.crc32c(data, state_checksum)
+    body_checksum = state_checksum
+    for data in sections[len(ACCOUNT_SECTIONS):]:
+        body_checksum = _core.crc32c(data, body_checksum)
     header = HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_FORMAT_VERSION, scalars["segment_records_log2"],
-                         *(scalars[name] for name in SCALARS), time.time_ns(),
-                         state_hash(arrays["accounts_hot"], arrays["accounts_cold"]), body_checksum,
+                         *(scalars[name] for name in SCALARS), time.time_ns(), state_checksum, body_checksum,
                          *(value for pair in layout for value in pair))
     header += struct.pack("<I", _core.crc32c(header))
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.pwrite(fd, header.ljust(PAGE_BYTES, b"\0"), 0)
-        for name, (offset, _) in zip(SECTIONS, layout):
-            data = memoryview(np.ascontiguousarray(arrays[name]).view(np.uint8))
+        for section, (offset, _) in zip(sections, layout):
+            data = memoryview(section)
             written = 0
             while written < len(data):
                 written += os.pwrite(fd, data[written:written + (64 << 20)], offset + written)
@@ -251,7 +250,7 @@ def _read_sections(path: str, fd: int, layout: list[tuple[int, int]], targets: d
         body_checksum = _core.crc32c_combine(body_checksum, checksum, len(data))
         if name in keys:
             keys[name] += piece_keys
-    if state_checksum is None:
+    if state_checksum is None:  # no piece after the account sections (empty tables: only a crafted file)
         state_checksum = body_checksum
     if body_checksum != body_expected:
         raise LedgerCorruptError(f"{path}: snapshot body checksum mismatch")
