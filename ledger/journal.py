@@ -456,27 +456,25 @@ class FileJournal:
         assert index == len(self.segments), "segments are handed out in order"
         if index < self.existing:
             segment = self._map(index)
-        elif self.readonly:
+            self.segments.append(segment)
+            return segment.records
+        if self.readonly:
             # A read-only handle never writes; give it private zero memory past the end of the files.
-            segment = None
             buffer = anonymous_buffer(RECORD_SIZE << self.segment_records_log2, populate=False)
             self.segments.append(buffer)  # type: ignore[arg-type]
             return memoryview(buffer)
-        else:
-            # Under the lock that _ready_after takes: the flusher (durability "os") must not start preparing the
-            # segment this thread is creating (two creations of one file: writes into an unlinked one).
-            with self._ready_lock:
-                segment = self._take_prepared(index)
-                if segment is None:
-                    segment = self._create(index)
-                    if index > 0:  # a first segment stays lazy: small ledgers (and tests) do not pay 64 MiB up front
-                        populate_pages(segment.memory)
-                self.segments.append(segment)
-                self._ready_through = max(self._ready_through, index)
-            if index > 0:
-                self._ready_after(index)  # the ledger has outgrown one segment: from now on, keep the next one ready
-            return segment.records
-        self.segments.append(segment)
+        # Under the lock that _ready_after takes: the flusher (durability "os") must not start preparing the
+        # segment this thread is creating (two creations of one file: writes into an unlinked one).
+        with self._ready_lock:
+            segment = self._take_prepared(index)
+            if segment is None:
+                segment = self._create(index)
+                if index > 0:  # a first segment stays lazy: small ledgers (and tests) do not pay 64 MiB up front
+                    populate_pages(segment.memory)
+            self.segments.append(segment)
+            self._ready_through = max(self._ready_through, index)
+        if index > 0:
+            self._ready_after(index)  # the ledger has outgrown one segment: from now on, keep the next one ready
         return segment.records
 
     def view(self, index: int) -> memoryview:
