@@ -10,6 +10,7 @@ With LEDGER_CRASH_SNAPSHOT_EVERY=N it also starts a snapshot (wait=False, keep 2
 land while forked children write snapshots, and orphan them."""
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -147,7 +148,33 @@ def kill_once(directory: str, durability: str, ack_log: str, rng: random.Random,
         writer_process.send_signal(signal.SIGKILL)
         writer_process.wait()
     assert writer_process.returncode == -signal.SIGKILL, f"writer ended with {writer_process.returncode}"
+    if snapshot_every:
+        wait_until_unlocked(directory)
     return acknowledged_count(ack_log) > before
+
+
+LOCK_RELEASE_TIMEOUT_S = 5.0
+
+
+def wait_until_unlocked(directory: str) -> None:
+    """A writer killed just after it forked a snapshot child leaves its LOCK held (the child shares the flock)
+    until the child lets go of it, the child's first step: milliseconds, more on a busy machine."""
+    deadline = time.monotonic() + LOCK_RELEASE_TIMEOUT_S
+    try:
+        fd = os.open(os.path.join(directory, "LOCK"), os.O_RDONLY)
+    except FileNotFoundError:  # killed before it took the lock
+        return
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "LOCK still held by a snapshot child of the killed writer"
+                time.sleep(0.002)
+    finally:
+        os.close(fd)
 
 
 def writer(directory: str, durability: str, ack_log: str) -> None:

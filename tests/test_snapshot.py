@@ -553,6 +553,27 @@ def test_os_mode_snapshot_holds_the_writer_only_for_the_fork(tmp_path):
         assert reopened.recovered_from.position == position
 
 
+def test_closing_the_writer_lets_a_waiting_os_mode_snapshot_land(tmp_path):
+    """A snapshot waiting for the flusher when the writer closes: the close's final flush makes the journal durable
+    through it, and it lands. Past that, nothing more becomes durable: a wait returns False at once."""
+    directory = str(tmp_path / "data")
+    gate = SyncGate()
+    handle = ledger.open(directory, create=True, durability="os", fault_injector=gate)
+    gate.armed.set()
+    handle.create_accounts(accounts())
+    assert gate.held.wait(10)
+    handle.transfers(batch(0))  # after the position the held sync covers
+    job = handle.snapshot(wait=False)
+    position = handle.stats()["journal_position"]
+    gate.armed.clear()
+    gate.released.set()
+    journal = handle._journal
+    handle.close()
+    assert job.wait().position == position
+    assert snapshot_files(directory) == [f"snapshot-{position:016d}.snapshot"]
+    assert journal.wait_durable(position) and not journal.wait_durable(position + 1)
+
+
 def test_snapshot_is_not_kept_when_the_journal_sync_fails(tmp_path):
     directory = str(tmp_path / "data")
     gate = SyncGate(fail=True)
