@@ -78,7 +78,7 @@ ctypedef struct BatchHeader:
     uint64_t magic_version
     uint64_t timestamp
     uint64_t position
-    uint64_t count_word       # event count:24 (bits 0..23) | BATCH_AFTER_UNSYNCED (bit 63), see FORMAT.md
+    uint64_t event_count
     uint64_t previous_checksum
     uint64_t checksum
     uint64_t word_a
@@ -120,4 +120,3 @@ ctypedef struct State:
     uint64_t last_checksum
     uint64_t last_header_position
     uint64_t batch_pending_deadlines  # PENDING events with a timeout written in the current batch (upper bound)
-    uint64_t batch_flags          # ORed into the count word of each batch committed (BATCH_AFTER_UNSYNCED or 0)

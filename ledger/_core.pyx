@@ -67,7 +67,6 @@ cdef extern from *:
     #define POSITION_BITS 40
     #define POSITION_MASK 0xFFFFFFFFFFULL
     #define OFFSET_MAX 0xFFFFFFULL
-    #define BATCH_AFTER_UNSYNCED_C (1ULL << 63)
     #define ID_MAX 0xFFFFFFFFFFFFFFFFULL
     #define AMOUNT_MAX 0x7FFFFFFFFFFFFFFFLL
     #define MAGIC 0x5247444CULL            /* "LDGR" little-endian */
@@ -77,7 +76,6 @@ cdef extern from *:
     const int POSITION_BITS
     const uint64_t POSITION_MASK
     const uint64_t OFFSET_MAX
-    const uint64_t BATCH_AFTER_UNSYNCED_C
     const uint64_t ID_MAX
     const int64_t AMOUNT_MAX
     const uint64_t MAGIC
@@ -91,10 +89,6 @@ DEF ACCOUNT_CAPACITY_MIN = 1024
 DEF CRC_NOGIL_BYTES_MIN = 1 << 16
 
 FORMAT_VERSION = 1
-# Bit 63 of a batch header's count word: this batch was committed while the batch before it may not have been
-# durable yet (a pipelined group commit, docs/FORMAT.md "Recovery"). Bits 0..23 are the event count.
-BATCH_AFTER_UNSYNCED = BATCH_AFTER_UNSYNCED_C
-BATCH_COUNT_MASK = OFFSET_MAX
 DEF FORMAT_VERSION_C = 1
 RECORD_SIZE = 64
 EXPIRE_BATCH_MAX = _EXPIRE_BATCH_MAX
@@ -984,7 +978,7 @@ cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_
     header.magic_version = <uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)
     header.timestamp = timestamp_base
     header.position = header_position
-    header.count_word = count | s.batch_flags
+    header.event_count = count
     header.previous_checksum = s.last_checksum
     header.word_a = <uint64_t>KIND_HEADER << 56
     cdef uint32_t crc = header_checksum(s, header_position, end)
@@ -1135,26 +1129,24 @@ cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t
     cdef uint32_t kind = <uint32_t>((header.word_a >> 56) & KIND_MASK)
     cdef uint64_t commit = ledger_load_acquire_u64(&header.commit)
     if kind == 0 and header.magic_version == 0 and commit == 0:
-        return REPLAY_END if header.word_a == 0 and header.count_word == 0 else REPLAY_TORN
+        return REPLAY_END if header.word_a == 0 and header.event_count == 0 else REPLAY_TORN
     if kind != KIND_HEADER:
         return REPLAY_HEADER
     if header.word_a != (<uint64_t>KIND_HEADER << 56):
         return REPLAY_HEADER   # the rest of this word is not under the checksum: it must be exactly this
     if (commit >> 32) != COMMIT_MAGIC:
         return REPLAY_TORN
-    cdef uint64_t count = header.count_word & OFFSET_MAX
     if header.magic_version != (<uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)) \
-            or header.position != position or count == 0 \
-            or (header.count_word & ~(OFFSET_MAX | BATCH_AFTER_UNSYNCED_C)) != 0:
+            or header.position != position or header.event_count == 0 or header.event_count > OFFSET_MAX:
         return REPLAY_HEADER
-    if position + 1 + count > s.mapped_end:
+    if position + 1 + header.event_count > s.mapped_end:
         return REPLAY_TORN
-    cdef uint32_t crc = header_checksum(s, position, position + 1 + count)
+    cdef uint32_t crc = header_checksum(s, position, position + 1 + header.event_count)
     if crc != header.checksum or crc != <uint32_t>commit:
         return REPLAY_CHECKSUM
     if header.previous_checksum != s.last_checksum:
         return REPLAY_CHAIN
-    count_out[0] = count
+    count_out[0] = header.event_count
     crc_out[0] = crc
     return -1   # a good batch
 
@@ -1622,21 +1614,10 @@ cdef class Engine:
             header = <BatchHeader *>event_at(&self.state, position)
             if (header.word_a >> 56) != KIND_HEADER:
                 raise IndexError(f"journal position {position} is not a batch header")
-            out.append((position, header.timestamp, header.count_word & OFFSET_MAX))
-            position += 1 + (header.count_word & OFFSET_MAX)
+            out.append((position, header.timestamp, header.event_count))
+            position += 1 + header.event_count
             count += 1
         return out
-
-    @property
-    def batch_after_unsynced(self):
-        """Whether the batches committed from now on say, in their header, that the batch before each may not be
-        durable yet (its sync still running). Only a writer that syncs batches itself and pipelines those syncs
-        sets it (the ring server); recovery may then drop such a batch together with a torn one before it."""
-        return self.state.batch_flags == BATCH_AFTER_UNSYNCED_C
-
-    @batch_after_unsynced.setter
-    def batch_after_unsynced(self, bint value):
-        self.state.batch_flags = BATCH_AFTER_UNSYNCED_C if value else 0
 
     # -- introspection --
 
@@ -1760,7 +1741,7 @@ cdef class Engine:
             return False
         cdef BatchHeader *header = <BatchHeader *>event_at(&self.state, header_position)
         return ((header.word_a >> 56) == KIND_HEADER and header.position == header_position
-                and header_position + 1 + (header.count_word & OFFSET_MAX) == end and header.checksum == checksum
+                and header_position + 1 + header.event_count == end and header.checksum == checksum
                 and (ledger_load_acquire_u64(&header.commit) >> 32) == COMMIT_MAGIC)
 
     def memory_bytes(self):

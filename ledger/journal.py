@@ -68,8 +68,6 @@ FLUSH_INTERVAL_MS_MAX = 60_000
 DURABLE_NAME = "DURABLE"
 DURABLE_RECORD = struct.Struct("<QII")   # position, format version, CRC32C of the 12 bytes before it
 DURABLE_STRICT = (1 << 64) - 1
-# How far recovery looks for a committed batch past a failing header: the largest batch (with its expiries).
-TORN_WINDOW_RECORDS = 2 + _core.EXPIRE_BATCH_MAX + (1 << 23)
 ZERO_FILL_CHUNK_BYTES = 4 << 20    # zeros written per pwrite when a segment is filled ahead of use
 
 # Called with an operation name before the journal does it: "allocate" (a new segment), "write" (a batch's events
@@ -219,15 +217,6 @@ def _write_zeros(fd: int, start: int, end: int) -> None:
     offset = start
     while offset < end:
         offset += os.pwrite(fd, memoryview(zeros)[:min(ZERO_FILL_CHUNK_BYTES, end - offset)], offset)
-
-
-def batch_count(count_word: int) -> int | None:
-    """The event count in a batch header's count word (bits 0..23), or None if the word is not a valid one: a zero
-    count, or a bit set besides BATCH_AFTER_UNSYNCED (docs/FORMAT.md, "Batch header")."""
-    count = count_word & _core.BATCH_COUNT_MASK
-    if count == 0 or count_word & ~(_core.BATCH_COUNT_MASK | _core.BATCH_AFTER_UNSYNCED):
-        return None
-    return count
 
 
 def segment_name(index: int) -> str:
@@ -532,78 +521,45 @@ class FileJournal:
                                           offset=first).reshape(-1, 8)
             position = segment_end
 
-    def record(self, position: int) -> np.ndarray:
-        """The 64-byte record at a mapped position, as eight uint64 words (a view)."""
-        return next(self._records(position, position + 1))[1][0]
-
     def _bytes(self, start: int, end: int) -> bytes:
         return b"".join(chunk.tobytes() for _, chunk in self._records(start, end))
 
     def _committed_batch_in(self, start: int, end: int, mapped_end: int) -> int | None:
         """The position of a batch header in [start, end) whose checksum holds, if any: proof that committed data
-        follows, so whatever failed before it cannot be a torn tail (unless it is a pipelined last batch, see
-        recover_tail)."""
+        follows, so whatever failed before it cannot be a torn tail."""
         for first, words in self._records(start, end):
             candidates = np.flatnonzero((words[:, 6] == np.uint64(HEADER_WORD_A))
                                         & ((words[:, 7] >> np.uint64(32)) == np.uint64(COMMIT_MAGIC)))
             for index in candidates.tolist():
                 position = first + index
                 header = words[index]
-                count = batch_count(int(header[3]))
-                if int(header[2]) != position or count is None or position + 1 + count > mapped_end:
+                count = int(header[3])
+                if int(header[2]) != position or not 0 < count < (1 << 24) or position + 1 + count > mapped_end:
                     continue
                 checksum = _core.crc32c(header[:5].tobytes(), _core.crc32c(self._bytes(position + 1, position + 1 + count)))
                 if checksum == int(header[5]) and checksum == int(header[7]) & 0xFFFFFFFF:
                     return position
         return None
 
-    def _pipelined_last_batch_end(self, failed: int, following: int, mapped_end: int) -> int | None:
-        """The end of the committed batch at `following` if it may sit behind a torn batch at `failed`: it says it
-        was committed while the batch before it was not yet durable (BATCH_AFTER_UNSYNCED), nothing committed
-        follows it, and the failed header, if its fields still say where it ends, ends right where it starts.
-        None otherwise (then the failure is corruption)."""
-        header = self.record(following)
-        count_word = int(header[3])
-        if not count_word & _core.BATCH_AFTER_UNSYNCED:
-            return None
-        end = following + 1 + (count_word & _core.BATCH_COUNT_MASK)
-        if self._committed_batch_in(end, min(mapped_end, end + TORN_WINDOW_RECORDS), mapped_end) is not None:
-            return None
-        failed_header = self.record(failed)
-        failed_count = batch_count(int(failed_header[3]))
-        if int(failed_header[6]) == HEADER_WORD_A and int(failed_header[2]) == failed and failed_count is not None \
-                and failed + 1 + failed_count != following:
-            return None
-        return end
-
     def recover_tail(self, reason: int, position: int, mapped_end: int) -> int:
         """Classify what stopped replay at `position`. If it is at or past the durable mark (an "os" writer's
         unsynced batches), or no committed batch follows, it is the torn tail of the last writes: zero it (returns
         the records zeroed). Otherwise it is corruption: raise without changing the disk. A hash-chain or integrity
         failure has valid checksums, so it is never a torn write."""
-        window_end = min(mapped_end, position + TORN_WINDOW_RECORDS)
+        window_end = min(mapped_end, position + 2 + _core.EXPIRE_BATCH_MAX + (1 << 23))
         reason_name = _core.REPLAY_REASONS[reason]
         if reason in (REPLAY_CHAIN, REPLAY_INTEGRITY):
             raise self._corrupt(position, reason_name)
         unsynced = position >= self.durable_mark()
-        zero_end = mapped_end if unsynced else window_end  # an "os" writer's unsynced batches can reach past a batch
-        if not unsynced:
-            following = self._committed_batch_in(position + 1, window_end, mapped_end)
-            if following is not None:
-                # A pipelined writer (the ring server) commits a batch while the sync of the one before it still
-                # runs, so a crash can keep the later batch and tear the earlier. Neither was acknowledged (an
-                # answer waits for every earlier sync) and the later one says so in its header: that, with nothing
-                # committed after it, is a torn tail of two batches. Anything else is corruption.
-                following_end = self._pipelined_last_batch_end(position, following, mapped_end)
-                if following_end is None:
-                    raise self._corrupt(position, reason_name)
-                zero_end = min(mapped_end, following_end + TORN_WINDOW_RECORDS)
+        if not unsynced and self._committed_batch_in(position + 1, window_end, mapped_end) is not None:
+            raise self._corrupt(position, reason_name)
         if self.readonly:
             # Beside a live writer the tail is usually a batch being written right now: for a reader it is
             # simply the end. Only the writer ever truncates.
             self.torn_records_zeroed = 0
             return 0
-        torn_end = self._last_nonzero(position, zero_end)
+        # Unsynced batches of an "os" writer can reach past the largest batch: zero to the end of what is mapped.
+        torn_end = self._last_nonzero(position, mapped_end if unsynced else window_end)
         if torn_end > position:
             self._zero(position, torn_end)
             self.torn_at = position
@@ -731,17 +687,15 @@ class FileJournal:
         must have been written (write()) first."""
         if self.readonly or end <= start:
             return
-        # Syncs may run at once (the ring server has two in flight): fdatasync is safe to call concurrently, and
-        # a later range's sync also waits for the writeback an earlier one started on the same pages.
-        self._inject("sync")
-        first = start >> self.segment_records_log2
-        last = (end - 1) >> self.segment_records_log2
-        for index in range(first, last + 1):
-            segment = self.segments[index]
-            os.fdatasync(segment.fd)
-        self._inject("synced")
-        if self.write_through:
-            with self._sync_lock:
+        with self._sync_lock:
+            self._inject("sync")
+            first = start >> self.segment_records_log2
+            last = (end - 1) >> self.segment_records_log2
+            for index in range(first, last + 1):
+                segment = self.segments[index]
+                os.fdatasync(segment.fd)
+            self._inject("synced")
+            if self.write_through:
                 self._seal_below(end >> self.segment_records_log2)
 
     def _seal_below(self, index_end: int) -> None:

@@ -6,7 +6,6 @@ died see `LedgerUnavailableError` (never a hang) and reconnect. Retrying is alwa
 ids: a transfer that was applied answers EXISTS."""
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import mmap
 import operator
@@ -43,9 +42,6 @@ GROUP_ROWS_MAX = 1 << 15          # rows applied (and group-committed) per drain
 # Server.drain_once): its sync then overlaps useful work. Smaller groups are synced at once, as a hop to the sync
 # thread would cost a small group's latency more than the overlap saves.
 OVERLAP_ROWS_MIN_DEFAULT = 1024
-# Groups whose syncs may run at once (durability "fsync"): a group's batches are committed while the sync of the
-# group before may still run (their headers say so, docs/FORMAT.md "Recovery"), never while two earlier ones may.
-SYNCS_IN_FLIGHT_MAX = 2
 ABANDON_AFTER_MS_DEFAULT = 2_000  # a claimed slot unpublished this long: its producer is dead or stuck
 ABANDON_AFTER_MS_MAX = 600_000
 # The wait strategy (docs/RING.md, "Wait strategy"): spin, then sleep on a futex.
@@ -81,14 +77,11 @@ assert ANSWER_DTYPE.itemsize == PAYLOAD
 
 
 class _PendingGroup:
-    """A group handed to a sync thread: it syncs journal positions [start, end) (maybe none), then answers the
-    group once the group before it is answered. `synced` is set once its sync returned (having failed if
-    `error`), `answered` resolves once its producers are answered."""
-    __slots__ = ("start", "end", "synced", "error", "answered")
+    """A group handed to the sync thread: `synced` is set once its sync returned (having failed if `error`),
+    `answered` resolves once its producers are answered."""
+    __slots__ = ("synced", "error", "answered")
 
-    def __init__(self, start: int, end: int) -> None:
-        assert 0 < start <= end
-        self.start, self.end = start, end
+    def __init__(self) -> None:
         self.synced = threading.Event()
         self.error: BaseException | None = None
         self.answered: concurrent.futures.Future | None = None
@@ -228,23 +221,18 @@ class Server:
         self.ring, self._memory = self._create_ring(slot_count)
         self._stop = threading.Event()
         self.overlap_rows_min = overlap_rows_min
-        # Gather buffers (about 2.2 MB a set, allocated once: zeroing fresh arrays on every drain cost more than a
-        # small group's work): one set per group whose sync may be in flight, and one for the group being gathered.
+        # Two sets of gather buffers (about 3 MB each, allocated once: zeroing fresh arrays on every drain cost
+        # more than a small group's work): one may belong to the group whose sync is pending.
         self._buffers = [(np.zeros(GROUP_ROWS_MAX, np.uint16), np.zeros((GROUP_ROWS_MAX, PAYLOAD), np.uint8),
-                          np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8))
-                         for _ in range(SYNCS_IN_FLIGHT_MAX + 1)]
+                          np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8)) for _ in range(2)]
         self._buffer_index = 0
-        # The groups handed to the sync threads, oldest first (at most one per buffer set), and for each buffer set
-        # the answer (a Future) of the group gathered into it last.
-        self._pending: collections.deque[_PendingGroup] = collections.deque()
-        self._buffer_users: list[concurrent.futures.Future | None] = [None] * len(self._buffers)
-        # Where the batch written last starts (its header position): the next batch's commit word may reach the
-        # files once every batch before that one is durable.
-        self._previous_batch_start = 0
-        # The ring's consumer side (gather, complete) is used by this thread and the sync threads.
+        # The group handed last to the sync thread, which syncs and answers it while this thread applies the
+        # next one; and for each buffer set, the answer (a Future) of the group gathered into it last.
+        self._pending: _PendingGroup | None = None
+        self._buffer_users: list[concurrent.futures.Future | None] = [None, None]
+        # The ring's consumer side (gather, complete) is used by this thread and the sync thread.
         self._consumer_lock = threading.Lock()
-        self._syncer = concurrent.futures.ThreadPoolExecutor(max_workers=SYNCS_IN_FLIGHT_MAX,
-                                                             thread_name_prefix="ledger-ring-sync")
+        self._syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-ring-sync")
         self._heartbeat_stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="ledger-ring-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -296,10 +284,9 @@ class Server:
 
     def drain_once(self) -> bool:
         """Gather what producers published, apply it (one core call per run of same-kind rows), make it durable
-        and answer it. Returns whether anything was gathered. With durability "fsync" a group is handed to a sync
-        thread, which syncs and answers it while this one gathers and applies the next, when it has at least
-        overlap_rows_min rows or an earlier group is still in hand there (so two syncs run at once under two
-        producers); settle() waits for them. Answers leave in group order."""
+        and answer it. Returns whether anything was gathered. With durability "fsync", a group of at least
+        overlap_rows_min rows is synced and answered by the sync thread while this one gathers and applies the
+        next group (settle() waits for it)."""
         index = self._buffer_index
         if self._buffer_users[index] is not None:
             self._buffer_users[index].result()  # the group gathered into these buffers before is answered
@@ -308,115 +295,77 @@ class Server:
         with self._consumer_lock:
             first, count = self.ring.gather(GROUP_ROWS_MAX, self.abandon_after_ns, kinds, payloads, ends,
                                             statuses)
-        self._raise_failed_sync()  # what a sync thread raised (not the poisoned handle's error, later)
+        if self._pending is not None and self._pending.synced.is_set():
+            self._wait_synced()  # raises what the sync thread raised (not the poisoned handle's error, later)
         if count == 0:
             return False
         kinds, payloads, ends, statuses = kinds[:count], payloads[:count], ends[:count], statuses[:count]
         payloads[statuses != 0] = 0   # gather copies no payload for a malformed slot: no bytes of an earlier drain
         codes = np.zeros(count, np.uint8)
-        unsynced = self.ledger._engine.write_position   # this group's batches from here on are not synced yet
+        engine, journal = self.ledger._engine, self.ledger._journal
+        unsynced = engine.write_position  # written below here; the pending group's sync may still be running
         for begin, end in self._runs(kinds, payloads, ends, statuses):
-            unsynced = self._apply_and_write(int(kinds[begin]), payloads, codes, statuses, begin, end, unsynced)
-        end_position = self.ledger._engine.write_position
-        if self.durability == "fsync" and (count >= self.overlap_rows_min or self._pending):
-            pending = _PendingGroup(unsynced, end_position)
-            previous = self._pending[-1].answered if self._pending else None
-            pending.answered = self._syncer.submit(self._sync_and_answer, pending, previous, first, codes,
-                                                   statuses, payloads)
-            self._pending.append(pending)
-            self._buffer_users[index] = pending.answered
-            self._buffer_index = (index + 1) % len(self._buffers)
+            start = engine.write_position
+            journal.hold_writes = True
+            try:
+                self._apply(int(kinds[begin]), payloads, codes, statuses, begin, end)
+            finally:
+                journal.hold_writes = False
+            if engine.write_position == start:
+                continue              # nothing committed (queries, or every row failed): nothing to write
+            # The batch is in memory only. Recovery takes only the last batch for a possible torn tail, and a
+            # machine crash may keep a later batch while losing an earlier unsynced one: so every earlier batch
+            # is made durable before this one's header (its commit word) reaches the files. Its events may go
+            # first: past the last commit word they are a torn tail.
+            self._write(journal.write_events, start, engine.write_position)
+            self._wait_synced()
+            self._sync(unsynced, start)
+            self._write(journal.write, start, engine.write_position)
+            unsynced = start
+        end_position = engine.write_position
+        if self.durability == "fsync" and count >= self.overlap_rows_min and end_position > unsynced:
+            # The sync thread takes its tasks in order: it answers the pending group before this one.
+            pending = _PendingGroup()
+            pending.answered = self._syncer.submit(self._sync_and_answer, unsynced, end_position, first, codes,
+                                                   statuses, payloads, pending)
+            self._pending, self._buffer_users[index] = pending, pending.answered
+            self._buffer_index ^= 1
             return True
         self.settle()                 # answers leave in sequence order: an earlier group first
-        self._sync_and_answer(_PendingGroup(unsynced, end_position), None, first, codes, statuses, payloads)
+        self._sync_and_answer(unsynced, end_position, first, codes, statuses, payloads, None)
         return True
 
-    def _apply_and_write(self, kind: int, payloads: np.ndarray, codes: np.ndarray, statuses: np.ndarray,
-                         begin: int, end: int, unsynced: int) -> int:
-        """Apply one run through the core and write its batch (if any) to the files; returns where the group's
-        batches not synced yet start (earlier ones of the group may be synced here to keep the order below)."""
-        engine, journal = self.ledger._engine, self.ledger._journal
-        start = engine.write_position
-        # The batch says in its header whether the batch before it may not be durable yet: recovery may then
-        # drop both after a crash (neither is answered before both are durable).
-        pipelined = self.durability == "fsync" and self._durable_position(unsynced) < start
-        engine.batch_after_unsynced = pipelined
-        journal.hold_writes = True
-        try:
-            self._apply(kind, payloads, codes, statuses, begin, end)
-        finally:
-            journal.hold_writes = False
-            engine.batch_after_unsynced = False
-        if engine.write_position == start:
-            return unsynced           # nothing committed (queries, or every row failed): nothing to write
-        # The batch is in memory only. Its events may reach the files at once: past the last commit word they are
-        # a torn tail to recovery. Its header (commit word) only once every batch before the previous one is
-        # durable: a machine crash may keep a later batch and lose an earlier unsynced one, and recovery takes
-        # that for a torn tail only when the later batch is the last one and says so (docs/FORMAT.md).
-        self._write(journal.write_events, start, engine.write_position)
-        unsynced = self._make_durable(self._previous_batch_start if pipelined else start, unsynced)
-        self._write(journal.write, start, engine.write_position)
-        self._previous_batch_start = start
-        return unsynced
-
-    def _durable_position(self, unsynced: int) -> int:
-        """Every batch below the returned position is durable: the start of the oldest group whose sync has not
-        returned successfully, else the start of this group's unsynced batches."""
-        for pending in self._pending:
-            if not pending.synced.is_set() or pending.error is not None:
-                return min(pending.start, unsynced)
-        return unsynced
-
-    def _make_durable(self, position: int, unsynced: int) -> int:
-        """Wait until every batch below `position` is durable: the syncs of earlier groups that cover it, then
-        this group's own batches below it (synced here). Returns where the group's unsynced batches start now."""
-        for pending in self._pending:
-            if pending.start >= position:
-                break
+    def _wait_synced(self) -> None:
+        """Wait until the sync of the group handed to the sync thread last has returned; raise what it raised."""
+        pending = self._pending
+        if pending is not None:
             pending.synced.wait()
             if pending.error is not None:
                 raise pending.error
-        if unsynced < position:
-            self._sync(unsynced, position)
-            unsynced = position
-        assert self._durable_position(unsynced) >= position
-        return unsynced
-
-    def _raise_failed_sync(self) -> None:
-        """Forget the groups answered already; raise what a sync thread raised, as soon as it is known."""
-        while self._pending and self._pending[0].answered.done():
-            self._pending[0].answered.result()   # raises a failed group's error (it stays: close() raises it too)
-            self._pending.popleft()
-        for pending in self._pending:
-            if pending.synced.is_set() and pending.error is not None:
-                raise pending.error
 
     def settle(self) -> bool:
-        """Wait until every group handed to the sync threads is durable and answered. A failed sync poisoned the
-        handle and is raised here: that group (and every later one) is never acknowledged. Returns whether there
-        was one."""
-        had = bool(self._pending)
-        while self._pending:
-            self._pending[0].answered.result()
-            self._pending.popleft()
-        return had
+        """Wait until every group handed to the sync thread is durable and answered. A failed sync poisoned the
+        handle and is raised here: that group is never acknowledged. Returns whether there was one."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        pending.answered.result()
+        return True
 
-    def _sync_and_answer(self, pending: _PendingGroup, previous: concurrent.futures.Future | None, first: int,
-                         codes: np.ndarray, statuses: np.ndarray, payloads: np.ndarray) -> None:
-        """Sync the group's batches, then answer it once the group before it is answered (which raises if that
-        one failed: then this one is never answered either)."""
+    def _sync_and_answer(self, start: int, end: int, first: int, codes: np.ndarray, statuses: np.ndarray,
+                         payloads: np.ndarray, pending: _PendingGroup | None) -> None:
         try:
-            self._sync(pending.start, pending.end)
+            self._sync(start, end)
         except BaseException as error:
-            pending.error = error
+            if pending is not None:
+                pending.error = error
             raise
         finally:
-            pending.synced.set()
-        if previous is not None:
-            previous.result()
+            if pending is not None:
+                pending.synced.set()
         with self._consumer_lock:
             self.ring.complete(first, codes, statuses, payloads)  # only once every batch of the group is durable
-            self.applied_rows += codes.shape[0]
+        self.applied_rows += codes.shape[0]  # (one thread at a time: the sync thread's tasks run in order)
 
     def _snapshot_if_due(self) -> None:
         """Between drains: reap a finished snapshot, and start one (in a forked child) every snapshot_every_s when
@@ -532,7 +481,7 @@ class Server:
             if self.ring is not None:
                 self.settle()  # its batches are written: answered if its sync succeeds (even when a later one failed)
         finally:
-            self._pending.clear()
+            self._pending = None
             self._syncer.shutdown(wait=True)
             self._close_ring_and_ledger()
 

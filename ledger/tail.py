@@ -73,8 +73,6 @@ from ledger.journal import (
     SEGMENT_MAGIC,
     SEGMENT_RECORDS_LOG2_MAX,
     SEGMENT_RECORDS_LOG2_MIN,
-    TORN_WINDOW_RECORDS,
-    batch_count,
     segment_name,
 )
 
@@ -95,13 +93,14 @@ MAX_EVENTS_DEFAULT = 1 << 16
 MAX_EVENTS_LIMIT = 1 << 24                      # ~1.6 GB of decoded events per array at most
 
 HEADER_MAGIC_VERSION = 0x5247444C | (_core.FORMAT_VERSION << 32)   # "LDGR", then the format version
+BATCH_EVENTS_MAX = (1 << 24) - 1
 POSITION_BITS = 40
 POSITION_MASK = (1 << POSITION_BITS) - 1
 KIND_ACCOUNT = 1
 KIND_EXPIRE = 6
 KIND_HEADER = 15
-BATCH_COUNT_MASK = _core.BATCH_COUNT_MASK
-BATCH_COUNT_WORD_BITS = _core.BATCH_COUNT_MASK | _core.BATCH_AFTER_UNSYNCED   # the bits a count word may have
+# How far recovery looks for a committed batch past a failing header (journal.recover_tail): the largest batch.
+TORN_WINDOW_RECORDS = 2 + _core.EXPIRE_BATCH_MAX + (1 << 23)
 
 # Header words (docs/FORMAT.md, "Batch header").
 WORD_MAGIC_VERSION, WORD_TIMESTAMP, WORD_POSITION, WORD_COUNT, WORD_PREVIOUS_CHECKSUM, WORD_CHECKSUM, WORD_A, \
@@ -357,14 +356,14 @@ class Tailer:
                              f"{self.directory}")
         kind = (int(record[6]) >> 56) & 0x0F
         if kind == KIND_HEADER:
-            raise self._inside(from_position, last, int(record[WORD_COUNT]) & BATCH_COUNT_MASK)
+            raise self._inside(from_position, last, int(record[WORD_COUNT]))
         if not KIND_ACCOUNT <= kind <= KIND_EXPIRE:
             raise ValueError(f"from_position {from_position} does not follow an event record in {self.directory}")
         header_position = last - (int(record[7]) >> POSITION_BITS)
         header = self._segments.record(header_position) if header_position >= 1 else None
         if header is None or (int(header[WORD_COMMIT]) >> 32) != COMMIT_MAGIC:
             raise ValueError(f"from_position {from_position} does not end a committed batch in {self.directory}")
-        count = int(header[WORD_COUNT]) & BATCH_COUNT_MASK
+        count = int(header[WORD_COUNT])
         if header_position + 1 + count != from_position:
             raise self._inside(from_position, header_position, count)
         checksum = self._verified_checksum(header_position)
@@ -392,10 +391,9 @@ class Tailer:
     def _header_problem(self, position: int, fields: Sequence[int]) -> str | None:
         if fields[WORD_A] != HEADER_WORD_A or fields[WORD_MAGIC_VERSION] != HEADER_MAGIC_VERSION:
             return "header"
-        count = batch_count(fields[WORD_COUNT])
-        if fields[WORD_POSITION] != position or count is None:
+        if fields[WORD_POSITION] != position or not 0 < fields[WORD_COUNT] <= BATCH_EVENTS_MAX:
             return "header"
-        if position + 1 + count > POSITION_MASK + 1:
+        if position + 1 + fields[WORD_COUNT] > POSITION_MASK + 1:
             return "header"
         return None
 
@@ -405,7 +403,7 @@ class Tailer:
         problem = self._header_problem(position, fields)
         if problem is not None:
             return 0, problem
-        records = self._segments.records(position + 1, position + 1 + (fields[WORD_COUNT] & BATCH_COUNT_MASK))
+        records = self._segments.records(position + 1, position + 1 + fields[WORD_COUNT])
         if records is None:
             return 0, "a committed batch runs into a segment file that does not exist"
         crc = 0
@@ -431,32 +429,16 @@ class Tailer:
 
     def _judge_torn(self, position: int, problem: str) -> None:
         """A header with a commit word that fails a check: corruption if a committed batch follows it (as journal
-        recovery decides, including its one exception: a pipelined last batch), else a torn tail to wait at.
-        Judged once per header contents."""
+        recovery decides), else a torn tail to wait at. Judged once per header contents."""
         header_bytes = self._segments.record(position).tobytes()
         if self._torn_judged == (position, header_bytes):
             return
-        following = self._committed_batch_after(position)
-        if following is not None and not self._pipelined_last(position, *following):
+        if self._committed_batch_after(position):
             raise self._corrupt(position, problem)
         self._torn_judged = (position, header_bytes)
 
-    def _pipelined_last(self, failed: int, following: int, count_word: int) -> bool:
-        """Whether the committed batch at `following` may sit behind a torn one at `failed` (journal recovery's
-        rule): it says it was committed before the batch ahead was durable, nothing committed follows it, and the
-        failed header, if it still says where it ends, ends where it starts."""
-        if not count_word & _core.BATCH_AFTER_UNSYNCED:
-            return False
-        if self._committed_batch_after(following + (count_word & BATCH_COUNT_MASK)) is not None:
-            return False
-        failed_fields = self._segments.record(failed).tolist()
-        failed_count = batch_count(failed_fields[WORD_COUNT])
-        return not (failed_fields[WORD_A] == HEADER_WORD_A and failed_fields[WORD_POSITION] == failed
-                    and failed_count is not None and failed + 1 + failed_count != following)
-
-    def _committed_batch_after(self, position: int) -> tuple[int, int] | None:
-        """(header position, count word) of the first header with a commit word and a matching checksum in
-        (position, position + window), or None."""
+    def _committed_batch_after(self, position: int) -> bool:
+        """Whether a header with a commit word and a matching checksum lies in (position, position + window)."""
         records_log2 = self._segments.records_log2
         last_segment = self._segments.last_existing(position >> records_log2)
         end = min(position + TORN_WINDOW_RECORDS, (last_segment + 1) << records_log2)
@@ -468,19 +450,16 @@ class Tailer:
             for index in candidates.tolist():
                 candidate = first + index
                 fields = words[index].tolist()
-                if self._header_problem(candidate, fields) is not None:
-                    continue
-                count = fields[WORD_COUNT] & BATCH_COUNT_MASK
-                if candidate + 1 + count > end:
+                if self._header_problem(candidate, fields) is not None or candidate + 1 + fields[WORD_COUNT] > end:
                     continue
                 crc = 0
-                for chunk in self._segments.records(candidate + 1, candidate + 1 + count):
+                for chunk in self._segments.records(candidate + 1, candidate + 1 + fields[WORD_COUNT]):
                     crc = _core.crc32c(chunk, crc)
                 crc = _core.crc32c(words[index][:HEADER_CHECKSUMMED_WORDS], crc)
                 if crc == fields[WORD_CHECKSUM] and crc == fields[WORD_COMMIT] & 0xFFFFFFFF:
-                    return candidate, fields[WORD_COUNT]
+                    return True
             first += words.shape[0]
-        return None
+        return False
 
     def poll(self) -> np.ndarray:
         """The committed events available now from `position` on (whole batches, up to `max_events` unless one
@@ -513,14 +492,12 @@ class Tailer:
             if commit >> 32 != COMMIT_MAGIC:
                 break
             fields = HEADER_WORDS.unpack_from(memory, offset)
-            count_word = fields[WORD_COUNT]
-            count = count_word & BATCH_COUNT_MASK
+            count = fields[WORD_COUNT]
             if counts and events + count > self.max_events:
                 break   # it does not fit: it opens the next array
             end = offset + RECORD_SIZE * (1 + count)
             if fields[WORD_A] == HEADER_WORD_A and fields[WORD_MAGIC_VERSION] == HEADER_MAGIC_VERSION \
-                    and fields[WORD_POSITION] == position and count and not count_word & ~BATCH_COUNT_WORD_BITS \
-                    and end <= len(memory):
+                    and fields[WORD_POSITION] == position and 0 < count <= BATCH_EVENTS_MAX and end <= len(memory):
                 crc = crc32c(memory[offset:offset + 40], crc32c(memory[offset + RECORD_SIZE:end]))
                 problem = None if crc == fields[WORD_CHECKSUM] and crc == commit & 0xFFFFFFFF else "checksum"
             else:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import ledger
-from ledger import _core, _ring
+from ledger import _ring
 from ledger.ring import ABANDON_AFTER_MS_DEFAULT, GROUP_ROWS_MAX, OVERLAP_ROWS_MIN_DEFAULT, Server, connect
 from ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
 
@@ -710,30 +710,9 @@ def test_releasing_a_slot_wakes_a_producer_waiting_for_it(tmp_path):
         server.close()
 
 
-def check_commit_order(events, journal):
-    """The writer's rule for commit words (docs/RING.md): a batch's header reaches the files only once every batch
-    before the previous one is durable, and it says in its count word (BATCH_AFTER_UNSYNCED) exactly when the
-    previous one may not be. `events`: ("write", start, end) per header written, ("sync", start, end) per sync, in
-    order; syncs here cover the unsynced batches in order."""
-    synced_to, previous = None, None
-    for kind, start, end in events:
-        if synced_to is None:
-            synced_to = start
-        if kind == "write":
-            assert previous is None or synced_to >= previous, f"batch at {start} committed with two unsynced: {events}"
-            flagged = bool(int(journal.record(start)[3]) & _core.BATCH_AFTER_UNSYNCED)
-            assert flagged == (synced_to < start), f"batch at {start}: flag {flagged}, synced to {synced_to}"
-            previous = start
-        else:
-            assert start <= synced_to, f"sync from {start} leaves a gap after {synced_to}: {events}"
-            synced_to = max(synced_to, end)
-    return synced_to
-
-
 def test_a_group_of_several_core_calls_never_has_two_unsynced_batches(tmp_path):
     """Transfers, then account creations, then transfers: three core calls (three journal batches) in one drain.
-    A batch's commit word is written only while at most the batch before it is unsynced, and its header says
-    whether that one is; a single-call group is synced once, its batch not flagged."""
+    Each batch is synced before the next is written; a single-call group is synced once."""
     server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64)
     try:
         server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
@@ -757,17 +736,22 @@ def test_a_group_of_several_core_calls_never_has_two_unsynced_batches(tmp_path):
                   ring.submit(_ring.KIND_ACCOUNT, accounts, 500),
                   ring.submit(_ring.KIND_TRANSFER, transfer_batch([92]), 500)]
         assert server.drain_once() and server.ring.consume_sequence == firsts[-1] + 1
-        assert [event[0] for event in events] == ["write", "write", "sync", "write", "sync"]
-        assert check_commit_order(events, journal) == server.ledger._engine.write_position
+        writes = [event for event in events if event[0] == "write"]
+        assert len(writes) == 3
+        synced_to = writes[0][1]
+        for event in events:
+            if event[0] == "write":
+                assert event[1] == synced_to, f"batch at {event[1]} written with {synced_to}.. unsynced: {events}"
+            else:
+                assert event[1] == synced_to
+                synced_to = event[2]
+        assert events[-1][0] == "sync" and synced_to == server.ledger._engine.write_position
         events.clear()
         ring.submit(_ring.KIND_TRANSFER, transfer_batch([93]), 500)
         assert server.drain_once()
         assert [event[0] for event in events] == ["write", "sync"]
-        check_commit_order(events, journal)
     finally:
         server.close()
-    with ledger.open(str(tmp_path / "data")) as reopened:
-        assert reopened.balance(2) == 4 * 5 and reopened.verify().ok
 
 
 def test_a_failed_sync_poisons_the_writer_and_acknowledges_nothing(tmp_path):
@@ -804,22 +788,15 @@ def committed_record_on_disk(server, position):
     return os.pread(segment.fd, 64, offset)
 
 
-def flagged_on_disk(server, position):
-    record = committed_record_on_disk(server, position)
-    return bool(int.from_bytes(record[24:32], "little") & _core.BATCH_AFTER_UNSYNCED)
-
-
-def test_two_syncs_run_at_once_and_a_third_commit_waits_for_the_first(tmp_path):
-    """overlap_rows_min=2: a group of two transfers is synced (and answered) by a sync thread while the writer
-    applies the next group. That next group is committed to the files while the first one's sync still runs (its
-    header says so) and synced by the second sync thread; a third group's events may reach the files early, its
-    commit word only once the first group's sync returned. No group is answered before its own sync and every
-    earlier group's answer."""
-    release, syncing = threading.Event(), threading.Semaphore(0)
+def test_a_large_group_is_synced_in_the_background_and_its_successor_committed_only_after(tmp_path):
+    """overlap_rows_min=2: a group of two transfers is synced (and answered) by the sync thread while the writer
+    applies the next group. The next group's events may reach the files early, its commit word only once the
+    first group's sync returned; no group is answered before its own sync returned."""
+    release, syncing = threading.Event(), threading.Event()
 
     def inject(operation):
         if operation == "sync" and threading.current_thread().name.startswith("ledger-ring-sync"):
-            syncing.release()
+            syncing.set()
             assert release.wait(10)
 
     server = small_server(tmp_path, slot_count=64, abandon_after_ms=ABANDON_AFTER_MS_DEFAULT, durability="fsync",
@@ -828,47 +805,37 @@ def test_two_syncs_run_at_once_and_a_third_commit_waits_for_the_first(tmp_path):
         ring = producer(server)
         codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
         first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([90, 91]), 500)
-        first_header = server.ledger._engine.write_position
         assert server.drain_once()
-        assert syncing.acquire(timeout=5)                               # its sync runs, held by the test
+        assert syncing.wait(5)                                          # its sync runs, held by the test
         with pytest.raises(_ring.RingTimeoutError):
             ring.wait_results(first, 2, codes, statuses, 50, 1000)      # not answered before its sync returns
         second = ring.submit(_ring.KIND_TRANSFER, transfer_batch([92, 93]), 500)
-        second_header = server.ledger._engine.write_position
-        assert server.drain_once()                                      # committed and handed over: no wait
-        assert syncing.acquire(timeout=5)                               # the second sync runs too
-        assert committed_record_on_disk(server, second_header) != bytes(64)
-        assert flagged_on_disk(server, second_header) and not flagged_on_disk(server, first_header)
-        third = ring.submit(_ring.KIND_TRANSFER, transfer_batch([94, 95]), 500)
-        third_header = server.ledger._engine.write_position
+        header = server.ledger._engine.write_position
         writer = threading.Thread(target=server.drain_once)
         writer.start()
         deadline = time.monotonic() + 5
-        while server.ledger._engine.write_position == third_header and time.monotonic() < deadline:
+        while server.ledger._engine.write_position == header and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert server.ledger._engine.write_position == third_header + 3  # applied in memory: header and 2 events
+        assert server.ledger._engine.write_position == header + 3      # applied in memory: header and 2 events
         time.sleep(0.1)
         assert writer.is_alive()                                        # waiting for the first group's sync
-        assert committed_record_on_disk(server, third_header) == bytes(64)   # no commit word in the files yet
-        assert committed_record_on_disk(server, third_header + 1) != bytes(64)  # its events may go ahead
-        with pytest.raises(_ring.RingTimeoutError):
-            ring.wait_results(second, 2, codes, statuses, 50, 1000)
+        assert committed_record_on_disk(server, header) == bytes(64)    # no commit word in the files yet
+        assert committed_record_on_disk(server, header + 1) != bytes(64)  # its events may go ahead
         release.set()
         writer.join(5)
         assert not writer.is_alive()
-        assert flagged_on_disk(server, third_header)
-        for submitted in (first, second):
-            ring.wait_results(submitted, 2, codes, statuses, 5000, 5000)
-            assert codes.tolist() == [0, 0] and statuses.tolist() == [0, 0]
-        assert server.settle()                                          # the third group: synced and answered
-        ring.wait_results(third, 2, codes, statuses, 5000, 5000)
+        ring.wait_results(first, 2, codes, statuses, 5000, 5000)
+        assert codes.tolist() == [0, 0] and statuses.tolist() == [0, 0]
+        assert server.settle()                                          # the second group: synced and answered
+        assert committed_record_on_disk(server, header) != bytes(64)
+        ring.wait_results(second, 2, codes, statuses, 5000, 5000)
         assert codes.tolist() == [0, 0]
-        assert server.ledger.balance(2) == 6 * 5
+        assert server.ledger.balance(2) == 4 * 5
     finally:
         release.set()
         server.close()
     with ledger.open(str(tmp_path / "data")) as reopened:
-        assert reopened.balance(2) == 6 * 5 and reopened.verify().ok
+        assert reopened.balance(2) == 4 * 5 and reopened.verify().ok
 
 
 def test_a_failed_background_sync_poisons_the_writer_and_answers_nothing(tmp_path):
@@ -885,7 +852,7 @@ def test_a_failed_background_sync_poisons_the_writer_and_answers_nothing(tmp_pat
         failing.append(True)
         first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
         assert server.drain_once()                                      # handed to the sync thread, which fails
-        assert server._pending[-1].synced.wait(5)
+        assert server._pending.synced.wait(5)
         header = server.ledger._engine.write_position
         ring.submit(_ring.KIND_TRANSFER, transfer_batch([97, 98]), 500)
         with pytest.raises(OSError, match="injected"):                  # the real error, at the next drain
@@ -1133,106 +1100,3 @@ def test_multi_slot_batches_with_holes_and_lies_never_stall_or_overrun_the_write
         offset = _ring.HEADER_SIZE + (answered % 64) * _ring.SLOT_SIZE + 8
         assert int.from_bytes(server._memory[offset:offset + 8], "little") >> 16 == answered + 1
     assert server.ledger.verify().ok
-
-
-# -- pipelined commits and what recovery makes of them (docs/FORMAT.md, "Recovery") --
-
-def ring_server_journal(tmp_path, groups, pipelined):
-    """A journal written by a ring server, one group of two transfers per drain. pipelined: the first group's sync
-    is held until the second group is committed (which says so in its header), then both are let through; a third
-    group comes after both are answered. Otherwise every group is answered before the next is drained. Returns
-    (directory, header position of each group)."""
-    release, started = threading.Event(), threading.Semaphore(0)
-
-    def inject(operation):
-        if operation == "sync" and threading.current_thread().name.startswith("ledger-ring-sync") \
-                and not release.is_set():
-            started.release()
-            assert release.wait(10)
-
-    server = small_server(tmp_path, slot_count=64, abandon_after_ms=ABANDON_AFTER_MS_DEFAULT, durability="fsync",
-                          fault_injector=inject, overlap_rows_min=2)
-    headers = []
-    try:
-        ring = producer(server)
-        if not pipelined:
-            release.set()
-        for group in range(groups):
-            headers.append(server.ledger._engine.write_position)
-            ring.submit(_ring.KIND_TRANSFER, transfer_batch([100 + 2 * group, 101 + 2 * group]), 500)
-            assert server.drain_once()
-            if pipelined and group == 0:
-                assert started.acquire(timeout=5)   # held: the next group is committed while it runs
-            if group == 1 or not pipelined:
-                release.set()
-                server.settle()
-        assert server.ledger.balance(2) == 10 * groups
-    finally:
-        release.set()
-        server.close()
-    flags = []
-    for header in headers:
-        record = read_disk_record(str(tmp_path / "data"), header)
-        flags.append(bool(int.from_bytes(record[24:32], "little") & _core.BATCH_AFTER_UNSYNCED))
-    assert flags == [False, pipelined] + [False] * (groups - 2)
-    return str(tmp_path / "data"), headers
-
-
-def disk_record_offset(directory, position):
-    return os.path.join(directory, "journal", ledger.journal.segment_name(position >> 20)), \
-        ledger.journal.SEGMENT_HEADER_BYTES + (position & ((1 << 20) - 1)) * 64
-
-
-def read_disk_record(directory, position):
-    path, offset = disk_record_offset(directory, position)
-    with open(path, "rb") as file:
-        file.seek(offset)
-        return file.read(64)
-
-
-def tear_record(directory, position):
-    """What a power cut during a sync can leave of a batch: one of its records never reached the disk."""
-    path, offset = disk_record_offset(directory, position)
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        file.write(bytes(64))
-
-
-def test_a_torn_batch_before_a_pipelined_last_batch_is_a_torn_tail_of_both(tmp_path):
-    """Power cut while the first group's sync ran and the second was committed behind it: the first is torn, the
-    second complete. Neither was answered, so recovery drops both (a warning names the place); a reader waits at
-    the torn batch instead of calling it corruption."""
-    directory, headers = ring_server_journal(tmp_path, 2, pipelined=True)
-    tear_record(directory, headers[0] + 2)
-    with ledger.Tailer(directory, follow=False) as tailer:
-        assert concatenated_ids(tailer) == [1, 2]                      # the two accounts, then it stops
-        assert tailer.position == headers[0]
-    with pytest.warns(RuntimeWarning, match=rf"torn tail of 6 records from journal position {headers[0]}"):
-        with ledger.open(directory) as reopened:
-            assert reopened.balance(2) == 0 and reopened.lookup_transfers([100, 102])["state"].tolist() == [0, 0]
-            assert reopened.verify().ok
-            reopened.transfer(100, 1, 2, 7)                             # the retry goes through
-    with ledger.open(directory) as reopened:
-        assert reopened.balance(2) == 7
-
-
-@pytest.mark.parametrize("groups, pipelined", [(2, False), (3, True)], ids=["not-pipelined", "batch-after-it"])
-def test_a_damaged_batch_is_corruption_unless_only_a_pipelined_last_batch_follows(tmp_path, groups, pipelined):
-    """The same damage is corruption when the batch after it was committed only once the damaged one was durable
-    (no flag: that batch was acknowledged), or when anything is committed after the flagged batch (a later
-    commit waited for the damaged batch's sync). Nothing on disk is changed."""
-    directory, headers = ring_server_journal(tmp_path, groups, pipelined)
-    tear_record(directory, headers[0] + 2)
-    with open(disk_record_offset(directory, 0)[0], "rb") as file:
-        damaged = file.read()
-    with pytest.raises(ledger.LedgerCorruptError, match=rf"journal corrupt .* position {headers[0]}"):
-        ledger.open(directory)
-    with open(disk_record_offset(directory, 0)[0], "rb") as file:
-        assert file.read() == damaged
-    with pytest.raises(ledger.LedgerCorruptError, match=rf"position {headers[0]}"):
-        with ledger.Tailer(directory, follow=False) as tailer:
-            concatenated_ids(tailer)
-
-
-def concatenated_ids(tailer):
-    return [int(value) for events in tailer for value in events["id"]]
