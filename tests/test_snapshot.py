@@ -363,13 +363,42 @@ def test_restore_refuses_existing_destination(tmp_path):
         restore(directory, str(tmp_path / "exists"))
 
 
+def lacking_renameat2(monkeypatch, how):
+    """Make restore's rename see a C library without renameat2 ("missing": glibc < 2.28) or a kernel or file
+    system that refuses RENAME_NOREPLACE ("einval"); "kernel": the real call. Everything else stays real."""
+    if how == "kernel":
+        return
+    import ctypes
+    real_library = ctypes.CDLL
+
+    class Library:
+        def __init__(self, *arguments, **options):
+            self._library = real_library(*arguments, **options)
+
+        def __getattr__(self, name):
+            if name != "renameat2":
+                return getattr(self._library, name)
+            if how == "missing":
+                raise AttributeError(name)
+
+            def refused(*arguments):
+                ctypes.set_errno(errno.EINVAL)
+                return -1
+            return refused
+
+    monkeypatch.setattr(ctypes, "CDLL", Library)
+
+
+@pytest.mark.parametrize("renameat2", ["kernel", "missing", "einval"])
 @pytest.mark.parametrize("appears", ["empty directory", "file"])
-def test_restore_does_not_replace_a_destination_that_appears_meanwhile(tmp_path, monkeypatch, appears):
+def test_restore_does_not_replace_a_destination_that_appears_meanwhile(tmp_path, monkeypatch, appears, renameat2):
     """DEST is checked first, then built beside it for a while: something created at DEST meanwhile (even an empty
-    directory, which a plain rename would silently replace) makes restore fail and stay untouched."""
+    directory, which a plain rename would silently replace) makes restore fail and stay untouched. Without
+    RENAME_NOREPLACE (older libc, a file system that refuses it) the check just before the rename catches it."""
     directory = str(tmp_path / "data")
     destination = tmp_path / "restored"
     build(directory, 2, snapshot_every=0)
+    lacking_renameat2(monkeypatch, renameat2)
     real_build = restore_module._build
 
     def build_while_someone_creates_destination(*arguments):
@@ -388,6 +417,18 @@ def test_restore_does_not_replace_a_destination_that_appears_meanwhile(tmp_path,
         assert destination.read_bytes() == b"theirs"
     else:
         assert list(destination.iterdir()) == []
+
+
+@pytest.mark.parametrize("renameat2", ["missing", "einval"])
+def test_restore_without_rename_noreplace_still_builds_the_ledger(tmp_path, monkeypatch, renameat2):
+    directory = str(tmp_path / "data")
+    build(directory, 2, snapshot_every=0)
+    lacking_renameat2(monkeypatch, renameat2)
+    result = restore(directory, str(tmp_path / "restored"))
+    assert sorted(os.listdir(tmp_path)) == ["data", "restored"]
+    with ledger.open(directory, readonly=True) as original, ledger.open(str(tmp_path / "restored")) as restored:
+        assert restored.stats()["journal_position"] == result.cut_position == original.stats()["journal_position"]
+        assert restored.accounts().tolist() == original.accounts().tolist()
 
 
 def test_failed_restore_leaves_nothing(tmp_path, monkeypatch):
