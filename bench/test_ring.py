@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,3 +88,37 @@ def test_ring_throughput(benchmark, tmp_path, producers, batch_size):
     )
     with ledger.open(directory, readonly=True) as handle:
         assert handle.account(SETTLEMENT_ID) is not None
+
+
+@pytest.mark.parametrize("producers, writers", [(1, 1), (2, 1), (2, 2)])
+def test_group_commit_floor(benchmark, tmp_path, producers, writers):
+    """The same acknowledgement latency with no ledger, ring or Python in the way (bench/group_commit_floor.c):
+    threads that each keep one request in flight and writer threads that pwrite 192 bytes per request and
+    fdatasync. Two writers: a second group is written and synced while the first one's sync runs. Read next to
+    test_ring_throughput's single-call rows: what this machine's disk allows a group commit at all."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    program = str(tmp_path / "group_commit_floor")
+    subprocess.run([compiler, "-O2", "-pthread", os.path.join(HERE, "group_commit_floor.c"), "-o", program],
+                   check=True)
+    outputs = []
+
+    def run():
+        probe = str(tmp_path / f"floor-{len(outputs)}")
+        completed = subprocess.run([program, str(producers), str(writers), "3000", probe], check=True,
+                                   capture_output=True, text=True)
+        outputs.append(json.loads(completed.stdout))
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    ratios = [output["ack_us_p99"] / output["fsync_us_median"] for output in outputs]
+    last = outputs[-1]
+    benchmark.extra_info.update(
+        ack_latency_ms_p50=round(last["ack_us_p50"] / 1e3, 3),
+        ack_latency_ms_p99=round(last["ack_us_p99"] / 1e3, 3),
+        ack_latency_ms_p999=round(last["ack_us_p999"] / 1e3, 3),
+        fsync_ms_median=round(last["fsync_us_median"] / 1e3, 3),
+        fsync_ms_p99=round(last["fsync_us_p99"] / 1e3, 3),
+        p99_over_fsync=round(ratios[-1], 2),
+        p99_over_fsync_rounds=[round(ratio, 2) for ratio in ratios],
+    )
