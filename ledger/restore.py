@@ -15,12 +15,14 @@ directory, or in `--journal DIR`.
 
 Crash safety: everything is built in a temporary directory beside DEST, fsynced (files and directories), then
 renamed to DEST (never over anything that appeared at DEST meanwhile: FileExistsError) and the parent directory
-fsynced: after a crash DEST is either complete or absent (a leftover `.DEST.restoring-*` directory is an
-unfinished restore and can be deleted)."""
+fsynced: after a crash DEST is either complete or absent. A restore holds an flock on its temporary directory
+(`.DEST.restoring-*`) while it builds; the next restore to the same DEST deletes any such directory nobody holds
+(what a killed or crashed restore left, possibly gigabytes) and says so in a warning."""
 from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import os
 import shutil
 import sys
@@ -206,6 +208,29 @@ def _rename_no_replace(source: str, destination: str) -> None:
     os.rename(source, destination)
 
 
+def _remove_abandoned_stagings(parent: str, prefix: str) -> None:
+    """Delete the temporary directories of earlier restores to the same destination that no live restore holds
+    (a restore flocks its directory while it builds): a restore that was killed or crashed leaves one behind."""
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue   # gone meanwhile, not a directory, or a symbolic link: not ours to delete
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue   # a restore to the same destination is building it right now
+            shutil.rmtree(path)
+            warnings.warn(f"ledger restore: deleted {path}, left by an earlier restore that did not finish",
+                          RuntimeWarning, stacklevel=3)
+        finally:
+            os.close(fd)
+
+
 def restore(source: str, destination: str, until_position: int | None = None, until_time: int | None = None,
             progress: Progress | None = None, journal: str | None = None) -> RestoreResult:
     """Build `destination` (must not exist) from `source` (a data directory or a snapshot file) and the journal
@@ -218,17 +243,24 @@ def restore(source: str, destination: str, until_position: int | None = None, un
     if os.path.lexists(destination):
         raise FileExistsError(errno.EEXIST, "exists; restore builds a new directory", destination)
     parent = os.path.dirname(os.path.abspath(destination))
+    prefix = f".{os.path.basename(os.path.abspath(destination))}.restoring-"
+    _remove_abandoned_stagings(parent, prefix)
     with ledger.open(directory, readonly=True) as handle:
         cut, last_timestamp = _find_cut(handle, until_position, until_time)
         chosen = _choose_snapshot(source, named, handle, cut)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(destination))}.restoring-",
-                                   dir=parent)
+        staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        staging_fd = -1
         try:
+            staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(staging_fd, fcntl.LOCK_EX)   # held until it is DEST or gone: "this restore is alive"
             segments = _build(staging, handle, cut, chosen, progress)
             _rename_no_replace(staging, destination)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            if staging_fd >= 0:
+                os.close(staging_fd)
     _fsync_path(parent)
     with ledger.open(destination) as restored:
         assert restored.stats()["journal_position"] == cut, "restored journal does not end at the cut"

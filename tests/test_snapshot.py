@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import glob
 import os
 import random
@@ -429,6 +430,52 @@ def test_restore_without_rename_noreplace_still_builds_the_ledger(tmp_path, monk
     with ledger.open(directory, readonly=True) as original, ledger.open(str(tmp_path / "restored")) as restored:
         assert restored.stats()["journal_position"] == result.cut_position == original.stats()["journal_position"]
         assert restored.accounts().tolist() == original.accounts().tolist()
+
+
+KILLED_RESTORE = """
+import sys, time
+import ledger.restore as restore_module
+real_build = restore_module._build
+def build_then_hang(staging, *arguments):
+    real_build(staging, *arguments)         # the staging directory is complete: then the process is killed
+    print("built", flush=True)
+    time.sleep(60)
+restore_module._build = build_then_hang
+restore_module.restore(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_killed_restore_leaves_a_directory_the_next_restore_deletes(tmp_path):
+    """SIGKILL a restore after it built its temporary directory (DEST not there yet): the directory stays behind.
+    The next restore to the same DEST deletes it (with a warning) and builds DEST; a temporary directory that a
+    live restore holds, or one for another DEST, is left alone."""
+    directory = str(tmp_path / "data")
+    build(directory, 3, snapshot_every=2)
+    destination = tmp_path / "restored"
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_RESTORE, directory, str(destination)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout.readline().strip() == "built"
+    finally:
+        killed.kill()
+        killed.wait()
+    leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".restored.restoring-")]
+    assert len(leftovers) == 1 and not destination.exists()
+    assert os.listdir(tmp_path / leftovers[0] / "journal")                 # gigabytes, in real life
+    live = tmp_path / ".restored.restoring-live"
+    other = tmp_path / ".other.restoring-x"
+    live.mkdir()
+    other.mkdir()
+    live_fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(live_fd, fcntl.LOCK_EX)                                # as a running restore holds it
+        with pytest.warns(RuntimeWarning, match=rf"deleted .*{leftovers[0]}, left by an earlier restore"):
+            result = restore(directory, str(destination))
+    finally:
+        os.close(live_fd)
+    assert result.verified
+    assert sorted(os.listdir(tmp_path)) == sorted([".other.restoring-x", ".restored.restoring-live", "data",
+                                                   "restored"])
 
 
 def test_failed_restore_leaves_nothing(tmp_path, monkeypatch):
