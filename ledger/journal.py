@@ -57,6 +57,7 @@ SEGMENT_HEADER = struct.Struct("<8sIIIIQQQ")  # magic, version, record size, rec
 FLUSH_INTERVAL_MS_DEFAULT = 10
 HEADER_WORD_A = 15 << 56           # kind byte of a batch header (docs/FORMAT.md)
 COMMIT_MAGIC = 0xC0111117
+REPLAY_END = 0         # the replay stop reasons of _core.REPLAY_REASONS used here
 REPLAY_CHAIN = 3
 REPLAY_INTEGRITY = 5
 FLUSH_INTERVAL_MS_MAX = 60_000
@@ -284,6 +285,7 @@ class FileJournal:
         self._flush_error: BaseException | None = None
         self._on_poison: Callable[[], None] | None = None
         self._sync_lock = threading.Lock()
+        self._written_end = 0   # write-through: the end of the last batch whose header write() put in the files
         self._preparing: threading.Thread | None = None
         self._prepared: tuple[int, Any] | None = None
         self._ready_through = 0  # segments up to this index are (being) made ready for writing
@@ -389,6 +391,13 @@ class FileJournal:
         gives the file back its full size; a reader maps a zero-padded private copy (mapping past the end of a
         file would fault)."""
         if not self.readonly:
+            cut = (index << self.segment_records_log2) + (size - SEGMENT_HEADER_BYTES) // RECORD_SIZE
+            mark = self.durable_mark()
+            if mark != DURABLE_STRICT and cut < mark:   # batches known durable are gone: leave the file as it is
+                os.close(fd)
+                raise LedgerCorruptError(f"journal cut short in {path} at byte offset {size}, journal position "
+                                         f"{cut}: it ends there, but batches up to position {mark} were durable "
+                                         f"(journal/DURABLE); nothing was changed on disk")
             os.ftruncate(fd, self.segment_bytes)
             os.fsync(fd)
             os.close(fd)
@@ -550,7 +559,17 @@ class FileJournal:
         reason_name = _core.REPLAY_REASONS[reason]
         if reason in (REPLAY_CHAIN, REPLAY_INTEGRITY):
             raise self._corrupt(position, reason_name)
-        unsynced = position >= self.durable_mark()
+        mark = self.durable_mark()
+        if mark != DURABLE_STRICT and position < mark and self._mark_is_settled(mark, mapped_end):
+            # Everything before the mark was synced before the mark was written: what fails there is damage to
+            # acknowledged batches (bit rot, a cut file), never a torn write, even with nothing after it.
+            if reason == REPLAY_END:
+                path, offset = self._location(position)
+                raise LedgerCorruptError(f"journal cut short in {path} at byte offset {offset}, journal position "
+                                         f"{position}: it ends there, but batches up to position {mark} were "
+                                         f"durable (journal/DURABLE); nothing was changed on disk")
+            raise self._corrupt(position, f"{reason_name}, before the durable mark {mark}")
+        unsynced = position >= mark
         if not unsynced and self._committed_batch_in(position + 1, window_end, mapped_end) is not None:
             raise self._corrupt(position, reason_name)
         if self.readonly:
@@ -577,6 +596,28 @@ class FileJournal:
                 f"{offset}): writes that were never acknowledged as durable")
 
     # -- the durable mark --
+
+    def _mark_is_settled(self, mark: int, mapped_end: int) -> bool:
+        """Whether the durable mark can be held against what this handle read: always for the writer (it holds the
+        lock). For a reader only if no writer holds the lock now and the reader's mapping reaches the mark: beside
+        a live "os" writer the mark moves past batches the reader saw half-written a moment earlier, and a writer
+        that finished meanwhile may have written past the segment files the reader found at open. (A stop that
+        moves when the reader replays again is not judged at all: _replay_and_recover.)"""
+        if not self.readonly:
+            return True
+        if mark > mapped_end:
+            return False
+        try:
+            fd = os.open(os.path.join(self.directory, "LOCK"), os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)   # drops the shared lock: a writer may start right after, and only writes past the mark
 
     def durable_mark(self) -> int:
         """The position from which batches may not have been synced (DURABLE_STRICT: none may be missing but the
@@ -620,6 +661,7 @@ class FileJournal:
             if isinstance(segment, Segment):
                 os.fdatasync(segment.fd)
         self.set_durable_mark(write_position if self.durability == "os" else DURABLE_STRICT)
+        self._written_end = write_position
         self._populate_room(write_position)
 
     def _populate_room(self, write_position: int) -> None:
@@ -668,10 +710,14 @@ class FileJournal:
         self._preparing = threading.Thread(target=target, args=arguments, name="ledger-segment-prepare", daemon=True)
         self._preparing.start()
 
-    def _corrupt(self, position: int, reason: str) -> LedgerCorruptError:
+    def _location(self, position: int) -> tuple[str, int]:
+        """The segment file and byte offset of a journal position."""
         index = position >> self.segment_records_log2
         offset = SEGMENT_HEADER_BYTES + (position & (self.segment_records - 1)) * RECORD_SIZE
-        path = os.path.join(self.journal_directory, segment_name(index))
+        return os.path.join(self.journal_directory, segment_name(index)), offset
+
+    def _corrupt(self, position: int, reason: str) -> LedgerCorruptError:
+        path, offset = self._location(position)
         return LedgerCorruptError(f"journal corrupt ({reason}) in {path} at byte offset {offset}, journal position "
                                   f"{position}: a committed batch before the tail fails its check; nothing was "
                                   f"changed on disk")
@@ -724,6 +770,7 @@ class FileJournal:
         self._write_range(events_from, end)
         self._inject("write-header")
         self._write_range(header_position, header_position + 1)
+        self._written_end = max(self._written_end, end)
         self._ready_after_writing(end)
 
     def write_ahead(self, header_position: int, end: int) -> None:
@@ -861,6 +908,10 @@ class FileJournal:
             os.fdatasync(self.segments[index].fd)
 
     def close(self, final_sync: bool = True) -> None:
+        """Release the journal. final_sync (a healthy writer): make everything written durable first, and set the
+        durable mark to the end of it ("os": the flusher's last flush; "fsync": one more sync of what write()
+        put in the files, which a ring server may not have synced yet), so that the next open takes any failure
+        before it, even in the last batch, for damage rather than a torn tail: a clean close tears nothing."""
         try:
             if self._flusher is not None:  # first: it may start readying a segment (_ready_after)
                 self._flusher_stop.set()
@@ -868,6 +919,11 @@ class FileJournal:
                 self._flusher = None
                 if final_sync and self._flush_error is None:
                     self.flush()
+            elif final_sync and self.write_through and not self.readonly and self._written_end > 1:
+                # Only what reached the files: a batch applied in memory whose write never happened (an
+                # interrupted owner) stays past the mark, where it is the clean end.
+                self.sync(1, self._written_end)
+                self.set_durable_mark(self._written_end)
         finally:
             with self._synced_changed:  # a snapshot waiting for durability learns the answer now
                 self._durable_waits_over = True

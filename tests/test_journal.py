@@ -134,7 +134,15 @@ def three_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "batch", tiny)
     directory = str(tmp_path / "data")
     positions, end = write_batches(directory, 3)
+    as_if_killed(directory)
     return directory, positions, end
+
+
+def as_if_killed(directory):
+    """The durable mark an "fsync" writer leaves when it is killed (STRICT: only the last batch may be torn), not
+    the one a clean close leaves (its end: nothing may be torn). Damage to the last batch then reads as what a
+    crash can leave."""
+    os.unlink(os.path.join(directory, "journal", "DURABLE"))
 
 
 def reopen_state(directory):
@@ -199,6 +207,65 @@ def test_bit_flips_are_detected(three_batches, target):
     with open(segment_path(directory), "wb") as file:
         file.write(pristine)
     assert reopen_state(directory)[0] == 3
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_after_a_clean_close_damage_to_the_last_batch_is_corruption(tmp_path, durability):
+    """A clean close syncs everything and sets the durable mark to the end, so nothing can be torn: a flipped bit
+    in the last batch, or a journal file cut short, is LedgerCorruptError (an acknowledged batch must not vanish
+    as a "torn tail"), for the writer and for a read-only open alike, and nothing on disk is changed. The same
+    damage after a crash stays a torn tail (test_bit_flips_are_detected)."""
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True, durability=durability, segment_records_log2=SEGMENT_RECORDS_LOG2) \
+            as handle:
+        assert not handle.create_accounts(accounts()).any()
+        for k in range(3):
+            last = handle.stats()["journal_position"]
+            handle.transfers(batch(k))
+        end = handle.stats()["journal_position"]
+    path = segment_path(directory, last >> SEGMENT_RECORDS_LOG2)
+    header_offset = HEADER_BYTES + (last & ((1 << SEGMENT_RECORDS_LOG2) - 1)) * RECORD
+    with open(path, "rb") as file:
+        pristine = file.read()
+    damaged = bytearray(pristine)
+    damaged[header_offset + RECORD + 24] ^= 0x04                                    # its first event's amount
+    for image, message in ((bytes(damaged), rf"checksum, before the durable mark {end}\) .* position {last}"),
+                           (pristine[:header_offset + RECORD + 24],
+                            rf"checksum, before the durable mark {end}|cut short .* up to position {end} were durable"),
+                           (pristine[:header_offset], rf"cut short .* position {last}: .* up to position {end} were "
+                                                      rf"durable")):
+        with open(path, "wb") as file:
+            file.write(image)
+        for readonly in (False, True):
+            with pytest.raises(ledger.LedgerCorruptError, match=message):
+                ledger.open(directory, readonly=readonly)
+            with open(path, "rb") as file:
+                assert file.read() == image, "a corrupt journal must not be changed on open"
+    with open(path, "wb") as file:
+        file.write(pristine)
+    with ledger.open(directory) as reopened:
+        assert applied_batches(reopened) == 3 and reopened.verify().ok
+
+
+def test_a_clean_close_vouches_only_for_what_reached_the_files(tmp_path):
+    """An owner that writes batches itself (the ring server: hold_writes) can be interrupted after the core
+    applied a batch and before it wrote it. Closing then sets the durable mark at the end of what was written, not
+    at the in-memory end: the reopen ends cleanly before the unwritten batch, with no corruption reported."""
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True) as handle:
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        handle.transfer(10, 1, 2, 5)
+        written = handle.stats()["journal_position"]
+        handle._journal.hold_writes = True          # the owner would write and sync it: it never gets to
+        assert handle.transfer(11, 1, 2, 7) == ledger.TransferResult.OK
+        assert handle.stats()["journal_position"] > written
+    with open(os.path.join(directory, "journal", "DURABLE"), "rb") as file:
+        assert int.from_bytes(file.read(8), "little") == written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # no torn tail either: the files end where the mark says
+        with ledger.open(directory) as reopened:
+            assert reopened.balance(2) == 5 and reopened.stats()["journal_position"] == written
 
 
 def test_segment_header_flips_are_corruption(three_batches):
@@ -519,6 +586,8 @@ def test_truncated_last_segment_at_every_byte_offset(three_batches):
     start_byte = HEADER_BYTES + positions[-1] * RECORD
     end_byte = HEADER_BYTES + end * RECORD
     for offset in range(start_byte, end_byte):
+        if os.path.exists(os.path.join(directory, "journal", "DURABLE")):
+            as_if_killed(directory)   # the reopens below closed cleanly: each cut is what a crash leaves
         with open(segment_path(directory), "wb") as file:
             file.write(pristine[:offset])
         # What was cut off may have been zeros only (the high bytes of the last word): then nothing is lost.
