@@ -911,7 +911,9 @@ class FileJournal:
         """Release the journal. final_sync (a healthy writer): make everything written durable first, and set the
         durable mark to the end of it ("os": the flusher's last flush; "fsync": one more sync of what write()
         put in the files, which a ring server may not have synced yet), so that the next open takes any failure
-        before it, even in the last batch, for damage rather than a torn tail: a clean close tears nothing."""
+        before it, even in the last batch, for damage rather than a torn tail: a clean close tears nothing. A
+        failed final sync is raised once everything is released (the mark is then left as it was)."""
+        final_error: BaseException | None = None
         try:
             if self._flusher is not None:  # first: it may start readying a segment (_ready_after)
                 self._flusher_stop.set()
@@ -924,6 +926,8 @@ class FileJournal:
                 # interrupted owner) stays past the mark, where it is the clean end.
                 self.sync(1, self._written_end)
                 self.set_durable_mark(self._written_end)
+        except BaseException as error:
+            final_error = error
         finally:
             with self._synced_changed:  # a snapshot waiting for durability learns the answer now
                 self._durable_waits_over = True
@@ -946,3 +950,5 @@ class FileJournal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if final_error is not None:
+            raise final_error

@@ -268,6 +268,29 @@ def test_a_clean_close_vouches_only_for_what_reached_the_files(tmp_path):
             assert reopened.balance(2) == 5 and reopened.stats()["journal_position"] == written
 
 
+def test_a_failed_final_sync_is_raised_after_the_journal_is_released(tmp_path):
+    """The last sync of a clean close fails (EIO): close raises it, yet the writer lock and the files are let go
+    (a new writer can open), and the durable mark stays what a killed writer leaves (strict), not the end."""
+    directory = str(tmp_path / "data")
+    failing = []
+
+    def inject(operation):
+        if operation == "sync" and failing:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+    handle = ledger.open(directory, create=True, fault_injector=inject)
+    handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+    handle.create_account(2)
+    handle.transfer(10, 1, 2, 5)
+    failing.append(True)
+    with pytest.raises(OSError, match="injected"):
+        handle.close()
+    with open(os.path.join(directory, "journal", "DURABLE"), "rb") as file:
+        assert int.from_bytes(file.read(8), "little") == 2**64 - 1
+    with ledger.open(directory) as reopened:
+        assert reopened.balance(2) == 5
+
+
 def test_segment_header_flips_are_corruption(three_batches):
     directory, _, _ = three_batches
     with open(segment_path(directory), "rb") as file:
