@@ -1450,6 +1450,28 @@ cdef class Engine:
         cdef uint64_t count = self.state.account_count
         return self._accounts_hot[:count], self._accounts_cold[:count]
 
+    def table_values(self, bint transfers, cnp.ndarray keys not None, cnp.ndarray values not None,
+                     cnp.ndarray found not None):
+        """For each key: its value in the transfer id table (`transfers`) or the account id table into `values`,
+        and into `found` whether it is there (0 is a valid value: the first account's index). verify compares a
+        table with another engine's this way, a chunk of slots at a time, instead of sorting both."""
+        self._check_open()
+        LEDGER_ASSERT(keys.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(keys))
+        LEDGER_ASSERT(values.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(values))
+        LEDGER_ASSERT(found.dtype.itemsize == 1 and cnp.PyArray_IS_C_CONTIGUOUS(found))
+        LEDGER_ASSERT(values.shape[0] == keys.shape[0] and found.shape[0] == keys.shape[0])
+        cdef const uint64_t *key = <const uint64_t *>cnp.PyArray_DATA(keys)
+        cdef uint64_t *value = <uint64_t *>cnp.PyArray_DATA(values)
+        cdef uint8_t *present = <uint8_t *>cnp.PyArray_DATA(found)
+        cdef const Table *table = &self.state.transfer_table if transfers else &self.state.account_table
+        cdef uint64_t i, count = keys.shape[0]
+        cdef TableSlot *slot
+        with nogil:
+            for i in range(count):
+                slot = table_find(table, key[i]) if key[i] != 0 else NULL
+                present[i] = slot != NULL
+                value[i] = slot.value if slot != NULL else 0
+
     def lookup_transfers(self, cnp.ndarray ids not None, cnp.ndarray out not None):
         self._check_open()
         LEDGER_ASSERT(ids.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(ids))

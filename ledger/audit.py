@@ -8,7 +8,8 @@ end the rebuilt state is compared with the live one, and conservation and the ba
 
 Two states are compared piece by piece: the account arrays field by field, the scalars (journal position, time,
 hash chain head, counts), both id tables as sets of (id, value) entries (two tables of different capacities hold
-the same entries in different slots) and the pending expiries (see `_pending_expiries`)."""
+the same entries in different slots: each entry is looked up in the other table, see `_table_differences`) and
+the pending expiries (see `_pending_expiries`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ VERIFY_SLICE = 1 << 22  # journal records replayed between progress updates
 REPLAY_END = next(code for code, name in _core.REPLAY_REASONS.items() if name == "end")
 POSITION_BITS = 40  # a transfer table value is its event position | state << 40 (ledger/_core.pyx)
 POSITION_MASK = (1 << POSITION_BITS) - 1
+TABLE_CHUNK_SLOTS = 1 << 20  # id table slots compared per step: bounds verify's temporary memory (~50 MB)
 SNAPSHOTS_CHECKED_MAX = 1000  # Ledger.snapshot keeps at most 1000; more files than that is not ours
 
 
@@ -85,22 +87,57 @@ def check_invariants(hot: np.ndarray) -> list[str]:
 
 # ---- Comparing two states -------------------------------------------------------------------------------------
 
-def _table_entries(slots: np.ndarray) -> np.ndarray:
-    """The occupied slots of an id table (key 0 marks an empty slot), sorted by key: the table as a set."""
-    entries = slots[slots["key"] != 0]
-    return entries[np.argsort(entries["key"], kind="stable")]
+def _pending_positions(transfer_slots: np.ndarray) -> np.ndarray:
+    """The event positions of the transfers still pending in an id table, a chunk of slots at a time."""
+    found = []
+    for start in range(0, transfer_slots.shape[0], TABLE_CHUNK_SLOTS):
+        values = transfer_slots["value"][start:start + TABLE_CHUNK_SLOTS]
+        found.append(values[(values >> np.uint64(POSITION_BITS)) == int(TransferState.PENDING)] & POSITION_MASK)
+    return np.concatenate(found) if found else np.empty(0, np.uint64)
 
 
-def _pending_expiries(heap: np.ndarray, transfer_entries: np.ndarray) -> np.ndarray:
+def _pending_expiries(heap: np.ndarray, transfer_slots: np.ndarray) -> np.ndarray:
     """The expiry heap entries that still matter, sorted: those whose event is a transfer still pending.
 
     The heap deletes lazily: the entry of a transfer posted, voided or expired stays until a live batch reaches
     its deadline and pops it, and replay never pops (the EXPIRE events are in the journal). So a live heap and a
     replayed one differ in such stale entries, harmlessly; the entries of transfers still pending must agree."""
-    states = transfer_entries["value"] >> POSITION_BITS
-    pending_positions = transfer_entries["value"][states == int(TransferState.PENDING)] & POSITION_MASK
-    kept = heap[np.isin(heap["position"], pending_positions)]
+    kept = heap[np.isin(heap["position"], _pending_positions(transfer_slots))]
     return kept[np.lexsort((kept["position"], kept["deadline"]))]
+
+
+def _table_differences(what: str, labels: tuple[str, str], slots: np.ndarray, other: _core.Engine,
+                       other_slots: np.ndarray, transfers: bool, describe: Callable[[np.void], str]) -> list[str]:
+    """An id table against the other side's, as sets of (id, value) entries (two tables of different capacities
+    hold the same entries in different slots): every entry of `slots` is looked up in the other engine's table,
+    a chunk of slots at a time, and the two tables hold as many entries. No sorted copies of either table (for
+    100M transfers those took about 6 GB at the peak)."""
+    count = differ = 0
+    first: tuple[np.void, bool, int] | None = None
+    for start in range(0, slots.shape[0], TABLE_CHUNK_SLOTS):
+        chunk = slots[start:start + TABLE_CHUNK_SLOTS]
+        entries = chunk[chunk["key"] != 0]
+        count += entries.shape[0]
+        values = np.empty(entries.shape[0], np.uint64)
+        found = np.empty(entries.shape[0], np.uint8)
+        other.table_values(transfers, np.ascontiguousarray(entries["key"]), values, found)
+        wrong = np.flatnonzero((found == 0) | (values != entries["value"]))
+        if wrong.size and first is None:
+            index = int(wrong[0])
+            first = (entries[index], bool(found[index]), int(values[index]))
+        differ += wrong.size
+    other_count = _core.count_table_keys(other_slots)
+    if count != other_count:
+        return [f"{what}: {count} entries in {labels[0]}, {other_count} in {labels[1]}"]
+    if first is None:
+        return []
+    entry, present, value = first
+    if present:
+        seen = np.array([(int(entry["key"]), value)], dtype=slots.dtype)[0]
+        theirs = describe(seen)
+    else:
+        theirs = f"no entry for id {int(entry['key'])}"
+    return [f"{what}: {differ} entries differ, first {describe(entry)} in {labels[0]}, {theirs} in {labels[1]}"]
 
 
 def _describe_transfer(entry: np.void) -> str:
@@ -151,21 +188,20 @@ def _account_differences(labels: tuple[str, str], expected: dict[str, np.ndarray
 
 
 def state_differences(labels: tuple[str, str], expected: tuple[dict[str, int], dict[str, np.ndarray]],
-                      actual: tuple[dict[str, int], dict[str, np.ndarray]]) -> list[str]:
-    """Every difference between two states, each given as (scalars, arrays) in the shape of
-    Engine.state_views(): one sentence each, naming the two sides by `labels`. Empty: the same state."""
-    (expected_scalars, expected_arrays), (actual_scalars, actual_arrays) = expected, actual
+                      actual: _core.Engine) -> list[str]:
+    """Every difference between a state given as (scalars, arrays) in the shape of Engine.state_views() and an
+    engine's state: one sentence each, naming the two sides by `labels`. Empty: the same state."""
+    expected_scalars, expected_arrays = expected
+    actual_scalars, actual_arrays = actual.state_views()
     problems = [f"{name} is {expected_scalars[name]} in {labels[0]}, {actual_scalars[name]} in {labels[1]}"
                 for name in SCALARS if expected_scalars[name] != actual_scalars[name]]
     problems += _account_differences(labels, expected_arrays, actual_arrays)
-    transfers = []
-    for name, what, describe in (("account_slots", "account id table", _describe_account),
-                                 ("transfer_slots", "transfer id table", _describe_transfer)):
-        entries = (_table_entries(expected_arrays[name]), _table_entries(actual_arrays[name]))
-        problems += _first_difference(what, labels, *entries, describe)
-        transfers = entries
-    expiries = [_pending_expiries(arrays["expiry_heap"], entries)
-                for arrays, entries in zip((expected_arrays, actual_arrays), transfers)]
+    for name, what, transfers, describe in (("account_slots", "account id table", False, _describe_account),
+                                            ("transfer_slots", "transfer id table", True, _describe_transfer)):
+        problems += _table_differences(what, labels, expected_arrays[name], actual, actual_arrays[name], transfers,
+                                       describe)
+    expiries = [_pending_expiries(arrays["expiry_heap"], arrays["transfer_slots"])
+                for arrays in (expected_arrays, actual_arrays)]
     problems += _first_difference("pending expiries", labels, *expiries, _describe_expiry)
     return problems
 
@@ -224,7 +260,7 @@ def _check_snapshot(rebuilt: _core.Engine, position: int, path: str) -> list[str
     if rebuilt.write_position != position:
         return [f"{path}: the journal has no batch ending at position {position} (the last batch before it ends "
                 f"at {rebuilt.write_position}): the snapshot does not belong to this journal"]
-    return state_differences((path, "the replay of the journal"), (scalars, arrays), rebuilt.state_views())
+    return state_differences((path, "the replay of the journal"), (scalars, arrays), rebuilt)
 
 
 def verify_live(handle: "Ledger") -> VerifyReport:
@@ -256,8 +292,7 @@ def verify_live(handle: "Ledger") -> VerifyReport:
         if rebuilt.write_position != end:
             problems.append(f"replay stopped at journal position {rebuilt.write_position} "
                             f"({_core.REPLAY_REASONS[reason]}); the live state is at {end}")
-        problems += state_differences(("the live state", "the replayed state"), live.state_views(),
-                                      rebuilt.state_views())
+        problems += state_differences(("the live state", "the replayed state"), live.state_views(), rebuilt)
         hot, _ = rebuilt.account_arrays()
         problems += check_invariants(hot)
         return VerifyReport(not problems, batches, events, int(hot.shape[0]), int(rebuilt.transfer_count),
