@@ -77,7 +77,7 @@ static void *producer(void *argument) {
 
 static void *writer(void *unused) {
     (void)unused;
-    static char request_bytes[REQUEST_BYTES * PRODUCER_COUNT_MAX];
+    char request_bytes[REQUEST_BYTES * PRODUCER_COUNT_MAX];   // per thread: 3 KiB
     memset(request_bytes, 7, sizeof request_bytes);
     for (;;) {
         long taken[PRODUCER_COUNT_MAX];
