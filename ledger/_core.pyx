@@ -1450,28 +1450,6 @@ cdef class Engine:
         cdef uint64_t count = self.state.account_count
         return self._accounts_hot[:count], self._accounts_cold[:count]
 
-    def table_values(self, bint transfers, cnp.ndarray keys not None, cnp.ndarray values not None,
-                     cnp.ndarray found not None):
-        """For each key: its value in the transfer id table (`transfers`) or the account id table into `values`,
-        and into `found` whether it is there (0 is a valid value: the first account's index). verify compares a
-        table with another engine's this way, a chunk of slots at a time, instead of sorting both."""
-        self._check_open()
-        LEDGER_ASSERT(keys.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(keys))
-        LEDGER_ASSERT(values.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(values))
-        LEDGER_ASSERT(found.dtype.itemsize == 1 and cnp.PyArray_IS_C_CONTIGUOUS(found))
-        LEDGER_ASSERT(values.shape[0] == keys.shape[0] and found.shape[0] == keys.shape[0])
-        cdef const uint64_t *key = <const uint64_t *>cnp.PyArray_DATA(keys)
-        cdef uint64_t *value = <uint64_t *>cnp.PyArray_DATA(values)
-        cdef uint8_t *present = <uint8_t *>cnp.PyArray_DATA(found)
-        cdef const Table *table = &self.state.transfer_table if transfers else &self.state.account_table
-        cdef uint64_t i, count = keys.shape[0]
-        cdef TableSlot *slot
-        with nogil:
-            for i in range(count):
-                slot = table_find(table, key[i]) if key[i] != 0 else NULL
-                present[i] = slot != NULL
-                value[i] = slot.value if slot != NULL else 0
-
     def lookup_transfers(self, cnp.ndarray ids not None, cnp.ndarray out not None):
         self._check_open()
         LEDGER_ASSERT(ids.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(ids))
@@ -1817,6 +1795,36 @@ def crc32c_hardware():
 def crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b):
     """CRC32C of A followed by B, given crc32c(A), crc32c(B) and len(B)."""
     return ledger_crc32c_combine(crc_a, crc_b, length_b)
+
+
+def table_values_in(cnp.ndarray slots not None, cnp.ndarray keys not None, cnp.ndarray values not None,
+                    cnp.ndarray found not None):
+    """Look keys up in an id table held in an array laid out as the engine's (a snapshot's section, or an engine's
+    state_views() table): each key's value into `values`, and into `found` whether it is there (0 is a valid
+    value: the first account's index). verify compares two tables this way, both ways, a chunk at a time, instead
+    of sorting copies of both. The caller checks that the table is a power of two of at least 1,024 slots and at
+    most 70% full, so that every probe walk ends at an empty slot."""
+    LEDGER_ASSERT(slots.dtype.itemsize == sizeof(TableSlot) and cnp.PyArray_IS_C_CONTIGUOUS(slots))
+    cdef uint64_t slot_count = slots.shape[0]
+    LEDGER_ASSERT(slot_count >= (<uint64_t>1 << TABLE_CAPACITY_LOG2_MIN) and (slot_count & (slot_count - 1)) == 0)
+    LEDGER_ASSERT(keys.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(keys))
+    LEDGER_ASSERT(values.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(values))
+    LEDGER_ASSERT(found.dtype.itemsize == 1 and cnp.PyArray_IS_C_CONTIGUOUS(found))
+    LEDGER_ASSERT(values.shape[0] == keys.shape[0] and found.shape[0] == keys.shape[0])
+    cdef Table table
+    memset(&table, 0, sizeof(Table))
+    table.slots = <TableSlot *>cnp.PyArray_DATA(slots)
+    table.capacity_log2 = <uint32_t>(slot_count.bit_length() - 1)
+    cdef const uint64_t *key = <const uint64_t *>cnp.PyArray_DATA(keys)
+    cdef uint64_t *value = <uint64_t *>cnp.PyArray_DATA(values)
+    cdef uint8_t *present = <uint8_t *>cnp.PyArray_DATA(found)
+    cdef uint64_t i, count = keys.shape[0]
+    cdef TableSlot *slot
+    with nogil:
+        for i in range(count):
+            slot = table_find(&table, key[i])
+            present[i] = slot != NULL
+            value[i] = slot.value if slot != NULL else 0
 
 
 def count_table_keys(data):

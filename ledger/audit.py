@@ -106,38 +106,64 @@ def _pending_expiries(heap: np.ndarray, transfer_slots: np.ndarray) -> np.ndarra
     return kept[np.lexsort((kept["position"], kept["deadline"]))]
 
 
-def _table_differences(what: str, labels: tuple[str, str], slots: np.ndarray, other: _core.Engine,
-                       other_slots: np.ndarray, transfers: bool, describe: Callable[[np.void], str]) -> list[str]:
-    """An id table against the other side's, as sets of (id, value) entries (two tables of different capacities
-    hold the same entries in different slots): every entry of `slots` is looked up in the other engine's table,
-    a chunk of slots at a time, and the two tables hold as many entries. No sorted copies of either table (for
-    100M transfers those took about 6 GB at the peak)."""
-    count = differ = 0
-    first: tuple[np.void, bool, int] | None = None
+TABLE_LOAD_MAX = 0.7   # an id table holds at most 70% keys (docs/FORMAT.md): every probe walk meets an empty slot
+TABLE_SLOTS_MIN = 1 << 10
+
+
+def _table_problem(what: str, label: str, slots: np.ndarray, count: int) -> str | None:
+    """Why `slots` cannot be searched as an id table, if it cannot (a snapshot's section is only checksummed)."""
+    size = slots.shape[0]
+    if size < TABLE_SLOTS_MIN or size & (size - 1):
+        return f"{what}: {size} slots in {label}, not a power of two of at least {TABLE_SLOTS_MIN}"
+    if count > size * TABLE_LOAD_MAX:
+        return f"{what}: {count} entries in {size} slots in {label}, more than {TABLE_LOAD_MAX:.0%} full"
+    return None
+
+
+def _entries_missing(slots: np.ndarray, other: np.ndarray) -> tuple[int, tuple[np.void, bool, int] | None]:
+    """How many entries of `slots` the table `other` lacks or holds with another value, and the first of them
+    (the entry, whether `other` has its id, and the value it has), a chunk of slots at a time."""
+    differ = 0
+    first = None
     for start in range(0, slots.shape[0], TABLE_CHUNK_SLOTS):
         chunk = slots[start:start + TABLE_CHUNK_SLOTS]
         entries = chunk[chunk["key"] != 0]
-        count += entries.shape[0]
         values = np.empty(entries.shape[0], np.uint64)
         found = np.empty(entries.shape[0], np.uint8)
-        other.table_values(transfers, np.ascontiguousarray(entries["key"]), values, found)
+        _core.table_values_in(other, np.ascontiguousarray(entries["key"]), values, found)
         wrong = np.flatnonzero((found == 0) | (values != entries["value"]))
         if wrong.size and first is None:
             index = int(wrong[0])
             first = (entries[index], bool(found[index]), int(values[index]))
         differ += wrong.size
-    other_count = _core.count_table_keys(other_slots)
-    if count != other_count:
-        return [f"{what}: {count} entries in {labels[0]}, {other_count} in {labels[1]}"]
-    if first is None:
-        return []
-    entry, present, value = first
-    if present:
-        seen = np.array([(int(entry["key"]), value)], dtype=slots.dtype)[0]
-        theirs = describe(seen)
-    else:
-        theirs = f"no entry for id {int(entry['key'])}"
-    return [f"{what}: {differ} entries differ, first {describe(entry)} in {labels[0]}, {theirs} in {labels[1]}"]
+    return differ, first
+
+
+def _table_differences(what: str, labels: tuple[str, str], slots: tuple[np.ndarray, np.ndarray],
+                       describe: Callable[[np.void], str]) -> list[str]:
+    """Two id tables as sets of (id, value) entries (two tables of different capacities hold the same entries in
+    different slots): each side's entries are looked up in the other table, so a table that repeats an id, or
+    holds one where its probe walk does not reach it, differs too. No sorted copies of either table (for 100M
+    transfers those took about 6 GB at the peak)."""
+    counts = [_core.count_table_keys(side) for side in slots]
+    problems = [problem for label, side, count in zip(labels, slots, counts)
+                if (problem := _table_problem(what, label, side, count)) is not None]
+    if problems:
+        return problems
+    if counts[0] != counts[1]:
+        return [f"{what}: {counts[0]} entries in {labels[0]}, {counts[1]} in {labels[1]}"]
+    differ, first = _entries_missing(slots[0], slots[1])
+    lacking, first_lacking = _entries_missing(slots[1], slots[0])
+    if first is not None:
+        entry, present, value = first
+        theirs = describe(np.array([(int(entry["key"]), value)], slots[0].dtype)[0]) if present \
+            else f"no entry for id {int(entry['key'])}"
+        return [f"{what}: {differ} entries differ, first {describe(entry)} in {labels[0]}, {theirs} in {labels[1]}"]
+    if first_lacking is not None:
+        entry = first_lacking[0]
+        return [f"{what}: {lacking} entries differ, first no entry for id {int(entry['key'])} in {labels[0]}, "
+                f"{describe(entry)} in {labels[1]}"]
+    return []
 
 
 def _describe_transfer(entry: np.void) -> str:
@@ -188,18 +214,16 @@ def _account_differences(labels: tuple[str, str], expected: dict[str, np.ndarray
 
 
 def state_differences(labels: tuple[str, str], expected: tuple[dict[str, int], dict[str, np.ndarray]],
-                      actual: _core.Engine) -> list[str]:
-    """Every difference between a state given as (scalars, arrays) in the shape of Engine.state_views() and an
-    engine's state: one sentence each, naming the two sides by `labels`. Empty: the same state."""
-    expected_scalars, expected_arrays = expected
-    actual_scalars, actual_arrays = actual.state_views()
+                      actual: tuple[dict[str, int], dict[str, np.ndarray]]) -> list[str]:
+    """Every difference between two states, each given as (scalars, arrays) in the shape of
+    Engine.state_views(): one sentence each, naming the two sides by `labels`. Empty: the same state."""
+    (expected_scalars, expected_arrays), (actual_scalars, actual_arrays) = expected, actual
     problems = [f"{name} is {expected_scalars[name]} in {labels[0]}, {actual_scalars[name]} in {labels[1]}"
                 for name in SCALARS if expected_scalars[name] != actual_scalars[name]]
     problems += _account_differences(labels, expected_arrays, actual_arrays)
-    for name, what, transfers, describe in (("account_slots", "account id table", False, _describe_account),
-                                            ("transfer_slots", "transfer id table", True, _describe_transfer)):
-        problems += _table_differences(what, labels, expected_arrays[name], actual, actual_arrays[name], transfers,
-                                       describe)
+    for name, what, describe in (("account_slots", "account id table", _describe_account),
+                                 ("transfer_slots", "transfer id table", _describe_transfer)):
+        problems += _table_differences(what, labels, (expected_arrays[name], actual_arrays[name]), describe)
     expiries = [_pending_expiries(arrays["expiry_heap"], arrays["transfer_slots"])
                 for arrays in (expected_arrays, actual_arrays)]
     problems += _first_difference("pending expiries", labels, *expiries, _describe_expiry)
@@ -260,7 +284,7 @@ def _check_snapshot(rebuilt: _core.Engine, position: int, path: str) -> list[str
     if rebuilt.write_position != position:
         return [f"{path}: the journal has no batch ending at position {position} (the last batch before it ends "
                 f"at {rebuilt.write_position}): the snapshot does not belong to this journal"]
-    return state_differences((path, "the replay of the journal"), (scalars, arrays), rebuilt)
+    return state_differences((path, "the replay of the journal"), (scalars, arrays), rebuilt.state_views())
 
 
 def verify_live(handle: "Ledger") -> VerifyReport:
@@ -292,7 +316,8 @@ def verify_live(handle: "Ledger") -> VerifyReport:
         if rebuilt.write_position != end:
             problems.append(f"replay stopped at journal position {rebuilt.write_position} "
                             f"({_core.REPLAY_REASONS[reason]}); the live state is at {end}")
-        problems += state_differences(("the live state", "the replayed state"), live.state_views(), rebuilt)
+        problems += state_differences(("the live state", "the replayed state"), live.state_views(),
+                                      rebuilt.state_views())
         hot, _ = rebuilt.account_arrays()
         problems += check_invariants(hot)
         return VerifyReport(not problems, batches, events, int(hot.shape[0]), int(rebuilt.transfer_count),

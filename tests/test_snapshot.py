@@ -570,6 +570,24 @@ def drop_transfer(transfer_id):
     return change
 
 
+def repeat_transfer(repeated_id, replaced_id):
+    def change(arrays):
+        slots = arrays["transfer_slots"]
+        source = np.flatnonzero(slots["key"] == repeated_id)[0]
+        slots[np.flatnonzero(slots["key"] == replaced_id)[0]] = slots[source]   # same count, one id twice
+    return change
+
+
+def move_out_of_reach(transfer_id):
+    def change(arrays):
+        slots = arrays["transfer_slots"]
+        slot = np.flatnonzero(slots["key"] == transfer_id)[0]
+        empty = np.flatnonzero(slots["key"] == 0)
+        far = empty[np.argmax(np.abs(empty.astype(np.int64) - int(slot)))]
+        slots[far], slots[slot] = slots[slot], (0, 0)    # still in the table, where no lookup of it looks
+    return change
+
+
 def swap_account_slots(arrays):
     slots = arrays["account_slots"]
     first, second = np.flatnonzero(slots["key"] != 0)[:2]
@@ -591,6 +609,8 @@ def add_to_balance(arrays):
     (renumber_transfer(14, 10**15), f"transfer id table: 1 entries differ, first transfer {10**15} .* no entry"),
     (drop_transfer(12), "transfer id table: 4 entries in .*, 5 in the replay"),
     (swap_account_slots, "account id table: 2 entries differ"),
+    (repeat_transfer(10, 14), "transfer id table: 1 entries differ, first no entry for id 14 in .*, transfer 14 "),
+    (move_out_of_reach(13), r"transfer id table: \d+ entries differ, first no entry for id 13 in .*, transfer 13 "),
     (drop_expiries, "pending expiries"),
     (add_to_balance, "debits_posted"),
 ])
