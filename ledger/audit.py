@@ -8,8 +8,8 @@ end the rebuilt state is compared with the live one, and conservation and the ba
 
 Two states are compared piece by piece: the account arrays field by field, the scalars (journal position, time,
 hash chain head, counts), both id tables as sets of (id, value) entries (two tables of different capacities hold
-the same entries in different slots: each entry is looked up in the other table, see `_table_differences`) and
-the pending expiries (see `_pending_expiries`)."""
+the same entries in different slots: each side's entries are looked up in the other table, see
+`_table_differences`) and the pending expiries (see `_pending_expiries`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +35,8 @@ REPLAY_END = next(code for code, name in _core.REPLAY_REASONS.items() if name ==
 POSITION_BITS = 40  # a transfer table value is its event position | state << 40 (ledger/_core.pyx)
 POSITION_MASK = (1 << POSITION_BITS) - 1
 TABLE_CHUNK_SLOTS = 1 << 20  # id table slots compared per step: bounds verify's temporary memory (~50 MB)
+TABLE_LOAD_MAX = 0.7   # an id table holds at most 70% keys (docs/FORMAT.md): every probe walk meets an empty slot
+TABLE_SLOTS_MIN = 1 << 10
 SNAPSHOTS_CHECKED_MAX = 1000  # Ledger.snapshot keeps at most 1000; more files than that is not ours
 
 
@@ -104,10 +106,6 @@ def _pending_expiries(heap: np.ndarray, transfer_slots: np.ndarray) -> np.ndarra
     replayed one differ in such stale entries, harmlessly; the entries of transfers still pending must agree."""
     kept = heap[np.isin(heap["position"], _pending_positions(transfer_slots))]
     return kept[np.lexsort((kept["position"], kept["deadline"]))]
-
-
-TABLE_LOAD_MAX = 0.7   # an id table holds at most 70% keys (docs/FORMAT.md): every probe walk meets an empty slot
-TABLE_SLOTS_MIN = 1 << 10
 
 
 def _table_problem(what: str, label: str, slots: np.ndarray, count: int) -> str | None:
