@@ -319,6 +319,15 @@ def _wait_for_go(go_read: int, position: int) -> None:
                       f"without a final sync, or died): the snapshot was not kept")
 
 
+def _send_go(go_write: int) -> None:
+    """Tell the child the journal is durable through its snapshot. A child that already ended (it failed before
+    its rename: a full disk, no snapshot folder) has closed its end: EPIPE then, and its report says why."""
+    try:
+        os.write(go_write, b"g")
+    except BrokenPipeError:
+        pass
+
+
 def _child(directory: str, scalars: dict[str, int], views: dict[str, np.ndarray], keep: int, lock_fd: int | None,
            read_end: int, write_end: int, go_read: int, go_write: int) -> None:
     """The forked child's whole life: write the snapshot, report on write_end, and leave with os._exit whatever
@@ -375,7 +384,7 @@ class SnapshotJob:
         os.close(go_read)
         if durable is None:  # durable already: the word goes now, not from a thread that process exit could stop
             try:
-                os.write(go_write, b"g")
+                _send_go(go_write)
             finally:
                 os.close(go_write)
             go_write = None
@@ -395,7 +404,7 @@ class SnapshotJob:
             assert self._durable is not None
             try:
                 if self._durable(self._scalars["write_position"]):
-                    os.write(self._go_write, b"g")
+                    _send_go(self._go_write)
             finally:
                 os.close(self._go_write)  # without the byte: the child deletes its file
         chunks = []

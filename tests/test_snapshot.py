@@ -788,6 +788,30 @@ def test_fsync_mode_snapshot_lands_even_if_the_writer_exits_at_once(tmp_path):
         assert reopened.recovered_from.position == position
 
 
+def test_a_child_that_fails_before_the_journal_is_durable_reports_its_own_error(tmp_path):
+    """The child fails at once (here: the snapshots folder is a file) and closes its end of the go-pipe before
+    the journal is durable. The parent's word then meets EPIPE: wait() must still raise the child's error (it
+    raised AssertionError from a dead reaper thread, and left the child unreaped)."""
+    from ledger.snapshot import SnapshotJob
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True) as handle:
+        handle.create_account(1)
+        scalars, views = handle._engine.state_views()
+        (tmp_path / "data" / "snapshots").write_bytes(b"not a folder")
+        child_done = threading.Event()
+
+        def durable_once_the_child_has_failed(position):
+            assert child_done.wait(10)
+            return True
+
+        job = SnapshotJob(directory, scalars, views, 3, durable=durable_once_the_child_has_failed)
+        time.sleep(0.3)                              # the child fails in milliseconds
+        child_done.set()
+        with pytest.raises(OSError, match="snapshot writer failed: error FileExistsError"):
+            job.wait()
+        assert job.done()
+
+
 def test_snapshot_child_of_a_killed_writer_keeps_nothing(tmp_path):
     """The child waits for the parent's word that the journal is durable; a writer killed first closes the pipe
     without it: the child deletes its file and exits (it must not rename, nor run on in the parent's code)."""
