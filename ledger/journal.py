@@ -220,6 +220,13 @@ def _write_zeros(fd: int, start: int, end: int) -> None:
         offset += os.pwrite(fd, memoryview(zeros)[:min(ZERO_FILL_CHUNK_BYTES, end - offset)], offset)
 
 
+def _cut_short(path: str, offset: int, position: int, mark: int) -> LedgerCorruptError:
+    """The journal ends before the durable mark: batches known to be durable are gone."""
+    return LedgerCorruptError(f"journal cut short in {path} at byte offset {offset}, journal position {position}: "
+                              f"it ends there, but batches up to position {mark} were durable (journal/DURABLE); "
+                              f"nothing was changed on disk")
+
+
 def segment_name(index: int) -> str:
     return f"{index:08d}.segment"
 
@@ -395,9 +402,7 @@ class FileJournal:
             mark = self.durable_mark()
             if mark != DURABLE_STRICT and cut < mark:   # batches known durable are gone: leave the file as it is
                 os.close(fd)
-                raise LedgerCorruptError(f"journal cut short in {path} at byte offset {size}, journal position "
-                                         f"{cut}: it ends there, but batches up to position {mark} were durable "
-                                         f"(journal/DURABLE); nothing was changed on disk")
+                raise _cut_short(path, size, cut, mark)
             os.ftruncate(fd, self.segment_bytes)
             os.fsync(fd)
             os.close(fd)
@@ -564,10 +569,7 @@ class FileJournal:
             # Everything before the mark was synced before the mark was written: what fails there is damage to
             # acknowledged batches (bit rot, a cut file), never a torn write, even with nothing after it.
             if reason == REPLAY_END:
-                path, offset = self._location(position)
-                raise LedgerCorruptError(f"journal cut short in {path} at byte offset {offset}, journal position "
-                                         f"{position}: it ends there, but batches up to position {mark} were "
-                                         f"durable (journal/DURABLE); nothing was changed on disk")
+                raise _cut_short(*self._location(position), position, mark)
             raise self._corrupt(position, f"{reason_name}, before the durable mark {mark}")
         unsynced = position >= mark
         if not unsynced and self._committed_batch_in(position + 1, window_end, mapped_end) is not None:
