@@ -462,6 +462,7 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
         raise
 
 
+# Judgements of a moving stop a reader makes before it takes the journal as it has replayed it (see below).
 READONLY_RECOVERY_ATTEMPTS = 5
 
 
@@ -469,19 +470,23 @@ def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bo
     """Replay the journal, then have the journal judge where replay stopped (torn tail or corruption).
     A reader beside a live writer can stop at a batch that is being written, which the writer then commits, with
     more batches after it, before the judgement looks: that is not corruption. Batches are committed in order, so
-    the batch at the stop is complete by then: the reader replays on from it. A stop that does not move is judged."""
+    the batch at the stop is complete by then: the reader replays on from it. A stop that does not move is judged.
+    A writer that commits faster than a judgement takes (tmpfs, where syncs cost nothing) moves every stop on: a
+    reader that has seen its stop move READONLY_RECOVERY_ATTEMPTS times takes what it replayed (whole batches,
+    every check passed) as the journal's end, as it takes any stop beside a live writer. Damage never moves."""
     reason, position = _replay(engine, journal.existing_end_position)
-    for attempt in range(READONLY_RECOVERY_ATTEMPTS):
+    for _ in range(READONLY_RECOVERY_ATTEMPTS):
         try:
             journal.recover_tail(reason, position, engine.mapped_end)
             return
         except LedgerCorruptError:
-            if not readonly or attempt == READONLY_RECOVERY_ATTEMPTS - 1:
+            if not readonly:
                 raise
             stopped_at = position
             reason, position, _, _ = engine.replay()
             if position == stopped_at:
                 raise
+    assert readonly and position > stopped_at
 
 
 def _engine_from_snapshot(directory: str, new_engine: Callable[[bool], _core.Engine], accounts_capacity: int,
