@@ -227,6 +227,18 @@ def _cut_short(path: str, offset: int, position: int, mark: int) -> LedgerCorrup
                               f"nothing was changed on disk")
 
 
+def _segment_cut_short(path: str, size: int, segment_bytes: int, first_position: int) -> LedgerCorruptError:
+    """A segment file shorter than a segment. The writer never leaves one (it creates each at full size, then
+    renames it into place), so its end was lost after it was written (a file system, a copy or a backup): the
+    batches there may have been acknowledged. Never extended: that would drop them without a word."""
+    position = first_position + (size - SEGMENT_HEADER_BYTES) // RECORD_SIZE
+    return LedgerCorruptError(f"{path}: segment file cut short: {size} bytes of {segment_bytes} (segments are "
+                              f"created at full size, so its end was lost after it was written); the journal "
+                              f"ends there, at journal position {position}, and any batch written after it, "
+                              f"acknowledged or not, is missing; nothing was changed on disk (restore the file "
+                              f"from a copy that has its end)")
+
+
 def segment_name(index: int) -> str:
     return f"{index:08d}.segment"
 
@@ -299,6 +311,7 @@ class FileJournal:
         self._ready_lock = threading.Lock()
 
         self.torn_at: int | None = None        # where recovery found the torn tail it zeroed
+        self._torn_mark = DURABLE_STRICT        # the durable mark it was judged against (what is known of it)
         self._durable_fd: int | None = None
         exists = os.path.isdir(self.journal_directory)
         if not exists:
@@ -375,9 +388,9 @@ class FileJournal:
         fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
         size = os.fstat(fd).st_size
         if size != self.segment_bytes:
-            if index == self.existing - 1 and SEGMENT_HEADER_BYTES <= size < self.segment_bytes:
-                return self._map_short_last(path, fd, index, size)
             os.close(fd)
+            if size < self.segment_bytes:
+                raise _segment_cut_short(path, size, self.segment_bytes, index << self.segment_records_log2)
             raise LedgerCorruptError(f"{path}: size {size} bytes, expected {self.segment_bytes}")
         # Read-only opens map copy-on-write: the core may build state in place, nothing reaches the file. So does a
         # write-through writer: its records reach the file by pwrite at commit (write()).
@@ -390,25 +403,6 @@ class FileJournal:
                 memory.madvise(MADV_POPULATE_READ)
             except OSError:
                 pass
-        return Segment(path, fd, memory, index)
-
-    def _map_short_last(self, path: str, fd: int, index: int, size: int) -> Segment:
-        """The last segment cut short (the file system lost its end, a copy stopped early): the missing bytes are
-        the end of the journal, read as zeros, and recovery judges what stops there like any torn tail. The writer
-        gives the file back its full size; a reader maps a zero-padded private copy (mapping past the end of a
-        file would fault)."""
-        if not self.readonly:
-            cut = (index << self.segment_records_log2) + (size - SEGMENT_HEADER_BYTES) // RECORD_SIZE
-            mark = self.durable_mark()
-            if mark != DURABLE_STRICT and cut < mark:   # batches known durable are gone: leave the file as it is
-                os.close(fd)
-                raise _cut_short(path, size, cut, mark)
-            os.ftruncate(fd, self.segment_bytes)
-            os.fsync(fd)
-            os.close(fd)
-            return self._map(index)
-        memory = anonymous_buffer(self.segment_bytes, populate=False)
-        memory[:size] = os.pread(fd, size, 0)
         return Segment(path, fd, memory, index)
 
     def _create(self, index: int) -> Segment:
@@ -584,6 +578,7 @@ class FileJournal:
         if torn_end > position:
             self._zero(position, torn_end)
             self.torn_at = position
+            self._torn_mark = mark
         self.torn_records_zeroed = torn_end - position
         return self.torn_records_zeroed
 
@@ -593,9 +588,19 @@ class FileJournal:
             return None
         index = self.torn_at >> self.segment_records_log2
         offset = SEGMENT_HEADER_BYTES + (self.torn_at & (self.segment_records - 1)) * RECORD_SIZE
+        if self._torn_mark == DURABLE_STRICT:
+            # Only the last batch can be torn, and each call returned only after its batch was synced.
+            known = ('the last batch, which was being committed when the writer stopped: in "fsync" mode a call '
+                     'returns only once its batch is synced, so it was not acknowledged (unless the file was '
+                     'damaged after that sync, which recovery cannot tell from a torn write)')
+        else:
+            known = (f'past the durable mark (journal position {self._torn_mark}), which an "os" mode writer '
+                     f'had not synced yet: that mode acknowledges a batch once it is in the page cache, so these '
+                     f'may be acknowledged batches lost by a machine crash, or the batch the writer was applying '
+                     f'when it stopped; every batch before the mark is kept')
         return (f"ledger: recovery zeroed a torn tail of {self.torn_records_zeroed} records from journal position "
                 f"{self.torn_at} ({os.path.join(self.journal_directory, segment_name(index))}, byte offset "
-                f"{offset}): writes that were never acknowledged as durable")
+                f"{offset}): {known}")
 
     # -- the durable mark --
 

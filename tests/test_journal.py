@@ -6,6 +6,7 @@ import errno
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -233,10 +234,10 @@ def test_after_a_clean_close_damage_to_the_last_batch_is_corruption(tmp_path, du
     damaged = bytearray(pristine)
     damaged[header_offset + RECORD + 24] ^= 0x04                                    # its first event's amount
     for image, message in ((bytes(damaged), rf"checksum, before the durable mark {end}\) .* position {last}"),
-                           (pristine[:header_offset + RECORD + 24],
-                            rf"checksum, before the durable mark {end}|cut short .* up to position {end} were durable"),
-                           (pristine[:header_offset], rf"cut short .* position {last}: .* up to position {end} were "
-                                                      rf"durable")):
+                           (pristine[:header_offset + RECORD + 24], rf"cut short: .* journal position {last + 1},"),
+                           (pristine[:header_offset], rf"cut short: .* journal position {last},"),
+                           (pristine[:header_offset] + bytes(len(pristine) - header_offset),   # its end zeroed
+                            rf"cut short .* position {last}: .* up to position {end} were durable")):
         with open(path, "wb") as file:
             file.write(image)
         for readonly in (False, True):
@@ -604,47 +605,117 @@ def test_reserving_journal_room_keeps_existing_data(tmp_path, durability):
 
 
 def test_truncated_last_segment_at_every_byte_offset(three_batches):
-    """Cut the last segment file short at every byte offset of the last batch: reopening gives the file its
-    size back, drops exactly the cut batch (reporting it when any of it survived) and keeps the earlier ones."""
+    """Cut the last segment file short at every byte offset of the last batch (what a crash leaves otherwise:
+    the durable mark is strict). The writer never leaves a short file (it creates each at full size), so this is
+    damage, whether or not the cut batch was acknowledged: every open refuses it and changes nothing on disk.
+    (It used to give the file its size back and drop the cut batch as a torn tail.)"""
     directory, positions, end = three_batches
     with open(segment_path(directory), "rb") as file:
         pristine = file.read()
     start_byte = HEADER_BYTES + positions[-1] * RECORD
     end_byte = HEADER_BYTES + end * RECORD
-    for offset in range(start_byte, end_byte):
-        if os.path.exists(os.path.join(directory, "journal", "DURABLE")):
-            as_if_killed(directory)   # the reopens below closed cleanly: each cut is what a crash leaves
+    for offset in list(range(start_byte, end_byte + 1)) + [len(pristine) - 1]:
         with open(segment_path(directory), "wb") as file:
             file.write(pristine[:offset])
-        # What was cut off may have been zeros only (the high bytes of the last word): then nothing is lost.
-        intact = not any(pristine[offset:end_byte])
-        expected = 3 if intact else 2
-        with ledger.open(directory, readonly=True) as reader:  # a reader first: it never changes the file
-            assert applied_batches(reader) == expected
-        assert os.path.getsize(segment_path(directory)) == offset
-        survived = not intact and any(pristine[start_byte:offset])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            applied, _, zeroed = reopen_state(directory)
-        assert applied == expected, f"offset {offset}: cut batch kept"
-        assert (zeroed > 0) == survived
-        assert any("torn tail" in str(warning.message) for warning in caught) == survived
-        assert os.path.getsize(segment_path(directory)) == len(pristine)
-        assert reopen_state(directory)[0] == expected
+        before = journal_files(directory)
+        for readonly in (True, False):
+            with pytest.raises(ledger.LedgerCorruptError, match=rf"cut short: {offset} bytes of {len(pristine)} .* "
+                                                                rf"position {(offset - HEADER_BYTES) // RECORD},"):
+                ledger.open(directory, readonly=readonly)
+            assert journal_files(directory) == before, f"offset {offset}: an open changed the damaged journal"
+    with open(segment_path(directory), "wb") as file:
+        file.write(pristine)
+    assert reopen_state(directory)[0] == 3
+
+
+def journal_files(directory):
+    """Every file of the journal directory with its bytes: to show that an open changed nothing on disk."""
+    journal = os.path.join(directory, "journal")
+    return {name: open(os.path.join(journal, name), "rb").read() for name in sorted(os.listdir(journal))}
+
+
+def killed_writer(directory, durability, count):
+    """A writer subprocess acknowledges `count` batches of 3 transfers (all in segment 0) and is SIGKILLed;
+    returns the journal position after each. In "os" mode its flusher is kept out of the way: nothing is synced
+    after open, so the durable mark stays where it opened (position 1)."""
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+import numpy as np
+import ledger
+lg = ledger.open({directory!r}, create=True, durability={durability!r}, segment_records_log2=12,
+                 flush_interval_ms=60_000)
+lg.create_account(1, min_balance=ledger.BALANCE_MIN); lg.create_account(2)
+for k in range({count}):
+    rows = ledger.transfers_batch(3)
+    rows["id"] = 10 * k + 1 + np.arange(3); rows["debit_account"] = 1; rows["credit_account"] = 2; rows["amount"] = 1
+    assert not lg.transfers(rows).any()
+    print(lg.stats()["journal_position"], flush=True)   # after the call returned: acknowledged, and where it ends
+sys.stdin.read()   # killed here
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ends = [int(writer.stdout.readline()) for _ in range(count)]
+    writer.kill()
+    assert writer.wait() == -signal.SIGKILL
+    return ends
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_a_killed_writers_segment_cut_at_a_batch_boundary_is_corruption(tmp_path, durability):
+    """A writer acknowledges five batches and is SIGKILLed; then the last segment file loses its end just after
+    an earlier batch (a file system or a backup that lost the file's end). It used to reopen silently: no torn
+    tail reported, verify() passed, the file was extended again and the last two acknowledged batches were gone.
+    Segment files are created at full size, so a short one is damage: every open (writer, reader, `ledger
+    verify`) says so, naming the file, its size and where it ends, and nothing on disk changes. In "os" mode
+    nothing was synced after open (the flusher is kept out of the way), so the cut is past the durable mark too."""
+    directory = str(tmp_path / "data")
+    ends = killed_writer(directory, durability, 5)
+    path = segment_path(directory)
+    cut = ends[2]   # batches 3 and 4, acknowledged, are what the file lost
+    with open(path, "r+b") as file:
+        file.truncate(HEADER_BYTES + cut * RECORD)
+    before = journal_files(directory)
+    message = rf"{re.escape(path)}: segment file cut short: {HEADER_BYTES + cut * RECORD} bytes .* journal position {cut},"
+    for readonly in (True, False):
+        with pytest.raises(ledger.LedgerCorruptError, match=message):
+            ledger.open(directory, readonly=readonly)
+        assert journal_files(directory) == before, "an open changed the damaged journal"
+    verify = subprocess.run([sys.executable, "-m", "ledger", "verify", directory], capture_output=True, text=True)
+    assert verify.returncode == 3, verify.stdout + verify.stderr
+    assert "cut short" in verify.stderr
+    assert journal_files(directory) == before
 
 
 def test_torn_tail_is_reported(three_batches):
+    """Where the torn tail was, and what is known of it: in "fsync" mode (a strict durable mark) it is the last
+    batch, whose call never returned, since a call returns only after its batch is synced."""
     directory, positions, end = three_batches
     with open(segment_path(directory), "r+b") as file:
         file.seek(HEADER_BYTES + positions[-1] * RECORD + RECORD * 3 // 2)   # inside its first event
         file.write(bytes(RECORD))
     with pytest.warns(RuntimeWarning, match=r"torn tail of \d+ records from journal position "
-                                            rf"{positions[-1]} \(.*00000000.segment, byte offset"):
+                                            rf"{positions[-1]} \(.*00000000.segment, byte offset \d+\): the last "
+                                            r'batch, .* "fsync" mode .* not acknowledged'):
         handle = ledger.open(directory, segment_records_log2=SEGMENT_RECORDS_LOG2)
     assert handle.stats()["recovered_torn_records"] > 0
     handle.close()
     with ledger.open(directory) as again:
         assert again.stats()["recovered_torn_records"] == 0
+
+
+def test_torn_tail_past_an_os_writers_durable_mark_is_reported_as_such(tmp_path):
+    """In "os" mode batches are acknowledged once they are in the page cache: after a machine crash the ones
+    past the durable mark may be torn although their calls returned. The warning says so (it used to call them
+    "never acknowledged"), and names the mark."""
+    directory = str(tmp_path / "data")
+    ends = killed_writer(directory, "os", 4)
+    with open(segment_path(directory), "r+b") as file:   # what a machine crash can leave: a page never written
+        file.seek(HEADER_BYTES + ends[1] * RECORD + RECORD * 3 // 2)
+        file.write(bytes(RECORD))
+    with pytest.warns(RuntimeWarning, match=rf"torn tail of \d+ records from journal position {ends[1]} .*: "
+                                            r'past the durable mark \(journal position 1\), .*"os" mode .* '
+                                            r'acknowledged'):
+        handle = ledger.open(directory, durability="os")
+    assert handle.stats()["journal_position"] == ends[1]
+    handle.close()
 
 
 SECTOR = 512
