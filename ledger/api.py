@@ -452,6 +452,7 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
         engine.readonly = readonly
         handle = Ledger(engine, journal, os.fspath(path), durability)
         handle.recovered_from = recovered_from
+        journal.poison_with(handle._poison)   # a segment that cannot be created is fatal for the handle
         if durability == "os" and not readonly:
             journal.start_flusher(lambda: engine.write_position, handle._poison)
         return handle

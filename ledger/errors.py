@@ -24,7 +24,8 @@ class LedgerClosedError(LedgerError):
 
 
 class LedgerPoisonedError(LedgerClosedError):
-    """A write to the journal could not be made durable; the handle refuses further work. Reopen to recover."""
+    """A write to the journal could not be made durable, or a journal segment could not be created (other than
+    for lack of room); the handle refuses further work. Reopen to recover."""
 
 
 class LedgerCorruptError(LedgerError):
@@ -36,7 +37,8 @@ class LedgerLockedError(LedgerError):
 
 
 class LedgerFullError(LedgerError, OSError):
-    """The journal could not grow (disk full or a configured limit); the batch was not applied."""
+    """The journal could not grow (disk full or a configured limit); the batch was not applied, and the handle
+    stays usable: retry once there is room."""
 
 
 class LedgerBusyError(LedgerError):

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ledger import _core
-from ledger.errors import LedgerCorruptError, LedgerFullError, LedgerLockedError
+from ledger.errors import LedgerCorruptError, LedgerFullError, LedgerLockedError, LedgerPoisonedError
 from ledger.memory import MADV_POPULATE_READ, anonymous_buffer, populate_pages
 
 __all__ = [
@@ -406,30 +406,43 @@ class FileJournal:
         return Segment(path, fd, memory, index)
 
     def _create(self, index: int) -> Segment:
-        """Preallocate, stamp and publish a new segment: temp file, fallocate, header, fsync, rename, dir fsync."""
+        """Preallocate, stamp and publish a new segment: temp file, fallocate, header, fsync, rename, dir fsync.
+        No room for it (ENOSPC, EDQUOT while allocating): LedgerFullError, and the handle may go on (the batch
+        that needed it was not applied). Any other failure: LedgerPoisonedError, which segment() turns into a
+        poisoned handle: a failed sync is fatal, and what a failed fsync left behind cannot be known."""
         final = os.path.join(self.journal_directory, segment_name(index))
         temporary = os.path.join(self.journal_directory, f".{segment_name(index)}.tmp")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        step = "creating"
+        fd = None
         try:
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            step = "allocating"
             self._inject("allocate")
             os.posix_fallocate(fd, 0, self.segment_bytes)
+            step = "writing the header of"
             header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, _core.FORMAT_VERSION, RECORD_SIZE,
                                          self.segment_records_log2, 0, index, index << self.segment_records_log2,
                                          time.time_ns())
             os.pwrite(fd, header + struct.pack("<I", _core.crc32c(header)), 0)
+            step = "fsyncing"
             os.fsync(fd)
+            step = "renaming into place"
             os.rename(temporary, final)
+            step = "fsyncing the journal directory for"
             _fsync_directory(self.journal_directory)
         except OSError as error:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             try:
                 os.unlink(temporary)
             except FileNotFoundError:
-                pass
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                pass   # renamed into place: a complete empty segment, valid on reopen
+            if step in ("creating", "allocating") and error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LedgerFullError(error.errno, f"cannot allocate journal segment {index} "
                                       f"({self.segment_bytes} bytes): {os.strerror(error.errno)}", final) from error
-            raise
+            raise LedgerPoisonedError(f"journal segment {index} ({final}) could not be created: {step} it failed "
+                                      f"with {error}; the handle is poisoned (nothing of the batch that needed "
+                                      f"it was applied): reopen the ledger to recover") from error
         os.close(fd)
         return self._map(index, populate=False)
 
@@ -474,11 +487,16 @@ class FileJournal:
         # Under the lock that _ready_after takes: the flusher (durability "os") must not start preparing the
         # segment this thread is creating (two creations of one file: writes into an unlinked one).
         with self._ready_lock:
-            segment = self._take_prepared(index)
-            if segment is None:
-                segment = self._create(index)
-                if index > 0:  # a first segment stays lazy: small ledgers (and tests) do not pay 64 MiB up front
-                    populate_pages(segment.memory)
+            try:
+                segment = self._take_prepared(index)
+                if segment is None:
+                    segment = self._create(index)
+                    if index > 0:  # a first segment stays lazy: small ledgers (and tests) do not pay 64 MiB up front
+                        populate_pages(segment.memory)
+            except LedgerPoisonedError:
+                if self._on_poison is not None:   # the handle's, once open: every later call refuses
+                    self._on_poison()
+                raise
             self.segments.append(segment)
             self._ready_through = max(self._ready_through, index)
         if index > 0:
@@ -857,6 +875,11 @@ class FileJournal:
                 os.fdatasync(segment.fd)
             populate_pages(segment.memory, first, last - first)
             position = segment_end
+
+    def poison_with(self, on_poison: Callable[[], None]) -> None:
+        """What to call when this journal fails in a way that makes the handle unusable (a segment that could not
+        be created): the handle's poison, set once the handle exists."""
+        self._on_poison = on_poison
 
     def start_flusher(self, write_position: Callable[[], int], on_poison: Callable[[], None]) -> None:
         """durability="os": a thread syncs what was written at least every flush_interval_ms."""

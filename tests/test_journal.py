@@ -385,6 +385,75 @@ def test_failed_sync_poisons_the_handle(tmp_path):
         assert reopened.verify().ok
 
 
+def funding_rows(count, first_id):
+    """`count` transfers of 1 from the settlement account, ids from first_id: each applies."""
+    rows = ledger.transfers_batch(count)
+    rows["id"] = first_id + np.arange(count)
+    rows["debit_account"] = 1
+    rows["credit_account"] = 100
+    rows["amount"] = 1
+    return rows
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["when-needed", "ahead-in-the-background"])
+@pytest.mark.parametrize("failure", ["allocate", "file-fsync", "directory-fsync"])
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_a_failed_segment_creation_poisons_the_handle(tmp_path, monkeypatch, durability, failure, ahead):
+    """EIO while creating a segment (its allocation, the fsync of the new file or of the journal directory),
+    either when the writer needs it or ahead of need in the background: that call fails with
+    LedgerPoisonedError naming the segment and the cause (it was a raw OSError, and the handle went on), every
+    later call too, nothing of the failed batch is applied, and reopening recovers everything acknowledged."""
+    directory = str(tmp_path / "data")
+    journal_directory = os.path.join(directory, "journal")
+    armed = {"skip": None}   # None: off; else matching events to let pass before failing once
+
+    def fire():
+        if armed["skip"] is None:
+            return False
+        if armed["skip"] > 0:
+            armed["skip"] -= 1
+            return False
+        armed["skip"] = None
+        return True
+
+    def injector(operation):
+        if failure == "allocate" and operation == "allocate" and fire():
+            raise OSError(errno.EIO, "Input/output error")
+
+    real_fsync = os.fsync
+
+    def flaky_fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if (failure == "file-fsync" and target.endswith(".segment.tmp")
+                or failure == "directory-fsync" and target == journal_directory) and fire():
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", flaky_fsync)
+    handle = ledger.open(directory, create=True, durability=durability, segment_records_log2=10,
+                         fault_injector=injector)
+    assert not handle.create_accounts(accounts()).any()
+    armed["skip"] = 1 if ahead else 0   # segment 1 is created when needed, segment 2 then ahead of need
+    if ahead:
+        assert not handle.transfers(funding_rows(1100, 10**6)).any()   # into segment 1: segment 2 prepared next
+    acknowledged = handle.accounts()
+    failed = funding_rows(1000, 2 * 10**6)
+    with pytest.raises(ledger.LedgerPoisonedError, match=rf"journal segment {2 if ahead else 1} .*"
+                                                         r"Input/output error.*reopen"):
+        handle.transfers(failed)
+    assert armed["skip"] is None, "the failure was not reached"
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.transfers(funding_rows(1, 3 * 10**6))
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.transfer(4 * 10**6, 1, 100, 1)
+    handle.close()
+    with ledger.open(directory, durability=durability) as reopened:
+        assert_same_counters(reopened, acknowledged)
+        assert reopened.lookup_transfers(failed["id"])["state"].max() == 0
+        assert reopened.verify().ok
+        assert not reopened.transfers(failed).any()   # and the journal grows again
+
+
 def test_os_mode_flusher_failure_poisons(tmp_path):
     directory = str(tmp_path / "data")
     failing = {"on": False}
