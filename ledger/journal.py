@@ -612,10 +612,10 @@ class FileJournal:
                      'returns only once its batch is synced, so it was not acknowledged (unless the file was '
                      'damaged after that sync, which recovery cannot tell from a torn write)')
         else:
-            known = (f'past the durable mark (journal position {self._torn_mark}), which an "os" mode writer '
-                     f'had not synced yet: that mode acknowledges a batch once it is in the page cache, so these '
-                     f'may be acknowledged batches lost by a machine crash, or the batch the writer was applying '
-                     f'when it stopped; every batch before the mark is kept')
+            known = (f'at or past the durable mark (journal position {self._torn_mark}), which an "os" mode '
+                     f'writer had not synced yet: that mode acknowledges a batch once it is in the page cache, so '
+                     f'these may be acknowledged batches lost by a machine crash, or the batch the writer was '
+                     f'applying when it stopped; every batch before the mark is kept')
         return (f"ledger: recovery zeroed a torn tail of {self.torn_records_zeroed} records from journal position "
                 f"{self.torn_at} ({os.path.join(self.journal_directory, segment_name(index))}, byte offset "
                 f"{offset}): {known}")

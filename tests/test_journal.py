@@ -742,7 +742,8 @@ def test_a_killed_writers_segment_cut_at_a_batch_boundary_is_corruption(tmp_path
     with open(path, "r+b") as file:
         file.truncate(HEADER_BYTES + cut * RECORD)
     before = journal_files(directory)
-    message = rf"{re.escape(path)}: segment file cut short: {HEADER_BYTES + cut * RECORD} bytes .* journal position {cut},"
+    message = (rf"{re.escape(path)}: segment file cut short: {HEADER_BYTES + cut * RECORD} bytes .* "
+               rf"journal position {cut},")
     for readonly in (True, False):
         with pytest.raises(ledger.LedgerCorruptError, match=message):
             ledger.open(directory, readonly=readonly)
@@ -780,7 +781,7 @@ def test_torn_tail_past_an_os_writers_durable_mark_is_reported_as_such(tmp_path)
         file.seek(HEADER_BYTES + ends[1] * RECORD + RECORD * 3 // 2)
         file.write(bytes(RECORD))
     with pytest.warns(RuntimeWarning, match=rf"torn tail of \d+ records from journal position {ends[1]} .*: "
-                                            r'past the durable mark \(journal position 1\), .*"os" mode .* '
+                                            r'at or past the durable mark \(journal position 1\), .*"os" mode .* '
                                             r'acknowledged'):
         handle = ledger.open(directory, durability="os")
     assert handle.stats()["journal_position"] == ends[1]
