@@ -425,6 +425,10 @@ class SnapshotJob:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    def join(self) -> None:
+        """Wait until the child has ended and been reaped, without raising its error (wait() does that)."""
+        self._thread.join()
+
     def wait(self) -> SnapshotInfo:
         self._thread.join()
         if self._error is not None:

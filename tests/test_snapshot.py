@@ -976,3 +976,31 @@ def test_verify_beside_a_writer_that_prunes_a_snapshot(tmp_path, monkeypatch):
     with ledger.open(directory, readonly=True) as handle:
         report = handle.verify()
     assert report.ok and report.snapshots == 2, report
+
+
+# ---- overlapping snapshot requests, and snapshots that fail ---------------------------------------------------
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_a_snapshot_requested_while_one_is_written_waits_for_it(tmp_path, durability):
+    """snapshot(wait=False) then snapshot(): the second waits for the first (they are taken one at a time), so two
+    children never prune the same old file at once (it raised FileNotFoundError in about a third of the rounds),
+    and the newest `keep` positions are kept. Some rounds take both at the same position (nothing written
+    between): the second replaces the first's file with the same state."""
+    directory = str(tmp_path / "data")
+    taken = []
+    with ledger.open(directory, create=True, durability=durability, segment_records_log2=12) as handle:
+        handle.create_accounts(accounts())
+        for k in range(30):
+            handle.transfers(batch(k))
+            job = handle.snapshot(wait=False, keep=2)
+            if k % 3:
+                handle.transfers(batch(1000 + k))
+            info = handle.snapshot(keep=2)
+            assert job.wait().position <= info.position == handle.stats()["journal_position"]
+            taken += [job.wait().position, info.position]
+            newest = sorted(set(taken))[-2:]
+            assert snapshot_files(directory) == [f"snapshot-{position:016d}.snapshot" for position in newest]
+        final = handle.accounts()
+    with ledger.open(directory) as reopened:
+        assert reopened.recovered_from.position == taken[-1]
+        same_counters(reopened.accounts(), final)
