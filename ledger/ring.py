@@ -30,7 +30,13 @@ from ledger.enums import (
     AccountResult,
     TransferResult,
 )
-from ledger.errors import LedgerBusyError, LedgerError, LedgerTimeoutError, LedgerUnavailableError
+from ledger.errors import (
+    LedgerBusyError,
+    LedgerError,
+    LedgerRejectedError,
+    LedgerTimeoutError,
+    LedgerUnavailableError,
+)
 
 __all__ = ["Client", "Server", "connect", "RING_FILE", "SLOT_COUNT_DEFAULT"]
 
@@ -66,6 +72,7 @@ SNAPSHOT_EVERY_S_DEFAULT = 300.0
 SNAPSHOT_EVERY_S_MIN = 0.1
 SNAPSHOT_EVERY_S_MAX = 7 * 24 * 3600.0
 PAYLOAD = _ring.PAYLOAD_SIZE
+ROWS_NAMED_MAX = 10  # rows an error message names at most
 
 # A query's answer in the slot payload: the account record.
 ANSWER_DTYPE = np.dtype([
@@ -498,6 +505,34 @@ class Server:
         self.ledger.close()
 
 
+def _rows_named(rows: list[int]) -> str:
+    shown = ", ".join(map(str, rows[:ROWS_NAMED_MAX])) + (", ..." if len(rows) > ROWS_NAMED_MAX else "")
+    return f"row {shown}" if len(rows) == 1 else f"rows {shown}"
+
+
+def _refusal(statuses: np.ndarray, refused: np.ndarray, codes: np.ndarray) -> LedgerError:
+    """The error for a call some of whose slots the writer refused. The writer refuses a batch whole when one of
+    its slots is malformed: LedgerRejectedError. Only a process that rewrites the batch fields of several slots can
+    make it apply part of a call (it then looks like two batches): a LedgerError naming the rows applied, with
+    `codes` and `applied` (a boolean mask) on it."""
+    malformed = np.flatnonzero(statuses == _ring.STATUS_INVALID_SLOT).tolist()
+    cause = (f"its ring slot of {_rows_named(malformed)} was malformed or disagreed with the slots before it"
+             if malformed
+             else "the batch fields of its ring slots were rewritten")
+    if refused.all():
+        return LedgerRejectedError(f"the writer refused this call of {statuses.shape[0]} rows whole: {cause} (a "
+                                   f"process that does not follow the ring protocol wrote into it); nothing of it "
+                                   f"was applied: retrying with the same ids is safe")
+    applied = ~refused
+    rows = _rows_named(np.flatnonzero(applied).tolist())
+    error = LedgerError(f"the writer applied only part of this call: {cause}, and {rows} "
+                        f"of {statuses.shape[0]} went through as a batch of their own (a process that does not follow "
+                        f"the ring protocol rewrote several slots); the rest was not applied. Retrying with the same "
+                        f"ids is safe (applied transfers answer EXISTS)")
+    error.codes, error.applied = codes, applied  # type: ignore[attr-defined]
+    return error
+
+
 class Client:
     """A connection to a running `ledger serve`. Same calls as Ledger; every call has a timeout."""
 
@@ -582,8 +617,9 @@ class Client:
         if (statuses == _ring.STATUS_ABANDONED).any():
             raise LedgerBusyError("the writer gave up on this batch (a slot was not published in time); "
                                   "nothing of it was applied")
-        if (statuses == _ring.STATUS_INVALID_SLOT).any():
-            raise LedgerError("the writer rejected a malformed ring slot")
+        refused = (statuses == _ring.STATUS_INVALID_SLOT) | (statuses == _ring.STATUS_REJECTED)
+        if refused.any():
+            raise _refusal(statuses, refused, codes)
         return codes, statuses, answers
 
     def transfers(self, batch: Any) -> np.ndarray:
