@@ -27,6 +27,7 @@ from ledger.snapshot import (
     KEEP_DEFAULT,
     SnapshotInfo,
     SnapshotJob,
+    check_room,
     list_snapshots,
     load_into,
     remove_unfinished,
@@ -324,7 +325,11 @@ class Ledger:
         One snapshot at a time: a call while an earlier snapshot of this handle is still being written first waits
         for that one to end (whatever its outcome, which stays its own job's to report), then takes its own; so
         with wait=False such a call blocks for the rest of the earlier write. Two children writing and pruning
-        the same folder at once used to delete each other's files."""
+        the same folder at once used to delete each other's files.
+
+        A snapshot that would not leave room for the journal's next segment on the filesystem is refused before
+        anything is written (LedgerFullError); one that fails anyway (the space went meanwhile, its child was
+        killed) deletes what it wrote."""
         self._check_open()
         if self.path is None:
             raise ValueError("an in-memory ledger has no directory to snapshot into")
@@ -339,6 +344,7 @@ class Ledger:
             self._snapshot_job = None
         held_since = time.perf_counter()
         scalars, views = self._engine.state_views()
+        check_room(self.path, views, getattr(self._journal, "segment_bytes", 0))
         job = SnapshotJob(self.path, scalars, views, keep, held_since=held_since,
                           lock_fd=getattr(self._journal, "_lock_fd", None),
                           # "fsync": every committed batch is durable already; "os": the flusher's to make so

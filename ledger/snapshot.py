@@ -20,6 +20,7 @@ os._exit, so a lock held by another thread at the moment of the fork is never wa
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import struct
 import threading
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ledger import _core
-from ledger.errors import LedgerCorruptError
+from ledger.errors import LedgerCorruptError, LedgerFullError
 
 __all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "remove_unfinished",
            "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION"]
@@ -123,6 +124,26 @@ def _layout(arrays: dict[str, np.ndarray]) -> list[tuple[int, int]]:
         layout.append((offset, arrays[name].shape[0]))
         offset += (size + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
     return layout
+
+
+def file_bytes(arrays: dict[str, np.ndarray]) -> int:
+    """The size of the snapshot file these arrays make: the end of its last section."""
+    (offset, _), = _layout(arrays)[-1:]
+    return offset + arrays[SECTIONS[-1]].nbytes
+
+
+def check_room(directory: str, arrays: dict[str, np.ndarray], reserve_bytes: int) -> None:
+    """Refuse, before anything is written, a snapshot that would not leave `reserve_bytes` free on the data
+    directory's filesystem (the journal's next segment): a snapshot written into the last free space makes the
+    journal fail with LedgerFullError meanwhile, even when it is deleted again after its own ENOSPC."""
+    assert reserve_bytes >= 0
+    needed = file_bytes(arrays)
+    status = os.statvfs(directory)
+    free = status.f_bavail * status.f_frsize
+    if needed + reserve_bytes > free:
+        raise LedgerFullError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: a snapshot needs {needed} bytes and the "
+                              f"journal's next segment {reserve_bytes}, but {free} bytes are free; nothing was "
+                              f"written", directory)
 
 
 def write_snapshot(directory: str, scalars: dict[str, int], arrays: dict[str, np.ndarray], keep: int,

@@ -1023,30 +1023,54 @@ def fill_past_one_segment(handle, first_batch):
     return k
 
 
+def snapshot_folder_files(directory):
+    folder = os.path.join(directory, "snapshots")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
 @pytest.mark.parametrize("wait", [True, False])
-def test_a_snapshot_that_does_not_fit_deletes_what_it_wrote_and_the_journal_goes_on(tiny_filesystem, wait):
+@pytest.mark.parametrize("when", ["refused up front", "while writing"])
+def test_a_snapshot_that_does_not_fit_deletes_what_it_wrote_and_the_journal_goes_on(tiny_filesystem, monkeypatch,
+                                                                                      wait, when):
     """A real full disk (768 KiB tmpfs): the first segment takes 260 KiB, a snapshot with room for 65,536
-    transfers needs 2 MiB. It fails with ENOSPC and must delete its partial temporary file: that file held the
-    very space the journal's next segment needs (the next batches then failed with LedgerFullError)."""
+    transfers needs 2 MiB. It is refused before anything is written; if it gets to write anyway ("while
+    writing": the room check is turned off, as when the space goes between the check and the write) it fails
+    with ENOSPC and must delete its partial temporary file: that file held the very space the journal's next
+    segment needs (the next batches then failed with LedgerFullError)."""
+    import ledger.api as api_module
+
+    if when == "while writing":
+        monkeypatch.setattr(api_module, "check_room", lambda *arguments: None)
     directory = str(tiny_filesystem("768k") / "data")
     with ledger.open(directory, create=True, segment_records_log2=12, transfers_capacity=1 << 16) as handle:
         handle.create_accounts(accounts())
         handle.transfers(batch(0))
-        with pytest.raises(OSError, match="No space left on device"):
+        with pytest.raises(OSError, match="No space left on device") as raised:
             outcome = handle.snapshot(wait=wait)
             if not wait:
                 outcome.wait()
-        assert unfinished_files(directory) == [] and snapshot_files(directory) == []
+        if when == "refused up front":
+            assert isinstance(raised.value, ledger.LedgerFullError) and "nothing was written" in str(raised.value)
+        assert snapshot_folder_files(directory) == []
         k = fill_past_one_segment(handle, 1)  # a new segment, in the space the snapshot had taken
         assert os.path.exists(os.path.join(directory, "journal", "00000001.segment"))
         with pytest.raises(OSError, match="No space left on device"):
             handle.snapshot()  # and again: still nothing left behind
-        assert unfinished_files(directory) == []
+        assert snapshot_folder_files(directory) == []
         handle.transfers(batch(k))
         final = handle.accounts()
     with ledger.open(directory) as reopened:
         same_counters(reopened.accounts(), final)
         assert reopened.verify().ok
+
+
+def test_a_snapshot_that_leaves_room_for_the_next_segment_is_taken(tiny_filesystem):
+    """The room check counts only what is needed: a small snapshot on the same small disk is written."""
+    directory = str(tiny_filesystem("768k") / "data")
+    with ledger.open(directory, create=True, segment_records_log2=12) as handle:
+        handle.create_accounts(accounts())
+        handle.transfers(batch(0))
+        assert handle.snapshot().position == handle.stats()["journal_position"]
 
 
 def test_write_snapshot_deletes_its_temporary_file_when_the_disk_is_full(tiny_filesystem):
@@ -1082,5 +1106,5 @@ def test_a_snapshot_child_killed_mid_write_leaves_no_temporary_file(tmp_path):
         gate.released.set()
         with pytest.raises(OSError, match="no report"):
             job.wait()
-        assert unfinished_files(directory) == [] and snapshot_files(directory) == []
+        assert snapshot_folder_files(directory) == []
         assert handle.snapshot().position == handle.stats()["journal_position"]  # the next one is fine
