@@ -71,6 +71,10 @@ BUSY_TIMEOUT_MS_DEFAULT = 5_000
 SNAPSHOT_EVERY_S_DEFAULT = 300.0
 SNAPSHOT_EVERY_S_MIN = 0.1
 SNAPSHOT_EVERY_S_MAX = 7 * 24 * 3600.0
+# A snapshot that keeps failing (a full disk) is retried after the interval doubled per failure in a row, up to an
+# hour (or the interval, if longer): each attempt costs a fork and a report, and a disk short of room stays so.
+SNAPSHOT_BACKOFF_S_MAX = 3600.0
+SNAPSHOT_BACKOFF_DOUBLINGS_MAX = 32
 PAYLOAD = _ring.PAYLOAD_SIZE
 ROWS_NAMED_MAX = 10  # rows an error message names at most
 
@@ -248,6 +252,7 @@ class Server:
         self.snapshot_every_s = snapshot_every_s
         self.last_snapshot: Any = None     # the SnapshotInfo of the newest snapshot this server took
         self.snapshot_failures = 0
+        self.snapshot_failures_in_a_row = 0
         self._snapshot_job: Any = None
         self._snapshot_due = time.monotonic() + (snapshot_every_s or 0.0)
         recovered = self.ledger.recovered_from
@@ -376,8 +381,8 @@ class Server:
 
     def _snapshot_if_due(self) -> None:
         """Between drains: reap a finished snapshot, and start one (in a forked child) every snapshot_every_s when
-        the journal moved since the last one. A failed snapshot is reported and retried at the next interval: the
-        journal still holds everything, only the restart gets slower."""
+        the journal moved since the last one. A failed snapshot is reported and retried after a back-off (see
+        _snapshot_failed): the journal still holds everything, only the restart gets slower."""
         if self.snapshot_every_s is None:
             return
         if self._snapshot_job is not None:
@@ -405,12 +410,20 @@ class Server:
             self.last_snapshot = job.wait()
         except (OSError, ledger.LedgerError) as error:
             self._snapshot_failed(error)
+            return
+        self.snapshot_failures_in_a_row = 0
 
     def _snapshot_failed(self, error: BaseException) -> None:
+        """Report a failed snapshot and retry it after a back-off: the interval, doubled per failure in a row."""
+        assert self.snapshot_every_s is not None
         self.snapshot_failures += 1
-        self._snapshot_position = -1  # try again at the next interval even if nothing new was written
-        warnings.warn(f"ledger serve: snapshot failed (the journal is intact; retrying in {self.snapshot_every_s} s):"
-                      f" {error}", RuntimeWarning, stacklevel=2)
+        self.snapshot_failures_in_a_row += 1
+        doublings = min(self.snapshot_failures_in_a_row - 1, SNAPSHOT_BACKOFF_DOUBLINGS_MAX)
+        delay_s = min(self.snapshot_every_s * 2 ** doublings, max(self.snapshot_every_s, SNAPSHOT_BACKOFF_S_MAX))
+        self._snapshot_due = time.monotonic() + delay_s
+        self._snapshot_position = -1  # try again then even if nothing new was written
+        warnings.warn(f"ledger serve: snapshot failed ({self.snapshot_failures_in_a_row} in a row; the journal is "
+                      f"intact; retrying in {delay_s:g} s): {error}", RuntimeWarning, stacklevel=2)
 
     def _sync(self, start: int, end: int) -> None:
         """durability "fsync": make journal positions [start, end) durable (written by _write before). A failed

@@ -1210,3 +1210,44 @@ def test_a_malformed_slot_of_a_neighbouring_call_does_not_touch_this_one(tmp_pat
         after.close()
     finally:
         server.close()
+
+
+def test_serve_whose_snapshots_cannot_fit_leaves_nothing_behind_backs_off_and_keeps_serving(tiny_filesystem):
+    """`serve` on a real full-ish disk (768 KiB tmpfs) with a snapshot every 0.1 s that cannot fit: every
+    attempt fails and is reported, none leaves a file behind (each used to leave its partial .tmp, at a new
+    position each time, until the journal's next segment found no room), attempts back off (the interval
+    doubles after each failure in a row), and the journal goes on into a new segment."""
+    import math
+    import warnings
+    directory = str(tiny_filesystem("768k") / "data")
+    server = Server(directory, durability="fsync", slot_count=1024, snapshot_every_s=0.1, segment_records_log2=12,
+                    transfers_capacity=1 << 16)
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+    server.ledger.create_account(2)
+    thread = threading.Thread(target=server.serve_forever)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.monotonic()
+        thread.start()
+        try:
+            with connect(directory) as client:
+                next_id = 1
+                while not os.path.exists(os.path.join(directory, "journal", "00000001.segment")) \
+                        or time.monotonic() - started < 2.0:
+                    assert time.monotonic() - started < 30, "the journal never reached its second segment"
+                    assert not client.transfers(transfer_batch(list(range(next_id, next_id + 200)), amount=1)).any()
+                    next_id += 200
+                    time.sleep(0.05)
+        finally:
+            server.stop()
+            thread.join()
+        elapsed = time.monotonic() - started
+    failures = server.snapshot_failures
+    reports = [str(warning.message) for warning in caught if "snapshot failed" in str(warning.message)]
+    assert failures >= 2 and len(reports) == failures, reports
+    # Attempts at 0.1, 0.3, 0.7, 1.5, ... s after the first: at most log2(elapsed / 0.1 + 1) + 1 of them.
+    assert failures <= math.log2(elapsed / 0.1 + 1) + 1, (failures, elapsed)
+    folder = os.path.join(directory, "snapshots")
+    assert not os.path.isdir(folder) or os.listdir(folder) == []
+    with ledger.open(directory, readonly=True) as handle:
+        assert handle.balance(2) == next_id - 1 and handle.verify().ok
