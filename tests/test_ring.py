@@ -1251,3 +1251,34 @@ def test_serve_whose_snapshots_cannot_fit_leaves_nothing_behind_backs_off_and_ke
     assert not os.path.isdir(folder) or os.listdir(folder) == []
     with ledger.open(directory, readonly=True) as handle:
         assert handle.balance(2) == next_id - 1 and handle.verify().ok
+
+
+def test_a_call_the_writer_could_only_apply_in_part_names_the_rows_applied(tmp_path):
+    """The one split the writer cannot see: the first slot's count is lowered to 1 and that slot is drained (a
+    complete batch of its own) before the call's next slot is published. Row 0 is applied, the rest refused, and
+    the client is told exactly that (a LedgerError with `applied` and `codes`), not a bare error."""
+    server = small_server(tmp_path, slot_count=64)
+    try:
+        client = connect(server.directory, timeout_ms=10_000)
+        ids = list(range(800, 808))
+
+        def before_taking(sequence):
+            if sequence == 1:  # slot 0 is published: damage it, and let the writer drain it alone
+                client._ring.set_stall_hook(None)
+                damage_slot(client._memory, server.ring, 0, "batch of one")
+                assert server.drain_once() and server.ring.consume_sequence == 1
+
+        client._ring.set_stall_hook(before_taking)
+        thread, outcome = call_in_thread(client, ids)
+        wait_published(client._memory, server.ring, 0, 8)
+        drain_until(server, 8, seconds=5)
+        thread.join(timeout=10)
+        error = outcome[0]
+        assert type(error) is ledger.LedgerError and "applied only part of this call" in str(error), repr(error)
+        assert "row 0 of 8" in str(error)
+        assert error.applied.tolist() == [True] + [False] * 7 and error.codes[0] == ledger.TransferResult.OK
+        states = server.ledger.lookup_transfers(np.array(ids, np.uint64))["state"].tolist()
+        assert states == [ledger.TransferState.POSTED] + [ledger.TransferState.NOT_FOUND] * 7
+        client.close()
+    finally:
+        server.close()
