@@ -525,9 +525,9 @@ def _rows_named(rows: list[int]) -> str:
 
 def _refusal(statuses: np.ndarray, refused: np.ndarray, codes: np.ndarray) -> LedgerError:
     """The error for a call some of whose slots the writer refused. The writer refuses a batch whole when one of
-    its slots is malformed: LedgerRejectedError. Only a process that rewrites the batch fields of several slots can
-    make it apply part of a call (it then looks like two batches): a LedgerError naming the rows applied, with
-    `codes` and `applied` (a boolean mask) on it."""
+    its slots is malformed: LedgerRejectedError. It applies part of a call only when the call's first slot was
+    rewritten to end its batch early and drained before the next slot was published (nothing it could see then
+    says so): a LedgerError naming the rows applied, with `codes` and `applied` (a boolean mask) on it."""
     malformed = np.flatnonzero(statuses == _ring.STATUS_INVALID_SLOT).tolist()
     cause = (f"its ring slot of {_rows_named(malformed)} was malformed or disagreed with the slots before it"
              if malformed
@@ -540,7 +540,7 @@ def _refusal(statuses: np.ndarray, refused: np.ndarray, codes: np.ndarray) -> Le
     rows = _rows_named(np.flatnonzero(applied).tolist())
     error = LedgerError(f"the writer applied only part of this call: {cause}, and {rows} "
                         f"of {statuses.shape[0]} went through as a batch of their own (a process that does not follow "
-                        f"the ring protocol rewrote several slots); the rest was not applied. Retrying with the same "
+                        f"the ring protocol rewrote its slots); the rest was not applied. Retrying with the same "
                         f"ids is safe (applied transfers answer EXISTS)")
     error.codes, error.applied = codes, applied  # type: ignore[attr-defined]
     return error
