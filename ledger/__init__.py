@@ -25,6 +25,7 @@ from ledger.enums import (
 )
 from ledger.errors import (
     LedgerBusyError,
+    LedgerRejectedError,
     LedgerClosedError,
     LedgerCorruptError,
     LedgerError,
@@ -68,6 +69,7 @@ __all__ = [
     "Client",
     "Ledger",
     "LedgerBusyError",
+    "LedgerRejectedError",
     "LedgerClosedError",
     "LedgerCorruptError",
     "LedgerError",

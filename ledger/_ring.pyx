@@ -84,6 +84,7 @@ STATUS_APPLIED = 0
 STATUS_INVALID_SLOT = 1
 STATUS_ABANDONED = 2
 STATUS_NOT_FOUND = 3
+STATUS_REJECTED = 4               # a well-formed slot of a batch that holds a malformed one: refused with it
 
 ctypedef struct RingHeader:
     uint64_t magic
@@ -559,7 +560,8 @@ cdef class Ring:
                cnp.ndarray payloads not None, cnp.ndarray batch_ends not None, cnp.ndarray statuses not None):
         """Collect published slots after those gathered before, whole producer batches only, at most `limit`.
         Fills kinds (uint16), payloads (uint8 rows of 80 bytes), batch_ends (uint8: 1 on a batch's last row) and
-        statuses (STATUS_INVALID_SLOT for malformed slots, else 0). Gives up on a head batch that stays
+        statuses (STATUS_INVALID_SLOT for malformed slots, STATUS_REJECTED for the other slots of a batch that holds
+        one, else 0: a batch is applied whole or not at all). Gives up on a head batch that stays
         unpublished for abandon_after_ns (its producer died or hangs). Returns (first sequence, count); the
         caller answers every gathered group with complete(), in order."""
         cdef uint64_t first = self._gather
@@ -570,7 +572,10 @@ cdef class Ring:
         cdef uint8_t *status_out = <uint8_t *>cnp.PyArray_DATA(statuses)
         cdef uint64_t count = 0, sequence, batch_count, batch_first, complete = 0
         cdef uint64_t open_first = 0, open_count = 0  # the producer batch being gathered (count 0: none)
-        cdef uint16_t kind
+        cdef uint64_t index
+        cdef uint16_t kind, open_kind = 0
+        # The batch completed last in this gather (count 0: none), and its first row's index in the output.
+        cdef uint64_t last_first = 0, last_count = 0, last_index = 0
         cdef bint valid
         cdef Slot *slot
         assert kinds.shape[0] == payloads.shape[0] == batch_ends.shape[0] == statuses.shape[0]
@@ -589,18 +594,37 @@ cdef class Ring:
                 claimed = ring_load_acquire(&self.header.claim_sequence)
             valid = self._batch_fields_valid(kind, sequence, batch_first, batch_count, claimed)
             if valid and open_count != 0:
-                # Inside a batch, every slot continues it, described the same way: else a producer could make a
-                # batch that no slot ever ends, and the writer would wait for it forever.
-                valid = batch_first == open_first and batch_count == open_count
+                # Inside a batch, every slot continues it, described the same way and of its kind: else a producer
+                # could make a batch that no slot ever ends (the writer would wait for it forever), or slip a row
+                # of another kind into it.
+                valid = batch_first == open_first and batch_count == open_count and kind == open_kind
+            elif valid and batch_first != sequence:
+                # Well-formed, but its batch did not start here (the consume position is a batch boundary): the
+                # rest of a batch refused or given up before, answered alone and never applied. Or it continues
+                # the batch completed just before, which then ended early: one of them lies about the batch (a
+                # lowered count on its first slot), so that batch is refused too, unapplied as yet.
+                if last_count != 0 and batch_first == last_first:
+                    for index in range(last_index, last_index + last_count):
+                        self._answer_alone(index, STATUS_REJECTED, kind_out, end_out, status_out)
+                    last_count = 0
+                    self._answer_alone(count, STATUS_INVALID_SLOT, kind_out, end_out, status_out)
+                else:
+                    self._answer_alone(count, STATUS_REJECTED, kind_out, end_out, status_out)
+                count += 1
+                complete = count
+                continue
             elif valid:
-                valid = batch_first == sequence  # a batch starts here (the consume position is a batch boundary)
-                open_first, open_count = batch_first, batch_count
+                open_first, open_count, open_kind = batch_first, batch_count, kind  # a batch starts here
             if not valid:
-                # A malformed slot is answered alone; the consumer never trusts its batch fields.
+                # A malformed slot is answered alone; the consumer never trusts its batch fields. The slots of the
+                # open batch gathered before it are refused with it (one call is applied whole or not at all);
+                # the batch's later slots then do not start a batch: refused as well.
+                if open_count != 0:
+                    assert count >= sequence - open_first
+                    for index in range(count - (sequence - open_first), count):
+                        self._answer_alone(index, STATUS_REJECTED, kind_out, end_out, status_out)
                 open_count = 0
-                kind_out[count] = 0
-                end_out[count] = 1
-                status_out[count] = STATUS_INVALID_SLOT
+                self._answer_alone(count, STATUS_INVALID_SLOT, kind_out, end_out, status_out)
                 count += 1
                 complete = count
                 continue
@@ -611,12 +635,20 @@ cdef class Ring:
             count += 1
             if end_out[count - 1]:
                 complete = count
+                last_first, last_count, last_index = open_first, open_count, count - open_count
                 open_count = 0
         self._gather = first + complete
         if complete == 0 and claimed > first and self._consume == first:
             # (Only with every gathered group answered: giving up a batch answers it, in sequence order.)
             self._maybe_abandon(first, claimed, abandon_after_ns)
         return first, complete
+
+    cdef inline void _answer_alone(self, uint64_t index, uint8_t status, uint16_t *kind_out, uint8_t *end_out,
+                                   uint8_t *status_out) noexcept nogil:
+        """Gathered row `index` is not applied: it is answered on its own with `status`."""
+        kind_out[index] = 0
+        end_out[index] = 1
+        status_out[index] = status
 
     cdef inline bint _batch_fields_valid(self, uint16_t kind, uint64_t sequence, uint64_t batch_first,
                                          uint64_t batch_count, uint64_t claimed) noexcept nogil:

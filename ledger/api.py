@@ -27,6 +27,7 @@ from ledger.snapshot import (
     KEEP_DEFAULT,
     SnapshotInfo,
     SnapshotJob,
+    check_room,
     list_snapshots,
     load_into,
     remove_unfinished,
@@ -192,6 +193,7 @@ class Ledger:
         # The single-call path goes straight to the core: argument parsing and the result lookup are C.
         self.transfer = engine.transfer
         self.recovered_from: SnapshotInfo | None = None  # the snapshot this handle was opened from, if any
+        self._snapshot_job: SnapshotJob | None = None  # the last snapshot started: the next one waits for it
 
     # -- commands --
 
@@ -318,7 +320,16 @@ class Ledger:
         position (in "os" mode: once the flusher has synced that far), so a snapshot never runs ahead of the
         journal. wait=True returns the SnapshotInfo once the file is in place, so the caller also waits for the
         write (1.5 GB for 10M accounts: the disk's time); wait=False returns the SnapshotJob at once and the
-        writer may go on while the child writes (`.wait()` gives the info)."""
+        writer may go on while the child writes (`.wait()` gives the info).
+
+        One snapshot at a time: a call while an earlier snapshot of this handle is still being written first waits
+        for that one to end (whatever its outcome, which stays its own job's to report), then takes its own; so
+        with wait=False such a call blocks for the rest of the earlier write. Two children writing and pruning
+        the same folder at once used to delete each other's files.
+
+        A snapshot that would not leave room for the journal's next segment on the filesystem is refused before
+        anything is written (LedgerFullError); one that fails anyway (the space went meanwhile, its child was
+        killed) deletes what it wrote."""
         self._check_open()
         if self.path is None:
             raise ValueError("an in-memory ledger has no directory to snapshot into")
@@ -328,12 +339,17 @@ class Ledger:
             raise LedgerError("the ledger was opened read-only: snapshots are written by the directory's writer")
         if self._engine.poisoned:
             raise LedgerPoisonedError("the ledger handle is poisoned by a failed journal sync; reopen it")
+        if self._snapshot_job is not None:
+            self._snapshot_job.join()  # before the writer is held: the earlier child may take long
+            self._snapshot_job = None
         held_since = time.perf_counter()
         scalars, views = self._engine.state_views()
+        check_room(self.path, views, getattr(self._journal, "segment_bytes", 0))
         job = SnapshotJob(self.path, scalars, views, keep, held_since=held_since,
                           lock_fd=getattr(self._journal, "_lock_fd", None),
                           # "fsync": every committed batch is durable already; "os": the flusher's to make so
                           durable=self._journal.wait_durable if self.durability == "os" else None)
+        self._snapshot_job = job
         return job.wait() if wait else job
 
     def _poison(self) -> None:

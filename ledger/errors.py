@@ -10,6 +10,7 @@ __all__ = [
     "LedgerPoisonedError",
     "LedgerFullError",
     "LedgerBusyError",
+    "LedgerRejectedError",
     "LedgerUnavailableError",
     "LedgerTimeoutError",
 ]
@@ -43,6 +44,11 @@ class LedgerFullError(LedgerError, OSError):
 
 class LedgerBusyError(LedgerError):
     """The command ring stayed full past the client's busy timeout; nothing of the batch was applied."""
+
+
+class LedgerRejectedError(LedgerError):
+    """The writer refused a ring call whole because one of its slots was malformed (a process that does not follow
+    the ring protocol wrote into it); nothing of the call was applied. Retrying with the same ids is safe."""
 
 
 class LedgerUnavailableError(LedgerError):

@@ -30,7 +30,13 @@ from ledger.enums import (
     AccountResult,
     TransferResult,
 )
-from ledger.errors import LedgerBusyError, LedgerError, LedgerTimeoutError, LedgerUnavailableError
+from ledger.errors import (
+    LedgerBusyError,
+    LedgerError,
+    LedgerRejectedError,
+    LedgerTimeoutError,
+    LedgerUnavailableError,
+)
 
 __all__ = ["Client", "Server", "connect", "RING_FILE", "SLOT_COUNT_DEFAULT"]
 
@@ -65,7 +71,12 @@ BUSY_TIMEOUT_MS_DEFAULT = 5_000
 SNAPSHOT_EVERY_S_DEFAULT = 300.0
 SNAPSHOT_EVERY_S_MIN = 0.1
 SNAPSHOT_EVERY_S_MAX = 7 * 24 * 3600.0
+# A snapshot that keeps failing (a full disk) is retried after the interval doubled per failure in a row, up to an
+# hour (or the interval, if longer): each attempt costs a fork and a report, and a disk short of room stays so.
+SNAPSHOT_BACKOFF_S_MAX = 3600.0
+SNAPSHOT_BACKOFF_DOUBLINGS_MAX = 32
 PAYLOAD = _ring.PAYLOAD_SIZE
+ROWS_NAMED_MAX = 10  # rows an error message names at most
 
 # A query's answer in the slot payload: the account record.
 ANSWER_DTYPE = np.dtype([
@@ -241,6 +252,7 @@ class Server:
         self.snapshot_every_s = snapshot_every_s
         self.last_snapshot: Any = None     # the SnapshotInfo of the newest snapshot this server took
         self.snapshot_failures = 0
+        self.snapshot_failures_in_a_row = 0
         self._snapshot_job: Any = None
         self._snapshot_due = time.monotonic() + (snapshot_every_s or 0.0)
         recovered = self.ledger.recovered_from
@@ -369,8 +381,8 @@ class Server:
 
     def _snapshot_if_due(self) -> None:
         """Between drains: reap a finished snapshot, and start one (in a forked child) every snapshot_every_s when
-        the journal moved since the last one. A failed snapshot is reported and retried at the next interval: the
-        journal still holds everything, only the restart gets slower."""
+        the journal moved since the last one. A failed snapshot is reported and retried after a back-off (see
+        _snapshot_failed): the journal still holds everything, only the restart gets slower."""
         if self.snapshot_every_s is None:
             return
         if self._snapshot_job is not None:
@@ -398,12 +410,20 @@ class Server:
             self.last_snapshot = job.wait()
         except (OSError, ledger.LedgerError) as error:
             self._snapshot_failed(error)
+            return
+        self.snapshot_failures_in_a_row = 0
 
     def _snapshot_failed(self, error: BaseException) -> None:
+        """Report a failed snapshot and retry it after a back-off: the interval, doubled per failure in a row."""
+        assert self.snapshot_every_s is not None
         self.snapshot_failures += 1
-        self._snapshot_position = -1  # try again at the next interval even if nothing new was written
-        warnings.warn(f"ledger serve: snapshot failed (the journal is intact; retrying in {self.snapshot_every_s} s):"
-                      f" {error}", RuntimeWarning, stacklevel=2)
+        self.snapshot_failures_in_a_row += 1
+        doublings = min(self.snapshot_failures_in_a_row - 1, SNAPSHOT_BACKOFF_DOUBLINGS_MAX)
+        delay_s = min(self.snapshot_every_s * 2 ** doublings, max(self.snapshot_every_s, SNAPSHOT_BACKOFF_S_MAX))
+        self._snapshot_due = time.monotonic() + delay_s
+        self._snapshot_position = -1  # try again then even if nothing new was written
+        warnings.warn(f"ledger serve: snapshot failed ({self.snapshot_failures_in_a_row} in a row; the journal is "
+                      f"intact; retrying in {delay_s:g} s): {error}", RuntimeWarning, stacklevel=2)
 
     def _sync(self, start: int, end: int) -> None:
         """durability "fsync": make journal positions [start, end) durable (written by _write before). A failed
@@ -498,6 +518,34 @@ class Server:
         self.ledger.close()
 
 
+def _rows_named(rows: list[int]) -> str:
+    shown = ", ".join(map(str, rows[:ROWS_NAMED_MAX])) + (", ..." if len(rows) > ROWS_NAMED_MAX else "")
+    return f"row {shown}" if len(rows) == 1 else f"rows {shown}"
+
+
+def _refusal(statuses: np.ndarray, refused: np.ndarray, codes: np.ndarray) -> LedgerError:
+    """The error for a call some of whose slots the writer refused. The writer refuses a batch whole when one of
+    its slots is malformed: LedgerRejectedError. It applies part of a call only when the call's first slot was
+    rewritten to end its batch early and drained before the next slot was published (nothing it could see then
+    says so): a LedgerError naming the rows applied, with `codes` and `applied` (a boolean mask) on it."""
+    malformed = np.flatnonzero(statuses == _ring.STATUS_INVALID_SLOT).tolist()
+    cause = (f"its ring slot of {_rows_named(malformed)} was malformed or disagreed with the slots before it"
+             if malformed
+             else "the batch fields of its ring slots were rewritten")
+    if refused.all():
+        return LedgerRejectedError(f"the writer refused this call of {statuses.shape[0]} rows whole: {cause} (a "
+                                   f"process that does not follow the ring protocol wrote into it); nothing of it "
+                                   f"was applied: retrying with the same ids is safe")
+    applied = ~refused
+    rows = _rows_named(np.flatnonzero(applied).tolist())
+    error = LedgerError(f"the writer applied only part of this call: {cause}, and {rows} "
+                        f"of {statuses.shape[0]} went through as a batch of their own (a process that does not follow "
+                        f"the ring protocol rewrote its slots); the rest was not applied. Retrying with the same "
+                        f"ids is safe (applied transfers answer EXISTS)")
+    error.codes, error.applied = codes, applied  # type: ignore[attr-defined]
+    return error
+
+
 class Client:
     """A connection to a running `ledger serve`. Same calls as Ledger; every call has a timeout."""
 
@@ -582,8 +630,9 @@ class Client:
         if (statuses == _ring.STATUS_ABANDONED).any():
             raise LedgerBusyError("the writer gave up on this batch (a slot was not published in time); "
                                   "nothing of it was applied")
-        if (statuses == _ring.STATUS_INVALID_SLOT).any():
-            raise LedgerError("the writer rejected a malformed ring slot")
+        refused = (statuses == _ring.STATUS_INVALID_SLOT) | (statuses == _ring.STATUS_REJECTED)
+        if refused.any():
+            raise _refusal(statuses, refused, codes)
         return codes, statuses, answers
 
     def transfers(self, batch: Any) -> np.ndarray:

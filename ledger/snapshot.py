@@ -20,6 +20,7 @@ os._exit, so a lock held by another thread at the moment of the fork is never wa
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import struct
 import threading
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ledger import _core
-from ledger.errors import LedgerCorruptError
+from ledger.errors import LedgerCorruptError, LedgerFullError
 
 __all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "remove_unfinished",
            "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION"]
@@ -61,6 +62,7 @@ HEADER = struct.Struct("<8sII7QII" + "QQ" * len(SECTIONS))
 SCALARS = ("write_position", "last_timestamp", "last_checksum", "last_header_position", "account_count",
            "transfer_count")
 KEEP_DEFAULT = 3
+WRITE_PIECE_BYTES = 64 << 20  # one pwrite of a section at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +126,26 @@ def _layout(arrays: dict[str, np.ndarray]) -> list[tuple[int, int]]:
     return layout
 
 
+def file_bytes(arrays: dict[str, np.ndarray]) -> int:
+    """The size of the snapshot file these arrays make: the end of its last section."""
+    (offset, _), = _layout(arrays)[-1:]
+    return offset + arrays[SECTIONS[-1]].nbytes
+
+
+def check_room(directory: str, arrays: dict[str, np.ndarray], reserve_bytes: int) -> None:
+    """Refuse, before anything is written, a snapshot that would not leave `reserve_bytes` free on the data
+    directory's filesystem (the journal's next segment): a snapshot written into the last free space makes the
+    journal fail with LedgerFullError meanwhile, even when it is deleted again after its own ENOSPC."""
+    assert reserve_bytes >= 0
+    needed = file_bytes(arrays)
+    status = os.statvfs(directory)
+    free = status.f_bavail * status.f_frsize
+    if needed + reserve_bytes > free:
+        raise LedgerFullError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: a snapshot needs {needed} bytes and the "
+                              f"journal's next segment {reserve_bytes}, but {free} bytes are free; nothing was "
+                              f"written", directory)
+
+
 def write_snapshot(directory: str, scalars: dict[str, int], arrays: dict[str, np.ndarray], keep: int,
                    stall_seconds: float, before_rename: Callable[[], None] | None = None) -> SnapshotInfo:
     """before_rename: called once the temporary file is durable, before it is renamed into place; if it raises,
@@ -133,7 +155,7 @@ def write_snapshot(directory: str, scalars: dict[str, int], arrays: dict[str, np
     os.makedirs(folder, mode=0o700, exist_ok=True)
     position = scalars["write_position"]
     final = os.path.join(folder, f"snapshot-{position:016d}.snapshot")
-    temporary = os.path.join(folder, f".snapshot-{position:016d}.tmp")
+    temporary = unfinished_path(directory, position)
     layout = _layout(arrays)
     sections = [np.ascontiguousarray(arrays[name]).view(np.uint8) for name in SECTIONS]
     state_checksum = 0  # the state hash: the body checksum's value after the account sections, which come first
@@ -146,34 +168,52 @@ def write_snapshot(directory: str, scalars: dict[str, int], arrays: dict[str, np
                          *(scalars[name] for name in SCALARS), time.time_ns(), state_checksum, body_checksum,
                          *(value for pair in layout for value in pair))
     header += struct.pack("<I", _core.crc32c(header))
+    # A failed write deletes what it wrote: a partial file on a full disk holds the very space the journal needs
+    # for its next segment, and every retry would leave one more.
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.pwrite(fd, header.ljust(PAGE_BYTES, b"\0"), 0)
-        for section, (offset, _) in zip(sections, layout):
-            data = memoryview(section)
-            written = 0
-            while written < len(data):
-                written += os.pwrite(fd, data[written:written + (64 << 20)], offset + written)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if before_rename is not None:
         try:
+            os.pwrite(fd, header.ljust(PAGE_BYTES, b"\0"), 0)
+            for section, (offset, _) in zip(sections, layout):
+                data = memoryview(section)
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:written + WRITE_PIECE_BYTES], offset + written)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if before_rename is not None:
             before_rename()
-        except BaseException:
-            os.unlink(temporary)
-            raise
-    os.rename(temporary, final)
-    directory_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        os.rename(temporary, final)
+    except BaseException:
+        _unlink_if_present(temporary)
+        raise
     try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+        directory_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+    except BaseException:
+        _unlink_if_present(final)  # reported as failed: not kept either (its rename may not be durable)
+        raise
     for _, old in list_snapshots(directory)[max(1, keep):]:
-        os.unlink(old)
+        _unlink_if_present(old)
     return SnapshotInfo(final, position, scalars["last_timestamp"], scalars["account_count"],
                         scalars["transfer_count"], os.path.getsize(final), stall_seconds,
                         time.perf_counter() - started)
+
+
+def _unlink_if_present(path: str) -> None:
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, NotADirectoryError):  # (the latter: a snapshots "folder" that is a file)
+        pass
+
+
+def unfinished_path(directory: str, position: int) -> str:
+    """The temporary file a snapshot at `position` is written to before its rename."""
+    return os.path.join(snapshot_directory(directory), f".snapshot-{position:016d}.tmp")
 
 
 def _read_header(path: str, fd: int) -> tuple[dict[str, int], int, int, list[tuple[int, int]]]:
@@ -414,6 +454,9 @@ class SnapshotJob:
         os.waitpid(self._pid, 0)
         message = b"".join(chunks).decode()
         if not message.startswith("ok "):
+            # A child that failed deleted its file; one that was killed could not: it is reaped, so nobody writes
+            # the file any more (one snapshot at a time per writer).
+            _unlink_if_present(unfinished_path(self._directory, self._scalars["write_position"]))
             self._error = OSError(f"snapshot writer failed: {message or 'no report (killed?)'}")
             return
         _, size, seconds = message.split()
@@ -424,6 +467,10 @@ class SnapshotJob:
 
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    def join(self) -> None:
+        """Wait until the child has ended and been reaped, without raising its error (wait() does that)."""
+        self._thread.join()
 
     def wait(self) -> SnapshotInfo:
         self._thread.join()

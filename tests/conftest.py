@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -36,6 +37,26 @@ def _engine_or_skip():
     except Exception as e:  # pragma: no cover - only while the core is not built
         pytest.skip(f"ledger engine not importable: {e!r}")
     return ledger
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """mount(size) -> the path of a fresh tmpfs of that size (as `mount -o size=` takes it: "768k"), for tests
+    that need a real full disk; unmounted afterwards. Skips the test where tmpfs cannot be mounted (not root)."""
+    mounted = []
+
+    def mount(size: str):
+        path = tmp_path / f"tmpfs-{len(mounted)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.fixture

@@ -1100,3 +1100,185 @@ def test_multi_slot_batches_with_holes_and_lies_never_stall_or_overrun_the_write
         offset = _ring.HEADER_SIZE + (answered % 64) * _ring.SLOT_SIZE + 8
         assert int.from_bytes(server._memory[offset:offset + 8], "little") >> 16 == answered + 1
     assert server.ledger.verify().ok
+
+
+# ---- a malformed slot inside an honest call: the call is refused whole --------------------------------------
+
+# Slot fields (docs/RING.md "Layout"): byte offsets within a 128-byte slot.
+SLOT_PUBLISHED_OFFSET, SLOT_KIND_OFFSET, SLOT_BATCH_FIRST_OFFSET, SLOT_BATCH_COUNT_OFFSET = 0, 28, 32, 40
+
+
+def slot_offset(ring, sequence):
+    return _ring.HEADER_SIZE + (sequence & (ring.slot_count - 1)) * _ring.SLOT_SIZE
+
+
+def call_in_thread(client, ids):
+    """client.transfers(ids) in a thread (it blocks until answered); returns (thread, outcome list)."""
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_raised(client.transfers, transfer_batch(ids))))
+    thread.start()
+    return thread, outcome
+
+
+def wait_published(memory, ring, first, count):
+    """Until the producer has published slots [first, first + count) (as the writer sees them)."""
+    deadline = time.monotonic() + 10
+    for sequence in range(first, first + count):
+        offset = slot_offset(ring, sequence) + SLOT_PUBLISHED_OFFSET
+        while int.from_bytes(memory[offset:offset + 8], "little") != sequence + 1:
+            assert time.monotonic() < deadline, f"slot {sequence} was never published"
+            time.sleep(0.001)
+
+
+def damage_slot(memory, ring, sequence, field):
+    """Rewrite one field of a published slot through a producer's own mapping, with the ring's layout."""
+    base = slot_offset(ring, sequence)
+    if field == "unknown kind":
+        memory[base + SLOT_KIND_OFFSET:base + SLOT_KIND_OFFSET + 2] = (0x7777).to_bytes(2, "little")
+    elif field == "another kind":
+        memory[base + SLOT_KIND_OFFSET:base + SLOT_KIND_OFFSET + 2] = _ring.KIND_ACCOUNT.to_bytes(2, "little")
+    elif field == "batch of one":  # on the first slot: a complete batch of its own, which the next slot contradicts
+        memory[base + SLOT_BATCH_COUNT_OFFSET:base + SLOT_BATCH_COUNT_OFFSET + 4] = (1).to_bytes(4, "little")
+    elif field in ("batch count + 1", "batch count - 1"):
+        offset = base + SLOT_BATCH_COUNT_OFFSET
+        count = int.from_bytes(memory[offset:offset + 4], "little") + (1 if field.endswith("+ 1") else -1)
+        memory[offset:offset + 4] = count.to_bytes(4, "little")
+    else:
+        assert field == "batch first + 1"
+        offset = base + SLOT_BATCH_FIRST_OFFSET
+        memory[offset:offset + 8] = (int.from_bytes(memory[offset:offset + 8], "little") + 1).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("field", ["unknown kind", "another kind", "batch count + 1", "batch count - 1",
+                                   "batch first + 1", "batch of one"])
+@pytest.mark.parametrize("row", [0, 1, 3, 7])
+def test_one_malformed_slot_refuses_the_whole_call_and_the_client_is_told(tmp_path, row, field):
+    """An honest client's call of 8 rows, one of whose published slots is rewritten before the writer drains it:
+    none of the 8 rows is applied (3 of 8 were), and the client gets LedgerRejectedError saying so (it got a
+    plain LedgerError). A retry with the same ids then applies them once."""
+    server = small_server(tmp_path, slot_count=64)
+    try:
+        client = connect(server.directory, timeout_ms=10_000)
+        ids = list(range(500, 508))
+        thread, outcome = call_in_thread(client, ids)
+        wait_published(client._memory, server.ring, 0, 8)
+        damage_slot(client._memory, server.ring, row, field)
+        drain_until(server, 8, seconds=5)
+        thread.join(timeout=10)
+        error = outcome[0]
+        assert isinstance(error, ledger.LedgerRejectedError), repr(error)
+        # A first slot whose fields still look well-formed is seen at the next one, which contradicts it (the
+        # writer cannot tell which of them lies).
+        named = "row 1" if row == 0 and field not in ("unknown kind", "batch first + 1", "batch count + 1") \
+            else f"row {row}"
+        assert "nothing of it was applied" in str(error) and named in str(error), str(error)
+        found = server.ledger.lookup_transfers(np.array(ids, np.uint64))["state"]
+        assert (found == ledger.TransferState.NOT_FOUND).all(), found
+        assert server.ledger.balance(2) == 0
+        thread, outcome = call_in_thread(client, ids)
+        drain_until(server, 16, seconds=5)
+        thread.join(timeout=10)
+        assert outcome == [None] and server.ledger.balance(2) == 8 * 5
+        client.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("damaged", ["last slot of the call before", "first slot of the call after"])
+def test_a_malformed_slot_of_a_neighbouring_call_does_not_touch_this_one(tmp_path, damaged):
+    """Two honest calls drained together (4 rows, then 8): damaging a slot of one refuses that call whole and
+    applies the other whole."""
+    server = small_server(tmp_path, slot_count=64)
+    try:
+        before, after = connect(server.directory, timeout_ms=10_000), connect(server.directory, timeout_ms=10_000)
+        first_ids, second_ids = list(range(600, 604)), list(range(700, 708))
+        first_thread, first_outcome = call_in_thread(before, first_ids)
+        wait_published(before._memory, server.ring, 0, 4)
+        second_thread, second_outcome = call_in_thread(after, second_ids)
+        wait_published(after._memory, server.ring, 4, 8)
+        damage_slot(before._memory, server.ring, 3 if damaged.startswith("last") else 4, "unknown kind")
+        drain_until(server, 12, seconds=5)
+        first_thread.join(timeout=10)
+        second_thread.join(timeout=10)
+        refused, applied = (first_ids, second_ids) if damaged.startswith("last") else (second_ids, first_ids)
+        refused_outcome, applied_outcome = (first_outcome, second_outcome) if damaged.startswith("last") \
+            else (second_outcome, first_outcome)
+        assert isinstance(refused_outcome[0], ledger.LedgerRejectedError) and applied_outcome == [None]
+        states = server.ledger.lookup_transfers(np.array(refused + applied, np.uint64))["state"].tolist()
+        assert states == [ledger.TransferState.NOT_FOUND] * len(refused) + [ledger.TransferState.POSTED] * len(applied)
+        before.close()
+        after.close()
+    finally:
+        server.close()
+
+
+def test_serve_whose_snapshots_cannot_fit_leaves_nothing_behind_backs_off_and_keeps_serving(tiny_filesystem):
+    """`serve` on a real full-ish disk (768 KiB tmpfs) with a snapshot every 0.1 s that cannot fit: every
+    attempt fails and is reported, none leaves a file behind (each used to leave its partial .tmp, at a new
+    position each time, until the journal's next segment found no room), attempts back off (the interval
+    doubles after each failure in a row), and the journal goes on into a new segment."""
+    import math
+    import warnings
+    directory = str(tiny_filesystem("768k") / "data")
+    server = Server(directory, durability="fsync", slot_count=1024, snapshot_every_s=0.1, segment_records_log2=12,
+                    transfers_capacity=1 << 16)
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
+    server.ledger.create_account(2)
+    thread = threading.Thread(target=server.serve_forever)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.monotonic()
+        thread.start()
+        try:
+            with connect(directory) as client:
+                next_id = 1
+                while not os.path.exists(os.path.join(directory, "journal", "00000001.segment")) \
+                        or time.monotonic() - started < 2.0:
+                    assert time.monotonic() - started < 30, "the journal never reached its second segment"
+                    assert not client.transfers(transfer_batch(list(range(next_id, next_id + 200)), amount=1)).any()
+                    next_id += 200
+                    time.sleep(0.05)
+        finally:
+            server.stop()
+            thread.join()
+        elapsed = time.monotonic() - started
+    failures = server.snapshot_failures
+    reports = [str(warning.message) for warning in caught if "snapshot failed" in str(warning.message)]
+    assert failures >= 2 and len(reports) == failures, reports
+    # Attempts at 0.1, 0.3, 0.7, 1.5, ... s after the first: at most log2(elapsed / 0.1 + 1) + 1 of them.
+    assert failures <= math.log2(elapsed / 0.1 + 1) + 1, (failures, elapsed)
+    folder = os.path.join(directory, "snapshots")
+    assert not os.path.isdir(folder) or os.listdir(folder) == []
+    with ledger.open(directory, readonly=True) as handle:
+        assert handle.balance(2) == next_id - 1 and handle.verify().ok
+
+
+def test_a_call_the_writer_could_only_apply_in_part_names_the_rows_applied(tmp_path):
+    """The one split the writer cannot see: the first slot's count is lowered to 1 and that slot is drained (a
+    complete batch of its own) before the call's next slot is published. Row 0 is applied, the rest refused, and
+    the client is told exactly that (a LedgerError with `applied` and `codes`), not a bare error."""
+    server = small_server(tmp_path, slot_count=64)
+    try:
+        client = connect(server.directory, timeout_ms=10_000)
+        ids = list(range(800, 808))
+
+        def before_taking(sequence):
+            if sequence == 1:  # slot 0 is published: damage it, and let the writer drain it alone
+                client._ring.set_stall_hook(None)
+                damage_slot(client._memory, server.ring, 0, "batch of one")
+                assert server.drain_once() and server.ring.consume_sequence == 1
+
+        client._ring.set_stall_hook(before_taking)
+        thread, outcome = call_in_thread(client, ids)
+        wait_published(client._memory, server.ring, 0, 8)
+        drain_until(server, 8, seconds=5)
+        thread.join(timeout=10)
+        error = outcome[0]
+        assert type(error) is ledger.LedgerError and "applied only part of this call" in str(error), repr(error)
+        assert "row 0 of 8" in str(error)
+        assert error.applied.tolist() == [True] + [False] * 7 and error.codes[0] == ledger.TransferResult.OK
+        states = server.ledger.lookup_transfers(np.array(ids, np.uint64))["state"].tolist()
+        assert states == [ledger.TransferState.POSTED] + [ledger.TransferState.NOT_FOUND] * 7
+        client.close()
+    finally:
+        server.close()

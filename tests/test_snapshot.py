@@ -976,3 +976,135 @@ def test_verify_beside_a_writer_that_prunes_a_snapshot(tmp_path, monkeypatch):
     with ledger.open(directory, readonly=True) as handle:
         report = handle.verify()
     assert report.ok and report.snapshots == 2, report
+
+
+# ---- overlapping snapshot requests, and snapshots that fail ---------------------------------------------------
+
+@pytest.mark.parametrize("durability", ["fsync", "os"])
+def test_a_snapshot_requested_while_one_is_written_waits_for_it(tmp_path, durability):
+    """snapshot(wait=False) then snapshot(): the second waits for the first (they are taken one at a time), so two
+    children never prune the same old file at once (it raised FileNotFoundError in about a third of the rounds),
+    and the newest `keep` positions are kept. Some rounds take both at the same position (nothing written
+    between): the second replaces the first's file with the same state."""
+    directory = str(tmp_path / "data")
+    taken = []
+    with ledger.open(directory, create=True, durability=durability, segment_records_log2=12) as handle:
+        handle.create_accounts(accounts())
+        for k in range(30):
+            handle.transfers(batch(k))
+            job = handle.snapshot(wait=False, keep=2)
+            if k % 3:
+                handle.transfers(batch(1000 + k))
+            info = handle.snapshot(keep=2)
+            assert job.wait().position <= info.position == handle.stats()["journal_position"]
+            taken += [job.wait().position, info.position]
+            newest = sorted(set(taken))[-2:]
+            assert snapshot_files(directory) == [f"snapshot-{position:016d}.snapshot" for position in newest]
+        final = handle.accounts()
+    with ledger.open(directory) as reopened:
+        assert reopened.recovered_from.position == taken[-1]
+        same_counters(reopened.accounts(), final)
+
+
+def unfinished_files(directory):
+    folder = os.path.join(directory, "snapshots")
+    return sorted(name for name in os.listdir(folder) if name.endswith(".tmp")) if os.path.isdir(folder) else []
+
+
+SMALL_SEGMENT_RECORDS = 1 << 12  # segment_records_log2=12: 260 KiB segment files
+
+
+def fill_past_one_segment(handle, first_batch):
+    """Batches until the journal is well into its second segment (which it must allocate on the way)."""
+    k = first_batch
+    while handle.stats()["journal_position"] < SMALL_SEGMENT_RECORDS + 500:
+        handle.transfers(batch(k))
+        k += 1
+    return k
+
+
+def snapshot_folder_files(directory):
+    folder = os.path.join(directory, "snapshots")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("wait", [True, False])
+@pytest.mark.parametrize("when", ["refused up front", "while writing"])
+def test_a_snapshot_that_does_not_fit_deletes_what_it_wrote_and_the_journal_goes_on(tiny_filesystem, monkeypatch,
+                                                                                      wait, when):
+    """A real full disk (768 KiB tmpfs): the first segment takes 260 KiB, a snapshot with room for 65,536
+    transfers needs 2 MiB. It is refused before anything is written; if it gets to write anyway ("while
+    writing": the room check is turned off, as when the space goes between the check and the write) it fails
+    with ENOSPC and must delete its partial temporary file: that file held the very space the journal's next
+    segment needs (the next batches then failed with LedgerFullError)."""
+    import ledger.api as api_module
+
+    if when == "while writing":
+        monkeypatch.setattr(api_module, "check_room", lambda *arguments: None)
+    directory = str(tiny_filesystem("768k") / "data")
+    with ledger.open(directory, create=True, segment_records_log2=12, transfers_capacity=1 << 16) as handle:
+        handle.create_accounts(accounts())
+        handle.transfers(batch(0))
+        with pytest.raises(OSError, match="No space left on device") as raised:
+            outcome = handle.snapshot(wait=wait)
+            if not wait:
+                outcome.wait()
+        if when == "refused up front":
+            assert isinstance(raised.value, ledger.LedgerFullError) and "nothing was written" in str(raised.value)
+        assert snapshot_folder_files(directory) == []
+        k = fill_past_one_segment(handle, 1)  # a new segment, in the space the snapshot had taken
+        assert os.path.exists(os.path.join(directory, "journal", "00000001.segment"))
+        with pytest.raises(OSError, match="No space left on device"):
+            handle.snapshot()  # and again: still nothing left behind
+        assert snapshot_folder_files(directory) == []
+        handle.transfers(batch(k))
+        final = handle.accounts()
+    with ledger.open(directory) as reopened:
+        same_counters(reopened.accounts(), final)
+        assert reopened.verify().ok
+
+
+def test_a_snapshot_that_leaves_room_for_the_next_segment_is_taken(tiny_filesystem):
+    """The room check counts only what is needed: a small snapshot on the same small disk is written."""
+    directory = str(tiny_filesystem("768k") / "data")
+    with ledger.open(directory, create=True, segment_records_log2=12) as handle:
+        handle.create_accounts(accounts())
+        handle.transfers(batch(0))
+        assert handle.snapshot().position == handle.stats()["journal_position"]
+
+
+def test_write_snapshot_deletes_its_temporary_file_when_the_disk_is_full(tiny_filesystem):
+    """What the forked child runs, called directly on a full disk: ENOSPC, and no temporary file."""
+    directory = str(tiny_filesystem("256k") / "data")
+    scalars = {"write_position": 7, "segment_records_log2": 12, "last_timestamp": 1, "last_checksum": 2,
+               "last_header_position": 3, "account_count": 0, "transfer_count": 0}
+    arrays = {name: np.zeros(count, snapshot_module.SECTION_DTYPES[name]) for name, count in
+              (("accounts_hot", 0), ("accounts_cold", 0), ("account_slots", 16), ("transfer_slots", 1 << 15),
+               ("expiry_heap", 0))}
+    with pytest.raises(OSError) as raised:
+        write_snapshot(directory, scalars, arrays, 3, 0.0)
+    assert raised.value.errno == errno.ENOSPC
+    assert os.listdir(os.path.join(directory, "snapshots")) == []
+
+
+def test_a_snapshot_child_killed_mid_write_leaves_no_temporary_file(tmp_path):
+    """The child dies (SIGKILL) after writing its temporary file, while it waits for the journal to become
+    durable: it cannot clean up, so the parent, which reaps it, deletes the file."""
+    directory = str(tmp_path / "data")
+    gate = SyncGate()
+    with ledger.open(directory, create=True, durability="os", fault_injector=gate) as handle:
+        gate.armed.set()
+        handle.create_accounts(accounts())
+        assert gate.held.wait(10)  # the flusher holds: the child writes its file, then waits for the word
+        job = handle.snapshot(wait=False)
+        deadline = time.monotonic() + 30
+        while not unfinished_files(directory):
+            assert time.monotonic() < deadline, "the child wrote no temporary file"
+            time.sleep(0.01)
+        os.kill(job._pid, signal.SIGKILL)
+        gate.armed.clear()
+        gate.released.set()
+        with pytest.raises(OSError, match="no report"):
+            job.wait()
+        assert snapshot_folder_files(directory) == []
+        assert handle.snapshot().position == handle.stats()["journal_position"]  # the next one is fine
