@@ -328,3 +328,89 @@ def test_ctrl_c_stops_a_long_replay_at_open(tmp_path, monkeypatch):
     with ledger.open(directory) as reopened:  # the lock was released; nothing was lost
         assert reopened.stats()["transfers"] == batches * rows
         assert reopened.verify().ok
+
+
+# ---- the ring Client -------------------------------------------------------------------------------------------
+
+def test_ring_client_shared_by_threads(tmp_path):
+    """One Client, 4 threads: each call is answered with its own results; close() from another thread afterwards."""
+    from test_ring import setup_accounts, start_writer, stop
+    from ring_processes import transfer_rows
+
+    directory = str(tmp_path / "data")
+    writer = start_writer(directory)
+    try:
+        setup_accounts(directory)
+        client = ledger.connect(directory, timeout_ms=60_000)
+        calls = 60
+
+        def work(index: int) -> None:
+            for call in range(calls):
+                first = 1 + (call * THREADS + index) * ROWS
+                codes = client.transfers(transfer_rows(np.arange(first, first + ROWS, dtype=np.uint64)))
+                assert (codes == 0).all(), codes
+                if call % 10 == 0:
+                    client.balance(FIRST_ACCOUNT)
+
+        _run_threads(work)
+        count = THREADS * calls * ROWS
+        expected = transfer_rows(np.arange(1, count + 1, dtype=np.uint64))
+        assert client.balance(1) == -int(expected["amount"].sum())
+        closer = threading.Thread(target=client.close)
+        closer.start()
+        closer.join(timeout=60)
+        with pytest.raises(ledger.LedgerClosedError):
+            client.balance(1)
+    finally:
+        stop(writer)
+    with ledger.open(directory) as reopened:
+        assert reopened.stats()["transfers"] == count
+        assert reopened.verify().ok
+
+
+def test_ring_call_while_serve_restarts_waits_for_the_writer(tmp_path):
+    """A client whose writer stopped calls while the next `serve` is starting: the call waits for the new writer
+    (within its timeout) and is applied once, instead of failing with "writer stopped ... may or may not be
+    applied" (which it did even for balance())."""
+    from test_ring import setup_accounts, start_writer, stop
+    from ring_processes import transfer_rows
+
+    directory = str(tmp_path / "data")
+    writer = start_writer(directory)
+    setup_accounts(directory)
+    client = ledger.connect(directory, timeout_ms=30_000, writer_timeout_ms=1_000)
+    assert (client.transfers(transfer_rows(np.arange(1, 11, dtype=np.uint64))) == 0).all()
+    stop(writer)
+    answers: dict[str, object] = {}
+
+    def call() -> None:
+        answers["balance"] = client.balance(SETTLEMENT)
+        answers["codes"] = client.transfers(transfer_rows(np.arange(11, 21, dtype=np.uint64)))
+
+    caller = threading.Thread(target=lambda: _run_threads(lambda index: call(), 1))
+    caller.start()
+    time.sleep(0.3)  # the call is waiting: no writer runs
+    assert caller.is_alive()
+    writer = start_writer(directory)
+    try:
+        caller.join(timeout=60)
+        assert not caller.is_alive()
+        assert answers["balance"] == -int(transfer_rows(np.arange(1, 11, dtype=np.uint64))["amount"].sum())
+        assert (answers["codes"] == 0).all()
+        assert client.balance(SETTLEMENT) == -int(transfer_rows(np.arange(1, 21, dtype=np.uint64))["amount"].sum())
+        client.close()
+    finally:
+        stop(writer)
+
+
+def test_ring_call_with_no_writer_says_nothing_was_sent(tmp_path):
+    from test_ring import setup_accounts, start_writer, stop
+
+    directory = str(tmp_path / "data")
+    writer = start_writer(directory)
+    setup_accounts(directory)
+    client = ledger.connect(directory, timeout_ms=300, writer_timeout_ms=1_000)
+    stop(writer)
+    with pytest.raises(ledger.LedgerUnavailableError, match="nothing of this call was sent"):
+        client.balance(SETTLEMENT)
+    client.close()
