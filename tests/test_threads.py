@@ -414,3 +414,27 @@ def test_ring_call_with_no_writer_says_nothing_was_sent(tmp_path):
     with pytest.raises(ledger.LedgerUnavailableError, match="nothing of this call was sent"):
         client.balance(SETTLEMENT)
     client.close()
+
+
+def test_tailer_shared_by_threads(tmp_path):
+    """4 threads iterate one Tailer: every event goes to exactly one of them (no batch read twice or skipped)."""
+    from ledger.tail import Tailer
+
+    directory = str(tmp_path / "data")
+    calls = 200
+    with ledger.open(directory, create=True, durability="os", segment_records_log2=12) as handle:
+        _setup(handle)
+        for call in range(calls):
+            handle.transfers(_rows(1 + call * ROWS))
+    seen: list[np.ndarray] = []
+    tailer = Tailer(directory, follow=False, max_events=ROWS)
+
+    def work(index: int) -> None:
+        for events in tailer:
+            seen.append(events["position"].copy())
+
+    _run_threads(work)
+    tailer.close()
+    positions = np.sort(np.concatenate(seen))
+    assert positions.size == np.unique(positions).size  # nothing twice
+    assert positions.size == ACCOUNTS + 1 + calls * ROWS  # nothing missed: every account and transfer event
