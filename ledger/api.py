@@ -311,6 +311,8 @@ class Ledger:
             raise LedgerClosedError("the ledger is closed")
         try:
             self._journal.flush()
+        except KeyboardInterrupt:
+            raise  # Ctrl-C, not a failed sync: nothing is lost, what it had not synced the next flush syncs
         except BaseException:
             self._poison()
             raise

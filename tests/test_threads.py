@@ -438,3 +438,27 @@ def test_tailer_shared_by_threads(tmp_path):
     positions = np.sort(np.concatenate(seen))
     assert positions.size == np.unique(positions).size  # nothing twice
     assert positions.size == ACCOUNTS + 1 + calls * ROWS  # nothing missed: every account and transfer event
+
+
+def test_ctrl_c_during_flush_keeps_the_handle(tmp_path):
+    """durability "os": flush() interrupted by Ctrl-C raises KeyboardInterrupt and poisons nothing."""
+    armed = []
+
+    def injector(name: str) -> None:  # only the caller's flush, not the flusher thread's
+        if armed and name == "sync" and threading.current_thread() is threading.main_thread():
+            armed.clear()
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    directory = str(tmp_path / "data")
+    with ledger.open(directory, create=True, durability="os", flush_interval_ms=60_000,
+                     fault_injector=injector) as handle:
+        _setup(handle)
+        handle.transfers(_rows(1))
+        armed.append(True)
+        with pytest.raises(KeyboardInterrupt):
+            handle.flush()
+        assert not handle._engine.poisoned
+        assert (handle.transfers(_rows(1 + ROWS)) == 0).all()
+        handle.flush()
+    with ledger.open(directory) as reopened:
+        assert reopened.stats()["transfers"] == 2 * ROWS
