@@ -462,3 +462,31 @@ def test_ctrl_c_during_flush_keeps_the_handle(tmp_path):
         handle.flush()
     with ledger.open(directory) as reopened:
         assert reopened.stats()["transfers"] == 2 * ROWS
+
+
+def test_ctrl_c_interrupts_a_call_waiting_for_the_handle():
+    """A call waiting (without the GIL) for another thread's call can be Ctrl-C'd; the handle works afterwards."""
+    handle = ledger.open(None)
+    _setup(handle)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with handle._engine:  # as a long call would
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    timer = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            handle.balance(SETTLEMENT)
+    finally:
+        timer.join()
+        release.set()
+        holder.join(timeout=30)
+    assert handle.transfer(1, SETTLEMENT, FIRST_ACCOUNT, 3) == 0
+    assert handle.balance(FIRST_ACCOUNT) == 3
+    handle.close()
