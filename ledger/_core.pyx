@@ -17,6 +17,20 @@ cdef extern from "Python.h":
     bint PyLong_Check(object value)
     unsigned long long PyLong_AsUnsignedLongLong(object value) except? <unsigned long long>-1
     long long PyLong_AsLongLong(object value) except? -1
+    int PyErr_CheckSignals() except -1
+
+cdef extern from "pythread.h":
+    ctypedef void *PyThread_type_lock
+    ctypedef enum PyLockStatus:
+        PY_LOCK_FAILURE
+        PY_LOCK_ACQUIRED
+        PY_LOCK_INTR
+    PyThread_type_lock PyThread_allocate_lock()
+    void PyThread_free_lock(PyThread_type_lock lock)
+    int PyThread_acquire_lock(PyThread_type_lock lock, int wait) nogil
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds, int intr_flag) nogil
+    void PyThread_release_lock(PyThread_type_lock lock) nogil
+    unsigned long PyThread_get_thread_ident()
 
 cimport cython
 import operator
@@ -85,6 +99,15 @@ cdef extern from *:
 DEF TABLE_CAPACITY_LOG2_MIN = 10
 DEF TABLE_CAPACITY_LOG2_MAX = 40
 DEF ACCOUNT_CAPACITY_MIN = 1024
+# Replay looks for Ctrl-C (PyErr_CheckSignals) at the first batch boundary after this many records: often enough
+# that an interrupted open stops within milliseconds, rarely enough to cost nothing.
+DEF REPLAY_SIGNAL_CHECK_RECORDS = 1 << 16
+# A Ctrl-C while a batch is being made durable is held back and the durable write tried again; one still being
+# interrupted after this many tries (Ctrl-C held down) poisons the handle instead of looping for ever.
+DEF COMMIT_INTERRUPTED_ATTEMPTS_MAX = 100
+# A thread waiting for the engine lock re-checks it this often even without a wake-up (a safety net, not a poll:
+# every release with waiters wakes one).
+DEF LOCK_WAIT_SLICE_US = 50000
 # Below this a CRC is done before a GIL hand-off would pay for itself.
 DEF CRC_NOGIL_BYTES_MIN = 1 << 16
 
@@ -1160,7 +1183,11 @@ cdef object memory_view(void *memory, uint64_t count, object dtype):
 
 @cython.final
 cdef class Engine:
-    """The state machine. Not thread-safe: one writer (the Ledger) owns it."""
+    """The state machine. One lock serialises every call on it: the batch paths run without the GIL, so without
+    it two threads could be inside the state at once (growing a table under another's batch). The commands, the
+    single-row reads, lookup_transfers, replay, state_views, account_arrays and close take it themselves; the
+    journal reads (account_history, decode_events, batch_headers, ...) and import_* expect the caller to hold it
+    across what it reads (`with engine:`, re-entrant), as the Ledger does for history, explain and verify."""
 
     cdef State state
     cdef object _accounts_hot
@@ -1174,9 +1201,19 @@ cdef class Engine:
     cdef public bint poisoned
     cdef public bint readonly
     cdef uint64_t _batch_size_max
+    cdef PyThread_type_lock _wake     # a semaphore: posted to wake a waiter for the engine lock (see _enter)
+    cdef unsigned long _lock_owner    # thread ident of the holder; meaningful while _lock_depth > 0
+    cdef uint32_t _lock_depth         # how many times the holder has taken it (the lock is re-entrant)
+    cdef uint32_t _lock_waiters       # threads waiting in _enter_contended
+    cdef bint _lock_handoff           # released to the waiters: the first to look takes it
+    cdef object _interrupted          # a Ctrl-C held back during write_ahead, raised once the batch is durable
 
     def __cinit__(self):
         memset(&self.state, 0, sizeof(State))
+        self._wake = PyThread_allocate_lock()
+        if self._wake == NULL:
+            raise MemoryError("cannot allocate the engine lock")
+        PyThread_acquire_lock(self._wake, 1)  # taken: a waiter sleeps on it until a release posts it
 
     def __init__(self, segment_records_log2, segment_provider, *, after_commit=None, write_ahead=None, clock=None,
                  account_capacity=ACCOUNT_CAPACITY_MIN, transfer_capacity=1024):
@@ -1204,10 +1241,78 @@ cdef class Engine:
         self._map_through(2)
 
     def __dealloc__(self):
+        if self._wake != NULL:
+            PyThread_release_lock(self._wake)  # (freeing a taken lock is not allowed)
+            PyThread_free_lock(self._wake)
         table_free(&self.state.account_table)
         table_free(&self.state.transfer_table)
         free(self.state.expiry_heap.entries)
         free(self.state.segments)
+
+    # -- the lock --
+    # Every field of it is read and written with the GIL held (Cython modules keep the GIL even on free-threaded
+    # builds unless they declare otherwise), so taking a free lock is a few plain stores: no atomic, no system
+    # call on the single-call path. Only a thread that finds it held waits, without the GIL, on the _wake
+    # semaphore; a release with waiters hands the lock straight to one of them (the depth stays 1, _lock_handoff
+    # set), so a thread that calls in a loop cannot take it back before the waiter has had its turn.
+
+    cdef int _enter(self) except -1:
+        """Take the engine lock for this thread (re-entrant)."""
+        cdef unsigned long thread = PyThread_get_thread_ident()
+        if self._lock_depth == 0:
+            self._lock_depth = 1
+            self._lock_owner = thread
+            return 0
+        if self._lock_owner == thread and not self._lock_handoff:
+            self._lock_depth += 1
+            return 0
+        return self._enter_contended(thread)
+
+    cdef int _enter_contended(self, unsigned long thread) except -1:
+        """Wait for the lock without the GIL, so the holder (which may be running a batch without it too) goes
+        on. Ctrl-C in the main thread interrupts the wait (KeyboardInterrupt, the lock not taken)."""
+        cdef PyLockStatus status
+        self._lock_waiters += 1
+        try:
+            while True:
+                if self._lock_handoff:
+                    self._lock_handoff = False   # handed over by the last holder: the depth is 1 already
+                    break
+                if self._lock_depth == 0:
+                    self._lock_depth = 1
+                    break
+                with nogil:
+                    status = PyThread_acquire_lock_timed(self._wake, LOCK_WAIT_SLICE_US, 1)
+                if status == PY_LOCK_INTR:
+                    PyErr_CheckSignals()
+        except BaseException:
+            self._lock_waiters -= 1
+            if self._lock_waiters == 0 and self._lock_handoff:  # handed to nobody now: free it
+                self._lock_handoff = False
+                self._lock_depth = 0
+            raise
+        self._lock_waiters -= 1
+        self._lock_owner = thread
+        return 0
+
+    cdef inline void _exit(self) noexcept:
+        LEDGER_ASSERT(self._lock_depth > 0 and not self._lock_handoff)
+        LEDGER_DEBUG_ASSERT(self._lock_owner == PyThread_get_thread_ident())
+        self._lock_depth -= 1
+        if self._lock_depth == 0 and self._lock_waiters != 0:
+            self._lock_depth = 1
+            self._lock_handoff = True
+            self._lock_owner = 0
+            PyThread_release_lock(self._wake)
+
+    def __enter__(self):
+        """`with engine:` holds the engine lock across several calls (a consistent view for composite reads)."""
+        self._enter()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._exit()
+        return False
 
     # -- capacity (all growth happens here, between batches, never inside the hot loop) --
 
@@ -1281,19 +1386,48 @@ cdef class Engine:
         return <uint64_t>self._clock()
 
     cdef int _committed(self, uint64_t start, uint64_t events) except -1:
+        """Have after_commit write and sync the batch just applied. It is applied in memory already, so a failure
+        of that poisons the handle: nothing may build on a batch that may not be durable. Except Ctrl-C: a
+        KeyboardInterrupt (raised at the first Python line after a long batch, or inside a write or sync) is held
+        back, after_commit is called again (it writes the whole batch again and syncs: doing it twice is harmless),
+        and once the batch is durable the KeyboardInterrupt is raised saying so. The handle stays usable."""
+        interrupted, self._interrupted = self._interrupted, None
         if events == 0 or self._after_commit is None:
+            if interrupted is not None:
+                raise interrupted
             return 0
-        try:
-            self._after_commit(start, start + 1 + events)
-        except BaseException:
-            self.poisoned = True
-            raise
+        cdef int attempt
+        for attempt in range(COMMIT_INTERRUPTED_ATTEMPTS_MAX):
+            try:
+                self._after_commit(start, start + 1 + events)
+                break
+            except KeyboardInterrupt as error:
+                if interrupted is None:
+                    interrupted = error
+                if attempt == COMMIT_INTERRUPTED_ATTEMPTS_MAX - 1:
+                    self.poisoned = True
+                    raise
+            except BaseException:
+                self.poisoned = True
+                raise
+        if interrupted is not None:
+            raise KeyboardInterrupt(
+                f"interrupted while journal positions [{start}, {start + 1 + events}) were being made durable: "
+                f"the batch was applied and is durable; only its result codes are lost (lookup_transfers() on "
+                f"its ids gives each one's state); the handle is still usable") from interrupted
         return 0
 
     # -- commands --
 
     def create_accounts(self, cnp.ndarray batch not None, cnp.ndarray results not None):
         """Apply a C-contiguous ACCOUNT_DTYPE array; write codes into `results` (uint8, same length)."""
+        self._enter()
+        try:
+            return self._create_accounts(batch, results)
+        finally:
+            self._exit()
+
+    cdef object _create_accounts(self, cnp.ndarray batch, cnp.ndarray results):
         self._check_writable()
         cdef uint64_t count = batch.shape[0]
         LEDGER_ASSERT(batch.dtype.itemsize == sizeof(AccountRow) and results.shape[0] == batch.shape[0])
@@ -1311,6 +1445,13 @@ cdef class Engine:
 
     def transfers(self, cnp.ndarray batch not None, cnp.ndarray results not None):
         """Apply a C-contiguous TRANSFER_DTYPE array; write codes into `results` (uint8, same length)."""
+        self._enter()
+        try:
+            return self._transfers(batch, results)
+        finally:
+            self._exit()
+
+    cdef object _transfers(self, cnp.ndarray batch, cnp.ndarray results):
         self._check_writable()
         cdef uint64_t count = batch.shape[0]
         LEDGER_ASSERT(batch.dtype.itemsize == sizeof(TransferRow) and results.shape[0] == batch.shape[0])
@@ -1352,6 +1493,11 @@ cdef class Engine:
             if last < count and position > header_position + 1:
                 try:
                     self._write_ahead(header_position, position)
+                except KeyboardInterrupt as error:
+                    # Ctrl-C (it lands at the first Python line after a chunk): finish the batch, which
+                    # after_commit then makes durable in full, and raise it after that (_committed).
+                    if self._interrupted is None:
+                        self._interrupted = error
                 except BaseException:
                     self.poisoned = True   # half a batch is applied in memory: nothing more may use this state
                     raise
@@ -1364,8 +1510,6 @@ cdef class Engine:
                  pending_id=_ZERO, timeout=_ZERO, user_data=_ZERO):
         """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation.
         Arguments must be integers in their field's range (TypeError / ValueError naming the argument)."""
-        if self.closed or self.poisoned or self.readonly:
-            self._check_writable()
         cdef TransferRow row
         row.id = to_unsigned(id, "id", ID_MAX)
         row.debit_account = to_unsigned(debit_account, "debit_account", ID_MAX)
@@ -1382,6 +1526,15 @@ cdef class Engine:
             row.timeout = <uint32_t>to_unsigned(timeout, "timeout", 0xFFFFFFFF)
             row.code = <uint16_t>to_unsigned(code, "code", 0xFFFF)
             row.flags = <uint16_t>to_unsigned(flags, "flags", 0xFFFF)
+        self._enter()
+        try:
+            return self._transfer_row(&row)
+        finally:
+            self._exit()
+
+    cdef object _transfer_row(self, const TransferRow *row):
+        if self.closed or self.poisoned or self.readonly:
+            self._check_writable()
         cdef State *s = &self.state
         cdef uint64_t records = min(s.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 2
         if (s.write_position + records > s.mapped_end
@@ -1390,13 +1543,12 @@ cdef class Engine:
             self._reserve(0, 1, records)
         cdef uint64_t start = s.write_position
         cdef uint8_t result = 0
-        cdef uint64_t events = run_transfers(s, &row, 1, &result, self._now())
+        cdef uint64_t events = run_transfers(s, row, 1, &result, self._now())
         if events != 0 and self._after_commit is not None:
             self._committed(start, events)
         return TRANSFER_RESULTS[result]
 
     def create_account(self, id, ledger=1, *, min_balance=0, max_balance=AMOUNT_MAX, flags=0, user_data=0):
-        self._check_writable()
         cdef AccountRow row
         row.id = to_unsigned(id, "id", ID_MAX)
         row.user_data = to_unsigned(user_data, "user_data", ID_MAX)
@@ -1404,10 +1556,18 @@ cdef class Engine:
         row.max_balance = to_signed(max_balance, "max_balance")
         row.ledger = <uint32_t>to_unsigned(ledger, "ledger", 0xFFFFFFFF)
         row.flags = <uint16_t>to_unsigned(flags, "flags", 0xFFFF)
+        self._enter()
+        try:
+            return self._account_row(&row)
+        finally:
+            self._exit()
+
+    cdef object _account_row(self, const AccountRow *row):
+        self._check_writable()
         self._reserve(1, 0, 2)
         cdef uint64_t start = self.state.write_position
         cdef uint8_t result = 0
-        cdef uint64_t events = run_accounts(&self.state, &row, 1, &result, self._now())
+        cdef uint64_t events = run_accounts(&self.state, row, 1, &result, self._now())
         self._committed(start, events)
         return ACCOUNT_RESULTS[result]
 
@@ -1416,6 +1576,13 @@ cdef class Engine:
     def account(self, id_object):
         """(id, ledger, flags, min_balance, max_balance, user_data, debits_posted, credits_posted,
         debits_pending, credits_pending, timestamp) or None."""
+        self._enter()
+        try:
+            return self._account(id_object)
+        finally:
+            self._exit()
+
+    cdef object _account(self, object id_object):
         self._check_open()
         cdef uint64_t id = to_unsigned(id_object, "id", ID_MAX)
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
@@ -1427,6 +1594,13 @@ cdef class Engine:
                 hot.debits_posted, hot.credits_posted, hot.debits_pending, hot.credits_pending, cold.timestamp)
 
     def balance(self, id_object):
+        self._enter()
+        try:
+            return self._balance(id_object)
+        finally:
+            self._exit()
+
+    cdef object _balance(self, object id_object):
         self._check_open()
         cdef uint64_t id = to_unsigned(id_object, "id", ID_MAX)
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
@@ -1436,6 +1610,13 @@ cdef class Engine:
         return hot.credits_posted - hot.debits_posted
 
     def available(self, id_object):
+        self._enter()
+        try:
+            return self._available(id_object)
+        finally:
+            self._exit()
+
+    cdef object _available(self, object id_object):
         self._check_open()
         cdef uint64_t id = to_unsigned(id_object, "id", ID_MAX)
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
@@ -1446,11 +1627,25 @@ cdef class Engine:
 
     def account_arrays(self):
         """Views (not copies) of the live hot and cold account arrays, trimmed to the account count."""
+        self._enter()
+        try:
+            return self._account_arrays()
+        finally:
+            self._exit()
+
+    cdef object _account_arrays(self):
         self._check_open()
         cdef uint64_t count = self.state.account_count
         return self._accounts_hot[:count], self._accounts_cold[:count]
 
     def lookup_transfers(self, cnp.ndarray ids not None, cnp.ndarray out not None):
+        self._enter()
+        try:
+            return self._lookup_transfers(ids, out)
+        finally:
+            self._exit()
+
+    cdef object _lookup_transfers(self, cnp.ndarray ids, cnp.ndarray out):
         self._check_open()
         LEDGER_ASSERT(ids.dtype.itemsize == 8 and cnp.PyArray_IS_C_CONTIGUOUS(ids))
         LEDGER_ASSERT(out.dtype.itemsize == sizeof(TransferRecord) and cnp.PyArray_IS_C_CONTIGUOUS(out))
@@ -1497,8 +1692,16 @@ cdef class Engine:
     def replay(self, uint64_t end_position=POSITION_MASK):
         """Apply every committed batch from the current write position on, stopping at the first record that
         is not a good batch header or at `end_position`. Returns (reason, position, batches, events)."""
+        self._enter()
+        try:
+            return self._replay(end_position)
+        finally:
+            self._exit()
+
+    cdef object _replay(self, uint64_t end_position):
         self._check_open()
         cdef uint64_t position = self.state.write_position, count = 0, batches = 0, events = 0
+        cdef uint64_t unchecked_records = 0
         cdef uint32_t crc = 0
         cdef int reason
         cdef BatchHeader *header
@@ -1528,10 +1731,20 @@ cdef class Engine:
             self.state.write_position = position
             batches += 1
             events += count
+            # Ctrl-C stops a long replay (an open) here, between batches: the state is whole, and the caller
+            # releases the partly opened handle.
+            unchecked_records += 1 + count
+            if unchecked_records >= REPLAY_SIGNAL_CHECK_RECORDS:
+                unchecked_records = 0
+                PyErr_CheckSignals()
         return reason, position, batches, events
 
     def map_through(self, uint64_t end):
-        self._map_through(end)
+        self._enter()
+        try:
+            self._map_through(end)
+        finally:
+            self._exit()
 
     # -- journal reads for history, explain and the read side --
 
@@ -1658,6 +1871,13 @@ cdef class Engine:
     def state_views(self):
         """The scalars and numpy views (no copies) of every piece of state: accounts, both id tables, the expiry
         heap. Valid until the next command; a forked child uses them as a frozen copy-on-write image."""
+        self._enter()
+        try:
+            return self._state_views()
+        finally:
+            self._exit()
+
+    cdef object _state_views(self):
         self._check_open()
         cdef State *s = &self.state
         cdef uint64_t count = s.account_count
@@ -1754,6 +1974,13 @@ cdef class Engine:
         }
 
     def close(self):
+        self._enter()
+        try:
+            return self._close()
+        finally:
+            self._exit()
+
+    cdef object _close(self):
         self.closed = True
         for buffer in self._segment_objects:
             buffer.release()

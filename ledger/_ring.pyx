@@ -391,6 +391,12 @@ cdef class Ring:
             and now <= ring_load_acquire(&self.header.heartbeat_ns) + writer_timeout_ns \
             and ring_process_alive(<uint32_t>self.header.writer_pid)
 
+    def writer_alive(self, uint64_t writer_timeout_ms):
+        """Whether this ring's writer runs (beating within writer_timeout_ms, its process there): a client asks
+        before it sends anything, so that a call made while `serve` starts (the old ring still in place) waits for
+        the new writer instead of publishing into a ring nobody drains."""
+        return self._writer_alive(ring_monotonic_ns(), writer_timeout_ms * 1000000)
+
     cdef bint _release_on_behalf(self, Slot *slot, uint64_t sequence, uint64_t released,
                                  uint64_t required) noexcept nogil:
         """Free an earlier lap of this slot that nobody else will free; True if `released` moved. Each step is a

@@ -180,10 +180,12 @@ def _from_columns(columns: Mapping[str, Any], dtype: np.dtype, make: Callable[[i
 
 
 class Ledger:
-    """A handle on one ledger. Single writer: use it from one thread at a time (calls release the GIL inside
-    batch application, but the handle is not re-entrant).
+    """A handle on one ledger. Safe to share between threads: the engine's lock serialises every call (a batch
+    runs without the GIL, and other threads' calls wait for it without the GIL), and a read that looks at several
+    things (accounts, stats, history, explain, verify) holds it throughout, so it sees whole batches only.
 
-    Methods bound in __init__ for speed: `transfer` is the core's own method (no Python frame per call)."""
+    Methods bound in __init__ for speed: `transfer` is the core's own method (no Python frame per call; it takes
+    the engine's lock itself)."""
 
     def __init__(self, engine: _core.Engine, journal: Any, path: str | None, durability: str) -> None:
         self._engine = engine
@@ -254,13 +256,14 @@ class Ledger:
 
     def accounts(self) -> np.ndarray:
         """Every account (a copy) as an ACCOUNT_STATE_DTYPE array, in creation order."""
-        hot, cold = self._engine.account_arrays()
-        out = np.empty(hot.shape[0], ACCOUNT_STATE_DTYPE)
-        for name in ("ledger", "flags", "min_balance", "max_balance", "debits_posted", "credits_posted",
-                     "debits_pending", "credits_pending"):
-            out[name] = hot[name]
-        for name in ("id", "user_data", "timestamp"):
-            out[name] = cold[name]
+        with self._engine:  # the views are live: no batch may move them while they are copied
+            hot, cold = self._engine.account_arrays()
+            out = np.empty(hot.shape[0], ACCOUNT_STATE_DTYPE)
+            for name in ("ledger", "flags", "min_balance", "max_balance", "debits_posted", "credits_posted",
+                         "debits_pending", "credits_pending"):
+                out[name] = hot[name]
+            for name in ("id", "user_data", "timestamp"):
+                out[name] = cold[name]
         return out
 
     def lookup_transfers(self, ids: Any) -> np.ndarray:
@@ -279,6 +282,10 @@ class Ledger:
         return self._engine.lookup_transfers(keys, out)
 
     def stats(self) -> dict[str, int]:
+        with self._engine:
+            return self._stats()
+
+    def _stats(self) -> dict[str, int]:
         self._check_open()
         engine = self._engine
         return {
@@ -296,12 +303,18 @@ class Ledger:
 
     def flush(self) -> None:
         """Make everything applied so far durable now (a no-op beyond what "fsync" mode already did)."""
+        with self._engine:
+            self._flush()
+
+    def _flush(self) -> None:
         if self._engine.poisoned:
             raise LedgerPoisonedError("the ledger handle is poisoned by a failed journal sync; reopen it")
         if self._engine.closed:
             raise LedgerClosedError("the ledger is closed")
         try:
             self._journal.flush()
+        except KeyboardInterrupt:
+            raise  # Ctrl-C, not a failed sync: nothing is lost, what it had not synced the next flush syncs
         except BaseException:
             self._poison()
             raise
@@ -309,9 +322,10 @@ class Ledger:
     def verify(self) -> "VerifyReport":
         """Replay the whole journal into a fresh engine (re-checking every checksum, the hash chain and the
         back-pointers) and compare it with the live state; also check conservation and limits."""
-        self._check_open()
-        from ledger.audit import verify_live
-        return verify_live(self)
+        with self._engine:  # writers wait: the live state is compared as of one journal position
+            self._check_open()
+            from ledger.audit import verify_live
+            return verify_live(self)
 
     def snapshot(self, wait: bool = True, keep: int = KEEP_DEFAULT) -> "SnapshotInfo | SnapshotJob":
         """Write the whole state at the current journal position to <dir>/snapshots/, keeping the newest `keep`.
@@ -330,6 +344,14 @@ class Ledger:
         A snapshot that would not leave room for the journal's next segment on the filesystem is refused before
         anything is written (LedgerFullError); one that fails anyway (the space went meanwhile, its child was
         killed) deletes what it wrote."""
+        earlier = self._snapshot_job
+        if earlier is not None:
+            earlier.join()  # before the handle is held: the earlier child may take long, other calls go on
+        with self._engine:  # held for the fork only: other threads' calls go on while the child writes
+            job = self._start_snapshot(keep)
+        return job.wait() if wait else job
+
+    def _start_snapshot(self, keep: int) -> SnapshotJob:
         self._check_open()
         if self.path is None:
             raise ValueError("an in-memory ledger has no directory to snapshot into")
@@ -340,7 +362,7 @@ class Ledger:
         if self._engine.poisoned:
             raise LedgerPoisonedError("the ledger handle is poisoned by a failed journal sync; reopen it")
         if self._snapshot_job is not None:
-            self._snapshot_job.join()  # before the writer is held: the earlier child may take long
+            self._snapshot_job.join()  # another thread's snapshot started since the join above: rare, wait for it
             self._snapshot_job = None
         held_since = time.perf_counter()
         scalars, views = self._engine.state_views()
@@ -350,7 +372,7 @@ class Ledger:
                           # "fsync": every committed batch is durable already; "os": the flusher's to make so
                           durable=self._journal.wait_durable if self.durability == "os" else None)
         self._snapshot_job = job
-        return job.wait() if wait else job
+        return job
 
     def _poison(self) -> None:
         self._engine.poisoned = True
@@ -366,7 +388,12 @@ class Ledger:
         return self._engine.closed
 
     def close(self) -> None:
-        """Flush (in "os" mode), release the journal and the writer lock. Idempotent."""
+        """Flush (in "os" mode), release the journal and the writer lock. Idempotent. From another thread: waits for
+        the call in progress; later calls raise LedgerClosedError."""
+        with self._engine:
+            self._close()
+
+    def _close(self) -> None:
         if self._engine.closed:
             return
         poisoned = self._engine.poisoned

@@ -43,9 +43,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import functools
 import operator
 import re
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -432,6 +433,24 @@ def _existing_through(handle: Ledger, id: int, at: Moment) -> int:
     return last_position
 
 
+_Read = TypeVar("_Read", bound=Callable[..., Any])
+
+
+def _holding_engine(read: _Read) -> _Read:
+    """Run a read with the handle's engine lock held throughout: it walks the journal and the live state in several
+    calls, and a batch of another thread between them would mix two states (or grow what it reads)."""
+    @functools.wraps(read)
+    def held(handle: Ledger, *args: Any, **kwargs: Any) -> Any:
+        engine = handle._engine
+        engine.__enter__()  # (called by name, not `with`: a test may stand a proxy in for the engine)
+        try:
+            return read(handle, *args, **kwargs)
+        finally:
+            engine.__exit__(None, None, None)
+    return held  # type: ignore[return-value]
+
+
+@_holding_engine
 def balance_at(handle: Ledger, id: int, at: Moment) -> int:
     """The balance (credits_posted - debits_posted) of account `id` after every event at or before `at`.
     Cost: the account's events after `at`. KeyError if the account does not exist or did not exist yet then."""
@@ -439,6 +458,7 @@ def balance_at(handle: Ledger, id: int, at: Moment) -> int:
     return _counters_through(handle, int(id), last_position).balance
 
 
+@_holding_engine
 def account_at(handle: Ledger, id: int, at: Moment) -> Account:
     """The account as it was after every event at or before `at`: an `Account` whose four counters are those of
     that moment (its limits, ledger, flags and user_data never change). Same cost and errors as balance_at."""
@@ -478,6 +498,7 @@ def _history_between(handle: Ledger, id: int, first: int, last: int, limit: int 
     return _rows(window, moves, closing.minus(moves.total()))
 
 
+@_holding_engine
 def history(handle: Ledger, id: int, since: Moment | None = None, until: Moment | None = None,
             limit: int | None = None) -> np.ndarray:
     """The events that touched account `id` with since <= moment <= until (both inclusive; None: unbounded), oldest
@@ -632,6 +653,7 @@ def _limit_problems(handle: Ledger, id: int, rows: np.ndarray, after: np.ndarray
     return problems
 
 
+@_holding_engine
 def explain(handle: Ledger, id: int, since: Moment | None = None, until: Moment | None = None) -> Explanation:
     """Opening balance (before `since`), every event in [since, until] with its running balance, closing balance,
     and the checks listed on `Explanation`. Reads all of the account's events (an audit); KeyError if the account
@@ -705,6 +727,7 @@ class Difference:
         return self.to_text()
 
 
+@_holding_engine
 def explain_difference(handle: Ledger, id_a: int, id_b: int | None = None, at_a: Moment | None = None,
                        at_b: Moment | None = None) -> Difference:
     """Why two balances differ.

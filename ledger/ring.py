@@ -65,6 +65,9 @@ WRITER_TIMEOUT_MS_MIN = 4 * HEARTBEAT_INTERVAL_MS  # less would take a late beat
 TIMEOUT_MS_MAX = 3_600_000
 TIMEOUT_MS_DEFAULT = 30_000
 BUSY_TIMEOUT_MS_DEFAULT = 5_000
+# A call that finds no live writer before it sends anything (`serve` restarting: the old ring is still in place
+# while the new writer replays) looks for the new ring this often until its timeout, instead of failing.
+WRITER_POLL_MS = 20
 # `ledger serve` snapshots every 5 minutes by default: a restart then replays at most ~5 minutes of journal
 # instead of everything since genesis, while the writer stalls only for the fork of each snapshot (the child
 # writes it) and old snapshots are pruned (the newest 3 kept). Skipped when nothing was written since the last one.
@@ -547,7 +550,9 @@ def _refusal(statuses: np.ndarray, refused: np.ndarray, codes: np.ndarray) -> Le
 
 
 class Client:
-    """A connection to a running `ledger serve`. Same calls as Ledger; every call has a timeout."""
+    """A connection to a running `ledger serve`. Same calls as Ledger; every call has a timeout. Safe to share
+    between threads: calls on one Client are serialised (each waits its turn within its own timeout); for calls
+    in parallel, give each thread a Client of its own."""
 
     def __init__(self, directory: str, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                  busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT,
@@ -568,22 +573,63 @@ class Client:
         self.timeout_ms = timeout_ms
         self.busy_timeout_ms = busy_timeout_ms
         self.writer_timeout_ms = writer_timeout_ms
+        attached = self._attach()
+        if attached is None:
+            raise LedgerUnavailableError(f"no ledger writer at {self.directory} (start `ledger serve`)")
+        self._ring, self._memory, self._ring_identity = attached
+        self.batch_rows_max = self._ring.batch_rows_max  # the writer's per-call limit: half the ring, <= 32,768
+        # One call at a time per client object (results are read in order), and close() waits for the call in
+        # progress: a Client may be shared by threads.
+        self._lock = threading.Lock()
+
+    def _attach(self) -> tuple[_ring.Ring, mmap.mmap, tuple[int, int]] | None:
+        """Map the directory's current ring: (ring, mapping, (device, inode)), or None if there is none."""
         path = os.path.join(self.directory, RING_FILE)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
-            raise LedgerUnavailableError(f"no ledger writer at {self.directory} (start `ledger serve`)") from None
+            return None
         try:
-            self._memory = mmap.mmap(fd, os.fstat(fd).st_size)
+            status = os.fstat(fd)
+            memory = mmap.mmap(fd, status.st_size)
         finally:
             os.close(fd)
-        self._ring = _ring.Ring(self._memory, os.getpid())
+        ring = _ring.Ring(memory, os.getpid())
         try:
-            self._ring.attach()
+            ring.attach()
         except ValueError as error:
+            ring.release()
+            memory.close()
             raise LedgerUnavailableError(f"{path}: {error}") from None
-        self.batch_rows_max = self._ring.batch_rows_max  # the writer's per-call limit: half the ring, <= 32,768
-        self._lock = threading.Lock()  # one batch at a time per client object: results are read in order
+        return ring, memory, (status.st_dev, status.st_ino)
+
+    def _await_writer(self, deadline: float) -> None:
+        """No live writer and nothing sent yet: wait (until `deadline`) for a new `serve` to put its ring in place,
+        then use that one. Each serve creates its ring afresh once the ledger is open, so a call made while it
+        starts waits for it rather than publishing into the old ring, which nobody drains."""
+        while True:
+            attached = self._attach()
+            if attached is not None:
+                ring, memory, identity = attached
+                if identity != self._ring_identity and ring.writer_alive(self.writer_timeout_ms):
+                    if ring.batch_rows_max < self.batch_rows_max:
+                        ring.release()
+                        memory.close()
+                        raise LedgerUnavailableError(f"the ledger writer at {self.directory} restarted with a "
+                                                     f"smaller ring; reconnect")
+                    self._ring.release()
+                    self._memory.close()
+                    self._ring, self._memory, self._ring_identity = ring, memory, identity
+                    return
+                ring.release()
+                memory.close()
+            if self._ring.writer_alive(self.writer_timeout_ms):
+                return  # it was only late
+            if time.monotonic() + WRITER_POLL_MS / 1000 > deadline:
+                raise LedgerUnavailableError(f"no ledger writer at {self.directory} answered within "
+                                             f"{self.timeout_ms} ms (stopped, or still starting); nothing of this "
+                                             f"call was sent")
+            time.sleep(WRITER_POLL_MS / 1000)
 
     def _call(self, kind: int, rows: np.ndarray, with_answers: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
         if self._ring is None:
@@ -605,6 +651,10 @@ class Client:
             raise LedgerTimeoutError(f"another call on this client held it for {self.timeout_ms} ms; "
                                      f"nothing of this call was sent")
         try:
+            if self._ring is None:
+                raise ledger.LedgerClosedError("the client is closed")
+            if not self._ring.writer_alive(self.writer_timeout_ms):
+                self._await_writer(deadline)
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms < 1:
                 raise LedgerTimeoutError(f"another call on this client held it for {self.timeout_ms} ms; "
@@ -687,10 +737,12 @@ class Client:
         return account.available
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.release()
-            self._memory.close()
-            self._ring = None
+        """Unmap the ring. From another thread: waits for the call in progress (at most its timeout)."""
+        with self._lock:
+            if self._ring is not None:
+                self._ring.release()
+                self._memory.close()
+                self._ring = None
 
     def __enter__(self) -> "Client":
         return self

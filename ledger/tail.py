@@ -300,7 +300,10 @@ class Tailer:
     follow: True waits for new batches (polling every `interval_ms` while there is nothing new; no sleep while
     batches keep coming); False stops at the first position where no committed batch is present.
     idle_timeout_ms: stop iterating after this long without a new batch (None: never). stop: a threading.Event
-    that ends the iteration when set (checked between polls and while waiting)."""
+    that ends the iteration when set (checked between polls and while waiting).
+
+    Threads: poll(), iteration, end_position() and close() are serialised on the Tailer, so it may be shared:
+    each batch goes to exactly one caller, in order, and close() waits for a poll in progress."""
 
     def __init__(self, directory: str | os.PathLike[str], from_position: int = 0, *, follow: bool = True,
                  interval_ms: int = INTERVAL_MS_DEFAULT, idle_timeout_ms: int | None = None,
@@ -323,6 +326,7 @@ class Tailer:
         self.last_timestamp = 0          # of the last event yielded (0 before the first)
         self._segments = _SegmentFiles(os.path.join(self.directory, "journal"))
         self._torn_judged: tuple[int, bytes] | None = None   # (position, header bytes) judged a torn tail
+        self._lock = threading.Lock()  # one poll at a time: the position and the mapped files are shared state
         try:
             self._position, self._checksum = self._anchor(from_position, previous_checksum)
         except BaseException:
@@ -463,7 +467,12 @@ class Tailer:
 
     def poll(self) -> np.ndarray:
         """The committed events available now from `position` on (whole batches, up to `max_events` unless one
-        batch alone is larger), decoded; an empty array if there is none. Never waits."""
+        batch alone is larger), decoded; an empty array if there is none. Never waits (beyond another thread's
+        poll of this Tailer)."""
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> np.ndarray:
         segments = self._segments
         if segments.records_log2 is None and not segments.known():
             return np.empty(0, EVENT_DTYPE)
@@ -582,6 +591,10 @@ class Tailer:
     def end_position(self) -> int:
         """An estimate of the journal's end: the position after the last non-zero record (the committed end plus
         any batch being written). A binary search over the mapped files: about 40 record reads."""
+        with self._lock:
+            return self._end_position()
+
+    def _end_position(self) -> int:
         if not self._segments.known():
             return self._position
         records_log2 = self._segments.records_log2
@@ -604,7 +617,8 @@ class Tailer:
     # -- lifecycle --
 
     def close(self) -> None:
-        self._segments.close()
+        with self._lock:
+            self._segments.close()
 
     def __enter__(self) -> Tailer:
         return self
