@@ -15,6 +15,7 @@ from ledger.enums import (
     BATCH_SIZE_MAX,
     EXPIRE_BATCH_MAX,
     ID_INVALID_MAX,
+    TIMESTAMP_MAX,
     TRANSFER_DTYPE,
     TRANSFER_RECORD_DTYPE,
     AccountFlags,
@@ -25,6 +26,7 @@ from ledger.enums import (
 )
 from ledger.errors import (
     LedgerBusyError,
+    LedgerClockError,
     LedgerClosedError,
     LedgerCorruptError,
     LedgerError,
@@ -68,6 +70,7 @@ __all__ = [
     "Client",
     "Ledger",
     "LedgerBusyError",
+    "LedgerClockError",
     "LedgerClosedError",
     "LedgerCorruptError",
     "LedgerError",
@@ -76,6 +79,7 @@ __all__ = [
     "LedgerPoisonedError",
     "LedgerTimeoutError",
     "LedgerUnavailableError",
+    "TIMESTAMP_MAX",
     "TRANSFER_DTYPE",
     "TRANSFER_RECORD_DTYPE",
     "TransferFlags",

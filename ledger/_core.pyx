@@ -26,9 +26,9 @@ cimport numpy as cnp
 
 from ledger.enums import (
     ACCOUNT_DTYPE, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult, TransferResult, BATCH_SIZE_MAX,
-    EXPIRE_BATCH_MAX as _EXPIRE_BATCH_MAX,
+    EXPIRE_BATCH_MAX as _EXPIRE_BATCH_MAX, TIMESTAMP_MAX as _TIMESTAMP_MAX,
 )
-from ledger.errors import LedgerClosedError, LedgerError, LedgerPoisonedError
+from ledger.errors import LedgerClockError, LedgerClosedError, LedgerError, LedgerPoisonedError
 
 cnp.import_array()
 
@@ -72,6 +72,7 @@ cdef extern from *:
     #define MAGIC 0x5247444CULL            /* "LDGR" little-endian */
     #define COMMIT_MAGIC 0xC0111117ULL
     #define NANOSECONDS_PER_SECOND 1000000000ULL
+    #define TIMESTAMP_MAX 0x7FFFFFFFFFFFFFFFULL  /* ledger.enums.TIMESTAMP_MAX */
     """
     const int POSITION_BITS
     const uint64_t POSITION_MASK
@@ -81,6 +82,7 @@ cdef extern from *:
     const uint64_t MAGIC
     const uint64_t COMMIT_MAGIC
     const uint64_t NANOSECONDS_PER_SECOND
+    const uint64_t TIMESTAMP_MAX
 
 DEF TABLE_CAPACITY_LOG2_MIN = 10
 DEF TABLE_CAPACITY_LOG2_MAX = 40
@@ -94,6 +96,7 @@ RECORD_SIZE = 64
 EXPIRE_BATCH_MAX = _EXPIRE_BATCH_MAX
 DEF EXPIRE_BATCH_MAX_C = 65536
 assert EXPIRE_BATCH_MAX == EXPIRE_BATCH_MAX_C
+assert _TIMESTAMP_MAX == TIMESTAMP_MAX
 POSITION_MAX = POSITION_MASK
 
 # Replay stop reasons.
@@ -1174,6 +1177,7 @@ cdef class Engine:
     cdef public bint poisoned
     cdef public bint readonly
     cdef uint64_t _batch_size_max
+    cdef public object timestamp_problem   # set by replay: the first batch whose time breaks the clock rule
 
     def __cinit__(self):
         memset(&self.state, 0, sizeof(State))
@@ -1275,10 +1279,34 @@ cdef class Engine:
             raise LedgerError("the ledger was opened read-only")
         return 0
 
-    cdef inline uint64_t _now(self) except? 0:
-        if self._clock is None:
-            return clock_now_ns()
-        return <uint64_t>self._clock()
+    cdef inline uint64_t _now(self, uint64_t events_max) except? 0:
+        """The clock reading for a call that writes at most `events_max` events. The call's events get
+        T, T + 1, ... with T = max(now, last timestamp + 1) (a clock that goes backwards is overtaken, not
+        refused); LedgerClockError, before anything is applied, if the last of them would pass TIMESTAMP_MAX."""
+        cdef uint64_t now = clock_now_ns() if self._clock is None else self._clock_reading()
+        cdef uint64_t timestamp_base = now if now > self.state.last_timestamp else self.state.last_timestamp + 1
+        if timestamp_base > TIMESTAMP_MAX or events_max > TIMESTAMP_MAX - timestamp_base + 1:
+            self._refuse_clock(now, timestamp_base, events_max)
+        return now
+
+    cdef uint64_t _clock_reading(self) except? 0:
+        """The injected clock's reading, checked: an integer in [0, TIMESTAMP_MAX]."""
+        value = self._clock()
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"the ledger's clock returned {type(value).__name__} {value!r}; it must return integer "
+                            f"nanoseconds since the Unix epoch") from None
+        if not 0 <= value <= TIMESTAMP_MAX:
+            raise LedgerClockError(f"the ledger's clock reads {value} ns, outside [0, TIMESTAMP_MAX={TIMESTAMP_MAX}]; "
+                                   f"nothing was applied")
+        return <uint64_t>value
+
+    cdef int _refuse_clock(self, uint64_t now, uint64_t timestamp_base, uint64_t events_max) except -1:
+        raise LedgerClockError(
+            f"the ledger's clock reads {now} ns (last event at {self.state.last_timestamp} ns): a call of up to "
+            f"{events_max} events from {timestamp_base} ns would pass TIMESTAMP_MAX={TIMESTAMP_MAX} ns; "
+            f"nothing was applied")
 
     cdef int _committed(self, uint64_t start, uint64_t events) except -1:
         if events == 0 or self._after_commit is None:
@@ -1300,7 +1328,7 @@ cdef class Engine:
         LEDGER_ASSERT(cnp.PyArray_IS_C_CONTIGUOUS(batch) and cnp.PyArray_IS_C_CONTIGUOUS(results))
         LEDGER_ASSERT(count <= self._batch_size_max)
         self._reserve(count, 0, count + 1)
-        cdef uint64_t now = self._now()
+        cdef uint64_t now = self._now(count)
         cdef uint64_t start = self.state.write_position, events
         cdef const AccountRow *rows = <const AccountRow *>cnp.PyArray_DATA(batch)
         cdef uint8_t *codes = <uint8_t *>cnp.PyArray_DATA(results)
@@ -1318,7 +1346,7 @@ cdef class Engine:
         LEDGER_ASSERT(count <= self._batch_size_max)
         # Room for the rows, the header and the expiries that can be due (at most one per scheduled deadline).
         self._reserve(0, count, count + min(self.state.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 1)
-        cdef uint64_t now = self._now()
+        cdef uint64_t now = self._now(count + min(self.state.expiry_heap.size, EXPIRE_BATCH_MAX_C))
         cdef uint64_t start = self.state.write_position, events
         cdef const TransferRow *rows = <const TransferRow *>cnp.PyArray_DATA(batch)
         cdef uint8_t *codes = <uint8_t *>cnp.PyArray_DATA(results)
@@ -1390,7 +1418,7 @@ cdef class Engine:
             self._reserve(0, 1, records)
         cdef uint64_t start = s.write_position
         cdef uint8_t result = 0
-        cdef uint64_t events = run_transfers(s, &row, 1, &result, self._now())
+        cdef uint64_t events = run_transfers(s, &row, 1, &result, self._now(records - 1))
         if events != 0 and self._after_commit is not None:
             self._committed(start, events)
         return TRANSFER_RESULTS[result]
@@ -1407,7 +1435,7 @@ cdef class Engine:
         self._reserve(1, 0, 2)
         cdef uint64_t start = self.state.write_position
         cdef uint8_t result = 0
-        cdef uint64_t events = run_accounts(&self.state, &row, 1, &result, self._now())
+        cdef uint64_t events = run_accounts(&self.state, &row, 1, &result, self._now(1))
         self._committed(start, events)
         return ACCOUNT_RESULTS[result]
 
@@ -1518,6 +1546,10 @@ cdef class Engine:
             if reason != REPLAY_END:
                 break
             header = <BatchHeader *>event_at(&self.state, position)
+            # The clock rule (docs/SEMANTICS.md): a writer never makes such a batch; verify reports the first.
+            if (header.timestamp <= self.state.last_timestamp or header.timestamp > TIMESTAMP_MAX
+                    or count - 1 > TIMESTAMP_MAX - header.timestamp) and self.timestamp_problem is None:
+                self.timestamp_problem = (position, header.timestamp, count, self.state.last_timestamp)
             if self.state.batch_pending_deadlines != 0:   # a pass over the batch only if it made deadlines
                 with nogil:
                     schedule_expiries(&self.state, position + 1, position + 1 + count)

@@ -23,6 +23,7 @@ __all__ = [
     "BALANCE_MAX",
     "BATCH_SIZE_MAX",
     "EXPIRE_BATCH_MAX",
+    "TIMESTAMP_MAX",
 ]
 
 ID_INVALID_MAX = 2**64 - 1
@@ -33,6 +34,10 @@ BALANCE_MAX = 2**63 - 1
 # (docs/FORMAT.md) with room for the expiries that ride in front of the rows.
 BATCH_SIZE_MAX = 2**23
 EXPIRE_BATCH_MAX = 65536
+# The latest event timestamp (ns since the Unix epoch, about the year 2262): timestamps fit int64 (numpy
+# datetime64[ns], SQLite INTEGER), and the farthest pending deadline, TIMESTAMP_MAX + (2**32 - 1) s of timeout,
+# still fits the engine's uint64. A clock reading past it is refused (LedgerClockError), never wrapped.
+TIMESTAMP_MAX = 2**63 - 1
 
 
 class AccountFlags(enum.IntFlag):
