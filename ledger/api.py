@@ -376,8 +376,7 @@ class Ledger:
 def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: str = "fsync", *,
          readonly: bool = False, clock: Callable[[], int] | None = None,
          segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT, flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
-         accounts_capacity: int = 0, transfers_capacity: int = 0, journal_records_reserved: int = 0,
-         fault_injector: FaultInjector | None = None) -> Ledger:
+         accounts_capacity: int = 0, transfers_capacity: int = 0, journal_records_reserved: int = 0) -> Ledger:
     """Open (or with create=True, create) the ledger in directory `path`; `path=None` keeps everything in memory.
 
     durability: "fsync" (default) makes every batch durable before the call returns (one fdatasync per call:
@@ -390,26 +389,24 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
     front. Everything grows on demand anyway, but growth rehashes and copies inside the call that crosses the
     limit; a service that knows its size avoids that pause (as TigerBeetle allocates everything at start).
     journal_records_reserved: journal records to map (and, on disk, preallocate) up front, for the same reason:
-    fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class).
-    fault_injector: tests only; called as fault_injector("allocate" | "write" | "sync") before those journal
-    operations."""
-    if durability not in DURABILITY_MODES:
-        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+    fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class)."""
     return _open(path, create, durability, readonly=readonly, clock=clock, segment_records_log2=segment_records_log2,
                  flush_interval_ms=flush_interval_ms, accounts_capacity=accounts_capacity,
-                 transfers_capacity=transfers_capacity, journal_records_reserved=journal_records_reserved,
-                 fault_injector=fault_injector)
+                 transfers_capacity=transfers_capacity, journal_records_reserved=journal_records_reserved)
 
 
-def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *, readonly: bool = False,
-          clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
+def _open(path: str | os.PathLike[str] | None, create: bool = False, durability: str = "fsync", *,
+          readonly: bool = False, clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
           flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT, accounts_capacity: int = 0,
           transfers_capacity: int = 0, journal_records_reserved: int = 0,
           fault_injector: FaultInjector | None = None, sync_each_commit: bool = True) -> Ledger:
-    """open() after its argument check. sync_each_commit=False (durability "fsync" only) leaves the sync to the
-    caller: every committed batch is written to the files, and the caller calls the journal's sync() once for a
-    group of calls (the ring server's group commit across clients)."""
-    assert durability in DURABILITY_MODES and (sync_each_commit or durability == "fsync")
+    """open() with the hooks that are not public. fault_injector (tests): called as fault_injector("allocate" |
+    "write" | "sync") before those journal operations. sync_each_commit=False (durability "fsync" only) leaves
+    the sync to the caller: every committed batch is written to the files, and the caller calls the journal's
+    sync() once for a group of calls (the ring server's group commit across clients)."""
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+    assert sync_each_commit or durability == "fsync"
     if clock is not None and not callable(clock):
         raise TypeError("clock must be a zero-argument callable returning integer nanoseconds")
     for name, value in (("accounts_capacity", accounts_capacity), ("transfers_capacity", transfers_capacity),
