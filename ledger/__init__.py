@@ -7,6 +7,7 @@
         assert lg.transfer(ledger.IdGenerator()(), 1, 2, 100) == ledger.TransferResult.OK
 """
 from ledger.api import ACCOUNT_STATE_DTYPE, Account, Ledger, accounts_batch, open, transfers_batch
+from ledger.audit import VerifyReport
 from ledger.enums import (
     ACCOUNT_DTYPE,
     AMOUNT_MAX,
@@ -39,6 +40,7 @@ from ledger.errors import (
 from ledger.history import HISTORY_DTYPE, At, Counters, Difference, EventKind, Explanation, account_at, balance_at, explain_difference
 from ledger.ids import IdGenerator
 from ledger.ring import Client, connect
+from ledger.snapshot import SnapshotInfo, SnapshotJob
 from ledger._core import EVENT_DTYPE
 from ledger.tail import Tailer, tail
 
@@ -86,6 +88,9 @@ __all__ = [
     "TransferResult",
     "Tailer",
     "TransferState",
+    "SnapshotInfo",
+    "SnapshotJob",
+    "VerifyReport",
     "accounts_batch",
     "connect",
     "open",
