@@ -1388,10 +1388,29 @@ cdef class Engine:
             commit_batch(s, header_position, position, timestamp_base, written_end)
         return position - header_position - 1
 
+    @cython.embedsignature(False)   # the generated one would name the shared default objects (_ONE, _ZERO)
     def transfer(self, id, debit_account, credit_account, amount, *, ledger=_ONE, code=_ZERO, flags=_ZERO,
                  pending_id=_ZERO, timeout=_ZERO, user_data=_ZERO):
-        """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation.
-        Arguments must be integers in their field's range (TypeError / ValueError naming the argument)."""
+        """Apply one transfer as a batch of its own and return its TransferResult (OK = 0; every outcome of a
+        valid call is a code, not an exception). When it returns, the transfer is as durable as the ledger's
+        durability mode says.
+
+        id: the transfer's id and idempotency key (uint64, not 0 nor 2**64 - 1): a retry with the same id and
+          fields answers EXISTS and changes nothing.
+        debit_account: the account the money leaves; credit_account: the account it arrives at (for
+          POST_PENDING / VOID_PENDING: 0, or those of the pending transfer).
+        amount: int64 > 0 (POST_PENDING: 0 posts the whole pending amount, less posts part of it;
+          VOID_PENDING: 0 or the pending amount).
+        ledger: the ledger (asset) of both accounts, uint32, default 1 (POST/VOID: 0 means the pending's).
+        code: the caller's reason code (uint16); user_data: the caller's uint64, stored with the transfer.
+        flags: TransferFlags. PENDING reserves the amount; POST_PENDING / VOID_PENDING resolve transfer
+          `pending_id`.
+        pending_id: the PENDING transfer that a POST_PENDING / VOID_PENDING resolves (0 otherwise).
+        timeout: seconds (uint32) after which a PENDING transfer expires; 0: never.
+
+        TypeError / ValueError naming the argument if one is not an integer in its field's range;
+        LedgerClockError if the clock is past TIMESTAMP_MAX; LedgerClosedError on a closed handle.
+        The single-call fast path: no array, no allocation."""
         if self.closed or self.poisoned or self.readonly:
             self._check_writable()
         cdef TransferRow row
@@ -1424,6 +1443,7 @@ cdef class Engine:
         return TRANSFER_RESULTS[result]
 
     def create_account(self, id, ledger=1, *, min_balance=0, max_balance=AMOUNT_MAX, flags=0, user_data=0):
+        """One account as a batch of its own; returns its AccountResult (see Ledger.create_account)."""
         self._check_writable()
         cdef AccountRow row
         row.id = to_unsigned(id, "id", ID_MAX)

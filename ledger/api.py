@@ -95,10 +95,12 @@ class Account(NamedTuple):
 
     @property
     def balance(self) -> int:
+        """credits_posted - debits_posted."""
         return self.credits_posted - self.debits_posted
 
     @property
     def available(self) -> int:
+        """balance - debits_pending: what the account may still spend above its min_balance."""
         return self.credits_posted - self.debits_posted - self.debits_pending
 
 
@@ -204,6 +206,10 @@ class Ledger:
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
                        flags: int = 0, user_data: int = 0) -> AccountResult:
+        """Create one account; returns its AccountResult (OK = 0; EXISTS for a retry with the same fields).
+        id: uint64, not 0 nor 2**64 - 1. ledger: its ledger (asset), uint32, not 0. min_balance <= 0 <= max_balance
+        bound its balance, pending debits and credits counted (min_balance=BALANCE_MIN: a settlement account that
+        may go negative, through which money enters). flags: AccountFlags. user_data: the caller's uint64."""
         return self._engine.create_account(id, ledger, min_balance=min_balance, max_balance=max_balance,
                                            flags=int(flags), user_data=user_data)
 
@@ -221,9 +227,12 @@ class Ledger:
         return self._engine.transfer(id, debit_account, credit_account, amount, ledger=ledger, code=code,
                                      flags=flags, pending_id=pending_id, timeout=timeout, user_data=user_data)
 
+    transfer.__doc__ = _core.Engine.transfer.__doc__   # one text: each handle's `transfer` is the core's method
+
     # -- reads --
 
     def account(self, id: int) -> Account | None:
+        """The account `id` as of now (an Account copy, with its counters and creation timestamp), or None."""
         row = self._engine.account(id)
         return None if row is None else Account(*row)
 
@@ -277,6 +286,8 @@ class Ledger:
         return self._engine.lookup_transfers(keys, out)
 
     def stats(self) -> dict[str, int]:
+        """Counts and sizes: accounts, transfers, journal_position, last_timestamp, pending expiries scheduled,
+        torn records zeroed at open, memory_*_bytes of the state and disk_*_bytes of the files."""
         self._check_open()
         engine = self._engine
         return {
@@ -347,6 +358,7 @@ class Ledger:
 
     @property
     def closed(self) -> bool:
+        """True once close() was called (or the handle was poisoned and closed)."""
         return self._engine.closed
 
     def close(self) -> None:

@@ -46,6 +46,9 @@ SNAPSHOTS_CHECKED_MAX = 1000  # Ledger.snapshot keeps at most 1000; more files t
 
 @dataclasses.dataclass
 class VerifyReport:
+    """What Ledger.verify() found: ok is True when `problems` (one sentence each, first divergence first) is
+    empty; the batches and events replayed, the accounts and transfers rebuilt, the snapshot files checked."""
+
     ok: bool
     batches: int
     events: int
@@ -57,6 +60,7 @@ class VerifyReport:
 
     @property
     def events_per_second(self) -> float:
+        """Replay speed of this verify."""
         return self.events / self.seconds if self.seconds > 0 else float("inf")
 
     def __str__(self) -> str:

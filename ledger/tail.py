@@ -604,6 +604,7 @@ class Tailer:
     # -- lifecycle --
 
     def close(self) -> None:
+        """Unmap the journal segments this tailer holds. Idempotent."""
         self._segments.close()
 
     def __enter__(self) -> Tailer:
