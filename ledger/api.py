@@ -408,7 +408,8 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
 
 
 def _open(path: str | os.PathLike[str] | None, create: bool = False, durability: str = "fsync", *,
-          readonly: bool = False, clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
+          readonly: bool = False,
+          clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
           flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT, accounts_capacity: int = 0,
           transfers_capacity: int = 0, journal_records_reserved: int = 0,
           fault_injector: FaultInjector | None = None, sync_each_commit: bool = True) -> Ledger:

@@ -123,10 +123,12 @@ def stub_parameters(definition: ast.FunctionDef) -> list[tuple[str, str, object]
     out = [(argument.arg, "positional", default) for argument, default in zip(positional, defaults)]
     if arguments.vararg:
         out.append((arguments.vararg.arg, "var_positional", None))
-    out += [(argument.arg, "keyword", default) for argument, default in zip(arguments.kwonlyargs, arguments.kw_defaults)]
+    out += [(argument.arg, "keyword", default)
+            for argument, default in zip(arguments.kwonlyargs, arguments.kw_defaults)]
     if arguments.kwarg:
         out.append((arguments.kwarg.arg, "var_keyword", None))
-    if any(isinstance(decorator, ast.Name) and decorator.id == "classmethod" for decorator in definition.decorator_list):
+    decorators = definition.decorator_list
+    if any(isinstance(decorator, ast.Name) and decorator.id == "classmethod" for decorator in decorators):
         out = out[1:]   # cls: bound already on the runtime side
     return [(name, kind, None if default is None else _literal(default)) for name, kind, default in out]
 
@@ -169,7 +171,8 @@ def test_stub_signatures_match_the_code():
             expected = stub_parameters(definition)
         # Names and kinds must agree; a default must agree where the stub spells it out.
         if [(n, k) for n, k, _ in expected] != [(n, k) for n, k, _ in actual]:
-            problems.append(f"{owner}.{name}: stub {[(n, k) for n, k, _ in expected]}, code {[(n, k) for n, k, _ in actual]}")
+            problems.append(f"{owner}.{name}: stub {[entry[:2] for entry in expected]}, "
+                            f"code {[entry[:2] for entry in actual]}")
             continue
         for (parameter, _, stub_default), (_, _, code_default) in zip(expected, actual):
             if stub_default is not ... and stub_default != code_default:
