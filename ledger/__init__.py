@@ -7,6 +7,7 @@
         assert lg.transfer(ledger.IdGenerator()(), 1, 2, 100) == ledger.TransferResult.OK
 """
 from ledger.api import ACCOUNT_STATE_DTYPE, Account, Ledger, accounts_batch, open, transfers_batch
+from ledger.audit import VerifyReport
 from ledger.enums import (
     ACCOUNT_DTYPE,
     AMOUNT_MAX,
@@ -15,6 +16,7 @@ from ledger.enums import (
     BATCH_SIZE_MAX,
     EXPIRE_BATCH_MAX,
     ID_INVALID_MAX,
+    TIMESTAMP_MAX,
     TRANSFER_DTYPE,
     TRANSFER_RECORD_DTYPE,
     AccountFlags,
@@ -26,6 +28,7 @@ from ledger.enums import (
 from ledger.errors import (
     LedgerBusyError,
     LedgerRejectedError,
+    LedgerClockError,
     LedgerClosedError,
     LedgerCorruptError,
     LedgerError,
@@ -38,6 +41,7 @@ from ledger.errors import (
 from ledger.history import HISTORY_DTYPE, At, Counters, Difference, EventKind, Explanation, account_at, balance_at, explain_difference
 from ledger.ids import IdGenerator
 from ledger.ring import Client, connect
+from ledger.snapshot import SnapshotInfo, SnapshotJob
 from ledger._core import EVENT_DTYPE
 from ledger.tail import Tailer, tail
 
@@ -70,6 +74,7 @@ __all__ = [
     "Ledger",
     "LedgerBusyError",
     "LedgerRejectedError",
+    "LedgerClockError",
     "LedgerClosedError",
     "LedgerCorruptError",
     "LedgerError",
@@ -78,12 +83,16 @@ __all__ = [
     "LedgerPoisonedError",
     "LedgerTimeoutError",
     "LedgerUnavailableError",
+    "TIMESTAMP_MAX",
     "TRANSFER_DTYPE",
     "TRANSFER_RECORD_DTYPE",
     "TransferFlags",
     "TransferResult",
     "Tailer",
     "TransferState",
+    "SnapshotInfo",
+    "SnapshotJob",
+    "VerifyReport",
     "accounts_batch",
     "connect",
     "open",

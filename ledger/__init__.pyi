@@ -3,7 +3,7 @@ import datetime
 import enum
 import os
 import threading
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, overload
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +20,7 @@ BALANCE_MIN: int
 BALANCE_MAX: int
 BATCH_SIZE_MAX: int
 EXPIRE_BATCH_MAX: int
+TIMESTAMP_MAX: int
 
 class AccountFlags(enum.IntFlag):
     NONE = 0
@@ -95,6 +96,7 @@ class LedgerBusyError(LedgerError): ...
 class LedgerRejectedError(LedgerError): ...
 class LedgerUnavailableError(LedgerError): ...
 class LedgerTimeoutError(LedgerError): ...
+class LedgerClockError(LedgerError): ...
 
 class Account(NamedTuple):
     id: int
@@ -119,11 +121,42 @@ class IdGenerator:
     def batch(self, count: int) -> npt.NDArray[np.uint64]: ...
 
 Batch = npt.NDArray[Any] | Mapping[str, Any]
+Durability = Literal["fsync", "os"]
+
+class SnapshotInfo:
+    path: str
+    position: int
+    timestamp: int
+    accounts: int
+    transfers: int
+    bytes: int
+    stall_seconds: float
+    write_seconds: float
+    def __init__(self, path: str, position: int, timestamp: int, accounts: int, transfers: int, bytes: int,
+                 stall_seconds: float, write_seconds: float) -> None: ...
+
+class SnapshotJob:
+    def done(self) -> bool: ...
+    def wait(self) -> SnapshotInfo: ...
+
+class VerifyReport:
+    ok: bool
+    batches: int
+    events: int
+    accounts: int
+    transfers: int
+    seconds: float
+    problems: list[str]
+    snapshots: int
+    def __init__(self, ok: bool, batches: int, events: int, accounts: int, transfers: int, seconds: float,
+                 problems: list[str], snapshots: int = 0) -> None: ...
+    @property
+    def events_per_second(self) -> float: ...
 
 class Ledger:
     path: str | None
-    durability: str
-    recovered_from: Any  # SnapshotInfo of the snapshot this handle was opened from, or None
+    durability: Literal["fsync", "os", "memory"]
+    recovered_from: SnapshotInfo | None  # the snapshot this handle was opened from
     @property
     def closed(self) -> bool: ...
     def create_accounts(self, batch: Batch) -> npt.NDArray[np.uint8]: ...
@@ -139,9 +172,14 @@ class Ledger:
     def history(self, id: int, since: Moment | None = None, until: Moment | None = None,
                 limit: int | None = None) -> npt.NDArray[Any]: ...
     def explain(self, id: int, since: Moment | None = None, until: Moment | None = None) -> Explanation: ...
-    def snapshot(self, wait: bool = True, keep: int = 3) -> Any: ...
+    @overload
+    def snapshot(self, wait: Literal[True] = True, keep: int = 3) -> SnapshotInfo: ...
+    @overload
+    def snapshot(self, wait: Literal[False], keep: int = 3) -> SnapshotJob: ...
+    @overload
+    def snapshot(self, wait: bool, keep: int = 3) -> SnapshotInfo | SnapshotJob: ...
     def flush(self) -> None: ...
-    def verify(self) -> Any: ...
+    def verify(self) -> VerifyReport: ...
     def accounts(self) -> npt.NDArray[Any]: ...
     def lookup_transfers(self, ids: npt.ArrayLike) -> npt.NDArray[Any]: ...
     def stats(self) -> dict[str, int]: ...
@@ -151,10 +189,10 @@ class Ledger:
 
 def accounts_batch(count: int) -> npt.NDArray[Any]: ...
 def transfers_batch(count: int) -> npt.NDArray[Any]: ...
-def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: str = "fsync", *,
+def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: Durability = "fsync", *,
          readonly: bool = False, clock: Callable[[], int] | None = None, segment_records_log2: int = 20,
          flush_interval_ms: int = 10, accounts_capacity: int = 0, transfers_capacity: int = 0,
-         journal_records_reserved: int = 0, fault_injector: Callable[[str], None] | None = None) -> Ledger: ...
+         journal_records_reserved: int = 0) -> Ledger: ...
 
 HISTORY_DTYPE: np.dtype
 class EventKind(enum.IntEnum):

@@ -40,9 +40,9 @@ cimport numpy as cnp
 
 from ledger.enums import (
     ACCOUNT_DTYPE, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult, TransferResult, BATCH_SIZE_MAX,
-    EXPIRE_BATCH_MAX as _EXPIRE_BATCH_MAX,
+    EXPIRE_BATCH_MAX as _EXPIRE_BATCH_MAX, TIMESTAMP_MAX as _TIMESTAMP_MAX,
 )
-from ledger.errors import LedgerClosedError, LedgerError, LedgerPoisonedError
+from ledger.errors import LedgerClockError, LedgerClosedError, LedgerError, LedgerPoisonedError
 
 cnp.import_array()
 
@@ -86,6 +86,7 @@ cdef extern from *:
     #define MAGIC 0x5247444CULL            /* "LDGR" little-endian */
     #define COMMIT_MAGIC 0xC0111117ULL
     #define NANOSECONDS_PER_SECOND 1000000000ULL
+    #define TIMESTAMP_MAX 0x7FFFFFFFFFFFFFFFULL  /* ledger.enums.TIMESTAMP_MAX */
     """
     const int POSITION_BITS
     const uint64_t POSITION_MASK
@@ -95,6 +96,7 @@ cdef extern from *:
     const uint64_t MAGIC
     const uint64_t COMMIT_MAGIC
     const uint64_t NANOSECONDS_PER_SECOND
+    const uint64_t TIMESTAMP_MAX
 
 DEF TABLE_CAPACITY_LOG2_MIN = 10
 DEF TABLE_CAPACITY_LOG2_MAX = 40
@@ -117,6 +119,7 @@ RECORD_SIZE = 64
 EXPIRE_BATCH_MAX = _EXPIRE_BATCH_MAX
 DEF EXPIRE_BATCH_MAX_C = 65536
 assert EXPIRE_BATCH_MAX == EXPIRE_BATCH_MAX_C
+assert _TIMESTAMP_MAX == TIMESTAMP_MAX
 POSITION_MAX = POSITION_MASK
 
 # Replay stop reasons.
@@ -1207,6 +1210,7 @@ cdef class Engine:
     cdef uint32_t _lock_waiters       # threads waiting in _enter_contended
     cdef bint _lock_handoff           # released to the waiters: the first to look takes it
     cdef object _interrupted          # a Ctrl-C held back during write_ahead, raised once the batch is durable
+    cdef public object timestamp_problem   # set by replay: the first batch whose time breaks the clock rule
 
     def __cinit__(self):
         memset(&self.state, 0, sizeof(State))
@@ -1380,10 +1384,34 @@ cdef class Engine:
             raise LedgerError("the ledger was opened read-only")
         return 0
 
-    cdef inline uint64_t _now(self) except? 0:
-        if self._clock is None:
-            return clock_now_ns()
-        return <uint64_t>self._clock()
+    cdef inline uint64_t _now(self, uint64_t events_max) except? 0:
+        """The clock reading for a call that writes at most `events_max` events. The call's events get
+        T, T + 1, ... with T = max(now, last timestamp + 1) (a clock that goes backwards is overtaken, not
+        refused); LedgerClockError, before anything is applied, if the last of them would pass TIMESTAMP_MAX."""
+        cdef uint64_t now = clock_now_ns() if self._clock is None else self._clock_reading()
+        cdef uint64_t timestamp_base = now if now > self.state.last_timestamp else self.state.last_timestamp + 1
+        if timestamp_base > TIMESTAMP_MAX or events_max > TIMESTAMP_MAX - timestamp_base + 1:
+            self._refuse_clock(now, timestamp_base, events_max)
+        return now
+
+    cdef uint64_t _clock_reading(self) except? 0:
+        """The injected clock's reading, checked: an integer in [0, TIMESTAMP_MAX]."""
+        value = self._clock()
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"the ledger's clock returned {type(value).__name__} {value!r}; it must return integer "
+                            f"nanoseconds since the Unix epoch") from None
+        if not 0 <= value <= TIMESTAMP_MAX:
+            raise LedgerClockError(f"the ledger's clock reads {value} ns, outside [0, TIMESTAMP_MAX={TIMESTAMP_MAX}]; "
+                                   f"nothing was applied")
+        return <uint64_t>value
+
+    cdef int _refuse_clock(self, uint64_t now, uint64_t timestamp_base, uint64_t events_max) except -1:
+        raise LedgerClockError(
+            f"the ledger's clock reads {now} ns (last event at {self.state.last_timestamp} ns): a call of up to "
+            f"{events_max} events from {timestamp_base} ns would pass TIMESTAMP_MAX={TIMESTAMP_MAX} ns; "
+            f"nothing was applied")
 
     cdef int _committed(self, uint64_t start, uint64_t events) except -1:
         """Have after_commit write and sync the batch just applied. It is applied in memory already, so a failure
@@ -1434,7 +1462,7 @@ cdef class Engine:
         LEDGER_ASSERT(cnp.PyArray_IS_C_CONTIGUOUS(batch) and cnp.PyArray_IS_C_CONTIGUOUS(results))
         LEDGER_ASSERT(count <= self._batch_size_max)
         self._reserve(count, 0, count + 1)
-        cdef uint64_t now = self._now()
+        cdef uint64_t now = self._now(count)
         cdef uint64_t start = self.state.write_position, events
         cdef const AccountRow *rows = <const AccountRow *>cnp.PyArray_DATA(batch)
         cdef uint8_t *codes = <uint8_t *>cnp.PyArray_DATA(results)
@@ -1459,7 +1487,7 @@ cdef class Engine:
         LEDGER_ASSERT(count <= self._batch_size_max)
         # Room for the rows, the header and the expiries that can be due (at most one per scheduled deadline).
         self._reserve(0, count, count + min(self.state.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 1)
-        cdef uint64_t now = self._now()
+        cdef uint64_t now = self._now(count + min(self.state.expiry_heap.size, EXPIRE_BATCH_MAX_C))
         cdef uint64_t start = self.state.write_position, events
         cdef const TransferRow *rows = <const TransferRow *>cnp.PyArray_DATA(batch)
         cdef uint8_t *codes = <uint8_t *>cnp.PyArray_DATA(results)
@@ -1506,10 +1534,29 @@ cdef class Engine:
             commit_batch(s, header_position, position, timestamp_base, written_end)
         return position - header_position - 1
 
+    @cython.embedsignature(False)   # the generated one would name the shared default objects (_ONE, _ZERO)
     def transfer(self, id, debit_account, credit_account, amount, *, ledger=_ONE, code=_ZERO, flags=_ZERO,
                  pending_id=_ZERO, timeout=_ZERO, user_data=_ZERO):
-        """One transfer; returns its TransferResult. The single-call fast path: no array, no allocation.
-        Arguments must be integers in their field's range (TypeError / ValueError naming the argument)."""
+        """Apply one transfer as a batch of its own and return its TransferResult (OK = 0; every outcome of a
+        valid call is a code, not an exception). When it returns, the transfer is as durable as the ledger's
+        durability mode says.
+
+        id: the transfer's id and idempotency key (uint64, not 0 nor 2**64 - 1): a retry with the same id and
+          fields answers EXISTS and changes nothing.
+        debit_account: the account the money leaves; credit_account: the account it arrives at (for
+          POST_PENDING / VOID_PENDING: 0, or those of the pending transfer).
+        amount: int64 > 0 (POST_PENDING: 0 posts the whole pending amount, less posts part of it;
+          VOID_PENDING: 0 or the pending amount).
+        ledger: the ledger (asset) of both accounts, uint32, default 1 (POST/VOID: 0 means the pending's).
+        code: the caller's reason code (uint16); user_data: the caller's uint64, stored with the transfer.
+        flags: TransferFlags. PENDING reserves the amount; POST_PENDING / VOID_PENDING resolve transfer
+          `pending_id`.
+        pending_id: the PENDING transfer that a POST_PENDING / VOID_PENDING resolves (0 otherwise).
+        timeout: seconds (uint32) after which a PENDING transfer expires; 0: never.
+
+        TypeError / ValueError naming the argument if one is not an integer in its field's range;
+        LedgerClockError if the clock is past TIMESTAMP_MAX; LedgerClosedError on a closed handle.
+        The single-call fast path: no array, no allocation."""
         cdef TransferRow row
         row.id = to_unsigned(id, "id", ID_MAX)
         row.debit_account = to_unsigned(debit_account, "debit_account", ID_MAX)
@@ -1543,12 +1590,13 @@ cdef class Engine:
             self._reserve(0, 1, records)
         cdef uint64_t start = s.write_position
         cdef uint8_t result = 0
-        cdef uint64_t events = run_transfers(s, row, 1, &result, self._now())
+        cdef uint64_t events = run_transfers(s, row, 1, &result, self._now(records - 1))
         if events != 0 and self._after_commit is not None:
             self._committed(start, events)
         return TRANSFER_RESULTS[result]
 
     def create_account(self, id, ledger=1, *, min_balance=0, max_balance=AMOUNT_MAX, flags=0, user_data=0):
+        """One account as a batch of its own; returns its AccountResult (see Ledger.create_account)."""
         cdef AccountRow row
         row.id = to_unsigned(id, "id", ID_MAX)
         row.user_data = to_unsigned(user_data, "user_data", ID_MAX)
@@ -1567,7 +1615,7 @@ cdef class Engine:
         self._reserve(1, 0, 2)
         cdef uint64_t start = self.state.write_position
         cdef uint8_t result = 0
-        cdef uint64_t events = run_accounts(&self.state, row, 1, &result, self._now())
+        cdef uint64_t events = run_accounts(&self.state, row, 1, &result, self._now(1))
         self._committed(start, events)
         return ACCOUNT_RESULTS[result]
 
@@ -1721,6 +1769,10 @@ cdef class Engine:
             if reason != REPLAY_END:
                 break
             header = <BatchHeader *>event_at(&self.state, position)
+            # The clock rule (docs/SEMANTICS.md): a writer never makes such a batch; verify reports the first.
+            if (header.timestamp <= self.state.last_timestamp or header.timestamp > TIMESTAMP_MAX
+                    or count - 1 > TIMESTAMP_MAX - header.timestamp) and self.timestamp_problem is None:
+                self.timestamp_problem = (position, header.timestamp, count, self.state.last_timestamp)
             if self.state.batch_pending_deadlines != 0:   # a pass over the batch only if it made deadlines
                 with nogil:
                     schedule_expiries(&self.state, position + 1, position + 1 + count)

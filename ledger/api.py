@@ -96,10 +96,12 @@ class Account(NamedTuple):
 
     @property
     def balance(self) -> int:
+        """credits_posted - debits_posted."""
         return self.credits_posted - self.debits_posted
 
     @property
     def available(self) -> int:
+        """balance - debits_pending: what the account may still spend above its min_balance."""
         return self.credits_posted - self.debits_posted - self.debits_pending
 
 
@@ -208,6 +210,10 @@ class Ledger:
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
                        flags: int = 0, user_data: int = 0) -> AccountResult:
+        """Create one account; returns its AccountResult (OK = 0; EXISTS for a retry with the same fields).
+        id: uint64, not 0 nor 2**64 - 1. ledger: its ledger (asset), uint32, not 0. min_balance <= 0 <= max_balance
+        bound its balance, pending debits and credits counted (min_balance=BALANCE_MIN: a settlement account that
+        may go negative, through which money enters). flags: AccountFlags. user_data: the caller's uint64."""
         return self._engine.create_account(id, ledger, min_balance=min_balance, max_balance=max_balance,
                                            flags=int(flags), user_data=user_data)
 
@@ -225,9 +231,12 @@ class Ledger:
         return self._engine.transfer(id, debit_account, credit_account, amount, ledger=ledger, code=code,
                                      flags=flags, pending_id=pending_id, timeout=timeout, user_data=user_data)
 
+    transfer.__doc__ = _core.Engine.transfer.__doc__   # one text: each handle's `transfer` is the core's method
+
     # -- reads --
 
     def account(self, id: int) -> Account | None:
+        """The account `id` as of now (an Account copy, with its counters and creation timestamp), or None."""
         row = self._engine.account(id)
         return None if row is None else Account(*row)
 
@@ -282,6 +291,8 @@ class Ledger:
         return self._engine.lookup_transfers(keys, out)
 
     def stats(self) -> dict[str, int]:
+        """Counts and sizes: accounts, transfers, journal_position, last_timestamp, pending expiries scheduled,
+        torn records zeroed at open, memory_*_bytes of the state and disk_*_bytes of the files."""
         with self._engine:
             return self._stats()
 
@@ -385,6 +396,7 @@ class Ledger:
 
     @property
     def closed(self) -> bool:
+        """True once close() was called (or the handle was poisoned and closed)."""
         return self._engine.closed
 
     def close(self) -> None:
@@ -419,8 +431,7 @@ class Ledger:
 def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: str = "fsync", *,
          readonly: bool = False, clock: Callable[[], int] | None = None,
          segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT, flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
-         accounts_capacity: int = 0, transfers_capacity: int = 0, journal_records_reserved: int = 0,
-         fault_injector: FaultInjector | None = None) -> Ledger:
+         accounts_capacity: int = 0, transfers_capacity: int = 0, journal_records_reserved: int = 0) -> Ledger:
     """Open (or with create=True, create) the ledger in directory `path`; `path=None` keeps everything in memory.
 
     durability: "fsync" (default) makes every batch durable before the call returns (one fdatasync per call:
@@ -433,26 +444,25 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
     front. Everything grows on demand anyway, but growth rehashes and copies inside the call that crosses the
     limit; a service that knows its size avoids that pause (as TigerBeetle allocates everything at start).
     journal_records_reserved: journal records to map (and, on disk, preallocate) up front, for the same reason:
-    fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class).
-    fault_injector: tests only; called as fault_injector("allocate" | "write" | "sync") before those journal
-    operations."""
-    if durability not in DURABILITY_MODES:
-        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+    fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class)."""
     return _open(path, create, durability, readonly=readonly, clock=clock, segment_records_log2=segment_records_log2,
                  flush_interval_ms=flush_interval_ms, accounts_capacity=accounts_capacity,
-                 transfers_capacity=transfers_capacity, journal_records_reserved=journal_records_reserved,
-                 fault_injector=fault_injector)
+                 transfers_capacity=transfers_capacity, journal_records_reserved=journal_records_reserved)
 
 
-def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *, readonly: bool = False,
+def _open(path: str | os.PathLike[str] | None, create: bool = False, durability: str = "fsync", *,
+          readonly: bool = False,
           clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
           flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT, accounts_capacity: int = 0,
           transfers_capacity: int = 0, journal_records_reserved: int = 0,
           fault_injector: FaultInjector | None = None, sync_each_commit: bool = True) -> Ledger:
-    """open() after its argument check. sync_each_commit=False (durability "fsync" only) leaves the sync to the
-    caller: every committed batch is written to the files, and the caller calls the journal's sync() once for a
-    group of calls (the ring server's group commit across clients)."""
-    assert durability in DURABILITY_MODES and (sync_each_commit or durability == "fsync")
+    """open() with the hooks that are not public. fault_injector (tests): called as fault_injector("allocate" |
+    "write" | "sync") before those journal operations. sync_each_commit=False (durability "fsync" only) leaves
+    the sync to the caller: every committed batch is written to the files, and the caller calls the journal's
+    sync() once for a group of calls (the ring server's group commit across clients)."""
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+    assert sync_each_commit or durability == "fsync"
     if clock is not None and not callable(clock):
         raise TypeError("clock must be a zero-argument callable returning integer nanoseconds")
     for name, value in (("accounts_capacity", accounts_capacity), ("transfers_capacity", transfers_capacity),

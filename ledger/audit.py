@@ -9,7 +9,11 @@ end the rebuilt state is compared with the live one, and conservation and the ba
 Two states are compared piece by piece: the account arrays field by field, the scalars (journal position, time,
 hash chain head, counts), both id tables as sets of (id, value) entries (two tables of different capacities hold
 the same entries in different slots: each side's entries are looked up in the other table, see
-`_table_differences`) and the pending expiries (see `_pending_expiries`)."""
+`_table_differences`) and the pending expiries (see `_pending_expiries`).
+
+Time is checked too (`_time_problems`): every batch's timestamps come after the previous batch's and stay at or
+below TIMESTAMP_MAX (the clock rule of docs/SEMANTICS.md), and every pending deadline is its event's timestamp
+plus its timeout, not a sum that wrapped past 2**64."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ledger import _core
-from ledger.enums import TransferState
+from ledger.enums import TIMESTAMP_MAX, TransferState
 from ledger.errors import LedgerCorruptError
 from ledger.progress import Progress
 from ledger.snapshot import SCALARS, list_snapshots, read_snapshot
@@ -42,6 +46,9 @@ SNAPSHOTS_CHECKED_MAX = 1000  # Ledger.snapshot keeps at most 1000; more files t
 
 @dataclasses.dataclass
 class VerifyReport:
+    """What Ledger.verify() found: ok is True when `problems` (one sentence each, first divergence first) is
+    empty; the batches and events replayed, the accounts and transfers rebuilt, the snapshot files checked."""
+
     ok: bool
     batches: int
     events: int
@@ -53,6 +60,7 @@ class VerifyReport:
 
     @property
     def events_per_second(self) -> float:
+        """Replay speed of this verify."""
         return self.events / self.seconds if self.seconds > 0 else float("inf")
 
     def __str__(self) -> str:
@@ -228,6 +236,30 @@ def state_differences(labels: tuple[str, str], expected: tuple[dict[str, int], d
     return problems
 
 
+def _time_problems(rebuilt: _core.Engine) -> list[str]:
+    """The clock rule, over a replayed engine: the first batch whose timestamps do not strictly increase or pass
+    TIMESTAMP_MAX (replay notes it, one compare per batch), and pending deadlines that wrapped (a deadline before
+    its own event's timestamp: the uint64 sum timestamp + timeout * 10**9 overflowed)."""
+    problems = []
+    if rebuilt.timestamp_problem is not None:
+        position, timestamp, count, previous = rebuilt.timestamp_problem
+        problems.append(f"batch at journal position {position}: timestamps {timestamp} .. {timestamp + count - 1} ns "
+                        f"do not strictly increase from the previous event's {previous} ns within "
+                        f"TIMESTAMP_MAX={TIMESTAMP_MAX}")
+    _, arrays = rebuilt.state_views()
+    pending = _pending_expiries(arrays["expiry_heap"], arrays["transfer_slots"])
+    if pending.size:
+        events = rebuilt.decode_events(np.ascontiguousarray(pending["position"], dtype=np.uint64))
+        wrapped = np.flatnonzero(pending["deadline"] < events["timestamp"])
+        if wrapped.size:
+            first = int(wrapped[0])
+            problems.append(f"{wrapped.size} pending deadlines wrapped past 2**64 ns, first transfer "
+                            f"{int(events['id'][first])} at position {int(pending['position'][first])}: timestamp "
+                            f"{int(events['timestamp'][first])} ns + {int(events['aux'][first])} s of timeout gives "
+                            f"deadline {int(pending['deadline'][first])} ns")
+    return problems
+
+
 # ---- Verifying a live ledger ----------------------------------------------------------------------------------
 
 def _replay_through(rebuilt: _core.Engine, stop: int, progress: Progress) -> tuple[int, int, int]:
@@ -316,6 +348,7 @@ def verify_live(handle: "Ledger") -> VerifyReport:
                             f"({_core.REPLAY_REASONS[reason]}); the live state is at {end}")
         problems += state_differences(("the live state", "the replayed state"), live.state_views(),
                                       rebuilt.state_views())
+        problems += _time_problems(rebuilt)
         hot, _ = rebuilt.account_arrays()
         problems += check_invariants(hot)
         return VerifyReport(not problems, batches, events, int(hot.shape[0]), int(rebuilt.transfer_count),

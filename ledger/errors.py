@@ -13,6 +13,7 @@ __all__ = [
     "LedgerRejectedError",
     "LedgerUnavailableError",
     "LedgerTimeoutError",
+    "LedgerClockError",
 ]
 
 
@@ -58,3 +59,8 @@ class LedgerUnavailableError(LedgerError):
 
 class LedgerTimeoutError(LedgerError):
     """No answer within the client's timeout. The batch may still be applied: retry with the same ids."""
+
+
+class LedgerClockError(LedgerError):
+    """The clock reads a time the ledger cannot stamp events with: negative, or so late that an event of the call
+    would pass TIMESTAMP_MAX (2**63 - 1 ns). Nothing of the call was applied; the handle stays usable."""

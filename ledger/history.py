@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 import numpy as np
 
 from ledger import _core
+from ledger.enums import described
 
 if TYPE_CHECKING:
     from ledger.api import Account, Ledger
@@ -77,6 +78,14 @@ NANOSECONDS_PER_SECOND = 10**9
 UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
+@described(
+    ACCOUNT="an account was created",
+    TRANSFER="a plain transfer was posted",
+    PENDING="a pending transfer reserved its amount",
+    POST="a pending transfer was posted (in full or in part)",
+    VOID="a pending transfer was voided",
+    EXPIRE="a pending transfer expired: its timeout passed (written by the engine, not by a caller)",
+)
 class EventKind(enum.IntEnum):
     """The `kind` of a journal event (docs/FORMAT.md), as found in history rows."""
 
@@ -134,6 +143,7 @@ class At:
 
     @classmethod
     def from_datetime(cls, moment: datetime.datetime) -> At:
+        """The moment `moment` (timezone-aware; naive means UTC) as nanoseconds since the Unix epoch."""
         return cls(ns=_datetime_to_ns(moment))
 
     @classmethod
@@ -274,13 +284,16 @@ class Counters(NamedTuple):
 
     @property
     def balance(self) -> int:
+        """credits_posted - debits_posted."""
         return self.credits_posted - self.debits_posted
 
     @property
     def available(self) -> int:
+        """balance - debits_pending."""
         return self.credits_posted - self.debits_posted - self.debits_pending
 
     def minus(self, other: Counters) -> Counters:
+        """These counters less `other`'s, field by field (what moved between two moments)."""
         return Counters(*(mine - theirs for mine, theirs in zip(self, other)))
 
 
@@ -571,21 +584,26 @@ class Explanation:
 
     @property
     def ok(self) -> bool:
+        """True if the movements add up from the opening to the closing counters (no problems found)."""
         return not self.problems
 
     @property
     def opening_balance(self) -> int:
+        """The balance before the first movement listed."""
         return self.opening.balance
 
     @property
     def closing_balance(self) -> int:
+        """The balance after the last movement listed."""
         return self.closing.balance
 
     @property
     def posted_total(self) -> int:
+        """closing_balance - opening_balance: the net posted movement over the range."""
         return self.closing.balance - self.opening.balance
 
     def to_text(self) -> str:
+        """The explanation as lines of text for a person (what `ledger explain` prints)."""
         lines = [f"account {self.account_id}, journal positions {self.first_position} through {self.last_position}",
                  f"opening balance {self.opening.balance:,}, available {self.opening.available:,}"]
         lines.append(rows_to_text(self.rows))
@@ -597,6 +615,7 @@ class Explanation:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The explanation as plain JSON-ready data (what `ledger explain --json` prints)."""
         return {
             "account": self.account_id,
             "first_position": self.first_position,
@@ -705,9 +724,11 @@ class Difference:
 
     @property
     def ok(self) -> bool:
+        """True if every explanation adds up."""
         return all(explanation.ok for explanation in self.explanations)
 
     def to_text(self) -> str:
+        """Each explanation as text, and the difference between the balances."""
         parts = [explanation.to_text() for explanation in self.explanations]
         if len(self.explanations) == 1:
             only = self.explanations[0]
@@ -720,6 +741,7 @@ class Difference:
         return "\n\n".join(parts + [summary])
 
     def to_dict(self) -> dict[str, Any]:
+        """The difference and each explanation as plain JSON-ready data."""
         return {"difference": self.difference, "ok": self.ok,
                 "explanations": [explanation.to_dict() for explanation in self.explanations]}
 

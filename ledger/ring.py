@@ -686,16 +686,20 @@ class Client:
         return codes, statuses, answers
 
     def transfers(self, batch: Any) -> np.ndarray:
+        """Ledger.transfers through the writer process: one atomic batch, one TransferResult code per row,
+        durable as the server's durability mode says when it returns."""
         rows = _as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
         return self._call(_ring.KIND_TRANSFER, rows)[0]
 
     def create_accounts(self, batch: Any) -> np.ndarray:
+        """Ledger.create_accounts through the writer process: one AccountResult code per row."""
         rows = _as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
         return self._call(_ring.KIND_ACCOUNT, rows)[0]
 
     def transfer(self, id: int, debit_account: int, credit_account: int, amount: int, *, ledger: int = 1,
                  code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
                  user_data: int = 0) -> TransferResult:
+        """One transfer through the writer process, with the arguments and result of Ledger.transfer."""
         rows = transfers_batch(1)
         rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(debit_account, "debit_account", ID_MAX),
                    _unsigned(credit_account, "credit_account", ID_MAX), _signed(amount, "amount"),
@@ -706,6 +710,7 @@ class Client:
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
                        flags: int = 0, user_data: int = 0) -> AccountResult:
+        """One account through the writer process, with the arguments and result of Ledger.create_account."""
         rows = accounts_batch(1)
         rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
                    _signed(min_balance, "min_balance"), _signed(max_balance, "max_balance"),
@@ -713,6 +718,7 @@ class Client:
         return AccountResult(int(self._call(_ring.KIND_ACCOUNT, rows)[0][0]))
 
     def account(self, id: int) -> Account | None:
+        """The account `id` as the writer holds it now, or None."""
         rows = np.zeros(1, np.dtype([("id", "<u8")]))
         rows["id"] = _unsigned(id, "id", ID_MAX)
         _, statuses, answers = self._call(_ring.KIND_QUERY_ACCOUNT, rows, with_answers=True)
@@ -725,19 +731,22 @@ class Client:
                        int(answer["timestamp"]))
 
     def balance(self, id: int) -> int:
+        """credits_posted - debits_posted of account `id`; KeyError if there is none."""
         account = self.account(id)
         if account is None:
             raise KeyError(f"account {id} not found")
         return account.balance
 
     def available(self, id: int) -> int:
+        """balance - debits_pending of account `id`; KeyError if there is none."""
         account = self.account(id)
         if account is None:
             raise KeyError(f"account {id} not found")
         return account.available
 
     def close(self) -> None:
-        """Unmap the ring. From another thread: waits for the call in progress (at most its timeout)."""
+        """Let go of the ring (the writer goes on serving other clients). Idempotent. From another thread: waits for
+        the call in progress (at most its timeout)."""
         with self._lock:
             if self._ring is not None:
                 self._ring.release()

@@ -67,6 +67,9 @@ WRITE_PIECE_BYTES = 64 << 20  # one pwrite of a section at most
 
 @dataclasses.dataclass(frozen=True)
 class SnapshotInfo:
+    """A snapshot file in place: its path, the journal position and timestamp it holds the state at, the counts,
+    its size, how long the writer was held (stall_seconds) and how long the child wrote (write_seconds)."""
+
     path: str
     position: int
     timestamp: int
@@ -466,6 +469,7 @@ class SnapshotJob:
                                     self._scalars["transfer_count"], int(size), self.stall_seconds, float(seconds))
 
     def done(self) -> bool:
+        """True once the child has finished (written and renamed the file, or failed)."""
         return not self._thread.is_alive()
 
     def join(self) -> None:
@@ -473,6 +477,7 @@ class SnapshotJob:
         self._thread.join()
 
     def wait(self) -> SnapshotInfo:
+        """Block until the snapshot file is in place and return its SnapshotInfo; the child's error if it failed."""
         self._thread.join()
         if self._error is not None:
             raise self._error

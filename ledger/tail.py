@@ -617,6 +617,7 @@ class Tailer:
     # -- lifecycle --
 
     def close(self) -> None:
+        """Unmap the journal segments this tailer holds. Idempotent."""
         with self._lock:
             self._segments.close()
 

@@ -282,7 +282,7 @@ def test_a_failed_final_sync_is_raised_after_the_journal_is_released(tmp_path):
         if operation == "sync" and failing:
             raise OSError(errno.EIO, "Input/output error (injected)")
 
-    handle = ledger.open(directory, create=True, fault_injector=inject)
+    handle = ledger.api._open(directory, create=True, fault_injector=inject)
     handle.create_account(1, min_balance=ledger.BALANCE_MIN)
     handle.create_account(2)
     handle.transfer(10, 1, 2, 5)
@@ -317,7 +317,7 @@ def test_disk_full_while_growing_journal(tmp_path):
         if operation == "allocate" and full["on"]:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    handle = ledger.open(directory, create=True, segment_records_log2=10, fault_injector=injector)
+    handle = ledger.api._open(directory, create=True, segment_records_log2=10, fault_injector=injector)
     assert not handle.create_accounts(accounts()).any()
     before = handle.accounts()
     full["on"] = True
@@ -365,7 +365,7 @@ def test_failed_sync_poisons_the_handle(tmp_path):
         if operation == "sync" and failing["on"]:
             raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.open(directory, create=True, fault_injector=injector)
+    handle = ledger.api._open(directory, create=True, fault_injector=injector)
     handle.create_accounts(accounts())
     failing["on"] = True
     with pytest.raises(OSError, match="Input/output error"):
@@ -430,7 +430,7 @@ def test_a_failed_segment_creation_poisons_the_handle(tmp_path, monkeypatch, dur
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", flaky_fsync)
-    handle = ledger.open(directory, create=True, durability=durability, segment_records_log2=10,
+    handle = ledger.api._open(directory, create=True, durability=durability, segment_records_log2=10,
                          fault_injector=injector)
     assert not handle.create_accounts(accounts()).any()
     armed["skip"] = 1 if ahead else 0   # segment 1 is created when needed, segment 2 then ahead of need
@@ -462,7 +462,7 @@ def test_os_mode_flusher_failure_poisons(tmp_path):
         if operation == "sync" and failing["on"]:
             raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.open(directory, create=True, durability="os", flush_interval_ms=5, fault_injector=injector)
+    handle = ledger.api._open(directory, create=True, durability="os", flush_interval_ms=5, fault_injector=injector)
     handle.create_accounts(accounts())
     failing["on"] = True
     handle.transfers(batch(0))  # "os" mode: returns before the sync
@@ -574,7 +574,7 @@ def test_failed_write_poisons_and_loses_nothing_acknowledged(tmp_path):
         if operation == "write" and failing["on"]:
             raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.open(directory, create=True, fault_injector=injector)
+    handle = ledger.api._open(directory, create=True, fault_injector=injector)
     handle.create_accounts(accounts())
     handle.transfers(batch(0))
     expected = handle.accounts()
@@ -629,7 +629,7 @@ def test_a_reopened_writer_creates_the_segment_after_its_room_in_the_background(
         if operation == "allocate":
             allocated_by.append(threading.current_thread().name)
 
-    with ledger.open(directory, durability=durability, fault_injector=injector) as handle:
+    with ledger.api._open(directory, durability=durability, fault_injector=injector) as handle:
         journal = handle._journal
         existing = len(journal.segments)
         assert existing >= 3
@@ -836,7 +836,7 @@ def test_machine_crash_images_open_with_every_durable_batch(tmp_path, durability
     was durable, and verify. In "os" mode flush() is the durability point (the flusher is kept out of the way)."""
     directory = str(tmp_path / "data")
     images = DiskImages(directory)
-    handle = ledger.open(directory, create=True, durability=durability, segment_records_log2=10,
+    handle = ledger.api._open(directory, create=True, durability=durability, segment_records_log2=10,
                          flush_interval_ms=60_000, fault_injector=images)
     handle.create_accounts(accounts())
     handle.flush()
@@ -942,7 +942,7 @@ def test_large_batches_written_ahead_equal_the_in_memory_engine(tmp_path):
     the outcome (codes, balances, journal) must be exactly what one in-memory call gives, and survive reopening."""
     directory = str(tmp_path / "data")
     syncs = []
-    handle = ledger.open(directory, create=True, fault_injector=lambda operation: syncs.append(operation))
+    handle = ledger.api._open(directory, create=True, fault_injector=lambda operation: syncs.append(operation))
     reference = ledger.open(None)
     for target in (handle, reference):
         assert not target.create_accounts(accounts()).any()
@@ -977,7 +977,7 @@ def test_failed_write_ahead_fails_the_call_and_keeps_nothing_of_the_batch(tmp_pa
             if writes["count"] == writes["fail_at"]:
                 raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.open(directory, create=True, fault_injector=injector)
+    handle = ledger.api._open(directory, create=True, fault_injector=injector)
     handle.create_accounts(accounts())
     handle.transfers(batch(0))
     expected = handle.accounts()
@@ -1009,7 +1009,7 @@ handle = ledger.open({directory!r}, create=True)
 handle.create_accounts(accounts())
 handle.transfers(linked_rows(WRITTEN_AHEAD_ROWS, 1))
 handle.close()
-handle = ledger.open({directory!r}, fault_injector=crash_injector({point!r}))
+handle = ledger.api._open({directory!r}, fault_injector=crash_injector({point!r}))
 handle.transfers(linked_rows(WRITTEN_AHEAD_ROWS, 2))
 print("not killed", flush=True)
 """

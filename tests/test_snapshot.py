@@ -670,7 +670,7 @@ def test_os_mode_snapshot_holds_the_writer_only_for_the_fork(tmp_path):
     only once the flusher has made the journal durable through the snapshot's position."""
     directory = str(tmp_path / "data")
     gate = SyncGate()
-    with ledger.open(directory, create=True, durability="os", fault_injector=gate) as handle:
+    with ledger.api._open(directory, create=True, durability="os", fault_injector=gate) as handle:
         gate.armed.set()
         handle.create_accounts(accounts())
         assert gate.held.wait(10)  # the flusher is inside its sync of that batch, and stays there
@@ -691,7 +691,7 @@ def test_closing_the_writer_lets_a_waiting_os_mode_snapshot_land(tmp_path):
     through it, and it lands. Past that, nothing more becomes durable: a wait returns False at once."""
     directory = str(tmp_path / "data")
     gate = SyncGate()
-    handle = ledger.open(directory, create=True, durability="os", fault_injector=gate)
+    handle = ledger.api._open(directory, create=True, durability="os", fault_injector=gate)
     gate.armed.set()
     handle.create_accounts(accounts())
     assert gate.held.wait(10)
@@ -710,7 +710,7 @@ def test_closing_the_writer_lets_a_waiting_os_mode_snapshot_land(tmp_path):
 def test_snapshot_is_not_kept_when_the_journal_sync_fails(tmp_path):
     directory = str(tmp_path / "data")
     gate = SyncGate(fail=True)
-    with ledger.open(directory, create=True, durability="os", fault_injector=gate) as handle:
+    with ledger.api._open(directory, create=True, durability="os", fault_injector=gate) as handle:
         gate.armed.set()
         handle.create_accounts(accounts())
         assert gate.held.wait(10)
@@ -731,7 +731,7 @@ from crash_workload import accounts
 from test_snapshot import SyncGate
 
 gate = SyncGate()
-handle = ledger.open(sys.argv[1], create=True, durability="os", fault_injector=gate)
+handle = ledger.api._open(sys.argv[1], create=True, durability="os", fault_injector=gate)
 gate.armed.set()
 handle.create_accounts(accounts())
 assert gate.held.wait(10)
@@ -1092,7 +1092,7 @@ def test_a_snapshot_child_killed_mid_write_leaves_no_temporary_file(tmp_path):
     durable: it cannot clean up, so the parent, which reaps it, deletes the file."""
     directory = str(tmp_path / "data")
     gate = SyncGate()
-    with ledger.open(directory, create=True, durability="os", fault_injector=gate) as handle:
+    with ledger.api._open(directory, create=True, durability="os", fault_injector=gate) as handle:
         gate.armed.set()
         handle.create_accounts(accounts())
         assert gate.held.wait(10)  # the flusher holds: the child writes its file, then waits for the word

@@ -237,7 +237,7 @@ def test_ctrl_c_during_a_durable_batch_keeps_the_handle(tmp_path, operation, how
     KeyboardInterrupt says so; the handle is not poisoned (it was, with "poisoned by a failed journal sync")."""
     state, injector = _interrupt_at(operation, how)
     directory = str(tmp_path / "data")
-    handle = ledger.open(directory, create=True, fault_injector=injector)
+    handle = ledger.api._open(directory, create=True, fault_injector=injector)
     _setup(handle)
     state["armed"] = True
     with pytest.raises(KeyboardInterrupt, match="applied and is durable"):
@@ -256,7 +256,7 @@ def test_ctrl_c_during_a_durable_batch_keeps_the_handle(tmp_path, operation, how
 def test_ctrl_c_during_a_single_durable_transfer(tmp_path):
     state, injector = _interrupt_at("sync", "signal")
     directory = str(tmp_path / "data")
-    with ledger.open(directory, create=True, fault_injector=injector) as handle:
+    with ledger.api._open(directory, create=True, fault_injector=injector) as handle:
         _setup(handle)
         state["armed"] = True
         with pytest.raises(KeyboardInterrupt, match="applied and is durable"):
@@ -275,7 +275,7 @@ def test_a_failed_sync_still_poisons(tmp_path):
         if armed and name == "sync":
             raise OSError(5, "injected EIO")
 
-    with ledger.open(str(tmp_path / "data"), create=True, fault_injector=injector) as handle:
+    with ledger.api._open(str(tmp_path / "data"), create=True, fault_injector=injector) as handle:
         _setup(handle)
         armed.append(True)
         with pytest.raises(OSError, match="injected EIO"):
@@ -450,7 +450,7 @@ def test_ctrl_c_during_flush_keeps_the_handle(tmp_path):
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     directory = str(tmp_path / "data")
-    with ledger.open(directory, create=True, durability="os", flush_interval_ms=60_000,
+    with ledger.api._open(directory, create=True, durability="os", flush_interval_ms=60_000,
                      fault_injector=injector) as handle:
         _setup(handle)
         handle.transfers(_rows(1))
