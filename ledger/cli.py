@@ -27,6 +27,7 @@ import numpy as np
 
 import ledger
 from ledger.progress import Progress
+from ledger.snapshot import SnapshotInfo
 
 # By name from the module: `ledger.history` the attribute may be the package's export rather than the module.
 from ledger.history import At, account_at, row_to_dict, rows_to_text
@@ -393,9 +394,31 @@ def transfer(arguments: argparse.Namespace) -> int:
     return EXIT_OK if result in (ledger.TransferResult.OK, ledger.TransferResult.EXISTS) else EXIT_USAGE
 
 
+SNAPSHOT_PROGRESS_POLL_S = 0.05  # how often the bar looks at the child's file (the bar redraws every 0.1 s)
+
+
+def _snapshot_with_progress(handle: ledger.Ledger, keep: int) -> SnapshotInfo:
+    """On a terminal, a bar of the bytes the forked child has written (a snapshot of 10M accounts is 1.5 GB:
+    seconds to minutes of disk time); elsewhere simply the snapshot."""
+    if not sys.stderr.isatty():
+        return handle.snapshot(keep=keep)
+    job = handle.snapshot(keep=keep, wait=False)
+    progress = Progress(job.bytes_total, "snapshot", "bytes")
+    while not job.done():
+        progress.update(job.bytes_written())
+        time.sleep(SNAPSHOT_PROGRESS_POLL_S)
+    try:
+        info = job.wait()
+    except BaseException:
+        print(file=sys.stderr)  # the error's line after the bar's, not on it
+        raise
+    progress.close()
+    return info
+
+
 def snapshot(arguments: argparse.Namespace) -> int:
     with ledger.open(arguments.dir) as handle:
-        info = handle.snapshot(keep=arguments.keep)
+        info = _snapshot_with_progress(handle, arguments.keep)
     _print(arguments, {"path": info.path, "position": info.position, "bytes": info.bytes,
                        "stall_seconds": info.stall_seconds, "write_seconds": info.write_seconds},
            f"snapshot at journal position {info.position:,}: {info.path} ({info.bytes / 2**20:,.1f} MiB, "

@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 import ledger
@@ -351,3 +354,80 @@ def test_cli_version_and_help_on_every_argument(capsys):
     walk(cli.parser(), ["ledger"])
     assert missing == []
     assert "journal position" in run("balance", "--help").stdout
+
+
+def run_on_a_terminal(arguments, timeout_s=120):
+    """Run the CLI with stderr on a pseudo-terminal, as a person at a terminal runs it (stdout a pipe): returns
+    (exit code, stdout, what the terminal showed)."""
+    import select
+
+    main_end, terminal_end = os.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "ledger", *map(str, arguments)], stdout=subprocess.PIPE,
+                               stderr=terminal_end, text=True)
+    os.close(terminal_end)
+    shown = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_end], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(main_end, 1 << 16)
+            except OSError:  # EIO: the command ended and closed the terminal
+                break
+            if not chunk:
+                break
+            shown.append(chunk)
+        output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(main_end)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, output, b"".join(shown).decode()
+
+
+def drawn_totals(shown, label):
+    """The (done, total) pairs of every redraw of the progress bar `label` on the terminal."""
+    return [(int(done.replace(",", "")), int(total.replace(",", "")))
+            for done, total in re.findall(rf"{label} \[[#.]+\] ([\d,]+)/([\d,]+)", shown)]
+
+
+def test_cli_replay_progress_total_is_the_journal_not_its_files(tmp_path):
+    """Opening replays the journal with a progress bar on a terminal; its total was the end of the preallocated
+    segment files (here 5 segments of 2**20 records for a journal of about 4.3 million), so the bar ended at 80 %
+    and jumped. Now the total is where the journal's records end."""
+    data = str(tmp_path / "data")
+    with ledger.open(data, create=True, transfers_capacity=4_400_000) as handle:
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        identifier = 1
+        for _ in range(5):
+            batch = ledger.transfers_batch(860_000)
+            batch["id"] = np.arange(identifier, identifier + 860_000, dtype=np.uint64)
+            batch["debit_account"], batch["credit_account"], batch["amount"] = 1, 2, 1
+            assert not handle.transfers(batch).any()
+            identifier += 860_000
+        end = handle.stats()["journal_position"]
+    assert end > 4 << 20 and os.path.getsize(os.path.join(data, "journal", "00000004.segment")) > 0
+    code, output, shown = run_on_a_terminal(("stats", data, "--json"))
+    assert code == 0 and json.loads(output)["journal_position"] == end
+    totals = drawn_totals(shown, "replay")
+    assert totals, shown
+    assert {total for _, total in totals} == {end - 1}, totals  # from position 1 (0 is never written) to the end
+    assert totals[-1] == (end - 1, end - 1)
+
+
+def test_cli_snapshot_shows_progress_on_a_terminal_only(tmp_path):
+    """`ledger snapshot DIR` wrote for seconds (1.5 GB for 10M accounts) with nothing on the terminal: now a bar of
+    the bytes the forked child has written, ending at the file's size; nothing when stderr is not a terminal."""
+    data = funded(tmp_path)
+    code, output, shown = run_on_a_terminal(("snapshot", data, "--json"))
+    assert code == 0, shown
+    info = json.loads(output)
+    totals = drawn_totals(shown, "snapshot")
+    assert totals and totals[-1] == (info["bytes"], info["bytes"]), shown
+    assert os.path.getsize(info["path"]) == info["bytes"]
+    piped = run("snapshot", data)
+    assert piped.stderr == "" and "snapshot at journal position" in piped.stdout
