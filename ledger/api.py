@@ -35,6 +35,7 @@ from ledger.snapshot import (
 )
 from ledger.journal import (
     FLUSH_INTERVAL_MS_DEFAULT,
+    RECORD_SIZE,
     SEGMENT_RECORDS_LOG2_DEFAULT,
     FaultInjector,
     FileJournal,
@@ -528,7 +529,7 @@ def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bo
     A writer that commits faster than a judgement takes (tmpfs, where syncs cost nothing) moves every stop on: a
     reader that has seen its stop move READONLY_RECOVERY_ATTEMPTS times takes what it replayed (whole batches,
     every check passed) as the journal's end, as it takes any stop beside a live writer. Damage never moves."""
-    reason, position = _replay(engine, journal.existing_end_position)
+    reason, position = _replay(engine, journal)
     for _ in range(READONLY_RECOVERY_ATTEMPTS):
         try:
             journal.recover_tail(reason, position, engine.mapped_end)
@@ -560,15 +561,35 @@ def _engine_from_snapshot(directory: str, new_engine: Callable[[bool], _core.Eng
     return new_engine(True), None
 
 
-def _replay(engine: _core.Engine, end_bound: int) -> tuple[int, int]:
+def _records_end(journal: FileJournal, start: int) -> int:
+    """Where the journal's records end (at or after `start`), for the progress bar's total: the segment files are
+    preallocated, so their end overstates it by up to two segments (the last one and the one prepared next).
+    Every record is non-zero (an event or a batch header) and the preallocated rest is zero, so a binary search
+    finds the end in about 25 record reads. A torn or damaged tail can mislead it: it is only the bar's total."""
+    low, high = max(start, 1), journal.existing_end_position  # position 0 is never written
+    while low < high:
+        middle = (low + high) // 2
+        segment, index = divmod(middle, journal.segment_records)
+        if any(journal.view(segment)[index * RECORD_SIZE:(index + 1) * RECORD_SIZE]):
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def _replay(engine: _core.Engine, journal: FileJournal) -> tuple[int, int]:
     """engine.replay() to the end of the journal: (stop reason, position). Recovery's longest step (about 10 s per
-    100M events), so on a terminal, when much may be left (`end_bound`: the end of the existing segment files),
-    it runs in slices that stop at batch boundaries and draws a progress bar; the outcome is the same."""
+    100M events), so on a terminal, when much is left, it runs in slices that stop at batch boundaries and draws a
+    progress bar; the outcome is the same."""
     start = engine.write_position
-    if end_bound - start < REPLAY_PROGRESS_RECORDS_MIN or not sys.stderr.isatty():
+    if journal.existing_end_position - start < REPLAY_PROGRESS_RECORDS_MIN or not sys.stderr.isatty():
         reason, position, _, _ = engine.replay()
         return reason, position
-    with Progress(end_bound - start, "replay", "records") as progress:
+    end = _records_end(journal, start)
+    if end - start < REPLAY_PROGRESS_RECORDS_MIN:
+        reason, position, _, _ = engine.replay()
+        return reason, position
+    with Progress(end - start, "replay", "records") as progress:
         position = start
         while True:
             reason, position, batches, _ = engine.replay(position + REPLAY_SLICE_RECORDS)

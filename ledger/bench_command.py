@@ -1,9 +1,12 @@
 """`ledger bench`: the same deterministic transfer workload against SQLite, PostgreSQL, Redis, a plain-Python
 engine and `ledger` itself, every peer's final balances and accepted transfers checked against `ledger`'s.
 
-Prints a table of transfers/s with the ratio to `ledger` batch durable, per-call latencies of `ledger` single
-calls and small batches, and writes results.json, table.md and peers_chart.png (if matplotlib is installed) to
-the results directory. PostgreSQL and Redis are started on 127.0.0.1 in a temporary directory and always stopped.
+Prints a table of transfers/s with each row's ratio to the `ledger` row of the same kind (like with like: a
+commit per transfer against `ledger` syncing every transfer() call, a batch committed and synced as one against
+`ledger` transfers() batches with durability=fsync, a batch not synced before the answer against durability=os),
+per-call latencies of `ledger` single calls and small batches, and writes results.json, table.md and
+peers_chart.png (if matplotlib is installed) to the results directory (default: bench-results/<timestamp>/ in the
+current directory, never the source checkout). PostgreSQL and Redis are started on 127.0.0.1 in a temporary directory and always stopped.
 
 The peers live in bench/peers/ of the source checkout (an editable install: pip install -e .), not in the wheel.
 
@@ -40,6 +43,10 @@ DEFAULT_PEERS = "sqlite,postgres,redis,python,ledger"
 LATENCY_CASES = ((0, "os"), (0, "fsync"), (1, "fsync"), (10, "fsync"), (100, "fsync"), (1, "os"), (10, "os"),
                  (100, "os"))  # (batch size, durability); batch size 0 = single transfer() calls
 PLAIN_PROGRESS_INTERVAL_S = 2.0
+RESULTS_DIRECTORY_NAME = "bench-results"  # under the current directory, unless --out says where
+# The ledger row each kind of row is compared with, keyed by (commit unit, durable), and its short name in tables.
+REFERENCE_NAMES = {("batch", True): "ledger batch, fsync", ("transfer", True): "ledger per call, fsync",
+                   ("batch", False): "ledger batch, os", ("transfer", False): "ledger per call, os"}
 LOAD_WARNING = 0.5  # a 1-minute load average above this means someone else shares the CPUs or the disk
 
 
@@ -62,7 +69,9 @@ def parser(group_names: tuple[str, ...]) -> argparse.ArgumentParser:
     command.add_argument("--accounts", type=int, help=f"accounts (default {FULL['accounts']:,})")
     command.add_argument("--transfers", type=int, help=f"transfers (default {FULL['transfers']:,})")
     command.add_argument("--peers", default=DEFAULT_PEERS, help=f"comma-separated subset of {','.join(group_names)}")
-    command.add_argument("--out", type=Path, help="results directory (default bench/results/<timestamp>/)")
+    command.add_argument("--out", type=Path,
+                         help=f"results directory (default {RESULTS_DIRECTORY_NAME}/<timestamp>/ in the current "
+                              f"directory)")
     command.add_argument("--batch-size", type=int, default=8_192, help="transfers per batch commit (default 8192)")
     command.add_argument("--per-commit-transfers", type=int,
                          help="transfers run by rows that commit every transfer (default "
@@ -95,7 +104,7 @@ def parse_arguments(argv: list[str], group_names: tuple[str, ...]) -> argparse.N
         command.error("--batch-size must be in [1, 2**23], --per-commit-transfers >= 1, --time-limit-s > 0")
     if arguments.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        arguments.out = REPOSITORY / "bench" / "results" / stamp
+        arguments.out = Path.cwd() / RESULTS_DIRECTORY_NAME / stamp
     return arguments
 
 
@@ -301,18 +310,39 @@ def ledger_durable_rate(rows: list[Any]) -> float | None:
     return None
 
 
-def table_lines(rows: list[Any], reference_rate: float | None, markdown: bool) -> list[str]:
-    header = ("peer", "transfers", "seconds", "transfers/s", "ledger durable ÷ peer", "cross-check")
+def reference_row(row: Any, rows: list[Any]) -> Any | None:
+    """The ledger row of the same kind as `row` (commit unit and durability): what its ratio is taken against, so
+    that a per-transfer commit is never set against a batched one. None when ledger did not run."""
+    for candidate in rows:
+        if candidate.group == "ledger" and (candidate.commit_unit, candidate.durable) == (row.commit_unit,
+                                                                                           row.durable):
+            return candidate
+    return None
+
+
+def like_ratio(row: Any, rows: list[Any]) -> float | None:
+    """The same-kind ledger row's transfers/s over this row's (None without one, or for a row that did nothing)."""
+    reference = reference_row(row, rows)
+    if reference is None or not row.seconds or not row.transfers_per_second:
+        return None
+    return reference.transfers_per_second / row.transfers_per_second
+
+
+def table_lines(rows: list[Any], markdown: bool) -> list[str]:
+    header = ("peer", "transfers", "seconds", "transfers/s", "ledger ÷ peer (same kind)", "compared with",
+              "cross-check")
     body = []
     for row in rows:
-        ratio = f"{reference_rate / row.transfers_per_second:,.1f}×" if reference_rate and row.seconds else "n/a"
+        ratio = like_ratio(row, rows)
         count = f"{row.transfers:,}" + (" (time limit)" if row.stopped_by else "")
-        body.append((row.label, count, f"{row.seconds:.2f}", f"{row.transfers_per_second:,.0f}", ratio, row.check))
+        body.append((row.label, count, f"{row.seconds:.2f}", f"{row.transfers_per_second:,.0f}",
+                     "n/a" if ratio is None else f"{ratio:,.1f}×", REFERENCE_NAMES[(row.commit_unit, row.durable)],
+                     row.check))
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
         return lines + ["| " + " | ".join(cells) + " |" for cells in body]
     widths = [max(len(cells[column]) for cells in [header, *body]) for column in range(len(header))]
-    align = ["<", ">", ">", ">", ">", "<"]
+    align = ["<", ">", ">", ">", ">", "<", "<"]
     return ["  ".join(f"{cell:{align[column]}{widths[column]}}" for column, cell in enumerate(cells))
             for cells in [header, *body]]
 
@@ -329,7 +359,7 @@ def latency_lines(latency: list[Any], markdown: bool) -> list[str]:
             for cells in [header, *body]]
 
 
-def write_chart(rows: list[Any], reference_rate: float | None, title: str, path: Path) -> str | None:
+def write_chart(rows: list[Any], title: str, path: Path) -> str | None:
     """A horizontal bar chart of transfers/s (log scale); returns why not, when matplotlib is missing."""
     if importlib.util.find_spec("matplotlib") is None:
         return "matplotlib is not installed (pip install matplotlib): no chart written"
@@ -348,8 +378,10 @@ def write_chart(rows: list[Any], reference_rate: float | None, title: str, path:
     axes.set_xscale("log")
     axes.set_xlabel("transfers per second (log scale)")
     axes.set_title(title, fontsize=9)
-    for position, rate in zip(positions, rates):
-        ratio = f"  (ledger durable is {reference_rate / rate:,.1f}×)" if reference_rate else ""
+    for position, rate, row in zip(positions, rates, rows):
+        like = like_ratio(row, rows)
+        ratio = (f"  ({REFERENCE_NAMES[(row.commit_unit, row.durable)]} is {like:,.1f}×)"
+                 if like is not None else "")
         axes.text(rate, position, f" {rate:,.0f}/s{ratio}", va="center", fontsize=7)
     axes.set_xlim(right=max(rates) * 60)  # room for the labels right of the longest bar
     figure.tight_layout()
@@ -365,16 +397,16 @@ def write_outputs(arguments: argparse.Namespace, report: dict[str, Any]) -> None
     reference_rate = ledger_durable_rate(rows)
     title = (f"ledger bench: {arguments.accounts:,} accounts, {arguments.transfers:,} transfers, "
              f"{report['machine']['cpu']}, {report['machine']['cores']} cores")
-    chart_problem = write_chart(rows, reference_rate, title, out / "peers_chart.png")
+    chart_problem = write_chart(rows, title, out / "peers_chart.png")
     if chart_problem:
         print(f"chart: {chart_problem}")
-    markdown = table_lines(rows, reference_rate, markdown=True)
+    markdown = table_lines(rows, markdown=True)
     if disk_limit_line(report):
         markdown += ["", disk_limit_line(report)]
     if latency:
         markdown += ["", *latency_lines(latency, markdown=True)]
     (out / "table.md").write_text("\n".join(markdown) + "\n")
-    document = {**report, "rows": [_row_json(row, reference_rate) for row in rows],
+    document = {**report, "rows": [_row_json(row, rows) for row in rows],
                 "latency": [result.as_json() for result in latency],
                 "ledger_durable_transfers_per_second": reference_rate,
                 "chart": None if chart_problem else str(out / "peers_chart.png"), "chart_note": chart_problem}
@@ -383,16 +415,16 @@ def write_outputs(arguments: argparse.Namespace, report: dict[str, Any]) -> None
                                                                        f", {out / 'peers_chart.png'}"))
 
 
-def _row_json(row: Any, reference_rate: float | None) -> dict[str, Any]:
-    ratio = reference_rate / row.transfers_per_second if reference_rate and row.seconds else None
-    return {**row.as_json(), "ledger_durable_over_peer": ratio}
+def _row_json(row: Any, rows: list[Any]) -> dict[str, Any]:
+    reference = reference_row(row, rows)
+    return {**row.as_json(), "compared_with": None if reference is None else reference.label,
+            "ledger_over_peer": like_ratio(row, rows)}
 
 
 def _print_summary(report: dict[str, Any]) -> None:
     rows = report["rows"]
-    reference_rate = ledger_durable_rate(rows)
     print()
-    print("\n".join(table_lines(rows, reference_rate, markdown=False)))
+    print("\n".join(table_lines(rows, markdown=False)))
     if any(row.stopped_by for row in rows):
         print("(time limit): the row stopped at a commit boundary after --time-limit-s; its check covers that prefix")
     if disk_limit_line(report):

@@ -1,19 +1,22 @@
 """The `ledger` command line: `python -m ledger demo | verify DIR | stats DIR | balance DIR ID [--at X] |
-history DIR ID | explain DIR ID [--vs OTHER_ID]`. A moment X is a journal position (`12345`), an ISO-8601 time
-(`2024-05-01T12:00:00.123456789Z`; without an offset it is UTC) or nanoseconds since the epoch
-(`1714564800000000000ns`).
+history DIR ID | explain DIR ID [--vs OTHER_ID]`. A moment X is a journal position (`12345`; a bare number too
+large for a position is an error, not a guess), an ISO-8601 time (`2024-05-01T12:00:00.123456789Z`; without an
+offset it is UTC) or nanoseconds since the epoch with the suffix ns (`1714564800000000000ns`). `--at` past the
+journal's end (or in the future) is an error.
 
 Also: init, account create, transfer, snapshot, restore, serve, project, bench.
 
 Exit codes: 0 success, 1 verification failed, 2 usage or input error (a bad argument, a path that does not exist or
 already exists, a transfer or account that was not applied), 3 the data directory is locked, corrupt or
 unavailable (also: permission denied, an I/O error, disk full), 4 an unexpected internal error (a bug;
-LEDGER_TRACEBACK=1 shows its traceback). Every error is one line on stderr."""
+LEDGER_TRACEBACK=1 shows its traceback), 130 interrupted (Ctrl-C), 141 stdout's reader went away (`| head`:
+quietly, as a tool SIGPIPE ends). Every error is one line on stderr."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +27,7 @@ import numpy as np
 
 import ledger
 from ledger.progress import Progress
+from ledger.snapshot import SnapshotInfo
 
 # By name from the module: `ledger.history` the attribute may be the package's export rather than the module.
 from ledger.history import At, account_at, row_to_dict, rows_to_text
@@ -37,6 +41,7 @@ EXIT_USAGE = 2
 EXIT_DATA = 3
 EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away (`| head`)
 
 UINT16_MAX = 2**16 - 1
 UINT32_MAX = 2**32 - 1
@@ -92,15 +97,50 @@ def _rate(count: int, seconds: float) -> str:
     return f"{count / seconds:,.0f}/s" if seconds > 0 else "inf/s"
 
 
+def check_new_ledger_directory(path: str) -> None:
+    """`init` and `demo --dir` make a new ledger: in a directory that does not exist yet, whose parent does (a typo
+    in the parent is not created), or in an empty one. A ledger, or anything else, already there is refused: the
+    demo would write its workload into the user's append-only journal, and init would claim a stranger's files."""
+    if os.path.isdir(os.path.join(path, "journal")):
+        raise UsageError(f"{path} already holds a ledger")
+    if os.path.isdir(path):
+        if os.listdir(path):
+            raise UsageError(f"{path} is not empty: a new ledger goes into a new or an empty directory")
+        return
+    if os.path.lexists(path):
+        raise UsageError(f"{path} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{parent} does not exist: create it first (only the ledger's own directory is created)")
+
+
 def demo(arguments: argparse.Namespace) -> int:
     """Create a durable ledger, fund accounts, move money in batches and one by one, use two-phase transfers,
-    then verify by replay, reopen (recovery) and print the figures."""
+    then verify by replay, reopen (recovery) and print the figures. Without --dir the data goes into a new
+    temporary directory, named at the start and removed at the end unless --keep is given (or the demo failed:
+    then it is kept to look at); a --dir is always kept."""
+    if arguments.dir is not None:
+        check_new_ledger_directory(arguments.dir)
+        return _demo(arguments, arguments.dir)
+    directory = tempfile.mkdtemp(prefix="ledger-demo-")
+    code = EXIT_INTERNAL
+    try:
+        code = _demo(arguments, directory)
+    finally:
+        if arguments.keep or code != EXIT_OK:
+            print(f"  kept {directory} (delete it when done)")
+        else:
+            shutil.rmtree(directory)
+            print(f"  removed {directory}")
+    return code
+
+
+def _demo(arguments: argparse.Namespace, directory: str) -> int:
     accounts = arguments.accounts
     transfers = arguments.transfers
     batch_size = arguments.batch_size
-    directory = arguments.dir or tempfile.mkdtemp(prefix="ledger-demo-")
     print(f"ledger demo: {accounts:,} accounts, {transfers:,} transfers in batches of {batch_size:,}, "
-          f"durability=fsync, data in {directory}")
+          f"durability=fsync, data in {directory}", flush=True)
     ids = ledger.IdGenerator()
     rng = np.random.default_rng(2026)
     settlement = 1
@@ -326,9 +366,7 @@ def _print(arguments: argparse.Namespace, payload: dict, text: str) -> None:
 
 
 def init(arguments: argparse.Namespace) -> int:
-    if os.path.isdir(os.path.join(arguments.dir, "journal")):
-        print(f"ledger: {arguments.dir} already holds a ledger", file=sys.stderr)
-        return EXIT_USAGE
+    check_new_ledger_directory(arguments.dir)
     with ledger.open(arguments.dir, create=True, segment_records_log2=arguments.segment_records_log2):
         pass
     _print(arguments, {"created": arguments.dir}, f"created an empty ledger in {arguments.dir}")
@@ -356,9 +394,31 @@ def transfer(arguments: argparse.Namespace) -> int:
     return EXIT_OK if result in (ledger.TransferResult.OK, ledger.TransferResult.EXISTS) else EXIT_USAGE
 
 
+SNAPSHOT_PROGRESS_POLL_S = 0.05  # how often the bar looks at the child's file (the bar redraws every 0.1 s)
+
+
+def _snapshot_with_progress(handle: ledger.Ledger, keep: int) -> SnapshotInfo:
+    """On a terminal, a bar of the bytes the forked child has written (a snapshot of 10M accounts is 1.5 GB:
+    seconds to minutes of disk time); elsewhere simply the snapshot."""
+    if not sys.stderr.isatty():
+        return handle.snapshot(keep=keep)
+    job = handle.snapshot(keep=keep, wait=False)
+    progress = Progress(job.bytes_total, "snapshot", "bytes")
+    while not job.done():
+        progress.update(job.bytes_written())
+        time.sleep(SNAPSHOT_PROGRESS_POLL_S)
+    try:
+        info = job.wait()
+    except BaseException:
+        print(file=sys.stderr)  # the error's line after the bar's, not on it
+        raise
+    progress.close()
+    return info
+
+
 def snapshot(arguments: argparse.Namespace) -> int:
     with ledger.open(arguments.dir) as handle:
-        info = handle.snapshot(keep=arguments.keep)
+        info = _snapshot_with_progress(handle, arguments.keep)
     _print(arguments, {"path": info.path, "position": info.position, "bytes": info.bytes,
                        "stall_seconds": info.stall_seconds, "write_seconds": info.write_seconds},
            f"snapshot at journal position {info.position:,}: {info.path} ({info.bytes / 2**20:,.1f} MiB, "
@@ -381,9 +441,34 @@ def restore_command(arguments: argparse.Namespace) -> int:
     return EXIT_OK if result.verified else EXIT_VERIFY_FAILED
 
 
+def group_id(text: str) -> int:
+    """An argparse type for `serve --group`: a group name or gid that exists here (root could chown the ring to
+    any number, which would share it with nobody, or with whoever gets that gid later)."""
+    import grp
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        pass
+    try:
+        gid = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+    try:
+        grp.getgrgid(gid)
+    except (KeyError, OverflowError):
+        raise argparse.ArgumentTypeError(f"no group {gid} on this machine") from None
+    return gid
+
+
 def serve_command(arguments: argparse.Namespace) -> int:
     from ledger.ring import serve
-    return serve(arguments.dir, durability=arguments.durability, slot_count=arguments.slots, group=arguments.group,
+    if not os.path.isdir(os.path.join(arguments.dir, "journal")):
+        if not arguments.create:
+            # A typo must not start serving a new, empty ledger that clients then write into.
+            raise UsageError(f"no ledger here: {arguments.dir} (ledger init DIR makes one, or serve --create)")
+        check_new_ledger_directory(arguments.dir)
+    return serve(arguments.dir, create=arguments.create, durability=arguments.durability,
+                 slot_count=arguments.slots, group=arguments.group,
                  abandon_after_ms=arguments.abandon_after_ms, spin_count=arguments.spin_count,
                  idle_wait_ms=arguments.idle_wait_ms, snapshot_every_s=arguments.snapshot_every_s or None,
                  overlap_rows_min=arguments.overlap_rows_min, accounts_capacity=arguments.accounts_capacity, transfers_capacity=arguments.transfers_capacity,
@@ -391,39 +476,51 @@ def serve_command(arguments: argparse.Namespace) -> int:
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
 
 
+DIR_HELP = "the ledger's data directory"
+JSON_HELP = "print the answer as JSON"
+MOMENT_HELP = ("X: a journal position (0 .. stats' journal_position), an ISO-8601 time (UTC without an offset), or "
+               "nanoseconds since the epoch with the suffix ns (1714564800000000000ns)")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = Parser(prog="ledger", description=__doc__)
+    root = Parser(prog="ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.add_argument("--version", action="version", version=f"ledger {ledger.__version__}",
+                      help="print the version and exit")
     commands = root.add_subparsers(dest="command", required=True)
     run = commands.add_parser("demo", help="run the demo workload and print figures")
-    run.add_argument("--dir", help="data directory (default: a new temporary directory)")
-    run.add_argument("--accounts", type=integer_in("accounts", 2, 10**9), default=100_000)
-    run.add_argument("--transfers", type=integer_in("transfers", 1, 10**12), default=1_000_000)
-    run.add_argument("--batch-size", type=integer_in("batch size", 1, ledger.BATCH_SIZE_MAX), default=8_192)
+    run.add_argument("--dir", help="a new (or empty) data directory, kept afterwards (default: a new temporary "
+                                   "directory, removed at the end)")
+    run.add_argument("--keep", action="store_true", help="keep the temporary data directory (its path is printed)")
+    run.add_argument("--accounts", type=integer_in("accounts", 2, 10**9), default=100_000,
+                     help="accounts to create and fund (default 100,000)")
+    run.add_argument("--transfers", type=integer_in("transfers", 1, 10**12), default=1_000_000,
+                     help="transfers to move in batches (default 1,000,000)")
+    run.add_argument("--batch-size", type=integer_in("batch size", 1, ledger.BATCH_SIZE_MAX), default=8_192,
+                     help="transfers per durable batch (default 8,192)")
     run.set_defaults(handler=demo)
     for name, handler, text in (("verify", verify, "replay the journal and check every balance"),
                                 ("stats", stats, "counts, sizes and positions")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("dir")
-        command.add_argument("--json", action="store_true")
+        command.add_argument("dir", help=DIR_HELP)
+        command.add_argument("--json", action="store_true", help=JSON_HELP)
         command.set_defaults(handler=handler)
     command = commands.add_parser("bench", help="compare against SQLite, PostgreSQL, Redis and plain Python",
                                   add_help=False)
-    command.add_argument("options", nargs=argparse.REMAINDER)
+    command.add_argument("options", nargs=argparse.REMAINDER, help="see: ledger bench --help")
     command.set_defaults(handler=bench)
     command = commands.add_parser("balance", help="one account's balance, now or at a past moment")
-    command.add_argument("dir")
-    command.add_argument("id", type=ACCOUNT_ID)
-    command.add_argument("--at", metavar="X",
-                         help="as of a journal position or a time (ISO-8601, or nanoseconds as 123ns)")
-    command.add_argument("--json", action="store_true")
+    command.add_argument("dir", help=DIR_HELP)
+    command.add_argument("id", type=ACCOUNT_ID, help="the account id")
+    command.add_argument("--at", metavar="X", help=f"as of {MOMENT_HELP}; not past the journal's end")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=balance)
     for name, handler, text in (("history", history, "an account's events with running balances"),
                                 ("explain", explain, "opening balance, events, closing balance, checked to add up")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("dir")
-        command.add_argument("id", type=ACCOUNT_ID)
-        command.add_argument("--since", metavar="X", help="from this position or time (inclusive)")
-        command.add_argument("--until", metavar="X", help="through this position or time (inclusive)")
+        command.add_argument("dir", help=DIR_HELP)
+        command.add_argument("id", type=ACCOUNT_ID, help="the account id")
+        command.add_argument("--since", metavar="X", help=f"from {MOMENT_HELP} (inclusive)")
+        command.add_argument("--until", metavar="X", help=f"through {MOMENT_HELP} (inclusive)")
         if name == "history":
             command.add_argument("--limit", type=integer_in("limit", 0, POSITION_MAX), metavar="N",
                                  help="only the newest N events of the range")
@@ -431,45 +528,53 @@ def parser() -> argparse.ArgumentParser:
             command.add_argument("--vs", type=ACCOUNT_ID, metavar="OTHER_ID",
                                  help="why this account's balance (at --until) differs from OTHER_ID's")
             command.add_argument("--vs-until", metavar="Y", help="OTHER_ID's moment (default: the same as --until)")
-        command.add_argument("--json", action="store_true")
+        command.add_argument("--json", action="store_true", help=JSON_HELP)
         command.set_defaults(handler=handler)
     command = commands.add_parser("init", help="create an empty ledger directory")
-    command.add_argument("dir")
-    command.add_argument("--segment-records-log2", type=integer_in("segment records log2", 10, 24), default=20)
-    command.add_argument("--json", action="store_true")
+    command.add_argument("dir", help="a new directory (its parent must exist) or an empty one")
+    command.add_argument("--segment-records-log2", type=integer_in("segment records log2", 10, 24), default=20,
+                         help="journal segment files of 2**N records of 64 bytes (10..24, default 20: 64 MiB)")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=init)
     account = commands.add_parser("account", help="account commands").add_subparsers(dest="action", required=True)
     command = account.add_parser("create", help="create one account")
-    command.add_argument("dir")
-    command.add_argument("id", type=UINT64)
-    command.add_argument("--ledger", type=UINT32, default=1)
-    command.add_argument("--min-balance", type=INT64, default=0)
-    command.add_argument("--max-balance", type=INT64, default=ledger.BALANCE_MAX)
-    command.add_argument("--user-data", type=UINT64, default=0)
-    command.add_argument("--json", action="store_true")
+    command.add_argument("dir", help=DIR_HELP)
+    command.add_argument("id", type=UINT64, help="the new account's id (1 .. 2**64 - 2)")
+    command.add_argument("--ledger", type=UINT32, default=1, help="asset or currency (default 1)")
+    command.add_argument("--min-balance", type=INT64, default=0,
+                         help="lowest available balance (default 0: no overdraft)")
+    command.add_argument("--max-balance", type=INT64, default=ledger.BALANCE_MAX,
+                         help="highest balance, pending credits included (default: no cap)")
+    command.add_argument("--user-data", type=UINT64, default=0, help="a number of yours (default 0)")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=account_create)
     command = commands.add_parser("transfer", help="one transfer")
-    command.add_argument("dir")
+    command.add_argument("dir", help=DIR_HELP)
     # Ranges of the fields (TRANSFER_DTYPE); values in range that break a rule get a result code, as in the API.
-    for name in ("id", "debit", "credit"):
-        command.add_argument(name, type=UINT64)
-    command.add_argument("amount", type=INT64)
-    command.add_argument("--ledger", type=UINT32, default=1)
-    command.add_argument("--code", type=UINT16, default=0)
-    command.add_argument("--flag", action="append", choices=["linked", "pending", "post_pending", "void_pending"])
-    command.add_argument("--pending-id", type=UINT64, default=0)
+    for name, text in (("id", "the transfer id: the idempotency key (a retry with it answers EXISTS)"),
+                       ("debit", "the account money leaves (0 to post or void a pending transfer)"),
+                       ("credit", "the account money enters (0 to post or void a pending transfer)")):
+        command.add_argument(name, type=UINT64, help=text)
+    command.add_argument("amount", type=INT64, help="how much (> 0; posting a pending transfer: 0 = all of it)")
+    command.add_argument("--ledger", type=UINT32, default=1, help="asset or currency of both accounts (default 1)")
+    command.add_argument("--code", type=UINT16, default=0, help="a number of yours, e.g. the reason (default 0)")
+    command.add_argument("--flag", action="append", choices=["linked", "pending", "post_pending", "void_pending"],
+                         help="a transfer flag (repeat for several)")
+    command.add_argument("--pending-id", type=UINT64, default=0,
+                         help="the pending transfer to post or void")
     command.add_argument("--timeout", type=UINT32, default=0, help="seconds (pending transfers)")
-    command.add_argument("--user-data", type=UINT64, default=0)
-    command.add_argument("--json", action="store_true")
+    command.add_argument("--user-data", type=UINT64, default=0, help="a number of yours (default 0)")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=transfer)
     command = commands.add_parser("snapshot", help="write a snapshot of the whole state")
-    command.add_argument("dir")
-    command.add_argument("--keep", type=integer_in("keep", 1, SNAPSHOTS_KEPT_MAX), default=3)
-    command.add_argument("--json", action="store_true")
+    command.add_argument("dir", help=DIR_HELP)
+    command.add_argument("--keep", type=integer_in("keep", 1, SNAPSHOTS_KEPT_MAX), default=3,
+                         help=f"keep the newest N snapshot files (1..{SNAPSHOTS_KEPT_MAX}, default 3)")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=snapshot)
     command = commands.add_parser("restore", help="point-in-time restore into a new directory")
     command.add_argument("source", help="a data directory, or a snapshot file to start from")
-    command.add_argument("destination")
+    command.add_argument("destination", help="the new data directory (must not exist)")
     group = command.add_mutually_exclusive_group()
     group.add_argument("--until", type=integer_in("journal position", 0, POSITION_MAX), metavar="SEQ",
                        help="last journal position to include")
@@ -477,13 +582,18 @@ def parser() -> argparse.ArgumentParser:
                        help="last moment to include (up to 9 fractional digits; no offset means UTC; or 123ns)")
     command.add_argument("--journal", metavar="DIR",
                          help="the data directory whose journal to use (default: the snapshot's own)")
-    command.add_argument("--json", action="store_true")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=restore_command)
     command = commands.add_parser("serve", help="run the writer for other processes (ledger.connect)")
-    command.add_argument("dir")
-    command.add_argument("--durability", choices=["fsync", "os"], default="fsync")
-    command.add_argument("--slots", type=int, default=1 << 16)
-    command.add_argument("--group", type=int, help="gid allowed to submit commands (files become 0660)")
+    command.add_argument("dir", help="the data directory (an existing ledger, unless --create)")
+    command.add_argument("--create", action="store_true",
+                         help="make a new ledger if DIR holds none (a new directory or an empty one)")
+    command.add_argument("--durability", choices=["fsync", "os"], default="fsync",
+                         help="fsync: answered means on disk (default); os: in the page cache, synced within ms")
+    command.add_argument("--slots", type=int, default=1 << 16,
+                         help="ring slots, a power of two (default 65,536; docs/RING.md)")
+    command.add_argument("--group", type=group_id, metavar="GROUP",
+                         help="a group (name or gid) allowed to submit commands (the ring files become 0660)")
     command.add_argument("--accounts-capacity", type=int, default=0, help="room to allocate up front")
     command.add_argument("--transfers-capacity", type=int, default=0, help="room to allocate up front")
     from ledger import ring as ring_module
@@ -516,12 +626,29 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _warning_on_one_line
         try:
             arguments = parser().parse_args(argv)
-            return arguments.handler(arguments)
+            code = arguments.handler(arguments)
+            sys.stdout.flush()  # here, not at exit: a reader gone away must end in the except below
+            return code
+        except BrokenPipeError:
+            return _stdout_closed()
         except Exception as error:  # noqa: BLE001 - every error becomes one line and an exit code
             return _report(error)
         except KeyboardInterrupt:
             print("ledger: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`ledger history DIR ID | head -1`): stop quietly, as a Unix tool that
+    SIGPIPE ends does, with the status a shell reports for it. stdout is pointed at /dev/null first, so that
+    Python's own flush at exit does not fail on the pipe again and print a second complaint."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests that replace it): nothing to redirect
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def _report(error: Exception) -> int:

@@ -46,6 +46,7 @@ import enum
 import functools
 import operator
 import re
+import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
@@ -148,12 +149,19 @@ class At:
 
     @classmethod
     def parse(cls, text: str) -> At:
-        """Read a moment as typed on a command line: `12345` is a journal position, `1700000000000000000ns` is
+        """Read a moment as typed on a command line: `12345` is a journal position (a bare number of 2**40 or
+        more is an error that suggests the `ns` suffix: no position is that large), `1700000000000000000ns` is
         nanoseconds since the epoch, anything else is an ISO-8601 time (up to 9 fractional digits; `Z` or an
         offset; without one it is UTC; a date alone is its midnight)."""
         text = text.strip()
         if text.isascii() and text.isdigit():
-            return cls(position=int(text))
+            value = int(text)
+            if value >= POSITION_LIMIT:
+                # Most likely a timestamp copied from --json output without its unit: reading it as a position
+                # would be past any journal's end, and reading it as nanoseconds would be a guess.
+                raise ValueError(f"{text} is larger than any journal position (at most {POSITION_LIMIT - 1}); "
+                                 f"for nanoseconds since the epoch write {text}ns")
+            return cls(position=value)
         if text.isascii() and text.endswith("ns") and text[:-2].isdigit():
             return cls(ns=int(text[:-2]))
         return cls(ns=_parse_iso_ns(text))
@@ -434,10 +442,27 @@ def _counters_through(handle: Ledger, id: int, last_position: int) -> Counters:
     return _live(handle, id).minus(_movements(handle, id, later).total())
 
 
+def _check_not_past_end(engine: _core.Engine, at: At) -> None:
+    """A balance "as of" a moment past the journal's end is not known yet (more events may come), and asking for
+    one is most often a typo or a timestamp read as a position: a ValueError naming the end, never the present
+    balance passed off as the answer. The end itself (the next position to be written) is the present."""
+    end = engine.write_position
+    if at.position is not None and at.position > end:
+        raise ValueError(f"journal position {at.position} is past the journal's end {end} (the next position to "
+                         f"be written; the newest event is at {end - 1})")
+    if at.ns is not None:
+        now = max(time.time_ns(), engine.last_timestamp)  # the engine's clock may run ahead of this one
+        if at.ns > now:
+            raise ValueError(f"{format_ns(at.ns)} is in the future (now is {format_ns(now)}; the journal's newest "
+                             f"event is at {format_ns(engine.last_timestamp)}, position {end - 1})")
+
+
 def _existing_through(handle: Ledger, id: int, at: Moment) -> int:
-    """The inclusive position for `at`; KeyError when the account was created after it."""
+    """The inclusive position for `at`; KeyError when the account was created after it, ValueError when `at` is
+    past the journal's end."""
     id = _account_id(id)
     creation, _ = _positions(handle, id)
+    _check_not_past_end(handle._engine, _as_at(at))
     last_position = _last_position_through(handle._engine, at)
     if last_position < creation:
         created_ns = handle.account(id).timestamp  # type: ignore[union-attr]
@@ -466,7 +491,9 @@ def _holding_engine(read: _Read) -> _Read:
 @_holding_engine
 def balance_at(handle: Ledger, id: int, at: Moment) -> int:
     """The balance (credits_posted - debits_posted) of account `id` after every event at or before `at`.
-    Cost: the account's events after `at`. KeyError if the account does not exist or did not exist yet then."""
+    Cost: the account's events after `at`. KeyError if the account does not exist or did not exist yet then;
+    ValueError if `at` is past the journal's end (a position after `stats()["journal_position"]`, or a time in
+    the future)."""
     last_position = _existing_through(handle, id, at)
     return _counters_through(handle, int(id), last_position).balance
 

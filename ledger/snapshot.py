@@ -431,6 +431,12 @@ class SnapshotJob:
             finally:
                 os.close(go_write)
             go_write = None
+        # For a progress bar (bytes_written): the file's size once written, and where the child writes it.
+        self.bytes_total = max([PAGE_BYTES] + [offset + views[name].nbytes
+                                               for name, (offset, _) in zip(SECTIONS, _layout(views))])
+        folder = snapshot_directory(directory)
+        self._temporary = os.path.join(folder, f".snapshot-{scalars['write_position']:016d}.tmp")
+        self._final = os.path.join(folder, f"snapshot-{scalars['write_position']:016d}.snapshot")
         self._pid = pid
         self._read_end = read_end
         self._go_write = go_write
@@ -475,6 +481,13 @@ class SnapshotJob:
     def join(self) -> None:
         """Wait until the child has ended and been reaped, without raising its error (wait() does that)."""
         self._thread.join()
+    def bytes_written(self) -> int:
+        """Coarse progress of the child's write, for a progress bar: the size of its temporary file so far (it
+        writes the sections in file order), `bytes_total` once the file is in place."""
+        try:
+            return min(os.stat(self._temporary).st_size, self.bytes_total)
+        except FileNotFoundError:
+            return self.bytes_total if os.path.exists(self._final) else 0
 
     def wait(self) -> SnapshotInfo:
         """Block until the snapshot file is in place and return its SnapshotInfo; the child's error if it failed."""

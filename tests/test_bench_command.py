@@ -74,7 +74,7 @@ def test_outputs_table_json_and_chart(bench_run):
     table = (out / "table.md").read_text()
     for row in results["rows"]:
         assert row["label"] in table and row["label"] in completed.stdout
-    assert results["rows"][0]["ledger_durable_over_peer"] is not None
+    assert results["rows"][0]["ledger_over_peer"] is not None
     chart = out / "peers_chart.png"
     if results["chart"] is None:  # matplotlib missing: said so, never a fake file
         assert "matplotlib is not installed" in results["chart_note"] and not chart.exists()
@@ -112,3 +112,51 @@ def test_a_missing_server_is_skipped_with_a_clear_line(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {entry["group"] for entry in results["skipped"]} == {"redis", "postgres"}
     assert {row["group"] for row in results["rows"]} == {"python"}
+
+
+LEDGER_BATCH_FSYNC = "ledger transfers(), batch of 8,192, durability=fsync (durable)"
+LEDGER_SINGLE_FSYNC = "ledger transfer(), one call per transfer, durability=fsync (durable)"
+LEDGER_BATCH_OS = "ledger transfers(), batch of 8,192, durability=os (page cache)"
+
+
+def test_each_row_is_compared_with_the_ledger_row_of_its_kind(bench_run):
+    """The ratio column compared every row with ledger's durable batches, so SQLite committing every transfer was
+    "1,800x slower" than batched ledger. Now a row that syncs every transfer is compared with ledger syncing every
+    transfer, a batch committed and synced as one with ledger's durable batches, and one not synced at once
+    (Redis appendfsync everysec) with ledger's durability=os batches."""
+    completed, results, out = bench_run
+    rows = {row["label"]: row for row in results["rows"]}
+    expected = {}
+    for label in rows:
+        if "commit per transfer" in label or label == LEDGER_SINGLE_FSYNC:
+            expected[label] = LEDGER_SINGLE_FSYNC
+        elif "appendfsync everysec" in label or label == LEDGER_BATCH_OS:
+            expected[label] = LEDGER_BATCH_OS
+        elif label.startswith(("SQLite", "PostgreSQL", "Redis", "Python")) or label == LEDGER_BATCH_FSYNC:
+            expected[label] = LEDGER_BATCH_FSYNC
+    assert {label: rows[label]["compared_with"] for label in expected} == expected
+    assert any("commit per transfer" in label for label in expected)
+    for label, reference in expected.items():
+        ratio = rows[reference]["transfers_per_second"] / rows[label]["transfers_per_second"]
+        assert rows[label]["ledger_over_peer"] == pytest.approx(ratio)
+    table = (out / "table.md").read_text()
+    assert "ledger ÷ peer (same kind)" in table and "ledger durable ÷ peer" not in table
+
+
+def test_results_go_to_the_current_directory_not_the_source_tree(tmp_path):
+    """Without --out, results went to bench/results/ inside the source checkout (wherever the command ran): now
+    to bench-results/<timestamp>/ in the current directory."""
+    results_in_checkout = REPOSITORY / "bench" / "results"
+    before = sorted(results_in_checkout.iterdir()) if results_in_checkout.exists() else []
+    work = tmp_path / "work"
+    work.mkdir()
+    command = [sys.executable, "-m", "ledger", "bench", "--quick", "--peers", "python", "--accounts", "50",
+               "--transfers", "200", "--data-dir", str(tmp_path / "data")]
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    completed = subprocess.run(command, check=False, cwd=work, capture_output=True, text=True, timeout=TIMEOUT_S,
+                               stdin=subprocess.DEVNULL, env=environment)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    [written] = list((work / "bench-results").glob("*/results.json"))
+    assert f"results: {written}" in completed.stdout
+    after = sorted(results_in_checkout.iterdir()) if results_in_checkout.exists() else []
+    assert after == before

@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,7 +244,10 @@ def check_every_position(handle: ledger.Ledger, reference: Replay, rng: random.R
         for id in reference.positions:
             for at, last_position in ((position, position), (At(ns=ns), reference.last_position_through_ns(ns))):
                 expected = reference.counters_through(id, last_position)
-                if expected is None:
+                if at == position and position > end:
+                    with pytest.raises(ValueError, match=f"journal position {position} is past the journal's end"):
+                        history_module.balance_at(handle, id, at)
+                elif expected is None:
                     with pytest.raises(KeyError, match="did not exist yet"):
                         history_module.balance_at(handle, id, at)
                 else:
@@ -428,12 +432,38 @@ def test_errors(memory_workload):
     assert handle.history(2, limit=0).size == 0
 
 
+def test_a_moment_past_the_journal_end_is_an_error(memory_workload):
+    """balance(at=) / account_at past the end used to answer with today's balance: a position past the end (a
+    typo, or a timestamp read as a position) and a moment in the future are ValueErrors naming the journal's end;
+    the end itself (stats()["journal_position"], the next position to be written) is the present."""
+    handle, _, _ = memory_workload
+    end = handle.stats()["journal_position"]
+    assert handle.balance(2, at=end) == handle.balance(2)
+    for at in (end + 1, 2**40 - 1, 2**40, 1_700_000_000 * 10**9):
+        with pytest.raises(ValueError, match=f"journal position {at} is past the journal's end {end}"):
+            handle.balance(2, at=at)
+        with pytest.raises(ValueError, match="past the journal's end"):
+            history_module.account_at(handle, 2, At(position=at))
+    future = time.time_ns() + 3600 * 10**9
+    with pytest.raises(ValueError, match=f"{history_module.format_ns(future)} is in the future"):
+        handle.balance(2, at=At(ns=future))
+    with pytest.raises(ValueError, match="in the future"):
+        handle.balance(2, at=datetime.datetime(2999, 1, 1))
+
+
 def test_moments():
     with pytest.raises(ValueError, match="exactly one"):
         At()
     with pytest.raises(ValueError, match="exactly one"):
         At(ns=1, position=2)
     assert At.parse("123") == At(position=123)
+    assert At.parse(str(2**40 - 1)) == At(position=2**40 - 1)
+    # A timestamp copied without its unit is not taken for a position (there is none that large): the error says
+    # how to write it.
+    with pytest.raises(ValueError, match="1700000000000000005ns"):
+        At.parse("1700000000000000005")
+    with pytest.raises(ValueError, match="larger than any journal position"):
+        At.parse(str(2**40))
     assert At.parse("1700000000000000005ns") == At(ns=1_700_000_000_000_000_005)
     assert At.parse("2023-11-14T22:13:20.000000005Z") == At(ns=1_700_000_000_000_000_005)
     assert At.parse("2023-11-14T22:13:20,5") == At(ns=1_700_000_000_500_000_000)  # no offset: UTC

@@ -672,8 +672,9 @@ def test_serve_command_takes_the_wait_strategy(tmp_path):
     """`ledger serve --spin-count 0 --idle-wait-ms 5 --abandon-after-ms 300`: a client that never spins works,
     and a dead producer's claim is given up after 300 ms, not the 2 s default."""
     directory = str(tmp_path / "data")
-    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--durability", "os", "--slots",
-                               "1024", "--spin-count", "0", "--idle-wait-ms", "5", "--abandon-after-ms", "300"],
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--create", "--durability", "os",
+                               "--slots", "1024", "--spin-count", "0", "--idle-wait-ms", "5",
+                               "--abandon-after-ms", "300"],
                               stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
     try:
         assert "serving" in writer.stderr.readline()
@@ -918,7 +919,7 @@ def test_serve_with_a_group_lets_the_group_reach_the_ring_only(tmp_path):
 
 def test_serve_snapshots_periodically_so_a_restart_does_not_replay_from_genesis(tmp_path):
     directory = str(tmp_path / "data")
-    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--slots", "1024",
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", directory, "--create", "--slots", "1024",
                                "--snapshot-every-s", "0.2"], stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
     try:
         assert "serving" in writer.stderr.readline()

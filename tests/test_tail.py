@@ -509,7 +509,7 @@ def test_projection_follows_ledger_serve(tmp_path):
     from this process: a following projection ends equal to the ledger."""
     directory = tmp_path / "data"
     database = tmp_path / "read.db"
-    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", str(directory), "--slots", "1024",
+    writer = subprocess.Popen([sys.executable, "-m", "ledger", "serve", str(directory), "--create", "--slots", "1024",
                                "--snapshot-every-s", "0"], stderr=subprocess.PIPE, text=True)
     process = None
     try:

@@ -52,11 +52,13 @@ class _LedgerPeer:
 
 class LedgerBatchPeer(_LedgerPeer):
     per_commit = False
+    commit_unit = "batch"
 
     def __init__(self, batch_size: int, durability: str) -> None:
         assert batch_size >= 1 and durability in DURABILITY_WORDS
         self.step_size = batch_size
         self.durability = durability
+        self.durable = durability == "fsync"
         self.label = f"ledger transfers(), batch of {batch_size:,}, durability={DURABILITY_WORDS[durability]}"
         self.handle: ledger.Ledger | None = None
 
@@ -75,6 +77,8 @@ class LedgerSinglePeer(_LedgerPeer):
         assert durability in DURABILITY_WORDS
         self.durability = durability
         self.per_commit = durability == "fsync"
+        self.commit_unit = "transfer"
+        self.durable = durability == "fsync"
         if self.per_commit:
             self.step_size = 256
         self.label = f"ledger transfer(), one call per transfer, durability={DURABILITY_WORDS[durability]}"

@@ -69,6 +69,8 @@ class PostgresPeer:
         self.port = port
         self.batch_size = batch_size
         self.per_commit = batch_size is None
+        self.commit_unit = "transfer" if batch_size is None else "batch"
+        self.durable = True  # synchronous_commit=on
         self.step_size = 64 if batch_size is None else batch_size
         unit = "transfer" if batch_size is None else f"batch of {batch_size:,} (plpgsql)"
         self.label = f"PostgreSQL {version}, commit per {unit}, synchronous_commit=on"

@@ -18,6 +18,8 @@ RECORD_FIELDS = 4  # id, debit account, credit account, amount: int64 each
 class PythonPeer:
     group = "python"
     per_commit = False
+    commit_unit = "batch"
+    durable = True  # fdatasync per batch
 
     def __init__(self, batch_size: int) -> None:
         assert batch_size >= 1

@@ -60,6 +60,10 @@ class RedisPeer:
         self.port = port
         self.step_size = batch_size
         self.appendfsync = appendfsync
+        # A batch's calls reach the server together and are synced together (appendfsync always), or not
+        # before the answer at all (everysec: up to a second of acknowledged writes can be lost).
+        self.commit_unit = "batch"
+        self.durable = appendfsync == "always"
         self.script_per_batch = script_per_batch
         shape = (f"one Lua call per batch of {batch_size:,}" if script_per_batch
                  else f"Lua call per transfer, pipelined {batch_size:,}")

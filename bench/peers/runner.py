@@ -23,6 +23,10 @@ class Peer(Protocol):
     label: str  # one line for the table: engine, commit unit, durability
     step_size: int  # transfers per apply() call: the commit batch, or a run of per-transfer commits
     per_commit: bool  # commits (and syncs) every transfer: runs only a capped prefix, see RunLimits
+    # What a row is compared with (like with like): "transfer" when each transfer is its own call or commit,
+    # "batch" when a batch is committed (and synced) as one; durable when a commit is synced before apply returns.
+    commit_unit: str
+    durable: bool
 
     def open(self, workload: Workload, directory: Path) -> None:
         """Create and fund the accounts (not timed)."""
@@ -56,6 +60,8 @@ class RowResult:
     rejected: int
     check: str  # "ok", or what differs from ledger
     stopped_by: str | None  # None: ran its whole target; "time limit" when the limit cut it short
+    commit_unit: str = "batch"  # the peer's: "transfer" or "batch"
+    durable: bool = True
 
     @property
     def transfers_per_second(self) -> float:
@@ -83,7 +89,8 @@ def run_peer(peer: Peer, workload: Workload, directory: Path, limits: RunLimits,
     problem = compare(state, reference, workload)
     return RowResult(group=peer.group, label=peer.label, transfers=done, seconds=seconds,
                      accepted=int(state.accepted_ids.size), rejected=done - int(state.accepted_ids.size),
-                     check=problem or "ok", stopped_by=stopped_by)
+                     check=problem or "ok", stopped_by=stopped_by, commit_unit=peer.commit_unit,
+                     durable=peer.durable)
 
 
 def _timed_steps(peer: Peer, target: int, time_limit_s: float,

@@ -51,6 +51,8 @@ class SqlitePeer:
         self.batch_size = batch_size
         self.triggers = triggers
         self.per_commit = batch_size is None
+        self.commit_unit = "transfer" if batch_size is None else "batch"
+        self.durable = True  # synchronous=FULL: every COMMIT syncs the WAL
         # A per-transfer run still steps in small runs of commits, so the time limit can stop it.
         self.step_size = 256 if batch_size is None else batch_size
         unit = "transfer" if batch_size is None else f"batch of {batch_size:,}"
