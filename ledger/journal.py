@@ -724,6 +724,15 @@ class FileJournal:
                                   f"{position}: a committed batch before the tail fails its check; nothing was "
                                   f"changed on disk")
 
+    def damaged(self, position: int, header_position: int, reason: str) -> LedgerCorruptError:
+        """The error for a damaged record found when read (Engine.damage_error): a record from before the position
+        the ledger was opened from, which replay did not check, fails its batch's check."""
+        path, offset = self._location(position)
+        return LedgerCorruptError(f"journal corrupt ({reason}) in {path} at byte offset {offset}, journal position "
+                                  f"{position}: a committed record read from before the snapshot this ledger was "
+                                  f"opened from fails its check; nothing was changed (`ledger scrub` lists every "
+                                  f"damaged batch)")
+
     # -- durability --
 
     def _inject(self, operation: str) -> None:
