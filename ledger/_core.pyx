@@ -1536,9 +1536,9 @@ cdef class Engine:
             if s.damage_reason != DAMAGE_NONE:
                 break
             if last < count and position > header_position + 1:
-                written_ahead = True
                 try:
-                    self._write_ahead(header_position, position)
+                    # True: events reached the files (the journal may hold them back: hold_writes).
+                    written_ahead = bool(self._write_ahead(header_position, position)) or written_ahead
                 except BaseException:
                     self.poisoned = True   # half a batch is applied in memory: nothing more may use this state
                     raise

@@ -84,6 +84,7 @@ STATUS_APPLIED = 0
 STATUS_INVALID_SLOT = 1
 STATUS_ABANDONED = 2
 STATUS_NOT_FOUND = 3
+STATUS_DAMAGED = 4    # the writer met a damaged journal record applying the batch: nothing of it was applied
 
 ctypedef struct RingHeader:
     uint64_t magic
