@@ -39,6 +39,7 @@ from ledger.ids import IdGenerator
 from ledger.ring import Client, connect
 from ledger._core import EVENT_DTYPE
 from ledger.tail import Tailer, tail
+from ledger.scrub import ScrubDamage, ScrubReport
 
 __version__ = "0.1.0"
 
@@ -76,6 +77,8 @@ __all__ = [
     "LedgerPoisonedError",
     "LedgerTimeoutError",
     "LedgerUnavailableError",
+    "ScrubDamage",
+    "ScrubReport",
     "TRANSFER_DTYPE",
     "TRANSFER_RECORD_DTYPE",
     "TransferFlags",

@@ -119,6 +119,24 @@ class IdGenerator:
 
 Batch = npt.NDArray[Any] | Mapping[str, Any]
 
+class ScrubDamage:
+    position: int           # the damaged batch's header position
+    path: str | None        # its segment file (None: an in-memory ledger)
+    byte_offset: int | None
+    reason: str
+    def to_dict(self) -> dict[str, Any]: ...
+
+class ScrubReport:
+    ok: bool
+    batches: int
+    records: int
+    end_position: int       # the journal was checked from position 1 up to this one
+    seconds: float
+    damaged: list[ScrubDamage]
+    @property
+    def bytes(self) -> int: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
 class Ledger:
     path: str | None
     durability: str
@@ -141,6 +159,10 @@ class Ledger:
     def snapshot(self, wait: bool = True, keep: int = 3) -> Any: ...
     def flush(self) -> None: ...
     def verify(self) -> Any: ...
+    def scrub(self) -> ScrubReport:
+        """Re-check every committed journal batch (header, checksum, hash chain) without building state; each
+        damaged batch is listed with its file, byte offset and journal position. Safe on a read-only handle."""
+        ...
     def accounts(self) -> npt.NDArray[Any]: ...
     def lookup_transfers(self, ids: npt.ArrayLike) -> npt.NDArray[Any]: ...
     def stats(self) -> dict[str, int]: ...

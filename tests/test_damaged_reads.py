@@ -371,3 +371,68 @@ def test_only_records_before_the_snapshot_are_checked_on_read(built, clock):
         assert handle.scrub().ok
     with ledger.open(None) as memory:
         assert memory._engine.verified_from == 0  # from genesis: replay or this process checked everything
+
+
+def test_serve_answers_a_batch_that_meets_damage_as_not_applied_and_goes_on(built, clock):
+    import threading
+    from ledger.ring import Server
+    flip(built, PENDING_200, AMOUNT_OFFSET, 1)
+    server = Server(built, snapshot_every_s=None, create=False, clock=clock, segment_records_log2=SEGMENT_RECORDS_LOG2)
+    thread = threading.Thread(target=server.serve_forever)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        thread.start()
+        try:
+            with ledger.connect(built) as client:
+                with pytest.raises(ledger.LedgerCorruptError, match="nothing of it was applied"):
+                    client.transfer(900, 0, 0, 0, flags=TransferFlags.POST_PENDING, pending_id=200)
+                assert client.transfer(901, 1, 2, 3) == TransferResult.OK
+                assert client.balance(3) == 0 and client.balance(2) == 1060
+        finally:
+            server.stop()
+            thread.join(timeout=60)
+    assert not thread.is_alive()
+    messages = [str(warning.message) for warning in caught]
+    assert any("was not applied" in message and f"journal position {PENDING_200}:" in message
+               for message in messages), messages
+
+
+def test_a_large_batch_written_ahead_that_meets_damage_poisons_and_keeps_nothing(built, clock):
+    """A batch large enough to be written to the files in chunks while it is applied (16,384 rows or more): the
+    damaged record is met in its last chunk, after earlier chunks reached the files. Nothing is applied; the
+    handle is poisoned (the journal holds events of a batch that will never be committed); reopening drops them."""
+    flip(built, PENDING_200, AMOUNT_OFFSET, 1)
+    count = 20_000
+    with open_again(built, clock) as handle:
+        before = unchanged(handle)
+        batch = ledger.transfers_batch(count)
+        batch["id"] = np.arange(10_000, 10_000 + count)
+        batch["debit_account"], batch["credit_account"], batch["amount"] = 1, 2, 1
+        batch["debit_account"][-1] = batch["credit_account"][-1] = batch["amount"][-1] = 0
+        batch["flags"][-1], batch["pending_id"][-1] = TransferFlags.POST_PENDING, 200
+        with pytest.raises(ledger.LedgerCorruptError):
+            handle.transfers(batch)
+        with pytest.raises(ledger.LedgerPoisonedError):
+            handle.transfer(1, 1, 2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the torn tail of the undone batch
+        with open_again(built, clock) as handle:
+            assert unchanged(handle) == before
+            assert (handle.lookup_transfers(batch["id"][:-1])["state"] == 0).all()
+            assert handle.transfer(10_000, 1, 2, 1) == TransferResult.OK
+
+
+def test_a_large_batch_that_meets_damage_before_writing_ahead_applies_nothing(built, clock):
+    flip(built, PENDING_200, AMOUNT_OFFSET, 1)
+    count = 20_000
+    with open_again(built, clock) as handle:
+        before = unchanged(handle)
+        batch = ledger.transfers_batch(count)
+        batch["id"] = np.arange(10_000, 10_000 + count)
+        batch["debit_account"], batch["credit_account"], batch["amount"] = 1, 2, 1
+        batch["debit_account"][5] = batch["credit_account"][5] = batch["amount"][5] = 0
+        batch["flags"][5], batch["pending_id"][5] = TransferFlags.POST_PENDING, 200
+        with pytest.raises(ledger.LedgerCorruptError):
+            handle.transfers(batch)
+        assert unchanged(handle) == before
+        assert handle.transfer(10_000, 1, 2, 1) == TransferResult.OK
