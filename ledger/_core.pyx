@@ -1763,8 +1763,10 @@ cdef class Engine:
         out = []
         # Each step must go strictly backwards (so a damaged pointer can neither loop nor leave the journal) to an
         # event of this account, checked before its fields are used, and end at the account's creation.
-        while position > after_position and count < limit:
-            if position >= newer or position < creation:
+        while count < limit:
+            if position <= after_position and position >= creation:
+                break
+            if position >= newer or position < creation:   # (a pointer to 0 ends the chain before the creation)
                 record_damaged(s, newer, 0, DAMAGE_POINTER)   # the record holding the bad pointer
                 self._raise_damage()
             if not record_trusted(s, position):

@@ -263,11 +263,11 @@ def test_a_flipped_offset_in_batch_is_an_error_not_a_crash(built, bit):
     assert f"journal position {PENDING_200}:" in outcome or f"journal position {PENDING_201}:" in outcome, outcome
 
 
-@pytest.mark.parametrize("target", [TRANSFER_101, TRANSFER_300], ids=["cycle", "forward"])
+@pytest.mark.parametrize("target", [TRANSFER_101, TRANSFER_300, 0], ids=["cycle", "forward", "to_zero"])
 @pytest.mark.parametrize("resealed", [False, True], ids=["flipped", "resealed"])
 def test_a_damaged_back_pointer_is_an_error_not_a_runaway_walk(built, target, resealed):
-    """101's credit back-pointer (to 100, account 2's event before it) made to point at 101 itself (a cycle) or
-    forward at 300. Flipped: its batch fails its checksum. Resealed (the checksum recomputed, as if written so):
+    """101's credit back-pointer (to 100, account 2's event before it) made to point at 101 itself (a cycle),
+    forward at 300, or at 0 (the chain would end before the account's creation: a history cut short). Flipped: its batch fails its checksum. Resealed (the checksum recomputed, as if written so):
     the batch checks out, and only the walk's rule (strictly backwards, to an event of the account) catches it."""
     word = read_word(built, TRANSFER_101, WORD_B_OFFSET)
     assert word & POSITION_MASK == TRANSFER_100
@@ -436,3 +436,12 @@ def test_a_large_batch_that_meets_damage_before_writing_ahead_applies_nothing(bu
             handle.transfers(batch)
         assert unchanged(handle) == before
         assert handle.transfer(10_000, 1, 2, 1) == TransferResult.OK
+
+
+def test_scrub_runs_beside_a_live_writer(built, clock, capsys):
+    with open_again(built, clock) as writer:
+        assert writer.transfer(1000, 1, 2, 1) == TransferResult.OK
+        code, output = scrub_cli(built, "--json", capsys=capsys)
+        assert code == cli.EXIT_OK, output
+        assert json.loads(output.out)["end_position"] == END_POSITION + 2
+        assert writer.scrub().ok
