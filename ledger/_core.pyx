@@ -1966,7 +1966,7 @@ cdef class Engine:
         """Records from `position` on are replayed (checked) or written by this engine; the ones before are
         checked on first read (verify_old_record). The bitmap of checked batch headers is one bit per record
         before `position` (2 MiB per GiB of journal), in anonymous memory that is faulted in only where a batch
-        is checked."""
+        is checked (a page, or a 2 MiB huge page, at a time)."""
         cdef State *s = &self.state
         LEDGER_ASSERT(s.verified_headers == NULL)
         cdef size_t size = (position + 7) // 8
