@@ -30,7 +30,13 @@ from ledger.enums import (
     AccountResult,
     TransferResult,
 )
-from ledger.errors import LedgerBusyError, LedgerCorruptError, LedgerError, LedgerTimeoutError, LedgerUnavailableError
+from ledger.errors import (
+    LedgerBusyError,
+    LedgerCorruptError,
+    LedgerError,
+    LedgerTimeoutError,
+    LedgerUnavailableError,
+)
 from ledger.scrub import BackgroundScrub
 
 __all__ = ["Client", "Server", "connect", "RING_FILE", "SLOT_COUNT_DEFAULT"]

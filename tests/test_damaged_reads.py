@@ -267,8 +267,9 @@ def test_a_flipped_offset_in_batch_is_an_error_not_a_crash(built, bit):
 @pytest.mark.parametrize("resealed", [False, True], ids=["flipped", "resealed"])
 def test_a_damaged_back_pointer_is_an_error_not_a_runaway_walk(built, target, resealed):
     """101's credit back-pointer (to 100, account 2's event before it) made to point at 101 itself (a cycle),
-    forward at 300, or at 0 (the chain would end before the account's creation: a history cut short). Flipped: its batch fails its checksum. Resealed (the checksum recomputed, as if written so):
-    the batch checks out, and only the walk's rule (strictly backwards, to an event of the account) catches it."""
+    forward at 300, or at 0 (the chain would end before the account's creation: a history cut short). Flipped:
+    its batch fails its checksum. Resealed (the checksum recomputed, as if written so): the batch checks out, and
+    only the walk's rule (strictly backwards, to an event of the account, ending at its creation) catches it."""
     word = read_word(built, TRANSFER_101, WORD_B_OFFSET)
     assert word & POSITION_MASK == TRANSFER_100
     write_word(built, TRANSFER_101, WORD_B_OFFSET, (word & ~POSITION_MASK) | target)
