@@ -44,6 +44,7 @@ from ledger.ring import Client, connect
 from ledger.snapshot import SnapshotInfo, SnapshotJob
 from ledger._core import EVENT_DTYPE
 from ledger.tail import Tailer, tail
+from ledger.scrub import ScrubDamage, ScrubReport
 
 __version__ = "0.1.0"
 
@@ -83,6 +84,8 @@ __all__ = [
     "LedgerPoisonedError",
     "LedgerTimeoutError",
     "LedgerUnavailableError",
+    "ScrubDamage",
+    "ScrubReport",
     "TIMESTAMP_MAX",
     "TRANSFER_DTYPE",
     "TRANSFER_RECORD_DTYPE",

@@ -120,3 +120,14 @@ ctypedef struct State:
     uint64_t last_checksum
     uint64_t last_header_position
     uint64_t batch_pending_deadlines  # PENDING events with a timeout written in the current batch (upper bound)
+    # Records below verified_from (the position replay started at when the journal was opened: the snapshot's)
+    # were never checked by this process: each read of one first checks its batch (bounds, header, checksum),
+    # once per batch, remembered as one bit per header position in verified_headers (anonymous memory faulted in
+    # only where a batch was checked: at most verified_from / 8 bytes). A failed check sets damage_position (the
+    # record or header found damaged) and damage_reason (a DAMAGE_* code) for the caller to report.
+    uint64_t verified_from
+    uint8_t *verified_headers
+    uint64_t verified_headers_bytes
+    uint64_t damage_position
+    uint64_t damage_header_position   # its batch header, when known (0: not known)
+    uint32_t damage_reason

@@ -42,7 +42,7 @@ from ledger.enums import (
     ACCOUNT_DTYPE, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult, TransferResult, BATCH_SIZE_MAX,
     EXPIRE_BATCH_MAX as _EXPIRE_BATCH_MAX, TIMESTAMP_MAX as _TIMESTAMP_MAX,
 )
-from ledger.errors import LedgerClockError, LedgerClosedError, LedgerError, LedgerPoisonedError
+from ledger.errors import LedgerClockError, LedgerClosedError, LedgerCorruptError, LedgerError, LedgerPoisonedError
 
 cnp.import_array()
 
@@ -129,8 +129,26 @@ DEF REPLAY_CHECKSUM = 2     # the batch checksum does not match its bytes
 DEF REPLAY_HEADER = 4       # a record where a header should be is not a well-formed header
 DEF REPLAY_CHAIN = 3        # previous_checksum does not match the previous batch
 DEF REPLAY_INTEGRITY = 5    # checksums hold but the events contradict the state (unknown account, wrong back-pointer)
+DEF REPLAY_DAMAGED = 6      # an event replayed refers to an earlier record (before verified_from) that is damaged
 REPLAY_REASONS = {REPLAY_END: "end", REPLAY_TORN: "torn", REPLAY_CHECKSUM: "checksum", REPLAY_CHAIN: "chain",
-                  REPLAY_HEADER: "header", REPLAY_INTEGRITY: "integrity"}
+                  REPLAY_HEADER: "header", REPLAY_INTEGRITY: "integrity", REPLAY_DAMAGED: "damaged"}
+
+# Why a record read from before verified_from was refused (State.damage_reason; ledger.scrub reports them too).
+DEF DAMAGE_NONE = 0
+DEF DAMAGE_OFFSET = 1       # the record's offset in its batch does not lead to a batch header that covers it
+DEF DAMAGE_HEADER = 2       # its batch header is not a well-formed committed header
+DEF DAMAGE_CHECKSUM = 3     # its batch's checksum does not match the batch's bytes
+DEF DAMAGE_POINTER = 4      # a back-pointer does not go strictly backwards to an earlier event of the account
+DEF DAMAGE_CHAIN = 5        # (scrub) the batch's previous_checksum is not the checksum of the batch before
+DEF DAMAGE_TORN = 6         # (scrub) a committed batch runs past the end of the journal
+DAMAGE_REASONS = {
+    DAMAGE_OFFSET: "the record's offset in its batch leads to no batch header covering it",
+    DAMAGE_HEADER: "its batch header is not a well-formed committed header",
+    DAMAGE_CHECKSUM: "its batch's checksum does not match the batch's bytes",
+    DAMAGE_POINTER: "an account back-pointer does not go strictly backwards to an earlier event of the account",
+    DAMAGE_CHAIN: "the batch's previous_checksum is not the checksum of the batch before it (hash chain broken)",
+    DAMAGE_TORN: "a committed batch runs past the end of the journal",
+}
 
 DEF R_OK = 0
 DEF R_LINKED_EVENT_FAILED = 1
@@ -168,6 +186,9 @@ DEF RA_LEDGER_INVALID = 5
 DEF RA_BALANCE_LIMITS_INVALID = 6
 DEF RA_EXISTS_WITH_DIFFERENT_FIELDS = 7
 DEF RA_EXISTS = 8
+# Never leaves the engine: the row read a damaged record from before verified_from. The whole call is undone and
+# raises LedgerCorruptError (Engine._raise_damage), so no TransferResult needs it.
+DEF R_DAMAGED = 255
 
 # Result members by code, so the single-call path returns an IntEnum without constructing one.
 cdef tuple TRANSFER_RESULTS = tuple(TransferResult(code) for code in range(len(TransferResult)))
@@ -289,6 +310,81 @@ cdef inline uint64_t word_a(uint64_t previous_position, uint16_t code, uint32_t 
 
 cdef inline uint64_t word_b(uint64_t previous_position, uint64_t offset) noexcept nogil:
     return previous_position | (offset << POSITION_BITS)
+
+# ---- Records from before the snapshot: checked once per batch before any field is used ------------------------
+# Replay checks every batch it applies, and this process writes the rest; but the records below verified_from
+# (the snapshot position the engine was opened at) were only checksummed by the process that wrote them. A read
+# of one (a lookup, a history walk, a POST of an old pending transfer, an EXISTS retry) checks its batch first:
+# bounds, header and the whole batch's checksum, once, remembered as a bit per header position.
+
+cdef inline bint record_damaged(State *s, uint64_t position, uint64_t header_position, uint32_t reason) noexcept nogil:
+    """Note the first damage found (the caller undoes what it did and raises once it holds the GIL)."""
+    if s.damage_reason == DAMAGE_NONE:
+        s.damage_position = position
+        s.damage_header_position = header_position
+        s.damage_reason = reason
+    return False
+
+cdef inline bint header_verified(const State *s, uint64_t header_position) noexcept nogil:
+    return header_position < s.verified_headers_bytes * 8 and \
+        (s.verified_headers[header_position >> 3] >> (header_position & 7)) & 1
+
+cdef bint verify_old_header(State *s, uint64_t header_position) noexcept nogil:
+    """The record at header_position (1 <= it < verified_from) is the header of a good committed batch that
+    ends at or before verified_from: well-formed, and its checksum matches (computed once, then remembered)."""
+    LEDGER_ASSERT(header_position < s.verified_from)
+    if header_verified(s, header_position):
+        return True
+    if header_position == 0:
+        return record_damaged(s, header_position, header_position, DAMAGE_HEADER)
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    cdef uint64_t commit = ledger_load_acquire_u64(&header.commit)
+    if (header.word_a != (<uint64_t>KIND_HEADER << 56) or (commit >> 32) != COMMIT_MAGIC
+            or header.magic_version != (<uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32))
+            or header.position != header_position or header.event_count == 0 or header.event_count > OFFSET_MAX
+            or header_position + 1 + header.event_count > s.verified_from):
+        return record_damaged(s, header_position, header_position, DAMAGE_HEADER)
+    cdef uint32_t crc = header_checksum(s, header_position, header_position + 1 + header.event_count)
+    if crc != header.checksum or crc != <uint32_t>commit:
+        return record_damaged(s, header_position, header_position, DAMAGE_CHECKSUM)
+    s.verified_headers[header_position >> 3] |= <uint8_t>(1 << (header_position & 7))
+    return True
+
+cdef bint verify_old_record(State *s, uint64_t position) noexcept nogil:
+    """The event record at `position` (< verified_from) lies in a good committed batch: its offset in the batch
+    leads to a header (>= 1, before it) whose batch covers it, and that batch passes verify_old_header. Only then
+    may a field of the record (or its timestamp, read through the header) be used."""
+    LEDGER_ASSERT(position < s.verified_from)
+    cdef Event *e = event_at(s, position)
+    cdef uint64_t offset = event_offset(e)
+    if offset == 0 or offset >= position:
+        return record_damaged(s, position, 0, DAMAGE_OFFSET)
+    cdef uint64_t header_position = position - offset
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    if not header_verified(s, header_position):
+        if (header.word_a != (<uint64_t>KIND_HEADER << 56) or header.position != header_position
+                or header.event_count < offset):
+            return record_damaged(s, position, header_position, DAMAGE_OFFSET)   # no header there: the offset
+        if not verify_old_header(s, header_position):
+            s.damage_position = position   # report the record read, and its batch's header beside it
+            return False
+    # A verified batch covers exactly its records: a wrong offset cannot lead to one that covers this record.
+    if header.event_count < offset:
+        return record_damaged(s, position, header_position, DAMAGE_OFFSET)
+    return True
+
+cdef inline bint record_trusted(State *s, uint64_t position) noexcept nogil:
+    """The record at `position` may be used: replayed or written by this process, or its batch checks out."""
+    return ledger_likely(position >= s.verified_from) or verify_old_record(s, position)
+
+cdef bint verify_position(State *s, uint64_t position) noexcept nogil:
+    """record_trusted for any committed record, header or event (decided by the kind byte, itself checked: a
+    record whose kind reads as a header must be a good header)."""
+    if position >= s.verified_from:
+        return True
+    if event_kind(event_at(s, position)) == KIND_HEADER:
+        return verify_old_header(s, position)
+    return verify_old_record(s, position)
 
 # ---- Id tables: open addressing over groups of four slots (one cache line) -----------------------------
 # The home group keeps consecutive ids together (see ledger_home_slot); a full group hands over to a probe
@@ -541,7 +637,8 @@ cdef inline AccountHot *account_at(State *s, uint64_t id, uint64_t group) noexce
     return &s.accounts[slot.value]
 
 cdef void undo_event(State *s, uint64_t position) noexcept nogil:
-    """Reverse the event at `position`, which must be the newest applied one (linked-chain rollback)."""
+    """Reverse the event at `position`, which must be the newest applied one (linked-chain rollback, and the
+    whole-batch undo of a call that met a damaged record, which also undoes its EXPIRE events)."""
     cdef Event *e = event_at(s, position)
     cdef uint32_t kind = event_kind(e)
     cdef AccountHot *debit
@@ -566,9 +663,11 @@ cdef void undo_event(State *s, uint64_t position) noexcept nogil:
         debit.debits_pending -= e.amount
         credit.credits_pending -= e.amount
     else:
-        LEDGER_ASSERT(kind == KIND_POST or kind == KIND_VOID)
+        LEDGER_ASSERT(kind == KIND_POST or kind == KIND_VOID or kind == KIND_EXPIRE)
         pending_slot = table_find(&s.transfer_table, e.aux)
         LEDGER_ASSERT(pending_slot != NULL)
+        # Applying this event read (and so checked) the pending record: its batch is remembered as good.
+        LEDGER_ASSERT(record_trusted(s, pending_slot.value & POSITION_MASK))
         pending = event_at(s, pending_slot.value & POSITION_MASK)
         debit.debits_pending += pending.amount
         credit.credits_pending += pending.amount
@@ -576,6 +675,14 @@ cdef void undo_event(State *s, uint64_t position) noexcept nogil:
             debit.debits_posted -= e.amount
             credit.credits_posted -= e.amount
         pending_slot.value = (pending_slot.value & POSITION_MASK) | (<uint64_t>STATE_PENDING << POSITION_BITS)
+        if kind == KIND_EXPIRE:
+            # expire_due popped its deadline (there is room: this batch popped it): put it back. EXPIRE adds
+            # no id to the transfer table.
+            heap_push(&s.expiry_heap, event_timestamp(s, pending, pending_slot.value & POSITION_MASK)
+                      + pending.aux * NANOSECONDS_PER_SECOND, pending_slot.value & POSITION_MASK)
+            debit.last_position = e.word_a & POSITION_MASK
+            credit.last_position = e.word_b & POSITION_MASK
+            return
     debit.last_position = e.word_a & POSITION_MASK
     credit.last_position = e.word_b & POSITION_MASK
     table_remove_newest(&s.transfer_table, e.id)
@@ -614,6 +721,8 @@ cdef inline uint8_t account_row(State *s, const AccountRow *a, uint64_t position
     return R_OK
 
 cdef inline uint8_t compare_existing(State *s, const TableSlot *slot, const TransferRow *t) noexcept nogil:
+    if not record_trusted(s, slot.value & POSITION_MASK):
+        return R_DAMAGED   # the original event is damaged: no answer from it (the call is undone and raises)
     cdef Event *e = event_at(s, slot.value & POSITION_MASK)
     cdef uint32_t kind = event_kind(e)
     cdef uint16_t recorded_flags = 0
@@ -669,6 +778,8 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
         return RT_PENDING_EXPIRED
     LEDGER_ASSERT(state == STATE_PENDING)
     cdef uint64_t pending_position = pending_slot.value & POSITION_MASK
+    if not record_trusted(s, pending_position):
+        return R_DAMAGED   # never apply amounts or accounts read from a damaged record
     cdef Event *pending = event_at(s, pending_position)
     if pending.aux != 0 and (event_timestamp(s, pending, pending_position)
                              + pending.aux * NANOSECONDS_PER_SECOND) <= timestamp:
@@ -895,6 +1006,8 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
         results[i] = code
         if code == R_OK:
             position += 1
+        elif ledger_unlikely(code == R_DAMAGED):
+            break   # the caller undoes the whole batch (undo_batch) and raises
         elif code != exists_code and chain_start != count:
             if position > written_end[0]:
                 written_end[0] = position
@@ -934,6 +1047,9 @@ cdef uint64_t expire_due(State *s, uint64_t header_position, uint64_t position, 
     while s.expiry_heap.size > 0 and s.expiry_heap.entries[0].deadline <= timestamp_base \
             and expired < EXPIRE_BATCH_MAX_C:
         top = heap_pop(&s.expiry_heap)
+        if not record_trusted(s, top.position):
+            heap_push(&s.expiry_heap, top.deadline, top.position)   # as it was; the caller undoes the batch
+            break
         pending = event_at(s, top.position)
         slot = table_find(&s.transfer_table, pending.id)
         if slot == NULL or (slot.value & POSITION_MASK) != top.position \
@@ -1033,14 +1149,30 @@ cdef inline uint64_t begin_batch(State *s, uint64_t now) noexcept nogil:
 
 cdef uint64_t run_transfers(State *s, const TransferRow *rows, uint64_t count, uint8_t *results,
                            uint64_t now) noexcept nogil:
-    """One transfers call: expiries, rows, commit. Returns the number of events written."""
+    """One transfers call: expiries, rows, commit. Returns the number of events written (0 and nothing applied
+    when a damaged record was met: s.damage_reason says so)."""
     cdef uint64_t header_position = s.write_position
     cdef uint64_t timestamp_base = begin_batch(s, now)
     cdef uint64_t position = expire_due(s, header_position, header_position + 1, timestamp_base)
     cdef uint64_t written_end = position
-    cdef uint64_t end = apply_rows(s, rows, count, results, header_position, position, timestamp_base, &written_end)
+    cdef uint64_t end = position
+    if ledger_likely(s.damage_reason == DAMAGE_NONE):
+        end = apply_rows(s, rows, count, results, header_position, position, timestamp_base, &written_end)
+    if ledger_unlikely(s.damage_reason != DAMAGE_NONE):
+        end = undo_batch(s, header_position, end, &written_end)
     commit_batch(s, header_position, end, timestamp_base, written_end)
     return end - header_position - 1
+
+cdef uint64_t undo_batch(State *s, uint64_t header_position, uint64_t end, uint64_t *written_end) noexcept nogil:
+    """A row (or an expiry) of the batch being applied met a damaged record: undo every event of the batch, newest
+    first, so that the call changes nothing (commit_batch then seals an empty batch: it zeroes what was written).
+    Returns the batch's new end (the position after its header)."""
+    if end > written_end[0]:
+        written_end[0] = end
+    while end > header_position + 1:
+        end -= 1
+        undo_event(s, end)
+    return end
 
 DEF WRITE_AHEAD_ROWS = 4096       # 256 KiB of events per chunk
 # Each background sync is a device cache flush as well as data: below about four chunks the extra flush costs
@@ -1131,6 +1263,8 @@ cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) no
         slot = table_find(&s.transfer_table, e.aux)
         if slot == NULL or ((slot.value >> POSITION_BITS) & 0xFF) != STATE_PENDING:
             return REPLAY_INTEGRITY
+        if not record_trusted(s, slot.value & POSITION_MASK):
+            return REPLAY_DAMAGED   # the pending transfer's record (before the snapshot) is damaged
         pending = event_at(s, slot.value & POSITION_MASK)
         if pending.debit_account != e.debit_account or pending.credit_account != e.credit_account \
                 or e.amount > pending.amount:
@@ -1149,7 +1283,15 @@ cdef uint64_t count_accounts(State *s, uint64_t header_position, uint64_t count)
 
 cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t *crc_out) noexcept nogil:
     """Classify the record where the next batch header should be."""
-    if position >= s.mapped_end:
+    return check_batch(s, position, s.last_checksum, s.mapped_end, count_out, crc_out)
+
+cdef int check_batch(State *s, uint64_t position, uint64_t previous_checksum, uint64_t end, uint64_t *count_out,
+                     uint32_t *crc_out) noexcept nogil:
+    """Classify the record at `position` as the header of a batch that follows one with checksum
+    previous_checksum, within the records below `end`: -1 a good batch (its count and checksum out), else a
+    REPLAY_* reason. Replay (check_header) and scrub share it. count_out is also set when the header is
+    well-formed but its checksum or chain fails (scrub goes on after such a batch)."""
+    if position >= end:
         return REPLAY_END
     cdef BatchHeader *header = <BatchHeader *>event_at(s, position)
     cdef uint32_t kind = <uint32_t>((header.word_a >> 56) & KIND_MASK)
@@ -1165,16 +1307,36 @@ cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t
     if header.magic_version != (<uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)) \
             or header.position != position or header.event_count == 0 or header.event_count > OFFSET_MAX:
         return REPLAY_HEADER
-    if position + 1 + header.event_count > s.mapped_end:
+    if position + 1 + header.event_count > end:
         return REPLAY_TORN
+    count_out[0] = header.event_count
     cdef uint32_t crc = header_checksum(s, position, position + 1 + header.event_count)
     if crc != header.checksum or crc != <uint32_t>commit:
         return REPLAY_CHECKSUM
-    if header.previous_checksum != s.last_checksum:
+    if header.previous_checksum != previous_checksum:
         return REPLAY_CHAIN
-    count_out[0] = header.event_count
     crc_out[0] = crc
     return -1   # a good batch
+
+
+cdef uint64_t scrub_resync(State *s, uint64_t start, uint64_t search_end, uint64_t end,
+                           uint64_t *previous_checksum) noexcept nogil:
+    """The first position in [start, search_end) holding a good batch header of a batch within the records
+    below `end` (its checksum matching; the chain is not asked), with previous_checksum set to what that batch
+    chains to; 0 if none."""
+    cdef uint64_t position, count
+    cdef uint32_t crc
+    cdef int reason
+    cdef BatchHeader *header
+    for position in range(start, search_end):
+        header = <BatchHeader *>event_at(s, position)
+        if header.word_a != (<uint64_t>KIND_HEADER << 56):
+            continue
+        reason = check_batch(s, position, header.previous_checksum, end, &count, &crc)
+        if reason == -1:
+            previous_checksum[0] = header.previous_checksum
+            return position
+    return 0
 
 
 cdef object memory_view(void *memory, uint64_t count, object dtype):
@@ -1211,6 +1373,9 @@ cdef class Engine:
     cdef bint _lock_handoff           # released to the waiters: the first to look takes it
     cdef object _interrupted          # a Ctrl-C held back during write_ahead, raised once the batch is durable
     cdef public object timestamp_problem   # set by replay: the first batch whose time breaks the clock rule
+    # damage_error(position, header_position, reason) -> the LedgerCorruptError to raise for a damaged record
+    # (the journal names its file and byte offset); None: a message with the journal position only.
+    cdef public object damage_error
 
     def __cinit__(self):
         memset(&self.state, 0, sizeof(State))
@@ -1248,6 +1413,8 @@ cdef class Engine:
         if self._wake != NULL:
             PyThread_release_lock(self._wake)  # (freeing a taken lock is not allowed)
             PyThread_free_lock(self._wake)
+        if self.state.verified_headers != NULL:
+            ledger_unmap(self.state.verified_headers, self.state.verified_headers_bytes)
         table_free(&self.state.account_table)
         table_free(&self.state.transfer_table)
         free(self.state.expiry_heap.entries)
@@ -1370,6 +1537,20 @@ cdef class Engine:
         heap_reserve(&self.state.expiry_heap, transfers)
         self._map_through(self.state.write_position + records)
         return 0
+
+    cdef int _raise_damage(self) except -1:
+        """Raise LedgerCorruptError for the damage a read (or a call, now undone) found, and forget it."""
+        cdef State *s = &self.state
+        LEDGER_ASSERT(s.damage_reason != DAMAGE_NONE)
+        position, header_position, reason = s.damage_position, s.damage_header_position, s.damage_reason
+        s.damage_position = s.damage_header_position = 0
+        s.damage_reason = DAMAGE_NONE
+        text = DAMAGE_REASONS[reason]
+        if header_position != 0 and header_position != position:
+            text = f"{text}; its batch header is at journal position {header_position}"
+        if self.damage_error is not None:
+            raise self.damage_error(position, header_position, text)
+        raise LedgerCorruptError(f"journal corrupt ({text}) at journal position {position}")
 
     cdef int _check_open(self) except -1:
         if self.poisoned:
@@ -1496,6 +1677,8 @@ cdef class Engine:
         else:
             with nogil:
                 events = run_transfers(&self.state, rows, count, codes, now)
+        if self.state.damage_reason != DAMAGE_NONE:
+            self._raise_damage()   # the batch was undone: nothing of it is applied
         self._committed(start, events)
         return events
 
@@ -1509,27 +1692,42 @@ cdef class Engine:
         cdef State *s = &self.state
         cdef uint64_t header_position = s.write_position, timestamp_base, position, written_end
         cdef uint64_t first = 0, last
+        cdef bint written_ahead = False
         with nogil:
             timestamp_base = begin_batch(s, now)
             position = expire_due(s, header_position, header_position + 1, timestamp_base)
         written_end = position
-        while first < count:
+        while first < count and s.damage_reason == DAMAGE_NONE:
             last = chunk_end(rows, first, count)
             with nogil:
                 position = apply_rows(s, rows + first, last - first, codes + first, header_position, position,
                                       timestamp_base, &written_end)
+            if s.damage_reason != DAMAGE_NONE:
+                break
             if last < count and position > header_position + 1:
                 try:
-                    self._write_ahead(header_position, position)
+                    # True: events reached the files (the journal may hold them back: hold_writes).
+                    written_ahead = bool(self._write_ahead(header_position, position)) or written_ahead
                 except KeyboardInterrupt as error:
                     # Ctrl-C (it lands at the first Python line after a chunk): finish the batch, which
-                    # after_commit then makes durable in full, and raise it after that (_committed).
+                    # after_commit then makes durable in full, and raise it after that (_committed). Some of its
+                    # events may have reached the files: count them written ahead.
+                    written_ahead = True
                     if self._interrupted is None:
                         self._interrupted = error
                 except BaseException:
                     self.poisoned = True   # half a batch is applied in memory: nothing more may use this state
                     raise
             first = last
+        if s.damage_reason != DAMAGE_NONE:
+            with nogil:
+                position = undo_batch(s, header_position, position, &written_end)
+                commit_batch(s, header_position, position, timestamp_base, written_end)
+            if written_ahead:
+                # Events of the undone batch reached the files ahead of a header that will never be written, and
+                # the journal believes them written: only a reopen (which drops them as a torn tail) is safe.
+                self.poisoned = True
+            return 0
         with nogil:
             commit_batch(s, header_position, position, timestamp_base, written_end)
         return position - header_position - 1
@@ -1591,6 +1789,8 @@ cdef class Engine:
         cdef uint64_t start = s.write_position
         cdef uint8_t result = 0
         cdef uint64_t events = run_transfers(s, row, 1, &result, self._now(records - 1))
+        if ledger_unlikely(s.damage_reason != DAMAGE_NONE):
+            self._raise_damage()   # undone: nothing applied
         if events != 0 and self._after_commit is not None:
             self._committed(start, events)
         return TRANSFER_RESULTS[result]
@@ -1712,6 +1912,8 @@ cdef class Engine:
                 if slot == NULL:
                     continue
                 position = slot.value & POSITION_MASK
+                if not record_trusted(&self.state, position):
+                    break   # raised below: no field of a damaged record is returned
                 e = event_at(&self.state, position)
                 kind = event_kind(e)
                 debit = account_of(&self.state, e.debit_account)
@@ -1733,6 +1935,8 @@ cdef class Engine:
                 elif kind == KIND_POST or kind == KIND_VOID:
                     records[i].pending_id = e.aux
                     records[i].flags |= FLAG_POST if kind == KIND_POST else FLAG_VOID
+        if self.state.damage_reason != DAMAGE_NONE:
+            self._raise_damage()
         return out
 
     # -- replay --
@@ -1818,16 +2022,35 @@ cdef class Engine:
         cdef TableSlot *slot = table_find(&self.state.account_table, id)
         if slot == NULL:
             raise KeyError(f"account {id} not found")
-        cdef uint64_t position = self.state.accounts[slot.value].last_position, count = 0
+        cdef State *s = &self.state
+        cdef uint64_t position = s.accounts[slot.value].last_position, count = 0, newer = s.write_position
+        cdef uint64_t creation = s.accounts_cold[slot.value].position
         cdef Event *e
+        cdef uint32_t kind
         out = []
-        while position != 0 and position > after_position and count < limit:
-            e = event_at(&self.state, position)
+        # Each step must go strictly backwards (so a damaged pointer can neither loop nor leave the journal) to an
+        # event of this account, checked before its fields are used, and end at the account's creation.
+        while count < limit:
+            if position <= after_position and position >= creation:
+                break
+            if position >= newer or position < creation:   # (a pointer to 0 ends the chain before the creation)
+                record_damaged(s, newer, 0, DAMAGE_POINTER)   # the record holding the bad pointer
+                self._raise_damage()
+            if not record_trusted(s, position):
+                self._raise_damage()
+            e = event_at(s, position)
+            kind = event_kind(e)
+            if (kind < KIND_ACCOUNT or kind > KIND_EXPIRE or (kind == KIND_ACCOUNT) != (position == creation)
+                    or (kind == KIND_ACCOUNT and e.id != id)
+                    or (kind != KIND_ACCOUNT and e.debit_account != id and e.credit_account != id)):
+                record_damaged(s, newer if newer < s.write_position else position, 0, DAMAGE_POINTER)
+                self._raise_damage()
             if position < before_position:
                 out.append(position)
                 count += 1
-            if event_kind(e) == KIND_ACCOUNT:
+            if kind == KIND_ACCOUNT:
                 break
+            newer = position
             position = (e.word_a if e.debit_account == id else e.word_b) & POSITION_MASK
         return np.array(out, dtype=np.uint64)
 
@@ -1845,6 +2068,8 @@ cdef class Engine:
             position = keys[i]
             if position == 0 or position >= self.state.write_position:
                 raise IndexError(f"journal position {position} is not a committed record")
+            if not verify_position(&self.state, position):
+                self._raise_damage()
             e = event_at(&self.state, position)
             if event_kind(e) == KIND_HEADER or event_kind(e) == 0:
                 raise IndexError(f"journal position {position} is a batch header, not an event")
@@ -1878,7 +2103,13 @@ cdef class Engine:
         while position < end and count < limit:
             header = <BatchHeader *>event_at(&self.state, position)
             if (header.word_a >> 56) != KIND_HEADER:
+                if position < self.state.verified_from and position > start:
+                    # Reached from the previous header's count: a good header must be here.
+                    record_damaged(&self.state, position, position, DAMAGE_HEADER)
+                    self._raise_damage()
                 raise IndexError(f"journal position {position} is not a batch header")
+            if position < self.state.verified_from and not verify_old_header(&self.state, position):
+                self._raise_damage()
             out.append((position, header.timestamp, header.event_count))
             position += 1 + header.event_count
             count += 1
@@ -1994,6 +2225,7 @@ cdef class Engine:
             raise ValueError("snapshot id table is over its load limit")
         self._map_through(scalars["write_position"] + 1)
         s.write_position = scalars["write_position"]
+        self._trust_from(s.write_position)
         s.last_timestamp = scalars["last_timestamp"]
         s.last_checksum = scalars["last_checksum"]
         s.last_header_position = scalars["last_header_position"]
@@ -2003,6 +2235,90 @@ cdef class Engine:
             table_reserve(&s.account_table, account_capacity - s.account_count)
         if transfer_capacity > s.transfer_table.count:
             table_reserve(&s.transfer_table, transfer_capacity - s.transfer_table.count)
+
+    cdef int _trust_from(self, uint64_t position) except -1:
+        """Records from `position` on are replayed (checked) or written by this engine; the ones before are
+        checked on first read (verify_old_record). The bitmap of checked batch headers is one bit per record
+        before `position` (2 MiB per GiB of journal), in anonymous memory that is faulted in only where a batch
+        is checked (a page, or a 2 MiB huge page, at a time)."""
+        cdef State *s = &self.state
+        LEDGER_ASSERT(s.verified_headers == NULL)
+        cdef size_t size = (position + 7) // 8
+        if size == 0:
+            return 0
+        cdef void *memory = ledger_map_anonymous(size, 0)
+        if memory == NULL:
+            raise MemoryError(f"cannot allocate {size} bytes to remember the checked journal batches")
+        s.verified_headers = <uint8_t *>memory
+        s.verified_headers_bytes = size
+        s.verified_from = position
+        return 0
+
+    @property
+    def verified_from(self):
+        """Records before this position were not checked by this engine when it opened (the snapshot's position);
+        each is checked, with its batch, the first time it is read."""
+        return self.state.verified_from
+
+    def raise_damage(self):
+        """Raise the LedgerCorruptError for what replay() stopped at with reason "damaged"."""
+        self._raise_damage()
+
+    def scrub(self, uint64_t position, uint64_t previous_checksum, uint64_t end, uint64_t records_max):
+        """Re-check committed batches from the header at `position` (1: the first), which follows a batch with
+        checksum previous_checksum (0 for the first), up to `end` (at most write_position), stopping after the
+        batch that reaches records_max records (at least one batch is checked). Every check of replay is made
+        (header, checksum, hash chain); a damaged batch whose header is still well-formed is stepped over (its
+        recorded checksum continues the chain), otherwise the next good batch is searched for. Batches before
+        verified_from found good are remembered, so later reads of them are not checked again.
+        Returns (next position, its previous checksum, batches, records, [(position, DAMAGE_* reason), ...])."""
+        self._enter()   # one step at a time (records_max): other threads' calls go on between steps
+        try:
+            return self._scrub(position, previous_checksum, end, records_max)
+        finally:
+            self._exit()
+
+    cdef object _scrub(self, uint64_t position, uint64_t previous_checksum, uint64_t end, uint64_t records_max):
+        self._check_open()
+        cdef State *s = &self.state
+        end = min(end, s.write_position)
+        cdef uint64_t records = 0, batches = 0, count = 0, found
+        cdef uint32_t crc = 0
+        cdef int reason
+        cdef BatchHeader *header
+        damaged = []
+        while position < end and (records < records_max or batches == 0):
+            count = 0
+            with nogil:
+                reason = check_batch(s, position, previous_checksum, end, &count, &crc)
+            if reason == -1:
+                if position + 1 + count <= s.verified_from and s.verified_headers != NULL:
+                    s.verified_headers[position >> 3] |= <uint8_t>(1 << (position & 7))
+                previous_checksum = crc
+                position += 1 + count
+                records += 1 + count
+                batches += 1
+                continue
+            header = <BatchHeader *>event_at(s, position)
+            damaged.append((position, DAMAGE_CHECKSUM if reason == REPLAY_CHECKSUM else DAMAGE_CHAIN
+                            if reason == REPLAY_CHAIN else DAMAGE_TORN if reason == REPLAY_TORN else DAMAGE_HEADER))
+            batches += 1
+            if reason == REPLAY_CHECKSUM or reason == REPLAY_CHAIN:
+                previous_checksum = header.checksum   # go on with the chain as the batch recorded it
+                position += 1 + count
+                records += 1 + count
+                continue
+            # No count to trust: the next good batch (any chain) is within the largest batch after this one.
+            found = 0
+            with nogil:
+                found = scrub_resync(s, position + 1, min(end, position + 2 + OFFSET_MAX), end, &previous_checksum)
+            if found == 0:
+                records += end - position
+                position = end
+                break
+            records += found - position
+            position = found
+        return position, previous_checksum, batches, records, damaged
 
     def check_batch_end(self, uint64_t header_position, uint64_t end, uint64_t checksum):
         """True if the journal holds a committed batch at header_position ending at `end` with this checksum:

@@ -85,6 +85,7 @@ STATUS_INVALID_SLOT = 1
 STATUS_ABANDONED = 2
 STATUS_NOT_FOUND = 3
 STATUS_REJECTED = 4               # a well-formed slot of a batch that holds a malformed one: refused with it
+STATUS_DAMAGED = 5    # the writer met a damaged journal record applying the batch: nothing of it was applied
 
 ctypedef struct RingHeader:
     uint64_t magic

@@ -44,6 +44,7 @@ from ledger.journal import (
 
 if TYPE_CHECKING:
     from ledger.audit import VerifyReport
+    from ledger.scrub import ScrubReport
 
 __all__ = [
     "ACCOUNT_STATE_DTYPE",
@@ -56,6 +57,7 @@ __all__ = [
 
 DURABILITY_MODES = ("fsync", "os")
 REPLAY_END = next(code for code, name in _core.REPLAY_REASONS.items() if name == "end")
+REPLAY_DAMAGED = next(code for code, name in _core.REPLAY_REASONS.items() if name == "damaged")
 # Opening replays the journal after the snapshot in slices of this many records, with a progress bar, when stderr
 # is a terminal and at least this much may be left (about 0.4 s of replay): less is not worth a bar.
 REPLAY_SLICE_RECORDS = 1 << 22
@@ -331,6 +333,16 @@ class Ledger:
             self._poison()
             raise
 
+    def scrub(self) -> "ScrubReport":
+        """Re-check every committed batch of the journal (header, checksum, hash chain), as replay does, without
+        building any state: a damaged batch is reported (file, byte offset, journal position, why) before a read
+        meets it. Reads only; safe on a read-only handle beside a live writer. Cost: one CRC32C pass over the
+        journal's bytes; `ledger serve` runs the same check slowly in the background. A batch before the snapshot
+        found good is remembered, so later reads of it are not checked again."""
+        self._check_open()
+        from ledger.scrub import scrub
+        return scrub(self)
+
     def verify(self) -> "VerifyReport":
         """Replay the whole journal into a fresh engine (re-checking every checksum, the hash chain and the
         back-pointers) and compare it with the live state; also check conservation and limits."""
@@ -491,6 +503,7 @@ def _open(path: str | os.PathLike[str] | None, create: bool = False, durability:
                                  **({"account_capacity": accounts_capacity, "transfer_capacity": transfers_capacity}
                                     if capacity else {}))
             fresh.map_through(journal.existing_end_position)
+            fresh.damage_error = journal.damaged
             return fresh
 
         engine, recovered_from = _engine_from_snapshot(os.fspath(path), new_engine, accounts_capacity,
@@ -530,6 +543,8 @@ def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bo
     reader that has seen its stop move READONLY_RECOVERY_ATTEMPTS times takes what it replayed (whole batches,
     every check passed) as the journal's end, as it takes any stop beside a live writer. Damage never moves."""
     reason, position = _replay(engine, journal)
+    if reason == REPLAY_DAMAGED:
+        engine.raise_damage()  # a batch replayed refers to a record from before the snapshot that is damaged
     for _ in range(READONLY_RECOVERY_ATTEMPTS):
         try:
             journal.recover_tail(reason, position, engine.mapped_end)
@@ -539,6 +554,8 @@ def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bo
                 raise
             stopped_at = position
             reason, position, _, _ = engine.replay()
+            if reason == REPLAY_DAMAGED:
+                engine.raise_damage()
             if position == stopped_at:
                 raise
     assert readonly and position > stopped_at

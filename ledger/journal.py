@@ -747,6 +747,15 @@ class FileJournal:
                                   f"{position}: a committed batch before the tail fails its check; nothing was "
                                   f"changed on disk")
 
+    def damaged(self, position: int, header_position: int, reason: str) -> LedgerCorruptError:
+        """The error for a damaged record found when read (Engine.damage_error): a record from before the position
+        the ledger was opened from, which replay did not check, fails its batch's check."""
+        path, offset = self._location(position)
+        return LedgerCorruptError(f"journal corrupt ({reason}) in {path} at byte offset {offset}, journal position "
+                                  f"{position}: a committed record read from before the snapshot this ledger was "
+                                  f"opened from fails its check; nothing was changed (`ledger scrub` lists every "
+                                  f"damaged batch)")
+
     # -- durability --
 
     def _inject(self, operation: str) -> None:
@@ -802,7 +811,8 @@ class FileJournal:
         """Inside a large batch (the core calls this between chunks of rows): write the batch's events that are
         final so far, [header_position + 1, end), and start syncing them in the background while the core
         applies the next chunk. The batch still counts only once after_commit has written its header and synced.
-        Never raises: an error is kept and raised by after_commit, which fails the call and poisons the handle."""
+        Never raises: an error is kept and raised by after_commit, which fails the call and poisons the handle.
+        Returns True if it wrote events to the files (the core poisons the handle if it then undoes the batch)."""
         if not self.write_through or self.hold_writes:
             return
         if self._ahead_header != header_position:
@@ -819,6 +829,7 @@ class FileJournal:
         if self._background_sync is None:
             self._background_sync = _BackgroundSync(self)
         self._background_sync.request(header_position + 1, end)
+        return True
 
     def write_events(self, header_position: int, end: int) -> None:
         """Write a held batch's events [header_position + 1, end) ahead of its header; write() then writes only the

@@ -32,11 +32,13 @@ from ledger.enums import (
 )
 from ledger.errors import (
     LedgerBusyError,
+    LedgerCorruptError,
     LedgerError,
     LedgerRejectedError,
     LedgerTimeoutError,
     LedgerUnavailableError,
 )
+from ledger.scrub import BackgroundScrub
 
 __all__ = ["Client", "Server", "connect", "RING_FILE", "SLOT_COUNT_DEFAULT"]
 
@@ -260,6 +262,8 @@ class Server:
         self._snapshot_due = time.monotonic() + (snapshot_every_s or 0.0)
         recovered = self.ledger.recovered_from
         self._snapshot_position = recovered.position if recovered is not None else 0
+        # Re-checks the whole journal slowly, pass after pass, between drains (ledger/scrub.py).
+        self.scrub = BackgroundScrub(self.ledger)
 
     def _create_ring(self, slot_count: int) -> tuple[_ring.Ring, mmap.mmap]:
         path = os.path.join(self.directory, RING_FILE)
@@ -292,6 +296,7 @@ class Server:
             while not self._stop.is_set():
                 worked = self.drain_once()
                 self._snapshot_if_due()
+                self.scrub.tick()
                 if not worked:
                     self.ring.wait_for_work(self.idle_wait_ms, self.spin_count)
         finally:
@@ -349,6 +354,13 @@ class Server:
         self.settle()                 # answers leave in sequence order: an earlier group first
         self._sync_and_answer(unsynced, end_position, first, codes, statuses, payloads, None)
         return True
+
+    def status(self) -> dict[str, Any]:
+        """What the server has done: rows applied, snapshots, and the background scrub (passes completed, where
+        it is, and every damaged batch it found, also warned about on stderr)."""
+        return {"applied_rows": self.applied_rows, "snapshot_failures": self.snapshot_failures,
+                "last_snapshot_position": None if self.last_snapshot is None else self.last_snapshot.position,
+                **self.scrub.status()}
 
     def _wait_synced(self) -> None:
         """Wait until the sync of the group handed to the sync thread last has returned; raise what it raised."""
@@ -482,7 +494,15 @@ class Server:
                end: int) -> None:
         if kind == _ring.KIND_TRANSFER:
             rows = np.ascontiguousarray(payloads[begin:end, :TRANSFER_DTYPE.itemsize]).view(TRANSFER_DTYPE).ravel()
-            codes[begin:end] = self.ledger.transfers(rows)
+            try:
+                codes[begin:end] = self.ledger.transfers(rows)
+            except LedgerCorruptError as error:
+                if self.ledger._engine.poisoned:
+                    raise
+                # The core undid the whole batch: answer it as not applied and go on serving the others.
+                statuses[begin:end] = _ring.STATUS_DAMAGED
+                warnings.warn(f"ledger serve: a batch of {end - begin} transfers was not applied: {error}",
+                              RuntimeWarning, stacklevel=2)
         elif kind == _ring.KIND_ACCOUNT:
             rows = np.ascontiguousarray(payloads[begin:end, :ACCOUNT_DTYPE.itemsize]).view(ACCOUNT_DTYPE).ravel()
             codes[begin:end] = self.ledger.create_accounts(rows)
@@ -683,6 +703,9 @@ class Client:
         refused = (statuses == _ring.STATUS_INVALID_SLOT) | (statuses == _ring.STATUS_REJECTED)
         if refused.any():
             raise _refusal(statuses, refused, codes)
+        if (statuses == _ring.STATUS_DAMAGED).any():
+            raise LedgerCorruptError("the writer met a damaged journal record applying this batch (its stderr "
+                                     "names the file, byte offset and position); nothing of it was applied")
         return codes, statuses, answers
 
     def transfers(self, batch: Any) -> np.ndarray:
