@@ -46,6 +46,7 @@ class ScrubDamage:
         return f"damaged batch {where}journal position {self.position}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (what `ledger scrub --json` prints per damaged batch)."""
         return dataclasses.asdict(self)
 
 
@@ -62,6 +63,7 @@ class ScrubReport:
 
     @property
     def bytes(self) -> int:
+        """The journal bytes checked (records * 64)."""
         return self.records * RECORD_SIZE
 
     def __str__(self) -> str:
@@ -72,6 +74,7 @@ class ScrubReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a dict of plain values (what `ledger scrub --json` prints)."""
         return {"ok": self.ok, "batches": self.batches, "records": self.records, "bytes": self.bytes,
                 "end_position": self.end_position, "seconds": self.seconds,
                 "damaged": [damage.to_dict() for damage in self.damaged]}
