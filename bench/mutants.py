@@ -190,8 +190,13 @@ def main() -> int:
         check_patterns(directory, mutants)
         print(f"copy of {source} in {directory}", flush=True)
         build(directory)
-        located = run([sys.executable, "-c", "import ledger; print(ledger.__file__)"], directory, 60)
-        assert located.stdout.startswith(directory), f"the copy imports another ledger: {located.stdout}"
+        # An editable install of another checkout would answer for a module the copy lacks: every module must be
+        # the copy's, or a mutant of the core would run against another core and "survive".
+        located = run([sys.executable, "-c", "import ledger, ledger._core, ledger._ring\n"
+                       "for m in (ledger, ledger._core, ledger._ring): print(m.__file__)"], directory, 60)
+        paths = located.stdout.split()
+        assert len(paths) == 3 and all(path.startswith(directory) for path in paths), \
+            f"the copy imports another ledger: {located.stdout}{located.stderr}"
 
         # The guarding tests must pass unmutated, or a "caught" would mean nothing.
         baseline = sorted({mutant.tests for mutant in mutants})

@@ -29,19 +29,32 @@ def clock():
     return Clock()
 
 
-def _engine_or_skip():
+def pytest_configure(config):
+    """An unbuilt (or broken) core fails the run at once, with what to do: never tests quietly skipped."""
     try:
-        import ledger  # noqa: F401
-        from ledger import open as _open  # noqa: F401
-    except Exception as e:  # pragma: no cover - only while the core is not built
-        pytest.skip(f"ledger engine not importable: {e!r}")
+        import ledger
+        from ledger import _core, _ring
+    except ImportError as error:
+        raise pytest.UsageError(f"the ledger package does not import ({error!r}): build the core first, "
+                                f"`python setup.py build_ext --inplace`, and put the checkout on PYTHONPATH")
+    # An editable install of another checkout (pip install -e) answers for a compiled module missing here: the
+    # tests would run this checkout's Python against another checkout's core.
+    package = os.path.dirname(os.path.abspath(ledger.__file__))
+    for module in (_core, _ring):
+        if os.path.dirname(os.path.abspath(module.__file__)) != package:
+            raise pytest.UsageError(f"{module.__name__} comes from {module.__file__}, not from {package}: build "
+                                    f"this checkout's core (`python setup.py build_ext --inplace`)")
+
+
+def _engine():
+    import ledger
     return ledger
 
 
 @pytest.fixture
 def engine(clock):
     """An in-memory engine ledger driven by the injected clock."""
-    ledger = _engine_or_skip()
+    ledger = _engine()
     lg = ledger.open(None, clock=clock)
     yield lg
     try:
@@ -54,7 +67,7 @@ def engine(clock):
 def lg(request, clock):
     """The same rule tests run against the engine and against the reference model."""
     if request.param == "engine":
-        ledger = _engine_or_skip()
+        ledger = _engine()
         handle = ledger.open(None, clock=clock)
     else:
         from model import ModelLedger
