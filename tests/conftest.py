@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -22,6 +23,28 @@ class Clock:
 
     def set(self, t: int) -> None:
         self.t = t
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_the_test_started():
+    """Every subprocess a test starts is killed at its end if it is still running: a test that fails (or times out
+    waiting) must not leave a writer, a client or a projector running into the next tests."""
+    started = []
+    real_init = subprocess.Popen.__init__
+
+    def tracking_init(self, *arguments, **options):
+        real_init(self, *arguments, **options)
+        started.append(self)
+
+    subprocess.Popen.__init__ = tracking_init
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = real_init
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture

@@ -4,7 +4,10 @@ durability "fsync" (kill -9 cannot tell a missing fdatasync: the page cache surv
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -222,3 +225,63 @@ def test_a_new_segment_and_its_directory_entry_are_synced(tmp_path, monkeypatch)
         "the new segment file was not synced before its rename"
     assert ("fsync", journal_directory) in names[renamed_at:], "the journal directory was not synced after the rename"
     assert_synced_after_last_write(names, second)
+
+
+# The same promise seen from outside the process: the system calls themselves (strace), so no way of reaching the
+# disk that bypasses the os module (or a wrapper around it) can pass for a sync.
+STRACED_WRITER = r"""
+import os, sys
+import numpy as np
+import ledger
+directory = sys.argv[1]
+handle = ledger.open(directory, create=True, segment_records_log2=10)
+accounts = ledger.accounts_batch(2)
+accounts["id"] = [1, 2]
+accounts["min_balance"][0] = ledger.BALANCE_MIN
+assert not handle.create_accounts(accounts).any()
+for k in range(3):
+    rows = ledger.transfers_batch(1 + k)
+    rows["id"] = 100 + 10 * k + np.arange(1 + k)
+    rows["debit_account"], rows["credit_account"], rows["amount"] = 1, 2, 3
+    os.access(f"/ledger-marker-call-{k}", os.F_OK)      # seen by strace: the call starts
+    assert not handle.transfers(rows).any()
+    os.access(f"/ledger-marker-returned-{k}", os.F_OK)  # the call has returned
+handle.close()
+"""
+STRACE_CALLS = "pwrite64,pwritev,pwritev2,write,fdatasync,fsync,msync,sync_file_range,faccessat,faccessat2,access"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
+def test_fsync_mode_syncs_each_batch_seen_by_strace(tmp_path):
+    directory = str(tmp_path / "data")
+    trace = str(tmp_path / "trace")
+    completed = subprocess.run(["strace", "-f", "-qq", "-y", "-e", f"trace={STRACE_CALLS}", "-o", trace,
+                                sys.executable, "-c", STRACED_WRITER, directory], capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    segment = os.path.realpath(segment_file(directory))
+    with open(trace) as file:
+        lines = file.read().splitlines()
+    for k in range(3):
+        start = next(i for i, line in enumerate(lines) if f"/ledger-marker-call-{k}" in line)
+        end = next(i for i, line in enumerate(lines) if f"/ledger-marker-returned-{k}" in line)
+        inside = lines[start:end]
+        writes = [i for i, line in enumerate(inside) if line.split()[1].startswith(("pwrite", "write(")) and
+                  f"<{segment}>" in line]
+        assert writes, f"call {k}: nothing written to {segment}: {inside}"
+        assert any(succeeded_sync(inside, i, segment) for i in range(writes[-1], len(inside))), \
+            f"call {k}: {segment} written, not synced before the call returned: {inside}"
+
+
+def succeeded_sync(lines, index, path):
+    """Line `index` of an strace -f log starts an fdatasync or fsync of `path` that returned 0 (on that line, or
+    on its "resumed" line when another thread's call was logged in between)."""
+    pid, call = lines[index].split()[:2]
+    if not call.startswith(("fdatasync(", "fsync(")) or f"<{path}>" not in call:
+        return False
+    if lines[index].rstrip().endswith("= 0"):
+        return True
+    name = call.split("(")[0]
+    return lines[index].rstrip().endswith("<unfinished ...>") and any(
+        line.split()[:1] == [pid] and f"<... {name} resumed>" in line and line.rstrip().endswith("= 0")
+        for line in lines[index + 1:])
