@@ -1,5 +1,6 @@
 """A producer process for bench/test_ring.py: sends batches (or single transfers) through the ring, prints its
-rate and per-call latencies (ns) as JSON on stdout.
+rate and per-call latencies (ns) as JSON on stdout. Every transfer must be applied (result OK): a rejected one
+(an unfunded account, a duplicate id) makes it exit non-zero, so no rate is ever reported for rejections.
 
     python bench/ring_producer.py DIR SEED CALLS BATCH_SIZE FIRST_ID
 
@@ -27,12 +28,18 @@ def main() -> None:
     client = ledger.connect(directory, **({"spin_count": int(spin_count)} if spin_count else {}))
     latencies = np.empty(calls, np.int64)
     next_id = first_id
+    rejected = 0          # counted outside the timed call; checked at the end
+    first_rejection = None
     started = time.perf_counter()
     for call in range(calls):
         if batch_size == 1:
             debit, credit = FIRST_ACCOUNT_ID + rng.integers(0, accounts, 2)
             began = time.perf_counter_ns()
-            client.transfer(next_id, int(debit), int(credit) if credit != debit else int(debit) + 1, 1)
+            code = client.transfer(next_id, int(debit), int(credit) if credit != debit else int(debit) + 1, 1)
+            latencies[call] = time.perf_counter_ns() - began
+            if code != 0:
+                rejected += 1
+                first_rejection = first_rejection or (next_id, ledger.TransferResult(code).name)
         else:
             rows = ledger.transfers_batch(batch_size)
             rows["id"] = np.arange(next_id, next_id + batch_size, dtype=np.uint64)
@@ -41,10 +48,18 @@ def main() -> None:
             rows["credit_account"] = FIRST_ACCOUNT_ID + (debit - FIRST_ACCOUNT_ID + 1) % accounts
             rows["amount"] = 1
             began = time.perf_counter_ns()
-            client.transfers(rows)
-        latencies[call] = time.perf_counter_ns() - began
+            codes = client.transfers(rows)
+            latencies[call] = time.perf_counter_ns() - began
+            failed = np.flatnonzero(codes)
+            if failed.size:
+                rejected += int(failed.size)
+                first_rejection = first_rejection or (int(rows["id"][failed[0]]),
+                                                      ledger.TransferResult(int(codes[failed[0]])).name)
         next_id += batch_size
     seconds = time.perf_counter() - started
+    if rejected:
+        raise SystemExit(f"ring_producer: {rejected} of {calls * batch_size} transfers were rejected (first: id "
+                         f"{first_rejection[0]}, {first_rejection[1]}): no rate for a run that did not apply them")
     print(json.dumps({"transfers": calls * batch_size, "seconds": seconds,
                       "latencies_ns": latencies.tolist()}))
 

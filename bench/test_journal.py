@@ -36,13 +36,18 @@ def test_durable_batches(benchmark, tmp_path, batch_size, durability):
     stream = TransferStream(ACCOUNTS, batch_size)
     prepared = [[stream.batch() for _ in range(batches_per_round)] for _ in range(rounds + 1)]
 
+    rejected = []   # result arrays with a non-OK code: a rate of rejections is no rate
+
     def run(batches):
         for batch in batches:
-            handle.transfers(batch)
+            codes = handle.transfers(batch)
+            if codes.any():
+                rejected.append(codes)
 
     iterator = iter(prepared)
     benchmark.pedantic(run, setup=lambda: ((next(iterator),), {}), rounds=rounds, iterations=1, warmup_rounds=1)
     handle.close()
+    assert not rejected, f"{len(rejected)} batches had rejected transfers, e.g. codes {set(rejected[0].tolist())}"
     transfers = batches_per_round * batch_size
     rate = transfers / benchmark.stats.stats.median
     disk = disk_probe(str(tmp_path), batch_size * RECORD_BYTES)
@@ -63,7 +68,8 @@ def test_recovery_replay(benchmark, tmp_path):
     stream = TransferStream(ACCOUNTS, batch_size)
     written = 0
     while written < total:
-        handle.transfers(stream.batch())
+        codes = handle.transfers(stream.batch())
+        assert not codes.any(), f"rejected transfers in the journal to replay: codes {set(codes.tolist())}"
         written += batch_size
     events = handle.stats()["journal_position"]
     handle.close()

@@ -62,7 +62,11 @@ def test_ring_throughput(benchmark, tmp_path, producers, batch_size):
                                       str(index), str(calls), str(batch_size),
                                       str((len(outputs) * producers + index + 1) << 32), str(ACCOUNTS)],
                                      stdout=subprocess.PIPE, env=environment) for index in range(producers)]
-        results = [json.loads(child.communicate()[0]) for child in children]
+        results = []
+        for child in children:
+            out, _ = child.communicate()
+            assert child.returncode == 0, f"a producer failed (exit {child.returncode}): see its stderr above"
+            results.append(json.loads(out))
         outputs.append(results)
         return results
 
@@ -88,6 +92,9 @@ def test_ring_throughput(benchmark, tmp_path, producers, batch_size):
     )
     with ledger.open(directory, readonly=True) as handle:
         assert handle.account(SETTLEMENT_ID) is not None
+        # Every transfer of every round was applied (the producers check their codes; this checks the ledger).
+        sent = sum(result["transfers"] for round_results in outputs for result in round_results)
+        assert handle.stats()["transfers"] == ACCOUNTS + sent, (handle.stats()["transfers"], sent)   # + funding
 
 
 @pytest.mark.parametrize("producers, writers", [(1, 1), (2, 1), (2, 2)])

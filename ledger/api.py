@@ -36,7 +36,10 @@ from ledger.snapshot import (
 from ledger.journal import (
     FLUSH_INTERVAL_MS_DEFAULT,
     RECORD_SIZE,
+    FLUSH_INTERVAL_MS_MAX,
     SEGMENT_RECORDS_LOG2_DEFAULT,
+    SEGMENT_RECORDS_LOG2_MAX,
+    SEGMENT_RECORDS_LOG2_MIN,
     FaultInjector,
     FileJournal,
     MemoryJournal,
@@ -482,6 +485,13 @@ def _open(path: str | os.PathLike[str] | None, create: bool = False, durability:
                         ("journal_records_reserved", journal_records_reserved)):
         if not 0 <= operator.index(value) <= 2**36:
             raise ValueError(f"{name} must be in [0, 2**36], got {value}")
+    # Checked here for every kind of ledger (the journal checks them again): an in-memory one took any segment size
+    # the core allowed (4 to 30) and ignored a flush interval out of range.
+    for name, value, low, high in (
+            ("segment_records_log2", segment_records_log2, SEGMENT_RECORDS_LOG2_MIN, SEGMENT_RECORDS_LOG2_MAX),
+            ("flush_interval_ms", flush_interval_ms, 1, FLUSH_INTERVAL_MS_MAX)):
+        if not low <= operator.index(value) <= high:
+            raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     if path is None:
         memory = MemoryJournal(segment_records_log2)
         engine = _core.Engine(segment_records_log2, memory.segment, clock=clock,

@@ -149,16 +149,74 @@ def test_cli_input_errors_are_one_line_exit_2(small_ledger, capsys, arguments, e
     assert not os.path.exists(small_ledger + "-restored")
 
 
-@pytest.mark.parametrize("raised, code", [(PermissionError(13, "Permission denied", "x"), 3),
-                                          (OSError(5, "Input/output error"), 3),
-                                          (ledger.LedgerFullError("disk full"), 3),
-                                          (RuntimeError("a bug"), 4)])
-def test_cli_environment_errors(small_ledger, capsys, monkeypatch, raised, code):
-    def fail(*arguments, **options):
-        raise raised
+def without_root_privileges():
+    """A command prefix under which permission bits apply: root (the tests' user here) bypasses them through
+    CAP_DAC_OVERRIDE, so drop it (and its kin) from the capability bounding set of the child."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
 
-    monkeypatch.setattr(ledger, "open", fail)
-    assert main_in_process(capsys, ["balance", small_ledger, 2])[0] == code
+
+def test_cli_permission_denied_is_exit_3(small_ledger):
+    """A real permission denial (the journal's segment file made unreadable): one line naming the file, exit 3."""
+    segment = os.path.join(small_ledger, "journal", "00000000.segment")
+    os.chmod(segment, 0)
+    try:
+        completed = subprocess.run([*without_root_privileges(), sys.executable, "-m", "ledger", "balance",
+                                    small_ledger, "2"], capture_output=True, text=True, timeout=300)
+    finally:
+        os.chmod(segment, 0o600)
+    assert completed.returncode == 3, completed.stderr
+    assert "Permission denied" in completed.stderr and "00000000.segment" in completed.stderr
+    assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 1 MiB tmpfs (mounting needs root, which the tests have here; elsewhere the test is skipped)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_cli_disk_full_is_exit_3(tiny_filesystem):
+    """`init` on a full disk (a 64 MiB segment on a 1 MiB tmpfs): the LedgerFullError, one line, exit 3."""
+    failed = run("init", tiny_filesystem / "data", expect=3)
+    assert "cannot allocate journal segment" in failed.stderr and "No space left" in failed.stderr
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+# An internal error for real: the CLI run with so little stack that its own code raises RecursionError, an
+# exception no handler expects (what a bug raises).
+SHALLOW_STACK_CLI = """
+import sys
+from ledger import cli
+sys.setrecursionlimit(30)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_cli_internal_error_is_exit_4_and_one_line(small_ledger):
+    completed = subprocess.run([sys.executable, "-c", SHALLOW_STACK_CLI, "balance", small_ledger, "2"],
+                               capture_output=True, text=True, timeout=300, env=dict(os.environ, LEDGER_TRACEBACK=""))
+    assert completed.returncode == 4, completed.stderr
+    assert completed.stderr.startswith("ledger: internal error RecursionError")
+    assert "LEDGER_TRACEBACK=1" in completed.stderr
+    assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+def test_cli_ledger_traceback_shows_the_internal_error(small_ledger):
+    completed = subprocess.run([sys.executable, "-c", SHALLOW_STACK_CLI, "balance", small_ledger, "2"],
+                               capture_output=True, text=True, timeout=300, env=dict(os.environ, LEDGER_TRACEBACK="1"))
+    assert completed.returncode == 1, completed.stderr   # the interpreter's exit for an uncaught exception
+    assert "Traceback (most recent call last)" in completed.stderr and "RecursionError" in completed.stderr
+    assert "ledger/cli.py" in completed.stderr
 
 
 def test_cli_restore_until_time_from_a_named_snapshot(tmp_path):

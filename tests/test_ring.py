@@ -32,8 +32,15 @@ def start_writer(directory, durability="fsync", abandon_after_ms=300, overlap_ro
 
 
 def stop(process):
+    """SIGTERM, and SIGKILL if it has not exited within 30 s (a hang guard: the test then fails, and nothing it
+    started is left running)."""
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
 
 
 def setup_accounts(directory):
@@ -281,8 +288,16 @@ def test_sigkill_of_a_producer_does_not_wedge_the_others(tmp_path):
         assert handle.verify().ok
 
 
-def drain_until(server, sequence, seconds):
-    """Run the writer's loop in this thread until it has consumed up to `sequence`; returns the seconds taken."""
+# Liveness bounds: they only end a hang, so they are far above anything a loaded machine takes. A "did not wait"
+# check makes the wait it rules out long (BUSY_TIMEOUT_LONG_MS) and allows a quarter of it.
+HANG_GUARD_S = 60
+BUSY_TIMEOUT_LONG_MS = 60_000
+NOT_WAITED_S = BUSY_TIMEOUT_LONG_MS / 1000 / 4
+
+
+def drain_until(server, sequence, seconds=HANG_GUARD_S):
+    """Run the writer's loop in this thread until it has consumed up to `sequence` (`seconds`: a hang guard);
+    returns the seconds taken."""
     started = time.monotonic()
     while server.ring.consume_sequence < sequence:
         assert time.monotonic() - started < seconds, f"the writer is stuck at {server.ring.consume_sequence}"
@@ -304,7 +319,7 @@ def test_dead_producers_large_batch_is_given_up_in_one_step(tmp_path):
         rows["id"], rows["debit_account"], rows["credit_account"], rows["amount"] = [7, 8], 1, 2, 5
         live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
         assert live == dead + 300
-        seconds = drain_until(server, live + 2, seconds=2 * ABANDON_AFTER_MS_DEFAULT / 1000 + 3)
+        seconds = drain_until(server, live + 2)   # one slot per timeout would be 300 x 2 s
         assert seconds >= ABANDON_AFTER_MS_DEFAULT / 1000 * 0.9
         codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
         ring.wait_results(live, 2, codes, statuses, 1000, 1000)
@@ -336,7 +351,7 @@ def test_hostile_head_slot_cannot_push_the_writer_past_the_claimed_slots(tmp_pat
         rows = ledger.transfers_batch(1)
         rows[0] = (9, 1, 2, 5, 0, 0, 1, 0, 0, 0)
         live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
-        drain_until(server, live + 1, seconds=5)
+        drain_until(server, live + 1)
         assert server.ledger.balance(2) == 5
     finally:
         server.close()
@@ -414,7 +429,7 @@ def test_a_stalled_producer_never_writes_into_the_next_laps_slot(tmp_path):
         stalled.set_stall_hook(stall)
         with pytest.raises(_ring.RingAbandonedError):
             stalled.submit(_ring.KIND_TRANSFER, transfer_batch([100], amount=1), 1000)
-        drain_until(server, late[0] + 1, seconds=5)
+        drain_until(server, late[0] + 1)
         codes, statuses = np.zeros(1, np.uint8), np.zeros(1, np.uint8)
         next_lap.wait_results(late[0], 1, codes, statuses, 1000, 1000)
         assert (codes[0], statuses[0]) == (0, 0)
@@ -440,8 +455,8 @@ def test_a_caller_that_stops_waiting_does_not_hold_its_slots(tmp_path):
         assert server.drain_once()
         ring.wait_results(middle, 8, codes, statuses, 1000, 1000)
         started = time.monotonic()
-        lapped = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(10, 18))), 500)    # slots 0..7 again
-        assert time.monotonic() - started < 0.3
+        lapped = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(10, 18))), BUSY_TIMEOUT_LONG_MS)
+        assert time.monotonic() - started < NOT_WAITED_S, "slots 0..7 again: it waited for space it had"
         assert server.drain_once()
         ring.wait_results(lapped, 8, codes, statuses, 1000, 1000)
         assert (codes == ledger.TransferResult.EXISTS).all(), "the timed-out call was applied: a retry says EXISTS"
@@ -459,13 +474,13 @@ def test_giving_up_a_waiting_producer_fails_it_at_once_and_keeps_the_last_laps_r
         reader, waiter = producer(server), producer(server)
         first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
         second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
-        drain_until(server, second + 8, seconds=5)                     # answered, not read: slots 0..15 held
+        drain_until(server, second + 8)                     # answered, not read: slots 0..15 held
         outcome = []
 
         def wait_for_space():
             started = time.monotonic()
             try:
-                waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), 5000)   # sequence 16: slot 0
+                waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), BUSY_TIMEOUT_LONG_MS)   # slot 0
                 outcome.append("submitted")
             except Exception as error:  # noqa: BLE001 - the test inspects it
                 outcome.append(error)
@@ -474,21 +489,21 @@ def test_giving_up_a_waiting_producer_fails_it_at_once_and_keeps_the_last_laps_r
         import threading
         thread = threading.Thread(target=wait_for_space)
         thread.start()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + HANG_GUARD_S
         while server.ring.consume_sequence < 17 and time.monotonic() < deadline:
             server.drain_once()
             time.sleep(0.005)
-        thread.join(timeout=10)
+        thread.join(timeout=HANG_GUARD_S)
         assert isinstance(outcome[0], _ring.RingAbandonedError), outcome
-        assert outcome[1] < 1.0, f"the producer noticed after {outcome[1]:.2f} s"
+        assert outcome[1] < NOT_WAITED_S, f"the producer noticed after {outcome[1]:.2f} s (busy timeout: 60 s)"
         codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
         reader.wait_results(first, 8, codes, statuses, 1000, 1000)      # the unread lap is intact
         assert codes.tolist() == [0] * 8 and statuses.tolist() == [0] * 8
         reader.wait_results(second, 8, codes, statuses, 1000, 1000)
         waiter.claim_without_publishing(15)                              # up to sequence 32: slot 0 again
         started = time.monotonic()
-        waiter.submit(_ring.KIND_TRANSFER, transfer_batch([51]), 500)
-        assert time.monotonic() - started < 0.3
+        waiter.submit(_ring.KIND_TRANSFER, transfer_batch([51]), BUSY_TIMEOUT_LONG_MS)
+        assert time.monotonic() - started < NOT_WAITED_S
     finally:
         server.close()
 
@@ -503,7 +518,7 @@ def test_a_result_of_another_sequence_is_a_ledger_error(tmp_path):
         outcome = []
         thread = threading.Thread(target=lambda: outcome.append(_raised(client.transfers, transfer_batch([60, 61]))))
         thread.start()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + HANG_GUARD_S
         while server.ring.claim_sequence < 2 and time.monotonic() < deadline:
             time.sleep(0.001)
         for sequence, answered in ((0, 5), (1, 2)):             # result words hold sequence + 1: slot 0 is wrong
@@ -556,16 +571,51 @@ def test_waiting_for_space_notices_a_stopped_writer(tmp_path):
         reader = producer(server)
         reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
         reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
-        drain_until(server, 16, seconds=5)                              # answered, never read: the ring is full
-        client = connect(server.directory, busy_timeout_ms=3000)
+        drain_until(server, 16)                                         # answered, never read: the ring is full
+        client = connect(server.directory, busy_timeout_ms=BUSY_TIMEOUT_LONG_MS, timeout_ms=2 * BUSY_TIMEOUT_LONG_MS)
         # The writer stops while the call waits (a call that finds it stopped before sending waits for a new one).
         stopper = threading.Timer(0.2, server.ring.stop)
         started = time.monotonic()
         stopper.start()
         with pytest.raises(ledger.LedgerUnavailableError, match="waited for ring space"):
             client.transfer(50, 1, 2, 5)
-        assert time.monotonic() - started < 1.2
+        assert time.monotonic() - started < NOT_WAITED_S
         stopper.join()
+        client.close()
+    finally:
+        server.close()
+
+
+def test_a_call_on_a_full_ring_gets_busy_and_applies_nothing(tmp_path):
+    """Every slot holds an answered, unread result for busy_timeout_ms: the call fails with LedgerBusyError and
+    nothing of it is applied; once the results are read, the same call (same id) applies once."""
+    server = small_server(tmp_path)
+    try:
+        reader = producer(server)
+        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        drain_until(server, 16)                                         # answered, never read: the ring is full
+        balance = server.ledger.balance(2)
+        client = connect(server.directory, busy_timeout_ms=200)
+        with pytest.raises(ledger.LedgerBusyError):
+            client.transfer(50, 1, 2, 5)
+        assert not server.drain_once() and server.ring.consume_sequence == 16   # nothing of it was published
+        assert server.ledger.lookup_transfers(np.array([50], np.uint64))["state"].tolist() == [0]
+        assert server.ledger.balance(2) == balance
+        codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+        reader.wait_results(first, 8, codes, statuses, 1000, 1000)      # frees slots 0..7
+        reader.wait_results(second, 8, codes, statuses, 1000, 1000)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(client.transfer(50, 1, 2, 5)))
+        thread.start()
+        deadline = time.monotonic() + HANG_GUARD_S
+        while thread.is_alive():                  # the claim the busy call gave up (abandoned), then the retry
+            assert time.monotonic() < deadline, "the retry was never answered"
+            if not server.drain_once():
+                server.ring.wait_for_work(20)
+        thread.join()
+        assert outcome == [ledger.TransferResult.OK]
+        assert server.ledger.balance(2) == balance + 5
         client.close()
     finally:
         server.close()
@@ -591,8 +641,13 @@ def test_a_call_waiting_behind_another_on_the_same_client_times_out(tmp_path):
         server.close()
 
 
+# The child installs Python's own SIGINT handler: a test run started in the background of a non-interactive shell
+# (`pytest ... &`, some CI launchers) has SIGINT ignored, its children inherit that, and Python then leaves it
+# ignored: the SIGINT below did nothing and the client sat in its 30 s call (the one failure under load, with the
+# process never killed afterwards). A user's Ctrl-C at a terminal meets the default handler.
 CTRL_C_CLIENT = r'''
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import ledger
 from ledger.ring import Server, connect
 server = Server(sys.argv[1], durability="os", slot_count=16)            # beats, never drains
@@ -610,13 +665,17 @@ except KeyboardInterrupt:
 def test_ctrl_c_interrupts_a_waiting_call_and_detaches_its_slots(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", CTRL_C_CLIENT, str(tmp_path / "data")], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
-    assert process.stdout.readline().strip() == "waiting"
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=10)
+    try:
+        assert process.stdout.readline().strip() == "waiting"
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)   # a hang guard: uninterrupted, the call lasts 30 s
+    finally:
+        process.kill()
+        process.wait()
     words = out.split()
     assert words[:1] == ["interrupted"], (out, err)
-    assert float(words[1]) < 2.0
+    assert float(words[1]) < 25.0, "the call ran to (near) its 30 s timeout: Ctrl-C did not interrupt it"
     assert words[2:] == ["1", "1"], "slot 0 is detached (DETACHED | sequence 0 + 1)"
 
 
@@ -698,7 +757,7 @@ def test_releasing_a_slot_wakes_a_producer_waiting_for_it(tmp_path):
         reader, waiter = producer(server), producer(server)
         first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
         second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
-        drain_until(server, 16, seconds=5)                              # answered, not read: the ring is full
+        drain_until(server, 16)                              # answered, not read: the ring is full
         done = []
         thread = threading.Thread(target=lambda: done.append(
             (waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), 5000, 3000, 0, 1000), time.monotonic())))
@@ -817,7 +876,7 @@ def test_a_large_group_is_synced_in_the_background_and_its_successor_committed_o
         header = server.ledger._engine.write_position
         writer = threading.Thread(target=server.drain_once)
         writer.start()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + HANG_GUARD_S
         while server.ledger._engine.write_position == header and time.monotonic() < deadline:
             time.sleep(0.005)
         assert server.ledger._engine.write_position == header + 3      # applied in memory: header and 2 events
@@ -928,9 +987,9 @@ def test_serve_snapshots_periodically_so_a_restart_does_not_replay_from_genesis(
             assert client.create_account(2) == ledger.AccountResult.OK
             assert not client.transfers(transfer_batch(list(range(1, 101)))).any()
             snapshots = os.path.join(directory, "snapshots")
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + HANG_GUARD_S
             while not (os.path.isdir(snapshots) and any(name.endswith(".snapshot") for name in os.listdir(snapshots))):
-                assert time.monotonic() < deadline, "no snapshot within 10 s"
+                assert time.monotonic() < deadline, f"no snapshot within {HANG_GUARD_S} s"
                 time.sleep(0.05)
             assert client.transfer(200, 1, 2, 7) == ledger.TransferResult.OK
     finally:
@@ -958,7 +1017,7 @@ def test_a_failed_periodic_snapshot_is_reported_and_serving_goes_on(tmp_path):
         try:
             with connect(server.directory) as client:
                 assert client.transfer(300, 1, 2, 5) == ledger.TransferResult.OK
-                deadline = time.monotonic() + 5
+                deadline = time.monotonic() + HANG_GUARD_S
                 while server.snapshot_failures < 2 and time.monotonic() < deadline:
                     time.sleep(0.02)
                 assert client.transfer(301, 1, 2, 5) == ledger.TransferResult.OK
@@ -1096,7 +1155,7 @@ def test_multi_slot_batches_with_holes_and_lies_never_stall_or_overrun_the_write
                 ring.publish_raw(sequence + index, bytes(data))
                 published.append(sequence + index)
         sequence += size
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + HANG_GUARD_S
     while ring.consume_sequence < first + total:
         assert time.monotonic() < deadline, f"the writer stalled at {ring.consume_sequence} of {first + total}"
         if not server.drain_once():

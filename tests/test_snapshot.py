@@ -479,17 +479,25 @@ def test_a_killed_restore_leaves_a_directory_the_next_restore_deletes(tmp_path):
                                                    "restored"])
 
 
-def test_failed_restore_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_restore_leaves_nothing(tmp_path):
+    """Restore onto a real full disk (a 100 KiB tmpfs; a segment is 260 KiB): ENOSPC while copying, and neither
+    DEST nor the temporary directory beside it is left; the source is untouched."""
     directory = str(tmp_path / "data")
     build(directory, 2, snapshot_every=0)
-
-    def disk_full(*arguments):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(restore_module, "_copy_segment", disk_full)
-    with pytest.raises(OSError):
-        restore(directory, str(tmp_path / "restored"))
-    assert sorted(os.listdir(tmp_path)) == ["data"]
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(OSError) as raised:
+            restore(directory, str(mount / "restored"))
+        assert raised.value.errno == errno.ENOSPC
+        assert os.listdir(mount) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    with ledger.open(directory, readonly=True, segment_records_log2=12) as handle:
+        assert handle.verify().ok
 
 
 def test_a_reader_does_not_write_snapshots(tmp_path):
@@ -834,29 +842,35 @@ def test_snapshot_child_does_not_keep_the_writer_lock(tmp_path, monkeypatch):
     """A writer killed while its child still writes a snapshot must be reopenable at once: the child lets go of
     the LOCK it inherited (an flock lasts while any descriptor of it is open)."""
     directory = str(tmp_path / "data")
+    release = str(tmp_path / "release")
     real_write = snapshot_module.write_snapshot
 
-    def slow_write(*arguments, **options):  # runs in the child
-        time.sleep(1.0)
+    def held_write(*arguments, **options):  # runs in the child: it writes only once the test has reopened
+        deadline = time.monotonic() + 60     # a hang guard
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return real_write(*arguments, **options)
 
-    monkeypatch.setattr(snapshot_module, "write_snapshot", slow_write)
+    monkeypatch.setattr(snapshot_module, "write_snapshot", held_write)
     handle = ledger.open(directory, create=True)
     handle.create_accounts(accounts())
     job = handle.snapshot(wait=False)
     handle.close()  # as if the writer died: its own descriptor of LOCK is gone, the child's is not
-    reopened = None
-    deadline = time.monotonic() + 0.5  # the child lets go first thing; it writes for a second after that
-    while reopened is None:
-        try:
-            reopened = ledger.open(directory)
-        except ledger.LedgerLockedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-    with reopened:
-        assert not job.done()
-        assert reopened.stats()["accounts"] == accounts().shape[0]
+    try:
+        reopened = None
+        deadline = time.monotonic() + 30  # a hang guard: the child lets go first thing, and holds its write
+        while reopened is None:
+            try:
+                reopened = ledger.open(directory)
+            except ledger.LedgerLockedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        with reopened:
+            assert not job.done()
+            assert reopened.stats()["accounts"] == accounts().shape[0]
+    finally:
+        open(release, "w").close()
     job.wait()
 
 

@@ -48,15 +48,6 @@ def _open_engine(clock):
     return ledger.open(None, clock=clock)
 
 
-try:  # skip (not error) while the core is not built
-    if os.environ.get("LEDGER_STATEFUL_BACKEND") != "model":
-        import ledger as _ledger
-
-        _ledger.open  # noqa: B018
-except Exception as e:  # pragma: no cover
-    pytest.skip(f"ledger engine not importable: {e!r}", allow_module_level=True)
-
-
 # ------------------------------------------------------------------------------------------------ strategies
 def _mapped(n_valid: int, extra: dict):
     """0..n_valid as they are, then a few special values."""

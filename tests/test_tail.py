@@ -377,9 +377,7 @@ def test_stop_event_ends_a_following_tailer(tmp_path):
         received.append(events)
         stop.set()                      # the first array ends it
 
-    started = time.monotonic()
-    position = tail(directory, callback=callback, stop=stop, interval_ms=5)
-    assert time.monotonic() - started < 5
+    position = tail(directory, callback=callback, stop=stop, interval_ms=5)   # returns: it does not follow on
     assert position == received[-1]["position"][-1] + 1
 
 
