@@ -242,9 +242,13 @@ class Segment:
         self.records = memoryview(memory)[SEGMENT_HEADER_BYTES:]
 
     def close(self) -> None:
-        self.records.release()
-        self.memory.close()
-        os.close(self.fd)
+        """Unmap and close. The descriptor is closed whatever happens to the mapping: if a view of it is still
+        held somewhere (BufferError), the mapping goes when that view does, and the error is raised after."""
+        try:
+            self.records.release()
+            self.memory.close()
+        finally:
+            os.close(self.fd)
 
 
 class FileJournal:
@@ -934,23 +938,44 @@ class FileJournal:
             with self._synced_changed:  # a snapshot waiting for durability learns the answer now
                 self._durable_waits_over = True
                 self._synced_changed.notify_all()
-        if self._background_sync is not None:
-            self._background_sync.stop()
-            self._background_sync = None
-        if self._preparing is not None:
-            self._preparing.join()
-            self._preparing = None
-        if self._prepared is not None and isinstance(self._prepared[1], Segment):
-            self._prepared[1].close()  # created ahead and never used: an empty segment file, valid on reopen
-        self._prepared = None
-        for segment in self.segments:
-            segment.close()
-        self.segments = []
-        if self._durable_fd is not None:
-            os.close(self._durable_fd)
-            self._durable_fd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        # Every step runs whatever an earlier one raised (the lock above all: a directory left locked until the
+        # process exits is unusable); the first error is raised at the end.
+        try:
+            self._release_files()
+        except BaseException as error:
+            final_error = final_error or error
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
         if final_error is not None:
             raise final_error
+
+    def _release_files(self) -> None:
+        """close(): stop the helper threads, unmap and close every segment and the durable mark's file."""
+        first_error: BaseException | None = None
+        steps: list[Callable[[], None]] = []
+        if self._background_sync is not None:
+            steps.append(self._background_sync.stop)
+        if self._preparing is not None:
+            steps.append(self._preparing.join)
+        steps.append(self._close_prepared)
+        steps += [segment.close for segment in self.segments if segment is not None]
+        if self._durable_fd is not None:
+            steps.append(lambda: os.close(self._durable_fd))
+        for step in steps:
+            try:
+                step()
+            except BaseException as error:
+                first_error = first_error or error
+        self._background_sync = None
+        self._preparing = None
+        self.segments = []
+        self._durable_fd = None
+        if first_error is not None:
+            raise first_error
+
+    def _close_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and isinstance(prepared[1], Segment):
+            prepared[1].close()  # created ahead and never used: an empty segment file, valid on reopen
