@@ -19,7 +19,9 @@ cdef extern from "Python.h":
     long long PyLong_AsLongLong(object value) except? -1
 
 cimport cython
+import mmap as mmap_module
 import operator
+import os
 import numpy as np
 from ledger.memory import anonymous_array
 cimport numpy as cnp
@@ -89,6 +91,7 @@ DEF ACCOUNT_CAPACITY_MIN = 1024
 DEF CRC_NOGIL_BYTES_MIN = 1 << 16
 
 FORMAT_VERSION = 1
+SEGMENTS_MAPPED_MAX = LEDGER_SEGMENTS_MAPPED_MAX   # old segments mapped from their files at once (_segment_cache.h)
 DEF FORMAT_VERSION_C = 1
 RECORD_SIZE = 64
 EXPIRE_BATCH_MAX = _EXPIRE_BATCH_MAX
@@ -240,9 +243,15 @@ cdef int64_t to_signed(object value, str name) except? -1:
 # ---- Record access ----------------------------------------------------------------------------------------
 
 cdef inline Event *event_at(State *s, uint64_t position) noexcept nogil:
+    """The record at `position`. An old segment that is not mapped now is mapped here (the slow path, out of
+    line); the pointer stays valid until the next such mapping (the rule in _segment_cache.h)."""
     LEDGER_DEBUG_ASSERT(position < s.mapped_end)
     cdef uint64_t mask = (<uint64_t>1 << s.segment_records_log2) - 1
-    return <Event *>(s.segments[position >> s.segment_records_log2] + ((position & mask) << 6))
+    cdef uint64_t index = position >> s.segment_records_log2
+    cdef char *segment = s.segments[index]
+    if ledger_unlikely(segment == NULL):
+        segment = ledger_segment_cache_map(&s.segment_cache, s.segments, index)
+    return <Event *>(segment + ((position & mask) << 6))
 
 cdef inline uint32_t event_kind(const Event *e) noexcept nogil:
     return <uint32_t>((e.word_a >> 56) & KIND_MASK)
@@ -643,7 +652,9 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
         return RT_PENDING_EXPIRED
     LEDGER_ASSERT(state == STATE_PENDING)
     cdef uint64_t pending_position = pending_slot.value & POSITION_MASK
-    cdef Event *pending = event_at(s, pending_position)
+    # A copy: reading the pending event's batch header may map another old segment and unmap this one.
+    cdef Event pending_event = event_at(s, pending_position)[0]
+    cdef Event *pending = &pending_event
     if pending.aux != 0 and (event_timestamp(s, pending, pending_position)
                              + pending.aux * NANOSECONDS_PER_SECOND) <= timestamp:
         return RT_PENDING_EXPIRED
@@ -935,10 +946,13 @@ cdef void schedule_expiries(State *s, uint64_t start, uint64_t end) noexcept nog
     """Push the deadlines of the PENDING events in [start, end) once their batch is final (after rollbacks)."""
     cdef uint64_t position
     cdef Event *e
+    cdef uint64_t timeout_seconds
     for position in range(start, end):
         e = event_at(s, position)
         if event_kind(e) == KIND_PENDING and e.aux != 0:
-            heap_push(&s.expiry_heap, event_timestamp(s, e, position) + e.aux * NANOSECONDS_PER_SECOND, position)
+            timeout_seconds = e.aux   # read before the header: in replay that may map another old segment
+            heap_push(&s.expiry_heap, event_timestamp(s, e, position) + timeout_seconds * NANOSECONDS_PER_SECOND,
+                      position)
 
 cdef uint32_t checksum_range(State *s, uint32_t crc, uint64_t start, uint64_t end) noexcept nogil:
     """CRC32C over the records [start, end), which may span segments."""
@@ -959,8 +973,9 @@ cdef void zero_range(State *s, uint64_t start, uint64_t end) noexcept nogil:
         start = chunk_end
 
 cdef uint32_t header_checksum(State *s, uint64_t header_position, uint64_t end) noexcept nogil:
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
     cdef uint32_t crc = checksum_range(s, 0, header_position + 1, end)
+    # After the events: reading them may have mapped another old segment and unmapped the header's.
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
     # The header fields up to and including previous_checksum: this is what chains batch to batch.
     return ledger_crc32c(crc, header, 40)
 
@@ -1052,14 +1067,15 @@ cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexce
 cdef int replay_accounts(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
     cdef uint64_t position
     cdef Event *e
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    # A copy: the batch's events may lie in the next segment, whose mapping may unmap the header's.
+    cdef uint64_t timestamp_base = (<BatchHeader *>event_at(s, header_position)).timestamp
     for position in range(header_position + 1, header_position + 1 + count):
         e = event_at(s, position)
         if event_kind(e) != KIND_ACCOUNT or event_offset(e) != position - header_position:
             return REPLAY_INTEGRITY
         if e.id == 0 or e.id == ID_MAX or table_find(&s.account_table, e.id) != NULL:
             return REPLAY_INTEGRITY
-        apply_account(s, e, position, header.timestamp + (position - header_position) - 1)
+        apply_account(s, e, position, timestamp_base + (position - header_position) - 1)
     return REPLAY_END
 
 cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
@@ -1106,6 +1122,7 @@ cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) no
         if slot == NULL or ((slot.value >> POSITION_BITS) & 0xFF) != STATE_PENDING:
             return REPLAY_INTEGRITY
         pending = event_at(s, slot.value & POSITION_MASK)
+        e = event_at(s, position)   # mapping the pending event's segment may have unmapped this one
         if pending.debit_account != e.debit_account or pending.credit_account != e.credit_account \
                 or e.amount > pending.amount:
             return REPLAY_INTEGRITY
@@ -1142,6 +1159,7 @@ cdef int check_header(State *s, uint64_t position, uint64_t *count_out, uint32_t
     if position + 1 + header.event_count > s.mapped_end:
         return REPLAY_TORN
     cdef uint32_t crc = header_checksum(s, position, position + 1 + header.event_count)
+    header = <BatchHeader *>event_at(s, position)   # the checksum's reads may have unmapped it (old segments)
     if crc != header.checksum or crc != <uint32_t>commit:
         return REPLAY_CHECKSUM
     if header.previous_checksum != s.last_checksum:
@@ -1165,8 +1183,10 @@ cdef class Engine:
     cdef State state
     cdef object _accounts_hot
     cdef object _accounts_cold
-    cdef list _segment_objects
+    cdef list _segment_objects           # per segment: the buffer handed over (held), or None (file-backed)
     cdef object _segment_provider
+    cdef object _segment_release
+    cdef uint64_t _release_next          # segments below this were offered to _segment_release already
     cdef object _after_commit
     cdef object _write_ahead
     cdef object _clock
@@ -1177,17 +1197,35 @@ cdef class Engine:
 
     def __cinit__(self):
         memset(&self.state, 0, sizeof(State))
+        ledger_segment_cache_init(&self.state.segment_cache)
 
     def __init__(self, segment_records_log2, segment_provider, *, after_commit=None, write_ahead=None, clock=None,
-                 account_capacity=ACCOUNT_CAPACITY_MIN, transfer_capacity=1024):
+                 account_capacity=ACCOUNT_CAPACITY_MIN, transfer_capacity=1024, segment_files=None,
+                 segment_release=None):
         """segment_provider(index) returns a writable buffer of 64 << segment_records_log2 bytes (zero-filled
-        or holding earlier journal data); after_commit(start, end) makes positions [start, end) durable;
+        or holding earlier journal data), or None for a segment to be read from its file when needed (only
+        with segment_files); after_commit(start, end) makes positions [start, end) durable;
         write_ahead(header_position, end), if given, is called inside a large batch with the events
-        [header_position + 1, end) that are final so far (the journal may start writing them out)."""
+        [header_position + 1, end) that are final so far (the journal may start writing them out).
+        segment_files: (directory descriptor, header bytes): where segment files NNNNNNNN.segment are and where
+        their records start; the engine keeps its own duplicate of the descriptor and maps old segments from
+        there on demand, at most SEGMENTS_MAPPED_MAX at a time (_segment_cache.h).
+        segment_release(index), if given, is offered each handed-over segment once the engine writes past it:
+        it returns a callable that closes the journal's mapping (called once the engine has let go of the
+        buffer; the segment is read from its file from then on), or None to keep it handed over for now."""
         if not 4 <= segment_records_log2 <= 30:
             raise ValueError("segment_records_log2 must be in [4, 30]")
         self.state.segment_records_log2 = segment_records_log2
+        self.state.segment_cache.segment_bytes = <uint64_t>64 << segment_records_log2
+        if segment_files is not None:
+            directory_fd, header_bytes = segment_files
+            if header_bytes <= 0 or header_bytes % mmap_module.PAGESIZE:
+                raise ValueError(f"segment header bytes must be a positive multiple of the page size, "
+                                 f"got {header_bytes}")
+            self.state.segment_cache.header_bytes = header_bytes
+            self.state.segment_cache.directory_fd = os.dup(directory_fd)
         self._segment_provider = segment_provider
+        self._segment_release = segment_release
         self._after_commit = after_commit
         self._write_ahead = write_ahead
         self._clock = clock
@@ -1204,6 +1242,7 @@ cdef class Engine:
         self._map_through(2)
 
     def __dealloc__(self):
+        ledger_segment_cache_release(&self.state.segment_cache, self.state.segments)
         table_free(&self.state.account_table)
         table_free(&self.state.transfer_table)
         free(self.state.expiry_heap.entries)
@@ -1234,24 +1273,80 @@ cdef class Engine:
             raise OverflowError(f"journal position limit (2**40 records) reached")
         while self.state.mapped_end < end:
             index = self.state.segment_count
-            # A memoryview holds an export on the buffer for as long as we keep it: an mmap cannot be closed
-            # (BufferError) while the core still writes through its address.
-            buffer = memoryview(self._segment_provider(index))
-            PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+            provided = self._segment_provider(index)   # first: if it raises (disk full), nothing has changed
+            grown = realloc(self.state.segments, (index + 1) * sizeof(char *))
+            if grown == NULL:
+                raise MemoryError("cannot grow the segment table")
+            self.state.segments = <char **>grown
+            self.state.segments[index] = NULL
+            self._segment_objects.append(None)
             try:
-                if <uint64_t>view.len < segment_bytes:
-                    raise ValueError(f"segment {index} buffer has {view.len} bytes, need {segment_bytes}")
-                grown = realloc(self.state.segments, (index + 1) * sizeof(char *))
-                if grown == NULL:
-                    raise MemoryError("cannot grow the segment table")
-                self.state.segments = <char **>grown
-                self.state.segments[index] = <char *>view.buf
-            finally:
-                PyBuffer_Release(&view)
-            self._segment_objects.append(buffer)   # keeps the memory alive while we hold its address
+                self._attach(index, provided)
+            except BaseException:
+                self._segment_objects.pop()
+                raise
             self.state.segment_count = index + 1
             self.state.mapped_end = (index + 1) << self.state.segment_records_log2
+        self._release_behind()
         return 0
+
+    cdef int _attach(self, uint64_t index, object provided) except -1:
+        """Make `provided` (a buffer, or None: read the segment from its file on demand) segment `index`."""
+        cdef Py_buffer view
+        cdef uint64_t segment_bytes = <uint64_t>64 << self.state.segment_records_log2
+        if provided is None:
+            if self.state.segment_cache.directory_fd < 0:
+                raise ValueError(f"segment {index}: the provider gave no buffer and there are no segment files")
+            return 0
+        # A memoryview holds an export on the buffer for as long as we keep it: an mmap cannot be closed
+        # (BufferError) while the core still writes through its address.
+        buffer = memoryview(provided)
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+        try:
+            if <uint64_t>view.len < segment_bytes:
+                raise ValueError(f"segment {index} buffer has {view.len} bytes, need {segment_bytes}")
+            ledger_segment_cache_forget(&self.state.segment_cache, self.state.segments, index)
+            self.state.segments[index] = <char *>view.buf
+        finally:
+            PyBuffer_Release(&view)
+        self._segment_objects[index] = buffer   # keeps the memory alive while we hold its address
+        return 0
+
+    cdef int _release_behind(self) except -1:
+        """Offer the journal the handed-over segments below the one being written (between commands: no record
+        pointer is alive): those it lets go of are read from their files from now on."""
+        cdef uint64_t write_index = self.state.write_position >> self.state.segment_records_log2
+        if self._segment_release is None or self.readonly:
+            return 0
+        while self._release_next < write_index:
+            index = self._release_next
+            buffer = self._segment_objects[index]
+            if buffer is not None:
+                close_segment = self._segment_release(index)
+                if close_segment is None:
+                    return 0   # not durable yet: offered again after a later command
+                self.state.segments[index] = NULL
+                self._segment_objects[index] = None
+                buffer.release()
+                close_segment()
+            self._release_next = index + 1
+        return 0
+
+    def provide_segments(self, uint64_t first_index):
+        """Ask the provider again for segments [first_index, segment_count) that are read from their files: the
+        journal hands over the ones it is about to write (a writer continuing inside segments that already
+        exist). Call between commands."""
+        self._check_open()
+        for index in range(first_index, self.state.segment_count):
+            if self._segment_objects[index] is None:
+                self._attach(index, self._segment_provider(index))
+        self._release_next = min(self._release_next, first_index)
+
+    @property
+    def segments_mapped(self):
+        """(old segments mapped from their files now, mappings made so far, segments handed over now)."""
+        return (ledger_segment_cache_count(&self.state.segment_cache), self.state.segment_cache.maps,
+                sum(buffer is not None for buffer in self._segment_objects))
 
     cdef int _reserve(self, uint64_t accounts, uint64_t transfers, uint64_t records) except -1:
         if self.state.account_count + accounts > self.state.account_capacity:
@@ -1259,7 +1354,7 @@ cdef class Engine:
         table_reserve(&self.state.account_table, accounts)
         table_reserve(&self.state.transfer_table, transfers)
         heap_reserve(&self.state.expiry_heap, transfers)
-        self._map_through(self.state.write_position + records)
+        self._map_through(self.state.write_position + records)   # and offers the segments written past
         return 0
 
     cdef int _check_open(self) except -1:
@@ -1478,7 +1573,6 @@ cdef class Engine:
                 records[i].credit_account = e.credit_account
                 records[i].amount = e.amount
                 records[i].user_data = e.user_data
-                records[i].timestamp = event_timestamp(&self.state, e, position)
                 records[i].sequence = position
                 records[i].ledger = debit.ledger
                 records[i].code = event_code(e)
@@ -1490,6 +1584,8 @@ cdef class Engine:
                 elif kind == KIND_POST or kind == KIND_VOID:
                     records[i].pending_id = e.aux
                     records[i].flags |= FLAG_POST if kind == KIND_POST else FLAG_VOID
+                # Last: the batch header may lie in another old segment, whose mapping may unmap e's.
+                records[i].timestamp = event_timestamp(&self.state, e, position)
         return out
 
     # -- replay --
@@ -1498,6 +1594,13 @@ cdef class Engine:
         """Apply every committed batch from the current write position on, stopping at the first record that
         is not a good batch header or at `end_position`. Returns (reason, position, batches, events)."""
         self._check_open()
+        self.state.segment_cache.populate = 1   # whole segments, in order (_segment_cache.h)
+        try:
+            return self._replay(end_position)
+        finally:
+            self.state.segment_cache.populate = 0
+
+    cdef tuple _replay(self, uint64_t end_position):
         cdef uint64_t position = self.state.write_position, count = 0, batches = 0, events = 0
         cdef uint32_t crc = 0
         cdef int reason
@@ -1518,11 +1621,11 @@ cdef class Engine:
             if reason != REPLAY_END:
                 break
             header = <BatchHeader *>event_at(&self.state, position)
+            self.state.last_timestamp = header.timestamp + count - 1   # before the pass below unmaps it
             if self.state.batch_pending_deadlines != 0:   # a pass over the batch only if it made deadlines
                 with nogil:
                     schedule_expiries(&self.state, position + 1, position + 1 + count)
             self.state.last_checksum = crc
-            self.state.last_timestamp = header.timestamp + count - 1
             self.state.last_header_position = position
             position += 1 + count
             self.state.write_position = position
@@ -1588,7 +1691,6 @@ cdef class Engine:
                 position = keys[i]
                 e = event_at(&self.state, position)
                 decoded[i].position = position
-                decoded[i].timestamp = event_timestamp(&self.state, e, position)
                 decoded[i].id = e.id
                 decoded[i].debit_account = e.debit_account
                 decoded[i].credit_account = e.credit_account
@@ -1600,6 +1702,8 @@ cdef class Engine:
                 decoded[i].code = event_code(e)
                 decoded[i].kind = <uint8_t>event_kind(e)
                 decoded[i].linked = 1 if (e.word_a >> 56) & KIND_LINKED else 0
+                # Last: the batch header may lie in another old segment, whose mapping may unmap e's.
+                decoded[i].timestamp = event_timestamp(&self.state, e, position)
         return out
 
     def batch_headers(self, uint64_t start=1, uint64_t end=POSITION_MASK, uint64_t limit=1 << 20):
@@ -1755,9 +1859,12 @@ cdef class Engine:
 
     def close(self):
         self.closed = True
+        ledger_segment_cache_release(&self.state.segment_cache, self.state.segments)
         for buffer in self._segment_objects:
-            buffer.release()
+            if buffer is not None:
+                buffer.release()
         self._segment_objects = []
+        self._segment_release = None
         self._segment_provider = None
         self._after_commit = None
         self._write_ahead = None
@@ -1871,3 +1978,10 @@ def advise(buffer, int advice, size_t offset=0, size_t length=0):
             raise OSError(error, f"madvise({advice}) failed")
     finally:
         PyBuffer_Release(&view)
+
+
+def segment_file_name(uint64_t index):
+    """The name the core opens segment `index` by (the journal checks that it names its files the same way)."""
+    cdef char name[32]
+    ledger_segment_file_name(name, index)
+    return name.decode()

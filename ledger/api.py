@@ -434,6 +434,7 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
             fresh = _core.Engine(journal.segment_records_log2, journal.segment,
                                  after_commit=journal.after_commit if durability == "fsync" else None,
                                  write_ahead=journal.write_ahead if durability == "fsync" else None, clock=clock,
+                                 segment_files=journal.segment_files(), segment_release=journal.segment_release,
                                  **({"account_capacity": accounts_capacity, "transfer_capacity": transfers_capacity}
                                     if capacity else {}))
             engines.append(fresh)
@@ -447,6 +448,7 @@ def _open(path: str | os.PathLike[str] | None, create: bool, durability: str, *,
         if report is not None:
             warnings.warn(report, RuntimeWarning, stacklevel=3)
         journal.begin_writing(engine.write_position)
+        engine.provide_segments(journal.held_from)   # the existing segments it writes into next, if any
         if not readonly and journal_records_reserved:
             engine.map_through(engine.write_position + journal_records_reserved)
             journal.reserve(engine.write_position, engine.write_position + journal_records_reserved)
