@@ -300,9 +300,9 @@ EVICTION_PROCESS = textwrap.dedent('''
 
 
 def test_a_pending_transfer_is_resolved_while_its_segment_is_unmapped_under_it(tmp_path):
-    """A pending event just past a segment boundary, its batch header just before it: resolving it reads both,
-    and mapping the header's segment evicts the event's (the oldest mapping). The engine copies what it needs
-    first; using the event after that mapping would read unmapped memory (a crash)."""
+    """A pending event (with a timeout) just past a segment boundary, its batch header just before it: resolving
+    it reads both, and mapping the header's segment evicts the event's (the oldest mapping). The engine copies
+    what it needs first; using the event after that mapping would read unmapped memory (a crash)."""
     directory = str(tmp_path / "ledger")
     rows = 600
     pending = None
@@ -320,6 +320,7 @@ def test_a_pending_transfer_is_resolved_while_its_segment_is_unmapped_under_it(t
             if pending is None and header >> SMALL_RECORDS_LOG2 >= 2 and row < rows:
                 batch["flags"][row] = ledger.TransferFlags.PENDING
                 batch["amount"][row] = 7
+                batch["timeout"][row] = 10**6   # a deadline: resolving it reads its batch header's timestamp
                 pending = (int(batch["id"][row]), header + 1 + row)
             assert (handle.transfers(batch) == 0).all()
             next_id += rows
