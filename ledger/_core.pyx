@@ -253,6 +253,13 @@ cdef inline Event *event_at(State *s, uint64_t position) noexcept nogil:
         segment = ledger_segment_cache_map(&s.segment_cache, s.segments, index)
     return <Event *>(segment + ((position & mask) << 6))
 
+cdef inline Event *event_written(State *s, uint64_t position) noexcept nogil:
+    """event_at for a record of the batch being applied (at or after the write position): always in a segment
+    handed over by the journal, never unmapped, so without even the test for the slow path."""
+    LEDGER_DEBUG_ASSERT(position < s.mapped_end and s.segments[position >> s.segment_records_log2] != NULL)
+    cdef uint64_t mask = (<uint64_t>1 << s.segment_records_log2) - 1
+    return <Event *>(s.segments[position >> s.segment_records_log2] + ((position & mask) << 6))
+
 cdef inline uint32_t event_kind(const Event *e) noexcept nogil:
     return <uint32_t>((e.word_a >> 56) & KIND_MASK)
 
@@ -525,7 +532,7 @@ cdef inline AccountHot *account_at(State *s, uint64_t id, uint64_t group) noexce
 
 cdef void undo_event(State *s, uint64_t position) noexcept nogil:
     """Reverse the event at `position`, which must be the newest applied one (linked-chain rollback)."""
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)
     cdef uint32_t kind = event_kind(e)
     cdef AccountHot *debit
     cdef AccountHot *credit
@@ -584,7 +591,7 @@ cdef inline uint8_t account_row(State *s, const AccountRow *a, uint64_t position
                 and hot.max_balance == a.max_balance and s.accounts_cold[existing.value].user_data == a.user_data):
             return RA_EXISTS
         return RA_EXISTS_WITH_DIFFERENT_FIELDS
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)
     e.id = a.id
     e.debit_account = <uint64_t>a.ledger | (<uint64_t>flags << 32)
     e.credit_account = 0
@@ -677,7 +684,7 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
             return RT_EXCEEDS_PENDING_AMOUNT
     elif t.amount != 0 and t.amount != pending.amount:
         return RT_PENDING_DIFFERENT_AMOUNT
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)
     e.id = t.id
     e.debit_account = pending.debit_account
     e.credit_account = pending.credit_account
@@ -741,7 +748,7 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
     if (credit.credits_posted + credit.credits_pending) - credit.debits_posted > credit.max_balance - amount:
         return RT_EXCEEDS_MAX_BALANCE
     cdef uint32_t kind = KIND_PENDING if phase == FLAG_PENDING else KIND_TRANSFER
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)
     e.id = t.id
     e.debit_account = t.debit_account
     e.credit_account = t.credit_account
@@ -928,7 +935,7 @@ cdef uint64_t expire_due(State *s, uint64_t header_position, uint64_t position, 
         credit = account_of(s, pending.credit_account)
         LEDGER_ASSERT(debit != NULL and credit != NULL)
         offset = position - header_position
-        e = event_at(s, position)
+        e = event_written(s, position)
         e.id = pending.id
         e.debit_account = pending.debit_account
         e.credit_account = pending.credit_account
@@ -989,7 +996,7 @@ cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_
         zero_range(s, header_position, header_position + 1)   # the timestamp stamped by begin_batch
         return
     LEDGER_ASSERT(count <= OFFSET_MAX)
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    cdef BatchHeader *header = <BatchHeader *>event_written(s, header_position)
     header.magic_version = <uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)
     header.timestamp = timestamp_base
     header.position = header_position
@@ -1016,7 +1023,7 @@ cdef inline uint64_t begin_batch(State *s, uint64_t now) noexcept nogil:
     before the commit (a POST of a PENDING made earlier in the same batch) find their time there. A crash before
     the commit leaves a header without its commit word, which recovery treats as a torn tail."""
     cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
-    (<BatchHeader *>event_at(s, s.write_position)).timestamp = timestamp_base
+    (<BatchHeader *>event_written(s, s.write_position)).timestamp = timestamp_base
     s.batch_pending_deadlines = 0
     return timestamp_base
 
