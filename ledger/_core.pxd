@@ -24,6 +24,7 @@ cdef extern from "_segment_cache.h" nogil:
     enum: LEDGER_SEGMENTS_MAPPED_MAX
     ctypedef struct LedgerSegmentCache:
         int directory_fd
+        int reserve_fd
         uint64_t header_bytes
         uint64_t segment_bytes
         uint64_t maps

@@ -1231,6 +1231,7 @@ cdef class Engine:
                                  f"got {header_bytes}")
             self.state.segment_cache.header_bytes = header_bytes
             self.state.segment_cache.directory_fd = os.dup(directory_fd)
+            self.state.segment_cache.reserve_fd = os.dup(directory_fd)   # the spare (_segment_cache.h)
         self._segment_provider = segment_provider
         self._segment_release = segment_release
         self._after_commit = after_commit

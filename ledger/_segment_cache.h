@@ -36,6 +36,7 @@
 
 typedef struct {
     int directory_fd;           /* the journal directory, or -1: no files, every segment is handed over */
+    int reserve_fd;             /* a descriptor kept spare, given up for a moment when none is left to map */
     uint64_t header_bytes;      /* where the records start in a segment file (page-aligned) */
     uint64_t segment_bytes;     /* the records of one segment */
     uint64_t ring[LEDGER_SEGMENTS_MAPPED_MAX];   /* segment indexes mapped here, LEDGER_SEGMENT_EMPTY if none */
@@ -49,9 +50,22 @@ static void ledger_segment_file_name(char *name, uint64_t index) {
     snprintf(name, LEDGER_SEGMENT_NAME_BYTES, "%08llu.segment", (unsigned long long)index);
 }
 
+/* Open segment `index` for mapping. A process out of descriptors (the caller's own files) gives up the spare one
+ * for a moment rather than fail inside a command; the spare is taken again afterwards if one is free. */
+static int ledger_segment_cache_open(LedgerSegmentCache *cache, const char *name) {
+    int fd = openat(cache->directory_fd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 && (errno == EMFILE || errno == ENFILE) && cache->reserve_fd >= 0) {
+        close(cache->reserve_fd);
+        cache->reserve_fd = -1;
+        fd = openat(cache->directory_fd, name, O_RDONLY | O_CLOEXEC);
+    }
+    return fd;
+}
+
 static void ledger_segment_cache_init(LedgerSegmentCache *cache) {
     memset(cache, 0, sizeof *cache);
     cache->directory_fd = -1;
+    cache->reserve_fd = -1;
     for (int slot = 0; slot < LEDGER_SEGMENTS_MAPPED_MAX; slot++) cache->ring[slot] = LEDGER_SEGMENT_EMPTY;
 }
 
@@ -75,11 +89,12 @@ static char *ledger_segment_cache_map(LedgerSegmentCache *cache, char **segments
     LEDGER_ASSERT(segments[index] == NULL);
     char name[LEDGER_SEGMENT_NAME_BYTES];
     ledger_segment_file_name(name, index);
-    int fd = openat(cache->directory_fd, name, O_RDONLY | O_CLOEXEC);
+    int fd = ledger_segment_cache_open(cache, name);
     if (fd < 0) ledger_segment_cache_panic(index, "open", errno);
     void *memory = mmap(NULL, cache->segment_bytes, PROT_READ, MAP_SHARED, fd, (off_t)cache->header_bytes);
     int map_error = errno;
     close(fd);   /* the mapping keeps the file: no descriptor is held per segment */
+    if (cache->reserve_fd < 0) cache->reserve_fd = fcntl(cache->directory_fd, F_DUPFD_CLOEXEC, 0);
     if (memory == MAP_FAILED) ledger_segment_cache_panic(index, "mmap", map_error);
     uint64_t victim = cache->ring[cache->next];
     if (victim != LEDGER_SEGMENT_EMPTY) {
@@ -130,7 +145,9 @@ static void ledger_segment_cache_release(LedgerSegmentCache *cache, char **segme
         }
     }
     if (cache->directory_fd >= 0) close(cache->directory_fd);
+    if (cache->reserve_fd >= 0) close(cache->reserve_fd);
     cache->directory_fd = -1;
+    cache->reserve_fd = -1;
 }
 
 #endif
