@@ -20,6 +20,22 @@ cdef extern from "_core_helpers.h" nogil:
     void ledger_unmap(void *memory, size_t size)
     void ledger_prefetch(const void *address)
 
+cdef extern from "_segment_cache.h" nogil:
+    enum: LEDGER_SEGMENTS_MAPPED_MAX
+    ctypedef struct LedgerSegmentCache:
+        int directory_fd
+        int reserve_fd
+        uint64_t header_bytes
+        uint64_t segment_bytes
+        uint64_t maps
+        int populate
+    void ledger_segment_cache_init(LedgerSegmentCache *cache)
+    char *ledger_segment_cache_map(LedgerSegmentCache *cache, char **segments, uint64_t index)
+    int ledger_segment_cache_forget(LedgerSegmentCache *cache, char **segments, uint64_t index)
+    int ledger_segment_cache_count(const LedgerSegmentCache *cache)
+    void ledger_segment_cache_release(LedgerSegmentCache *cache, char **segments)
+    void ledger_segment_file_name(char *name, uint64_t index)
+
 # One row of a create_accounts batch (ledger.ACCOUNT_DTYPE, 40 bytes).
 ctypedef struct AccountRow:
     uint64_t id
@@ -111,8 +127,9 @@ ctypedef struct State:
     Table account_table
     Table transfer_table
     Heap expiry_heap
-    char **segments
+    char **segments               # per segment: its records, or NULL if not mapped now (_segment_cache.h)
     uint64_t segment_count
+    LedgerSegmentCache segment_cache   # old segments mapped on demand from their files
     uint32_t segment_records_log2
     uint64_t write_position       # next free journal position
     uint64_t mapped_end           # positions below this have memory behind them

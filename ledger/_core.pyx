@@ -33,7 +33,9 @@ cdef extern from "pythread.h":
     unsigned long PyThread_get_thread_ident()
 
 cimport cython
+import mmap as mmap_module
 import operator
+import os
 import numpy as np
 from ledger.memory import anonymous_array
 cimport numpy as cnp
@@ -114,6 +116,7 @@ DEF LOCK_WAIT_SLICE_US = 50000
 DEF CRC_NOGIL_BYTES_MIN = 1 << 16
 
 FORMAT_VERSION = 1
+SEGMENTS_MAPPED_MAX = LEDGER_SEGMENTS_MAPPED_MAX   # old segments mapped from their files at once (_segment_cache.h)
 DEF FORMAT_VERSION_C = 1
 RECORD_SIZE = 64
 EXPIRE_BATCH_MAX = _EXPIRE_BATCH_MAX
@@ -287,7 +290,20 @@ cdef int64_t to_signed(object value, str name) except? -1:
 # ---- Record access ----------------------------------------------------------------------------------------
 
 cdef inline Event *event_at(State *s, uint64_t position) noexcept nogil:
+    """The record at `position`. An old segment that is not mapped now is mapped here (the slow path, out of
+    line); the pointer stays valid until the next such mapping (the rule in _segment_cache.h)."""
     LEDGER_DEBUG_ASSERT(position < s.mapped_end)
+    cdef uint64_t mask = (<uint64_t>1 << s.segment_records_log2) - 1
+    cdef uint64_t index = position >> s.segment_records_log2
+    cdef char *segment = s.segments[index]
+    if ledger_unlikely(segment == NULL):
+        segment = ledger_segment_cache_map(&s.segment_cache, s.segments, index)
+    return <Event *>(segment + ((position & mask) << 6))
+
+cdef inline Event *event_written(State *s, uint64_t position) noexcept nogil:
+    """event_at for a record of the batch being applied (at or after the write position): always in a segment
+    handed over by the journal, never unmapped, so without even the test for the slow path."""
+    LEDGER_DEBUG_ASSERT(position < s.mapped_end and s.segments[position >> s.segment_records_log2] != NULL)
     cdef uint64_t mask = (<uint64_t>1 << s.segment_records_log2) - 1
     return <Event *>(s.segments[position >> s.segment_records_log2] + ((position & mask) << 6))
 
@@ -337,8 +353,10 @@ cdef bint verify_old_header(State *s, uint64_t header_position) noexcept nogil:
         return True
     if header_position == 0:
         return record_damaged(s, header_position, header_position, DAMAGE_HEADER)
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
-    cdef uint64_t commit = ledger_load_acquire_u64(&header.commit)
+    # A copy: the checksum below reads the whole batch, which may map other old segments and unmap this one.
+    cdef BatchHeader header_copy = (<BatchHeader *>event_at(s, header_position))[0]
+    cdef BatchHeader *header = &header_copy
+    cdef uint64_t commit = header.commit
     if (header.word_a != (<uint64_t>KIND_HEADER << 56) or (commit >> 32) != COMMIT_MAGIC
             or header.magic_version != (<uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32))
             or header.position != header_position or header.event_count == 0 or header.event_count > OFFSET_MAX
@@ -360,7 +378,9 @@ cdef bint verify_old_record(State *s, uint64_t position) noexcept nogil:
     if offset == 0 or offset >= position:
         return record_damaged(s, position, 0, DAMAGE_OFFSET)
     cdef uint64_t header_position = position - offset
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    # A copy: verify_old_header may map other old segments and unmap this one.
+    cdef BatchHeader header_copy = (<BatchHeader *>event_at(s, header_position))[0]
+    cdef BatchHeader *header = &header_copy
     if not header_verified(s, header_position):
         if (header.word_a != (<uint64_t>KIND_HEADER << 56) or header.position != header_position
                 or header.event_count < offset):
@@ -639,11 +659,12 @@ cdef inline AccountHot *account_at(State *s, uint64_t id, uint64_t group) noexce
 cdef void undo_event(State *s, uint64_t position) noexcept nogil:
     """Reverse the event at `position`, which must be the newest applied one (linked-chain rollback, and the
     whole-batch undo of a call that met a damaged record, which also undoes its EXPIRE events)."""
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)   # the batch being applied: never unmapped
     cdef uint32_t kind = event_kind(e)
     cdef AccountHot *debit
     cdef AccountHot *credit
     cdef TableSlot *pending_slot
+    cdef Event pending_event
     cdef Event *pending
     if kind == KIND_ACCOUNT:
         LEDGER_ASSERT(s.account_count > 0 and s.accounts_cold[s.account_count - 1].id == e.id)
@@ -668,7 +689,9 @@ cdef void undo_event(State *s, uint64_t position) noexcept nogil:
         LEDGER_ASSERT(pending_slot != NULL)
         # Applying this event read (and so checked) the pending record: its batch is remembered as good.
         LEDGER_ASSERT(record_trusted(s, pending_slot.value & POSITION_MASK))
-        pending = event_at(s, pending_slot.value & POSITION_MASK)
+        # A copy: event_timestamp below may map another old segment and unmap this one.
+        pending_event = event_at(s, pending_slot.value & POSITION_MASK)[0]
+        pending = &pending_event
         debit.debits_pending += pending.amount
         credit.credits_pending += pending.amount
         if kind == KIND_POST:
@@ -708,7 +731,7 @@ cdef inline uint8_t account_row(State *s, const AccountRow *a, uint64_t position
                 and hot.max_balance == a.max_balance and s.accounts_cold[existing.value].user_data == a.user_data):
             return RA_EXISTS
         return RA_EXISTS_WITH_DIFFERENT_FIELDS
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)
     e.id = a.id
     e.debit_account = <uint64_t>a.ledger | (<uint64_t>flags << 32)
     e.credit_account = 0
@@ -780,7 +803,9 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
     cdef uint64_t pending_position = pending_slot.value & POSITION_MASK
     if not record_trusted(s, pending_position):
         return R_DAMAGED   # never apply amounts or accounts read from a damaged record
-    cdef Event *pending = event_at(s, pending_position)
+    # A copy: reading the pending event's batch header may map another old segment and unmap this one.
+    cdef Event pending_event = event_at(s, pending_position)[0]
+    cdef Event *pending = &pending_event
     if pending.aux != 0 and (event_timestamp(s, pending, pending_position)
                              + pending.aux * NANOSECONDS_PER_SECOND) <= timestamp:
         return RT_PENDING_EXPIRED
@@ -803,7 +828,7 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
             return RT_EXCEEDS_PENDING_AMOUNT
     elif t.amount != 0 and t.amount != pending.amount:
         return RT_PENDING_DIFFERENT_AMOUNT
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)
     e.id = t.id
     e.debit_account = pending.debit_account
     e.credit_account = pending.credit_account
@@ -867,7 +892,7 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
     if (credit.credits_posted + credit.credits_pending) - credit.debits_posted > credit.max_balance - amount:
         return RT_EXCEEDS_MAX_BALANCE
     cdef uint32_t kind = KIND_PENDING if phase == FLAG_PENDING else KIND_TRANSFER
-    cdef Event *e = event_at(s, position)
+    cdef Event *e = event_written(s, position)
     e.id = t.id
     e.debit_account = t.debit_account
     e.credit_account = t.credit_account
@@ -1059,7 +1084,7 @@ cdef uint64_t expire_due(State *s, uint64_t header_position, uint64_t position, 
         credit = account_of(s, pending.credit_account)
         LEDGER_ASSERT(debit != NULL and credit != NULL)
         offset = position - header_position
-        e = event_at(s, position)
+        e = event_written(s, position)
         e.id = pending.id
         e.debit_account = pending.debit_account
         e.credit_account = pending.credit_account
@@ -1077,10 +1102,13 @@ cdef void schedule_expiries(State *s, uint64_t start, uint64_t end) noexcept nog
     """Push the deadlines of the PENDING events in [start, end) once their batch is final (after rollbacks)."""
     cdef uint64_t position
     cdef Event *e
+    cdef uint64_t timeout_seconds
     for position in range(start, end):
         e = event_at(s, position)
         if event_kind(e) == KIND_PENDING and e.aux != 0:
-            heap_push(&s.expiry_heap, event_timestamp(s, e, position) + e.aux * NANOSECONDS_PER_SECOND, position)
+            timeout_seconds = e.aux   # read before the header: in replay that may map another old segment
+            heap_push(&s.expiry_heap, event_timestamp(s, e, position) + timeout_seconds * NANOSECONDS_PER_SECOND,
+                      position)
 
 cdef uint32_t checksum_range(State *s, uint32_t crc, uint64_t start, uint64_t end) noexcept nogil:
     """CRC32C over the records [start, end), which may span segments."""
@@ -1101,8 +1129,9 @@ cdef void zero_range(State *s, uint64_t start, uint64_t end) noexcept nogil:
         start = chunk_end
 
 cdef uint32_t header_checksum(State *s, uint64_t header_position, uint64_t end) noexcept nogil:
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
     cdef uint32_t crc = checksum_range(s, 0, header_position + 1, end)
+    # After the events: reading them may have mapped another old segment and unmapped the header's.
+    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
     # The header fields up to and including previous_checksum: this is what chains batch to batch.
     return ledger_crc32c(crc, header, 40)
 
@@ -1116,7 +1145,7 @@ cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_
         zero_range(s, header_position, header_position + 1)   # the timestamp stamped by begin_batch
         return
     LEDGER_ASSERT(count <= OFFSET_MAX)
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    cdef BatchHeader *header = <BatchHeader *>event_written(s, header_position)
     header.magic_version = <uint64_t>MAGIC | (<uint64_t>FORMAT_VERSION_C << 32)
     header.timestamp = timestamp_base
     header.position = header_position
@@ -1143,7 +1172,7 @@ cdef inline uint64_t begin_batch(State *s, uint64_t now) noexcept nogil:
     before the commit (a POST of a PENDING made earlier in the same batch) find their time there. A crash before
     the commit leaves a header without its commit word, which recovery treats as a torn tail."""
     cdef uint64_t timestamp_base = now if now > s.last_timestamp else s.last_timestamp + 1
-    (<BatchHeader *>event_at(s, s.write_position)).timestamp = timestamp_base
+    (<BatchHeader *>event_written(s, s.write_position)).timestamp = timestamp_base
     s.batch_pending_deadlines = 0
     return timestamp_base
 
@@ -1210,14 +1239,15 @@ cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexce
 cdef int replay_accounts(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
     cdef uint64_t position
     cdef Event *e
-    cdef BatchHeader *header = <BatchHeader *>event_at(s, header_position)
+    # A copy: the batch's events may lie in the next segment, whose mapping may unmap the header's.
+    cdef uint64_t timestamp_base = (<BatchHeader *>event_at(s, header_position)).timestamp
     for position in range(header_position + 1, header_position + 1 + count):
         e = event_at(s, position)
         if event_kind(e) != KIND_ACCOUNT or event_offset(e) != position - header_position:
             return REPLAY_INTEGRITY
         if e.id == 0 or e.id == ID_MAX or table_find(&s.account_table, e.id) != NULL:
             return REPLAY_INTEGRITY
-        apply_account(s, e, position, header.timestamp + (position - header_position) - 1)
+        apply_account(s, e, position, timestamp_base + (position - header_position) - 1)
     return REPLAY_END
 
 cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
@@ -1228,6 +1258,7 @@ cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) no
     cdef AccountHot *credit
     cdef TableSlot *slot
     cdef TableSlot *empty
+    cdef Event pending_event
     cdef Event *pending
     cdef Pipeline pipeline
     cdef uint64_t first = header_position + 1, end = header_position + 1 + count
@@ -1265,7 +1296,10 @@ cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) no
             return REPLAY_INTEGRITY
         if not record_trusted(s, slot.value & POSITION_MASK):
             return REPLAY_DAMAGED   # the pending transfer's record (before the snapshot) is damaged
-        pending = event_at(s, slot.value & POSITION_MASK)
+        # A copy: mapping this event's segment again (below) may unmap the pending event's.
+        pending_event = event_at(s, slot.value & POSITION_MASK)[0]
+        pending = &pending_event
+        e = event_at(s, position)   # mapping the pending event's segment may have unmapped this one
         if pending.debit_account != e.debit_account or pending.credit_account != e.credit_account \
                 or e.amount > pending.amount:
             return REPLAY_INTEGRITY
@@ -1311,6 +1345,7 @@ cdef int check_batch(State *s, uint64_t position, uint64_t previous_checksum, ui
         return REPLAY_TORN
     count_out[0] = header.event_count
     cdef uint32_t crc = header_checksum(s, position, position + 1 + header.event_count)
+    header = <BatchHeader *>event_at(s, position)   # the checksum's reads may have unmapped it (old segments)
     if crc != header.checksum or crc != <uint32_t>commit:
         return REPLAY_CHECKSUM
     if header.previous_checksum != previous_checksum:
@@ -1357,8 +1392,10 @@ cdef class Engine:
     cdef State state
     cdef object _accounts_hot
     cdef object _accounts_cold
-    cdef list _segment_objects
+    cdef list _segment_objects           # per segment: the buffer handed over (held), or None (file-backed)
     cdef object _segment_provider
+    cdef object _segment_release
+    cdef uint64_t _release_next          # segments below this were offered to _segment_release already
     cdef object _after_commit
     cdef object _write_ahead
     cdef object _clock
@@ -1383,17 +1420,36 @@ cdef class Engine:
         if self._wake == NULL:
             raise MemoryError("cannot allocate the engine lock")
         PyThread_acquire_lock(self._wake, 1)  # taken: a waiter sleeps on it until a release posts it
+        ledger_segment_cache_init(&self.state.segment_cache)
 
     def __init__(self, segment_records_log2, segment_provider, *, after_commit=None, write_ahead=None, clock=None,
-                 account_capacity=ACCOUNT_CAPACITY_MIN, transfer_capacity=1024):
+                 account_capacity=ACCOUNT_CAPACITY_MIN, transfer_capacity=1024, segment_files=None,
+                 segment_release=None):
         """segment_provider(index) returns a writable buffer of 64 << segment_records_log2 bytes (zero-filled
-        or holding earlier journal data); after_commit(start, end) makes positions [start, end) durable;
+        or holding earlier journal data), or None for a segment to be read from its file when needed (only
+        with segment_files); after_commit(start, end) makes positions [start, end) durable;
         write_ahead(header_position, end), if given, is called inside a large batch with the events
-        [header_position + 1, end) that are final so far (the journal may start writing them out)."""
+        [header_position + 1, end) that are final so far (the journal may start writing them out).
+        segment_files: (directory descriptor, header bytes): where segment files NNNNNNNN.segment are and where
+        their records start; the engine keeps its own duplicate of the descriptor and maps old segments from
+        there on demand, at most SEGMENTS_MAPPED_MAX at a time (_segment_cache.h).
+        segment_release(index), if given, is offered each handed-over segment once the engine writes past it:
+        it returns a callable that closes the journal's mapping (called once the engine has let go of the
+        buffer; the segment is read from its file from then on), or None to keep it handed over for now."""
         if not 4 <= segment_records_log2 <= 30:
             raise ValueError("segment_records_log2 must be in [4, 30]")
         self.state.segment_records_log2 = segment_records_log2
+        self.state.segment_cache.segment_bytes = <uint64_t>64 << segment_records_log2
+        if segment_files is not None:
+            directory_fd, header_bytes = segment_files
+            if header_bytes <= 0 or header_bytes % mmap_module.PAGESIZE:
+                raise ValueError(f"segment header bytes must be a positive multiple of the page size, "
+                                 f"got {header_bytes}")
+            self.state.segment_cache.header_bytes = header_bytes
+            self.state.segment_cache.directory_fd = os.dup(directory_fd)
+            self.state.segment_cache.reserve_fd = os.dup(directory_fd)   # the spare (_segment_cache.h)
         self._segment_provider = segment_provider
+        self._segment_release = segment_release
         self._after_commit = after_commit
         self._write_ahead = write_ahead
         self._clock = clock
@@ -1413,6 +1469,7 @@ cdef class Engine:
         if self._wake != NULL:
             PyThread_release_lock(self._wake)  # (freeing a taken lock is not allowed)
             PyThread_free_lock(self._wake)
+        ledger_segment_cache_release(&self.state.segment_cache, self.state.segments)
         if self.state.verified_headers != NULL:
             ledger_unmap(self.state.verified_headers, self.state.verified_headers_bytes)
         table_free(&self.state.account_table)
@@ -1510,24 +1567,80 @@ cdef class Engine:
             raise OverflowError(f"journal position limit (2**40 records) reached")
         while self.state.mapped_end < end:
             index = self.state.segment_count
-            # A memoryview holds an export on the buffer for as long as we keep it: an mmap cannot be closed
-            # (BufferError) while the core still writes through its address.
-            buffer = memoryview(self._segment_provider(index))
-            PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+            provided = self._segment_provider(index)   # first: if it raises (disk full), nothing has changed
+            grown = realloc(self.state.segments, (index + 1) * sizeof(char *))
+            if grown == NULL:
+                raise MemoryError("cannot grow the segment table")
+            self.state.segments = <char **>grown
+            self.state.segments[index] = NULL
+            self._segment_objects.append(None)
             try:
-                if <uint64_t>view.len < segment_bytes:
-                    raise ValueError(f"segment {index} buffer has {view.len} bytes, need {segment_bytes}")
-                grown = realloc(self.state.segments, (index + 1) * sizeof(char *))
-                if grown == NULL:
-                    raise MemoryError("cannot grow the segment table")
-                self.state.segments = <char **>grown
-                self.state.segments[index] = <char *>view.buf
-            finally:
-                PyBuffer_Release(&view)
-            self._segment_objects.append(buffer)   # keeps the memory alive while we hold its address
+                self._attach(index, provided)
+            except BaseException:
+                self._segment_objects.pop()
+                raise
             self.state.segment_count = index + 1
             self.state.mapped_end = (index + 1) << self.state.segment_records_log2
+        self._release_behind()
         return 0
+
+    cdef int _attach(self, uint64_t index, object provided) except -1:
+        """Make `provided` (a buffer, or None: read the segment from its file on demand) segment `index`."""
+        cdef Py_buffer view
+        cdef uint64_t segment_bytes = <uint64_t>64 << self.state.segment_records_log2
+        if provided is None:
+            if self.state.segment_cache.directory_fd < 0:
+                raise ValueError(f"segment {index}: the provider gave no buffer and there are no segment files")
+            return 0
+        # A memoryview holds an export on the buffer for as long as we keep it: an mmap cannot be closed
+        # (BufferError) while the core still writes through its address.
+        buffer = memoryview(provided)
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+        try:
+            if <uint64_t>view.len < segment_bytes:
+                raise ValueError(f"segment {index} buffer has {view.len} bytes, need {segment_bytes}")
+            ledger_segment_cache_forget(&self.state.segment_cache, self.state.segments, index)
+            self.state.segments[index] = <char *>view.buf
+        finally:
+            PyBuffer_Release(&view)
+        self._segment_objects[index] = buffer   # keeps the memory alive while we hold its address
+        return 0
+
+    cdef int _release_behind(self) except -1:
+        """Offer the journal the handed-over segments below the one being written (between commands: no record
+        pointer is alive): those it lets go of are read from their files from now on."""
+        cdef uint64_t write_index = self.state.write_position >> self.state.segment_records_log2
+        if self._segment_release is None or self.readonly:
+            return 0
+        while self._release_next < write_index:
+            index = self._release_next
+            buffer = self._segment_objects[index]
+            if buffer is not None:
+                close_segment = self._segment_release(index)
+                if close_segment is None:
+                    return 0   # not durable yet: offered again after a later command
+                self.state.segments[index] = NULL
+                self._segment_objects[index] = None
+                buffer.release()
+                close_segment()
+            self._release_next = index + 1
+        return 0
+
+    def provide_segments(self, uint64_t first_index):
+        """Ask the provider again for segments [first_index, segment_count) that are read from their files: the
+        journal hands over the ones it is about to write (a writer continuing inside segments that already
+        exist). Call between commands."""
+        self._check_open()
+        for index in range(first_index, self.state.segment_count):
+            if self._segment_objects[index] is None:
+                self._attach(index, self._segment_provider(index))
+        self._release_next = min(self._release_next, first_index)
+
+    @property
+    def segments_mapped(self):
+        """(old segments mapped from their files now, mappings made so far, segments handed over now)."""
+        return (ledger_segment_cache_count(&self.state.segment_cache), self.state.segment_cache.maps,
+                sum(buffer is not None for buffer in self._segment_objects))
 
     cdef int _reserve(self, uint64_t accounts, uint64_t transfers, uint64_t records) except -1:
         if self.state.account_count + accounts > self.state.account_capacity:
@@ -1535,7 +1648,7 @@ cdef class Engine:
         table_reserve(&self.state.account_table, accounts)
         table_reserve(&self.state.transfer_table, transfers)
         heap_reserve(&self.state.expiry_heap, transfers)
-        self._map_through(self.state.write_position + records)
+        self._map_through(self.state.write_position + records)   # and offers the segments written past
         return 0
 
     cdef int _raise_damage(self) except -1:
@@ -1923,7 +2036,6 @@ cdef class Engine:
                 records[i].credit_account = e.credit_account
                 records[i].amount = e.amount
                 records[i].user_data = e.user_data
-                records[i].timestamp = event_timestamp(&self.state, e, position)
                 records[i].sequence = position
                 records[i].ledger = debit.ledger
                 records[i].code = event_code(e)
@@ -1935,6 +2047,8 @@ cdef class Engine:
                 elif kind == KIND_POST or kind == KIND_VOID:
                     records[i].pending_id = e.aux
                     records[i].flags |= FLAG_POST if kind == KIND_POST else FLAG_VOID
+                # Last: the batch header may lie in another old segment, whose mapping may unmap e's.
+                records[i].timestamp = event_timestamp(&self.state, e, position)
         if self.state.damage_reason != DAMAGE_NONE:
             self._raise_damage()
         return out
@@ -1946,12 +2060,19 @@ cdef class Engine:
         is not a good batch header or at `end_position`. Returns (reason, position, batches, events)."""
         self._enter()
         try:
-            return self._replay(end_position)
+            return self._replay_populating(end_position)
         finally:
             self._exit()
 
-    cdef object _replay(self, uint64_t end_position):
+    cdef object _replay_populating(self, uint64_t end_position):
         self._check_open()
+        self.state.segment_cache.populate = 1   # whole segments, in order (_segment_cache.h)
+        try:
+            return self._replay(end_position)
+        finally:
+            self.state.segment_cache.populate = 0
+
+    cdef tuple _replay(self, uint64_t end_position):
         cdef uint64_t position = self.state.write_position, count = 0, batches = 0, events = 0
         cdef uint64_t unchecked_records = 0
         cdef uint32_t crc = 0
@@ -1977,11 +2098,11 @@ cdef class Engine:
             if (header.timestamp <= self.state.last_timestamp or header.timestamp > TIMESTAMP_MAX
                     or count - 1 > TIMESTAMP_MAX - header.timestamp) and self.timestamp_problem is None:
                 self.timestamp_problem = (position, header.timestamp, count, self.state.last_timestamp)
+            self.state.last_timestamp = header.timestamp + count - 1   # before the pass below unmaps it
             if self.state.batch_pending_deadlines != 0:   # a pass over the batch only if it made deadlines
                 with nogil:
                     schedule_expiries(&self.state, position + 1, position + 1 + count)
             self.state.last_checksum = crc
-            self.state.last_timestamp = header.timestamp + count - 1
             self.state.last_header_position = position
             position += 1 + count
             self.state.write_position = position
@@ -2078,7 +2199,6 @@ cdef class Engine:
                 position = keys[i]
                 e = event_at(&self.state, position)
                 decoded[i].position = position
-                decoded[i].timestamp = event_timestamp(&self.state, e, position)
                 decoded[i].id = e.id
                 decoded[i].debit_account = e.debit_account
                 decoded[i].credit_account = e.credit_account
@@ -2090,6 +2210,8 @@ cdef class Engine:
                 decoded[i].code = event_code(e)
                 decoded[i].kind = <uint8_t>event_kind(e)
                 decoded[i].linked = 1 if (e.word_a >> 56) & KIND_LINKED else 0
+                # Last: the batch header may lie in another old segment, whose mapping may unmap e's.
+                decoded[i].timestamp = event_timestamp(&self.state, e, position)
         return out
 
     def batch_headers(self, uint64_t start=1, uint64_t end=POSITION_MASK, uint64_t limit=1 << 20):
@@ -2108,10 +2230,11 @@ cdef class Engine:
                     record_damaged(&self.state, position, position, DAMAGE_HEADER)
                     self._raise_damage()
                 raise IndexError(f"journal position {position} is not a batch header")
+            timestamp, event_count = header.timestamp, header.event_count   # verify_old_header may unmap it
             if position < self.state.verified_from and not verify_old_header(&self.state, position):
                 self._raise_damage()
-            out.append((position, header.timestamp, header.event_count))
-            position += 1 + header.event_count
+            out.append((position, timestamp, event_count))
+            position += 1 + event_count
             count += 1
         return out
 
@@ -2350,9 +2473,12 @@ cdef class Engine:
 
     cdef object _close(self):
         self.closed = True
+        ledger_segment_cache_release(&self.state.segment_cache, self.state.segments)
         for buffer in self._segment_objects:
-            buffer.release()
+            if buffer is not None:
+                buffer.release()
         self._segment_objects = []
+        self._segment_release = None
         self._segment_provider = None
         self._after_commit = None
         self._write_ahead = None
@@ -2466,3 +2592,10 @@ def advise(buffer, int advice, size_t offset=0, size_t length=0):
             raise OSError(error, f"madvise({advice}) failed")
     finally:
         PyBuffer_Release(&view)
+
+
+def segment_file_name(uint64_t index):
+    """The name the core opens segment `index` by (the journal checks that it names its files the same way)."""
+    cdef char name[32]
+    ledger_segment_file_name(name, index)
+    return name.decode()

@@ -501,7 +501,7 @@ def _open(path: str | os.PathLike[str] | None, create: bool = False, durability:
     journal = FileJournal(os.fspath(path), create=create, durability=durability, readonly=readonly,
                           segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
                           fault_injector=fault_injector, sync_each_commit=sync_each_commit)
-    engine = None
+    engines: list[_core.Engine] = []   # every engine made here: a failed open closes them all
     try:
         if not readonly:
             remove_unfinished(os.fspath(path))  # we hold the writer lock: no snapshot of ours is being written
@@ -510,8 +510,10 @@ def _open(path: str | os.PathLike[str] | None, create: bool = False, durability:
             fresh = _core.Engine(journal.segment_records_log2, journal.segment,
                                  after_commit=journal.after_commit if durability == "fsync" else None,
                                  write_ahead=journal.write_ahead if durability == "fsync" else None, clock=clock,
+                                 segment_files=journal.segment_files(), segment_release=journal.segment_release,
                                  **({"account_capacity": accounts_capacity, "transfer_capacity": transfers_capacity}
                                     if capacity else {}))
+            engines.append(fresh)
             fresh.map_through(journal.existing_end_position)
             fresh.damage_error = journal.damaged
             return fresh
@@ -523,6 +525,7 @@ def _open(path: str | os.PathLike[str] | None, create: bool = False, durability:
         if report is not None:
             warnings.warn(report, RuntimeWarning, stacklevel=3)
         journal.begin_writing(engine.write_position)
+        engine.provide_segments(journal.held_from)   # the existing segments it writes into next, if any
         if not readonly and journal_records_reserved:
             engine.map_through(engine.write_position + journal_records_reserved)
             journal.reserve(engine.write_position, engine.write_position + journal_records_reserved)
@@ -533,11 +536,24 @@ def _open(path: str | os.PathLike[str] | None, create: bool = False, durability:
         if durability == "os" and not readonly:
             journal.start_flusher(lambda: engine.write_position, handle._poison)
         return handle
-    except BaseException:
-        if engine is not None:
-            engine.close()
-        journal.close(final_sync=False)
+    except BaseException as error:
+        _release_after_failed_open(engines, journal, error)
         raise
+
+
+def _release_after_failed_open(engines: list[_core.Engine], journal: FileJournal, error: BaseException) -> None:
+    """Let go of everything a failed open took (the engines' hold on the segments first, then the journal's
+    mappings, descriptors and writer lock), so the same process can open the directory again. A failure here is
+    attached to the real error as a note and never replaces it."""
+    for engine in engines:
+        try:
+            engine.close()
+        except Exception as cleanup_error:  # noqa: BLE001 - reported on the real error
+            error.add_note(f"ledger: also failed to close an engine after the failed open: {cleanup_error!r}")
+    try:
+        journal.close(final_sync=False)
+    except Exception as cleanup_error:  # noqa: BLE001 - reported on the real error
+        error.add_note(f"ledger: also failed to close the journal after the failed open: {cleanup_error!r}")
 
 
 # Judgements of a moving stop a reader makes before it takes the journal as it has replayed it (see below).

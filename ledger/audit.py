@@ -324,6 +324,7 @@ def verify_live(handle: "Ledger") -> VerifyReport:
     started = time.perf_counter()
     snapshots, problems = _snapshots_to_check(handle.path, end)
     rebuilt = _core.Engine(journal.segment_records_log2, journal.view,
+                           segment_files=journal.segment_files() if hasattr(journal, "segment_files") else None,
                            account_capacity=live.account_count, transfer_capacity=live.transfer_count)
     try:
         rebuilt.map_through(end)

@@ -70,6 +70,9 @@ DURABLE_NAME = "DURABLE"
 DURABLE_RECORD = struct.Struct("<QII")   # position, format version, CRC32C of the 12 bytes before it
 DURABLE_STRICT = (1 << 64) - 1
 ZERO_FILL_CHUNK_BYTES = 4 << 20    # zeros written per pwrite when a segment is filled ahead of use
+# Segments not held for writing that recovery reads from Python at once (the core has its own bound,
+# _core.SEGMENTS_MAPPED_MAX): each is mapped read-only without keeping a descriptor, the oldest unmapped first.
+READ_MAPS_MAX = 4
 
 # Called with an operation name before the journal does it: "allocate" (a new segment), "write" (a batch's events
 # reach the files), "write-header" (then its header), "sync" (fdatasync), and "synced" after a sync returned.
@@ -254,9 +257,13 @@ class Segment:
         self.records = memoryview(memory)[SEGMENT_HEADER_BYTES:]
 
     def close(self) -> None:
-        self.records.release()
-        self.memory.close()
-        os.close(self.fd)
+        """Unmap and close. The descriptor is closed whatever happens to the mapping: if a view of it is still
+        held somewhere (BufferError), the mapping goes when that view does, and the error is raised after."""
+        try:
+            self.records.release()
+            self.memory.close()
+        finally:
+            os.close(self.fd)
 
 
 class FileJournal:
@@ -292,7 +299,15 @@ class FileJournal:
         self._background_sync: _BackgroundSync | None = None
         self.flush_interval_ms = flush_interval_ms
         self.fault_injector = fault_injector
-        self.segments: list[Segment] = []
+        # Per segment handed to the core: the Segment held (mapped, with its descriptor) or None: read from its
+        # file on demand (the core maps it; recovery uses _read_maps). Held: the last existing segment at open,
+        # and from begin_writing on the segments being written and the room after them; a writer lets go of
+        # those it has written past once they are durable (segment_release), so descriptors and mappings stay
+        # O(1) however many segments the journal has.
+        self.segments: list[Segment | mmap.mmap | None] = []
+        self._held_from = 0                 # segments from this index on are held when handed out
+        self._read_maps: dict[int, mmap.mmap] = {}
+        self.directory_fd: int | None = None  # the journal directory, for the core's segment_files
         self.torn_records_zeroed = 0
         self._lock_fd: int | None = None
         self._write_position: Callable[[], int] | None = None
@@ -325,11 +340,16 @@ class FileJournal:
             self.segment_records_log2 = segment_records_log2
             if self.existing:
                 self.segment_records_log2 = self._read_header(0)[3]
+            self.segment_records = 1 << self.segment_records_log2
+            self.segment_bytes = SEGMENT_HEADER_BYTES + (RECORD_SIZE << self.segment_records_log2)
+            for index in range(self.existing - 1):  # the last one is checked (and mapped) as it is handed out
+                self._check_segment_file(index)
+            self._held_from = max(self.existing - 1, 0)
+            assert _core.segment_file_name(12345) == segment_name(12345), "the core opens segments by this name"
+            self.directory_fd = os.open(self.journal_directory, os.O_RDONLY | os.O_DIRECTORY)
         except BaseException:
             self.close(final_sync=False)
             raise
-        self.segment_records = 1 << self.segment_records_log2
-        self.segment_bytes = SEGMENT_HEADER_BYTES + (RECORD_SIZE << self.segment_records_log2)
 
     # -- opening --
 
@@ -381,6 +401,35 @@ class FileJournal:
         if index > 0 and records_log2 != self.segment_records_log2:
             raise LedgerCorruptError(f"{path}: segment size differs from segment 0")
         return fields
+
+    def _check_segment_file(self, index: int) -> None:
+        """A segment before the last one, left to be read from its file on demand: its header must pass and its
+        size must be whole (only the last one may have been cut short, see _map)."""
+        path = os.path.join(self.journal_directory, segment_name(index))
+        self._read_header(index)
+        size = os.stat(path).st_size
+        if size != self.segment_bytes:
+            raise LedgerCorruptError(f"{path}: size {size} bytes, expected {self.segment_bytes}")
+
+    def segment_files(self) -> tuple[int, int]:
+        """The core's segment_files: (journal directory descriptor, byte offset of the records in a file)."""
+        assert self.directory_fd is not None
+        return self.directory_fd, SEGMENT_HEADER_BYTES
+
+    def segment_release(self, index: int) -> Callable[[], None] | None:
+        """The core's segment_release: it has written past segment `index`. If every record of it is in the
+        file and durable, stop holding it (reads come from the file from now on) and return what closes its
+        mapping and descriptor, for the core to call once it has let go of the buffer; otherwise None."""
+        segment = self.segments[index]
+        if self.readonly or not isinstance(segment, Segment):
+            return None
+        segment_end = (index + 1) << self.segment_records_log2
+        durable = index < self._sealed_segments if self.write_through else segment_end <= self._synced_position
+        if not durable:
+            return None
+        self.segments[index] = None
+        self._held_from = max(self._held_from, index + 1)
+        return segment.close
 
     def _map(self, index: int, populate: bool = True) -> Segment:
         path = os.path.join(self.journal_directory, segment_name(index))
@@ -469,13 +518,17 @@ class FileJournal:
             raise prepared[1]
         return prepared[1]
 
-    def segment(self, index: int) -> memoryview:
-        """The core's segment provider: existing segments in order, then new ones. An engine that replaces a
-        discarded one (a snapshot that failed to load) gets the segments already mapped."""
+    def segment(self, index: int) -> memoryview | None:
+        """The core's segment provider: existing segments in order, then new ones; None for a segment the core
+        reads from its file on demand. An engine that replaces a discarded one (a snapshot that failed to load)
+        gets the segments already handed out, and provide_segments gets those held since (begin_writing)."""
         if index < len(self.segments):
             return self.view(index)
         assert index == len(self.segments), "segments are handed out in order"
         if index < self.existing:
+            if index < self._held_from:
+                self.segments.append(None)
+                return None
             segment = self._map(index)
             self.segments.append(segment)
             return segment.records
@@ -503,9 +556,38 @@ class FileJournal:
             self._ready_after(index)  # the ledger has outgrown one segment: from now on, keep the next one ready
         return segment.records
 
-    def view(self, index: int) -> memoryview:
+    def view(self, index: int) -> memoryview | None:
+        """Segment `index` as handed to the core (for a second, read-only engine: verify); None if it is read
+        from its file."""
         segment = self.segments[index]
+        if segment is None:
+            return None
         return segment.records if isinstance(segment, Segment) else memoryview(segment)
+
+    def _segment_records(self, index: int) -> memoryview:
+        """Segment `index`'s records for recovery's reads: the held mapping, or a read-only one of the file kept
+        among at most READ_MAPS_MAX (views of an unmapped one keep it alive until they go)."""
+        held = self.view(index) if index < len(self.segments) else None
+        if held is not None:
+            return held
+        memory = self._read_maps.pop(index, None)
+        if memory is None:
+            fd = os.open(os.path.join(self.journal_directory, segment_name(index)), os.O_RDONLY)
+            try:
+                memory = mmap.mmap(fd, self.segment_bytes, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            while len(self._read_maps) >= READ_MAPS_MAX:
+                self._close_read_map(next(iter(self._read_maps)))
+        self._read_maps[index] = memory   # newest last
+        return memoryview(memory)[SEGMENT_HEADER_BYTES:]
+
+    def _close_read_map(self, index: int) -> None:
+        memory = self._read_maps.pop(index)
+        try:
+            memory.close()
+        except BufferError:  # a view is still alive: the mapping goes when the last view does
+            pass
 
     @property
     def existing_end_position(self) -> int:
@@ -514,8 +596,7 @@ class FileJournal:
     # -- recovery --
 
     def _record_view(self, position: int) -> np.ndarray:
-        segment = self.segments[position >> self.segment_records_log2]
-        records = segment.records if isinstance(segment, Segment) else memoryview(segment)
+        records = self._segment_records(position >> self.segment_records_log2)
         offset = (position & (self.segment_records - 1)) * RECORD_SIZE
         return np.frombuffer(records, np.uint8, count=RECORD_SIZE, offset=offset)
 
@@ -529,19 +610,38 @@ class FileJournal:
         return last
 
     def _zero(self, start: int, end: int) -> None:
-        for _, words in self._records(start, end):
+        self._zero_unheld(start, end)
+        for first, words in self._records(start, end):
+            if self.view(first >> self.segment_records_log2) is None:
+                continue
             words[:] = 0
-        if self.write_through:  # the mapping is private: the zeros must reach the file too
-            self._write_range(start, end)
+            if self.write_through:  # the mapping is private: the zeros must reach the file too
+                self._write_range(first, first + words.shape[0])
         self.sync(start, end)
+
+    def _zero_unheld(self, start: int, end: int) -> None:
+        """_zero for the segments in [start, end) that are not held (read from their files): zeros written to
+        the files directly and synced."""
+        position = start
+        while position < end:
+            index = position >> self.segment_records_log2
+            segment_end = min(end, (index + 1) << self.segment_records_log2)
+            if index >= len(self.segments) or self.segments[index] is None:
+                offset = SEGMENT_HEADER_BYTES + (position & (self.segment_records - 1)) * RECORD_SIZE
+                fd = os.open(os.path.join(self.journal_directory, segment_name(index)), os.O_RDWR)
+                try:
+                    _write_zeros(fd, offset, offset + (segment_end - position) * RECORD_SIZE)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            position = segment_end
 
     def _records(self, start: int, end: int):
         """Yield (first position, uint64 view of shape (n, 8)) for [start, end), one chunk per segment."""
         position = start
         while position < end:
             segment_end = min(end, ((position >> self.segment_records_log2) + 1) << self.segment_records_log2)
-            segment = self.segments[position >> self.segment_records_log2]
-            records = segment.records if isinstance(segment, Segment) else memoryview(segment)
+            records = self._segment_records(position >> self.segment_records_log2)
             first = (position & (self.segment_records - 1)) * RECORD_SIZE
             yield position, np.frombuffer(records, np.uint64, count=(segment_end - position) * 8,
                                           offset=first).reshape(-1, 8)
@@ -681,13 +781,32 @@ class FileJournal:
             return
         mark = self.durable_mark()
         first = min(mark, write_position) >> self.segment_records_log2
+        self._hold_from(write_position >> self.segment_records_log2)
         for index in range(min(first, len(self.segments) - 1), len(self.segments)):
             segment = self.segments[index]
             if isinstance(segment, Segment):
                 os.fdatasync(segment.fd)
+            elif segment is None and index < self.existing:
+                fd = os.open(os.path.join(self.journal_directory, segment_name(index)), os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
         self.set_durable_mark(write_position if self.durability == "os" else DURABLE_STRICT)
         self._written_end = write_position
         self._populate_room(write_position)
+
+    def _hold_from(self, index: int) -> None:
+        """Hold (map for writing) the existing segments from `index` on: the writer continues inside them. The
+        core takes them with provide_segments(held_from)."""
+        for held in range(index, min(self._held_from, len(self.segments))):
+            if self.segments[held] is None:
+                self.segments[held] = self._map(held)
+        self._held_from = min(self._held_from, index)
+
+    @property
+    def held_from(self) -> int:
+        return self._held_from
 
     def _populate_room(self, write_position: int) -> None:
         """The mapped files reach past the write position (segments an earlier writer prepared ahead, or room
@@ -773,7 +892,8 @@ class FileJournal:
             last = (end - 1) >> self.segment_records_log2
             for index in range(first, last + 1):
                 segment = self.segments[index]
-                os.fdatasync(segment.fd)
+                if segment is not None:   # not held: synced before it was let go of, or never written here
+                    os.fdatasync(segment.fd)
             self._inject("synced")
             if self.write_through:
                 self._seal_below(end >> self.segment_records_log2)
@@ -946,7 +1066,9 @@ class FileJournal:
         the background sync of write_ahead runs."""
         self._inject("sync")
         for index in range(start >> self.segment_records_log2, ((end - 1) >> self.segment_records_log2) + 1):
-            os.fdatasync(self.segments[index].fd)
+            segment = self.segments[index]
+            if segment is not None:
+                os.fdatasync(segment.fd)
 
     def close(self, final_sync: bool = True) -> None:
         """Release the journal. final_sync (a healthy writer): make everything written durable first, and set the
@@ -973,23 +1095,48 @@ class FileJournal:
             with self._synced_changed:  # a snapshot waiting for durability learns the answer now
                 self._durable_waits_over = True
                 self._synced_changed.notify_all()
-        if self._background_sync is not None:
-            self._background_sync.stop()
-            self._background_sync = None
-        if self._preparing is not None:
-            self._preparing.join()
-            self._preparing = None
-        if self._prepared is not None and isinstance(self._prepared[1], Segment):
-            self._prepared[1].close()  # created ahead and never used: an empty segment file, valid on reopen
-        self._prepared = None
-        for segment in self.segments:
-            segment.close()
-        self.segments = []
-        if self._durable_fd is not None:
-            os.close(self._durable_fd)
-            self._durable_fd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        # Every step runs whatever an earlier one raised (the lock above all: a directory left locked until the
+        # process exits is unusable); the first error is raised at the end.
+        try:
+            self._release_files()
+        except BaseException as error:
+            final_error = final_error or error
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
         if final_error is not None:
             raise final_error
+
+    def _release_files(self) -> None:
+        """close(): stop the helper threads, unmap and close every segment and the durable mark's file."""
+        first_error: BaseException | None = None
+        steps: list[Callable[[], None]] = []
+        if self._background_sync is not None:
+            steps.append(self._background_sync.stop)
+        if self._preparing is not None:
+            steps.append(self._preparing.join)
+        steps.append(self._close_prepared)
+        steps += [segment.close for segment in self.segments if segment is not None]
+        steps += [lambda index=index: self._close_read_map(index) for index in list(self._read_maps)]
+        if self._durable_fd is not None:
+            steps.append(lambda: os.close(self._durable_fd))
+        if self.directory_fd is not None:
+            steps.append(lambda: os.close(self.directory_fd))
+        for step in steps:
+            try:
+                step()
+            except BaseException as error:
+                first_error = first_error or error
+        self._background_sync = None
+        self._preparing = None
+        self.segments = []
+        self._durable_fd = None
+        self.directory_fd = None
+        if first_error is not None:
+            raise first_error
+
+    def _close_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and isinstance(prepared[1], Segment):
+            prepared[1].close()  # created ahead and never used: an empty segment file, valid on reopen

@@ -100,6 +100,7 @@ KIND_ACCOUNT = 1
 KIND_EXPIRE = 6
 KIND_HEADER = 15
 # How far recovery looks for a committed batch past a failing header (journal.recover_tail): the largest batch.
+SEGMENTS_MAPPED_MAX = _core.SEGMENTS_MAPPED_MAX   # segment files mapped at once by a reader
 TORN_WINDOW_RECORDS = 2 + _core.EXPIRE_BATCH_MAX + (1 << 23)
 
 # Header words (docs/FORMAT.md, "Batch header").
@@ -166,6 +167,10 @@ class _SegmentFiles:
         if self.records_log2 is None:
             self.records_log2 = records_log2
         words = np.frombuffer(memory, np.uint64, offset=SEGMENT_HEADER_BYTES).reshape(-1, 8)
+        while len(self._maps) >= SEGMENTS_MAPPED_MAX:
+            # The oldest first, dropped rather than closed: a view still held (the poll loop's bytes) keeps its
+            # mapping alive until it goes, then the mapping goes with it.
+            del self._maps[next(iter(self._maps))]
         self._maps[index] = (memory, words, memoryview(memory)[SEGMENT_HEADER_BYTES:])
         return words
 
@@ -193,6 +198,21 @@ class _SegmentFiles:
         if words is None:
             return None
         return words[position & ((1 << self.records_log2) - 1)]
+
+    def each_records(self, start: int, end: int):
+        """records(), one segment's view at a time (so a long range never holds more than the mapping bound);
+        stops early at a segment that does not exist."""
+        assert self.records_log2 is not None and start <= end
+        position = start
+        while position < end:
+            index = position >> self.records_log2
+            segment_end = min(end, (index + 1) << self.records_log2)
+            words = self.words(index)
+            if words is None:
+                return
+            first = position - (index << self.records_log2)
+            yield words[first:first + segment_end - position]
+            position = segment_end
 
     def records(self, start: int, end: int) -> list[np.ndarray] | None:
         """Views of the records [start, end), one per segment touched; None if a segment does not exist."""
@@ -446,9 +466,8 @@ class Tailer:
         records_log2 = self._segments.records_log2
         last_segment = self._segments.last_existing(position >> records_log2)
         end = min(position + TORN_WINDOW_RECORDS, (last_segment + 1) << records_log2)
-        chunks = self._segments.records(position + 1, end) or []
         first = position + 1
-        for words in chunks:
+        for words in self._segments.each_records(position + 1, end):
             candidates = np.flatnonzero((words[:, WORD_A] == np.uint64(HEADER_WORD_A))
                                         & ((words[:, WORD_COMMIT] >> np.uint64(32)) == np.uint64(COMMIT_MAGIC)))
             for index in candidates.tolist():
@@ -457,7 +476,7 @@ class Tailer:
                 if self._header_problem(candidate, fields) is not None or candidate + 1 + fields[WORD_COUNT] > end:
                     continue
                 crc = 0
-                for chunk in self._segments.records(candidate + 1, candidate + 1 + fields[WORD_COUNT]):
+                for chunk in self._segments.each_records(candidate + 1, candidate + 1 + fields[WORD_COUNT]):
                     crc = _core.crc32c(chunk, crc)
                 crc = _core.crc32c(words[index][:HEADER_CHECKSUMMED_WORDS], crc)
                 if crc == fields[WORD_CHECKSUM] and crc == fields[WORD_COMMIT] & 0xFFFFFFFF:
