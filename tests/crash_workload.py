@@ -116,12 +116,26 @@ def crash_injector(point: str | None):
     return injector
 
 
-def acknowledged_count(ack_log: str) -> int:
+ACCOUNTS_ACKNOWLEDGED = "accounts"   # the ack log's first line, once create_accounts() returned
+
+
+def _ack_lines(ack_log: str) -> list[str]:
     if not os.path.exists(ack_log):
-        return 0
+        return []
     with open(ack_log) as log:
-        lines = log.read().split()
-    return int(lines[-1]) + 1 if lines else 0
+        return log.read().split()
+
+
+def acknowledged_count(ack_log: str) -> int:
+    """How many transfer batches (0..n-1) the writers acknowledged."""
+    batches = [line for line in _ack_lines(ack_log) if line != ACCOUNTS_ACKNOWLEDGED]
+    return int(batches[-1]) + 1 if batches else 0
+
+
+def accounts_acknowledged(ack_log: str) -> bool:
+    """Whether a writer's create_accounts() returned: before it, a writer killed at its first step (creating
+    segment 0, say) leaves a ledger without accounts, which is right, and which the model must not be held to."""
+    return ACCOUNTS_ACKNOWLEDGED in _ack_lines(ack_log)
 
 
 def kill_once(directory: str, durability: str, ack_log: str, rng: random.Random, kill_number: int,
@@ -182,6 +196,8 @@ def writer(directory: str, durability: str, ack_log: str) -> None:
                          fault_injector=crash_injector(os.environ.get("LEDGER_CRASH_POINT")))
     if handle.account(SETTLEMENT) is None:
         handle.create_accounts(accounts())
+        with open(ack_log, "a") as log:
+            log.write(f"{ACCOUNTS_ACKNOWLEDGED}\n")
     k = applied_batches(handle)
     snapshot_every = int(os.environ.get("LEDGER_CRASH_SNAPSHOT_EVERY", "0"))
     job = None

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import ledger
-from crash_workload import (SEGMENT_RECORDS_LOG2, Model, accounts, acknowledged_count, applied_batches, batch,
-                            kill_once)
+from crash_workload import (SEGMENT_RECORDS_LOG2, Model, accounts, accounts_acknowledged, acknowledged_count,
+                            applied_batches, batch, kill_once)
 
 HERE = os.path.dirname(__file__)
 COUNTERS = ["debits_posted", "credits_posted", "debits_pending", "credits_pending"]
@@ -44,10 +44,16 @@ def assert_same_counters(handle, expected):
         assert actual[name].tolist() == expected[name].tolist(), name
 
 
-def check_recovered(directory, model, acknowledged, checked=0):
+def check_recovered(directory, model, ack_log, checked=0):
     """Reopen after a crash: nothing acknowledged lost, no batch half-applied, balances equal the model.
     Batches before `checked` were compared row by row after an earlier crash (the balances cover them all)."""
+    acknowledged = acknowledged_count(ack_log)
     with ledger.open(directory, segment_records_log2=SEGMENT_RECORDS_LOG2) as handle:
+        if not accounts_acknowledged(ack_log):   # killed before its first batch returned: nothing may be there
+            assert handle.stats()["accounts"] in (0, len(accounts())) and acknowledged == 0
+            if handle.stats()["accounts"] == 0:
+                assert handle.stats()["transfers"] == 0
+                return 0
         applied = applied_batches(handle)
         assert applied >= acknowledged, f"acknowledged {acknowledged} batches, only {applied} survived"
         for k in range(max(0, checked - 1), applied):
@@ -72,12 +78,14 @@ def test_crash_kill9_at_random_moments(tmp_path, durability):
     directory = str(tmp_path / "data")
     ack_log = str(tmp_path / "acks")
     model = Model()
-    rng = random.Random(hash(durability) & 0xFFFF)
+    seed = int.from_bytes(os.urandom(2), "little")   # a different schedule of kills each run; shown on failure
+    print(f"crash schedule seed {seed} (set it here to replay this run)")
+    rng = random.Random(seed)
     checked = 0
     after_an_acknowledgement = 0
     for kill_number in range(KILLS_PER_MODE):
         after_an_acknowledgement += kill_once(directory, durability, ack_log, rng, kill_number)
-        checked = check_recovered(directory, model, acknowledged_count(ack_log), checked)
+        checked = check_recovered(directory, model, ack_log, checked)
     # The kills must have landed in the middle of real work, not before the first batch.
     assert after_an_acknowledgement >= KILLS_PER_MODE // 2, after_an_acknowledgement
 
@@ -98,7 +106,7 @@ def test_crash_kill9_while_snapshots_are_written(tmp_path, durability):
     loaded = 0
     for kill_number in range(KILLS_WITH_SNAPSHOTS_PER_MODE):
         kill_once(directory, durability, ack_log, rng, kill_number, snapshot_every=3)
-        checked = check_recovered(directory, model, acknowledged_count(ack_log), checked)
+        checked = check_recovered(directory, model, ack_log, checked)
         with ledger.open(directory, readonly=True, segment_records_log2=SEGMENT_RECORDS_LOG2) as handle:
             loaded += handle.recovered_from is not None
     assert loaded >= KILLS_WITH_SNAPSHOTS_PER_MODE // 2, f"only {loaded} reopens loaded a snapshot"
