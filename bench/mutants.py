@@ -39,8 +39,13 @@ class Mutant:
 
 # The table: one row per planted bug.
 MUTANTS = [
+    Mutant("old-records-trusted", "ledger/_core.pyx",
+           "return ledger_likely(position >= s.verified_from) or verify_old_record(s, position)",
+           "return True",
+           ("tests/test_damaged_reads.py", "-k", "flipped_amount or exists_retry or resolving"),
+           "a read of a record from before the snapshot uses its fields without checking its batch"),
     Mutant("chain-core", "ledger/_core.pyx",
-           "    if header.previous_checksum != s.last_checksum:\n        return REPLAY_CHAIN",
+           "    if header.previous_checksum != previous_checksum:\n        return REPLAY_CHAIN",
            "    if False:\n        return REPLAY_CHAIN",
            ("tests/test_integrity.py", "-k", "chain and not tailer"),
            "a batch with a valid checksum and a wrong previous_checksum opens, restores and passes verify"),
@@ -55,8 +60,8 @@ MUTANTS = [
            ("tests/test_integrity.py", "-k", "syncs_each_batch or segment_and_its_directory"),
            "durability fsync acknowledges a batch that was written but never synced"),
     Mutant("directory-fsync-new-segment", "ledger/journal.py",
-           "os.rename(temporary, final)\n            _fsync_directory(self.journal_directory)",
-           "os.rename(temporary, final)",
+           "step = \"fsyncing the journal directory for\"\n            _fsync_directory(self.journal_directory)",
+           "step = \"fsyncing the journal directory for\"",
            ("tests/test_integrity.py", "-k", "segment_and_its_directory"),
            "a new segment's directory entry may be lost in a power cut with batches acknowledged in it"),
     Mutant("min-balance-by-one", "ledger/_core.pyx",
