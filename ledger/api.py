@@ -35,7 +35,6 @@ from ledger.snapshot import (
 )
 from ledger.journal import (
     FLUSH_INTERVAL_MS_DEFAULT,
-    RECORD_SIZE,
     FLUSH_INTERVAL_MS_MAX,
     SEGMENT_RECORDS_LOG2_DEFAULT,
     SEGMENT_RECORDS_LOG2_MAX,
@@ -604,22 +603,6 @@ def _engine_from_snapshot(directory: str, new_engine: Callable[[bool], _core.Eng
     return new_engine(True), None
 
 
-def _records_end(journal: FileJournal, start: int) -> int:
-    """Where the journal's records end (at or after `start`), for the progress bar's total: the segment files are
-    preallocated, so their end overstates it by up to two segments (the last one and the one prepared next).
-    Every record is non-zero (an event or a batch header) and the preallocated rest is zero, so a binary search
-    finds the end in about 25 record reads. A torn or damaged tail can mislead it: it is only the bar's total."""
-    low, high = max(start, 1), journal.existing_end_position  # position 0 is never written
-    while low < high:
-        middle = (low + high) // 2
-        segment, index = divmod(middle, journal.segment_records)
-        if any(journal.view(segment)[index * RECORD_SIZE:(index + 1) * RECORD_SIZE]):
-            low = middle + 1
-        else:
-            high = middle
-    return low
-
-
 def _replay(engine: _core.Engine, journal: FileJournal) -> tuple[int, int]:
     """engine.replay() to the end of the journal: (stop reason, position). Recovery's longest step (about 10 s per
     100M events), so on a terminal, when much is left, it runs in slices that stop at batch boundaries and draws a
@@ -628,7 +611,7 @@ def _replay(engine: _core.Engine, journal: FileJournal) -> tuple[int, int]:
     if journal.existing_end_position - start < REPLAY_PROGRESS_RECORDS_MIN or not sys.stderr.isatty():
         reason, position, _, _ = engine.replay()
         return reason, position
-    end = _records_end(journal, start)
+    end = journal.records_end(start)
     if end - start < REPLAY_PROGRESS_RECORDS_MIN:
         reason, position, _, _ = engine.replay()
         return reason, position

@@ -600,6 +600,20 @@ class FileJournal:
         offset = (position & (self.segment_records - 1)) * RECORD_SIZE
         return np.frombuffer(records, np.uint8, count=RECORD_SIZE, offset=offset)
 
+    def records_end(self, start: int) -> int:
+        """Where the journal's records end (at or after `start`), for a progress bar's total: the segment files are
+        preallocated, so their end overstates it by up to two segments (the last one and the one prepared next).
+        Every record is non-zero (an event or a batch header) and the preallocated rest is zero, so a binary search
+        finds the end in about 25 record reads. A torn or damaged tail can mislead it: only for display."""
+        low, high = max(start, 1), self.existing_end_position  # position 0 is never written
+        while low < high:
+            middle = (low + high) // 2
+            if self._record_view(middle).any():
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
     def _last_nonzero(self, start: int, end: int) -> int:
         """The position after the last non-zero record in [start, end), or `start` if all are zero."""
         last = start
