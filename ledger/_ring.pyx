@@ -172,6 +172,9 @@ cdef class Ring:
     cdef uint32_t pid
     cdef uint64_t _head_since_ns      # consumer: when the current head slot was first seen unpublished
     cdef uint64_t _head_sequence      # consumer: that head sequence + 1 (0: none)
+    # Consumer: claim_sequence as seen when that head was first seen unpublished. Only sequences below it were
+    # claimed at least abandon_after_ns before the head is given up; later claims belong to live producers.
+    cdef uint64_t _head_claimed
     # Consumer: the next sequence to answer (complete), and the next to gather; they differ while a gathered
     # group is applied and synced but not answered yet. Kept here, not read back from the shared header, which
     # any producer can overwrite: the header copy is only published for observers.
@@ -671,18 +674,22 @@ cdef class Ring:
         first mark every unpublished slot of it abandoned (a late owner then fails its compare-and-swap), then
         answer and free the slots that were published. How far the head batch goes: the head slot says so once
         published; otherwise every slot up to the next published slot that starts a batch, at most one batch
-        long, and never past claimed (sequences nobody claimed belong to future producers)."""
+        long, and never past what was claimed when the head was first seen stuck (sequences claimed since belong
+        to producers that may be publishing right now, such as the retry of a call that timed out here: each gets
+        its own abandon timeout once it is the head)."""
         cdef uint64_t now = ring_monotonic_ns()
         if self._head_sequence != head + 1:
             self._head_sequence = head + 1
             self._head_since_ns = now
+            self._head_claimed = claimed
             return
         if now - self._head_since_ns < abandon_after_ns:
             return
         assert claimed > head
         cdef Slot *slot = &self.slots[head & self.mask]
         cdef uint64_t end = head, sequence, published, batch_first, batch_count
-        cdef uint64_t limit = min(claimed, head + self.batch_rows_max)
+        assert self._head_claimed > head
+        cdef uint64_t limit = min(self._head_claimed, head + self.batch_rows_max)
         cdef bint head_published = False, marked = False
         cdef uint64_t attempts = 0
         cdef uint16_t kind

@@ -600,16 +600,23 @@ def test_a_call_on_a_full_ring_gets_busy_and_applies_nothing(tmp_path):
         with pytest.raises(ledger.LedgerBusyError):
             client.transfer(50, 1, 2, 5)
         assert not server.drain_once() and server.ring.consume_sequence == 16   # nothing of it was published
+        # The busy call left its sequence 16 claimed, unpublished: the writer gives it up after abandon_after_ms
+        # (seen stuck above). Done here, before the retry claims: the retry's own claim is not the test's subject.
+        time.sleep(server.abandon_after_ns / 1e9 * 5)
+        assert not server.drain_once() and server.ring.consume_sequence == 17
         assert server.ledger.lookup_transfers(np.array([50], np.uint64))["state"].tolist() == [0]
         assert server.ledger.balance(2) == balance
         codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
         reader.wait_results(first, 8, codes, statuses, 1000, 1000)      # frees slots 0..7
         reader.wait_results(second, 8, codes, statuses, 1000, 1000)
+        # The retry must not be given up as a slow producer if this busy machine deschedules it between its claim
+        # and its publish for more than the 1 ms the test server allows.
+        server.abandon_after_ns = BUSY_TIMEOUT_LONG_MS * 1_000_000
         outcome = []
         thread = threading.Thread(target=lambda: outcome.append(client.transfer(50, 1, 2, 5)))
         thread.start()
         deadline = time.monotonic() + HANG_GUARD_S
-        while thread.is_alive():                  # the claim the busy call gave up (abandoned), then the retry
+        while thread.is_alive():
             assert time.monotonic() < deadline, "the retry was never answered"
             if not server.drain_once():
                 server.ring.wait_for_work(20)
@@ -617,6 +624,35 @@ def test_a_call_on_a_full_ring_gets_busy_and_applies_nothing(tmp_path):
         assert outcome == [ledger.TransferResult.OK]
         assert server.ledger.balance(2) == balance + 5
         client.close()
+    finally:
+        server.close()
+
+
+def test_a_batch_claimed_after_a_stuck_head_is_not_given_up_with_it(tmp_path):
+    """The writer gives up a head batch whose first slot is unpublished together with the unpublished slots after
+    it (it cannot tell where that batch ends), but only those claimed before it saw the head stuck: a producer that
+    claimed later (here a retry, stalled between its claim and its publish while the writer gives the head up) is
+    a live producer of its own batch, not part of the stuck one, and gets its own abandon timeout."""
+    server = small_server(tmp_path)
+    try:
+        stuck = producer(server).claim_without_publishing(1)            # a busy call's claim, never published
+        assert not server.drain_once()                                  # the writer sees the head stuck (timer)
+        time.sleep(server.abandon_after_ns / 1e9 * 5)                   # the head is past abandon_after_ms
+        retry = producer(server)
+        given_up = []
+
+        def writer_runs_now(sequence):                                  # the retry claimed, has not published
+            assert sequence == stuck + 1
+            assert not server.drain_once()                              # it gives the stuck head up
+            given_up.append(server.ring.consume_sequence)
+        retry.set_stall_hook(writer_runs_now)
+        first = retry.submit(_ring.KIND_TRANSFER, transfer_batch([60]), 1000)
+        retry.set_stall_hook(None)
+        assert first == stuck + 1 and given_up == [stuck + 1]           # only the stuck claim was given up
+        drain_until(server, first + 1)
+        codes, statuses = np.zeros(1, np.uint8), np.zeros(1, np.uint8)
+        retry.wait_results(first, 1, codes, statuses, 1000, 1000)
+        assert statuses.tolist() == [0] and codes.tolist() == [ledger.TransferResult.OK]
     finally:
         server.close()
 
