@@ -171,23 +171,9 @@ def test_cli_permission_denied_is_exit_3(small_ledger):
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A real 1 MiB tmpfs (mounting needs root, which the tests have here; elsewhere the test is skipped)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_cli_disk_full_is_exit_3(tiny_filesystem):
     """`init` on a full disk (a 64 MiB segment on a 1 MiB tmpfs): the LedgerFullError, one line, exit 3."""
-    failed = run("init", tiny_filesystem / "data", expect=3)
+    failed = run("init", tiny_filesystem("1m") / "data", expect=3)
     assert "cannot allocate journal segment" in failed.stderr and "No space left" in failed.stderr
     assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
 

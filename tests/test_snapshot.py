@@ -479,23 +479,16 @@ def test_a_killed_restore_leaves_a_directory_the_next_restore_deletes(tmp_path):
                                                    "restored"])
 
 
-def test_failed_restore_leaves_nothing(tmp_path):
+def test_failed_restore_leaves_nothing(tmp_path, tiny_filesystem):
     """Restore onto a real full disk (a 100 KiB tmpfs; a segment is 260 KiB): ENOSPC while copying, and neither
     DEST nor the temporary directory beside it is left; the source is untouched."""
     directory = str(tmp_path / "data")
     build(directory, 2, snapshot_every=0)
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        with pytest.raises(OSError) as raised:
-            restore(directory, str(mount / "restored"))
-        assert raised.value.errno == errno.ENOSPC
-        assert os.listdir(mount) == []
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+    mount = tiny_filesystem("100k")
+    with pytest.raises(OSError) as raised:
+        restore(directory, str(mount / "restored"))
+    assert raised.value.errno == errno.ENOSPC
+    assert os.listdir(mount) == []
     with ledger.open(directory, readonly=True, segment_records_log2=12) as handle:
         assert handle.verify().ok
 
