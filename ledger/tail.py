@@ -216,19 +216,8 @@ class _SegmentFiles:
 
     def records(self, start: int, end: int) -> list[np.ndarray] | None:
         """Views of the records [start, end), one per segment touched; None if a segment does not exist."""
-        assert self.records_log2 is not None and start <= end
-        chunks = []
-        position = start
-        while position < end:
-            index = position >> self.records_log2
-            segment_end = min(end, (index + 1) << self.records_log2)
-            words = self.words(index)
-            if words is None:
-                return None
-            first = position - (index << self.records_log2)
-            chunks.append(words[first:first + segment_end - position])
-            position = segment_end
-        return chunks
+        chunks = list(self.each_records(start, end))
+        return chunks if sum(chunk.shape[0] for chunk in chunks) == end - start else None
 
     def last_existing(self, from_index: int) -> int:
         """The index of the last segment file that exists, counting up from `from_index` (which must exist)."""
