@@ -39,6 +39,16 @@ class Mutant:
 
 # The table: one row per planted bug.
 MUTANTS = [
+    Mutant("engine-lock-bypassed", "ledger/_core.pyx",
+           "        return self._enter_contended(thread)\n",
+           "        self._lock_depth += 1\n        return 0\n",
+           ("tests/test_threads.py", "-k", "four_threads_share_one_handle"),
+           "a second thread enters the engine while another one's batch runs"),
+    Mutant("old-segment-pointer-kept", "ledger/_core.pyx",
+           "    cdef Event pending_event = event_at(s, pending_position)[0]\n    cdef Event *pending = &pending_event\n",
+           "    cdef Event *pending = event_at(s, pending_position)\n",
+           ("tests/test_segments.py", "-k", "resolved_while_its_segment_is_unmapped"),
+           "a POST reads the pending event through a pointer into a segment mapping that reading its header unmapped"),
     Mutant("old-records-trusted", "ledger/_core.pyx",
            "return ledger_likely(position >= s.verified_from) or verify_old_record(s, position)",
            "return True",
