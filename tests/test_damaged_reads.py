@@ -398,6 +398,16 @@ def test_serve_answers_a_batch_that_meets_damage_as_not_applied_and_goes_on(buil
                for message in messages), messages
 
 
+def _large_batch_posting_200_at(count: int, index: int) -> np.ndarray:
+    """`count` one-unit transfers from 1 to 2 (ids 10,000..), the row at `index` a POST_PENDING of transfer 200."""
+    batch = ledger.transfers_batch(count)
+    batch["id"] = np.arange(10_000, 10_000 + count)
+    batch["debit_account"], batch["credit_account"], batch["amount"] = 1, 2, 1
+    batch["debit_account"][index] = batch["credit_account"][index] = batch["amount"][index] = 0
+    batch["flags"][index], batch["pending_id"][index] = TransferFlags.POST_PENDING, 200
+    return batch
+
+
 def test_a_large_batch_written_ahead_that_meets_damage_poisons_and_keeps_nothing(built, clock):
     """A batch large enough to be written to the files in chunks while it is applied (16,384 rows or more): the
     damaged record is met in its last chunk, after earlier chunks reached the files. Nothing is applied; the
@@ -406,11 +416,7 @@ def test_a_large_batch_written_ahead_that_meets_damage_poisons_and_keeps_nothing
     count = 20_000
     with open_again(built, clock) as handle:
         before = unchanged(handle)
-        batch = ledger.transfers_batch(count)
-        batch["id"] = np.arange(10_000, 10_000 + count)
-        batch["debit_account"], batch["credit_account"], batch["amount"] = 1, 2, 1
-        batch["debit_account"][-1] = batch["credit_account"][-1] = batch["amount"][-1] = 0
-        batch["flags"][-1], batch["pending_id"][-1] = TransferFlags.POST_PENDING, 200
+        batch = _large_batch_posting_200_at(count, -1)
         with pytest.raises(ledger.LedgerCorruptError):
             handle.transfers(batch)
         with pytest.raises(ledger.LedgerPoisonedError):
@@ -428,11 +434,7 @@ def test_a_large_batch_that_meets_damage_before_writing_ahead_applies_nothing(bu
     count = 20_000
     with open_again(built, clock) as handle:
         before = unchanged(handle)
-        batch = ledger.transfers_batch(count)
-        batch["id"] = np.arange(10_000, 10_000 + count)
-        batch["debit_account"], batch["credit_account"], batch["amount"] = 1, 2, 1
-        batch["debit_account"][5] = batch["credit_account"][5] = batch["amount"][5] = 0
-        batch["flags"][5], batch["pending_id"][5] = TransferFlags.POST_PENDING, 200
+        batch = _large_batch_posting_200_at(count, 5)
         with pytest.raises(ledger.LedgerCorruptError):
             handle.transfers(batch)
         assert unchanged(handle) == before

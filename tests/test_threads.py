@@ -31,10 +31,10 @@ def _setup(handle) -> None:
     assert (handle.create_accounts(rows) == 0).all()
 
 
-def _rows(first_id: int) -> np.ndarray:
-    """ROWS transfers with ids first_id.., all from the settlement account: none can fail."""
-    rows = ledger.transfers_batch(ROWS)
-    ids = np.arange(first_id, first_id + ROWS, dtype=np.uint64)
+def _rows(first_id: int, count: int = ROWS) -> np.ndarray:
+    """`count` transfers with ids first_id.., all from the settlement account: none can fail."""
+    rows = ledger.transfers_batch(count)
+    ids = np.arange(first_id, first_id + count, dtype=np.uint64)
     rows["id"] = ids
     rows["debit_account"] = SETTLEMENT
     rows["credit_account"] = FIRST_ACCOUNT + ids % ACCOUNTS
@@ -199,16 +199,6 @@ def test_close_from_another_thread_while_calls_run(tmp_path):
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------------------
 
-def _big_rows(first_id: int, count: int) -> np.ndarray:
-    rows = ledger.transfers_batch(count)
-    ids = np.arange(first_id, first_id + count, dtype=np.uint64)
-    rows["id"] = ids
-    rows["debit_account"] = SETTLEMENT
-    rows["credit_account"] = FIRST_ACCOUNT + ids % ACCOUNTS
-    rows["amount"] = 1 + ids % 7
-    return rows
-
-
 def _interrupt_at(operation: str, how: str):
     """A fault injector that, once armed, interrupts the first `operation` of the journal: "signal" sends a real
     SIGINT to this (main) thread, whose handler raises KeyboardInterrupt at the next Python line inside the
@@ -241,11 +231,11 @@ def test_ctrl_c_during_a_durable_batch_keeps_the_handle(tmp_path, operation, how
     _setup(handle)
     state["armed"] = True
     with pytest.raises(KeyboardInterrupt, match="applied and is durable"):
-        handle.transfers(_big_rows(1, rows))
+        handle.transfers(_rows(1, rows))
     assert state["fired"] == 1
     assert not handle._engine.poisoned
     assert (handle.lookup_transfers(np.arange(1, rows + 1, dtype=np.uint64))["state"] != 0).all()
-    assert (handle.transfers(_big_rows(rows + 1, ROWS)) == 0).all()  # still usable
+    assert (handle.transfers(_rows(rows + 1, ROWS)) == 0).all()  # still usable
     handle.close()
     with ledger.open(directory) as reopened:
         assert reopened.stats()["transfers"] == rows + ROWS
@@ -292,7 +282,7 @@ def test_ctrl_c_stops_a_long_replay_at_open(tmp_path, monkeypatch):
     with ledger.open(directory, create=True, durability="os") as handle:
         _setup(handle)
         for batch in range(batches):
-            handle.transfers(_big_rows(1 + batch * rows, rows))
+            handle.transfers(_rows(1 + batch * rows, rows))
         end = handle.stats()["journal_position"]
     seen: dict[str, int] = {}
     real_replay = api._replay
