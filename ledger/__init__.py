@@ -38,8 +38,9 @@ from ledger.errors import (
     LedgerTimeoutError,
     LedgerUnavailableError,
 )
-from ledger.history import HISTORY_DTYPE, At, Counters, Difference, EventKind, Explanation, account_at, balance_at, explain_difference
+from ledger.history import HISTORY_DTYPE, Counters, Difference, EventKind, Explanation, account_at, balance_at, explain_difference
 from ledger.ids import IdGenerator
+from ledger.moments import At
 from ledger.ring import Client, connect
 from ledger.snapshot import SnapshotInfo, SnapshotJob
 from ledger._core import EVENT_DTYPE

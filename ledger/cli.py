@@ -27,11 +27,12 @@ from typing import Callable
 import numpy as np
 
 import ledger
+from ledger.moments import At
 from ledger.progress import Progress
 from ledger.snapshot import SnapshotInfo
 
 # By name from the module: `ledger.history` the attribute may be the package's export rather than the module.
-from ledger.history import At, account_at, row_to_dict, rows_to_text
+from ledger.history import account_at, row_to_dict, rows_to_text
 from ledger.history import explain as explain_account
 from ledger.history import explain_difference
 from ledger.history import history as account_history

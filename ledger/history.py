@@ -16,13 +16,7 @@ events, never the size of the journal:
 - Turning a moment (nanoseconds or a datetime) into a journal position is a binary search over the journal
   (timestamps rise strictly with position): about 40 probes, one record each.
 
-Moments: `since`, `until` and `at` accept
-- an `int`: a journal position (`Ledger.stats()["journal_position"]` is the next free one; an event's position is
-  its `sequence` in `lookup_transfers`);
-- a `datetime.datetime`: a moment (timezone-aware; a naive one is read as UTC);
-- `At(position=...)` or `At(ns=...)`: the same, explicit (ns = integer nanoseconds since the Unix epoch, the unit
-  of every engine timestamp).
-`since` is inclusive (events at or after it), `until` and `at` are inclusive (events at or before it).
+Moments (`since`, `until`, `at`: a journal position, a datetime or an `At`) are ledger/moments.py's.
 
 Row fields (`HISTORY_DTYPE`), one row per event that touched the account, creation included:
 - `position`, `timestamp` (ns), `transfer_id` (the event's id: the transfer, or for EXPIRE the pending transfer,
@@ -41,11 +35,9 @@ Row fields (`HISTORY_DTYPE`), one row per event that touched the account, creati
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import enum
 import functools
 import operator
-import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
@@ -53,13 +45,13 @@ import numpy as np
 
 from ledger import _core
 from ledger.enums import described
+from ledger.moments import POSITION_LIMIT, At, Moment, as_at, format_ns
 
 if TYPE_CHECKING:
     from ledger.api import Account, Ledger
 
 __all__ = [
     "HISTORY_DTYPE",
-    "At",
     "Counters",
     "Difference",
     "EventKind",
@@ -68,15 +60,10 @@ __all__ = [
     "balance_at",
     "explain",
     "explain_difference",
-    "format_ns",
     "history",
 ]
 
-# Back-pointers are 40 bits (docs/FORMAT.md): no journal position reaches this.
-POSITION_LIMIT = 2**40
 ID_MAX = 2**64 - 1
-NANOSECONDS_PER_SECOND = 10**9
-UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 @described(
@@ -121,118 +108,7 @@ HISTORY_DTYPE = np.dtype(
 )
 
 
-# ---- Moments --------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class At:
-    """A point in the ledger's history: exactly one of `position` (a journal position) or `ns` (nanoseconds since
-    the Unix epoch, the engine's timestamp unit). "At" a point means: after every event at or before it."""
-
-    ns: int | None = None
-    position: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.ns is None) == (self.position is None):
-            raise ValueError("At takes exactly one of ns= or position=")
-        # Normalise numpy integers to int so that equal moments compare and hash equal.
-        if self.position is not None:
-            object.__setattr__(self, "position", _check_position(self.position))
-        if self.ns is not None:
-            if isinstance(self.ns, bool):
-                raise TypeError("At(ns=...) must be an int of nanoseconds, not bool")
-            object.__setattr__(self, "ns", operator.index(self.ns))
-
-    @classmethod
-    def from_datetime(cls, moment: datetime.datetime) -> At:
-        """The moment `moment` (timezone-aware; naive means UTC) as nanoseconds since the Unix epoch."""
-        return cls(ns=_datetime_to_ns(moment))
-
-    @classmethod
-    def parse(cls, text: str) -> At:
-        """Read a moment as typed on a command line: `12345` is a journal position (a bare number of 2**40 or
-        more is an error that suggests the `ns` suffix: no position is that large), `1700000000000000000ns` is
-        nanoseconds since the epoch, anything else is an ISO-8601 time (up to 9 fractional digits; `Z` or an
-        offset; without one it is UTC; a date alone is its midnight)."""
-        text = text.strip()
-        if text.isascii() and text.isdigit():
-            value = int(text)
-            if value >= POSITION_LIMIT:
-                # Most likely a timestamp copied from --json output without its unit: reading it as a position
-                # would be past any journal's end, and reading it as nanoseconds would be a guess.
-                raise ValueError(f"{text} is larger than any journal position (at most {POSITION_LIMIT - 1}); "
-                                 f"for nanoseconds since the epoch write {text}ns")
-            return cls(position=value)
-        if text.isascii() and text.endswith("ns") and text[:-2].isdigit():
-            return cls(ns=int(text[:-2]))
-        return cls(ns=_parse_iso_ns(text))
-
-    def __str__(self) -> str:
-        if self.position is not None:
-            return f"journal position {self.position}"
-        assert self.ns is not None
-        return format_ns(self.ns)
-
-
-Moment = int | datetime.datetime | At  # what since, until and at accept
-
-
-def _check_position(position: Any) -> int:
-    if isinstance(position, bool):
-        raise TypeError("a journal position must be an int, not bool")
-    position = operator.index(position)
-    if position < 0:
-        raise ValueError(f"a journal position must be >= 0, got {position}")
-    return position
-
-
-def _datetime_to_ns(moment: datetime.datetime) -> int:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)  # naive means UTC, as the engine's clock
-    delta = moment - UNIX_EPOCH
-    # Integer arithmetic: a float of nanoseconds since 1970 has no room for the last digits.
-    return (delta.days * 86_400 + delta.seconds) * NANOSECONDS_PER_SECOND + delta.microseconds * 1_000
-
-
-_FRACTION = re.compile(r"(?P<head>.*\d\d:\d\d:\d\d)[.,](?P<fraction>\d+)(?P<tail>.*)")
-
-
-def _parse_iso_ns(text: str) -> int:
-    """ISO-8601 with nanoseconds (datetime stops at microseconds, but the engine's timestamps are ns)."""
-    fraction_ns = 0
-    match = _FRACTION.fullmatch(text)
-    if match:
-        digits = match["fraction"]
-        if len(digits) > 9:
-            raise ValueError(f"time {text!r} has more than 9 fractional digits")
-        fraction_ns = int(digits.ljust(9, "0"))
-        text = match["head"] + match["tail"]
-    if text[-1:] in ("Z", "z"):
-        text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat does not read Z
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is neither a journal position nor an ISO-8601 time "
-                         f"(e.g. 2024-05-01T12:00:00.123456789Z)") from None
-    return _datetime_to_ns(moment) + fraction_ns
-
-
-def format_ns(ns: int) -> str:
-    """Nanoseconds since the epoch as ISO-8601 UTC with all 9 fractional digits."""
-    seconds, fraction = divmod(int(ns), NANOSECONDS_PER_SECOND)
-    moment = UNIX_EPOCH + datetime.timedelta(seconds=seconds)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{fraction:09d}Z"
-
-
-def _as_at(moment: Moment) -> At:
-    if isinstance(moment, At):
-        return moment
-    if isinstance(moment, datetime.datetime):
-        return At.from_datetime(moment)
-    if isinstance(moment, (str, bytes, float, bool)):
-        raise TypeError(f"a moment is an int journal position, a datetime or ledger.At(...), "
-                        f"not {type(moment).__name__} {moment!r}")
-    return At(position=_check_position(moment))
-
+# ---- Moments to journal positions ----------------------------------------------------------------------
 
 def _time_of_position(engine: _core.Engine, position: int) -> int:
     """The timestamp of the event at `position`; for a batch header, the time of its first event (a batch has at
@@ -260,7 +136,7 @@ def _last_position_through_ns(engine: _core.Engine, ns: int) -> int:
 
 def _last_position_through(engine: _core.Engine, moment: Moment) -> int:
     """Inclusive upper bound: the events at or before `moment` are those at positions <= the result."""
-    at = _as_at(moment)
+    at = as_at(moment)
     if at.position is not None:
         return min(at.position, POSITION_LIMIT - 1)
     assert at.ns is not None
@@ -269,7 +145,7 @@ def _last_position_through(engine: _core.Engine, moment: Moment) -> int:
 
 def _first_position_from(engine: _core.Engine, moment: Moment) -> int:
     """Inclusive lower bound: the events at or after `moment` are those at positions >= the result."""
-    at = _as_at(moment)
+    at = as_at(moment)
     if at.position is not None:
         return min(at.position, POSITION_LIMIT)
     assert at.ns is not None
@@ -277,7 +153,7 @@ def _first_position_from(engine: _core.Engine, moment: Moment) -> int:
 
 
 def _describe(moment: Moment) -> str:
-    return str(_as_at(moment))
+    return str(as_at(moment))
 
 
 # ---- Counters and per-event movements -------------------------------------------------------------------------
@@ -462,7 +338,7 @@ def _existing_through(handle: Ledger, id: int, at: Moment) -> int:
     past the journal's end."""
     id = _account_id(id)
     creation, _ = _positions(handle, id)
-    _check_not_past_end(handle._engine, _as_at(at))
+    _check_not_past_end(handle._engine, as_at(at))
     last_position = _last_position_through(handle._engine, at)
     if last_position < creation:
         created_ns = handle.account(id).timestamp  # type: ignore[union-attr]
@@ -518,7 +394,7 @@ def _window(handle: Ledger, since: Moment | None, until: Moment | None) -> tuple
     first = 0 if since is None else _first_position_from(engine, since)
     last = end if until is None else _last_position_through(engine, until)
     if since is not None and until is not None:
-        since_at, until_at = _as_at(since), _as_at(until)
+        since_at, until_at = as_at(since), as_at(until)
         reversed_moments = since_at.ns is not None and until_at.ns is not None and since_at.ns > until_at.ns
         if reversed_moments or first > last + 1:
             raise ValueError(f"since ({since_at}) is after until ({until_at})")

@@ -206,7 +206,7 @@ def test_cli_ledger_traceback_shows_the_internal_error(small_ledger):
 
 
 def test_cli_restore_until_time_from_a_named_snapshot(tmp_path):
-    from ledger.history import format_ns
+    from ledger.moments import format_ns
 
     data = str(tmp_path / "data")
     with ledger.open(data, create=True) as handle:

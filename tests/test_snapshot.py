@@ -22,7 +22,7 @@ import ledger
 from crash_workload import Model, accounts, batch
 import ledger.restore as restore_module
 import ledger.snapshot as snapshot_module
-from ledger.history import format_ns
+from ledger.moments import format_ns
 from ledger.restore import parse_time, restore
 from model import Model as ReferenceModel
 from ledger.snapshot import read_snapshot, write_snapshot
