@@ -137,107 +137,151 @@ def demo(arguments: argparse.Namespace) -> int:
     return code
 
 
+DEMO_SETTLEMENT = 1          # the account that funds the others (its min_balance lets it go negative)
+DEMO_FIRST_ACCOUNT = 1_000   # the funded accounts are DEMO_FIRST_ACCOUNT, DEMO_FIRST_ACCOUNT + 1, ...
+DEMO_SEED = 2026             # the same workload on every run
+DEMO_TAIL_TRANSFERS = 1_000  # applied while the snapshot's child writes
+
+
 def _demo(arguments: argparse.Namespace, directory: str) -> int:
-    accounts = arguments.accounts
-    transfers = arguments.transfers
-    batch_size = arguments.batch_size
+    """The demo's steps, in order, each printing its figures; the exit code says whether every check held."""
+    accounts, transfers, batch_size = arguments.accounts, arguments.transfers, arguments.batch_size
     print(f"ledger demo: {accounts:,} accounts, {transfers:,} transfers in batches of {batch_size:,}, "
           f"durability=fsync, data in {directory}", flush=True)
     ids = ledger.IdGenerator()
-    rng = np.random.default_rng(2026)
-    settlement = 1
-    first = 1_000
+    rng = np.random.default_rng(DEMO_SEED)
     # Room for everything the demo writes, allocated at open, as a service that knows its size would do.
     with ledger.open(directory, create=True, durability="fsync", accounts_capacity=accounts + 1,
                      transfers_capacity=accounts + transfers + 30_000,
                      journal_records_reserved=2 * accounts + transfers + 30_000 + 2 * (transfers // batch_size + 1000),
                      ) as handle:
-        started = time.perf_counter()
-        assert handle.create_account(settlement, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
-        batch = ledger.accounts_batch(accounts)
-        batch["id"] = np.arange(first, first + accounts, dtype=np.uint64)
-        assert not handle.create_accounts(batch).any()
-        funding = ledger.transfers_batch(accounts)
-        funding["id"] = ids.batch(accounts)
-        funding["debit_account"] = settlement
-        funding["credit_account"] = batch["id"]
-        funding["amount"] = 1_000_000
-        assert not handle.transfers(funding).any()
-        print(f"  created and funded {accounts:,} accounts in {time.perf_counter() - started:.2f} s")
-
-        codes = np.zeros(len(ledger.TransferResult), np.int64)
-        applied = 0
-        durable_seconds = 0.0
-        progress = Progress(transfers, "  transfers", "transfers")
-        for start in range(0, transfers, batch_size):
-            count = min(batch_size, transfers - start)
-            rows = ledger.transfers_batch(count)
-            rows["id"] = ids.batch(count)
-            rows["debit_account"] = first + rng.integers(0, accounts, count)
-            rows["credit_account"] = first + rng.integers(0, accounts, count)
-            rows["amount"] = rng.integers(1, 200_000, count)
-            began = time.perf_counter()
-            results = handle.transfers(rows)
-            durable_seconds += time.perf_counter() - began
-            codes += np.bincount(results, minlength=codes.size)
-            applied += count
-            progress.update(applied)
-        progress.close()
-        outcome = ", ".join(f"{ledger.TransferResult(code).name}={int(n):,}" for code, n in enumerate(codes) if n)
-        print(f"  {applied:,} transfers, durable (fdatasync per batch): {_rate(applied, durable_seconds)}  [{outcome}]")
-
-        single = min(20_000, max(1, transfers // 50))
-        debit = (first + rng.integers(0, accounts, single)).tolist()
-        credit = (first + rng.integers(0, accounts, single)).tolist()
-        began = time.perf_counter()
-        for index in range(single):
-            handle.transfer(ids(), debit[index], credit[index], 1)
-        seconds = time.perf_counter() - began
-        print(f"  {single:,} single transfer() calls, each durable: {_rate(single, seconds)}")
-
-        pending_id = ids()
-        a, b = first, first + 1
-        before = handle.balance(b)
-        handle.transfer(pending_id, a, b, 500, flags=ledger.TransferFlags.PENDING, timeout=60)
-        held = handle.available(a)
-        result = handle.transfer(ids(), 0, 0, 300, flags=ledger.TransferFlags.POST_PENDING, pending_id=pending_id)
-        print(f"  two-phase: reserved 500 (available of {a} now {held:,}), posted 300 -> {result.name}, "
-              f"balance of {b} {before:,} -> {handle.balance(b):,}")
-
-        report = handle.verify()
-        print(f"  {report}")
-        explanation = handle.explain(b)
-        print(f"  explain account {b}: {len(explanation.rows)} events, opening {explanation.opening_balance:,} -> "
-              f"closing {explanation.closing_balance:,}, adds up: {explanation.ok}")
-        job = handle.snapshot(wait=False)  # the writer goes on while a forked child writes the file
-        tail = ledger.transfers_batch(1000)
-        tail["id"] = ids.batch(1000)
-        tail["debit_account"] = first + rng.integers(0, accounts, 1000)
-        tail["credit_account"] = first + rng.integers(0, accounts, 1000)
-        tail["amount"] = 1
-        handle.transfers(tail)
-        info = job.wait()
-        print(f"  snapshot at journal position {info.position:,}: {info.bytes / 2**20:,.1f} MiB written and fsynced "
-              f"by a forked child in {info.write_seconds:.2f} s; the writer was held {info.stall_seconds * 1000:.1f} "
-              f"ms (the fork) and applied 1,000 more transfers meanwhile")
-        stats = handle.stats()
-        memory = sum(value for key, value in stats.items() if key.startswith("memory_"))
-        print(f"  state memory: {memory / 2**20:,.0f} MiB for {stats['accounts']:,} accounts and "
-              f"{stats['transfers']:,} remembered transfers; journal position {stats['journal_position']:,}")
+        _demo_create_and_fund(handle, ids, accounts)
+        _demo_batches(handle, ids, rng, accounts, transfers, batch_size)
+        _demo_single_transfers(handle, ids, rng, accounts, transfers)
+        _demo_two_phase(handle, ids)
+        ok = _demo_verify_and_explain(handle)
+        _demo_snapshot_while_writing(handle, ids, rng, accounts)
+        _demo_print_memory(handle)
         expected = handle.accounts()
-        ok = report.ok and explanation.ok
+    ok = _demo_reopen(directory, expected, ok)
+    print("demo OK" if ok else "demo FAILED")
+    return EXIT_OK if ok else EXIT_VERIFY_FAILED
+
+
+def _demo_random_accounts(rng: np.random.Generator, accounts: int, count: int) -> np.ndarray:
+    """`count` ids drawn from the demo's funded accounts."""
+    return DEMO_FIRST_ACCOUNT + rng.integers(0, accounts, count)
+
+
+def _demo_create_and_fund(handle: ledger.Ledger, ids: ledger.IdGenerator, accounts: int) -> None:
+    started = time.perf_counter()
+    assert handle.create_account(DEMO_SETTLEMENT, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
+    batch = ledger.accounts_batch(accounts)
+    batch["id"] = np.arange(DEMO_FIRST_ACCOUNT, DEMO_FIRST_ACCOUNT + accounts, dtype=np.uint64)
+    assert not handle.create_accounts(batch).any()
+    funding = ledger.transfers_batch(accounts)
+    funding["id"] = ids.batch(accounts)
+    funding["debit_account"] = DEMO_SETTLEMENT
+    funding["credit_account"] = batch["id"]
+    funding["amount"] = 1_000_000
+    assert not handle.transfers(funding).any()
+    print(f"  created and funded {accounts:,} accounts in {time.perf_counter() - started:.2f} s")
+
+
+def _demo_batches(handle: ledger.Ledger, ids: ledger.IdGenerator, rng: np.random.Generator, accounts: int,
+                  transfers: int, batch_size: int) -> None:
+    """Random transfers in durable batches (one fdatasync each), with a progress bar and the result codes."""
+    codes = np.zeros(len(ledger.TransferResult), np.int64)
+    applied = 0
+    durable_seconds = 0.0
+    progress = Progress(transfers, "  transfers", "transfers")
+    for start in range(0, transfers, batch_size):
+        count = min(batch_size, transfers - start)
+        rows = ledger.transfers_batch(count)
+        rows["id"] = ids.batch(count)
+        rows["debit_account"] = _demo_random_accounts(rng, accounts, count)
+        rows["credit_account"] = _demo_random_accounts(rng, accounts, count)
+        rows["amount"] = rng.integers(1, 200_000, count)
+        began = time.perf_counter()
+        results = handle.transfers(rows)
+        durable_seconds += time.perf_counter() - began
+        codes += np.bincount(results, minlength=codes.size)
+        applied += count
+        progress.update(applied)
+    progress.close()
+    outcome = ", ".join(f"{ledger.TransferResult(code).name}={int(n):,}" for code, n in enumerate(codes) if n)
+    print(f"  {applied:,} transfers, durable (fdatasync per batch): {_rate(applied, durable_seconds)}  [{outcome}]")
+
+
+def _demo_single_transfers(handle: ledger.Ledger, ids: ledger.IdGenerator, rng: np.random.Generator,
+                           accounts: int, transfers: int) -> None:
+    single = min(20_000, max(1, transfers // 50))
+    debit = _demo_random_accounts(rng, accounts, single).tolist()
+    credit = _demo_random_accounts(rng, accounts, single).tolist()
+    began = time.perf_counter()
+    for index in range(single):
+        handle.transfer(ids(), debit[index], credit[index], 1)
+    seconds = time.perf_counter() - began
+    print(f"  {single:,} single transfer() calls, each durable: {_rate(single, seconds)}")
+
+
+def _demo_two_phase(handle: ledger.Ledger, ids: ledger.IdGenerator) -> None:
+    pending_id = ids()
+    a, b = DEMO_FIRST_ACCOUNT, DEMO_FIRST_ACCOUNT + 1
+    before = handle.balance(b)
+    handle.transfer(pending_id, a, b, 500, flags=ledger.TransferFlags.PENDING, timeout=60)
+    held = handle.available(a)
+    result = handle.transfer(ids(), 0, 0, 300, flags=ledger.TransferFlags.POST_PENDING, pending_id=pending_id)
+    print(f"  two-phase: reserved 500 (available of {a} now {held:,}), posted 300 -> {result.name}, "
+          f"balance of {b} {before:,} -> {handle.balance(b):,}")
+
+
+def _demo_verify_and_explain(handle: ledger.Ledger) -> bool:
+    """Verify by replay and explain the two-phase transfer's credit account: True if both add up."""
+    report = handle.verify()
+    print(f"  {report}")
+    b = DEMO_FIRST_ACCOUNT + 1
+    explanation = handle.explain(b)
+    print(f"  explain account {b}: {len(explanation.rows)} events, opening {explanation.opening_balance:,} -> "
+          f"closing {explanation.closing_balance:,}, adds up: {explanation.ok}")
+    return report.ok and explanation.ok
+
+
+def _demo_snapshot_while_writing(handle: ledger.Ledger, ids: ledger.IdGenerator, rng: np.random.Generator,
+                                 accounts: int) -> None:
+    job = handle.snapshot(wait=False)  # the writer goes on while a forked child writes the file
+    tail = ledger.transfers_batch(DEMO_TAIL_TRANSFERS)
+    tail["id"] = ids.batch(DEMO_TAIL_TRANSFERS)
+    tail["debit_account"] = _demo_random_accounts(rng, accounts, DEMO_TAIL_TRANSFERS)
+    tail["credit_account"] = _demo_random_accounts(rng, accounts, DEMO_TAIL_TRANSFERS)
+    tail["amount"] = 1
+    handle.transfers(tail)
+    info = job.wait()
+    print(f"  snapshot at journal position {info.position:,}: {info.bytes / 2**20:,.1f} MiB written and fsynced "
+          f"by a forked child in {info.write_seconds:.2f} s; the writer was held {info.stall_seconds * 1000:.1f} "
+          f"ms (the fork) and applied {DEMO_TAIL_TRANSFERS:,} more transfers meanwhile")
+
+
+def _demo_print_memory(handle: ledger.Ledger) -> None:
+    stats = handle.stats()
+    memory = sum(value for key, value in stats.items() if key.startswith("memory_"))
+    print(f"  state memory: {memory / 2**20:,.0f} MiB for {stats['accounts']:,} accounts and "
+          f"{stats['transfers']:,} remembered transfers; journal position {stats['journal_position']:,}")
+
+
+def _demo_reopen(directory: str, expected: np.ndarray, ok: bool) -> bool:
+    """Reopen (recovery from the snapshot plus the journal tail) and compare with the state before closing:
+    `ok` and the recovered state is the same and verifies (the verify is skipped once a check has failed)."""
     began = time.perf_counter()
     with ledger.open(directory) as reopened:
         seconds = time.perf_counter() - began
         source = reopened.recovered_from
         print(f"  reopened in {seconds:.2f} s from the snapshot at {source.position:,} plus the journal tail "
-              f"to {reopened.stats()['journal_position']:,}; settlement balance {reopened.balance(settlement):,}")
+              f"to {reopened.stats()['journal_position']:,}; settlement balance {reopened.balance(DEMO_SETTLEMENT):,}")
         same = all((reopened.accounts()[name] == expected[name]).all()
                    for name in ("debits_posted", "credits_posted", "debits_pending", "credits_pending"))
         print(f"  recovered state equals the state before closing: {same}")
-        ok = ok and same and reopened.verify().ok
-    print("demo OK" if ok else "demo FAILED")
-    return EXIT_OK if ok else EXIT_VERIFY_FAILED
+        return ok and same and reopened.verify().ok
 
 
 def verify(arguments: argparse.Namespace) -> int:
@@ -493,7 +537,8 @@ def serve_command(arguments: argparse.Namespace) -> int:
                  slot_count=arguments.slots, group=arguments.group,
                  abandon_after_ms=arguments.abandon_after_ms, spin_count=arguments.spin_count,
                  idle_wait_ms=arguments.idle_wait_ms, snapshot_every_s=arguments.snapshot_every_s or None,
-                 overlap_rows_min=arguments.overlap_rows_min, accounts_capacity=arguments.accounts_capacity, transfers_capacity=arguments.transfers_capacity,
+                 overlap_rows_min=arguments.overlap_rows_min, accounts_capacity=arguments.accounts_capacity,
+                 transfers_capacity=arguments.transfers_capacity,
                  ready=lambda: print(f"ledger: serving {arguments.dir} (durability={arguments.durability}); "
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
 
@@ -505,21 +550,12 @@ MOMENT_HELP = ("X: a journal position (0 .. stats' journal_position), an ISO-860
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand each, added in the order `ledger --help` lists them."""
     root = Parser(prog="ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root.add_argument("--version", action="version", version=f"ledger {ledger.__version__}",
                       help="print the version and exit")
     commands = root.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("demo", help="run the demo workload and print figures")
-    run.add_argument("--dir", help="a new (or empty) data directory, kept afterwards (default: a new temporary "
-                                   "directory, removed at the end)")
-    run.add_argument("--keep", action="store_true", help="keep the temporary data directory (its path is printed)")
-    run.add_argument("--accounts", type=integer_in("accounts", 2, 10**9), default=100_000,
-                     help="accounts to create and fund (default 100,000)")
-    run.add_argument("--transfers", type=integer_in("transfers", 1, 10**12), default=1_000_000,
-                     help="transfers to move in batches (default 1,000,000)")
-    run.add_argument("--batch-size", type=integer_in("batch size", 1, ledger.BATCH_SIZE_MAX), default=8_192,
-                     help="transfers per durable batch (default 8,192)")
-    run.set_defaults(handler=demo)
+    _demo_arguments(commands.add_parser("demo", help="run the demo workload and print figures"))
     for name, handler, text in (("verify", verify, "replay the journal and check every balance"),
                                 ("stats", stats, "counts, sizes and positions"),
                                 ("scrub", scrub_command, "re-check every journal batch's checksum and chain")):
@@ -531,36 +567,80 @@ def parser() -> argparse.ArgumentParser:
                                   add_help=False)
     command.add_argument("options", nargs=argparse.REMAINDER, help="see: ledger bench --help")
     command.set_defaults(handler=bench)
-    command = commands.add_parser("balance", help="one account's balance, now or at a past moment")
+    _balance_arguments(commands.add_parser("balance", help="one account's balance, now or at a past moment"))
+    _history_arguments(commands.add_parser("history", help="an account's events with running balances"))
+    _explain_arguments(commands.add_parser(
+        "explain", help="opening balance, events, closing balance, checked to add up"))
+    _init_arguments(commands.add_parser("init", help="create an empty ledger directory"))
+    account = commands.add_parser("account", help="account commands").add_subparsers(dest="action", required=True)
+    _account_create_arguments(account.add_parser("create", help="create one account"))
+    _transfer_arguments(commands.add_parser("transfer", help="one transfer"))
+    _snapshot_arguments(commands.add_parser("snapshot", help="write a snapshot of the whole state"))
+    _restore_arguments(commands.add_parser("restore", help="point-in-time restore into a new directory"))
+    _serve_arguments(commands.add_parser("serve", help="run the writer for other processes (ledger.connect)"))
+    from ledger import project as project_module
+    command = commands.add_parser("project", help="keep a read model (SQLite) up to date from the journal")
+    project_module.add_arguments(command)
+    command.set_defaults(handler=project_module.run)
+    return root
+
+
+def _demo_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--dir", help="a new (or empty) data directory, kept afterwards (default: a new temporary "
+                                       "directory, removed at the end)")
+    command.add_argument("--keep", action="store_true",
+                         help="keep the temporary data directory (its path is printed)")
+    command.add_argument("--accounts", type=integer_in("accounts", 2, 10**9), default=100_000,
+                         help="accounts to create and fund (default 100,000)")
+    command.add_argument("--transfers", type=integer_in("transfers", 1, 10**12), default=1_000_000,
+                         help="transfers to move in batches (default 1,000,000)")
+    command.add_argument("--batch-size", type=integer_in("batch size", 1, ledger.BATCH_SIZE_MAX), default=8_192,
+                         help="transfers per durable batch (default 8,192)")
+    command.set_defaults(handler=demo)
+
+
+def _balance_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("dir", help=DIR_HELP)
     command.add_argument("id", type=ACCOUNT_ID, help="the account id")
     command.add_argument("--at", metavar="X", help=f"as of {MOMENT_HELP}; not past the journal's end")
     command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=balance)
-    for name, handler, text in (("history", history, "an account's events with running balances"),
-                                ("explain", explain, "opening balance, events, closing balance, checked to add up")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("dir", help=DIR_HELP)
-        command.add_argument("id", type=ACCOUNT_ID, help="the account id")
-        command.add_argument("--since", metavar="X", help=f"from {MOMENT_HELP} (inclusive)")
-        command.add_argument("--until", metavar="X", help=f"through {MOMENT_HELP} (inclusive)")
-        if name == "history":
-            command.add_argument("--limit", type=integer_in("limit", 0, POSITION_MAX), metavar="N",
-                                 help="only the newest N events of the range")
-        else:
-            command.add_argument("--vs", type=ACCOUNT_ID, metavar="OTHER_ID",
-                                 help="why this account's balance (at --until) differs from OTHER_ID's")
-            command.add_argument("--vs-until", metavar="Y", help="OTHER_ID's moment (default: the same as --until)")
-        command.add_argument("--json", action="store_true", help=JSON_HELP)
-        command.set_defaults(handler=handler)
-    command = commands.add_parser("init", help="create an empty ledger directory")
+
+
+def _account_window_arguments(command: argparse.ArgumentParser) -> None:
+    """What `history` and `explain` share: the directory, the account and the window [--since, --until]."""
+    command.add_argument("dir", help=DIR_HELP)
+    command.add_argument("id", type=ACCOUNT_ID, help="the account id")
+    command.add_argument("--since", metavar="X", help=f"from {MOMENT_HELP} (inclusive)")
+    command.add_argument("--until", metavar="X", help=f"through {MOMENT_HELP} (inclusive)")
+
+
+def _history_arguments(command: argparse.ArgumentParser) -> None:
+    _account_window_arguments(command)
+    command.add_argument("--limit", type=integer_in("limit", 0, POSITION_MAX), metavar="N",
+                         help="only the newest N events of the range")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
+    command.set_defaults(handler=history)
+
+
+def _explain_arguments(command: argparse.ArgumentParser) -> None:
+    _account_window_arguments(command)
+    command.add_argument("--vs", type=ACCOUNT_ID, metavar="OTHER_ID",
+                         help="why this account's balance (at --until) differs from OTHER_ID's")
+    command.add_argument("--vs-until", metavar="Y", help="OTHER_ID's moment (default: the same as --until)")
+    command.add_argument("--json", action="store_true", help=JSON_HELP)
+    command.set_defaults(handler=explain)
+
+
+def _init_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("dir", help="a new directory (its parent must exist) or an empty one")
     command.add_argument("--segment-records-log2", type=integer_in("segment records log2", 10, 24), default=20,
                          help="journal segment files of 2**N records of 64 bytes (10..24, default 20: 64 MiB)")
     command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=init)
-    account = commands.add_parser("account", help="account commands").add_subparsers(dest="action", required=True)
-    command = account.add_parser("create", help="create one account")
+
+
+def _account_create_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("dir", help=DIR_HELP)
     command.add_argument("id", type=UINT64, help="the new account's id (1 .. 2**64 - 2)")
     command.add_argument("--ledger", type=UINT32, default=1, help="asset or currency (default 1)")
@@ -571,7 +651,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--user-data", type=UINT64, default=0, help="a number of yours (default 0)")
     command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=account_create)
-    command = commands.add_parser("transfer", help="one transfer")
+
+
+def _transfer_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("dir", help=DIR_HELP)
     # Ranges of the fields (TRANSFER_DTYPE); values in range that break a rule get a result code, as in the API.
     for name, text in (("id", "the transfer id: the idempotency key (a retry with it answers EXISTS)"),
@@ -589,13 +671,17 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--user-data", type=UINT64, default=0, help="a number of yours (default 0)")
     command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=transfer)
-    command = commands.add_parser("snapshot", help="write a snapshot of the whole state")
+
+
+def _snapshot_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("dir", help=DIR_HELP)
     command.add_argument("--keep", type=integer_in("keep", 1, SNAPSHOTS_KEPT_MAX), default=3,
                          help=f"keep the newest N snapshot files (1..{SNAPSHOTS_KEPT_MAX}, default 3)")
     command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=snapshot)
-    command = commands.add_parser("restore", help="point-in-time restore into a new directory")
+
+
+def _restore_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("source", help="a data directory, or a snapshot file to start from")
     command.add_argument("destination", help="the new data directory (must not exist)")
     group = command.add_mutually_exclusive_group()
@@ -607,7 +693,9 @@ def parser() -> argparse.ArgumentParser:
                          help="the data directory whose journal to use (default: the snapshot's own)")
     command.add_argument("--json", action="store_true", help=JSON_HELP)
     command.set_defaults(handler=restore_command)
-    command = commands.add_parser("serve", help="run the writer for other processes (ledger.connect)")
+
+
+def _serve_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("dir", help="the data directory (an existing ledger, unless --create)")
     command.add_argument("--create", action="store_true",
                          help="make a new ledger if DIR holds none (a new directory or an empty one)")
@@ -632,11 +720,6 @@ def parser() -> argparse.ArgumentParser:
                          help=f"a drained group this large is synced while the next is applied "
                               f"(1..{ring_module.GROUP_ROWS_MAX + 1}; the maximum: never)")
     command.set_defaults(handler=serve_command)
-    from ledger import project as project_module
-    command = commands.add_parser("project", help="keep a read model (SQLite) up to date from the journal")
-    project_module.add_arguments(command)
-    command.set_defaults(handler=project_module.run)
-    return root
 
 
 def main(argv: list[str] | None = None) -> int:
