@@ -6,9 +6,10 @@ commit per transfer against `ledger` syncing every transfer() call, a batch comm
 `ledger` transfers() batches with durability=fsync, a batch not synced before the answer against durability=os),
 per-call latencies of `ledger` single calls and small batches, and writes results.json, table.md and
 peers_chart.png (if matplotlib is installed) to the results directory (default: bench-results/<timestamp>/ in the
-current directory, never the source checkout). PostgreSQL and Redis are started on 127.0.0.1 in a temporary directory and always stopped.
+current directory, never the source checkout). PostgreSQL and Redis are started on 127.0.0.1 in a temporary
+directory and always stopped.
 
-The peers live in bench/peers/ of the source checkout (an editable install: pip install -e .), not in the wheel.
+The peers live in ledger/bench_peers/ (part of the installed package: `pip install ".[bench]"` has all it needs).
 
 Exit codes: 0 every row agrees with ledger, 1 a cross-check failed or a peer group failed to run, 2 usage,
 130 interrupted."""
@@ -32,8 +33,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-PEERS_DIRECTORY = REPOSITORY / "bench" / "peers"
+from ledger.bench_peers import suite as peer_suite
+from ledger.bench_peers.ledger_peer import measure_latency
+from ledger.bench_peers.runner import RunLimits, run_peer
+from ledger.bench_peers.workload import make_workload, reference_state
+
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FULL = {"accounts": 100_000, "transfers": 1_000_000, "per_commit_transfers": 20_000, "time_limit_s": 120.0,
         "latency_calls": 20_000, "latency_seconds": 5.0}
@@ -48,17 +52,6 @@ RESULTS_DIRECTORY_NAME = "bench-results"  # under the current directory, unless 
 REFERENCE_NAMES = {("batch", True): "ledger batch, fsync", ("transfer", True): "ledger per call, fsync",
                    ("batch", False): "ledger batch, os", ("transfer", False): "ledger per call, os"}
 LOAD_WARNING = 0.5  # a 1-minute load average above this means someone else shares the CPUs or the disk
-
-
-def _import_peers() -> Any:
-    """bench/peers is not part of the installed package: put the checkout on sys.path to import it."""
-    if not (PEERS_DIRECTORY / "suite.py").is_file():
-        raise FileNotFoundError(f"{PEERS_DIRECTORY} not found: `ledger bench` needs the source checkout "
-                                f"(git clone, then pip install -e .)")
-    if str(REPOSITORY) not in sys.path:
-        sys.path.insert(0, str(REPOSITORY))
-    from bench.peers import suite
-    return suite
 
 
 def parser(group_names: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -256,7 +249,6 @@ def stop_on_sigterm() -> Iterator[None]:
 def run_groups(suite: Any, arguments: argparse.Namespace, workload: Any, work_directory: Path,
                report: dict[str, Any]) -> None:
     """Run every selected group's rows in turn; a group's server lives only while its rows run."""
-    from bench.peers.runner import RunLimits, run_peer
     limits = RunLimits(per_commit_transfers=arguments.per_commit_transfers, time_limit_s=arguments.time_limit_s)
     display = ProgressDisplay()
     for name in arguments.peer_names:
@@ -289,7 +281,6 @@ def _row_line(result: Any) -> str:
 
 
 def run_latency(arguments: argparse.Namespace, workload: Any, work_directory: Path) -> list[Any]:
-    from bench.peers.ledger_peer import measure_latency
     results = []
     for number, (batch_size, durability) in enumerate(LATENCY_CASES):
         result = measure_latency(workload, work_directory / "latency" / str(number), batch_size, durability,
@@ -435,7 +426,6 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 
 def run(arguments: argparse.Namespace, suite: Any, work_directory: Path) -> dict[str, Any]:
-    from bench.peers.workload import make_workload, reference_state
     machine = machine_description(work_directory)
     print(f"ledger bench: {arguments.accounts:,} accounts, {arguments.transfers:,} transfers, batches of "
           f"{arguments.batch_size:,}, per-transfer-commit rows run {arguments.per_commit_transfers:,}; "
@@ -475,12 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `ledger bench -- --quick`: the separator the top-level parser lets through
         argv = argv[1:]
-    try:
-        suite = _import_peers()
-    except (FileNotFoundError, ImportError) as error:
-        print(f"ledger bench: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    arguments = parse_arguments(argv, suite.GROUP_NAMES)
+    arguments = parse_arguments(argv, peer_suite.GROUP_NAMES)
     arguments.argv = argv
     if arguments.data_dir is not None:
         arguments.data_dir.mkdir(parents=True, exist_ok=True)
@@ -489,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     work_directory.chmod(0o711)
     try:
         with stop_on_sigterm():
-            report = run(arguments, suite, work_directory)
+            report = run(arguments, peer_suite, work_directory)
     except KeyboardInterrupt:
         print("ledger bench: interrupted; servers stopped", file=sys.stderr)
         return EXIT_INTERRUPTED

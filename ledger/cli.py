@@ -423,7 +423,7 @@ def explain_versus(arguments: argparse.Namespace) -> int:
 
 
 def bench(arguments: argparse.Namespace) -> int:
-    from ledger.bench_command import main as bench_main  # the peer comparison (bench/peers); see its --help
+    from ledger.bench_command import main as bench_main  # the peer comparison (ledger/bench_peers); see its --help
     return bench_main(arguments.options)
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from ledger.bench_peers.suite import GROUPS
+
 REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))
-from bench.peers.suite import GROUPS  # noqa: E402 - the checkout's bench package, after the path is set
 
 AVAILABLE = tuple(name for name, group in GROUPS.items() if group.missing() is None)
 PEERS = AVAILABLE

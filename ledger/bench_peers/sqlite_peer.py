@@ -12,7 +12,7 @@ import sqlite3
 from pathlib import Path
 
 
-from bench.peers.workload import PeerState, Workload, sql_state
+from ledger.bench_peers.workload import PeerState, Workload, sql_state
 
 SCHEMA = """
 CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.peers.servers import LOOPBACK
-from bench.peers.workload import PeerState, Workload
+from ledger.bench_peers.servers import LOOPBACK
+from ledger.bench_peers.workload import PeerState, Workload
 
 BALANCES_KEY = "balances"
 TRANSFERS_KEY = "transfers"

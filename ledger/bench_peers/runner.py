@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from bench.peers.workload import PeerState, Workload, compare, reference_state
+from ledger.bench_peers.workload import PeerState, Workload, compare, reference_state
 
 # progress(transfers_done, transfers_target) after every step.
 Progress = Callable[[int, int], None]

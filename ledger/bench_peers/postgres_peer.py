@@ -10,8 +10,8 @@ import itertools
 from pathlib import Path
 
 
-from bench.peers.servers import LOOPBACK, POSTGRES_USER
-from bench.peers.workload import PeerState, Workload, sql_state
+from ledger.bench_peers.servers import LOOPBACK, POSTGRES_USER
+from ledger.bench_peers.workload import PeerState, Workload, sql_state
 
 SCHEMA = """
 CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);

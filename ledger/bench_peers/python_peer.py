@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.peers.workload import PeerState, Workload
+from ledger.bench_peers.workload import PeerState, Workload
 
 JOURNAL_NAME = "journal.bin"
 RECORD_FIELDS = 4  # id, debit account, credit account, amount: int64 each

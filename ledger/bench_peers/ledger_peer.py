@@ -2,8 +2,8 @@
 plus the per-call latency of single calls and small batches.
 
 The ledger is opened with accounts_capacity / transfers_capacity / journal_records_reserved for the whole run (as
-bench/workload.py does), the documented way to avoid a rehash pause or page faults mid-run. The read-back for the cross-check reopens the directory
-(recovery by journal replay), so what is compared is what the journal recorded."""
+bench/workload.py does), the documented way to avoid a rehash pause or page faults mid-run. The read-back for the
+cross-check reopens the directory (recovery by journal replay), so what is compared is what the journal recorded."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import ledger
-from bench.peers.workload import PeerState, Workload, create_funded_accounts, ledger_state, transfer_rows
+from ledger.bench_peers.workload import PeerState, Workload, create_funded_accounts, ledger_state, transfer_rows
 
 DURABILITY_WORDS = {"fsync": "fsync (durable)", "os": "os (page cache)"}
 

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from bench.peers import servers
-from bench.peers.ledger_peer import LedgerBatchPeer, LedgerSinglePeer
-from bench.peers.python_peer import PythonPeer
-from bench.peers.runner import Peer
-from bench.peers.sqlite_peer import SqlitePeer
+from ledger.bench_peers import servers
+from ledger.bench_peers.ledger_peer import LedgerBatchPeer, LedgerSinglePeer
+from ledger.bench_peers.python_peer import PythonPeer
+from ledger.bench_peers.runner import Peer
+from ledger.bench_peers.sqlite_peer import SqlitePeer
 
 GROUP_NAMES = ("sqlite", "postgres", "redis", "python", "ledger")
 
@@ -51,7 +51,7 @@ def _ledger_rows(directory: Path, batch_size: int) -> Iterator[list[Peer]]:
 
 @contextlib.contextmanager
 def _postgres_rows(directory: Path, batch_size: int) -> Iterator[list[Peer]]:
-    from bench.peers.postgres_peer import PostgresPeer
+    from ledger.bench_peers.postgres_peer import PostgresPeer
     with servers.postgres_server(directory) as server:
         version = server.version()
         yield [PostgresPeer(server.port, version, None), PostgresPeer(server.port, version, batch_size)]
@@ -61,7 +61,7 @@ def _postgres_rows(directory: Path, batch_size: int) -> Iterator[list[Peer]]:
 def _redis_rows(directory: Path, batch_size: int) -> Iterator[list[Peer]]:
     import redis
 
-    from bench.peers.redis_peer import RedisPeer
+    from ledger.bench_peers.redis_peer import RedisPeer
     with servers.redis_server(directory) as port:
         with redis.Redis(host=servers.LOOPBACK, port=port) as client:
             version = client.info("server")["redis_version"]
