@@ -45,7 +45,8 @@ import numpy as np
 
 from ledger import _core
 from ledger.enums import described
-from ledger.moments import POSITION_LIMIT, At, Moment, as_at, format_ns
+from ledger.moments import POSITION_LIMIT, At, Moment, format_ns
+from ledger.moments import as_at as _as_at  # private here: history uses it, it does not offer it
 
 if TYPE_CHECKING:
     from ledger.api import Account, Ledger
@@ -136,7 +137,7 @@ def _last_position_through_ns(engine: _core.Engine, ns: int) -> int:
 
 def _last_position_through(engine: _core.Engine, moment: Moment) -> int:
     """Inclusive upper bound: the events at or before `moment` are those at positions <= the result."""
-    at = as_at(moment)
+    at = _as_at(moment)
     if at.position is not None:
         return min(at.position, POSITION_LIMIT - 1)
     assert at.ns is not None
@@ -145,7 +146,7 @@ def _last_position_through(engine: _core.Engine, moment: Moment) -> int:
 
 def _first_position_from(engine: _core.Engine, moment: Moment) -> int:
     """Inclusive lower bound: the events at or after `moment` are those at positions >= the result."""
-    at = as_at(moment)
+    at = _as_at(moment)
     if at.position is not None:
         return min(at.position, POSITION_LIMIT)
     assert at.ns is not None
@@ -153,7 +154,7 @@ def _first_position_from(engine: _core.Engine, moment: Moment) -> int:
 
 
 def _describe(moment: Moment) -> str:
-    return str(as_at(moment))
+    return str(_as_at(moment))
 
 
 # ---- Counters and per-event movements -------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def _existing_through(handle: Ledger, id: int, at: Moment) -> int:
     past the journal's end."""
     id = _account_id(id)
     creation, _ = _positions(handle, id)
-    _check_not_past_end(handle._engine, as_at(at))
+    _check_not_past_end(handle._engine, _as_at(at))
     last_position = _last_position_through(handle._engine, at)
     if last_position < creation:
         created_ns = handle.account(id).timestamp  # type: ignore[union-attr]
@@ -394,7 +395,7 @@ def _window(handle: Ledger, since: Moment | None, until: Moment | None) -> tuple
     first = 0 if since is None else _first_position_from(engine, since)
     last = end if until is None else _last_position_through(engine, until)
     if since is not None and until is not None:
-        since_at, until_at = as_at(since), as_at(until)
+        since_at, until_at = _as_at(since), _as_at(until)
         reversed_moments = since_at.ns is not None and until_at.ns is not None and since_at.ns > until_at.ns
         if reversed_moments or first > last + 1:
             raise ValueError(f"since ({since_at}) is after until ({until_at})")
