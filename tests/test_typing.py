@@ -1,5 +1,5 @@
 """The hand-written stubs (ledger/__init__.pyi) against the code: mypy --strict over the stubs and a usage example
-(tests/typing_example.py, which is also run), mypy rejecting misuse (so the check cannot pass vacuously), the
+(tests/support/typing_example.py, which is also run), mypy rejecting misuse (so the check cannot pass vacuously), the
 stub's names and signatures against the package's (mypy.stubtest is not usable here: it type-checks every
 submodule too, and the Cython core has no stubs), and an editable install that mypy can see."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ import ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB = ROOT / "ledger" / "__init__.pyi"
-EXAMPLE = ROOT / "tests" / "typing_example.py"
+EXAMPLE = ROOT / "tests" / "support" / "typing_example.py"
 MYPY_TIMEOUT_S = 300   # a guard against a hang only: a cold run takes seconds
 STUB_ONLY_NAMES = {"Batch", "Moment", "Durability"}   # type aliases that exist only for the type checker
 
