@@ -20,7 +20,7 @@ import warnings
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 sys.path.insert(0, TESTS)
 
-from crash_workload import Model, kill_once  # noqa: E402
+from support.crash_workload import Model, kill_once  # noqa: E402
 from test_journal import check_recovered  # noqa: E402
 
 

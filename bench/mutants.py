@@ -107,7 +107,7 @@ MUTANTS = [
     Mutant("snapshot-body-checksum-ignored", "ledger/snapshot.py",
            "if body_checksum != body_expected:",
            "if False:",
-           ("tests/test_snapshot.py", "-k", "damaged or pieces"),
+           ("tests/test_snapshot.py", "tests/test_audit.py", "-k", "damaged or pieces"),
            "a snapshot whose body is damaged is loaded"),
     Mutant("ring-result-of-another-slot", "ledger/_ring.pyx",
            "<uint64_t>status_in[i] << 8) | code_in[i])",

@@ -158,6 +158,7 @@ class ScrubDamage:
     path: str | None        # its segment file (None: an in-memory ledger)
     byte_offset: int | None
     reason: str
+    def __init__(self, position: int, path: str | None, byte_offset: int | None, reason: str) -> None: ...
     def to_dict(self) -> dict[str, Any]: ...
 
 class ScrubReport:
@@ -167,6 +168,8 @@ class ScrubReport:
     end_position: int       # the journal was checked from position 1 up to this one
     seconds: float
     damaged: list[ScrubDamage]
+    def __init__(self, ok: bool, batches: int, records: int, end_position: int, seconds: float,
+                 damaged: list[ScrubDamage]) -> None: ...
     @property
     def bytes(self) -> int: ...
     def to_dict(self) -> dict[str, Any]: ...
@@ -251,6 +254,8 @@ class Explanation:
     closing: Counters
     rows: npt.NDArray[Any]
     problems: tuple[str, ...]
+    def __init__(self, account_id: int, first_position: int, last_position: int, opening: Counters,
+                 closing: Counters, rows: npt.NDArray[Any], problems: tuple[str, ...]) -> None: ...
     @property
     def ok(self) -> bool: ...
     @property
@@ -264,6 +269,7 @@ class Explanation:
 class Difference:
     explanations: tuple[Explanation, ...]
     difference: int
+    def __init__(self, explanations: tuple[Explanation, ...], difference: int) -> None: ...
     @property
     def ok(self) -> bool: ...
     def to_text(self) -> str: ...

@@ -6,23 +6,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # `import model` from the tests
+sys.path.insert(0, os.path.dirname(__file__))  # `import support.model` from the tests
 
-
-class Clock:
-    """An injected clock: a zero-argument callable returning int nanoseconds, moved by the test."""
-
-    def __init__(self, t: int = 1_700_000_000 * 10**9):
-        self.t = t
-
-    def __call__(self) -> int:
-        return self.t
-
-    def advance(self, ns: int) -> None:
-        self.t += ns
-
-    def set(self, t: int) -> None:
-        self.t = t
+from support.clock import Clock  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +99,7 @@ def lg(request, clock):
         ledger = _engine()
         handle = ledger.open(None, clock=clock)
     else:
-        from model import ModelLedger
+        from support.model import ModelLedger
 
         handle = ModelLedger(clock)
     yield handle

@@ -13,7 +13,7 @@ import ledger
 from ledger import _core
 from ledger.journal import COMMIT_MAGIC, RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
 
-from conftest import Clock
+from support.clock import Clock
 
 SEGMENT_RECORDS_LOG2 = 10
 SECOND_NS = 10**9

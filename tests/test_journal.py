@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import ledger
-from crash_workload import (SEGMENT_RECORDS_LOG2, Model, accounts, accounts_acknowledged, acknowledged_count,
+from support.crash_workload import (SEGMENT_RECORDS_LOG2, Model, accounts, accounts_acknowledged, acknowledged_count,
                             applied_batches, batch, kill_once)
 
 HERE = os.path.dirname(__file__)
@@ -131,7 +131,7 @@ def small_batches(k):
 @pytest.fixture
 def three_batches(tmp_path, monkeypatch):
     """A journal with the accounts batch and three small transfer batches (2..4 records each)."""
-    import crash_workload
+    from support import crash_workload
 
     def tiny(k):
         rows = ledger.transfers_batch(2)
@@ -1023,7 +1023,7 @@ def test_crash_inside_a_batch_written_ahead_drops_exactly_that_batch(tmp_path, p
 import sys
 sys.path.insert(0, {HERE!r})
 import ledger
-from crash_workload import accounts, crash_injector
+from support.crash_workload import accounts, crash_injector
 from test_journal import WRITTEN_AHEAD_ROWS, linked_rows
 {BACKGROUND_SYNC_INJECTOR}
 handle = ledger.open({directory!r}, create=True)

@@ -16,15 +16,16 @@ from hypothesis import example, given, settings, strategies as st
 import ledger
 from ledger import _ring
 from ledger.ring import ABANDON_AFTER_MS_DEFAULT, GROUP_ROWS_MAX, OVERLAP_ROWS_MIN_DEFAULT, Server, connect
-from ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
+from support.ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
 
 HERE = os.path.dirname(__file__)
+RING_PROCESSES = os.path.join(HERE, "support", "ring_processes.py")
 CONSUME_SEQUENCE_OFFSET = 128  # of the header word (docs/RING.md)
 ENVIRONMENT = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def start_writer(directory, durability="fsync", abandon_after_ms=300, overlap_rows_min=OVERLAP_ROWS_MIN_DEFAULT):
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "serve", directory,
+    process = subprocess.Popen([sys.executable, RING_PROCESSES, "serve", directory,
                                 durability, str(abandon_after_ms), str(overlap_rows_min)], stdout=subprocess.PIPE,
                                text=True, env=ENVIRONMENT)
     assert process.stdout.readline().strip() == "ready"
@@ -76,7 +77,7 @@ def test_producers_hammer_one_writer(tmp_path, producers, overlap_rows_min):
     try:
         setup_accounts(directory)
         logs = [str(tmp_path / f"log{index}") for index in range(producers)]
-        children = [subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "produce", directory,
+        children = [subprocess.Popen([sys.executable, RING_PROCESSES, "produce", directory,
                                       str(index), "60", logs[index]], env=ENVIRONMENT) for index in range(producers)]
         for child in children:
             assert child.wait(timeout=120) == 0
@@ -121,7 +122,7 @@ def test_writer_killed_mid_batch_then_restarted(tmp_path, overlap_rows_min):
     writer = start_writer(directory, overlap_rows_min=overlap_rows_min)
     setup_accounts(directory)
     log = str(tmp_path / "log")
-    producer = subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "produce", directory, "9",
+    producer = subprocess.Popen([sys.executable, RING_PROCESSES, "produce", directory, "9",
                                  "100000", log], env=ENVIRONMENT, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     writer.send_signal(signal.SIGKILL)
@@ -269,7 +270,7 @@ def test_sigkill_of_a_producer_does_not_wedge_the_others(tmp_path):
     try:
         setup_accounts(directory)
         logs = [str(tmp_path / f"log{index}") for index in range(2)]
-        children = [subprocess.Popen([sys.executable, os.path.join(HERE, "ring_processes.py"), "produce", directory,
+        children = [subprocess.Popen([sys.executable, RING_PROCESSES, "produce", directory,
                                       str(20 + index), "100000" if index == 0 else "150", logs[index]],
                                      env=ENVIRONMENT) for index in range(2)]
         time.sleep(random.Random(3).uniform(0.6, 1.2))

@@ -1,6 +1,6 @@
 """Focused tests of docs/SEMANTICS.md: every result code, every rule.
 
-Tests taking the `lg` fixture run twice: against the engine and against the reference model (tests/model.py), so
+Tests taking the `lg` fixture run twice: against the engine and against the reference model (tests/support/model.py), so
 the model is checked against hand-written expectations too. Tests taking `engine` are engine-only (numpy input
 handling, misuse errors, large batches).
 """

@@ -1,4 +1,4 @@
-"""The engine and the reference model (tests/model.py), driven side by side with identical random operations.
+"""The engine and the reference model (tests/support/model.py), driven side by side with identical random operations.
 
 After every step: identical result codes, identical accounts (every counter, limit and timestamp), conservation
 per ledger, and identical lookup_transfers answers for every transfer id of the (small) id space.
@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import Clock
+from support.clock import Clock
 from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from model import TRANSFER_FIELDS, Model, ModelLedger
+from support.model import TRANSFER_FIELDS, Model, ModelLedger
 
 from ledger.enums import ACCOUNT_DTYPE, TRANSFER_DTYPE, AccountResult, TransferResult, TransferState
 

@@ -325,7 +325,7 @@ def test_ctrl_c_stops_a_long_replay_at_open(tmp_path, monkeypatch):
 def test_ring_client_shared_by_threads(tmp_path):
     """One Client, 4 threads: each call is answered with its own results; close() from another thread afterwards."""
     from test_ring import setup_accounts, start_writer, stop
-    from ring_processes import transfer_rows
+    from support.ring_processes import transfer_rows
 
     directory = str(tmp_path / "data")
     writer = start_writer(directory)
@@ -363,7 +363,7 @@ def test_ring_call_while_serve_restarts_waits_for_the_writer(tmp_path):
     (within its timeout) and is applied once, instead of failing with "writer stopped ... may or may not be
     applied" (which it did even for balance())."""
     from test_ring import setup_accounts, start_writer, stop
-    from ring_processes import transfer_rows
+    from support.ring_processes import transfer_rows
 
     directory = str(tmp_path / "data")
     writer = start_writer(directory)

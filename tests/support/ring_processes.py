@@ -1,7 +1,7 @@
 """Subprocess entry points for the ring tests: a writer and a producer.
 
-    python tests/ring_processes.py serve DIR DURABILITY ABANDON_AFTER_MS [OVERLAP_ROWS_MIN]
-    python tests/ring_processes.py produce DIR SEED ROUNDS LOG
+    python tests/support/ring_processes.py serve DIR DURABILITY ABANDON_AFTER_MS [OVERLAP_ROWS_MIN]
+    python tests/support/ring_processes.py produce DIR SEED ROUNDS LOG
 """
 from __future__ import annotations
 

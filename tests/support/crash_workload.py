@@ -1,7 +1,7 @@
 """A deterministic workload for crash testing: batch k is a pure function of k, so after a crash the parent can
 rebuild exactly what the journal must contain with an in-memory model ledger.
 
-Run as a writer:  python tests/crash_workload.py DIR DURABILITY ACK_LOG
+Run as a writer:  python tests/support/crash_workload.py DIR DURABILITY ACK_LOG
 It appends "k\\n" to ACK_LOG after batch k's call returned (i.e. was acknowledged), forever, until killed.
 With LEDGER_CRASH_POINT=OPERATION:N in its environment it kills itself (SIGKILL) the N-th time the journal is
 about to do OPERATION (allocate, write, write-header, sync, synced: the journal's fault-injection points), so a
