@@ -53,6 +53,7 @@ import numpy as np
 
 from ledger import _core
 from ledger.enums import described
+from ledger.format import POSITION_LIMIT  # back-pointers are 40 bits: no journal position reaches it
 
 if TYPE_CHECKING:
     from ledger.api import Account, Ledger
@@ -72,8 +73,6 @@ __all__ = [
     "history",
 ]
 
-# Back-pointers are 40 bits (docs/FORMAT.md): no journal position reaches this.
-POSITION_LIMIT = 2**40
 ID_MAX = 2**64 - 1
 NANOSECONDS_PER_SECOND = 10**9
 UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

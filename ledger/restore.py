@@ -33,7 +33,7 @@ from typing import Any, Callable
 import ledger
 from ledger.errors import LedgerCorruptError
 from ledger.history import At
-from ledger.journal import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
+from ledger.format import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
 from ledger.snapshot import list_snapshots, read_snapshot, write_snapshot
 
 __all__ = ["RestoreResult", "restore", "parse_time"]

@@ -14,7 +14,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ledger import _core
-from ledger.journal import RECORD_SIZE
+from ledger.format import RECORD_SIZE
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
