@@ -647,7 +647,7 @@ def test_a_reopened_writer_creates_the_segment_after_its_room_in_the_background(
             k += 1
         # The writer (fsync: at once) or the flusher (os: within flush_interval_ms) notices and readies the next.
         deadline = time.monotonic() + 5
-        while journal._ready_through < existing and time.monotonic() < deadline:
+        while journal.files.ready_through < existing and time.monotonic() < deadline:
             time.sleep(0.01)
         while handle.stats()["journal_position"] < (existing + 2) * 1024:
             handle.transfers(batch(k))
