@@ -508,7 +508,8 @@ class Tailer:
                 counts: list[int]) -> np.ndarray:
         """Decode the consecutive batches in [start, end): their records minus the header rows."""
         chunks = self._segments.records(start, end)
-        assert chunks is not None
+        if chunks is None:   # poll read these batches a moment ago: a segment file went away under the reader
+            raise self._corrupt(start, "a committed batch runs into a segment file that does not exist")
         words = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
         if len(counts) == 1:
             words = words[1:]

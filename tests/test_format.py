@@ -267,3 +267,79 @@ def test_the_scan_respects_the_batch_end_it_is_given():
 ])
 def test_header_problem(position, fields, problem):
     assert fmt.header_problem(position, fields) == problem
+
+
+# -- data read from disk is judged by real checks, never by assert (which `python -O` strips) --
+
+DAMAGED_UNDER_O = r"""
+import os, sys
+import ledger
+from ledger import format as fmt
+assert sys.flags.optimize, "this must run under python -O"
+directory = sys.argv[1]
+with ledger.open(directory, create=True, segment_records_log2=10) as handle:
+    handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+    handle.create_account(2)
+    for transfer_id in range(1, 6):
+        handle.transfer(transfer_id, 1, 2, 10)
+segment = os.path.join(directory, "journal", fmt.segment_name(0))
+with open(segment, "r+b") as file:     # an event of the first batch (more batches follow it): corruption
+    file.seek(fmt.SEGMENT_HEADER_BYTES + 2 * fmt.RECORD_SIZE + 24)
+    byte = file.read(1)[0]
+    file.seek(-1, 1)
+    file.write(bytes([byte ^ 1]))
+for attempt in ("open", "tail"):
+    try:
+        if attempt == "open":
+            ledger.open(directory).close()
+        else:
+            list(ledger.tail(directory, follow=False))
+    except ledger.LedgerCorruptError as error:
+        assert segment in str(error) and "journal position" in str(error), error
+        print(attempt, "refused")
+with open(segment, "r+b") as file:     # the reserved part of the segment header
+    file.seek(1000)
+    file.write(b"\x01")
+for attempt in ("open", "tail"):
+    try:
+        if attempt == "open":
+            ledger.open(directory, readonly=True).close()
+        else:
+            ledger.tail(directory, 1, follow=False).poll()
+    except ledger.LedgerCorruptError as error:
+        assert segment in str(error) and "byte offset 1000" in str(error), error
+        print(attempt, "refused the header")
+"""
+
+
+def test_damaged_files_are_refused_under_python_O(tmp_path):
+    import subprocess
+    import sys
+    environment = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__))))
+    completed = subprocess.run([sys.executable, "-O", "-c", DAMAGED_UNDER_O, str(tmp_path / "ledger")],
+                               capture_output=True, text=True, timeout=300, env=environment)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split("\n")[:4] == ["open refused", "tail refused", "open refused the header",
+                                                "tail refused the header"], completed.stdout
+
+
+def _events(*rows: tuple[int, int, int, int, int]) -> np.ndarray:
+    """EVENT_DTYPE rows of (position, kind, debit_account, credit_account, aux)."""
+    events = np.zeros(len(rows), _core.EVENT_DTYPE)
+    for row, (position, kind, debit_account, credit_account, aux) in zip(events, rows):
+        row["position"], row["kind"], row["amount"], row["aux"] = position, kind, 5, aux
+        row["debit_account"], row["credit_account"] = debit_account, credit_account
+    return events
+
+
+def test_history_refuses_an_event_of_another_account_read_from_the_journal(tmp_path):
+    import ledger
+    from ledger import history
+    with ledger.open(str(tmp_path / "ledger"), create=True, segment_records_log2=10) as handle:
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        with pytest.raises(LedgerCorruptError, match=r"journal position 9\b") as raised:
+            history._movements(handle, 1, _events((8, fmt.KIND_TRANSFER, 1, 2, 0), (9, fmt.KIND_TRANSFER, 7, 8, 0)))
+        assert fmt.segment_name(0) in str(raised.value) and "not of account 1" in str(raised.value)
+        with pytest.raises(LedgerCorruptError, match=r"pending transfer 77, which is unknown.*journal position 12"):
+            history._movements(handle, 2, _events((12, fmt.KIND_POST, 1, 2, 77)))
