@@ -74,6 +74,8 @@ from ledger.format import (
     KIND_ACCOUNT,
     KIND_EXPIRE,
     KIND_HEADER,
+    KIND_LINKED,
+    KIND_MASK,
     POSITION_BITS,
     POSITION_MASK,
     RECORD_SIZE,
@@ -259,7 +261,7 @@ def decode_records(words: np.ndarray, header_positions: np.ndarray, timestamps: 
         raise ValueError(f"event {bad} of the batches read has offset {int(offsets[bad])}, expected "
                          f"{int(expected[bad])}")
     kind_byte = word_a >> np.uint64(56)
-    kind = kind_byte & np.uint64(0x0F)
+    kind = kind_byte & np.uint64(KIND_MASK)
     if total and (int(kind.min()) < KIND_ACCOUNT or int(kind.max()) > KIND_EXPIRE):
         bad = int(np.flatnonzero((kind < KIND_ACCOUNT) | (kind > KIND_EXPIRE))[0])
         raise ValueError(f"event {bad} of the batches read has kind {int(kind[bad])}")
@@ -276,7 +278,7 @@ def decode_records(words: np.ndarray, header_positions: np.ndarray, timestamps: 
     out["previous_credit_position"] = word_b & np.uint64(POSITION_MASK)
     out["code"] = (word_a >> np.uint64(POSITION_BITS)) & np.uint64(0xFFFF)
     out["kind"] = kind
-    out["linked"] = (kind_byte >> np.uint64(4)) & np.uint64(1)
+    out["linked"] = (kind_byte & np.uint64(KIND_LINKED)) != 0
     return out
 
 
@@ -357,7 +359,7 @@ class Tailer:
         if record is None or not record.any():
             raise ValueError(f"from_position {from_position} is past the end of the committed journal in "
                              f"{self.directory}")
-        kind = (int(record[6]) >> 56) & 0x0F
+        kind = (int(record[WORD_A]) >> 56) & KIND_MASK
         if kind == KIND_HEADER:
             raise self._inside(from_position, last, int(record[WORD_COUNT]))
         if not KIND_ACCOUNT <= kind <= KIND_EXPIRE:
