@@ -27,6 +27,7 @@ from ledger.format import (
     SEGMENT_HEADER_BYTES,
     SEGMENT_HEADER_CHECKSUM,
     SEGMENT_MAGIC,
+    SegmentHeader,
     check_segment_header,
     check_segment_size,
     segment_bytes,
@@ -148,7 +149,7 @@ class SegmentFiles:
                     os.unlink(os.path.join(self.journal_directory, name))
         return len(names)
 
-    def _read_header(self, index: int):
+    def _read_header(self, index: int) -> SegmentHeader:
         path = self.path(index)
         with open(path, "rb") as file:
             page = file.read(SEGMENT_HEADER_BYTES)
