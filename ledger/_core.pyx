@@ -135,6 +135,13 @@ DEF REPLAY_INTEGRITY = 5    # checksums hold but the events contradict the state
 DEF REPLAY_DAMAGED = 6      # an event replayed refers to an earlier record (before verified_from) that is damaged
 REPLAY_REASONS = {REPLAY_END: "end", REPLAY_TORN: "torn", REPLAY_CHECKSUM: "checksum", REPLAY_CHAIN: "chain",
                   REPLAY_HEADER: "header", REPLAY_INTEGRITY: "integrity", REPLAY_DAMAGED: "damaged"}
+# The format's numbers as this core compiled them: ledger.format states them once for Python and refuses to
+# import if any differs from these.
+FORMAT = {"record_size": RECORD_SIZE, "format_version": FORMAT_VERSION_C, "position_bits": POSITION_BITS,
+          "kind_account": KIND_ACCOUNT, "kind_transfer": KIND_TRANSFER, "kind_pending": KIND_PENDING,
+          "kind_post": KIND_POST, "kind_void": KIND_VOID, "kind_expire": KIND_EXPIRE, "kind_header": KIND_HEADER,
+          "kind_mask": KIND_MASK, "kind_linked": KIND_LINKED, "commit_magic": COMMIT_MAGIC, "header_magic": MAGIC,
+          "batch_events_max": OFFSET_MAX}
 
 # Why a record read from before verified_from was refused (State.damage_reason; ledger.scrub reports them too).
 DEF DAMAGE_NONE = 0

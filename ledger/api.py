@@ -22,6 +22,7 @@ from ledger.enums import (
     TransferResult,
 )
 from ledger.errors import LedgerClosedError, LedgerCorruptError, LedgerError, LedgerPoisonedError
+from ledger.format import REPLAY_DAMAGED, REPLAY_END
 from ledger.progress import Progress
 from ledger.snapshot import (
     KEEP_DEFAULT,
@@ -58,8 +59,6 @@ __all__ = [
 ]
 
 DURABILITY_MODES = ("fsync", "os")
-REPLAY_END = next(code for code, name in _core.REPLAY_REASONS.items() if name == "end")
-REPLAY_DAMAGED = next(code for code, name in _core.REPLAY_REASONS.items() if name == "damaged")
 # Opening replays the journal after the snapshot in slices of this many records, with a progress bar, when stderr
 # is a terminal and at least this much may be left (about 0.4 s of replay): less is not worth a bar.
 REPLAY_SLICE_RECORDS = 1 << 22

@@ -26,6 +26,7 @@ import numpy as np
 from ledger import _core
 from ledger.enums import TIMESTAMP_MAX, TransferState
 from ledger.errors import LedgerCorruptError
+from ledger.format import POSITION_BITS, POSITION_MASK, REPLAY_END  # a transfer table value: position | state << 40
 from ledger.progress import Progress
 from ledger.snapshot import SCALARS, list_snapshots, read_snapshot
 
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["VerifyReport", "verify_live", "check_invariants", "state_differences"]
 
 VERIFY_SLICE = 1 << 22  # journal records replayed between progress updates
-REPLAY_END = next(code for code, name in _core.REPLAY_REASONS.items() if name == "end")
-POSITION_BITS = 40  # a transfer table value is its event position | state << 40 (ledger/_core.pyx)
-POSITION_MASK = (1 << POSITION_BITS) - 1
 TABLE_CHUNK_SLOTS = 1 << 20  # id table slots compared per step: bounds verify's temporary memory (~50 MB)
 TABLE_LOAD_MAX = 0.7   # an id table holds at most 70% keys (docs/FORMAT.md): every probe walk meets an empty slot
 TABLE_SLOTS_MIN = 1 << 10

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 import ledger
+from ledger.format import POSITION_MAX
 from ledger.moments import At
 from ledger.progress import Progress
 from ledger.snapshot import SnapshotInfo
@@ -50,7 +51,6 @@ UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 ACCOUNT_ID_MAX = 2**64 - 2          # 0 and 2**64 - 1 are never account ids
-POSITION_MAX = 2**40 - 1            # journal positions are 40-bit (docs/FORMAT.md)
 SNAPSHOTS_KEPT_MAX = 1000           # Ledger.snapshot(keep=) accepts 1 .. 1000
 # A path the user typed that is missing, or in the way: an input error (2); any other OSError is the data directory
 # being unavailable (3).

@@ -45,7 +45,9 @@ import numpy as np
 
 from ledger import _core
 from ledger.enums import described
-from ledger.moments import POSITION_LIMIT, At, Moment, format_ns
+from ledger.errors import LedgerCorruptError
+from ledger.format import POSITION_LIMIT  # back-pointers are 40 bits: no journal position reaches it
+from ledger.moments import At, Moment, format_ns
 from ledger.moments import as_at as _as_at  # private here: history uses it, it does not offer it
 
 if TYPE_CHECKING:
@@ -244,12 +246,24 @@ def _walk(handle: Ledger, id: int, after_position: int = 0, before_position: int
     return handle._engine.account_history(id, before_position, after_position, limit)
 
 
-def _pending_amounts(handle: Ledger, pending_ids: np.ndarray) -> np.ndarray:
-    """The reserved amount of each pending transfer (a POST event carries what it posted, not what it released)."""
+def _corrupt_event(handle: Ledger, position: int, problem: str) -> LedgerCorruptError:
+    """The error for an event read from the journal that contradicts what the account's history must be."""
+    location = getattr(handle._journal, "location", None)
+    where = "in {} at byte offset {}, ".format(*location(position)) if location is not None else ""
+    return LedgerCorruptError(f"journal corrupt ({problem}) {where}journal position {position}: an event of the "
+                              f"account's history read from the journal; nothing was changed")
+
+
+def _pending_amounts(handle: Ledger, pending_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The reserved amount of each pending transfer (a POST event carries what it posted, not what it released);
+    positions: the POST events' journal positions, for the error if one names no known pending transfer."""
     if pending_ids.size == 0:
         return np.zeros(0, np.int64)
     records = handle.lookup_transfers(pending_ids)
-    assert (records["state"] != 0).all(), f"a POST refers to an unknown pending transfer: {pending_ids}"
+    unknown = np.flatnonzero(records["state"] == 0)
+    if unknown.size:
+        raise _corrupt_event(handle, int(positions[unknown[0]]),
+                             f"a POST refers to pending transfer {int(pending_ids[unknown[0]])}, which is unknown")
     return records["amount"].astype(np.int64)
 
 
@@ -259,7 +273,9 @@ def _movements(handle: Ledger, id: int, events: np.ndarray) -> Movements:
     creation = kind == EventKind.ACCOUNT
     # An ACCOUNT record keeps ledger and flags in debit_account, which may equal the id: decide on kind first.
     direction = np.where(creation, 0, np.where(events["credit_account"] == id, 1, -1)).astype(np.int8)
-    assert not ((direction == -1) & (events["debit_account"] != id)).any(), "an event that is not this account's"
+    foreign = np.flatnonzero((direction == -1) & (events["debit_account"] != id))
+    if foreign.size:
+        raise _corrupt_event(handle, int(events["position"][foreign[0]]), f"an event not of account {id}")
     counterparty = np.where(direction == 1, events["debit_account"],
                             np.where(direction == -1, events["credit_account"], 0)).astype(np.uint64)
     resolves = (kind == EventKind.POST) | (kind == EventKind.VOID) | (kind == EventKind.EXPIRE)
@@ -267,7 +283,7 @@ def _movements(handle: Ledger, id: int, events: np.ndarray) -> Movements:
     posted = np.where((kind == EventKind.TRANSFER) | (kind == EventKind.POST), amount, 0).astype(np.int64)
     released = np.where((kind == EventKind.VOID) | (kind == EventKind.EXPIRE), amount, 0).astype(np.int64)
     is_post = kind == EventKind.POST
-    released[is_post] = _pending_amounts(handle, events["aux"][is_post])
+    released[is_post] = _pending_amounts(handle, events["aux"][is_post], events["position"][is_post])
     pending_change = np.where(kind == EventKind.PENDING, amount, 0).astype(np.int64) - released
     debit_side, credit_side = direction == -1, direction == 1
     return Movements(

@@ -19,9 +19,10 @@ import operator
 import re
 from typing import Any
 
+from ledger.format import POSITION_LIMIT  # positions are 40 bits (docs/FORMAT.md)
+
 __all__ = [
     "NANOSECONDS_PER_SECOND",
-    "POSITION_LIMIT",
     "UNIX_EPOCH",
     "At",
     "Moment",
@@ -29,8 +30,6 @@ __all__ = [
     "format_ns",
 ]
 
-# Back-pointers are 40 bits (docs/FORMAT.md): no journal position reaches this.
-POSITION_LIMIT = 2**40
 NANOSECONDS_PER_SECOND = 10**9
 UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from ledger import _core
 from ledger.errors import LedgerCorruptError
+from ledger.format import EVENT_KIND_NAMES, KIND_ACCOUNT, KIND_EXPIRE, KIND_PENDING, KIND_POST, KIND_TRANSFER
 from ledger.tail import IDLE_TIMEOUT_MS_MAX, INTERVAL_MS_DEFAULT, INTERVAL_MS_MAX, MAX_EVENTS_LIMIT, Tailer
 
 __all__ = [
@@ -69,8 +70,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-KIND_ACCOUNT, KIND_TRANSFER, KIND_PENDING, KIND_POST, KIND_VOID, KIND_EXPIRE = 1, 2, 3, 4, 5, 6
-KIND_NAMES = np.array(["", *(_core.EVENT_KINDS[kind] for kind in range(1, 7))], dtype=object)
+KIND_NAMES = np.array(["", *(EVENT_KIND_NAMES[kind] for kind in range(KIND_ACCOUNT, KIND_EXPIRE + 1))], dtype=object)
 MAX_EVENTS_DEFAULT = 1 << 16        # events per SQLite transaction (whole batches: one batch may be larger)
 PROGRESS_INTERVAL_MS_DEFAULT = 1000
 PROGRESS_INTERVAL_MS_MAX = 3_600_000

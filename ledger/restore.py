@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import ledger
 from ledger.errors import LedgerCorruptError
-from ledger.journal import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
+from ledger.format import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
 from ledger.moments import At
 from ledger.snapshot import list_snapshots, read_snapshot, write_snapshot
 
@@ -263,7 +263,9 @@ def restore(source: str, destination: str, until_position: int | None = None, un
                 os.close(staging_fd)
     _fsync_path(parent)
     with ledger.open(destination) as restored:
-        assert restored.stats()["journal_position"] == cut, "restored journal does not end at the cut"
+        if restored.stats()["journal_position"] != cut:   # what was copied did not read back as written
+            raise LedgerCorruptError(f"{destination}: the restored journal ends at journal position "
+                                     f"{restored.stats()['journal_position']}, not at the cut {cut}")
         verified = restored.verify().ok
     return RestoreResult(destination, cut, last_timestamp, chosen[0] if chosen else None, segments, verified)
 

@@ -14,7 +14,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ledger import _core
-from ledger.journal import RECORD_SIZE
+from ledger.format import RECORD_SIZE
 
 if TYPE_CHECKING:
     from ledger.api import Ledger
@@ -81,7 +81,7 @@ class ScrubReport:
 
 
 def _damage(handle: Ledger, position: int, reason: int) -> ScrubDamage:
-    location = getattr(handle._journal, "_location", None)
+    location = getattr(handle._journal, "location", None)
     path, offset = location(position) if location is not None else (None, None)
     return ScrubDamage(position, path, offset, _core.DAMAGE_REASONS[reason])
 

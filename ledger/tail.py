@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -64,15 +63,36 @@ import numpy as np
 
 from ledger import _core
 from ledger.errors import LedgerCorruptError
-from ledger.journal import (
+from ledger.format import (
+    BATCH_EVENTS_MAX,
     COMMIT_MAGIC,
+    COMMIT_WORD,
+    COMMIT_WORD_OFFSET,
+    HEADER_MAGIC_VERSION,
     HEADER_WORD_A,
+    HEADER_WORDS,
+    KIND_ACCOUNT,
+    KIND_EXPIRE,
+    KIND_HEADER,
+    KIND_LINKED,
+    KIND_MASK,
+    POSITION_BITS,
+    POSITION_MASK,
     RECORD_SIZE,
-    SEGMENT_HEADER,
     SEGMENT_HEADER_BYTES,
-    SEGMENT_MAGIC,
-    SEGMENT_RECORDS_LOG2_MAX,
-    SEGMENT_RECORDS_LOG2_MIN,
+    WORD_A,
+    WORD_CHECKSUM,
+    WORD_COMMIT,
+    WORD_COUNT,
+    WORD_MAGIC_VERSION,
+    WORD_POSITION,
+    WORD_PREVIOUS_CHECKSUM,
+    WORD_TIMESTAMP,
+    batch_checksum,
+    check_segment_header,
+    check_segment_size,
+    committed_batch_in,
+    header_problem,
     segment_name,
 )
 
@@ -92,24 +112,9 @@ IDLE_TIMEOUT_MS_MAX = 7 * 24 * 3600 * 1000      # a week: beyond that, pass None
 MAX_EVENTS_DEFAULT = 1 << 16
 MAX_EVENTS_LIMIT = 1 << 24                      # ~1.6 GB of decoded events per array at most
 
-HEADER_MAGIC_VERSION = 0x5247444C | (_core.FORMAT_VERSION << 32)   # "LDGR", then the format version
-BATCH_EVENTS_MAX = (1 << 24) - 1
-POSITION_BITS = 40
-POSITION_MASK = (1 << POSITION_BITS) - 1
-KIND_ACCOUNT = 1
-KIND_EXPIRE = 6
-KIND_HEADER = 15
 # How far recovery looks for a committed batch past a failing header (journal.recover_tail): the largest batch.
 SEGMENTS_MAPPED_MAX = _core.SEGMENTS_MAPPED_MAX   # segment files mapped at once by a reader
 TORN_WINDOW_RECORDS = 2 + _core.EXPIRE_BATCH_MAX + (1 << 23)
-
-# Header words (docs/FORMAT.md, "Batch header").
-WORD_MAGIC_VERSION, WORD_TIMESTAMP, WORD_POSITION, WORD_COUNT, WORD_PREVIOUS_CHECKSUM, WORD_CHECKSUM, WORD_A, \
-    WORD_COMMIT = range(8)
-HEADER_CHECKSUMMED_WORDS = 5   # header bytes 0..39
-HEADER_WORDS = struct.Struct("<8Q")
-COMMIT_WORD = struct.Struct("<Q")
-COMMIT_WORD_OFFSET = 56
 
 
 class _SegmentFiles:
@@ -123,26 +128,6 @@ class _SegmentFiles:
 
     def _path(self, index: int) -> str:
         return os.path.join(self.journal_directory, segment_name(index))
-
-    def _check_header(self, path: str, page: bytes, index: int, size: int) -> int:
-        """The segment's records_log2, after the same checks the writer makes when it opens the journal."""
-        raw = page[:SEGMENT_HEADER.size]
-        (checksum,) = struct.unpack_from("<I", page, SEGMENT_HEADER.size)
-        if _core.crc32c(raw) != checksum:
-            raise LedgerCorruptError(f"{path}: segment header checksum mismatch at byte 0")
-        magic, version, record_size, records_log2, _, stored_index, first_position, _ = SEGMENT_HEADER.unpack(raw)
-        if magic != SEGMENT_MAGIC or version != _core.FORMAT_VERSION or record_size != RECORD_SIZE:
-            raise LedgerCorruptError(f"{path}: not a version {_core.FORMAT_VERSION} ledger segment")
-        if not SEGMENT_RECORDS_LOG2_MIN <= records_log2 <= SEGMENT_RECORDS_LOG2_MAX or stored_index != index \
-                or first_position != index << records_log2:
-            raise LedgerCorruptError(f"{path}: segment header fields are inconsistent (index {stored_index}, "
-                                     f"records 2**{records_log2}, first {first_position})")
-        if self.records_log2 is not None and records_log2 != self.records_log2:
-            raise LedgerCorruptError(f"{path}: segment size differs from segment 0")
-        if size != SEGMENT_HEADER_BYTES + (RECORD_SIZE << records_log2):
-            raise LedgerCorruptError(f"{path}: size {size} bytes, expected "
-                                     f"{SEGMENT_HEADER_BYTES + (RECORD_SIZE << records_log2)}")
-        return records_log2
 
     def words(self, index: int) -> np.ndarray | None:
         """Segment `index`'s records as a read-only uint64 (records, 8) array, or None if the file does not exist
@@ -158,9 +143,9 @@ class _SegmentFiles:
         try:
             size = os.fstat(fd).st_size
             page = os.pread(fd, SEGMENT_HEADER_BYTES, 0)
-            if len(page) < SEGMENT_HEADER_BYTES:
-                raise LedgerCorruptError(f"{path}: segment header is truncated ({len(page)} bytes)")
-            records_log2 = self._check_header(path, page, index, size)
+            # The same checks the writer makes when it opens the journal.
+            records_log2 = check_segment_header(page, path, index, self.records_log2).records_log2
+            check_segment_size(path, size, records_log2, index)
             memory = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
@@ -213,6 +198,13 @@ class _SegmentFiles:
             first = position - (index << self.records_log2)
             yield words[first:first + segment_end - position]
             position = segment_end
+
+    def each_chunk(self, start: int, end: int):
+        """each_records() with the position of each view's first record: (position, view)."""
+        position = start
+        for words in self.each_records(start, end):
+            yield position, words
+            position += words.shape[0]
 
     def records(self, start: int, end: int) -> list[np.ndarray] | None:
         """Views of the records [start, end), one per segment touched; None if a segment does not exist."""
@@ -269,7 +261,7 @@ def decode_records(words: np.ndarray, header_positions: np.ndarray, timestamps: 
         raise ValueError(f"event {bad} of the batches read has offset {int(offsets[bad])}, expected "
                          f"{int(expected[bad])}")
     kind_byte = word_a >> np.uint64(56)
-    kind = kind_byte & np.uint64(0x0F)
+    kind = kind_byte & np.uint64(KIND_MASK)
     if total and (int(kind.min()) < KIND_ACCOUNT or int(kind.max()) > KIND_EXPIRE):
         bad = int(np.flatnonzero((kind < KIND_ACCOUNT) | (kind > KIND_EXPIRE))[0])
         raise ValueError(f"event {bad} of the batches read has kind {int(kind[bad])}")
@@ -286,7 +278,7 @@ def decode_records(words: np.ndarray, header_positions: np.ndarray, timestamps: 
     out["previous_credit_position"] = word_b & np.uint64(POSITION_MASK)
     out["code"] = (word_a >> np.uint64(POSITION_BITS)) & np.uint64(0xFFFF)
     out["kind"] = kind
-    out["linked"] = (kind_byte >> np.uint64(4)) & np.uint64(1)
+    out["linked"] = (kind_byte & np.uint64(KIND_LINKED)) != 0
     return out
 
 
@@ -367,7 +359,7 @@ class Tailer:
         if record is None or not record.any():
             raise ValueError(f"from_position {from_position} is past the end of the committed journal in "
                              f"{self.directory}")
-        kind = (int(record[6]) >> 56) & 0x0F
+        kind = (int(record[WORD_A]) >> 56) & KIND_MASK
         if kind == KIND_HEADER:
             raise self._inside(from_position, last, int(record[WORD_COUNT]))
         if not KIND_ACCOUNT <= kind <= KIND_EXPIRE:
@@ -401,28 +393,16 @@ class Tailer:
         return LedgerCorruptError(f"journal corrupt ({reason}) in {path} at byte offset {offset}, journal position "
                                   f"{position}: a committed batch fails its check")
 
-    def _header_problem(self, position: int, fields: Sequence[int]) -> str | None:
-        if fields[WORD_A] != HEADER_WORD_A or fields[WORD_MAGIC_VERSION] != HEADER_MAGIC_VERSION:
-            return "header"
-        if fields[WORD_POSITION] != position or not 0 < fields[WORD_COUNT] <= BATCH_EVENTS_MAX:
-            return "header"
-        if position + 1 + fields[WORD_COUNT] > POSITION_MASK + 1:
-            return "header"
-        return None
-
     def _checksum_problem(self, position: int, fields: Sequence[int], commit: int) -> tuple[int, str | None]:
         """(checksum, problem or None) of the batch whose header at `position` has these fields: the general path,
         for a batch that spans segment files or a header that fails a check."""
-        problem = self._header_problem(position, fields)
+        problem = header_problem(position, fields)
         if problem is not None:
             return 0, problem
         records = self._segments.records(position + 1, position + 1 + fields[WORD_COUNT])
         if records is None:
             return 0, "a committed batch runs into a segment file that does not exist"
-        crc = 0
-        for chunk in records:
-            crc = _core.crc32c(chunk, crc)
-        crc = _core.crc32c(self._segments.record(position)[:HEADER_CHECKSUMMED_WORDS], crc)
+        crc = batch_checksum(self._segments.record(position), records)
         if crc != fields[WORD_CHECKSUM] or crc != commit & 0xFFFFFFFF:
             return crc, "checksum"
         return crc, None
@@ -455,23 +435,8 @@ class Tailer:
         records_log2 = self._segments.records_log2
         last_segment = self._segments.last_existing(position >> records_log2)
         end = min(position + TORN_WINDOW_RECORDS, (last_segment + 1) << records_log2)
-        first = position + 1
-        for words in self._segments.each_records(position + 1, end):
-            candidates = np.flatnonzero((words[:, WORD_A] == np.uint64(HEADER_WORD_A))
-                                        & ((words[:, WORD_COMMIT] >> np.uint64(32)) == np.uint64(COMMIT_MAGIC)))
-            for index in candidates.tolist():
-                candidate = first + index
-                fields = words[index].tolist()
-                if self._header_problem(candidate, fields) is not None or candidate + 1 + fields[WORD_COUNT] > end:
-                    continue
-                crc = 0
-                for chunk in self._segments.each_records(candidate + 1, candidate + 1 + fields[WORD_COUNT]):
-                    crc = _core.crc32c(chunk, crc)
-                crc = _core.crc32c(words[index][:HEADER_CHECKSUMMED_WORDS], crc)
-                if crc == fields[WORD_CHECKSUM] and crc == fields[WORD_COMMIT] & 0xFFFFFFFF:
-                    return True
-            first += words.shape[0]
-        return False
+        chunks = self._segments.each_chunk(position + 1, end)
+        return committed_batch_in(chunks, self._segments.each_records, end) is not None
 
     def poll(self) -> np.ndarray:
         """The committed events available now from `position` on (whole batches, up to `max_events` unless one
@@ -545,7 +510,8 @@ class Tailer:
                 counts: list[int]) -> np.ndarray:
         """Decode the consecutive batches in [start, end): their records minus the header rows."""
         chunks = self._segments.records(start, end)
-        assert chunks is not None
+        if chunks is None:   # poll read these batches a moment ago: a segment file went away under the reader
+            raise self._corrupt(start, "a committed batch runs into a segment file that does not exist")
         words = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
         if len(counts) == 1:
             words = words[1:]

@@ -647,7 +647,7 @@ def test_a_reopened_writer_creates_the_segment_after_its_room_in_the_background(
             k += 1
         # The writer (fsync: at once) or the flusher (os: within flush_interval_ms) notices and readies the next.
         deadline = time.monotonic() + 5
-        while journal._ready_through < existing and time.monotonic() < deadline:
+        while journal.files.ready_through < existing and time.monotonic() < deadline:
             time.sleep(0.01)
         while handle.stats()["journal_position"] < (existing + 2) * 1024:
             handle.transfers(batch(k))
@@ -1125,3 +1125,24 @@ def test_replay_schedules_the_deadlines_of_pending_transfers(tmp_path, clock):
         assert handle.lookup_transfers([10, 11])["state"].tolist() == [ledger.TransferState.PENDING_EXPIRED,
                                                                        ledger.TransferState.PENDING]
         assert handle.balance(2) == 3 + 1
+
+
+def test_the_durable_mark_reads_back_and_a_damaged_or_missing_one_reads_strict(tmp_path):
+    """ledger.recovery.DurableMark on its own: the 16-byte record of docs/FORMAT.md, and the safe reading of
+    anything else (a damaged mark must never let a synced batch be dropped as a torn tail)."""
+    from ledger.format import DURABLE_RECORD, DURABLE_STRICT
+    from ledger.recovery import DurableMark
+    mark = DurableMark(str(tmp_path))
+    assert mark.read() == DURABLE_STRICT   # no file
+    mark.set(12345)
+    assert mark.read() == 12345 and os.path.getsize(mark.path) == DURABLE_RECORD.size
+    mark.set(DURABLE_STRICT)
+    assert mark.read() == DURABLE_STRICT
+    mark.set(777)
+    mark.close()
+    with open(mark.path, "r+b") as file:
+        file.seek(3)
+        file.write(b"\xff")                # under the checksum
+    assert DurableMark(str(tmp_path)).read() == DURABLE_STRICT
+    os.truncate(mark.path, 12)
+    assert DurableMark(str(tmp_path)).read() == DURABLE_STRICT

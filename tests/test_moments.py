@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import ledger
-from ledger.moments import POSITION_LIMIT, At, as_at, format_ns
+from ledger.format import POSITION_LIMIT
+from ledger.moments import At, as_at, format_ns
 
 
 def test_moments():

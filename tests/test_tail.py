@@ -17,7 +17,7 @@ import pytest
 import ledger
 from ledger import _core
 from ledger.audit import check_invariants
-from ledger.journal import COMMIT_MAGIC, RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
+from ledger.format import COMMIT_MAGIC, RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
 from ledger.project import SqliteProjection
 from ledger.tail import EVENT_DTYPE, Tailer, tail
 
