@@ -14,7 +14,8 @@ from ledger import _core
 from ledger.audit import VerifyReport, verify_live
 from ledger.batches import ACCOUNT_STATE_DTYPE, Account, accounts_batch, as_batch, transfers_batch
 from ledger.commit import Publish
-from ledger.enums import ACCOUNT_DTYPE, BALANCE_MAX, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult, TransferResult
+from ledger.enums import (ACCOUNT_DTYPE, BALANCE_MAX, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult,
+                          TransferResult)
 from ledger.errors import LedgerClosedError, LedgerError, LedgerPoisonedError
 from ledger.history import balance_at
 from ledger.history import explain as explain_account

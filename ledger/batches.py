@@ -75,6 +75,7 @@ def transfers_batch(count: int) -> np.ndarray:
 
 
 def checked_count(count: int) -> int:
+    """`count` as an int within [0, BATCH_SIZE_MAX], or ValueError (TypeError if it is not an integer)."""
     count = operator.index(count)
     if not 0 <= count <= BATCH_SIZE_MAX:
         raise ValueError(f"batch size {count} is outside [0, BATCH_SIZE_MAX={BATCH_SIZE_MAX}]")

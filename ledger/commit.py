@@ -55,17 +55,16 @@ class CommitGroup:
 
 class CommitPipeline:
     """Owns the commit sequence of one handle (see the module docstring). `journal` writes and syncs (a
-    FileJournal; None in memory), `poison` makes the handle unusable, `writes`: the pipeline writes and syncs
-    (durability "fsync", writable); otherwise it only publishes."""
+    FileJournal; None in memory); `writes`: the pipeline writes and syncs (durability "fsync", writable),
+    otherwise it only publishes."""
 
-    def __init__(self, journal: Any, poison: Callable[[], None], *, writes: bool, grouped: bool,
-                 publish: Publish | None = None) -> None:
+    def __init__(self, journal: Any, *, writes: bool, grouped: bool, publish: Publish | None = None) -> None:
         assert journal is not None or not writes
         self.journal = journal
         self.writes = writes
         self.grouped = grouped
         self.publish = publish
-        self._poison = poison
+        self._poison: Callable[[], None] | None = None
         self._engine: Any = None
         self._applying = False        # grouped: apply() is running a core call; the engine's callbacks wait
         self._wrote_ahead = False     # write_ahead ran for the batch being applied: its background sync ends first
@@ -76,9 +75,11 @@ class CommitPipeline:
         self._syncer = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-ring-sync")
                         if grouped else None)
 
-    def attach(self, engine: Any) -> None:
-        """The engine whose batches this pipeline commits (known once the store has chosen it at open)."""
+    def attach(self, engine: Any, poison: Callable[[], None]) -> None:
+        """The engine whose batches this pipeline commits (known once the store has chosen it at open), and what
+        makes its handle unusable when a write, sync or publish fails."""
         self._engine = engine
+        self._poison = poison
         self._published_end = engine.write_position
 
     @property

@@ -73,7 +73,7 @@ class Store:
     @property
     def segment_bytes(self) -> int:
         """The size of one journal segment file (0 in memory)."""
-        return getattr(self.journal, "segment_bytes", 0) if self.on_disk else 0
+        return self.journal.segment_bytes if self.on_disk else 0
 
     def location(self, position: int) -> tuple[str | None, int | None]:
         """(segment file, byte offset) of a journal position; (None, None) in memory."""
@@ -140,9 +140,8 @@ def open_store(path: str | os.PathLike[str] | None, create: bool = False, durabi
     journal = FileJournal(directory, create=create, durability=durability, readonly=readonly,
                           segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
                           fault_injector=fault_injector)
-    holder: list[Store] = []   # the store, once it exists: the pipeline poisons its engine
-    commits = CommitPipeline(journal, lambda: holder[0].poison(), writes=durability == "fsync" and not readonly,
-                             grouped=grouped, publish=publish)
+    commits = CommitPipeline(journal, writes=durability == "fsync" and not readonly, grouped=grouped,
+                             publish=publish)
     engines: list[_core.Engine] = []   # every engine made here: a failed open closes them all
     try:
         if not readonly:
@@ -162,8 +161,7 @@ def open_store(path: str | os.PathLike[str] | None, create: bool = False, durabi
                                                        transfers_capacity)
         _recover(engine, journal, readonly, journal_records_reserved)
         store = Store(engine, journal, directory, durability, commits, recovered_from)
-        holder.append(store)
-        commits.attach(engine)
+        commits.attach(engine, store.poison)
         journal.poison_with(store.poison)   # a segment that cannot be created is fatal for the handle
         if durability == "os" and not readonly:
             journal.start_flusher(lambda: engine.write_position, store.poison)
@@ -176,14 +174,12 @@ def open_store(path: str | os.PathLike[str] | None, create: bool = False, durabi
 def _memory_store(segment_records_log2: int, clock: Callable[[], int] | None, capacities: dict[str, int],
                   journal_records_reserved: int, grouped: bool, publish: Publish | None) -> Store:
     memory = MemoryJournal(segment_records_log2)
-    holder: list[Store] = []
-    commits = CommitPipeline(None, lambda: holder[0].poison(), writes=False, grouped=grouped, publish=publish)
+    commits = CommitPipeline(None, writes=False, grouped=grouped, publish=publish)
     callbacks = {name: value for name, value in commits.engine_callbacks.items() if value is not None}
     engine = _core.Engine(segment_records_log2, memory.segment, clock=clock, **callbacks, **capacities)
     engine.map_through(engine.write_position + journal_records_reserved)
     store = Store(engine, memory, None, "memory", commits)
-    holder.append(store)
-    commits.attach(engine)
+    commits.attach(engine, store.poison)
     return store
 
 

@@ -446,7 +446,7 @@ def test_a_failed_segment_creation_poisons_the_handle(tmp_path, monkeypatch, dur
 
     monkeypatch.setattr(os, "fsync", flaky_fsync)
     handle = ledger.api.open_with_hooks(directory, create=True, durability=durability, segment_records_log2=10,
-                         fault_injector=injector)
+                                        fault_injector=injector)
     assert not handle.create_accounts(accounts()).any()
     armed["skip"] = 1 if ahead else 0   # segment 1 is created when needed, segment 2 then ahead of need
     if ahead:
@@ -477,7 +477,8 @@ def test_os_mode_flusher_failure_poisons(tmp_path):
         if operation == "sync" and failing["on"]:
             raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.api.open_with_hooks(directory, create=True, durability="os", flush_interval_ms=5, fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, durability="os", flush_interval_ms=5,
+                                        fault_injector=injector)
     handle.create_accounts(accounts())
     failing["on"] = True
     handle.transfers(batch(0))  # "os" mode: returns before the sync
@@ -852,7 +853,7 @@ def test_machine_crash_images_open_with_every_durable_batch(tmp_path, durability
     directory = str(tmp_path / "data")
     images = DiskImages(directory)
     handle = ledger.api.open_with_hooks(directory, create=True, durability=durability, segment_records_log2=10,
-                         flush_interval_ms=60_000, fault_injector=images)
+                                        flush_interval_ms=60_000, fault_injector=images)
     handle.create_accounts(accounts())
     handle.flush()
     durable_batches = {}   # index of a "sync" image -> batches durable before that sync began
@@ -957,7 +958,8 @@ def test_large_batches_written_ahead_equal_the_in_memory_engine(tmp_path):
     the outcome (codes, balances, journal) must be exactly what one in-memory call gives, and survive reopening."""
     directory = str(tmp_path / "data")
     syncs = []
-    handle = ledger.api.open_with_hooks(directory, create=True, fault_injector=lambda operation: syncs.append(operation))
+    handle = ledger.api.open_with_hooks(directory, create=True,
+                                        fault_injector=lambda operation: syncs.append(operation))
     reference = ledger.open(None)
     for target in (handle, reference):
         assert not target.create_accounts(accounts()).any()

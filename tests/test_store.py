@@ -20,7 +20,8 @@ def test_a_store_holds_engine_journal_and_pipeline_and_a_ledger_wraps_it(tmp_pat
     handle.create_account(1, min_balance=ledger.BALANCE_MIN)
     assert store.engine.account_count == 1 and store.engine.write_position == handle.stats()["journal_position"]
     path, offset = store.location(1)
-    assert path == os.path.join(directory, "journal", "00000000.segment") and offset == SEGMENT_HEADER_BYTES + RECORD_SIZE
+    assert path == os.path.join(directory, "journal", "00000000.segment")
+    assert offset == SEGMENT_HEADER_BYTES + RECORD_SIZE
     assert store.segment_bytes > 0 and store.lock_fd is not None
     handle.close()
     assert store.engine.closed

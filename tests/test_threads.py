@@ -441,7 +441,7 @@ def test_ctrl_c_during_flush_keeps_the_handle(tmp_path):
 
     directory = str(tmp_path / "data")
     with ledger.api.open_with_hooks(directory, create=True, durability="os", flush_interval_ms=60_000,
-                     fault_injector=injector) as handle:
+                                    fault_injector=injector) as handle:
         _setup(handle)
         handle.transfers(_rows(1))
         armed.append(True)
