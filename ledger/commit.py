@@ -64,7 +64,7 @@ class CommitPipeline:
         self.writes = writes
         self.grouped = grouped
         self.publish = publish
-        self._poison: Callable[[], None] | None = None
+        self._on_poison: Callable[[], None] | None = None
         self._engine: Any = None
         self._applying = False        # grouped: apply() is running a core call; the engine's callbacks wait
         self._wrote_ahead = False     # write_ahead ran for the batch being applied: its background sync ends first
@@ -79,7 +79,7 @@ class CommitPipeline:
         """The engine whose batches this pipeline commits (known once the store has chosen it at open), and what
         makes its handle unusable when a write, sync or publish fails."""
         self._engine = engine
-        self._poison = poison
+        self._on_poison = poison
         self._published_end = engine.write_position
 
     @property
@@ -156,6 +156,7 @@ class CommitPipeline:
         (answers leave in journal order): None."""
         end = self._engine.write_position
         if background and self.writes and end > group.unsynced:
+            assert self._syncer is not None, "grouped mode only"
             pending = PendingGroup()
             pending.answered = self._syncer.submit(self._sync_publish_answer, group, end, answer, pending)
             self.pending = pending
@@ -185,6 +186,7 @@ class CommitPipeline:
         pending, self.pending = self.pending, None
         if pending is None:
             return False
+        assert pending.answered is not None
         pending.answered.result()
         return True
 
@@ -230,12 +232,18 @@ class CommitPipeline:
                 self._poison()  # applied in memory, not in the files: nothing more may use this state
                 raise
 
+    def _poison(self) -> None:
+        assert self._on_poison is not None, "attach() gives the pipeline its handle's poison"
+        self._on_poison()
+
     def _publish(self, start: int, end: int) -> None:
         if end <= self._published_end:
             return                # published already (a commit retried after Ctrl-C)
         assert start == self._published_end, f"publish of [{start}, {end}) after {self._published_end}: a gap"
+        publish = self.publish
+        assert publish is not None
         try:
-            self.publish(start, end)
+            publish(start, end)
         except BaseException:
             self._poison()
             raise
