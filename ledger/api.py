@@ -1,53 +1,30 @@
 """The public face: `ledger.open()` and the `Ledger` handle. Thin on purpose: it checks what callers hand in,
-then passes arrays straight to the Cython core (ledger._core), which does all per-transfer work."""
+then passes arrays straight to the Cython core (ledger._core), which does all per-transfer work. What a handle
+holds (engine, journal, commit pipeline) and how it is opened and recovered is the internal tier's
+(ledger/store.py): a Ledger wraps one Store, `Ledger.store`."""
 from __future__ import annotations
 
-import operator
 import os
-import sys
 import time
-import warnings
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 
 from ledger import _core
-from ledger.enums import (
-    ACCOUNT_DTYPE,
-    BALANCE_MAX,
-    BATCH_SIZE_MAX,
-    TRANSFER_DTYPE,
-    TRANSFER_RECORD_DTYPE,
-    AccountResult,
-    TransferResult,
-)
-from ledger.errors import LedgerClosedError, LedgerCorruptError, LedgerError, LedgerPoisonedError
-from ledger.format import REPLAY_DAMAGED, REPLAY_END
-from ledger.progress import Progress
-from ledger.snapshot import (
-    KEEP_DEFAULT,
-    SnapshotInfo,
-    SnapshotJob,
-    check_room,
-    list_snapshots,
-    load_into,
-    remove_unfinished,
-    snapshot_bytes,
-)
-from ledger.journal import (
-    FLUSH_INTERVAL_MS_DEFAULT,
-    FLUSH_INTERVAL_MS_MAX,
-    SEGMENT_RECORDS_LOG2_DEFAULT,
-    SEGMENT_RECORDS_LOG2_MAX,
-    SEGMENT_RECORDS_LOG2_MIN,
-    FaultInjector,
-    FileJournal,
-    MemoryJournal,
-)
-
-if TYPE_CHECKING:
-    from ledger.audit import VerifyReport
-    from ledger.scrub import ScrubReport
+from ledger.audit import VerifyReport, verify_live
+from ledger.batches import ACCOUNT_STATE_DTYPE, Account, accounts_batch, as_batch, transfers_batch
+from ledger.commit import Publish
+from ledger.enums import (ACCOUNT_DTYPE, BALANCE_MAX, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult,
+                          TransferResult)
+from ledger.errors import LedgerClosedError, LedgerError, LedgerPoisonedError
+from ledger.history import balance_at
+from ledger.history import explain as explain_account
+from ledger.history import history as account_history
+from ledger.journal import FLUSH_INTERVAL_MS_DEFAULT, SEGMENT_RECORDS_LOG2_DEFAULT, FaultInjector
+from ledger.scrub import ScrubReport
+from ledger.scrub import scrub as scrub_journal
+from ledger.snapshot import KEEP_DEFAULT, SnapshotInfo, SnapshotJob, check_room, snapshot_bytes
+from ledger.store import Store, open_store
 
 __all__ = [
     "ACCOUNT_STATE_DTYPE",
@@ -55,134 +32,9 @@ __all__ = [
     "Ledger",
     "accounts_batch",
     "open",
+    "open_with_hooks",
     "transfers_batch",
 ]
-
-DURABILITY_MODES = ("fsync", "os")
-# Opening replays the journal after the snapshot in slices of this many records, with a progress bar, when stderr
-# is a terminal and at least this much may be left (about 0.4 s of replay): less is not worth a bar.
-REPLAY_SLICE_RECORDS = 1 << 22
-REPLAY_PROGRESS_RECORDS_MIN = 1 << 22
-
-# What Ledger.accounts() returns: every account with its counters.
-ACCOUNT_STATE_DTYPE = np.dtype(
-    [
-        ("id", "<u8"),
-        ("ledger", "<u4"),
-        ("flags", "<u2"),
-        ("min_balance", "<i8"),
-        ("max_balance", "<i8"),
-        ("user_data", "<u8"),
-        ("debits_posted", "<i8"),
-        ("credits_posted", "<i8"),
-        ("debits_pending", "<i8"),
-        ("credits_pending", "<i8"),
-        ("timestamp", "<u8"),
-    ],
-    align=True,
-)
-
-
-class Account(NamedTuple):
-    """One account as of the moment it was read (a copy: it does not change afterwards)."""
-
-    id: int
-    ledger: int
-    flags: int
-    min_balance: int
-    max_balance: int
-    user_data: int
-    debits_posted: int
-    credits_posted: int
-    debits_pending: int
-    credits_pending: int
-    timestamp: int
-
-    @property
-    def balance(self) -> int:
-        """credits_posted - debits_posted."""
-        return self.credits_posted - self.debits_posted
-
-    @property
-    def available(self) -> int:
-        """balance - debits_pending: what the account may still spend above its min_balance."""
-        return self.credits_posted - self.debits_posted - self.debits_pending
-
-
-def accounts_batch(count: int) -> np.ndarray:
-    """`count` account rows with the defaults filled in: ledger 1, min_balance 0, max_balance int64 max.
-    (A zero-filled array would mean "ledger 0, cap 0"; start from this instead.)"""
-    batch = np.zeros(_count(count), ACCOUNT_DTYPE)
-    batch["ledger"] = 1
-    batch["max_balance"] = BALANCE_MAX
-    return batch
-
-
-def transfers_batch(count: int) -> np.ndarray:
-    """`count` transfer rows with the defaults filled in: ledger 1, everything else 0."""
-    batch = np.zeros(_count(count), TRANSFER_DTYPE)
-    batch["ledger"] = 1
-    return batch
-
-
-def _count(count: int) -> int:
-    count = operator.index(count)
-    if not 0 <= count <= BATCH_SIZE_MAX:
-        raise ValueError(f"batch size {count} is outside [0, BATCH_SIZE_MAX={BATCH_SIZE_MAX}]")
-    return count
-
-
-def _as_batch(batch: Any, dtype: np.dtype, make: Callable[[int], np.ndarray], what: str) -> np.ndarray:
-    """Check a caller's batch and return a C-contiguous array of `dtype` without copying when it already is one."""
-    if isinstance(batch, Mapping):
-        return _from_columns(batch, dtype, make, what)
-    if not isinstance(batch, np.ndarray):
-        raise TypeError(f"{what} must be a numpy array of ledger.{_dtype_name(dtype)} or a dict of columns, "
-                        f"not {type(batch).__name__}")
-    if batch.dtype != dtype:
-        raise TypeError(f"{what} has dtype {batch.dtype}; expected ledger.{_dtype_name(dtype)} "
-                        f"(build it with ledger.{what}_batch(n))")
-    if batch.ndim != 1:
-        raise ValueError(f"{what} must be 1-dimensional, got shape {batch.shape}")
-    if not batch.flags.c_contiguous:
-        raise ValueError(f"{what} is not C-contiguous (a strided view?); pass np.ascontiguousarray(batch)")
-    if batch.shape[0] > BATCH_SIZE_MAX:
-        raise ValueError(f"{what} has {batch.shape[0]} rows; the limit is BATCH_SIZE_MAX={BATCH_SIZE_MAX} "
-                         f"(a batch is one atomic journal write)")
-    return batch
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    return "ACCOUNT_DTYPE" if dtype == ACCOUNT_DTYPE else "TRANSFER_DTYPE"
-
-
-def _from_columns(columns: Mapping[str, Any], dtype: np.dtype, make: Callable[[int], np.ndarray],
-                  what: str) -> np.ndarray:
-    unknown = sorted(set(columns) - set(dtype.names))
-    if unknown:
-        raise ValueError(f"{what} columns {unknown} are not fields of ledger.{_dtype_name(dtype)} "
-                         f"(fields: {', '.join(dtype.names)})")
-    arrays = {name: np.asarray(value) for name, value in columns.items()}
-    lengths = {name: array.shape for name, array in arrays.items()}
-    shapes = set(lengths.values())
-    if len(shapes) > 1:
-        raise ValueError(f"{what} columns have different lengths: {lengths}")
-    shape = shapes.pop() if shapes else (0,)
-    if len(shape) != 1:
-        raise ValueError(f"{what} columns must be 1-dimensional, got shape {shape}")
-    batch = make(shape[0])
-    for name, array in arrays.items():
-        field = dtype.fields[name][0]
-        if array.dtype.kind not in "iub":
-            raise TypeError(f"{what} column {name!r} has dtype {array.dtype}; integers are required")
-        if array.size:
-            info = np.iinfo(field)
-            low, high = int(array.min()), int(array.max())
-            if low < info.min or high > info.max:
-                raise ValueError(f"{what} column {name!r} has values outside {field} range "
-                                 f"[{info.min}, {info.max}]: min {low}, max {high}")
-        batch[name] = array
-    return batch
 
 
 class Ledger:
@@ -193,21 +45,24 @@ class Ledger:
     Methods bound in __init__ for speed: `transfer` is the core's own method (no Python frame per call; it takes
     the engine's lock itself)."""
 
-    def __init__(self, engine: _core.Engine, journal: Any, path: str | None, durability: str) -> None:
-        self._engine = engine
-        self._journal = journal
-        self.path = path
-        self.durability = durability
+    def __init__(self, store: Store) -> None:
+        """A handle on an open Store (ledger.open() makes both)."""
+        self.store = store  # the internal tier (engine, journal, commit pipeline): for ledger's own modules
+        # Shortcuts to store.engine and store.journal for the methods below (one attribute lookup per call).
+        self._engine = store.engine
+        self._journal = store.journal
+        self.path = store.path
+        self.durability = store.durability
         # The single-call path goes straight to the core: argument parsing and the result lookup are C.
-        self.transfer = engine.transfer
-        self.recovered_from: SnapshotInfo | None = None  # the snapshot this handle was opened from, if any
+        self.transfer = store.engine.transfer
+        self.recovered_from: SnapshotInfo | None = store.recovered_from  # the snapshot opened from, if any
         self._snapshot_job: SnapshotJob | None = None  # the last snapshot started: the next one waits for it
 
     # -- commands --
 
     def create_accounts(self, batch: Any) -> np.ndarray:
         """Create accounts from an ACCOUNT_DTYPE array (or dict of columns); one AccountResult code per row."""
-        rows = _as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
+        rows = as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
         results = np.empty(rows.shape[0], np.uint8)
         self._engine.create_accounts(rows, results)
         return results
@@ -224,7 +79,7 @@ class Ledger:
     def transfers(self, batch: Any) -> np.ndarray:
         """Apply a TRANSFER_DTYPE array (or dict of columns) as one atomic batch; one TransferResult code per row.
         When it returns, every applied transfer is as durable as the ledger's durability mode says."""
-        rows = _as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
+        rows = as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
         results = np.empty(rows.shape[0], np.uint8)
         self._engine.transfers(rows, results)
         return results
@@ -249,19 +104,16 @@ class Ledger:
         int nanoseconds via `at=ledger.At(ns=...)`). KeyError if there is no such account."""
         if at is None:
             return self._engine.balance(id)
-        from ledger.history import balance_at
         return balance_at(self, id, at)
 
     def history(self, id: int, since: Any = None, until: Any = None, limit: int | None = None) -> np.ndarray:
         """The events that moved account `id`, oldest first, found through its back-pointers (cost proportional
         to the account's events, not the journal)."""
-        from ledger.history import history
-        return history(self, id, since=since, until=until, limit=limit)
+        return account_history(self, id, since=since, until=until, limit=limit)
 
     def explain(self, id: int, since: Any = None, until: Any = None) -> Any:
         """Opening balance, every movement with a running balance, closing balance, checked to add up."""
-        from ledger.history import explain
-        return explain(self, id, since=since, until=until)
+        return explain_account(self, id, since=since, until=until)
 
     def available(self, id: int) -> int:
         """balance - debits_pending: what the account may still spend above its min_balance floor."""
@@ -331,26 +183,24 @@ class Ledger:
         except KeyboardInterrupt:
             raise  # Ctrl-C, not a failed sync: nothing is lost, what it had not synced the next flush syncs
         except BaseException:
-            self._poison()
+            self.store.poison()
             raise
 
-    def scrub(self) -> "ScrubReport":
+    def scrub(self) -> ScrubReport:
         """Re-check every committed batch of the journal (header, checksum, hash chain), as replay does, without
         building any state: a damaged batch is reported (file, byte offset, journal position, why) before a read
         meets it. Reads only; safe on a read-only handle beside a live writer. Cost: one CRC32C pass over the
         journal's bytes; `ledger serve` runs the same check slowly in the background. A batch before the snapshot
         found good is remembered, so later reads of it are not checked again."""
         self._check_open()
-        from ledger.scrub import scrub
-        return scrub(self)
+        return scrub_journal(self.store)
 
-    def verify(self) -> "VerifyReport":
+    def verify(self) -> VerifyReport:
         """Replay the whole journal into a fresh engine (re-checking every checksum, the hash chain and the
         back-pointers) and compare it with the live state; also check conservation and limits."""
         with self._engine:  # writers wait: the live state is compared as of one journal position
             self._check_open()
-            from ledger.audit import verify_live
-            return verify_live(self)
+            return verify_live(self.store)
 
     def snapshot(self, wait: bool = True, keep: int = KEEP_DEFAULT) -> "SnapshotInfo | SnapshotJob":
         """Write the whole state at the current journal position to <dir>/snapshots/, keeping the newest `keep`.
@@ -391,16 +241,12 @@ class Ledger:
             self._snapshot_job = None
         held_since = time.perf_counter()
         scalars, views = self._engine.state_views()
-        check_room(self.path, views, getattr(self._journal, "segment_bytes", 0))
-        job = SnapshotJob(self.path, scalars, views, keep, held_since=held_since,
-                          lock_fd=getattr(self._journal, "_lock_fd", None),
+        check_room(self.path, views, self.store.segment_bytes)
+        job = SnapshotJob(self.path, scalars, views, keep, held_since=held_since, lock_fd=self.store.lock_fd,
                           # "fsync": every committed batch is durable already; "os": the flusher's to make so
                           durable=self._journal.wait_durable if self.durability == "os" else None)
         self._snapshot_job = job
         return job
-
-    def _poison(self) -> None:
-        self._engine.poisoned = True
 
     def _check_open(self) -> None:
         if self._engine.closed:
@@ -420,14 +266,7 @@ class Ledger:
             self._close()
 
     def _close(self) -> None:
-        if self._engine.closed:
-            return
-        poisoned = self._engine.poisoned
-        self._engine.close()
-        if isinstance(self._journal, FileJournal):
-            self._journal.close(final_sync=not poisoned)
-        else:
-            self._journal.close()
+        self.store.close()
 
     def __enter__(self) -> "Ledger":
         if self._engine.closed:
@@ -459,173 +298,19 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
     limit; a service that knows its size avoids that pause (as TigerBeetle allocates everything at start).
     journal_records_reserved: journal records to map (and, on disk, preallocate) up front, for the same reason:
     fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class)."""
-    return _open(path, create, durability, readonly=readonly, clock=clock, segment_records_log2=segment_records_log2,
-                 flush_interval_ms=flush_interval_ms, accounts_capacity=accounts_capacity,
-                 transfers_capacity=transfers_capacity, journal_records_reserved=journal_records_reserved)
+    return Ledger(open_store(path, create, durability, readonly=readonly, clock=clock,
+                             segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
+                             accounts_capacity=accounts_capacity, transfers_capacity=transfers_capacity,
+                             journal_records_reserved=journal_records_reserved))
 
 
-def _open(path: str | os.PathLike[str] | None, create: bool = False, durability: str = "fsync", *,
-          readonly: bool = False,
-          clock: Callable[[], int] | None = None, segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
-          flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT, accounts_capacity: int = 0,
-          transfers_capacity: int = 0, journal_records_reserved: int = 0,
-          fault_injector: FaultInjector | None = None, sync_each_commit: bool = True) -> Ledger:
-    """open() with the hooks that are not public. fault_injector (tests): called as fault_injector("allocate" |
-    "write" | "sync") before those journal operations. sync_each_commit=False (durability "fsync" only) leaves
-    the sync to the caller: every committed batch is written to the files, and the caller calls the journal's
-    sync() once for a group of calls (the ring server's group commit across clients)."""
-    if durability not in DURABILITY_MODES:
-        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
-    assert sync_each_commit or durability == "fsync"
-    if clock is not None and not callable(clock):
-        raise TypeError("clock must be a zero-argument callable returning integer nanoseconds")
-    for name, value in (("accounts_capacity", accounts_capacity), ("transfers_capacity", transfers_capacity),
-                        ("journal_records_reserved", journal_records_reserved)):
-        if not 0 <= operator.index(value) <= 2**36:
-            raise ValueError(f"{name} must be in [0, 2**36], got {value}")
-    # Checked here for every kind of ledger (the journal checks them again): an in-memory one took any segment size
-    # the core allowed (4 to 30) and ignored a flush interval out of range.
-    for name, value, low, high in (
-            ("segment_records_log2", segment_records_log2, SEGMENT_RECORDS_LOG2_MIN, SEGMENT_RECORDS_LOG2_MAX),
-            ("flush_interval_ms", flush_interval_ms, 1, FLUSH_INTERVAL_MS_MAX)):
-        if not low <= operator.index(value) <= high:
-            raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    if path is None:
-        memory = MemoryJournal(segment_records_log2)
-        engine = _core.Engine(segment_records_log2, memory.segment, clock=clock,
-                              account_capacity=accounts_capacity, transfer_capacity=transfers_capacity)
-        engine.map_through(engine.write_position + journal_records_reserved)
-        return Ledger(engine, memory, None, "memory")
-    journal = FileJournal(os.fspath(path), create=create, durability=durability, readonly=readonly,
-                          segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
-                          fault_injector=fault_injector, sync_each_commit=sync_each_commit)
-    engines: list[_core.Engine] = []   # every engine made here: a failed open closes them all
-    try:
-        if not readonly:
-            remove_unfinished(os.fspath(path))  # we hold the writer lock: no snapshot of ours is being written
-        def new_engine(capacity: bool) -> _core.Engine:
-            """capacity False: the smallest engine, to load a snapshot into (which replaces its tables)."""
-            fresh = _core.Engine(journal.segment_records_log2, journal.segment,
-                                 after_commit=journal.after_commit if durability == "fsync" else None,
-                                 write_ahead=journal.write_ahead if durability == "fsync" else None, clock=clock,
-                                 segment_files=journal.segment_files(), segment_release=journal.segment_release,
-                                 **({"account_capacity": accounts_capacity, "transfer_capacity": transfers_capacity}
-                                    if capacity else {}))
-            engines.append(fresh)
-            fresh.map_through(journal.existing_end_position)
-            fresh.damage_error = journal.damaged
-            return fresh
-
-        engine, recovered_from = _engine_from_snapshot(os.fspath(path), new_engine, accounts_capacity,
-                                                       transfers_capacity)
-        _replay_and_recover(engine, journal, readonly)
-        report = journal.torn_tail_report()
-        if report is not None:
-            warnings.warn(report, RuntimeWarning, stacklevel=3)
-        journal.begin_writing(engine.write_position)
-        engine.provide_segments(journal.held_from)   # the existing segments it writes into next, if any
-        if not readonly and journal_records_reserved:
-            engine.map_through(engine.write_position + journal_records_reserved)
-            journal.reserve(engine.write_position, engine.write_position + journal_records_reserved)
-        engine.readonly = readonly
-        handle = Ledger(engine, journal, os.fspath(path), durability)
-        handle.recovered_from = recovered_from
-        journal.poison_with(handle._poison)   # a segment that cannot be created is fatal for the handle
-        if durability == "os" and not readonly:
-            journal.start_flusher(lambda: engine.write_position, handle._poison)
-        return handle
-    except BaseException as error:
-        _release_after_failed_open(engines, journal, error)
-        raise
-
-
-def _release_after_failed_open(engines: list[_core.Engine], journal: FileJournal, error: BaseException) -> None:
-    """Let go of everything a failed open took (the engines' hold on the segments first, then the journal's
-    mappings, descriptors and writer lock), so the same process can open the directory again. A failure here is
-    attached to the real error as a note and never replaces it."""
-    for engine in engines:
-        try:
-            engine.close()
-        except Exception as cleanup_error:  # noqa: BLE001 - reported on the real error
-            error.add_note(f"ledger: also failed to close an engine after the failed open: {cleanup_error!r}")
-    try:
-        journal.close(final_sync=False)
-    except Exception as cleanup_error:  # noqa: BLE001 - reported on the real error
-        error.add_note(f"ledger: also failed to close the journal after the failed open: {cleanup_error!r}")
-
-
-# Judgements of a moving stop a reader makes before it takes the journal as it has replayed it (see below).
-READONLY_RECOVERY_ATTEMPTS = 5
-
-
-def _replay_and_recover(engine: _core.Engine, journal: FileJournal, readonly: bool) -> None:
-    """Replay the journal, then have the journal judge where replay stopped (torn tail or corruption).
-    A reader beside a live writer can stop at a batch that is being written, which the writer then commits, with
-    more batches after it, before the judgement looks: that is not corruption. Batches are committed in order, so
-    the batch at the stop is complete by then: the reader replays on from it. A stop that does not move is judged.
-    A writer that commits faster than a judgement takes (tmpfs, where syncs cost nothing) moves every stop on: a
-    reader that has seen its stop move READONLY_RECOVERY_ATTEMPTS times takes what it replayed (whole batches,
-    every check passed) as the journal's end, as it takes any stop beside a live writer. Damage never moves."""
-    reason, position = _replay(engine, journal)
-    if reason == REPLAY_DAMAGED:
-        engine.raise_damage()  # a batch replayed refers to a record from before the snapshot that is damaged
-    for _ in range(READONLY_RECOVERY_ATTEMPTS):
-        try:
-            journal.recover_tail(reason, position, engine.mapped_end)
-            return
-        except LedgerCorruptError:
-            if not readonly:
-                raise
-            stopped_at = position
-            reason, position, _, _ = engine.replay()
-            if reason == REPLAY_DAMAGED:
-                engine.raise_damage()
-            if position == stopped_at:
-                raise
-    assert readonly and position > stopped_at
-
-
-def _engine_from_snapshot(directory: str, new_engine: Callable[[bool], _core.Engine], accounts_capacity: int,
-                          transfers_capacity: int) -> tuple[_core.Engine, SnapshotInfo | None]:
-    """A fresh engine loaded from the newest snapshot that passes its checks and belongs to this journal, with
-    room for the capacities asked for. A damaged one is skipped with a warning and an older one (or genesis) is
-    used. An engine to load into starts small: allocating the capacities first would fault in memory (4 GB for a
-    100M-transfer table) that the snapshot's own tables then replace."""
-    for position, snapshot_path in list_snapshots(directory):
-        engine = new_engine(False)
-        try:
-            return engine, load_into(snapshot_path, position, engine, accounts_capacity, transfers_capacity)
-        except (LedgerCorruptError, ValueError, OSError) as error:
-            warnings.warn(f"ledger: snapshot skipped, using an older one or the journal from genesis: {error}",
-                          RuntimeWarning, stacklevel=3)
-            engine.close()
-    return new_engine(True), None
-
-
-def _replay(engine: _core.Engine, journal: FileJournal) -> tuple[int, int]:
-    """engine.replay() to the end of the journal: (stop reason, position). Recovery's longest step (about 10 s per
-    100M events), so on a terminal, when much is left, it runs in slices that stop at batch boundaries and draws a
-    progress bar; the outcome is the same."""
-    start = engine.write_position
-    if journal.existing_end_position - start < REPLAY_PROGRESS_RECORDS_MIN or not sys.stderr.isatty():
-        reason, position, _, _ = engine.replay()
-        return reason, position
-    end = journal.records_end(start)
-    if end - start < REPLAY_PROGRESS_RECORDS_MIN:
-        reason, position, _, _ = engine.replay()
-        return reason, position
-    with Progress(end - start, "replay", "records") as progress:
-        position = start
-        while True:
-            reason, position, batches, _ = engine.replay(position + REPLAY_SLICE_RECORDS)
-            progress.update(position - start)
-            if reason != REPLAY_END:
-                return reason, position  # torn tail or corruption: the caller decides which
-            if batches == 0:
-                # The clean end, or a batch longer than a slice: replay() without a bound says which, and
-                # replays the rest in one go.
-                reason, position, _, _ = engine.replay()
-                return reason, position
+def open_with_hooks(path: str | os.PathLike[str] | None, create: bool = False, durability: str = "fsync", *,
+                    fault_injector: FaultInjector | None = None, publish: Publish | None = None,
+                    **options: Any) -> Ledger:
+    """open() with the internal tier's hooks, which are not part of the public signature (ledger.store.open_store
+    documents them): fault_injector (tests) and publish (each committed batch's durable range [start, end),
+    before its call returns). options: those of open()."""
+    return Ledger(open_store(path, create, durability, fault_injector=fault_injector, publish=publish, **options))
 
 
 def _disk_bytes(path: str | None) -> dict[str, int]:

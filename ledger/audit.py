@@ -31,7 +31,7 @@ from ledger.progress import Progress
 from ledger.snapshot import SCALARS, list_snapshots, read_snapshot
 
 if TYPE_CHECKING:
-    from ledger.api import Ledger
+    from ledger.store import Store
 
 __all__ = ["VerifyReport", "verify_live", "check_invariants", "state_differences"]
 
@@ -315,12 +315,13 @@ def _check_snapshot(rebuilt: _core.Engine, position: int, path: str) -> list[str
     return state_differences((path, "the replay of the journal"), (scalars, arrays), rebuilt.state_views())
 
 
-def verify_live(handle: "Ledger") -> VerifyReport:
-    live = handle._engine
-    journal = handle._journal
+def verify_live(store: "Store") -> VerifyReport:
+    """Ledger.verify: replay the store's journal into a fresh engine and compare it with the live state."""
+    live = store.engine
+    journal = store.journal
     end = live.write_position
     started = time.perf_counter()
-    snapshots, problems = _snapshots_to_check(handle.path, end)
+    snapshots, problems = _snapshots_to_check(store.path, end)
     rebuilt = _core.Engine(journal.segment_records_log2, journal.view,
                            segment_files=journal.segment_files() if hasattr(journal, "segment_files") else None,
                            account_capacity=live.account_count, transfer_capacity=live.transfer_count)

@@ -217,7 +217,7 @@ def _account_id(id: Any) -> int:
 
 def _positions(handle: Ledger, id: int) -> tuple[int, int]:
     """(creation position, newest event position) of the account; KeyError if it does not exist."""
-    positions = handle._engine.account_positions(id)
+    positions = handle.store.engine.account_positions(id)
     if positions is None:
         raise KeyError(f"account {id} not found")
     return int(positions[0]), int(positions[1])
@@ -231,7 +231,7 @@ def _live(handle: Ledger, id: int) -> Counters:
 
 def _decode(handle: Ledger, positions_newest_first: np.ndarray) -> np.ndarray:
     """The events at these positions, oldest first."""
-    return handle._engine.decode_events(np.ascontiguousarray(positions_newest_first[::-1], dtype=np.uint64))
+    return handle.store.engine.decode_events(np.ascontiguousarray(positions_newest_first[::-1], dtype=np.uint64))
 
 
 def _walk(handle: Ledger, id: int, after_position: int = 0, before_position: int = POSITION_LIMIT,
@@ -242,8 +242,8 @@ def _walk(handle: Ledger, id: int, after_position: int = 0, before_position: int
     if after_position + 1 >= before_position or limit == 0:
         return np.zeros(0, np.uint64)
     if limit is None:
-        return handle._engine.account_history(id, before_position, after_position)
-    return handle._engine.account_history(id, before_position, after_position, limit)
+        return handle.store.engine.account_history(id, before_position, after_position)
+    return handle.store.engine.account_history(id, before_position, after_position, limit)
 
 
 def _corrupt_event(handle: Ledger, position: int, problem: str) -> LedgerCorruptError:
@@ -355,8 +355,8 @@ def _existing_through(handle: Ledger, id: int, at: Moment) -> int:
     past the journal's end."""
     id = _account_id(id)
     creation, _ = _positions(handle, id)
-    _check_not_past_end(handle._engine, _as_at(at))
-    last_position = _last_position_through(handle._engine, at)
+    _check_not_past_end(handle.store.engine, _as_at(at))
+    last_position = _last_position_through(handle.store.engine, at)
     if last_position < creation:
         created_ns = handle.account(id).timestamp  # type: ignore[union-attr]
         raise KeyError(f"account {id} did not exist yet at {_describe(at)}: it was created at journal position "
@@ -372,7 +372,7 @@ def _holding_engine(read: _Read) -> _Read:
     calls, and a batch of another thread between them would mix two states (or grow what it reads)."""
     @functools.wraps(read)
     def held(handle: Ledger, *args: Any, **kwargs: Any) -> Any:
-        engine = handle._engine
+        engine = handle.store.engine
         engine.__enter__()  # (called by name, not `with`: a test may stand a proxy in for the engine)
         try:
             return read(handle, *args, **kwargs)
@@ -406,7 +406,7 @@ def account_at(handle: Ledger, id: int, at: Moment) -> Account:
 
 def _window(handle: Ledger, since: Moment | None, until: Moment | None) -> tuple[int, int]:
     """The inclusive position range [first, last] for since/until (None: from the start / through the end)."""
-    engine = handle._engine
+    engine = handle.store.engine
     end = engine.write_position - 1  # the newest committed record
     first = 0 if since is None else _first_position_from(engine, since)
     last = end if until is None else _last_position_through(engine, until)
@@ -679,7 +679,7 @@ def explain_difference(handle: Ledger, id_a: int, id_b: int | None = None, at_a:
     Two accounts: account `id_a` at `at_a` against account `id_b` at `at_b` (None: now): each one's events from its
     creation up to its point; the difference is balance_a - balance_b."""
     id_a = _account_id(id_a)
-    engine = handle._engine
+    engine = handle.store.engine
     if id_b is None:
         first = 0 if at_a is None else _last_position_through(engine, at_a) + 1
         explanation = explain(handle, id_a, since=first, until=at_b)

@@ -195,10 +195,10 @@ class FileJournal:
     def __init__(self, directory: str, *, create: bool, durability: str, readonly: bool = False,
                  segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT,
                  flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
-                 fault_injector: FaultInjector | None = None, sync_each_commit: bool = True) -> None:
-        """durability "fsync": write-through, and with sync_each_commit every committed batch is fdatasync'ed
-        before after_commit returns (without it, the owner calls sync(): the ring server syncs once per drained
-        group). durability "os": shared mapping and a flusher (start_flusher)."""
+                 fault_injector: FaultInjector | None = None) -> None:
+        """durability "fsync": write-through: the handle's commit pipeline (ledger/commit.py) writes each
+        committed batch (write_ahead, write_events, write) and syncs it (sync). durability "os": shared mapping
+        and a flusher (start_flusher)."""
         if not SEGMENT_RECORDS_LOG2_MIN <= segment_records_log2 <= SEGMENT_RECORDS_LOG2_MAX:
             raise ValueError(f"segment_records_log2 must be in [{SEGMENT_RECORDS_LOG2_MIN}, "
                              f"{SEGMENT_RECORDS_LOG2_MAX}], got {segment_records_log2}")
@@ -209,11 +209,6 @@ class FileJournal:
         self.durability = durability
         self.readonly = readonly
         self.write_through = durability == "fsync" and not readonly
-        self.sync_each_commit = sync_each_commit
-        # The ring server sets this around its core calls: committed batches then stay in the private mapping
-        # until it calls write() itself, once every earlier batch is durable (its sync may still be running in the
-        # background while the core applies the next group). Nothing is written ahead meanwhile.
-        self.hold_writes = False
         self._sealed_segments = 0          # write-through: segments dropped from the private mapping so far
         # write_ahead: the batch being written ahead (its header position), how far, and a write error to report.
         self._ahead_header: int | None = None
@@ -335,6 +330,12 @@ class FileJournal:
             return None
         return self.files.let_go(index)
 
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the directory's writer lock (None when read-only or closed): a snapshot's
+        forked child keeps it until it exits."""
+        return self._lock_fd
+
     def location(self, position: int) -> tuple[str, int]:
         """The segment file and byte offset of a journal position (for error messages and scrub reports)."""
         return self.files.location(position)
@@ -452,10 +453,11 @@ class FileJournal:
     def write_ahead(self, header_position: int, end: int) -> None:
         """Inside a large batch (the core calls this between chunks of rows): write the batch's events that are
         final so far, [header_position + 1, end), and start syncing them in the background while the core
-        applies the next chunk. The batch still counts only once after_commit has written its header and synced.
-        Never raises: an error is kept and raised by after_commit, which fails the call and poisons the handle.
+        applies the next chunk. The batch still counts only once the commit pipeline's after_commit has written
+        its header and synced. Never raises: an error is kept and raised by write(), which fails the call and
+        poisons the handle.
         Returns True if it wrote events to the files (the core poisons the handle if it then undoes the batch)."""
-        if not self.write_through or self.hold_writes:
+        if not self.write_through:
             return
         if self._ahead_header != header_position:
             self._ahead_header, self._ahead_written, self._ahead_error = header_position, header_position + 1, None
@@ -474,10 +476,10 @@ class FileJournal:
         return True
 
     def write_events(self, header_position: int, end: int) -> None:
-        """Write a held batch's events [header_position + 1, end) ahead of its header; write() then writes only the
-        header. Safe before earlier batches are durable: records past the last commit word are a torn tail to
+        """Write a committed batch's events [header_position + 1, end) ahead of its header; write() then writes only
+        the header. Safe before earlier batches are durable: records past the last commit word are a torn tail to
         recovery, whatever reached the disk of them. Only headers must reach the files in order."""
-        assert self.write_through and self.hold_writes is False and self._ahead_header is None
+        assert self.write_through and self._ahead_header is None
         self._inject("write")
         self._write_range(header_position + 1, end)
         self._ahead_header, self._ahead_written, self._ahead_error = header_position, end, None
@@ -497,17 +499,11 @@ class FileJournal:
                 offset += written
             position = segment_end
 
-    def after_commit(self, start: int, end: int) -> None:
-        """Group commit for durability="fsync": called by the core after each batch, before results return."""
-        if self.hold_writes:
-            return  # the owner writes and syncs it (see hold_writes)
-        try:
-            self.write(start, end)
-        finally:
-            if self._background_sync is not None:
-                self._background_sync.finish()   # a sync still running over this batch's files: let it end
-        if self.sync_each_commit:
-            self.sync(start, end)
+    def finish_write_ahead(self) -> None:
+        """After write() of a batch that was written ahead: drop a background sync not started yet and wait for
+        the one running (see _BackgroundSync.finish); raises what a background sync raised."""
+        if self._background_sync is not None:
+            self._background_sync.finish()
 
     def reserve(self, start: int, end: int) -> None:
         """Make positions [start, end) (beyond the committed journal, already mapped) cheap to commit: real zeros

@@ -235,7 +235,7 @@ class Recovery:
         lock). For a reader only if no writer holds the lock now and the reader's mapping reaches the mark: beside
         a live "os" writer the mark moves past batches the reader saw half-written a moment earlier, and a writer
         that finished meanwhile may have written past the segment files the reader found at open. (A stop that
-        moves when the reader replays again is not judged at all: _replay_and_recover.)"""
+        moves when the reader replays again is not judged at all: store.replay_and_recover.)"""
         if not self.readonly:
             return True
         if mark > mapped_end:

@@ -83,7 +83,7 @@ def _journal_directory(source: str, journal: str | None) -> tuple[str, str | Non
 
 def _find_cut(handle: ledger.Ledger, until_position: int | None, until_time: int | None) -> tuple[int, int]:
     """(cut position, timestamp of the last kept event, 0 if none): walk the batch headers from genesis."""
-    engine = handle._engine
+    engine = handle.store.engine
     cut, last_timestamp = 1, 0
     while True:
         headers = engine.batch_headers(cut, limit=HEADERS_PER_CALL)
@@ -106,8 +106,8 @@ def _checked_snapshot(path: str, handle: ledger.Ledger, cut: int) -> tuple[dict[
     if position > cut:
         raise ValueError(f"snapshot {path} is at journal position {position}, after the cut at {cut}: name an "
                          f"earlier snapshot, or the data directory")
-    journal = handle._journal
-    if scalars["segment_records_log2"] != journal.segment_records_log2 or not handle._engine.check_batch_end(
+    journal = handle.store.journal
+    if scalars["segment_records_log2"] != journal.segment_records_log2 or not handle.store.engine.check_batch_end(
             scalars["last_header_position"], position, scalars["last_checksum"]):
         raise ValueError(f"snapshot {path} does not belong to the journal in {journal.directory}: it has no batch "
                          f"ending at position {position} with the snapshot's checksum")
@@ -163,7 +163,7 @@ def _build(staging: str, handle: ledger.Ledger, cut: int, chosen: tuple[str, dic
            progress: Progress | None) -> int:
     """Write the journal up to the cut and the chosen snapshot into `staging`, all fsynced; return the number of
     segments copied."""
-    journal = handle._journal
+    journal = handle.store.journal
     records_log2 = journal.segment_records_log2
     segments = ((cut - 1) >> records_log2) + 1  # the segments holding positions 0 .. cut - 1
     assert 1 <= segments <= journal.existing, "the cut is past the journal's segment files"

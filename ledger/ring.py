@@ -15,13 +15,13 @@ import stat
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-import ledger
 from ledger import _ring
-from ledger.api import Account, _as_batch, _open, accounts_batch, transfers_batch
+from ledger.api import Ledger
+from ledger.batches import Account, accounts_batch, as_batch, transfers_batch
 from ledger.enums import (
     ACCOUNT_DTYPE,
     AMOUNT_MAX,
@@ -32,6 +32,7 @@ from ledger.enums import (
 )
 from ledger.errors import (
     LedgerBusyError,
+    LedgerClosedError,
     LedgerCorruptError,
     LedgerError,
     LedgerRejectedError,
@@ -39,6 +40,7 @@ from ledger.errors import (
     LedgerUnavailableError,
 )
 from ledger.scrub import BackgroundScrub
+from ledger.store import open_store
 
 __all__ = ["Client", "Server", "connect", "RING_FILE", "SLOT_COUNT_DEFAULT"]
 
@@ -90,17 +92,6 @@ ANSWER_DTYPE = np.dtype([
     ("timestamp", "<u8"), ("ledger", "<u4"), ("flags", "<u2"), ("reserved", "<u2"),
 ])
 assert ANSWER_DTYPE.itemsize == PAYLOAD
-
-
-class _PendingGroup:
-    """A group handed to the sync thread: `synced` is set once its sync returned (having failed if `error`),
-    `answered` resolves once its producers are answered."""
-    __slots__ = ("synced", "error", "answered")
-
-    def __init__(self) -> None:
-        self.synced = threading.Event()
-        self.error: BaseException | None = None
-        self.answered: concurrent.futures.Future | None = None
 
 
 def _ring_size(slot_count: int) -> int:
@@ -183,6 +174,28 @@ def _raise(error: OSError) -> None:
     raise error
 
 
+def _check_server_options(slot_count: int, durability: str, abandon_after_ms: int, spin_count: int,
+                          idle_wait_ms: int, overlap_rows_min: int, snapshot_every_s: float | None,
+                          group: int | None) -> None:
+    """Server's options within their limits, or TypeError/ValueError naming the one that is not."""
+    if slot_count < 16 or slot_count > SLOT_COUNT_MAX or slot_count & (slot_count - 1):
+        raise ValueError(f"slot_count must be a power of two in [16, {SLOT_COUNT_MAX}], got {slot_count}")
+    if durability not in ("fsync", "os"):
+        raise ValueError(f"durability must be 'fsync' or 'os', got {durability!r}")
+    _check_range("abandon_after_ms", abandon_after_ms, 1, ABANDON_AFTER_MS_MAX)
+    _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
+    _check_range("idle_wait_ms", idle_wait_ms, 1, IDLE_WAIT_MS_MAX)
+    _check_range("overlap_rows_min", overlap_rows_min, 1, GROUP_ROWS_MAX + 1)  # the maximum: never overlap
+    if snapshot_every_s is not None:
+        if isinstance(snapshot_every_s, bool) or not isinstance(snapshot_every_s, (int, float)):
+            raise TypeError(f"snapshot_every_s must be a number of seconds, not {type(snapshot_every_s).__name__}")
+        if not SNAPSHOT_EVERY_S_MIN <= snapshot_every_s <= SNAPSHOT_EVERY_S_MAX:
+            raise ValueError(f"snapshot_every_s must be in [{SNAPSHOT_EVERY_S_MIN}, {SNAPSHOT_EVERY_S_MAX}] "
+                             f"(or None: never), got {snapshot_every_s}")
+    if group is not None:
+        _check_range("group", group, 0, 2**32 - 2)
+
+
 class Server:
     """The single writer: owns the Ledger, drains the ring, group-commits, answers."""
 
@@ -197,23 +210,10 @@ class Server:
         idle_wait_ms: how long it then sleeps at most (a publish wakes it at once). snapshot_every_s: serve_forever
         takes a snapshot between drains this often (None: never), so a restart does not replay from genesis.
         overlap_rows_min: a drained group of at least this many rows (durability "fsync") is synced in the
-        background while the next one is applied; it is answered when its sync returns."""
-        if slot_count < 16 or slot_count > SLOT_COUNT_MAX or slot_count & (slot_count - 1):
-            raise ValueError(f"slot_count must be a power of two in [16, {SLOT_COUNT_MAX}], got {slot_count}")
-        if durability not in ("fsync", "os"):
-            raise ValueError(f"durability must be 'fsync' or 'os', got {durability!r}")
-        _check_range("abandon_after_ms", abandon_after_ms, 1, ABANDON_AFTER_MS_MAX)
-        _check_range("spin_count", spin_count, 0, SPIN_COUNT_MAX)
-        _check_range("idle_wait_ms", idle_wait_ms, 1, IDLE_WAIT_MS_MAX)
-        _check_range("overlap_rows_min", overlap_rows_min, 1, GROUP_ROWS_MAX + 1)  # the maximum: never overlap
-        if snapshot_every_s is not None:
-            if isinstance(snapshot_every_s, bool) or not isinstance(snapshot_every_s, (int, float)):
-                raise TypeError(f"snapshot_every_s must be a number of seconds, not {type(snapshot_every_s).__name__}")
-            if not SNAPSHOT_EVERY_S_MIN <= snapshot_every_s <= SNAPSHOT_EVERY_S_MAX:
-                raise ValueError(f"snapshot_every_s must be in [{SNAPSHOT_EVERY_S_MIN}, {SNAPSHOT_EVERY_S_MAX}] "
-                                 f"(or None: never), got {snapshot_every_s}")
-        if group is not None:
-            _check_range("group", group, 0, 2**32 - 2)
+        background while the next one is applied; it is answered when its sync returns. open_options: those of
+        ledger.store.open_store (capacities, journal_records_reserved; fault_injector and publish for tests)."""
+        _check_server_options(slot_count, durability, abandon_after_ms, spin_count, idle_wait_ms, overlap_rows_min,
+                              snapshot_every_s, group)
         self.directory = os.fspath(directory)
         self.durability = durability
         self.abandon_after_ns = abandon_after_ms * 1_000_000
@@ -227,11 +227,10 @@ class Server:
             # the journal, snapshots and LOCK stay private to the writer.
             os.chown(self.directory, -1, group)
             os.chmod(self.directory, 0o750)
-        # This server syncs itself, once per drained group when it is one core call (group commit across
-        # clients): with "fsync" every core call writes its batch through to the files and drain_once() syncs it
-        # before the next call and before answering.
-        self.ledger = _open(self.directory, create, durability, sync_each_commit=(durability != "fsync"),
-                            **open_options)
+        # The commit pipeline in grouped mode (ledger/commit.py): one sync per drained group, across clients.
+        self.store = open_store(self.directory, create, durability, grouped=True, **open_options)
+        self.ledger = Ledger(self.store)
+        self.commits = self.store.commits
         self.file_mode = 0o660 if group is not None else 0o600
         self.group = group
         self.ring, self._memory = self._create_ring(slot_count)
@@ -242,13 +241,10 @@ class Server:
         self._buffers = [(np.zeros(GROUP_ROWS_MAX, np.uint16), np.zeros((GROUP_ROWS_MAX, PAYLOAD), np.uint8),
                           np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8)) for _ in range(2)]
         self._buffer_index = 0
-        # The group handed last to the sync thread, which syncs and answers it while this thread applies the
-        # next one; and for each buffer set, the answer (a Future) of the group gathered into it last.
-        self._pending: _PendingGroup | None = None
+        # For each buffer set, the answer (a Future) of the group gathered into it last, if the sync thread has it.
         self._buffer_users: list[concurrent.futures.Future | None] = [None, None]
         # The ring's consumer side (gather, complete) is used by this thread and the sync thread.
         self._consumer_lock = threading.Lock()
-        self._syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-ring-sync")
         self._heartbeat_stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="ledger-ring-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -260,10 +256,10 @@ class Server:
         self.snapshot_failures_in_a_row = 0
         self._snapshot_job: Any = None
         self._snapshot_due = time.monotonic() + (snapshot_every_s or 0.0)
-        recovered = self.ledger.recovered_from
+        recovered = self.store.recovered_from
         self._snapshot_position = recovered.position if recovered is not None else 0
         # Re-checks the whole journal slowly, pass after pass, between drains (ledger/scrub.py).
-        self.scrub = BackgroundScrub(self.ledger)
+        self.scrub = BackgroundScrub(self.store)
 
     def _create_ring(self, slot_count: int) -> tuple[_ring.Ring, mmap.mmap]:
         path = os.path.join(self.directory, RING_FILE)
@@ -304,9 +300,9 @@ class Server:
 
     def drain_once(self) -> bool:
         """Gather what producers published, apply it (one core call per run of same-kind rows), make it durable
-        and answer it. Returns whether anything was gathered. With durability "fsync", a group of at least
-        overlap_rows_min rows is synced and answered by the sync thread while this one gathers and applies the
-        next group (settle() waits for it)."""
+        and answer it, through the store's commit pipeline (grouped mode). Returns whether anything was gathered.
+        With durability "fsync", a group of at least overlap_rows_min rows is synced and answered by the sync
+        thread while this one gathers and applies the next group (settle() waits for it)."""
         index = self._buffer_index
         if self._buffer_users[index] is not None:
             self._buffer_users[index].result()  # the group gathered into these buffers before is answered
@@ -315,44 +311,21 @@ class Server:
         with self._consumer_lock:
             first, count = self.ring.gather(GROUP_ROWS_MAX, self.abandon_after_ns, kinds, payloads, ends,
                                             statuses)
-        if self._pending is not None and self._pending.synced.is_set():
-            self._wait_synced()  # raises what the sync thread raised (not the poisoned handle's error, later)
+        self.commits.raise_if_previous_failed()  # what the sync thread raised (not the poisoned handle's, later)
         if count == 0:
             return False
         kinds, payloads, ends, statuses = kinds[:count], payloads[:count], ends[:count], statuses[:count]
         payloads[statuses != 0] = 0   # gather copies no payload for a malformed slot: no bytes of an earlier drain
         codes = np.zeros(count, np.uint8)
-        engine, journal = self.ledger._engine, self.ledger._journal
-        unsynced = engine.write_position  # written below here; the pending group's sync may still be running
+        group = self.commits.begin_group()
         for begin, end in self._runs(kinds, payloads, ends, statuses):
-            start = engine.write_position
-            journal.hold_writes = True
-            try:
-                self._apply(int(kinds[begin]), payloads, codes, statuses, begin, end)
-            finally:
-                journal.hold_writes = False
-            if engine.write_position == start:
-                continue              # nothing committed (queries, or every row failed): nothing to write
-            # The batch is in memory only. Recovery takes only the last batch for a possible torn tail, and a
-            # machine crash may keep a later batch while losing an earlier unsynced one: so every earlier batch
-            # is made durable before this one's header (its commit word) reaches the files. Its events may go
-            # first: past the last commit word they are a torn tail.
-            self._write(journal.write_events, start, engine.write_position)
-            self._wait_synced()
-            self._sync(unsynced, start)
-            self._write(journal.write, start, engine.write_position)
-            unsynced = start
-        end_position = engine.write_position
-        if self.durability == "fsync" and count >= self.overlap_rows_min and end_position > unsynced:
-            # The sync thread takes its tasks in order: it answers the pending group before this one.
-            pending = _PendingGroup()
-            pending.answered = self._syncer.submit(self._sync_and_answer, unsynced, end_position, first, codes,
-                                                   statuses, payloads, pending)
-            self._pending, self._buffer_users[index] = pending, pending.answered
+            self.commits.apply(group, lambda begin=begin, end=end: self._apply(int(kinds[begin]), payloads, codes,
+                                                                               statuses, begin, end))
+        answered = self.commits.end_group(group, lambda: self._answer(first, codes, statuses, payloads),
+                                          background=count >= self.overlap_rows_min)
+        if answered is not None:      # the sync thread has the group, and these buffers until it answered it
+            self._buffer_users[index] = answered
             self._buffer_index ^= 1
-            return True
-        self.settle()                 # answers leave in sequence order: an earlier group first
-        self._sync_and_answer(unsynced, end_position, first, codes, statuses, payloads, None)
         return True
 
     def status(self) -> dict[str, Any]:
@@ -362,37 +335,16 @@ class Server:
                 "last_snapshot_position": None if self.last_snapshot is None else self.last_snapshot.position,
                 **self.scrub.status()}
 
-    def _wait_synced(self) -> None:
-        """Wait until the sync of the group handed to the sync thread last has returned; raise what it raised."""
-        pending = self._pending
-        if pending is not None:
-            pending.synced.wait()
-            if pending.error is not None:
-                raise pending.error
-
     def settle(self) -> bool:
         """Wait until every group handed to the sync thread is durable and answered. A failed sync poisoned the
         handle and is raised here: that group is never acknowledged. Returns whether there was one."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return False
-        pending.answered.result()
-        return True
+        return self.commits.settle()
 
-    def _sync_and_answer(self, start: int, end: int, first: int, codes: np.ndarray, statuses: np.ndarray,
-                         payloads: np.ndarray, pending: _PendingGroup | None) -> None:
-        try:
-            self._sync(start, end)
-        except BaseException as error:
-            if pending is not None:
-                pending.error = error
-            raise
-        finally:
-            if pending is not None:
-                pending.synced.set()
+    def _answer(self, first: int, codes: np.ndarray, statuses: np.ndarray, payloads: np.ndarray) -> None:
+        """Complete a durable group's slots (on this thread or the sync thread, one group at a time, in order)."""
         with self._consumer_lock:
-            self.ring.complete(first, codes, statuses, payloads)  # only once every batch of the group is durable
-        self.applied_rows += codes.shape[0]  # (one thread at a time: the sync thread's tasks run in order)
+            self.ring.complete(first, codes, statuses, payloads)
+        self.applied_rows += codes.shape[0]
 
     def _snapshot_if_due(self) -> None:
         """Between drains: reap a finished snapshot, and start one (in a forked child) every snapshot_every_s when
@@ -408,13 +360,13 @@ class Server:
         if now < self._snapshot_due:
             return
         self._snapshot_due = now + self.snapshot_every_s
-        position = self.ledger._engine.write_position
+        position = self.store.engine.write_position
         if position == self._snapshot_position:
             return
         self.settle()  # a snapshot only of durable state, and no sync thread busy across the fork
         try:
             self._snapshot_job = self.ledger.snapshot(wait=False)
-        except (OSError, ledger.LedgerError) as error:
+        except (OSError, LedgerError) as error:
             self._snapshot_failed(error)
             return
         self._snapshot_position = position
@@ -423,7 +375,7 @@ class Server:
         job, self._snapshot_job = self._snapshot_job, None
         try:
             self.last_snapshot = job.wait()
-        except (OSError, ledger.LedgerError) as error:
+        except (OSError, LedgerError) as error:
             self._snapshot_failed(error)
             return
         self.snapshot_failures_in_a_row = 0
@@ -439,28 +391,6 @@ class Server:
         self._snapshot_position = -1  # try again then even if nothing new was written
         warnings.warn(f"ledger serve: snapshot failed ({self.snapshot_failures_in_a_row} in a row; the journal is "
                       f"intact; retrying in {delay_s:g} s): {error}", RuntimeWarning, stacklevel=2)
-
-    def _sync(self, start: int, end: int) -> None:
-        """durability "fsync": make journal positions [start, end) durable (written by _write before). A failed
-        sync poisons the handle (no retry could prove the data reached the disk) and is raised: nothing of the
-        group is acknowledged, the writer stops, and reopening recovers from the journal."""
-        assert start <= end
-        if self.durability == "fsync" and end > start:
-            try:
-                self.ledger._journal.sync(start, end)
-            except BaseException:
-                self.ledger._poison()
-                raise
-
-    def _write(self, write: Callable[[int, int], None], start: int, end: int) -> None:
-        """write(start, end): the batch [start, end) held in the private mapping goes to the journal files
-        (durability "fsync"; with "os" the core wrote into the shared mapping already)."""
-        if self.durability == "fsync":
-            try:
-                write(start, end)
-            except BaseException:
-                self.ledger._poison()  # applied in memory, not in the files: nothing more may use this state
-                raise
 
     @staticmethod
     def _runs(kinds: np.ndarray, payloads: np.ndarray, ends: np.ndarray, statuses: np.ndarray):
@@ -497,7 +427,7 @@ class Server:
             try:
                 codes[begin:end] = self.ledger.transfers(rows)
             except LedgerCorruptError as error:
-                if self.ledger._engine.poisoned:
+                if self.store.engine.poisoned:
                     raise
                 # The core undid the whole batch: answer it as not applied and go on serving the others.
                 statuses[begin:end] = _ring.STATUS_DAMAGED
@@ -524,8 +454,7 @@ class Server:
             if self.ring is not None:
                 self.settle()  # its batches are written: answered if its sync succeeds (even when a later one failed)
         finally:
-            self._pending = None
-            self._syncer.shutdown(wait=True)
+            self.commits.stop()
             self._close_ring_and_ledger()
 
     def _close_ring_and_ledger(self) -> None:
@@ -653,7 +582,7 @@ class Client:
 
     def _call(self, kind: int, rows: np.ndarray, with_answers: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
         if self._ring is None:
-            raise ledger.LedgerClosedError("the client is closed")
+            raise LedgerClosedError("the client is closed")
         count = rows.shape[0]
         codes = np.zeros(count, np.uint8)
         statuses = np.zeros(count, np.uint8)
@@ -672,7 +601,7 @@ class Client:
                                      f"nothing of this call was sent")
         try:
             if self._ring is None:
-                raise ledger.LedgerClosedError("the client is closed")
+                raise LedgerClosedError("the client is closed")
             if not self._ring.writer_alive(self.writer_timeout_ms):
                 self._await_writer(deadline)
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -711,12 +640,12 @@ class Client:
     def transfers(self, batch: Any) -> np.ndarray:
         """Ledger.transfers through the writer process: one atomic batch, one TransferResult code per row,
         durable as the server's durability mode says when it returns."""
-        rows = _as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
+        rows = as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
         return self._call(_ring.KIND_TRANSFER, rows)[0]
 
     def create_accounts(self, batch: Any) -> np.ndarray:
         """Ledger.create_accounts through the writer process: one AccountResult code per row."""
-        rows = _as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
+        rows = as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
         return self._call(_ring.KIND_ACCOUNT, rows)[0]
 
     def transfer(self, id: int, debit_account: int, credit_account: int, amount: int, *, ledger: int = 1,

@@ -17,7 +17,7 @@ from ledger import _core
 from ledger.format import RECORD_SIZE
 
 if TYPE_CHECKING:
-    from ledger.api import Ledger
+    from ledger.store import Store
 
 __all__ = ["SCRUB_BYTES_PER_SECOND", "ScrubDamage", "ScrubReport", "Scrubber", "scrub"]
 
@@ -80,9 +80,8 @@ class ScrubReport:
                 "damaged": [damage.to_dict() for damage in self.damaged]}
 
 
-def _damage(handle: Ledger, position: int, reason: int) -> ScrubDamage:
-    location = getattr(handle._journal, "location", None)
-    path, offset = location(position) if location is not None else (None, None)
+def _damage(store: Store, position: int, reason: int) -> ScrubDamage:
+    path, offset = store.location(position)
     return ScrubDamage(position, path, offset, _core.DAMAGE_REASONS[reason])
 
 
@@ -90,8 +89,8 @@ class Scrubber:
     """An incremental scrub of one handle's journal: each step() checks the next batches and returns the damage
     found; at the end of the committed journal a pass is complete and the next step starts over at position 1."""
 
-    def __init__(self, handle: Ledger) -> None:
-        self.handle = handle
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.position = FIRST_POSITION
         self.previous_checksum = 0
         self.passes = 0            # complete passes so far
@@ -104,7 +103,7 @@ class Scrubber:
     def step(self, records_max: int) -> list[ScrubDamage]:
         """Check batches worth about `records_max` records (at least one batch, if any is committed)."""
         assert records_max > 0
-        engine = self.handle._engine
+        engine = self.store.engine
         end = engine.write_position
         if self.position >= end:
             self._finish_pass(end)
@@ -114,7 +113,7 @@ class Scrubber:
             self.position, self.previous_checksum, end, records_max)
         self.batches += batches
         self.records += records
-        found = [_damage(self.handle, position, reason) for position, reason in damaged]
+        found = [_damage(self.store, position, reason) for position, reason in damaged]
         self.damaged += found
         return found
 
@@ -128,17 +127,17 @@ class Scrubber:
         self._pass_started = time.perf_counter()
 
 
-def scrub(handle: Ledger) -> ScrubReport:
+def scrub(store: Store) -> ScrubReport:
     """One full pass over every batch committed when it starts (Ledger.scrub)."""
-    scrubber = Scrubber(handle)
-    end = handle._engine.write_position
+    scrubber = Scrubber(store)
+    end = store.engine.write_position
     started = time.perf_counter()
     while scrubber.position < end:
-        scrubber.position, scrubber.previous_checksum, batches, records, damaged = handle._engine.scrub(
+        scrubber.position, scrubber.previous_checksum, batches, records, damaged = store.engine.scrub(
             scrubber.position, scrubber.previous_checksum, end, SCRUB_PASS_RECORDS)
         scrubber.batches += batches
         scrubber.records += records
-        scrubber.damaged += [_damage(handle, position, reason) for position, reason in damaged]
+        scrubber.damaged += [_damage(store, position, reason) for position, reason in damaged]
     return ScrubReport(not scrubber.damaged, scrubber.batches, scrubber.records, end,
                        time.perf_counter() - started, scrubber.damaged)
 
@@ -148,9 +147,9 @@ class BackgroundScrub:
     token bucket of one step), warns once (RuntimeWarning: stderr) per damaged batch, and keeps the figures that
     Server.status() reports."""
 
-    def __init__(self, handle: Ledger, bytes_per_second: int = SCRUB_BYTES_PER_SECOND) -> None:
+    def __init__(self, store: Store, bytes_per_second: int = SCRUB_BYTES_PER_SECOND) -> None:
         assert bytes_per_second > 0
-        self.scrubber = Scrubber(handle)
+        self.scrubber = Scrubber(store)
         self.bytes_per_second = bytes_per_second
         self.reported: dict[int, ScrubDamage] = {}  # every damaged batch found so far, by header position
         self._budget_bytes = 0.0

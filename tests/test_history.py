@@ -390,7 +390,7 @@ def test_cost_is_per_account(memory_workload):
     at = positions[len(positions) * 3 // 4]
     later = sum(1 for position in positions if position > at)
     engine = handle._engine
-    handle._engine = CountingEngine(engine)
+    handle.store.engine = CountingEngine(engine)
     try:
         history_module.balance_at(handle, id, at)
         assert sum(decoded) == later
@@ -401,7 +401,7 @@ def test_cost_is_per_account(memory_workload):
         rows = history_module.history(handle, id, until=at, limit=3)
         assert sum(decoded) == later + len(rows)
     finally:
-        handle._engine = engine
+        handle.store.engine = engine
 
 
 def test_errors(memory_workload):

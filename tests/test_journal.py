@@ -260,17 +260,24 @@ def test_after_a_clean_close_damage_to_the_last_batch_is_corruption(tmp_path, du
 
 
 def test_a_clean_close_vouches_only_for_what_reached_the_files(tmp_path):
-    """An owner that writes batches itself (the ring server: hold_writes) can be interrupted after the core
-    applied a batch and before it wrote it. Closing then sets the durable mark at the end of what was written, not
-    at the in-memory end: the reopen ends cleanly before the unwritten batch, with no corruption reported."""
+    """An owner that writes batches itself (the ring server: a grouped commit pipeline) can be interrupted after
+    the core applied a batch and before it wrote it. Closing then sets the durable mark at the end of what was
+    written, not at the in-memory end: the reopen ends cleanly before the unwritten batch, with no corruption
+    reported."""
     directory = str(tmp_path / "data")
-    with ledger.open(directory, create=True) as handle:
+    store = ledger.store.open_store(directory, create=True, grouped=True)
+    with ledger.Ledger(store) as handle:
         handle.create_account(1, min_balance=ledger.BALANCE_MIN)
         handle.create_account(2)
         handle.transfer(10, 1, 2, 5)
         written = handle.stats()["journal_position"]
-        handle._journal.hold_writes = True          # the owner would write and sync it: it never gets to
-        assert handle.transfer(11, 1, 2, 7) == ledger.TransferResult.OK
+
+        def interrupted():
+            assert handle.transfer(11, 1, 2, 7) == ledger.TransferResult.OK
+            raise KeyboardInterrupt                 # the owner would write and sync it: it never gets to
+
+        with pytest.raises(KeyboardInterrupt):
+            store.commits.apply(store.commits.begin_group(), interrupted)
         assert handle.stats()["journal_position"] > written
     with open(os.path.join(directory, "journal", "DURABLE"), "rb") as file:
         assert int.from_bytes(file.read(8), "little") == written
@@ -290,7 +297,7 @@ def test_a_failed_final_sync_is_raised_after_the_journal_is_released(tmp_path):
         if operation == "sync" and failing:
             raise OSError(errno.EIO, "Input/output error (injected)")
 
-    handle = ledger.api._open(directory, create=True, fault_injector=inject)
+    handle = ledger.api.open_with_hooks(directory, create=True, fault_injector=inject)
     handle.create_account(1, min_balance=ledger.BALANCE_MIN)
     handle.create_account(2)
     handle.transfer(10, 1, 2, 5)
@@ -325,7 +332,7 @@ def test_disk_full_while_growing_journal(tmp_path):
         if operation == "allocate" and full["on"]:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    handle = ledger.api._open(directory, create=True, segment_records_log2=10, fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, segment_records_log2=10, fault_injector=injector)
     assert not handle.create_accounts(accounts()).any()
     before = handle.accounts()
     full["on"] = True
@@ -373,7 +380,7 @@ def test_failed_sync_poisons_the_handle(tmp_path):
         if operation == "sync" and failing["on"]:
             raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.api._open(directory, create=True, fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, fault_injector=injector)
     handle.create_accounts(accounts())
     failing["on"] = True
     with pytest.raises(OSError, match="Input/output error"):
@@ -438,8 +445,8 @@ def test_a_failed_segment_creation_poisons_the_handle(tmp_path, monkeypatch, dur
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", flaky_fsync)
-    handle = ledger.api._open(directory, create=True, durability=durability, segment_records_log2=10,
-                         fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, durability=durability, segment_records_log2=10,
+                                        fault_injector=injector)
     assert not handle.create_accounts(accounts()).any()
     armed["skip"] = 1 if ahead else 0   # segment 1 is created when needed, segment 2 then ahead of need
     if ahead:
@@ -470,7 +477,8 @@ def test_os_mode_flusher_failure_poisons(tmp_path):
         if operation == "sync" and failing["on"]:
             raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.api._open(directory, create=True, durability="os", flush_interval_ms=5, fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, durability="os", flush_interval_ms=5,
+                                        fault_injector=injector)
     handle.create_accounts(accounts())
     failing["on"] = True
     handle.transfers(batch(0))  # "os" mode: returns before the sync
@@ -582,7 +590,7 @@ def test_failed_write_poisons_and_loses_nothing_acknowledged(tmp_path):
         if operation == "write" and failing["on"]:
             raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.api._open(directory, create=True, fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, fault_injector=injector)
     handle.create_accounts(accounts())
     handle.transfers(batch(0))
     expected = handle.accounts()
@@ -637,7 +645,7 @@ def test_a_reopened_writer_creates_the_segment_after_its_room_in_the_background(
         if operation == "allocate":
             allocated_by.append(threading.current_thread().name)
 
-    with ledger.api._open(directory, durability=durability, fault_injector=injector) as handle:
+    with ledger.api.open_with_hooks(directory, durability=durability, fault_injector=injector) as handle:
         journal = handle._journal
         existing = len(journal.segments)
         assert existing >= 3
@@ -844,8 +852,8 @@ def test_machine_crash_images_open_with_every_durable_batch(tmp_path, durability
     was durable, and verify. In "os" mode flush() is the durability point (the flusher is kept out of the way)."""
     directory = str(tmp_path / "data")
     images = DiskImages(directory)
-    handle = ledger.api._open(directory, create=True, durability=durability, segment_records_log2=10,
-                         flush_interval_ms=60_000, fault_injector=images)
+    handle = ledger.api.open_with_hooks(directory, create=True, durability=durability, segment_records_log2=10,
+                                        flush_interval_ms=60_000, fault_injector=images)
     handle.create_accounts(accounts())
     handle.flush()
     durable_batches = {}   # index of a "sync" image -> batches durable before that sync began
@@ -950,7 +958,8 @@ def test_large_batches_written_ahead_equal_the_in_memory_engine(tmp_path):
     the outcome (codes, balances, journal) must be exactly what one in-memory call gives, and survive reopening."""
     directory = str(tmp_path / "data")
     syncs = []
-    handle = ledger.api._open(directory, create=True, fault_injector=lambda operation: syncs.append(operation))
+    handle = ledger.api.open_with_hooks(directory, create=True,
+                                        fault_injector=lambda operation: syncs.append(operation))
     reference = ledger.open(None)
     for target in (handle, reference):
         assert not target.create_accounts(accounts()).any()
@@ -985,7 +994,7 @@ def test_failed_write_ahead_fails_the_call_and_keeps_nothing_of_the_batch(tmp_pa
             if writes["count"] == writes["fail_at"]:
                 raise OSError(errno.EIO, "Input/output error")
 
-    handle = ledger.api._open(directory, create=True, fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, fault_injector=injector)
     handle.create_accounts(accounts())
     handle.transfers(batch(0))
     expected = handle.accounts()
@@ -1030,7 +1039,7 @@ handle = ledger.open({directory!r}, create=True)
 handle.create_accounts(accounts())
 handle.transfers(linked_rows(WRITTEN_AHEAD_ROWS, 1))
 handle.close()
-handle = ledger.api._open({directory!r}, fault_injector={injector})
+handle = ledger.api.open_with_hooks({directory!r}, fault_injector={injector})
 handle.transfers(linked_rows(WRITTEN_AHEAD_ROWS, 2))
 print("not killed", flush=True)
 """

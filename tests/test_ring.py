@@ -952,7 +952,7 @@ def test_a_failed_background_sync_poisons_the_writer_and_answers_nothing(tmp_pat
         failing.append(True)
         first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
         assert server.drain_once()                                      # handed to the sync thread, which fails
-        assert server._pending.synced.wait(5)
+        assert server.commits.pending.synced.wait(5)
         header = server.ledger._engine.write_position
         ring.submit(_ring.KIND_TRANSFER, transfer_batch([97, 98]), 500)
         with pytest.raises(OSError, match="injected"):                  # the real error, at the next drain

@@ -239,7 +239,7 @@ def test_os_mode_snapshot_holds_the_writer_only_for_the_fork(tmp_path):
     only once the flusher has made the journal durable through the snapshot's position."""
     directory = str(tmp_path / "data")
     gate = SyncGate()
-    with ledger.api._open(directory, create=True, durability="os", fault_injector=gate) as handle:
+    with ledger.api.open_with_hooks(directory, create=True, durability="os", fault_injector=gate) as handle:
         gate.armed.set()
         handle.create_accounts(accounts())
         assert gate.held.wait(10)  # the flusher is inside its sync of that batch, and stays there
@@ -260,7 +260,7 @@ def test_closing_the_writer_lets_a_waiting_os_mode_snapshot_land(tmp_path):
     through it, and it lands. Past that, nothing more becomes durable: a wait returns False at once."""
     directory = str(tmp_path / "data")
     gate = SyncGate()
-    handle = ledger.api._open(directory, create=True, durability="os", fault_injector=gate)
+    handle = ledger.api.open_with_hooks(directory, create=True, durability="os", fault_injector=gate)
     gate.armed.set()
     handle.create_accounts(accounts())
     assert gate.held.wait(10)
@@ -279,7 +279,7 @@ def test_closing_the_writer_lets_a_waiting_os_mode_snapshot_land(tmp_path):
 def test_snapshot_is_not_kept_when_the_journal_sync_fails(tmp_path):
     directory = str(tmp_path / "data")
     gate = SyncGate(fail=True)
-    with ledger.api._open(directory, create=True, durability="os", fault_injector=gate) as handle:
+    with ledger.api.open_with_hooks(directory, create=True, durability="os", fault_injector=gate) as handle:
         gate.armed.set()
         handle.create_accounts(accounts())
         assert gate.held.wait(10)
@@ -300,7 +300,7 @@ from support.crash_workload import accounts
 from test_snapshot import SyncGate
 
 gate = SyncGate()
-handle = ledger.api._open(sys.argv[1], create=True, durability="os", fault_injector=gate)
+handle = ledger.api.open_with_hooks(sys.argv[1], create=True, durability="os", fault_injector=gate)
 gate.armed.set()
 handle.create_accounts(accounts())
 assert gate.held.wait(10)
@@ -455,7 +455,7 @@ def test_unfinished_snapshot_files_are_removed_by_the_next_writer(tmp_path):
 def test_replay_at_open_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
     """Replay in slices with a bar (forced on here, with tiny slices) reaches the same state and still finds a
     torn tail."""
-    import ledger.api as api_module
+    import ledger.store as store_module
 
     directory = str(tmp_path / "data")
     model = Model()
@@ -466,8 +466,8 @@ def test_replay_at_open_shows_progress_on_a_terminal(tmp_path, monkeypatch, caps
     with open(segment, "r+b") as file:  # a torn tail: a header without its commit word, after the last batch
         file.seek(4096 + (end & 4095) * 64)
         file.write(b"\x4c\x44\x47\x52" + b"\x01" * 60)
-    monkeypatch.setattr(api_module, "REPLAY_SLICE_RECORDS", 300)
-    monkeypatch.setattr(api_module, "REPLAY_PROGRESS_RECORDS_MIN", 1)
+    monkeypatch.setattr(store_module, "REPLAY_SLICE_RECORDS", 300)
+    monkeypatch.setattr(store_module, "REPLAY_PROGRESS_RECORDS_MIN", 1)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     with ledger.open(directory) as handle:
         assert handle._journal.torn_records_zeroed > 0 and handle.stats()["journal_position"] == end
@@ -653,7 +653,7 @@ def test_a_snapshot_child_killed_mid_write_leaves_no_temporary_file(tmp_path):
     durable: it cannot clean up, so the parent, which reaps it, deletes the file."""
     directory = str(tmp_path / "data")
     gate = SyncGate()
-    with ledger.api._open(directory, create=True, durability="os", fault_injector=gate) as handle:
+    with ledger.api.open_with_hooks(directory, create=True, durability="os", fault_injector=gate) as handle:
         gate.armed.set()
         handle.create_accounts(accounts())
         assert gate.held.wait(10)  # the flusher holds: the child writes its file, then waits for the word

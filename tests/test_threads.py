@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ledger
-from ledger import api
+from ledger import store as store_module
 
 THREADS = 4
 ROWS = 50
@@ -227,7 +227,7 @@ def test_ctrl_c_during_a_durable_batch_keeps_the_handle(tmp_path, operation, how
     KeyboardInterrupt says so; the handle is not poisoned (it was, with "poisoned by a failed journal sync")."""
     state, injector = _interrupt_at(operation, how)
     directory = str(tmp_path / "data")
-    handle = ledger.api._open(directory, create=True, fault_injector=injector)
+    handle = ledger.api.open_with_hooks(directory, create=True, fault_injector=injector)
     _setup(handle)
     state["armed"] = True
     with pytest.raises(KeyboardInterrupt, match="applied and is durable"):
@@ -246,7 +246,7 @@ def test_ctrl_c_during_a_durable_batch_keeps_the_handle(tmp_path, operation, how
 def test_ctrl_c_during_a_single_durable_transfer(tmp_path):
     state, injector = _interrupt_at("sync", "signal")
     directory = str(tmp_path / "data")
-    with ledger.api._open(directory, create=True, fault_injector=injector) as handle:
+    with ledger.api.open_with_hooks(directory, create=True, fault_injector=injector) as handle:
         _setup(handle)
         state["armed"] = True
         with pytest.raises(KeyboardInterrupt, match="applied and is durable"):
@@ -265,7 +265,7 @@ def test_a_failed_sync_still_poisons(tmp_path):
         if armed and name == "sync":
             raise OSError(5, "injected EIO")
 
-    with ledger.api._open(str(tmp_path / "data"), create=True, fault_injector=injector) as handle:
+    with ledger.api.open_with_hooks(str(tmp_path / "data"), create=True, fault_injector=injector) as handle:
         _setup(handle)
         armed.append(True)
         with pytest.raises(OSError, match="injected EIO"):
@@ -285,7 +285,7 @@ def test_ctrl_c_stops_a_long_replay_at_open(tmp_path, monkeypatch):
             handle.transfers(_rows(1 + batch * rows, rows))
         end = handle.stats()["journal_position"]
     seen: dict[str, int] = {}
-    real_replay = api._replay
+    real_replay = store_module.replay
 
     def replay_with_an_interrupt(engine, end_bound):
         start = engine.write_position
@@ -310,7 +310,7 @@ def test_ctrl_c_stops_a_long_replay_at_open(tmp_path, monkeypatch):
             thread.join()
             signal.signal(signal.SIGINT, previous)
 
-    monkeypatch.setattr(api, "_replay", replay_with_an_interrupt)
+    monkeypatch.setattr(store_module, "replay", replay_with_an_interrupt)
     with pytest.raises(KeyboardInterrupt):
         ledger.open(directory)
     assert 1 < seen["sent_at"] <= seen["stopped_at"] < end, seen  # stopped inside the replay
@@ -440,8 +440,8 @@ def test_ctrl_c_during_flush_keeps_the_handle(tmp_path):
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     directory = str(tmp_path / "data")
-    with ledger.api._open(directory, create=True, durability="os", flush_interval_ms=60_000,
-                     fault_injector=injector) as handle:
+    with ledger.api.open_with_hooks(directory, create=True, durability="os", flush_interval_ms=60_000,
+                                    fault_injector=injector) as handle:
         _setup(handle)
         handle.transfers(_rows(1))
         armed.append(True)

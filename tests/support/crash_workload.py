@@ -192,8 +192,9 @@ def wait_until_unlocked(directory: str) -> None:
 
 
 def writer(directory: str, durability: str, ack_log: str) -> None:
-    handle = ledger.api._open(directory, create=True, durability=durability, segment_records_log2=SEGMENT_RECORDS_LOG2,
-                         fault_injector=crash_injector(os.environ.get("LEDGER_CRASH_POINT")))
+    handle = ledger.api.open_with_hooks(directory, create=True, durability=durability,
+                                        segment_records_log2=SEGMENT_RECORDS_LOG2,
+                                        fault_injector=crash_injector(os.environ.get("LEDGER_CRASH_POINT")))
     if handle.account(SETTLEMENT) is None:
         handle.create_accounts(accounts())
         with open(ack_log, "a") as log:

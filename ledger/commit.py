@@ -1,0 +1,250 @@
+"""The one commit pipeline: what happens to a batch between the core applying it and its caller hearing of it.
+
+    apply (core) -> write events -> [wait for the previous group's sync] -> sync -> publish -> answer
+
+Every writer goes through a `CommitPipeline` (the store makes one per handle), in one of two modes:
+
+- per call (the in-process API, `grouped=False`): the engine calls `after_commit` after each committed batch,
+  before the call returns: the batch is written to the files (its events first, its header with the commit word
+  last), synced, and published. A large batch is written ahead (`write_ahead`) while the core applies its later
+  chunks, with a background sync, so most of it is on disk by the time its header is written.
+- grouped (the ring server, `grouped=True`): the server applies the core calls of one drained group through
+  `apply`; each batch's events are written as it commits, its header only once every earlier batch is durable
+  (recovery takes only the last batch for a possible torn tail: a machine crash may keep a later batch while
+  losing an earlier unsynced one), and `end_group` syncs the group once, publishes it and answers it, possibly on
+  the sync thread while the server applies the next group (whose headers then wait for that sync).
+  A call on the handle outside a group (accounts created before serving) is committed per call.
+
+`publish` (default None: nothing) is called with each committed batch's journal range [start, end) once it is
+durable and before it is answered, in journal order, exactly once: the place where replication's acknowledged
+publish goes. A publish that raises poisons the handle and the batch (with its group) is never answered.
+
+durability "os" writes nothing here (the core writes into the shared mapping, a flusher syncs): the pipeline only
+publishes, and the engine calls it only when there is a publish hook.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any, Callable
+
+__all__ = ["CommitGroup", "CommitPipeline", "PendingGroup", "Publish"]
+
+Publish = Callable[[int, int], None]
+
+
+class PendingGroup:
+    """A group handed to the sync thread: `synced` is set once its sync returned (having failed if `error`),
+    `answered` resolves once its producers are answered."""
+    __slots__ = ("synced", "error", "answered")
+
+    def __init__(self) -> None:
+        self.synced = threading.Event()
+        self.error: BaseException | None = None
+        self.answered: concurrent.futures.Future | None = None
+
+
+class CommitGroup:
+    """One drained group of the grouped mode: where its unsynced batches start, and its committed batches."""
+    __slots__ = ("unsynced", "batches")
+
+    def __init__(self, unsynced: int) -> None:
+        self.unsynced = unsynced                 # batches from here on are written but not yet synced
+        self.batches: list[tuple[int, int]] = []  # the [start, end) of each batch committed, to publish
+
+
+class CommitPipeline:
+    """Owns the commit sequence of one handle (see the module docstring). `journal` writes and syncs (a
+    FileJournal; None in memory); `writes`: the pipeline writes and syncs (durability "fsync", writable),
+    otherwise it only publishes."""
+
+    def __init__(self, journal: Any, *, writes: bool, grouped: bool, publish: Publish | None = None) -> None:
+        assert journal is not None or not writes
+        self.journal = journal
+        self.writes = writes
+        self.grouped = grouped
+        self.publish = publish
+        self._on_poison: Callable[[], None] | None = None
+        self._engine: Any = None
+        self._applying = False        # grouped: apply() is running a core call; the engine's callbacks wait
+        self._wrote_ahead = False     # write_ahead ran for the batch being applied: its background sync ends first
+        self._published_end = 0       # publish never repeats a range (the core retries after_commit on Ctrl-C)
+        # Grouped: the group handed last to the sync thread, which syncs and answers it while the owner applies the
+        # next one. The sync thread takes its tasks in order.
+        self.pending: PendingGroup | None = None
+        self._syncer = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-ring-sync")
+                        if grouped else None)
+
+    def attach(self, engine: Any, poison: Callable[[], None]) -> None:
+        """The engine whose batches this pipeline commits (known once the store has chosen it at open), and what
+        makes its handle unusable when a write, sync or publish fails."""
+        self._engine = engine
+        self._on_poison = poison
+        self._published_end = engine.write_position
+
+    @property
+    def engine_callbacks(self) -> dict[str, Any]:
+        """The after_commit / write_ahead arguments for the engine: wired when there is something to do per batch
+        (writes, or a publish hook), else None (the core then makes no Python call per batch)."""
+        if self.writes:
+            return {"after_commit": self.after_commit, "write_ahead": self.write_ahead}
+        return {"after_commit": self.after_commit if self.publish is not None else None, "write_ahead": None}
+
+    # -- per call (the engine's callbacks) --
+
+    def after_commit(self, start: int, end: int) -> None:
+        """The core's callback after each committed batch [start, end), before its call returns: write its header
+        after its events, let a background sync of its written-ahead events end, sync, publish. Inside a grouped
+        apply() it does nothing: apply() takes the batch on once the core call returns."""
+        if self._applying:
+            return
+        if self.writes:
+            journal = self.journal
+            try:
+                journal.write(start, end)
+            finally:
+                if self._wrote_ahead:
+                    self._wrote_ahead = False
+                    journal.finish_write_ahead()   # a sync still running over this batch's files: let it end
+            journal.sync(start, end)
+        if self.publish is not None:
+            self._publish(start, end)
+
+    def write_ahead(self, header_position: int, end: int) -> bool | None:
+        """The core's callback inside a large batch: write its final events so far and start syncing them in the
+        background (FileJournal.write_ahead). Inside a grouped apply() it writes nothing: True if it wrote."""
+        if self._applying:
+            return None
+        self._wrote_ahead = True
+        return self.journal.write_ahead(header_position, end)
+
+    # -- grouped --
+
+    def begin_group(self) -> CommitGroup:
+        """A new group, starting at the engine's write position."""
+        assert self.grouped and self._engine is not None
+        return CommitGroup(self._engine.write_position)
+
+    def apply(self, group: CommitGroup, call: Callable[[], Any]) -> None:
+        """Run one core call of the group (it commits at most one batch), then take its batch on: its events go
+        to the files at once (past the last commit word they are a torn tail to recovery, whatever reached the
+        disk); its header only once every earlier batch is durable (the previous group's sync, then this
+        group's earlier batches)."""
+        engine = self._engine
+        start = engine.write_position
+        self._applying = True
+        try:
+            call()
+        finally:
+            self._applying = False
+        end = engine.write_position
+        if end == start:
+            return                # nothing committed (queries, or every row failed): nothing to write
+        journal = self.journal
+        self._write(journal.write_events, start, end)
+        self.wait_previous_synced()
+        self._sync(group.unsynced, start)
+        self._write(journal.write, start, end)
+        group.unsynced = start
+        group.batches.append((start, end))
+
+    def end_group(self, group: CommitGroup, answer: Callable[[], None],
+                  background: bool) -> concurrent.futures.Future | None:
+        """Sync the group's unsynced batches once, publish them, then answer(). background (and something to
+        sync): on the sync thread, after the previous group is answered; returns its Future (the owner reuses the
+        group's buffers once it resolved). Otherwise here, once every group handed to the sync thread is answered
+        (answers leave in journal order): None."""
+        end = self._engine.write_position
+        if background and self.writes and end > group.unsynced:
+            assert self._syncer is not None, "grouped mode only"
+            pending = PendingGroup()
+            pending.answered = self._syncer.submit(self._sync_publish_answer, group, end, answer, pending)
+            self.pending = pending
+            return pending.answered
+        self.settle()
+        self._sync_publish_answer(group, end, answer, None)
+        return None
+
+    def raise_if_previous_failed(self) -> None:
+        """If the sync of the group handed to the sync thread last has returned, raise what it raised (the real
+        error, rather than the poisoned handle's later)."""
+        if self.pending is not None and self.pending.synced.is_set():
+            self.wait_previous_synced()
+
+    def wait_previous_synced(self) -> None:
+        """Wait until the sync of the group handed to the sync thread last has returned; raise what it raised."""
+        pending = self.pending
+        if pending is not None:
+            pending.synced.wait()
+            if pending.error is not None:
+                raise pending.error
+
+    def settle(self) -> bool:
+        """Wait until every group handed to the sync thread is durable, published and answered. A failed sync or
+        publish poisoned the handle and is raised here: that group is never acknowledged. Returns whether there
+        was one."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return False
+        assert pending.answered is not None
+        pending.answered.result()
+        return True
+
+    def stop(self) -> None:
+        """Forget the pending group and end the sync thread (after settle(), or when giving up). Idempotent."""
+        self.pending = None
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+
+    def _sync_publish_answer(self, group: CommitGroup, end: int, answer: Callable[[], None],
+                             pending: PendingGroup | None) -> None:
+        try:
+            self._sync(group.unsynced, end)
+        except BaseException as error:
+            if pending is not None:
+                pending.error = error
+            raise
+        finally:
+            if pending is not None:
+                pending.synced.set()
+        if self.publish is not None:
+            for start, stop in group.batches:
+                self._publish(start, stop)
+        answer()                  # only once every batch of the group is durable (and published)
+
+    def _sync(self, start: int, end: int) -> None:
+        """Make journal positions [start, end) durable (written before). A failed sync poisons the handle (no
+        retry could prove the data reached the disk) and is raised: nothing of the group is acknowledged."""
+        assert start <= end
+        if self.writes and end > start:
+            try:
+                self.journal.sync(start, end)
+            except BaseException:
+                self._poison()
+                raise
+
+    def _write(self, write: Callable[[int, int], None], start: int, end: int) -> None:
+        """write(start, end): the batch [start, end) held in the private mapping goes to the journal files."""
+        if self.writes:
+            try:
+                write(start, end)
+            except BaseException:
+                self._poison()  # applied in memory, not in the files: nothing more may use this state
+                raise
+
+    def _poison(self) -> None:
+        assert self._on_poison is not None, "attach() gives the pipeline its handle's poison"
+        self._on_poison()
+
+    def _publish(self, start: int, end: int) -> None:
+        if end <= self._published_end:
+            return                # published already (a commit retried after Ctrl-C)
+        assert start == self._published_end, f"publish of [{start}, {end}) after {self._published_end}: a gap"
+        publish = self.publish
+        assert publish is not None
+        try:
+            publish(start, end)
+        except BaseException:
+            self._poison()
+            raise
+        self._published_end = end

@@ -1,0 +1,171 @@
+"""The commit pipeline's publish hook (ledger/commit.py), in both modes: every committed batch's range is
+published exactly once, in journal order, after it is durable and before the call returns (per call) or the ring
+answers (grouped); a hook that raises poisons the handle and nothing of that batch is acknowledged."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import ledger
+from ledger import _ring
+from ledger.api import open_with_hooks
+from ledger.ring import Server
+
+WRITE_AHEAD_ROWS = 20_000   # past the core's WRITE_AHEAD_BATCH_MIN_ROWS (16,384): the written-ahead path
+
+
+class Recorder:
+    """A publish hook and fault injector in one: the journal operations and the publishes, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.failing = False
+        self.lock = threading.Lock()
+
+    def inject(self, operation: str) -> None:
+        with self.lock:
+            self.events.append((operation,))
+
+    def publish(self, start: int, end: int) -> None:
+        if self.failing:
+            raise ConnectionError("the stream refused the batch (injected)")
+        with self.lock:
+            self.events.append(("publish", start, end))
+
+    @property
+    def published(self) -> list[tuple[int, int]]:
+        return [event[1:] for event in self.events if event[0] == "publish"]
+
+
+def check_published(recorder: Recorder, first: int, end: int) -> None:
+    """The published ranges tile [first, end) in order, and each follows a sync that returned."""
+    published = recorder.published
+    assert published, "nothing was published"
+    assert published[0][0] == first and published[-1][1] == end
+    for (_, previous_end), (start, _) in zip(published, published[1:]):
+        assert start == previous_end, f"a gap or an overlap: {published}"
+    synced = False
+    for event in recorder.events:
+        if event[0] == "synced":
+            synced = True
+        elif event[0] in ("write", "write-header"):
+            synced = False
+        elif event[0] == "publish":
+            assert synced, f"published before its sync returned: {recorder.events}"
+
+
+def transfers(ids: np.ndarray) -> np.ndarray:
+    rows = ledger.transfers_batch(ids.shape[0])
+    rows["id"], rows["debit_account"], rows["credit_account"], rows["amount"] = ids, 1, 2, 1
+    return rows
+
+
+@pytest.mark.parametrize("durability", ["fsync", "os", "memory"])
+def test_per_call_publishes_each_batch_once_in_order_before_the_call_returns(tmp_path, durability):
+    recorder = Recorder()
+    path = None if durability == "memory" else str(tmp_path / "data")
+    options = {} if durability == "memory" else {"durability": durability, "fault_injector": recorder.inject}
+    with open_with_hooks(path, create=True, publish=recorder.publish, **options) as handle:
+        first = handle.stats()["journal_position"]
+        handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+        handle.create_account(2)
+        for batch, rows in enumerate((transfers(np.arange(1, 4)), transfers(np.arange(10, 10 + WRITE_AHEAD_ROWS)))):
+            before = handle.stats()["journal_position"]
+            assert not handle.transfers(rows).any()
+            assert recorder.published[-1] == (before, handle.stats()["journal_position"]), "not before it returned"
+        assert handle.transfer(5, 1, 2, 1) == ledger.TransferResult.OK
+        assert handle.transfer(5, 1, 2, 1) == ledger.TransferResult.EXISTS   # commits nothing: nothing published
+        end = handle.stats()["journal_position"]
+        assert len(recorder.published) == 5
+        if durability == "fsync":
+            check_published(recorder, first, end)
+        else:
+            assert recorder.published[0][0] == first and recorder.published[-1][1] == end
+
+
+def test_per_call_a_failing_publish_poisons_the_handle_and_the_call_fails(tmp_path):
+    recorder = Recorder()
+    handle = open_with_hooks(str(tmp_path / "data"), create=True, publish=recorder.publish)
+    handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+    handle.create_account(2)
+    recorder.failing = True
+    with pytest.raises(ConnectionError, match="injected"):
+        handle.transfer(7, 1, 2, 1)
+    with pytest.raises(ledger.LedgerPoisonedError):
+        handle.transfer(8, 1, 2, 1)
+    assert len(recorder.published) == 2
+    handle.close()
+
+
+def producer(server: Server) -> _ring.Ring:
+    """A producer with its own mapping of the writer's ring file (as a client process has)."""
+    import mmap
+    fd = os.open(os.path.join(server.directory, "commands.ring"), os.O_RDWR)
+    try:
+        memory = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    ring = _ring.Ring(memory, os.getpid())
+    ring.attach()
+    return ring
+
+
+def grouped_server(tmp_path, recorder: Recorder, **options) -> Server:
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, fault_injector=recorder.inject,
+                    publish=recorder.publish, **options)
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)   # per call, outside any group
+    server.ledger.create_account(2)
+    return server
+
+
+@pytest.mark.parametrize("overlap_rows_min", [2, 32769])   # on the sync thread; never
+def test_grouped_publishes_every_batch_once_in_order_before_the_ring_answers(tmp_path, overlap_rows_min):
+    """Several core calls in one drained group (transfers, accounts, transfers), then more groups; with
+    overlap_rows_min=2 each group is synced, published and answered on the sync thread."""
+    recorder = Recorder()
+    server = grouped_server(tmp_path, recorder, overlap_rows_min=overlap_rows_min)
+    try:
+        first = 1
+        ring = producer(server)
+        accounts = ledger.accounts_batch(1)
+        accounts["id"] = 3
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        for group in range(3):
+            ids = 100 + 10 * group
+            firsts = [ring.submit(_ring.KIND_TRANSFER, transfers(np.array([ids, ids + 1])), 500),
+                      ring.submit(_ring.KIND_ACCOUNT, accounts, 500),
+                      ring.submit(_ring.KIND_TRANSFER, transfers(np.array([ids + 2])), 500)]
+            assert server.drain_once()
+            ring.wait_results(firsts[0], 2, codes, statuses, 5000, 5000)
+            assert codes.tolist() == [0, 0]
+            # Answered, so published through this group's last batch.
+            assert recorder.published[-1][1] == server.ledger.stats()["journal_position"]
+            ring.wait_results(firsts[1], 1, codes[:1], statuses[:1], 5000, 5000)
+            ring.wait_results(firsts[2], 1, codes[:1], statuses[:1], 5000, 5000)
+        server.settle()
+        # 2 accounts per call, then 3 groups: 3 batches in the first (the account), 2 in each later one (EXISTS).
+        assert len(recorder.published) == 2 + 3 + 2 + 2
+        check_published(recorder, first, server.ledger.stats()["journal_position"])
+    finally:
+        server.close()
+
+
+def test_grouped_a_failing_publish_poisons_the_writer_and_answers_nothing(tmp_path):
+    recorder = Recorder()
+    server = grouped_server(tmp_path, recorder)
+    try:
+        ring = producer(server)
+        recorder.failing = True
+        first = ring.submit(_ring.KIND_TRANSFER, transfers(np.array([95, 96])), 500)
+        with pytest.raises(ConnectionError, match="injected"):
+            server.drain_once()
+        assert server.ledger.store.engine.poisoned
+        codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+        with pytest.raises(_ring.RingTimeoutError):                    # never answered
+            ring.wait_results(first, 2, codes, statuses, 50, 1000)
+        assert len(recorder.published) == 2                             # the accounts only
+    finally:
+        server.close()
