@@ -39,19 +39,28 @@ import enum
 import functools
 import operator
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
 from ledger import _core
 from ledger.enums import described
+from ledger.batches import Account
 from ledger.errors import LedgerCorruptError
 from ledger.format import POSITION_LIMIT  # back-pointers are 40 bits: no journal position reaches it
 from ledger.moments import At, Moment, format_ns
 from ledger.moments import as_at as _as_at  # private here: history uses it, it does not offer it
 
 if TYPE_CHECKING:
-    from ledger.api import Account, Ledger
+    from ledger.store import Store
+
+
+class Handle(Protocol):
+    """What the account walk needs of a handle: its store (a ledger.Ledger is one). A protocol rather than an
+    import of ledger.api, which calls this module: the dependency goes one way, api -> history -> store."""
+
+    @property
+    def store(self) -> Store: ...
 
 __all__ = [
     "HISTORY_DTYPE",
@@ -215,7 +224,7 @@ def _account_id(id: Any) -> int:
     return id
 
 
-def _positions(handle: Ledger, id: int) -> tuple[int, int]:
+def _positions(handle: Handle, id: int) -> tuple[int, int]:
     """(creation position, newest event position) of the account; KeyError if it does not exist."""
     positions = handle.store.engine.account_positions(id)
     if positions is None:
@@ -223,18 +232,18 @@ def _positions(handle: Ledger, id: int) -> tuple[int, int]:
     return int(positions[0]), int(positions[1])
 
 
-def _live(handle: Ledger, id: int) -> Counters:
+def _live(handle: Handle, id: int) -> Counters:
     account = handle.account(id)
     assert account is not None, f"account {id} vanished"
     return Counters(account.debits_posted, account.credits_posted, account.debits_pending, account.credits_pending)
 
 
-def _decode(handle: Ledger, positions_newest_first: np.ndarray) -> np.ndarray:
+def _decode(handle: Handle, positions_newest_first: np.ndarray) -> np.ndarray:
     """The events at these positions, oldest first."""
     return handle.store.engine.decode_events(np.ascontiguousarray(positions_newest_first[::-1], dtype=np.uint64))
 
 
-def _walk(handle: Ledger, id: int, after_position: int = 0, before_position: int = POSITION_LIMIT,
+def _walk(handle: Handle, id: int, after_position: int = 0, before_position: int = POSITION_LIMIT,
           limit: int | None = None) -> np.ndarray:
     """Positions of the account's events with after_position < position < before_position, newest first."""
     after_position = max(after_position, 0)
@@ -246,7 +255,7 @@ def _walk(handle: Ledger, id: int, after_position: int = 0, before_position: int
     return handle.store.engine.account_history(id, before_position, after_position, limit)
 
 
-def _corrupt_event(handle: Ledger, position: int, problem: str) -> LedgerCorruptError:
+def _corrupt_event(handle: Handle, position: int, problem: str) -> LedgerCorruptError:
     """The error for an event read from the journal that contradicts what the account's history must be."""
     location = getattr(handle._journal, "location", None)
     where = "in {} at byte offset {}, ".format(*location(position)) if location is not None else ""
@@ -254,7 +263,7 @@ def _corrupt_event(handle: Ledger, position: int, problem: str) -> LedgerCorrupt
                               f"account's history read from the journal; nothing was changed")
 
 
-def _pending_amounts(handle: Ledger, pending_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def _pending_amounts(handle: Handle, pending_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The reserved amount of each pending transfer (a POST event carries what it posted, not what it released);
     positions: the POST events' journal positions, for the error if one names no known pending transfer."""
     if pending_ids.size == 0:
@@ -267,7 +276,7 @@ def _pending_amounts(handle: Ledger, pending_ids: np.ndarray, positions: np.ndar
     return records["amount"].astype(np.int64)
 
 
-def _movements(handle: Ledger, id: int, events: np.ndarray) -> Movements:
+def _movements(handle: Handle, id: int, events: np.ndarray) -> Movements:
     kind = events["kind"]
     amount = events["amount"]
     creation = kind == EventKind.ACCOUNT
@@ -326,7 +335,7 @@ def _rows(events: np.ndarray, moves: Movements, opening: Counters) -> np.ndarray
 
 # ---- As of a past moment --------------------------------------------------------------------------------------
 
-def _counters_through(handle: Ledger, id: int, last_position: int) -> Counters:
+def _counters_through(handle: Handle, id: int, last_position: int) -> Counters:
     """The account's counters after every event at a position <= last_position: the live counters minus the
     effect of its later events (found walking back from the newest one)."""
     creation, _ = _positions(handle, id)
@@ -350,7 +359,7 @@ def _check_not_past_end(engine: _core.Engine, at: At) -> None:
                              f"event is at {format_ns(engine.last_timestamp)}, position {end - 1})")
 
 
-def _existing_through(handle: Ledger, id: int, at: Moment) -> int:
+def _existing_through(handle: Handle, id: int, at: Moment) -> int:
     """The inclusive position for `at`; KeyError when the account was created after it, ValueError when `at` is
     past the journal's end."""
     id = _account_id(id)
@@ -371,7 +380,7 @@ def _holding_engine(read: _Read) -> _Read:
     """Run a read with the handle's engine lock held throughout: it walks the journal and the live state in several
     calls, and a batch of another thread between them would mix two states (or grow what it reads)."""
     @functools.wraps(read)
-    def held(handle: Ledger, *args: Any, **kwargs: Any) -> Any:
+    def held(handle: Handle, *args: Any, **kwargs: Any) -> Any:
         engine = handle.store.engine
         engine.__enter__()  # (called by name, not `with`: a test may stand a proxy in for the engine)
         try:
@@ -382,7 +391,7 @@ def _holding_engine(read: _Read) -> _Read:
 
 
 @_holding_engine
-def balance_at(handle: Ledger, id: int, at: Moment) -> int:
+def balance_at(handle: Handle, id: int, at: Moment) -> int:
     """The balance (credits_posted - debits_posted) of account `id` after every event at or before `at`.
     Cost: the account's events after `at`. KeyError if the account does not exist or did not exist yet then;
     ValueError if `at` is past the journal's end (a position after `stats()["journal_position"]`, or a time in
@@ -392,7 +401,7 @@ def balance_at(handle: Ledger, id: int, at: Moment) -> int:
 
 
 @_holding_engine
-def account_at(handle: Ledger, id: int, at: Moment) -> Account:
+def account_at(handle: Handle, id: int, at: Moment) -> Account:
     """The account as it was after every event at or before `at`: an `Account` whose four counters are those of
     that moment (its limits, ledger, flags and user_data never change). Same cost and errors as balance_at."""
     last_position = _existing_through(handle, id, at)
@@ -404,7 +413,7 @@ def account_at(handle: Ledger, id: int, at: Moment) -> Account:
 
 # ---- History --------------------------------------------------------------------------------------------------
 
-def _window(handle: Ledger, since: Moment | None, until: Moment | None) -> tuple[int, int]:
+def _window(handle: Handle, since: Moment | None, until: Moment | None) -> tuple[int, int]:
     """The inclusive position range [first, last] for since/until (None: from the start / through the end)."""
     engine = handle.store.engine
     end = engine.write_position - 1  # the newest committed record
@@ -420,7 +429,7 @@ def _window(handle: Ledger, since: Moment | None, until: Moment | None) -> tuple
     return min(first, last + 1), last
 
 
-def _history_between(handle: Ledger, id: int, first: int, last: int, limit: int | None) -> np.ndarray:
+def _history_between(handle: Handle, id: int, first: int, last: int, limit: int | None) -> np.ndarray:
     creation, _ = _positions(handle, id)
     if last < max(first, creation):
         return np.zeros(0, HISTORY_DTYPE)
@@ -432,7 +441,7 @@ def _history_between(handle: Ledger, id: int, first: int, last: int, limit: int 
 
 
 @_holding_engine
-def history(handle: Ledger, id: int, since: Moment | None = None, until: Moment | None = None,
+def history(handle: Handle, id: int, since: Moment | None = None, until: Moment | None = None,
             limit: int | None = None) -> np.ndarray:
     """The events that touched account `id` with since <= moment <= until (both inclusive; None: unbounded), oldest
     first, as a HISTORY_DTYPE array with running balance and available. `limit` keeps the *newest* `limit` of
@@ -554,7 +563,7 @@ class Explanation:
         return self.to_text()
 
 
-def _fold(handle: Ledger, id: int) -> tuple[np.ndarray, Movements, np.ndarray]:
+def _fold(handle: Handle, id: int) -> tuple[np.ndarray, Movements, np.ndarray]:
     """All of the account's events, their movements, and the counters after each (int64 [n, 4] array) folded
     forward from zero at the creation."""
     events = _decode(handle, _walk(handle, id))
@@ -572,7 +581,7 @@ def _counters_before(after: np.ndarray, index: int) -> Counters:
     return ZERO if index == 0 else Counters(*(int(value) for value in after[index - 1]))
 
 
-def _limit_problems(handle: Ledger, id: int, rows: np.ndarray, after: np.ndarray) -> list[str]:
+def _limit_problems(handle: Handle, id: int, rows: np.ndarray, after: np.ndarray) -> list[str]:
     account = handle.account(id)
     assert account is not None
     if rows.size == 0:
@@ -593,7 +602,7 @@ def _limit_problems(handle: Ledger, id: int, rows: np.ndarray, after: np.ndarray
 
 
 @_holding_engine
-def explain(handle: Ledger, id: int, since: Moment | None = None, until: Moment | None = None) -> Explanation:
+def explain(handle: Handle, id: int, since: Moment | None = None, until: Moment | None = None) -> Explanation:
     """Opening balance (before `since`), every event in [since, until] with its running balance, closing balance,
     and the checks listed on `Explanation`. Reads all of the account's events (an audit); KeyError if the account
     does not exist, or did not exist yet at `until`."""
@@ -606,7 +615,7 @@ def explain(handle: Ledger, id: int, since: Moment | None = None, until: Moment 
     return _explain_between(handle, id, first, last)
 
 
-def _explain_between(handle: Ledger, id: int, first: int, last: int) -> Explanation:
+def _explain_between(handle: Handle, id: int, first: int, last: int) -> Explanation:
     events, moves, after = _fold(handle, id)
     positions = events["position"]
     start, stop = int(np.searchsorted(positions, first, "left")), int(np.searchsorted(positions, last, "right"))
@@ -670,7 +679,7 @@ class Difference:
 
 
 @_holding_engine
-def explain_difference(handle: Ledger, id_a: int, id_b: int | None = None, at_a: Moment | None = None,
+def explain_difference(handle: Handle, id_a: int, id_b: int | None = None, at_a: Moment | None = None,
                        at_b: Moment | None = None) -> Difference:
     """Why two balances differ.
 
