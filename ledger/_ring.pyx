@@ -71,13 +71,13 @@ HEADER_SIZE = HEADER_BYTES
 SLOT_SIZE = SLOT_BYTES
 PAYLOAD_SIZE = PAYLOAD_BYTES
 
-# What a slot carries.
-KIND_TRANSFER = 1
-KIND_ACCOUNT = 2
-KIND_QUERY_ACCOUNT = 3
-KINDS = (KIND_TRANSFER, KIND_ACCOUNT, KIND_QUERY_ACCOUNT)
-DEF KIND_LAST = 3                 # kinds are 1..KIND_LAST
-assert KINDS == tuple(range(1, KIND_LAST + 1))
+# What a slot carries (SLOT_ because the journal's event kinds, _core.EVENT_KINDS, are another numbering).
+SLOT_KIND_TRANSFER = 1
+SLOT_KIND_ACCOUNT = 2
+SLOT_KIND_QUERY_ACCOUNT = 3
+SLOT_KINDS = (SLOT_KIND_TRANSFER, SLOT_KIND_ACCOUNT, SLOT_KIND_QUERY_ACCOUNT)
+DEF SLOT_KIND_LAST = 3            # slot kinds are 1..SLOT_KIND_LAST
+assert SLOT_KINDS == tuple(range(1, SLOT_KIND_LAST + 1))
 
 # What happened to a slot (the result code is only meaningful with STATUS_APPLIED).
 STATUS_APPLIED = 0
@@ -664,7 +664,7 @@ cdef class Ring:
                                          uint64_t batch_count, uint64_t claimed) noexcept nogil:
         """An honest producer's slot: a known kind, and a batch that holds `sequence`, fits the per-call limit and
         was claimed in full (producers claim a whole batch with one fetch-add before publishing any of it)."""
-        return 1 <= kind <= KIND_LAST \
+        return 1 <= kind <= SLOT_KIND_LAST \
             and 1 <= batch_count <= self.batch_rows_max \
             and batch_first <= sequence < batch_first + batch_count \
             and batch_first + batch_count <= claimed
