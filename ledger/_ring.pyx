@@ -15,16 +15,20 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+from ledger._atomics cimport (
+    ledger_load_acquire_u64, ledger_store_release_u64, ledger_fetch_add_u64, ledger_compare_exchange_u64,
+    ledger_load_seq_cst_u32, ledger_store_seq_cst_u32, ledger_fetch_add_u32, ledger_cpu_pause, ledger_fence_seq_cst,
+)
+
 cdef extern from "_ring_helpers.h" nogil:
-    uint64_t ring_load_acquire(const uint64_t *address)
-    void ring_store_release(uint64_t *address, uint64_t value)
-    uint64_t ring_fetch_add(uint64_t *address, uint64_t value)
-    int ring_compare_exchange(uint64_t *address, uint64_t expected, uint64_t desired)
-    uint32_t ring_load_acquire_u32(const uint32_t *address)
-    void ring_store_u32(uint32_t *address, uint32_t value)
-    void ring_add_u32(uint32_t *address, uint32_t value)
-    void ring_pause()
-    void ring_fence()
+    # `published` word: sequence + 1, with these flags. WRITING: a producer owns the slot and is writing it.
+    # ABANDONED: the writer gave this sequence up (ABANDONED | WRITING: while its owner was writing it).
+    const uint64_t ABANDONED "RING_ABANDONED"
+    const uint64_t WRITING "RING_WRITING"
+    const uint64_t SEQUENCE_MASK "RING_SEQUENCE_MASK"
+    # `released` word: DETACHED | (sequence + 1): the producer stopped waiting for this result (timeout, writer
+    # gone, Ctrl-C); whoever needs the slot next frees it once the result is written.
+    const uint64_t DETACHED "RING_DETACHED"
     uint64_t ring_monotonic_ns()
     int ring_futex_wait(uint32_t *address, uint32_t expected, uint64_t timeout_ns)
     int ring_futex_wake(uint32_t *address, int count)
@@ -49,21 +53,6 @@ DEF SLOT_BUSY = 1
 DEF SLOT_GIVEN_UP = 2
 DEF SLOT_WRITER_GONE = 3
 DEF SLOT_SLICE_OVER = 4           # one futex wait is over: check for signals (Ctrl-C) and wait again
-cdef extern from *:
-    """
-    #define RING_ABANDONED 0x8000000000000000ULL
-    #define RING_WRITING 0x4000000000000000ULL
-    #define RING_SEQUENCE_MASK 0x3FFFFFFFFFFFFFFFULL
-    #define RING_DETACHED 0x8000000000000000ULL
-    """
-    # `published` word: sequence + 1, with these flags. WRITING: a producer owns the slot and is writing it.
-    # ABANDONED: the writer gave this sequence up (ABANDONED | WRITING: while its owner was writing it).
-    const uint64_t ABANDONED "RING_ABANDONED"
-    const uint64_t WRITING "RING_WRITING"
-    const uint64_t SEQUENCE_MASK "RING_SEQUENCE_MASK"
-    # `released` word: DETACHED | (sequence + 1): the producer stopped waiting for this result (timeout, writer
-    # gone, Ctrl-C); whoever needs the slot next frees it once the result is written.
-    const uint64_t DETACHED "RING_DETACHED"
 
 RING_MAGIC = 0x474E495252474C44  # "LDGRRING"
 RING_VERSION = 2
@@ -229,12 +218,12 @@ cdef class Ring:
         self.header.state = 1
         self._consume = 0
         self._gather = 0
-        ring_store_release(&self.header.magic, RING_MAGIC)
+        ledger_store_release_u64(&self.header.magic, RING_MAGIC)
         self.attach()
 
     def attach(self):
         """Check the header of an existing ring (a client does this) and adopt its geometry."""
-        if ring_load_acquire(&self.header.magic) != RING_MAGIC or self.header.version != RING_VERSION \
+        if ledger_load_acquire_u64(&self.header.magic) != RING_MAGIC or self.header.version != RING_VERSION \
                 or self.header.slot_size != SLOT_BYTES:
             raise ValueError(f"not a version {RING_VERSION} ledger command ring")
         cdef uint64_t slot_count = self.header.slot_count
@@ -267,11 +256,11 @@ cdef class Ring:
     @property
     def consume_sequence(self):
         """The next sequence the writer applies, as published in the header (the writer's own copy is private)."""
-        return ring_load_acquire(&self.header.consume_sequence)
+        return ledger_load_acquire_u64(&self.header.consume_sequence)
 
     @property
     def claim_sequence(self):
-        return ring_load_acquire(&self.header.claim_sequence)
+        return ledger_load_acquire_u64(&self.header.claim_sequence)
 
     # ---- producer side ----
 
@@ -290,7 +279,7 @@ cdef class Ring:
             raise ValueError("rows must be C-contiguous with at most 80-byte rows")
         check_wait_strategy(spin_count, wait_slice_ms)
         cdef char *data = <char *>cnp.PyArray_DATA(rows)
-        cdef uint64_t first = ring_fetch_add(&self.header.claim_sequence, count)
+        cdef uint64_t first = ledger_fetch_add_u64(&self.header.claim_sequence, count)
         cdef uint64_t deadline = ring_monotonic_ns() + busy_timeout_ms * 1000000
         cdef uint64_t writer_timeout_ns = writer_timeout_ms * 1000000
         cdef Slot *slot
@@ -316,15 +305,15 @@ cdef class Ring:
                 if self._has_stall_hook:
                     with gil:
                         self._stall_hook(sequence)
-                published = ring_load_acquire(&slot.published)
+                published = ledger_load_acquire_u64(&slot.published)
                 while True:
                     if (published & SEQUENCE_MASK) >= sequence + 1:
                         # Our sequence, or a later lap's: the writer gave ours up (and the slot may have moved on).
                         outcome = SLOT_GIVEN_UP
                         break
-                    if ring_compare_exchange(&slot.published, published, WRITING | (sequence + 1)):
+                    if ledger_compare_exchange_u64(&slot.published, published, WRITING | (sequence + 1)):
                         break
-                    published = ring_load_acquire(&slot.published)
+                    published = ledger_load_acquire_u64(&slot.published)
                 if outcome != 0:
                     break
                 slot.pid = self.pid
@@ -333,9 +322,9 @@ cdef class Ring:
                 slot.batch_count = <uint32_t>count
                 memset(slot.payload, 0, PAYLOAD_BYTES)
                 memcpy(slot.payload, data + i * row_size, row_size)
-                if not ring_compare_exchange(&slot.published, WRITING | (sequence + 1), sequence + 1):
+                if not ledger_compare_exchange_u64(&slot.published, WRITING | (sequence + 1), sequence + 1):
                     # The writer gave it up while we wrote and left the slot to us: free it for the next lap.
-                    ring_store_release(&slot.released, sequence + 1)
+                    ledger_store_release_u64(&slot.released, sequence + 1)
                     outcome = SLOT_GIVEN_UP
                     break
         if outcome == SLOT_BUSY:
@@ -347,8 +336,8 @@ cdef class Ring:
         if outcome == SLOT_WRITER_GONE:
             raise RingWriterGoneError("the ledger writer stopped (or stopped beating) while this call waited for "
                                       "ring space; nothing of it was applied: reconnect when it is back")
-        ring_add_u32(&self.header.consumer_wake, 1)
-        if ring_load_acquire_u32(&self.header.consumer_sleeping):
+        ledger_fetch_add_u32(&self.header.consumer_wake, 1)
+        if ledger_load_seq_cst_u32(&self.header.consumer_sleeping):
             ring_futex_wake(&self.header.consumer_wake, 1)
         return first
 
@@ -362,17 +351,17 @@ cdef class Ring:
         cdef uint32_t epoch
         cdef uint64_t rounds = 0
         while True:
-            released = ring_load_acquire(&slot.released)
+            released = ledger_load_acquire_u64(&slot.released)
             if released == required:
                 return SLOT_FREE
-            if (ring_load_acquire(&slot.published) & SEQUENCE_MASK) >= sequence + 1 \
+            if (ledger_load_acquire_u64(&slot.published) & SEQUENCE_MASK) >= sequence + 1 \
                     or (released & SEQUENCE_MASK) >= sequence + 1:
                 return SLOT_GIVEN_UP  # the writer gave our sequence up (and the slot may already serve a later lap)
             if self._release_on_behalf(slot, sequence, released, required):
                 continue
             if rounds < spin_count:
                 rounds += 1
-                ring_pause()
+                ledger_cpu_pause()
                 continue
             now = ring_monotonic_ns()
             if now > deadline:
@@ -381,18 +370,18 @@ cdef class Ring:
                 return SLOT_WRITER_GONE
             # Sleep until a producer releases a slot or the writer answers (both bump results_epoch), at most
             # one slice. "I sleep" is visible before the re-check (fence), so a release in between wakes us.
-            epoch = ring_load_acquire_u32(&self.header.results_epoch)
-            ring_add_u32(&self.header.space_waiters, 1)
-            ring_fence()
-            if ring_load_acquire(&slot.released) == released:
+            epoch = ledger_load_seq_cst_u32(&self.header.results_epoch)
+            ledger_fetch_add_u32(&self.header.space_waiters, 1)
+            ledger_fence_seq_cst()
+            if ledger_load_acquire_u64(&slot.released) == released:
                 ring_futex_wait(&self.header.results_epoch, epoch, wait_slice_ns)
-            ring_add_u32(&self.header.space_waiters, <uint32_t>-1)
+            ledger_fetch_add_u32(&self.header.space_waiters, <uint32_t>-1)
             return SLOT_SLICE_OVER
 
     cdef inline bint _writer_alive(self, uint64_t now, uint64_t writer_timeout_ns) noexcept nogil:
         """Running, beating within writer_timeout_ns, and its process exists."""
-        return ring_load_acquire(&self.header.state) == 1 \
-            and now <= ring_load_acquire(&self.header.heartbeat_ns) + writer_timeout_ns \
+        return ledger_load_acquire_u64(&self.header.state) == 1 \
+            and now <= ledger_load_acquire_u64(&self.header.heartbeat_ns) + writer_timeout_ns \
             and ring_process_alive(<uint32_t>self.header.writer_pid)
 
     def writer_alive(self, uint64_t writer_timeout_ms):
@@ -409,21 +398,21 @@ cdef class Ring:
         cdef uint64_t next_lap, published
         if released & DETACHED:
             # Its producer stopped waiting for the result: free once the writer has answered it.
-            return (ring_load_acquire(&slot.result) >> 16) == lap \
-                and ring_compare_exchange(&slot.released, released, lap)
+            return (ledger_load_acquire_u64(&slot.result) >> 16) == lap \
+                and ledger_compare_exchange_u64(&slot.released, released, lap)
         next_lap = lap + self.slot_count if lap != 0 else (sequence & self.mask) + 1
         if next_lap > required:
             return False  # the lap before ours is still owned by a live producer or the writer
-        if (ring_load_acquire(&slot.result) >> 16) == next_lap and not ring_process_alive(slot.pid):
+        if (ledger_load_acquire_u64(&slot.result) >> 16) == next_lap and not ring_process_alive(slot.pid):
             # Answered, and its producer died before collecting.
-            return ring_compare_exchange(&slot.released, released, next_lap)
-        published = ring_load_acquire(&slot.published)
+            return ledger_compare_exchange_u64(&slot.released, released, next_lap)
+        published = ledger_load_acquire_u64(&slot.published)
         if published == ABANDONED | next_lap:
             # Given up before anyone took it: nobody wrote it and nobody reads it.
-            return ring_compare_exchange(&slot.released, released, next_lap)
+            return ledger_compare_exchange_u64(&slot.released, released, next_lap)
         if published == ABANDONED | WRITING | next_lap and not ring_process_alive(slot.pid):
             # Given up while its producer wrote it, and that producer died before freeing it.
-            return ring_compare_exchange(&slot.released, released, next_lap)
+            return ledger_compare_exchange_u64(&slot.released, released, next_lap)
         return False
 
     def wait_results(self, uint64_t first, uint64_t count, cnp.ndarray codes not None, cnp.ndarray statuses not None,
@@ -449,10 +438,10 @@ cdef class Ring:
         cdef uint32_t epoch
         try:
             with nogil:
-                while (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                while (ledger_load_acquire_u64(&slot.result) >> 16) != last + 1:
                     if rounds < spin_count:
                         rounds += 1
-                        ring_pause()
+                        ledger_cpu_pause()
                         continue
                     now = ring_monotonic_ns()
                     if now > deadline:
@@ -461,11 +450,11 @@ cdef class Ring:
                     if not self._writer_alive(now, writer_timeout_ns):
                         outcome = 2
                         break
-                    epoch = ring_load_acquire_u32(&self.header.results_epoch)
-                    ring_add_u32(&self.header.result_waiters, 1)
-                    if (ring_load_acquire(&slot.result) >> 16) != last + 1:
+                    epoch = ledger_load_seq_cst_u32(&self.header.results_epoch)
+                    ledger_fetch_add_u32(&self.header.result_waiters, 1)
+                    if (ledger_load_acquire_u64(&slot.result) >> 16) != last + 1:
                         ring_futex_wait(&self.header.results_epoch, epoch, wait_slice_ms * 1000000)
-                    ring_add_u32(&self.header.result_waiters, <uint32_t>-1)
+                    ledger_fetch_add_u32(&self.header.result_waiters, <uint32_t>-1)
                     with gil:
                         PyErr_CheckSignals()  # Ctrl-C: raises here (KeyboardInterrupt), between slices
         except BaseException:
@@ -481,7 +470,7 @@ cdef class Ring:
                                       "be applied: reconnect when it is back and retry with the same ids")
         for i in range(count):
             slot = &self.slots[(first + i) & self.mask]
-            result = ring_load_acquire(&slot.result)
+            result = ledger_load_acquire_u64(&slot.result)
             if (result >> 16) != first + i + 1:
                 self._detach(first, count)
                 raise RingProtocolError(f"ring slot {(first + i) & self.mask} holds the result of another "
@@ -493,10 +482,10 @@ cdef class Ring:
                 memcpy(payload_out + i * PAYLOAD_BYTES, slot.payload, PAYLOAD_BYTES)
         for i in range(count):  # after every read: a released slot may be rewritten at once
             slot = &self.slots[(first + i) & self.mask]
-            ring_store_release(&slot.released, first + i + 1)
-        ring_fence()  # the releases are visible before we look for sleepers (they re-check after announcing)
-        if ring_load_acquire_u32(&self.header.space_waiters):
-            ring_add_u32(&self.header.results_epoch, 1)
+            ledger_store_release_u64(&slot.released, first + i + 1)
+        ledger_fence_seq_cst()  # the releases are visible before we look for sleepers (they re-check after announcing)
+        if ledger_load_seq_cst_u32(&self.header.space_waiters):
+            ledger_fetch_add_u32(&self.header.results_epoch, 1)
             ring_futex_wake(&self.header.results_epoch, 1 << 30)
         return count
 
@@ -509,7 +498,7 @@ cdef class Ring:
             sequence = first + i
             slot = &self.slots[sequence & self.mask]
             required = sequence + 1 - self.slot_count if sequence >= self.slot_count else 0
-            ring_compare_exchange(&slot.released, required, DETACHED | (sequence + 1))
+            ledger_compare_exchange_u64(&slot.released, required, DETACHED | (sequence + 1))
 
     def set_stall_hook(self, hook):
         """Call hook(sequence) in submit after each slot is free and before taking it, as if the producer stalled
@@ -520,7 +509,7 @@ cdef class Ring:
     def claim_without_publishing(self, uint64_t count):
         """Claim slots and never publish them: what a producer that dies right after claiming leaves behind.
         Tests and the fuzz campaign only."""
-        return ring_fetch_add(&self.header.claim_sequence, count)
+        return ledger_fetch_add_u64(&self.header.claim_sequence, count)
 
     def publish_raw(self, uint64_t sequence, bytes slot_bytes):
         """Write arbitrary bytes into the slot of `sequence` and publish it: a hostile or broken producer.
@@ -529,16 +518,16 @@ cdef class Ring:
             raise ValueError("slot bytes after the three control words must be 104 bytes")
         cdef Slot *slot = &self.slots[sequence & self.mask]
         memcpy(<char *>slot + 24, <const char *>slot_bytes, SLOT_BYTES - 24)
-        ring_store_release(&slot.published, sequence + 1)
+        ledger_store_release_u64(&slot.published, sequence + 1)
 
     # ---- consumer side ----
 
     def heartbeat(self):
-        ring_store_release(&self.header.heartbeat_ns, ring_monotonic_ns())
+        ledger_store_release_u64(&self.header.heartbeat_ns, ring_monotonic_ns())
 
     def stop(self):
-        ring_store_release(&self.header.state, 2)
-        ring_add_u32(&self.header.results_epoch, 1)
+        ledger_store_release_u64(&self.header.state, 2)
+        ledger_fetch_add_u32(&self.header.results_epoch, 1)
         ring_futex_wake(&self.header.results_epoch, 1 << 30)
 
     def wait_for_work(self, uint64_t timeout_ms, uint64_t spin_count=SPIN_COUNT_DEFAULT):
@@ -552,19 +541,19 @@ cdef class Ring:
         cdef bint ready = False
         with nogil:
             for rounds in range(spin_count):
-                if ring_load_acquire(&slot.published) == sequence + 1:
+                if ledger_load_acquire_u64(&slot.published) == sequence + 1:
                     ready = True
                     break
-                ring_pause()
+                ledger_cpu_pause()
         if ready:
             return True
         with nogil:
-            wake = ring_load_acquire_u32(&self.header.consumer_wake)
-            ring_store_u32(&self.header.consumer_sleeping, 1)
-            if ring_load_acquire(&slot.published) != sequence + 1:
+            wake = ledger_load_seq_cst_u32(&self.header.consumer_wake)
+            ledger_store_seq_cst_u32(&self.header.consumer_sleeping, 1)
+            if ledger_load_acquire_u64(&slot.published) != sequence + 1:
                 ring_futex_wait(&self.header.consumer_wake, wake, timeout_ms * 1000000)
-            ring_store_u32(&self.header.consumer_sleeping, 0)
-        return ring_load_acquire(&slot.published) == sequence + 1
+            ledger_store_seq_cst_u32(&self.header.consumer_sleeping, 0)
+        return ledger_load_acquire_u64(&slot.published) == sequence + 1
 
     def gather(self, uint64_t limit, uint64_t abandon_after_ns, cnp.ndarray kinds not None,
                cnp.ndarray payloads not None, cnp.ndarray batch_ends not None, cnp.ndarray statuses not None):
@@ -575,7 +564,7 @@ cdef class Ring:
         unpublished for abandon_after_ns (its producer died or hangs). Returns (first sequence, count); the
         caller answers every gathered group with complete(), in order."""
         cdef uint64_t first = self._gather
-        cdef uint64_t claimed = ring_load_acquire(&self.header.claim_sequence)
+        cdef uint64_t claimed = ledger_load_acquire_u64(&self.header.claim_sequence)
         cdef uint16_t *kind_out = <uint16_t *>cnp.PyArray_DATA(kinds)
         cdef uint8_t *payload_out = <uint8_t *>cnp.PyArray_DATA(payloads)
         cdef uint8_t *end_out = <uint8_t *>cnp.PyArray_DATA(batch_ends)
@@ -594,14 +583,14 @@ cdef class Ring:
         while count < limit:
             sequence = first + count
             slot = &self.slots[sequence & self.mask]
-            if ring_load_acquire(&slot.published) != sequence + 1:
+            if ledger_load_acquire_u64(&slot.published) != sequence + 1:
                 break
             # Each field is read once: a hostile producer may rewrite the slot while we look at it.
             kind = slot.kind
             batch_first = slot.batch_first
             batch_count = slot.batch_count
             if batch_first + batch_count > claimed:  # claimed since we looked? (a producer claims before publishing)
-                claimed = ring_load_acquire(&self.header.claim_sequence)
+                claimed = ledger_load_acquire_u64(&self.header.claim_sequence)
             valid = self._batch_fields_valid(kind, sequence, batch_first, batch_count, claimed)
             if valid and open_count != 0:
                 # Inside a batch, every slot continues it, described the same way and of its kind: else a producer
@@ -693,7 +682,7 @@ cdef class Ring:
         cdef bint head_published = False, marked = False
         cdef uint64_t attempts = 0
         cdef uint16_t kind
-        published = ring_load_acquire(&slot.published)
+        published = ledger_load_acquire_u64(&slot.published)
         if published == head + 1:
             head_published = True
             kind = slot.kind  # each field read once, as in gather
@@ -716,7 +705,7 @@ cdef class Ring:
             if attempts > 3 * (limit - head) + 16:
                 return
             slot = &self.slots[end & self.mask]
-            published = ring_load_acquire(&slot.published)
+            published = ledger_load_acquire_u64(&slot.published)
             if published == end + 1:
                 if not head_published and slot.batch_first == end:
                     break  # the next producer's batch starts here: not ours to give up
@@ -732,12 +721,12 @@ cdef class Ring:
         # (their previous lap may hold a result nobody has read yet: never overwrite it).
         for sequence in range(head, end):
             slot = &self.slots[sequence & self.mask]
-            if ring_load_acquire(&slot.published) == sequence + 1:
-                ring_store_release(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
-                ring_store_release(&slot.released, sequence + 1)
+            if ledger_load_acquire_u64(&slot.published) == sequence + 1:
+                ledger_store_release_u64(&slot.result, ((sequence + 1) << 16) | (STATUS_ABANDONED << 8))
+                ledger_store_release_u64(&slot.released, sequence + 1)
         assert self._consume == self._gather == head
         self._consume = self._gather = end
-        ring_store_release(&self.header.consume_sequence, end)
+        ledger_store_release_u64(&self.header.consume_sequence, end)
         self._head_sequence = 0
         self.wake_producers()
 
@@ -745,12 +734,12 @@ cdef class Ring:
         """Give up an unpublished sequence: unowned, or owned and being written (its owner then frees the slot).
         False if the slot moved on meanwhile (the caller looks again). Never called on a published slot."""
         if published == WRITING | (sequence + 1):
-            return ring_compare_exchange(&slot.published, published, ABANDONED | WRITING | (sequence + 1))
+            return ledger_compare_exchange_u64(&slot.published, published, ABANDONED | WRITING | (sequence + 1))
         if (published & SEQUENCE_MASK) == sequence + 1:
             # Already marked: only a hostile producer writes that (this writer marks a sequence once). Counting
             # it as marked keeps the writer moving.
             return (published & ABANDONED) != 0
-        return ring_compare_exchange(&slot.published, published, ABANDONED | (sequence + 1))
+        return ledger_compare_exchange_u64(&slot.published, published, ABANDONED | (sequence + 1))
 
     def complete(self, uint64_t first, cnp.ndarray codes not None, cnp.ndarray statuses not None,
                  cnp.ndarray payloads=None):
@@ -768,14 +757,14 @@ cdef class Ring:
                 slot = &self.slots[sequence & self.mask]
                 if payload_in != NULL:
                     memcpy(slot.payload, payload_in + i * PAYLOAD_BYTES, PAYLOAD_BYTES)
-                ring_store_release(&slot.result,
+                ledger_store_release_u64(&slot.result,
                                    ((sequence + 1) << 16) | (<uint64_t>status_in[i] << 8) | code_in[i])
         self._consume = first + count
-        ring_store_release(&self.header.consume_sequence, first + count)
+        ledger_store_release_u64(&self.header.consume_sequence, first + count)
         self._head_sequence = 0
         self.wake_producers()
 
     def wake_producers(self):
-        ring_add_u32(&self.header.results_epoch, 1)
-        if ring_load_acquire_u32(&self.header.result_waiters) or ring_load_acquire_u32(&self.header.space_waiters):
+        ledger_fetch_add_u32(&self.header.results_epoch, 1)
+        if ledger_load_seq_cst_u32(&self.header.result_waiters) or ledger_load_seq_cst_u32(&self.header.space_waiters):
             ring_futex_wake(&self.header.results_epoch, 1 << 30)
