@@ -9,8 +9,6 @@ from libc.stdlib cimport free, realloc
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from posix.mman cimport madvise
-from libc.errno cimport errno
 
 cdef extern from "Python.h":
     int PyBUF_WRITE
@@ -37,7 +35,7 @@ import mmap as mmap_module
 import operator
 import os
 import numpy as np
-from ledger.memory import anonymous_array
+from ledger.memory import advise, anonymous_array   # advise: still _core.advise for the journal
 cimport numpy as cnp
 
 from ledger.enums import (

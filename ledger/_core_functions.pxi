@@ -1,5 +1,5 @@
 # Included by ledger/_core.pyx (in the order listed there; every name of the module is visible here).
-# Module functions: CRC32C, table inspection for snapshots, madvise, segment file names.
+# Module functions: CRC32C, table inspection for snapshots, segment file names (advise: ledger/_madvise.pyx).
 
 cdef uint32_t _crc32c_of(object data, uint32_t crc, bint reference) except? 0:
     cdef Py_buffer view
@@ -80,33 +80,6 @@ def count_table_keys(data):
             for i in range(slots):
                 count += slot[i].key != 0
         return count
-    finally:
-        PyBuffer_Release(&view)
-
-
-def advise(buffer, int advice, size_t offset=0, size_t length=0):
-    """madvise(2) over bytes [offset, offset + length) of a mapped buffer (length 0: to its end), widened to whole
-    pages, without holding the GIL: populating a 64 MiB segment takes tens of milliseconds that a writer thread
-    must not spend waiting for a background one (Python's mmap.madvise keeps the GIL)."""
-    cdef Py_buffer view
-    cdef int result, error = 0
-    cdef size_t page = 4096, start, end
-    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
-    try:
-        if offset > <size_t>view.len:
-            raise ValueError(f"offset {offset} is past the end of a {view.len}-byte buffer")
-        if length == 0 or offset + length > <size_t>view.len:
-            length = <size_t>view.len - offset
-        if length == 0:
-            return
-        start = (<size_t>view.buf + offset) & ~(page - 1)
-        end = (<size_t>view.buf + offset + length + page - 1) & ~(page - 1)
-        with nogil:
-            result = madvise(<void *>start, end - start, advice)
-            if result != 0:
-                error = errno
-        if result != 0:
-            raise OSError(error, f"madvise({advice}) failed")
     finally:
         PyBuffer_Release(&view)
 
