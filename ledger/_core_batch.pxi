@@ -85,6 +85,13 @@ cdef inline void pipeline_advance_events(State *s, Pipeline *p, uint64_t positio
         ahead = event_at(s, position + PREFETCH_ACCOUNTS_AHEAD)
         pipeline_resolve(s, p, ahead.debit_account, ahead.credit_account, position + PREFETCH_ACCOUNTS_AHEAD)
 
+cdef inline void assert_batch_room(const State *s, uint64_t header_position, uint64_t position,
+                                   uint64_t count) noexcept nogil:
+    """The contracts of apply_rows: the batch is the one being written (no damage pending from a read), and its
+    next `count` events fit the memory the engine reserved and the 24-bit offset of a record in its batch."""
+    LEDGER_ASSERT(header_position == s.write_position and header_position < position)
+    LEDGER_ASSERT(s.damage_reason == DAMAGE_NONE)
+    LEDGER_ASSERT(position + count <= s.mapped_end and position - header_position + count <= OFFSET_MAX)
 
 cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *results, uint64_t header_position,
                          uint64_t position, uint64_t timestamp_base, uint64_t *written_end) noexcept nogil:
@@ -92,10 +99,11 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
     end of every record written, rolled-back ones included, so the caller can zero what was undone."""
     cdef uint8_t exists_code = RA_EXISTS if Row is AccountRow else RT_EXISTS
     cdef uint64_t evaluated_end = count, i, k, p, offset
-    cdef uint64_t chain_start = count, chain_position = 0
+    cdef uint64_t chain_start = count, chain_position = 0, first_position = position
     cdef bint linked
     cdef uint8_t code
     cdef Pipeline pipeline
+    assert_batch_room(s, header_position, position, count)   # once per call, not per row
     # A chain still open at the end of the batch is not evaluated.
     if count > 0 and (rows[count - 1].flags & FLAG_LINKED):
         evaluated_end = count - 1
@@ -151,6 +159,7 @@ cdef uint64_t apply_rows(State *s, const Row *rows, uint64_t count, uint8_t *res
         if not linked:
             chain_start = count
         i += 1
+    LEDGER_ASSERT(first_position <= position and position - first_position <= count)   # at most one event a row
     return position
 
 cdef uint64_t expire_due(State *s, uint64_t header_position, uint64_t position, uint64_t timestamp_base) noexcept nogil:
@@ -231,6 +240,8 @@ cdef uint32_t header_checksum(State *s, uint64_t header_position, uint64_t end) 
 cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_t timestamp_base,
                        uint64_t dirty_end) noexcept nogil:
     """Seal the batch [header_position, end): header fields, checksum, and last the commit word."""
+    LEDGER_ASSERT(header_position == s.write_position and header_position < end)
+    LEDGER_ASSERT(dirty_end <= s.mapped_end and timestamp_base > s.last_timestamp)
     cdef uint64_t count = end - header_position - 1
     if dirty_end > end:
         zero_range(s, end, dirty_end)   # records of rolled-back chains past the end: keep the tail zero
@@ -254,6 +265,7 @@ cdef void commit_batch(State *s, uint64_t header_position, uint64_t end, uint64_
     s.last_timestamp = timestamp_base + count - 1
     s.last_header_position = header_position
     s.write_position = end
+    LEDGER_ASSERT(s.last_timestamp <= TIMESTAMP_MAX)
 
 cdef inline uint64_t clock_now_ns() noexcept nogil:
     cdef timespec now

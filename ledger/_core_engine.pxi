@@ -340,6 +340,8 @@ cdef class Engine:
         KeyboardInterrupt (raised at the first Python line after a long batch, or inside a write or sync) is held
         back, after_commit is called again (it writes the whole batch again and syncs: doing it twice is harmless),
         and once the batch is durable the KeyboardInterrupt is raised saying so. The handle stays usable."""
+        # The batch handed on is the one just sealed: it ends at the write position.
+        LEDGER_ASSERT(events == 0 or start + 1 + events == self.state.write_position)
         interrupted, self._interrupted = self._interrupted, None
         if events == 0 or self._after_commit is None:
             if interrupted is not None:
@@ -445,6 +447,8 @@ cdef class Engine:
             if s.damage_reason != DAMAGE_NONE:
                 break
             if last < count and position > header_position + 1:
+                # Only events of this batch, all in memory, none sealed yet.
+                LEDGER_ASSERT(s.write_position == header_position and position <= s.mapped_end)
                 try:
                     # True: events reached the files (the journal may hold them back: hold_writes).
                     written_ahead = bool(self._write_ahead(header_position, position)) or written_ahead

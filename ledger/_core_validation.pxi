@@ -132,11 +132,29 @@ cdef inline uint8_t resolve_row(State *s, const TransferRow *t, uint64_t positio
     table_insert(&s.transfer_table, t.id, position | (<uint64_t>STATE_POSTED << POSITION_BITS))
     return R_OK
 
+cdef inline void debug_assert_pipeline_lookups(State *s, const TransferRow *t, const AccountHot *debit,
+                                               const AccountHot *credit, uint64_t id_group) noexcept nogil:
+    """The apply loop's pipeline looked up this row's accounts and id group (a lookup per check: debug builds only,
+    LEDGER_DEBUG=1; in release builds this is empty)."""
+    LEDGER_DEBUG_ASSERT(debit == account_at(s, t.debit_account, table_home_group(&s.account_table, t.debit_account)))
+    LEDGER_DEBUG_ASSERT(credit == account_at(s, t.credit_account,
+                                             table_home_group(&s.account_table, t.credit_account)))
+    LEDGER_DEBUG_ASSERT(id_group == table_home_group(&s.transfer_table, t.id))
+
+cdef inline void assert_within_limits(const AccountHot *debit, const AccountHot *credit) noexcept nogil:
+    """After a transfer or a reservation: the debit account is not below its min_balance, the credit account not
+    above its max_balance, pending amounts counted (the rule docs/SEMANTICS.md states)."""
+    LEDGER_ASSERT(debit.credits_posted - (debit.debits_posted + debit.debits_pending) >= debit.min_balance)
+    LEDGER_ASSERT((credit.credits_posted + credit.credits_pending) - credit.debits_posted <= credit.max_balance)
+
 cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t position, uint64_t offset,
                                  uint64_t timestamp, AccountHot *debit, AccountHot *credit,
                                  uint64_t id_group) noexcept nogil:
     """debit, credit: the accounts of t.debit_account and t.credit_account, already looked up (NULL: none);
     id_group: the home group of t.id in the transfer table."""
+    # Contracts: into reserved memory, at an offset its 24 bits hold (a predicted compare: the loop waits on memory).
+    LEDGER_ASSERT(position < s.mapped_end and offset != 0 and offset <= OFFSET_MAX)
+    debug_assert_pipeline_lookups(s, t, debit, credit, id_group)
     cdef uint16_t flags = t.flags
     cdef uint16_t phase = flags & (FLAG_PENDING | FLAG_POST | FLAG_VOID)
     if (flags & ~TRANSFER_FLAGS_ALL) != 0 or (phase & (phase - 1)) != 0:
@@ -193,6 +211,7 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
     e.word_a = word_a(debit.last_position, t.code, kind | (KIND_LINKED if (flags & FLAG_LINKED) else 0))
     e.word_b = word_b(credit.last_position, offset)
     apply_transfer(debit, credit, e, position, kind)
+    assert_within_limits(debit, credit)   # what the checks above promise
     table_insert_at(&s.transfer_table, empty, t.id,
                     position | (<uint64_t>(STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
     if kind == KIND_PENDING and t.timeout != 0:
