@@ -152,8 +152,8 @@ cdef inline uint8_t transfer_row(State *s, const TransferRow *t, uint64_t positi
                                  uint64_t id_group) noexcept nogil:
     """debit, credit: the accounts of t.debit_account and t.credit_account, already looked up (NULL: none);
     id_group: the home group of t.id in the transfer table."""
-    # Contracts: into reserved memory, at an offset its 24 bits hold (a predicted compare: the loop waits on memory).
-    LEDGER_ASSERT(position < s.mapped_end and offset != 0 and offset <= OFFSET_MAX)
+    # Contracts: into reserved memory, at an offset its 24 bits hold (apply_rows checks that once per batch).
+    LEDGER_DEBUG_ASSERT(position < s.mapped_end and offset != 0 and offset <= OFFSET_MAX)
     debug_assert_pipeline_lookups(s, t, debit, credit, id_group)
     cdef uint16_t flags = t.flags
     cdef uint16_t phase = flags & (FLAG_PENDING | FLAG_POST | FLAG_VOID)
