@@ -1,4 +1,5 @@
 """Build of the Cython core. `LEDGER_DEBUG=1 pip install -e .` turns bounds checks and the costly invariants back on."""
+import glob
 import os
 
 import numpy
@@ -12,11 +13,22 @@ macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
 if DEBUG:
     macros.append(("LEDGER_DEBUG", "1"))
 
+# The C headers are included by the generated C, which Cython does not track: listed here, a header edit recompiles
+# (the .pxd and .pxi files Cython follows itself).
+headers = sorted(glob.glob("ledger/*.h"))
+
 extensions = [
     Extension(
         "ledger._core",
         ["ledger/_core.pyx"],
         include_dirs=[numpy.get_include(), "ledger"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+        depends=headers,
+    ),
+    Extension(
+        "ledger._madvise",
+        ["ledger/_madvise.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),
@@ -26,6 +38,7 @@ extensions = [
         include_dirs=[numpy.get_include(), "ledger"],
         define_macros=macros,
         extra_compile_args=compile_args,
+        depends=headers,
     ),
 ]
 

@@ -39,22 +39,22 @@ class Mutant:
 
 # The table: one row per planted bug.
 MUTANTS = [
-    Mutant("engine-lock-bypassed", "ledger/_core.pyx",
+    Mutant("engine-lock-bypassed", "ledger/_core_engine.pxi",
            "        return self._enter_contended(thread)\n",
            "        self._lock_depth += 1\n        return 0\n",
            ("tests/test_threads.py", "-k", "four_threads_share_one_handle"),
            "a second thread enters the engine while another one's batch runs"),
-    Mutant("old-segment-pointer-kept", "ledger/_core.pyx",
+    Mutant("old-segment-pointer-kept", "ledger/_core_validation.pxi",
            "    cdef Event pending_event = event_at(s, pending_position)[0]\n    cdef Event *pending = &pending_event\n",
            "    cdef Event *pending = event_at(s, pending_position)\n",
            ("tests/test_segments.py", "-k", "resolved_while_its_segment_is_unmapped"),
            "a POST reads the pending event through a pointer into a segment mapping that reading its header unmapped"),
-    Mutant("old-records-trusted", "ledger/_core.pyx",
+    Mutant("old-records-trusted", "ledger/_core_records.pxi",
            "return ledger_likely(position >= s.verified_from) or verify_old_record(s, position)",
            "return True",
            ("tests/test_damaged_reads.py", "-k", "flipped_amount or exists_retry or resolving"),
            "a read of a record from before the snapshot uses its fields without checking its batch"),
-    Mutant("chain-core", "ledger/_core.pyx",
+    Mutant("chain-core", "ledger/_core_replay.pxi",
            "    if header.previous_checksum != previous_checksum:\n        return REPLAY_CHAIN",
            "    if False:\n        return REPLAY_CHAIN",
            ("tests/test_integrity.py", "-k", "chain and not tailer"),
@@ -74,27 +74,27 @@ MUTANTS = [
            "step = \"fsyncing the journal directory for\"",
            ("tests/test_integrity.py", "-k", "segment_and_its_directory"),
            "a new segment's directory entry may be lost in a power cut with batches acknowledged in it"),
-    Mutant("min-balance-by-one", "ledger/_core.pyx",
+    Mutant("min-balance-by-one", "ledger/_core_validation.pxi",
            "< debit.min_balance + amount:",
            "< debit.min_balance + amount - 1:",
            ("tests/test_rules.py",),
            "a balance may go 1 below min_balance"),
-    Mutant("exists-ignores-user-data", "ledger/_core.pyx",
+    Mutant("exists-ignores-user-data", "ledger/_core_validation.pxi",
            " or t.user_data != e.user_data:",
            ":",
            ("tests/test_rules.py",),
            "EXISTS is answered for a transfer whose user_data differs"),
-    Mutant("conservation-partial-post", "ledger/_core.pyx",
+    Mutant("conservation-partial-post", "ledger/_core_apply.pxi",
            "        credit.credits_posted += e.amount\n        state = STATE_PENDING_POSTED",
            "        credit.credits_posted += pending_amount\n        state = STATE_PENDING_POSTED",
            ("tests/test_rules.py",),
            "a partial post credits the whole pending amount: debits and credits no longer balance"),
-    Mutant("linked-rollback-keeps-first", "ledger/_core.pyx",
+    Mutant("linked-rollback-keeps-first", "ledger/_core_batch.pxi",
            "while p > chain_position:",
            "while p > chain_position + 1:",
            ("tests/test_rules.py",),
            "a failed LINKED chain keeps its first event applied"),
-    Mutant("pending-resolved-twice", "ledger/_core.pyx",
+    Mutant("pending-resolved-twice", "ledger/_core_validation.pxi",
            "    if state == STATE_PENDING_POSTED:\n        return RT_PENDING_ALREADY_POSTED\n",
            "",
            ("tests/test_rules.py",),
@@ -116,7 +116,7 @@ MUTANTS = [
            "a ring producer receives the result code of another slot of the same group"),
 ]
 
-COMPILED_SUFFIXES = (".pyx", ".pxd", ".h")
+COMPILED_SUFFIXES = (".pyx", ".pxd", ".pxi", ".h")
 IGNORED = shutil.ignore_patterns(".git", "build", "*.so", "*.c", "__pycache__", ".benchmarks", ".pytest_cache",
                                  ".hypothesis", "*.egg-info")
 BUILD_TIMEOUT_S = 900
@@ -188,7 +188,7 @@ def main() -> int:
     options = parser.parse_args()
     if options.list:
         for mutant in MUTANTS:
-            print(f"{mutant.name:34} {mutant.file:20} {' '.join(mutant.tests)}\n{'':34} {mutant.promise}")
+            print(f"{mutant.name:34} {mutant.file:28} {' '.join(mutant.tests)}\n{'':34} {mutant.promise}")
         return 0
     known = {mutant.name: mutant for mutant in MUTANTS}
     unknown = [name for name in options.names if name not in known]

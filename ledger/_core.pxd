@@ -1,6 +1,7 @@
 # Declarations of the core state machine: the C structs it keeps and the records it reads and writes.
 # Layouts here are part of the on-disk format (docs/FORMAT.md) and of the public dtypes (ledger/enums.py).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from ledger._atomics cimport ledger_load_acquire_u64, ledger_store_release_u64
 
 cdef extern from "_core_helpers.h" nogil:
     void LEDGER_ASSERT(bint condition)
@@ -14,8 +15,6 @@ cdef extern from "_core_helpers.h" nogil:
     uint32_t ledger_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b)
     uint64_t ledger_home_slot(uint64_t key, uint32_t capacity_log2)
     uint64_t ledger_probe_step(uint64_t key)
-    void ledger_store_release_u64(uint64_t *address, uint64_t value)
-    uint64_t ledger_load_acquire_u64(const uint64_t *address)
     void *ledger_map_anonymous(size_t size, int populate)
     void ledger_unmap(void *memory, size_t size)
     void ledger_prefetch(const void *address)

@@ -1,4 +1,4 @@
-/* Small C helpers for the Cython core: checksums, hashing, atomics, assertions.
+/* Small C helpers for the Cython core: checksums, hashing, assertions, memory (atomics: _atomics.h).
  * Kept in C because they need compiler builtins and CPU dispatch that Cython cannot express. */
 #ifndef LEDGER_CORE_HELPERS_H
 #define LEDGER_CORE_HELPERS_H
@@ -216,17 +216,6 @@ static inline uint64_t ledger_home_slot(uint64_t key, uint32_t capacity_log2) {
  * key, so two dense id blocks whose home ranges collide scatter instead of piling into one long run. */
 static inline uint64_t ledger_probe_step(uint64_t key) {
     return (ledger_mix64(key ^ 0xD6E8FEB86659FD93ULL) >> 7) | 1ULL;
-}
-
-/* ---- Atomics ------------------------------------------------------------------------------------------ */
-
-/* The commit word of a batch header is stored last with release ordering: a reader that loads it with acquire
- * ordering and sees it set also sees every record of the batch. */
-static inline void ledger_store_release_u64(uint64_t *address, uint64_t value) {
-    __atomic_store_n(address, value, __ATOMIC_RELEASE);
-}
-static inline uint64_t ledger_load_acquire_u64(const uint64_t *address) {
-    return __atomic_load_n(address, __ATOMIC_ACQUIRE);
 }
 
 /* ---- Memory ------------------------------------------------------------------------------------------- */

@@ -1,5 +1,6 @@
-/* Atomics, futexes and clocks for the command ring: many producer processes, one consumer, one shared mapping.
- * Every word shared between processes is accessed through these helpers, never by plain loads and stores. */
+/* Futexes, clocks and word flags for the command ring: many producer processes, one consumer, one shared mapping.
+ * Every word shared between processes is accessed through the atomics of _atomics.h, never by plain loads and
+ * stores. */
 #ifndef LEDGER_RING_HELPERS_H
 #define LEDGER_RING_HELPERS_H
 
@@ -11,26 +12,13 @@
 #include <time.h>
 #include <unistd.h>
 
-static inline uint64_t ring_load_acquire(const uint64_t *address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
-static inline void ring_store_release(uint64_t *address, uint64_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
-static inline uint64_t ring_fetch_add(uint64_t *address, uint64_t value) {
-    return __atomic_fetch_add(address, value, __ATOMIC_ACQ_REL);
-}
-/* Returns 1 and stores `desired` if *address held `expected`. */
-static inline int ring_compare_exchange(uint64_t *address, uint64_t expected, uint64_t desired) {
-    return __atomic_compare_exchange_n(address, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-}
-static inline uint32_t ring_load_acquire_u32(const uint32_t *address) { return __atomic_load_n(address, __ATOMIC_SEQ_CST); }
-/* Sequentially consistent: "I am going to sleep" must be visible before re-checking for work (Dekker). */
-static inline void ring_store_u32(uint32_t *address, uint32_t value) { __atomic_store_n(address, value, __ATOMIC_SEQ_CST); }
-static inline void ring_add_u32(uint32_t *address, uint32_t value) { __atomic_fetch_add(address, value, __ATOMIC_ACQ_REL); }
-/* A full barrier: stores before it are visible to every process before loads after it (store-load order). */
-static inline void ring_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-static inline void ring_pause(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
+/* 64-bit flags of the shared words (docs/RING.md), as macros: Cython's DEF would make them Python integers.
+ * `published` = sequence + 1 | WRITING while a producer owns the slot | ABANDONED if the writer gave it up;
+ * `released` = DETACHED | sequence + 1 once the producer stopped waiting for the result. */
+#define RING_ABANDONED 0x8000000000000000ULL
+#define RING_WRITING 0x4000000000000000ULL
+#define RING_SEQUENCE_MASK 0x3FFFFFFFFFFFFFFFULL
+#define RING_DETACHED 0x8000000000000000ULL
 
 static inline uint64_t ring_monotonic_ns(void) {
     struct timespec now;

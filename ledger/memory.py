@@ -9,7 +9,9 @@ import mmap
 
 import numpy as np
 
-__all__ = ["anonymous_buffer", "anonymous_array", "populate_pages"]
+from ledger._madvise import advise
+
+__all__ = ["advise", "anonymous_buffer", "anonymous_array", "populate_pages"]
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -30,12 +32,10 @@ def populate_pages(memory: mmap.mmap, offset: int = 0, length: int = 0) -> None:
     """Fault in (for writing) bytes [offset, offset + length) of a mapping, length 0 meaning to its end, without
     holding the GIL. On a private file mapping this makes the private copies; on a shared one it maps the page
     cache writable. An older kernel without MADV_POPULATE_WRITE: pages fault in on first touch instead."""
-    from ledger import _core  # here, not at the top: _core imports this module
     try:
-        _core.advise(memory, MADV_POPULATE_WRITE, offset, length)
+        advise(memory, MADV_POPULATE_WRITE, offset, length)
     except OSError:
         pass
-
 
 
 def anonymous_array(count: int, dtype: np.dtype, populate: bool = True) -> np.ndarray:

@@ -406,11 +406,11 @@ class Server:
             | (payloads[:, transfer_flags_offset + 1].astype(np.uint16) << 8)
         flags_account = payloads[:, account_flags_offset].astype(np.uint16) \
             | (payloads[:, account_flags_offset + 1].astype(np.uint16) << 8)
-        flags = np.where(kinds == _ring.KIND_ACCOUNT, flags_account, flags_transfer)
+        flags = np.where(kinds == _ring.SLOT_KIND_ACCOUNT, flags_account, flags_transfer)
         cut_after = (ends == 1) & ((flags & 1) == 1)
         # Vectorised: a Python loop per row cost ~1 us a row (16 ms for a 16k-row group).
         count = kinds.shape[0]
-        boundary = cut_after | (statuses != 0) | (kinds == _ring.KIND_QUERY_ACCOUNT)
+        boundary = cut_after | (statuses != 0) | (kinds == _ring.SLOT_KIND_QUERY_ACCOUNT)
         boundary[:-1] |= (kinds[1:] != kinds[:-1]) | (statuses[1:] != 0)
         boundary[-1] = True
         begin = 0
@@ -422,7 +422,7 @@ class Server:
 
     def _apply(self, kind: int, payloads: np.ndarray, codes: np.ndarray, statuses: np.ndarray, begin: int,
                end: int) -> None:
-        if kind == _ring.KIND_TRANSFER:
+        if kind == _ring.SLOT_KIND_TRANSFER:
             rows = np.ascontiguousarray(payloads[begin:end, :TRANSFER_DTYPE.itemsize]).view(TRANSFER_DTYPE).ravel()
             try:
                 codes[begin:end] = self.ledger.transfers(rows)
@@ -433,7 +433,7 @@ class Server:
                 statuses[begin:end] = _ring.STATUS_DAMAGED
                 warnings.warn(f"ledger serve: a batch of {end - begin} transfers was not applied: {error}",
                               RuntimeWarning, stacklevel=2)
-        elif kind == _ring.KIND_ACCOUNT:
+        elif kind == _ring.SLOT_KIND_ACCOUNT:
             rows = np.ascontiguousarray(payloads[begin:end, :ACCOUNT_DTYPE.itemsize]).view(ACCOUNT_DTYPE).ravel()
             codes[begin:end] = self.ledger.create_accounts(rows)
         else:
@@ -641,12 +641,12 @@ class Client:
         """Ledger.transfers through the writer process: one atomic batch, one TransferResult code per row,
         durable as the server's durability mode says when it returns."""
         rows = as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
-        return self._call(_ring.KIND_TRANSFER, rows)[0]
+        return self._call(_ring.SLOT_KIND_TRANSFER, rows)[0]
 
     def create_accounts(self, batch: Any) -> np.ndarray:
         """Ledger.create_accounts through the writer process: one AccountResult code per row."""
         rows = as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
-        return self._call(_ring.KIND_ACCOUNT, rows)[0]
+        return self._call(_ring.SLOT_KIND_ACCOUNT, rows)[0]
 
     def transfer(self, id: int, debit_account: int, credit_account: int, amount: int, *, ledger: int = 1,
                  code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
@@ -658,7 +658,7 @@ class Client:
                    _unsigned(pending_id, "pending_id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
                    _unsigned(ledger, "ledger", U32_MAX), _unsigned(timeout, "timeout", U32_MAX),
                    _unsigned(code, "code", U16_MAX), _unsigned(flags, "flags", U16_MAX))
-        return TransferResult(int(self._call(_ring.KIND_TRANSFER, rows)[0][0]))
+        return TransferResult(int(self._call(_ring.SLOT_KIND_TRANSFER, rows)[0][0]))
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
                        flags: int = 0, user_data: int = 0) -> AccountResult:
@@ -667,13 +667,13 @@ class Client:
         rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
                    _signed(min_balance, "min_balance"), _signed(max_balance, "max_balance"),
                    _unsigned(ledger, "ledger", U32_MAX), _unsigned(flags, "flags", U16_MAX))
-        return AccountResult(int(self._call(_ring.KIND_ACCOUNT, rows)[0][0]))
+        return AccountResult(int(self._call(_ring.SLOT_KIND_ACCOUNT, rows)[0][0]))
 
     def account(self, id: int) -> Account | None:
         """The account `id` as the writer holds it now, or None."""
         rows = np.zeros(1, np.dtype([("id", "<u8")]))
         rows["id"] = _unsigned(id, "id", ID_MAX)
-        _, statuses, answers = self._call(_ring.KIND_QUERY_ACCOUNT, rows, with_answers=True)
+        _, statuses, answers = self._call(_ring.SLOT_KIND_QUERY_ACCOUNT, rows, with_answers=True)
         if statuses[0] == _ring.STATUS_NOT_FOUND:
             return None
         answer = answers[0].view(ANSWER_DTYPE)[0]

@@ -248,8 +248,8 @@ def test_open_chain_at_a_batch_end_does_not_join_the_next_batch(tmp_path):
         second_batch = ledger.transfers_batch(1)
         second_batch[0] = (12, 1, 2, 7, 0, 0, 1, 0, 0, 0)
         ring = server.ring
-        start_a = ring.submit(_ring.KIND_TRANSFER, first_batch, 1000)
-        start_b = ring.submit(_ring.KIND_TRANSFER, second_batch, 1000)
+        start_a = ring.submit(_ring.SLOT_KIND_TRANSFER, first_batch, 1000)
+        start_b = ring.submit(_ring.SLOT_KIND_TRANSFER, second_batch, 1000)
         assert server.drain_once()
         assert ring.consume_sequence == start_b + 1, "both batches were drained in one group"
         codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
@@ -318,7 +318,7 @@ def test_dead_producers_large_batch_is_given_up_in_one_step(tmp_path):
         dead = ring.claim_without_publishing(300)
         rows = ledger.transfers_batch(2)
         rows["id"], rows["debit_account"], rows["credit_account"], rows["amount"] = [7, 8], 1, 2, 5
-        live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        live = ring.submit(_ring.SLOT_KIND_TRANSFER, rows, 1000)
         assert live == dead + 300
         seconds = drain_until(server, live + 2)   # one slot per timeout would be 300 x 2 s
         assert seconds >= ABANDON_AFTER_MS_DEFAULT / 1000 * 0.9
@@ -340,7 +340,7 @@ def test_hostile_head_slot_cannot_push_the_writer_past_the_claimed_slots(tmp_pat
         ring = server.ring
         head = ring.claim_without_publishing(1)
         data = bytearray(104)
-        data[4:6] = _ring.KIND_TRANSFER.to_bytes(2, "little")
+        data[4:6] = _ring.SLOT_KIND_TRANSFER.to_bytes(2, "little")
         data[8:16] = head.to_bytes(8, "little")
         data[16:20] = (500).to_bytes(4, "little")
         ring.publish_raw(head, bytes(data))
@@ -351,7 +351,7 @@ def test_hostile_head_slot_cannot_push_the_writer_past_the_claimed_slots(tmp_pat
         assert ring.consume_sequence == head + 1
         rows = ledger.transfers_batch(1)
         rows[0] = (9, 1, 2, 5, 0, 0, 1, 0, 0, 0)
-        live = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        live = ring.submit(_ring.SLOT_KIND_TRANSFER, rows, 1000)
         drain_until(server, live + 1)
         assert server.ledger.balance(2) == 5
     finally:
@@ -367,7 +367,7 @@ def test_writer_keeps_its_consume_position_private(tmp_path):
         ring = server.ring
         rows = ledger.transfers_batch(1)
         rows[0] = (9, 1, 2, 5, 0, 0, 1, 0, 0, 0)
-        first = ring.submit(_ring.KIND_TRANSFER, rows, 1000)
+        first = ring.submit(_ring.SLOT_KIND_TRANSFER, rows, 1000)
         server._memory[CONSUME_SEQUENCE_OFFSET:CONSUME_SEQUENCE_OFFSET + 8] = (40).to_bytes(8, "little")
         assert ring.consume_sequence == 40
         assert server.drain_once()
@@ -424,12 +424,12 @@ def test_a_stalled_producer_never_writes_into_the_next_laps_slot(tmp_path):
             give_up_head(server)
             assert server.ring.consume_sequence == sequence + 1
             next_lap.claim_without_publishing(15)
-            late.append(next_lap.submit(_ring.KIND_TRANSFER, transfer_batch([200], amount=2), 1000))
+            late.append(next_lap.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([200], amount=2), 1000))
             assert late[0] == sequence + 16
 
         stalled.set_stall_hook(stall)
         with pytest.raises(_ring.RingAbandonedError):
-            stalled.submit(_ring.KIND_TRANSFER, transfer_batch([100], amount=1), 1000)
+            stalled.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([100], amount=1), 1000)
         drain_until(server, late[0] + 1)
         codes, statuses = np.zeros(1, np.uint8), np.zeros(1, np.uint8)
         next_lap.wait_results(late[0], 1, codes, statuses, 1000, 1000)
@@ -452,11 +452,11 @@ def test_a_caller_that_stops_waiting_does_not_hold_its_slots(tmp_path):
         assert server.drain_once()
         ring = producer(server)
         codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
-        middle = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(20, 28))), 500)    # slots 8..15
+        middle = ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(20, 28))), 500)    # slots 8..15
         assert server.drain_once()
         ring.wait_results(middle, 8, codes, statuses, 1000, 1000)
         started = time.monotonic()
-        lapped = ring.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(10, 18))), BUSY_TIMEOUT_LONG_MS)
+        lapped = ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(10, 18))), BUSY_TIMEOUT_LONG_MS)
         assert time.monotonic() - started < NOT_WAITED_S, "slots 0..7 again: it waited for space it had"
         assert server.drain_once()
         ring.wait_results(lapped, 8, codes, statuses, 1000, 1000)
@@ -473,15 +473,15 @@ def test_giving_up_a_waiting_producer_fails_it_at_once_and_keeps_the_last_laps_r
     server = small_server(tmp_path, abandon_after_ms=20)
     try:
         reader, waiter = producer(server), producer(server)
-        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
-        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        first = reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
         drain_until(server, second + 8)                     # answered, not read: slots 0..15 held
         outcome = []
 
         def wait_for_space():
             started = time.monotonic()
             try:
-                waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), BUSY_TIMEOUT_LONG_MS)   # slot 0
+                waiter.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([50]), BUSY_TIMEOUT_LONG_MS)   # slot 0
                 outcome.append("submitted")
             except Exception as error:  # noqa: BLE001 - the test inspects it
                 outcome.append(error)
@@ -503,7 +503,7 @@ def test_giving_up_a_waiting_producer_fails_it_at_once_and_keeps_the_last_laps_r
         reader.wait_results(second, 8, codes, statuses, 1000, 1000)
         waiter.claim_without_publishing(15)                              # up to sequence 32: slot 0 again
         started = time.monotonic()
-        waiter.submit(_ring.KIND_TRANSFER, transfer_batch([51]), BUSY_TIMEOUT_LONG_MS)
+        waiter.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([51]), BUSY_TIMEOUT_LONG_MS)
         assert time.monotonic() - started < NOT_WAITED_S
     finally:
         server.close()
@@ -552,9 +552,9 @@ def test_per_call_row_limit_fits_one_drain(tmp_path):
         client.close()
         ring = producer(server)
         with pytest.raises(ValueError, match="1 to 32768 rows"):
-            ring.submit(_ring.KIND_TRANSFER, transfer_batch(np.arange(1, 40_001, dtype=np.uint64)), 500)
+            ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(np.arange(1, 40_001, dtype=np.uint64)), 500)
         largest = transfer_batch(np.arange(1, GROUP_ROWS_MAX + 1, dtype=np.uint64), amount=1)
-        first = ring.submit(_ring.KIND_TRANSFER, largest, 500)
+        first = ring.submit(_ring.SLOT_KIND_TRANSFER, largest, 500)
         assert server.drain_once()
         codes, statuses = np.zeros(GROUP_ROWS_MAX, np.uint8), np.zeros(GROUP_ROWS_MAX, np.uint8)
         ring.wait_results(first, GROUP_ROWS_MAX, codes, statuses, 1000, 1000)
@@ -570,8 +570,8 @@ def test_waiting_for_space_notices_a_stopped_writer(tmp_path):
     server = small_server(tmp_path)
     try:
         reader = producer(server)
-        reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
-        reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
         drain_until(server, 16)                                         # answered, never read: the ring is full
         client = connect(server.directory, busy_timeout_ms=BUSY_TIMEOUT_LONG_MS, timeout_ms=2 * BUSY_TIMEOUT_LONG_MS)
         # The writer stops while the call waits (a call that finds it stopped before sending waits for a new one).
@@ -593,8 +593,8 @@ def test_a_call_on_a_full_ring_gets_busy_and_applies_nothing(tmp_path):
     server = small_server(tmp_path)
     try:
         reader = producer(server)
-        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
-        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        first = reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
         drain_until(server, 16)                                         # answered, never read: the ring is full
         balance = server.ledger.balance(2)
         client = connect(server.directory, busy_timeout_ms=200)
@@ -647,7 +647,7 @@ def test_a_batch_claimed_after_a_stuck_head_is_not_given_up_with_it(tmp_path):
             assert not server.drain_once()                              # it gives the stuck head up
             given_up.append(server.ring.consume_sequence)
         retry.set_stall_hook(writer_runs_now)
-        first = retry.submit(_ring.KIND_TRANSFER, transfer_batch([60]), 1000)
+        first = retry.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([60]), 1000)
         retry.set_stall_hook(None)
         assert first == stuck + 1 and given_up == [stuck + 1]           # only the stuck claim was given up
         drain_until(server, first + 1)
@@ -757,9 +757,9 @@ def test_wait_strategy_options_are_checked(tmp_path):
             connect(server.directory, wait_slice_ms=1.5)
         ring = producer(server)
         with pytest.raises(ValueError, match="spin_count"):
-            ring.submit(_ring.KIND_TRANSFER, transfer_batch([1]), 100, 3000, 2_000_000)
+            ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([1]), 100, 3000, 2_000_000)
         with pytest.raises(ValueError, match="wait_slice_ms"):
-            ring.submit(_ring.KIND_TRANSFER, transfer_batch([1]), 100, 3000, 0, 0)
+            ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([1]), 100, 3000, 0, 0)
     finally:
         server.close()
 
@@ -792,12 +792,12 @@ def test_releasing_a_slot_wakes_a_producer_waiting_for_it(tmp_path):
     server = small_server(tmp_path)
     try:
         reader, waiter = producer(server), producer(server)
-        first = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
-        second = reader.submit(_ring.KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
+        first = reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(30, 38))), 500)
+        second = reader.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch(list(range(40, 48))), 500)
         drain_until(server, 16)                              # answered, not read: the ring is full
         done = []
         thread = threading.Thread(target=lambda: done.append(
-            (waiter.submit(_ring.KIND_TRANSFER, transfer_batch([50]), 5000, 3000, 0, 1000), time.monotonic())))
+            (waiter.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([50]), 5000, 3000, 0, 1000), time.monotonic())))
         thread.start()
         time.sleep(0.2)                                                 # asleep in its first 1 s slice
         codes, statuses = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
@@ -832,9 +832,9 @@ def test_a_group_of_several_core_calls_never_has_two_unsynced_batches(tmp_path):
         ring = producer(server)
         accounts = ledger.accounts_batch(1)
         accounts["id"] = 3
-        firsts = [ring.submit(_ring.KIND_TRANSFER, transfer_batch([90, 91]), 500),
-                  ring.submit(_ring.KIND_ACCOUNT, accounts, 500),
-                  ring.submit(_ring.KIND_TRANSFER, transfer_batch([92]), 500)]
+        firsts = [ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([90, 91]), 500),
+                  ring.submit(_ring.SLOT_KIND_ACCOUNT, accounts, 500),
+                  ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([92]), 500)]
         assert server.drain_once() and server.ring.consume_sequence == firsts[-1] + 1
         writes = [event for event in events if event[0] == "write"]
         assert len(writes) == 3
@@ -847,7 +847,7 @@ def test_a_group_of_several_core_calls_never_has_two_unsynced_batches(tmp_path):
                 synced_to = event[2]
         assert events[-1][0] == "sync" and synced_to == server.ledger._engine.write_position
         events.clear()
-        ring.submit(_ring.KIND_TRANSFER, transfer_batch([93]), 500)
+        ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([93]), 500)
         assert server.drain_once()
         assert [event[0] for event in events] == ["write", "sync"]
     finally:
@@ -866,7 +866,7 @@ def test_a_failed_sync_poisons_the_writer_and_acknowledges_nothing(tmp_path):
         server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)
         server.ledger.create_account(2)
         ring = producer(server)
-        first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
+        first = ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([95, 96]), 500)
         failing.append(True)
         with pytest.raises(OSError, match="injected"):
             server.drain_once()
@@ -904,12 +904,12 @@ def test_a_large_group_is_synced_in_the_background_and_its_successor_committed_o
     try:
         ring = producer(server)
         codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
-        first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([90, 91]), 500)
+        first = ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([90, 91]), 500)
         assert server.drain_once()
         assert syncing.wait(5)                                          # its sync runs, held by the test
         with pytest.raises(_ring.RingTimeoutError):
             ring.wait_results(first, 2, codes, statuses, 50, 1000)      # not answered before its sync returns
-        second = ring.submit(_ring.KIND_TRANSFER, transfer_batch([92, 93]), 500)
+        second = ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([92, 93]), 500)
         header = server.ledger._engine.write_position
         writer = threading.Thread(target=server.drain_once)
         writer.start()
@@ -950,11 +950,11 @@ def test_a_failed_background_sync_poisons_the_writer_and_answers_nothing(tmp_pat
     try:
         ring = producer(server)
         failing.append(True)
-        first = ring.submit(_ring.KIND_TRANSFER, transfer_batch([95, 96]), 500)
+        first = ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([95, 96]), 500)
         assert server.drain_once()                                      # handed to the sync thread, which fails
         assert server.commits.pending.synced.wait(5)
         header = server.ledger._engine.write_position
-        ring.submit(_ring.KIND_TRANSFER, transfer_batch([97, 98]), 500)
+        ring.submit(_ring.SLOT_KIND_TRANSFER, transfer_batch([97, 98]), 500)
         with pytest.raises(OSError, match="injected"):                  # the real error, at the next drain
             server.drain_once()
         assert server.ledger._engine.poisoned and server.ledger._engine.write_position == header
@@ -1180,7 +1180,7 @@ def test_multi_slot_batches_with_holes_and_lies_never_stall_or_overrun_the_write
     for size, kind, holes, lie, raw in batches:
         for index in range(size):
             data = bytearray(raw)
-            data[4:6] = (kind or _ring.KIND_TRANSFER).to_bytes(2, "little")
+            data[4:6] = (kind or _ring.SLOT_KIND_TRANSFER).to_bytes(2, "little")
             batch_first, batch_count = sequence, size
             if lie and index == size - 1:                          # the last slot disagrees with its batch
                 batch_first, batch_count = (batch_first + lie, batch_count) if lie == 1 else \
@@ -1239,7 +1239,7 @@ def damage_slot(memory, ring, sequence, field):
     if field == "unknown kind":
         memory[base + SLOT_KIND_OFFSET:base + SLOT_KIND_OFFSET + 2] = (0x7777).to_bytes(2, "little")
     elif field == "another kind":
-        memory[base + SLOT_KIND_OFFSET:base + SLOT_KIND_OFFSET + 2] = _ring.KIND_ACCOUNT.to_bytes(2, "little")
+        memory[base + SLOT_KIND_OFFSET:base + SLOT_KIND_OFFSET + 2] = _ring.SLOT_KIND_ACCOUNT.to_bytes(2, "little")
     elif field == "batch of one":  # on the first slot: a complete batch of its own, which the next slot contradicts
         memory[base + SLOT_BATCH_COUNT_OFFSET:base + SLOT_BATCH_COUNT_OFFSET + 4] = (1).to_bytes(4, "little")
     elif field in ("batch count + 1", "batch count - 1"):
