@@ -135,9 +135,9 @@ def test_grouped_publishes_every_batch_once_in_order_before_the_ring_answers(tmp
         codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
         for group in range(3):
             ids = 100 + 10 * group
-            firsts = [ring.submit(_ring.KIND_TRANSFER, transfers(np.array([ids, ids + 1])), 500),
-                      ring.submit(_ring.KIND_ACCOUNT, accounts, 500),
-                      ring.submit(_ring.KIND_TRANSFER, transfers(np.array([ids + 2])), 500)]
+            firsts = [ring.submit(_ring.SLOT_KIND_TRANSFER, transfers(np.array([ids, ids + 1])), 500),
+                      ring.submit(_ring.SLOT_KIND_ACCOUNT, accounts, 500),
+                      ring.submit(_ring.SLOT_KIND_TRANSFER, transfers(np.array([ids + 2])), 500)]
             assert server.drain_once()
             ring.wait_results(firsts[0], 2, codes, statuses, 5000, 5000)
             assert codes.tolist() == [0, 0]
@@ -159,7 +159,7 @@ def test_grouped_a_failing_publish_poisons_the_writer_and_answers_nothing(tmp_pa
     try:
         ring = producer(server)
         recorder.failing = True
-        first = ring.submit(_ring.KIND_TRANSFER, transfers(np.array([95, 96])), 500)
+        first = ring.submit(_ring.SLOT_KIND_TRANSFER, transfers(np.array([95, 96])), 500)
         with pytest.raises(ConnectionError, match="injected"):
             server.drain_once()
         assert server.ledger.store.engine.poisoned
