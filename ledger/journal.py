@@ -409,6 +409,9 @@ class FileJournal:
         must have been written (write()) first."""
         if self.readonly or end <= start:
             return
+        assert start >= 0
+        # Write-through syncs only what write() put in the files: a sync before its write would make nothing durable.
+        assert not self.write_through or end <= self._written_end, f"sync to {end} past the written {self._written_end}"
         with self._sync_lock:
             self._inject("sync")
             first = start >> self.segment_records_log2
@@ -480,6 +483,7 @@ class FileJournal:
         the header. Safe before earlier batches are durable: records past the last commit word are a torn tail to
         recovery, whatever reached the disk of them. Only headers must reach the files in order."""
         assert self.write_through and self._ahead_header is None
+        assert self._written_end <= header_position < end, "batches reach the files in journal order"
         self._inject("write")
         self._write_range(header_position + 1, end)
         self._ahead_header, self._ahead_written, self._ahead_error = header_position, end, None

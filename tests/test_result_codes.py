@@ -1,7 +1,7 @@
 """The core's numbers against the names the Python side gives them.
 
 The core writes result codes, replay stop reasons, damage reasons and event kinds as bare numbers (Cython DEF
-constants); ledger.enums, ledger.history, ledger.journal, ledger.tail and ledger.project name them. A number
+constants); ledger.enums, ledger.format, ledger.history and ledger.project name them. A number
 changed on one side only would mislabel every outcome without any other test noticing, so each table is compared
 here whole: every member, every value, both directions."""
 from __future__ import annotations
@@ -14,8 +14,7 @@ import pytest
 from ledger import _core, enums
 
 # By module path: the package exports functions named like some of these modules (ledger.tail is a function).
-history, journal, project, tail = (importlib.import_module(f"ledger.{name}")
-                                   for name in ("history", "journal", "project", "tail"))
+format, history, project = (importlib.import_module(f"ledger.{name}") for name in ("format", "history", "project"))
 
 REPLAY_REASON_NAMES = {"end", "torn", "checksum", "chain", "header", "integrity", "damaged"}
 
@@ -41,26 +40,26 @@ def test_result_codes_match_the_enums(core_codes: dict[str, int], result_enum: t
     assert core_codes["OK"] == 0
 
 
-def test_event_kinds_match_history_and_the_readers() -> None:
+def test_event_kinds_match_history_and_the_format() -> None:
     assert _core.EVENT_KINDS == {kind.value: kind.name.lower() for kind in history.EventKind}
+    assert _core.EVENT_KINDS == format.EVENT_KIND_NAMES
     by_name = {name: kind for kind, name in _core.EVENT_KINDS.items()}
     assert len(by_name) == len(_core.EVENT_KINDS)
     for name, kind in by_name.items():
-        assert getattr(project, f"KIND_{name.upper()}") == kind, f"project.KIND_{name.upper()}"
-    assert tail.KIND_ACCOUNT == by_name["account"]
-    assert tail.KIND_EXPIRE == by_name["expire"]
-    assert tail.KIND_EXPIRE == max(_core.EVENT_KINDS)   # tail checks kinds as a range
+        assert getattr(format, f"KIND_{name.upper()}") == kind, f"format.KIND_{name.upper()}"
+    assert format.KIND_EXPIRE == max(_core.EVENT_KINDS)   # the readers check kinds as a range
     assert sorted(_core.EVENT_KINDS) == list(range(1, len(_core.EVENT_KINDS) + 1))
+    assert list(project.KIND_NAMES[1:]) == [format.EVENT_KIND_NAMES[kind] for kind in sorted(by_name.values())]
 
 
-def test_replay_reasons_match_the_journal() -> None:
+def test_replay_reasons_match_the_format() -> None:
     assert set(_core.REPLAY_REASONS.values()) == REPLAY_REASON_NAMES
     by_name = {name: code for code, name in _core.REPLAY_REASONS.items()}
     assert len(by_name) == len(_core.REPLAY_REASONS), "two reasons share a code"
-    # ledger.journal writes the three it uses as numbers.
-    assert journal.REPLAY_END == by_name["end"] == 0
-    assert journal.REPLAY_CHAIN == by_name["chain"]
-    assert journal.REPLAY_INTEGRITY == by_name["integrity"]
+    assert _core.REPLAY_REASONS == format.REPLAY_REASONS
+    for name, code in by_name.items():
+        assert getattr(format, f"REPLAY_{name.upper()}") == code, f"format.REPLAY_{name.upper()}"
+    assert format.REPLAY_END == 0
 
 
 def test_damage_reasons_are_distinct_and_numbered_from_one() -> None:
