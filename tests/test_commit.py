@@ -13,6 +13,7 @@ import ledger
 from ledger import _ring
 from ledger.api import open_with_hooks
 from ledger.ring import Server
+from support.producers import producer
 
 WRITE_AHEAD_ROWS = 20_000   # past the core's WRITE_AHEAD_BATCH_MIN_ROWS (16,384): the written-ahead path
 
@@ -100,17 +101,6 @@ def test_per_call_a_failing_publish_poisons_the_handle_and_the_call_fails(tmp_pa
     handle.close()
 
 
-def producer(server: Server) -> _ring.Ring:
-    """A producer with its own mapping of the writer's ring file (as a client process has)."""
-    import mmap
-    fd = os.open(os.path.join(server.directory, "commands.ring"), os.O_RDWR)
-    try:
-        memory = mmap.mmap(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    ring = _ring.Ring(memory, os.getpid())
-    ring.attach()
-    return ring
 
 
 def grouped_server(tmp_path, recorder: Recorder, **options) -> Server:

@@ -17,6 +17,7 @@ import ledger
 from ledger import _ring
 from ledger.ring import ABANDON_AFTER_MS_DEFAULT, GROUP_ROWS_MAX, OVERLAP_ROWS_MIN_DEFAULT, Server, connect
 from support.ring_processes import ACCOUNTS, FIRST_ACCOUNT, IDS, SETTLEMENT, transfer_rows
+from support.producers import producer
 
 HERE = os.path.dirname(__file__)
 RING_PROCESSES = os.path.join(HERE, "support", "ring_processes.py")
@@ -391,17 +392,6 @@ def small_server(tmp_path, slot_count=16, abandon_after_ms=1, durability="os", *
     return server
 
 
-def producer(server):
-    """Another producer with its own mapping of the writer's ring file (as a client process has)."""
-    import mmap
-    fd = os.open(os.path.join(server.directory, "commands.ring"), os.O_RDWR)
-    try:
-        memory = mmap.mmap(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    ring = _ring.Ring(memory, os.getpid())
-    ring.attach()
-    return ring
 
 
 def give_up_head(server):
