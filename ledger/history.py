@@ -257,8 +257,8 @@ def _walk(handle: Handle, id: int, after_position: int = 0, before_position: int
 
 def _corrupt_event(handle: Handle, position: int, problem: str) -> LedgerCorruptError:
     """The error for an event read from the journal that contradicts what the account's history must be."""
-    location = getattr(handle._journal, "location", None)
-    where = "in {} at byte offset {}, ".format(*location(position)) if location is not None else ""
+    path, offset = handle.store.location(position)
+    where = f"in {path} at byte offset {offset}, " if path is not None else ""
     return LedgerCorruptError(f"journal corrupt ({problem}) {where}journal position {position}: an event of the "
                               f"account's history read from the journal; nothing was changed")
 
