@@ -410,8 +410,6 @@ class FileJournal:
         if self.readonly or end <= start:
             return
         assert start >= 0
-        # Write-through syncs only what write() put in the files: a sync before its write would make nothing durable.
-        assert not self.write_through or end <= self._written_end, f"sync to {end} past the written {self._written_end}"
         with self._sync_lock:
             self._inject("sync")
             first = start >> self.segment_records_log2
