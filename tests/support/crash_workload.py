@@ -197,6 +197,10 @@ def writer(directory: str, durability: str, ack_log: str) -> None:
                                         fault_injector=crash_injector(os.environ.get("LEDGER_CRASH_POINT")))
     if handle.account(SETTLEMENT) is None:
         handle.create_accounts(accounts())
+    if not accounts_acknowledged(ack_log):
+        # Created just now, or by a writer killed after they were durable and before it could log it (a crash
+        # point right after their sync): either way this writer's batches build on them, so they count as
+        # acknowledged from here on (the check after a crash holds a ledger without them to no batch).
         with open(ack_log, "a") as log:
             log.write(f"{ACCOUNTS_ACKNOWLEDGED}\n")
     k = applied_batches(handle)
