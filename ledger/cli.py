@@ -5,7 +5,8 @@ offset it is UTC) or nanoseconds since the epoch with the suffix ns (`1714564800
 journal's end (or in the future) is an error.
 
 Also: init, account create, transfer, snapshot, restore, serve, project, bench, scrub DIR (re-check every
-journal batch's checksum and hash chain; exit 3 when one is damaged).
+journal batch's checksum and hash chain; exit 3 when one is damaged), cluster nats DIR (a local NATS JetStream
+cluster in the foreground: prints its client URL, stops on SIGTERM or Ctrl-C).
 
 Exit codes: 0 success, 1 verification failed, 2 usage or input error (a bad argument, a path that does not exist or
 already exists, a transfer or account that was not applied), 3 the data directory is locked, corrupt or
@@ -18,11 +19,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -37,6 +40,9 @@ from ledger.history import account_at, row_to_dict, rows_to_text
 from ledger.history import explain as explain_account
 from ledger.history import explain_difference
 from ledger.history import history as account_history
+
+if TYPE_CHECKING:
+    from ledger.cluster.servers import LocalCluster
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -543,6 +549,105 @@ def serve_command(arguments: argparse.Namespace) -> int:
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
 
 
+CLUSTER_POLL_S = 0.2  # how often `cluster nats` looks whether its servers still run (and for a stop signal)
+
+
+def check_cluster_directory(path: str) -> str:
+    """`cluster nats DIR`: DIR is created if missing (its parent must exist), must be a directory this user can
+    write, and must not hold a ledger (the servers' stores go into a directory of their own)."""
+    if os.path.isdir(os.path.join(path, "journal")):
+        raise UsageError(f"{path} holds a ledger: give the NATS servers a directory of their own")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"{path} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise UsageError(f"{parent} is not a directory")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{parent} does not exist: create it first (only the cluster's own directory is created)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".writable-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{path} is not writable: {error.strerror or error}") from None
+    return path
+
+
+class StopSignals:
+    """While entered: SIGTERM, SIGHUP and SIGINT only set `event` (and `number`, the first one received), so that a
+    signal never lands between starting a server and recording its process; the handlers before are restored
+    on leaving. Main thread only (Python runs signal handlers there)."""
+
+    NUMBERS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _received(self, number: int, frame: object) -> None:
+        if self.number is None:
+            self.number = number
+        self.event.set()
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {number: signal.signal(number, self._received) for number in self.NUMBERS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)  # type: ignore[arg-type]
+
+
+def cluster_nats_command(arguments: argparse.Namespace) -> int:
+    """`cluster nats DIR [--nodes N] [--port BASE]`: start a local JetStream cluster (ledger.cluster.servers), print
+    its client URL on stdout and a line per server on stderr, and run until SIGTERM (exit 0) or Ctrl-C (130);
+    the servers are stopped either way. Exit 3 when a server does not start, or when every one has exited."""
+    from ledger.cluster import servers
+    servers.check_cluster_arguments(arguments.nodes, arguments.port)
+    directory = check_cluster_directory(arguments.dir)
+    cluster = servers.LocalCluster(directory, nodes=arguments.nodes, port=arguments.port)
+    with StopSignals() as stop:
+        try:
+            cluster.open()
+            if not stop.event.is_set():
+                _announce_cluster(cluster)
+                if not _run_until_stopped(cluster, stop.event):
+                    raise servers.ClusterError("every nats-server has exited; see the server.log files in "
+                                               f"{cluster.directory}")
+        finally:
+            cluster.close()
+    if stop.number == signal.SIGINT:
+        print("ledger: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("ledger: stopped the NATS servers", file=sys.stderr)
+    return EXIT_OK
+
+
+def _announce_cluster(cluster: LocalCluster) -> None:
+    print(cluster.url, flush=True)
+    for spec in cluster.servers:
+        print(f"ledger: nats-server {spec.name} (pid {cluster.pid(spec.index)}): clients {spec.client_url}, "
+              f"routes {spec.route_url}, monitoring {spec.monitor_url}, files {spec.directory}", file=sys.stderr)
+    print(f"ledger: JetStream ready on {cluster.nodes} server(s), file storage synced at every write; Ctrl-C or "
+          f"SIGTERM stops", file=sys.stderr, flush=True)
+
+
+def _run_until_stopped(cluster: LocalCluster, stop: threading.Event) -> bool:
+    """Wait for a stop signal, saying on stderr when a server exits on its own (killed from outside: the others go
+    on). False when none is left."""
+    exited: set[int] = set()
+    while not stop.wait(CLUSTER_POLL_S):
+        for spec in cluster.servers:
+            if spec.index not in exited and not cluster.running(spec.index):
+                exited.add(spec.index)
+                print(f"ledger: nats-server {spec.name} exited ({spec.log_path}); the others go on", file=sys.stderr,
+                      flush=True)
+        if len(exited) == cluster.nodes:
+            return False
+    return True
+
+
 DIR_HELP = "the ledger's data directory"
 JSON_HELP = "print the answer as JSON"
 MOMENT_HELP = ("X: a journal position (0 .. stats' journal_position), an ISO-8601 time (UTC without an offset), or "
@@ -582,6 +687,7 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("project", help="keep a read model (SQLite) up to date from the journal")
     project_module.add_arguments(command)
     command.set_defaults(handler=project_module.run)
+    _cluster_arguments(commands.add_parser("cluster", help="replication on NATS JetStream: a local cluster"))
     return root
 
 
@@ -720,6 +826,21 @@ def _serve_arguments(command: argparse.ArgumentParser) -> None:
                          help=f"a drained group this large is synced while the next is applied "
                               f"(1..{ring_module.GROUP_ROWS_MAX + 1}; the maximum: never)")
     command.set_defaults(handler=serve_command)
+
+
+def _cluster_arguments(command: argparse.ArgumentParser) -> None:
+    from ledger.cluster import servers
+    actions = command.add_subparsers(dest="action", required=True)
+    nats = actions.add_parser("nats", help="run a local NATS JetStream cluster in the foreground (tests, the demo)",
+                              description=servers.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    nats.add_argument("dir", help="the servers' configs and JetStream files (created if missing)")
+    nats.add_argument("--nodes", type=integer_in("nodes", 1, servers.NODES_MAX), default=servers.NODES_DEFAULT,
+                      help=f"servers (1..{servers.NODES_MAX}, default {servers.NODES_DEFAULT}; 1: JetStream without "
+                           f"clustering, for fast tests)")
+    nats.add_argument("--port", type=integer_in("port", 0, servers.PORT_MAX), default=servers.PORT_DEFAULT,
+                      help=f"base port: clients from it, routes +{servers.ROUTE_PORT_OFFSET}, monitoring "
+                           f"+{servers.MONITOR_PORT_OFFSET} (default {servers.PORT_DEFAULT}; 0: free ports)")
+    nats.set_defaults(handler=cluster_nats_command)
 
 
 def main(argv: list[str] | None = None) -> int:

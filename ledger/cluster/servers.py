@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from ledger.cluster.connection import ConnectionOptions
 from ledger.errors import LedgerError
 
 LOOPBACK = "127.0.0.1"
@@ -376,6 +377,13 @@ class LocalCluster:
     def url(self) -> str:
         """The client URLs joined by commas: what `ledger cluster nats` prints and a `--cluster URL` takes."""
         return ",".join(self.urls)
+
+    def connection_options(self) -> ConnectionOptions:
+        """The options a client of this cluster connects with (its authorization, if any)."""
+        authorization = self.authorization
+        if authorization is None:
+            return ConnectionOptions()
+        return ConnectionOptions(user=authorization.user, password=authorization.password, token=authorization.token)
 
     def pid(self, index: int) -> int | None:
         """The PID of server `index`, None while it is not running."""
