@@ -190,17 +190,22 @@ def test_the_installed_server_is_new_enough():
     assert servers.checked_server_binary(binary) == binary
 
 
-def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
-    with socket.socket() as holder:
+def held_port() -> socket.socket:
+    """A socket listening on a port whose monitoring port (+4000) is in range too."""
+    while True:
+        holder = socket.socket()
         holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        if port + servers.MONITOR_PORT_OFFSET > servers.PORT_MAX:
-            port = None
-        if port is not None:
-            with pytest.raises(servers.NatsServerStartError, match="address already in use") as raised:
-                LocalCluster(tmp_path / "busy", nodes=1, port=port).open()
-            assert "server.log" in str(raised.value) and "exited with status" in str(raised.value)
+        if holder.getsockname()[1] + servers.MONITOR_PORT_OFFSET <= servers.PORT_MAX:
+            holder.listen()
+            return holder
+        holder.close()
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
+    with held_port() as holder:
+        with pytest.raises(servers.NatsServerStartError, match="address already in use") as raised:
+            LocalCluster(tmp_path / "busy", nodes=1, port=holder.getsockname()[1]).open()
+        assert "server.log" in str(raised.value) and "exited with status" in str(raised.value)
     with LocalCluster(tmp_path / "one", nodes=1):
         with pytest.raises(servers.ClusterError, match="in use by another local cluster"):
             LocalCluster(tmp_path / "one", nodes=1).open()
@@ -379,7 +384,11 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
         completed = subprocess.run([sys.executable, "-m", "ledger", "cluster", "nats", str(tmp_path / "x"),
                                     *arguments], capture_output=True, text=True, timeout=60)
         assert completed.returncode == 2 and len(completed.stderr.splitlines()) == 1, (arguments, completed)
-    for directory in (a_file, a_file / "below", tmp_path / "missing" / "below", tmp_path / "ledger"):
+    directories = [a_file, a_file / "below", tmp_path / "missing" / "below", tmp_path / "ledger"]
+    if os.geteuid() != 0:   # root writes into a read-only directory anyway
+        (tmp_path / "read-only").mkdir(mode=0o500)
+        directories.append(tmp_path / "read-only")
+    for directory in directories:
         completed = subprocess.run([sys.executable, "-m", "ledger", "cluster", "nats", str(directory)],
                                    capture_output=True, text=True, timeout=60)
         assert completed.returncode == 2 and len(completed.stderr.splitlines()) == 1, (directory, completed)
