@@ -497,3 +497,57 @@ def test_a_failed_sync_poisons_the_standby_and_a_reopened_one_follows_on(tmp_pat
     primary.handle.close()
     reopened.close()
     assert journal_records(path) == journal_records(str(tmp_path / "primary"))
+
+
+def test_replay_undoes_every_kind_of_event_of_a_batch_it_refuses(tmp_path):
+    """Forged batches whose checksum and chain hold but whose last event contradicts the state: an accounts
+    batch (a second account with an existing id), an EXPIRE then a transfer, a POST then a transfer. Replay
+    applied the events before the bad one; each is undone (the pending transfer stays pending, no account is
+    left behind), and the real batch is then taken."""
+    clock = Clock()
+    primary = Primary(str(tmp_path / "primary"), clock)
+    handle = primary.handle
+    for id_ in (1, 2, 3):
+        handle.create_account(id_, min_balance=ledger.BALANCE_MIN if id_ == 1 else 0)
+    handle.transfer(10, 1, 2, 500)
+    assert handle.transfer(20, 2, 3, 100, flags=F.PENDING, timeout=1) == 0
+    assert handle.transfer(21, 2, 3, 50, flags=F.PENDING) == 0
+    accounts = ledger.accounts_batch(2)
+    accounts["id"], accounts["ledger"] = [4, 5], 1
+    assert not handle.create_accounts(accounts).any()                          # message 6
+    clock.advance(2 * 10**9)
+    assert handle.transfer(22, 2, 3, 1) == 0                                   # message 7: EXPIRE 20, then 22
+    assert not handle.transfers(transfer_rows([(23, 0, 0, 30, F.POST_PENDING, 21, 0),
+                                               (24, 2, 3, 1, 0, 0, 0)])).any()  # message 8: POST 21, then 24
+    messages = primary.messages
+    assert len(messages) == 9
+    path = str(tmp_path / "standby")
+    standby = open_standby(path)
+    deliver(standby, messages[:6])
+
+    def existing_id(words: np.ndarray) -> None:
+        words[2, 0] = 2
+
+    def nowhere(words: np.ndarray) -> None:
+        words[2, 1] = 77
+
+    for index, edit, check in [
+            (6, existing_id, lambda: standby.account(4) is None and standby.stats()["accounts"] == 3),
+            (7, nowhere, lambda: standby.lookup_transfers([20])["state"][0] == ledger.TransferState.PENDING),
+            (8, nowhere, lambda: standby.lookup_transfers([21, 23])["state"].tolist()
+             == [ledger.TransferState.PENDING, 0])]:
+        before = standby_view(standby, path)
+        balances = [(standby.balance(id_), standby.available(id_)) for id_ in (2, 3)]
+        with pytest.raises(ledger.LedgerReplicationError, match="replay refused.*integrity"):
+            standby.store.append_replicated(forged(messages[index], edit=edit))
+        assert standby_view(standby, path) == before
+        assert [(standby.balance(id_), standby.available(id_)) for id_ in (2, 3)] == balances
+        assert check()
+        deliver(standby, [messages[index]])
+    assert_same_state(handle, standby, list(range(10, 25)))
+    check_verified(standby)
+    scheduled = standby.stats()["pending_expiries_scheduled"]
+    handle.close()
+    standby.close()
+    with ledger.open(path) as replayed:   # the fold of the journal from genesis: no deadline left over by an undo
+        assert replayed.stats()["pending_expiries_scheduled"] == scheduled
