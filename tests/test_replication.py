@@ -551,3 +551,24 @@ def test_replay_undoes_every_kind_of_event_of_a_batch_it_refuses(tmp_path):
     standby.close()
     with ledger.open(path) as replayed:   # the fold of the journal from genesis: no deadline left over by an undo
         assert replayed.stats()["pending_expiries_scheduled"] == scheduled
+
+
+def test_a_standby_snapshots_reopens_from_its_snapshot_and_follows_on(tmp_path):
+    clock = Clock()
+    primary = Primary(str(tmp_path / "primary"), clock)
+    ids = workload(primary.handle, clock, seed=41, rounds=60, large=1500)
+    path = str(tmp_path / "standby")
+    standby = open_standby(path)
+    half = len(primary.messages) // 2
+    deliver(standby, primary.messages[:half])
+    info = standby.snapshot()
+    assert info.position == primary.ranges[half - 1][1]
+    standby.close()
+    reopened = open_standby(path)
+    assert reopened.recovered_from is not None and reopened.recovered_from.position == info.position
+    deliver(reopened, primary.messages[half:])
+    assert_same_state(primary.handle, reopened, ids)
+    check_verified(reopened)
+    primary.handle.close()
+    reopened.close()
+    assert journal_records(path) == journal_records(str(tmp_path / "primary"))
