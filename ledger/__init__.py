@@ -35,6 +35,7 @@ from ledger.errors import (
     LedgerFullError,
     LedgerLockedError,
     LedgerPoisonedError,
+    LedgerReplicationError,
     LedgerTimeoutError,
     LedgerUnavailableError,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "LedgerFullError",
     "LedgerLockedError",
     "LedgerPoisonedError",
+    "LedgerReplicationError",
     "LedgerTimeoutError",
     "LedgerUnavailableError",
     "ScrubDamage",

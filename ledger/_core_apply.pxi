@@ -64,10 +64,15 @@ cdef inline AccountHot *account_at(State *s, uint64_t id, uint64_t group) noexce
         return NULL
     return &s.accounts[slot.value]
 
-cdef void undo_event(State *s, uint64_t position) noexcept nogil:
+cdef void undo_event(State *s, uint64_t position, bint replayed=False) noexcept nogil:
     """Reverse the event at `position`, which must be the newest applied one (linked-chain rollback, and the
-    whole-batch undo of a call that met a damaged record, which also undoes its EXPIRE events)."""
-    cdef Event *e = event_written(s, position)   # the batch being applied: never unmapped
+    whole-batch undo of a call that met a damaged record, which also undoes its EXPIRE events). replayed: the
+    event was applied by replay (undo_replayed), which pops no deadline for an EXPIRE (the heap deletes lazily),
+    so none is pushed back; its record may lie in an old segment."""
+    # A copy: in an old segment (replayed) the reads below may unmap the record; otherwise it is the batch being
+    # applied, never unmapped.
+    cdef Event event = event_at(s, position)[0] if replayed else event_written(s, position)[0]
+    cdef Event *e = &event
     cdef uint32_t kind = event_kind(e)
     cdef AccountHot *debit
     cdef AccountHot *credit
@@ -109,8 +114,9 @@ cdef void undo_event(State *s, uint64_t position) noexcept nogil:
         if kind == KIND_EXPIRE:
             # expire_due popped its deadline (there is room: this batch popped it): put it back. EXPIRE adds
             # no id to the transfer table.
-            heap_push(&s.expiry_heap, event_timestamp(s, pending, pending_slot.value & POSITION_MASK)
-                      + pending.aux * NANOSECONDS_PER_SECOND, pending_slot.value & POSITION_MASK)
+            if not replayed:
+                heap_push(&s.expiry_heap, event_timestamp(s, pending, pending_slot.value & POSITION_MASK)
+                          + pending.aux * NANOSECONDS_PER_SECOND, pending_slot.value & POSITION_MASK)
             debit.last_position = e.word_a & POSITION_MASK
             credit.last_position = e.word_b & POSITION_MASK
             return

@@ -26,6 +26,7 @@ cdef class Engine:
     cdef object _after_commit
     cdef object _write_ahead
     cdef object _clock
+    cdef object _write_refusal        # None, or what makes the exception every command raises (write_refusal)
     cdef public bint closed
     cdef public bint poisoned
     cdef public bint readonly
@@ -303,7 +304,23 @@ cdef class Engine:
         self._check_open()
         if self.readonly:
             raise LedgerError("the ledger was opened read-only")
+        if self._write_refusal is not None:
+            raise self._write_refusal()
         return 0
+
+    @property
+    def write_refusal(self):
+        """None (commands are applied), or a zero-argument callable returning the exception every command
+        (create_account(s), transfer(s)) raises instead, before anything is applied: a standby that follows a
+        primary (ledger/store.py, Store.follow) applies only the primary's batches, through put_records and
+        replay, which this does not stop. Reads go on either way."""
+        return self._write_refusal
+
+    @write_refusal.setter
+    def write_refusal(self, value):
+        if value is not None and not callable(value):
+            raise TypeError("write_refusal must be None or a zero-argument callable returning an exception")
+        self._write_refusal = value
 
     cdef inline uint64_t _now(self, uint64_t events_max) except? 0:
         """The clock reading for a call that writes at most `events_max` events. The call's events get
@@ -522,7 +539,7 @@ cdef class Engine:
             self._exit()
 
     cdef object _transfer_row(self, const TransferRow *row):
-        if self.closed or self.poisoned or self.readonly:
+        if self.closed or self.poisoned or self.readonly or self._write_refusal is not None:
             self._check_writable()
         cdef State *s = &self.state
         cdef uint64_t records = min(s.expiry_heap.size, EXPIRE_BATCH_MAX_C) + 2
@@ -753,6 +770,74 @@ cdef class Engine:
             self._map_through(end)
         finally:
             self._exit()
+
+    # -- replication: batches copied out of a primary's journal and into a standby's --
+
+    def copy_records(self, uint64_t start, uint64_t end):
+        """The committed journal records [start, end) as bytes (64 each, exactly as journaled), from whatever
+        holds them: the segments handed over, or old segments mapped from their files. It checks no batch
+        itself: a caller copying batches walks them first with batch_headers (which checks each batch from
+        before verified_from, once) under the same `with engine:`, as Store.batch_bytes does."""
+        self._enter()
+        try:
+            return self._copy_records(start, end)
+        finally:
+            self._exit()
+
+    cdef object _copy_records(self, uint64_t start, uint64_t end):
+        self._check_open()
+        cdef State *s = &self.state
+        if start < 1 or start > end or end > s.write_position:
+            raise IndexError(f"journal records [{start}, {end}) are not all committed (the committed journal is "
+                             f"[1, {s.write_position}))")
+        out = PyBytes_FromStringAndSize(NULL, (end - start) * 64)
+        cdef char *buffer = PyBytes_AS_STRING(out)
+        cdef uint64_t position = start, chunk_end, segment_mask = (<uint64_t>1 << s.segment_records_log2) - 1
+        with nogil:
+            while position < end:   # a segment at a time: mapping the next old one may unmap the last
+                chunk_end = min(end, (position | segment_mask) + 1)
+                memcpy(buffer + (position - start) * 64, event_at(s, position), (chunk_end - position) * 64)
+                position = chunk_end
+        return out
+
+    def put_records(self, uint64_t position, data):
+        """Copy `data` (whole 64-byte records, any buffer) into the journal memory at position .., at or after
+        the write position and below mapped_end, in segments handed over (map_through first). A standby puts a
+        primary's batches there for replay to apply (Store.append_replicated), and zeros to take them back.
+        The batch headers in it (records whose word A is exactly the header kind's) are copied after everything
+        else, in order, each commit word last (a release store): a reader of a shared mapping never sees a
+        commit word before the records it seals. Applies nothing. Returns the position after the records."""
+        self._enter()
+        try:
+            return self._put_records(position, data)
+        finally:
+            self._exit()
+
+    cdef object _put_records(self, uint64_t position, object data):
+        self._check_open()
+        if self.readonly:
+            raise LedgerError("the ledger was opened read-only")
+        cdef State *s = &self.state
+        cdef Py_buffer view
+        cdef uint64_t count, end, index
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len % 64:
+                raise ValueError(f"{view.len} bytes are not whole 64-byte records")
+            count = view.len // 64
+            end = position + count
+            if position < s.write_position or end > s.mapped_end:
+                raise ValueError(f"records [{position}, {end}) are not between the write position "
+                                 f"{s.write_position} and the end of the mapped journal {s.mapped_end}")
+            for index in range(position >> s.segment_records_log2, (end + (<uint64_t>1 << s.segment_records_log2)
+                                                                    - 1) >> s.segment_records_log2):
+                if s.segments[index] == NULL:
+                    raise ValueError(f"segment {index} is not handed over for writing")
+            with nogil:
+                put_records_in(s, position, <const char *>view.buf, count)
+        finally:
+            PyBuffer_Release(&view)
+        return end
 
     # -- journal reads for history, explain and the read side --
 

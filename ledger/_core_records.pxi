@@ -119,3 +119,23 @@ cdef bint verify_position(State *s, uint64_t position) noexcept nogil:
     if event_kind(event_at(s, position)) == KIND_HEADER:
         return verify_old_header(s, position)
     return verify_old_record(s, position)
+
+# ---- Records put in from outside: a standby's copy of a primary's batches ------------------------------------
+
+cdef void put_records_in(State *s, uint64_t position, const char *records, uint64_t count) noexcept nogil:
+    """Copy `count` records to [position, position + count) (past the write position, in segments handed over):
+    every record but the batch headers first, then each header in order, its commit word last with a release
+    store, so a reader of a shared mapping never sees a commit word before the records it seals."""
+    cdef uint64_t i
+    cdef const BatchHeader *source
+    cdef BatchHeader *header
+    for i in range(count):
+        source = <const BatchHeader *>(records + i * 64)
+        if source.word_a != (<uint64_t>KIND_HEADER << 56):
+            memcpy(event_written(s, position + i), source, 64)
+    for i in range(count):
+        source = <const BatchHeader *>(records + i * 64)
+        if source.word_a == (<uint64_t>KIND_HEADER << 56):
+            header = <BatchHeader *>event_written(s, position + i)
+            memcpy(header, source, 56)
+            ledger_store_release_u64(&header.commit, source.commit)

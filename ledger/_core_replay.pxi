@@ -4,14 +4,29 @@
 # ---- Replay: the state as a fold over committed batches ------------------------------------------------------
 
 cdef int replay_batch(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
-    """Apply the events of a verified batch. Returns REPLAY_END (0) or REPLAY_INTEGRITY. A batch is either all
-    ACCOUNT events (a create_accounts call) or has none (transfers and expiries), as the writer makes them."""
+    """Apply the events of a verified batch. Returns REPLAY_END (0), or REPLAY_INTEGRITY / REPLAY_DAMAGED with
+    nothing of the batch applied (the events before the failing one are undone): the state stays the fold
+    through the batch before, so a standby can refuse a replicated batch and go on. A batch is either all ACCOUNT
+    events (a create_accounts call) or has none (transfers and expiries), as the writer makes them."""
     s.batch_pending_deadlines = 0   # counted by replay_transfers: the expiry pass is skipped when none
+    cdef uint64_t stopped = header_position + 1
+    cdef int reason
     if event_kind(event_at(s, header_position + 1)) == KIND_ACCOUNT:
-        return replay_accounts(s, header_position, count)
-    return replay_transfers(s, header_position, count)
+        reason = replay_accounts(s, header_position, count, &stopped)
+    else:
+        reason = replay_transfers(s, header_position, count, &stopped)
+    if reason != REPLAY_END:
+        while stopped > header_position + 1:   # newest first, as the linked-chain rollback does
+            stopped -= 1
+            undo_event(s, stopped, True)
+    return reason
 
-cdef int replay_accounts(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
+cdef inline int stop_at(uint64_t *stopped, uint64_t position, int reason) noexcept nogil:
+    """A replay failure at the event at `position`, before it was applied: every event before it in the batch was."""
+    stopped[0] = position
+    return reason
+
+cdef int replay_accounts(State *s, uint64_t header_position, uint64_t count, uint64_t *stopped) noexcept nogil:
     cdef uint64_t position
     cdef Event *e
     # A copy: the batch's events may lie in the next segment, whose mapping may unmap the header's.
@@ -19,13 +34,13 @@ cdef int replay_accounts(State *s, uint64_t header_position, uint64_t count) noe
     for position in range(header_position + 1, header_position + 1 + count):
         e = event_at(s, position)
         if event_kind(e) != KIND_ACCOUNT or event_offset(e) != position - header_position:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         if e.id == 0 or e.id == ID_MAX or table_find(&s.account_table, e.id) != NULL:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         apply_account(s, e, position, timestamp_base + (position - header_position) - 1)
     return REPLAY_END
 
-cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) noexcept nogil:
+cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count, uint64_t *stopped) noexcept nogil:
     cdef uint64_t position, slot_index
     cdef Event *e
     cdef uint32_t kind
@@ -48,19 +63,19 @@ cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) no
         e = event_at(s, position)
         kind = event_kind(e)
         if event_offset(e) != position - header_position:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         if kind < KIND_TRANSFER or kind > KIND_EXPIRE or e.amount <= 0:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         slot_index = position & (PREFETCH_RING - 1)
         debit = pipeline.debit[slot_index]
         credit = pipeline.credit[slot_index]
         if debit == NULL or credit == NULL or debit == credit:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         if debit.last_position != (e.word_a & POSITION_MASK) or credit.last_position != (e.word_b & POSITION_MASK):
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         if kind == KIND_TRANSFER or kind == KIND_PENDING:
             if e.id == 0 or table_walk(&s.transfer_table, e.id, pipeline.id_group[slot_index], &empty) != NULL:
-                return REPLAY_INTEGRITY   # a transfer id applied twice
+                return stop_at(stopped, position, REPLAY_INTEGRITY)   # a transfer id applied twice
             table_insert_at(&s.transfer_table, empty, e.id, position | (<uint64_t>(
                 STATE_PENDING if kind == KIND_PENDING else STATE_POSTED) << POSITION_BITS))
             apply_transfer(debit, credit, e, position, kind)
@@ -68,18 +83,19 @@ cdef int replay_transfers(State *s, uint64_t header_position, uint64_t count) no
             continue
         slot = table_find(&s.transfer_table, e.aux)
         if slot == NULL or ((slot.value >> POSITION_BITS) & 0xFF) != STATE_PENDING:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         if not record_trusted(s, slot.value & POSITION_MASK):
-            return REPLAY_DAMAGED   # the pending transfer's record (before the snapshot) is damaged
+            # The pending transfer's record (before the snapshot) is damaged.
+            return stop_at(stopped, position, REPLAY_DAMAGED)
         # A copy: mapping this event's segment again (below) may unmap the pending event's.
         pending_event = event_at(s, slot.value & POSITION_MASK)[0]
         pending = &pending_event
         e = event_at(s, position)   # mapping the pending event's segment may have unmapped this one
         if pending.debit_account != e.debit_account or pending.credit_account != e.credit_account \
                 or e.amount > pending.amount:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         if kind != KIND_EXPIRE and table_find(&s.transfer_table, e.id) != NULL:
-            return REPLAY_INTEGRITY
+            return stop_at(stopped, position, REPLAY_INTEGRITY)
         apply_resolve(debit, credit, e, position, kind, slot, pending.amount)
         if kind != KIND_EXPIRE:
             table_insert(&s.transfer_table, e.id, position | (<uint64_t>STATE_POSTED << POSITION_BITS))

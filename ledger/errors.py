@@ -14,6 +14,7 @@ __all__ = [
     "LedgerUnavailableError",
     "LedgerTimeoutError",
     "LedgerClockError",
+    "LedgerReplicationError",
 ]
 
 
@@ -64,3 +65,10 @@ class LedgerTimeoutError(LedgerError):
 class LedgerClockError(LedgerError):
     """The clock reads a time the ledger cannot stamp events with: negative, or so late that an event of the call
     would pass TIMESTAMP_MAX (2**63 - 1 ns). Nothing of the call was applied; the handle stays usable."""
+
+
+class LedgerReplicationError(LedgerError):
+    """A standby refused replicated journal batches (Store.append_replicated): they are not the next whole
+    committed batches of this journal (a duplicate, a gap, damage in transit, another writer's batches). The
+    message names the check, the journal position and what was expected against what was found. Nothing of the
+    refused batch was applied or kept in the journal; the standby stays usable for the correct next batch."""

@@ -6,7 +6,13 @@ replay, torn tail truncated, corruption refused).
 restore and scrub work on a Store. A Ledger hands its own out as one documented attribute, `Ledger.store`,
 rather than each of those modules taking a Store beside the handle: the public functions of history
 (`ledger.balance_at(handle, ...)`) take a Ledger, and an attribute keeps them and the handle's methods on one
-path without widening any public signature."""
+path without widening any public signature.
+
+Replication (issue 14) meets the journal here, without any transport: a primary's publish hook copies each
+committed batch out with `Store.batch_bytes`, byte for byte; a standby (`Store.follow`) takes such bytes in with
+`Store.append_replicated`, which checks them, puts them into its journal at its write position and applies them
+with the core's replay (the code recovery runs), so a standby's state is by construction the fold of the same
+journal, and its segment files hold the same bytes as the primary's."""
 from __future__ import annotations
 
 import operator
@@ -15,10 +21,32 @@ import sys
 import warnings
 from typing import Any, Callable
 
+import numpy as np
+
 from ledger import _core
 from ledger.commit import CommitPipeline, Publish
-from ledger.errors import LedgerCorruptError
-from ledger.format import REPLAY_DAMAGED, REPLAY_END
+from ledger.enums import TIMESTAMP_MAX
+from ledger.errors import (LedgerClosedError, LedgerCorruptError, LedgerError, LedgerPoisonedError,
+                           LedgerReplicationError)
+from ledger.format import (
+    COMMIT_MAGIC,
+    HEADER_MAGIC_VERSION,
+    HEADER_WORD_A,
+    RECORD_SIZE,
+    REPLAY_DAMAGED,
+    REPLAY_END,
+    REPLAY_REASONS,
+    WORD_A,
+    WORD_CHECKSUM,
+    WORD_COMMIT,
+    WORD_COUNT,
+    WORD_MAGIC_VERSION,
+    WORD_POSITION,
+    WORD_PREVIOUS_CHECKSUM,
+    WORD_TIMESTAMP,
+    batch_checksum,
+    header_problem,
+)
 from ledger.journal import (
     FLUSH_INTERVAL_MS_DEFAULT,
     FLUSH_INTERVAL_MS_MAX,
@@ -32,7 +60,8 @@ from ledger.journal import (
 from ledger.progress import Progress
 from ledger.snapshot import SnapshotInfo, list_snapshots, load_into, remove_unfinished
 
-__all__ = ["DURABILITY_MODES", "READONLY_RECOVERY_ATTEMPTS", "Store", "open_store"]
+__all__ = ["DURABILITY_MODES", "READONLY_RECOVERY_ATTEMPTS", "Store", "open_store", "replicated_batches",
+           "standby_refusal"]
 
 DURABILITY_MODES = ("fsync", "os")
 # Opening replays the journal after the snapshot in slices of this many records, with a progress bar, when stderr
@@ -57,6 +86,7 @@ class Store:
         self.durability = durability
         self.commits = commits
         self.recovered_from = recovered_from
+        self._following = False
 
     @property
     def on_disk(self) -> bool:
@@ -82,6 +112,136 @@ class Store:
         """Make the handle unusable: a write or sync failed, so the state in memory may be ahead of the files."""
         self.engine.poisoned = True
 
+    # -- replication: a primary's batches out, a standby's in --
+
+    def batch_bytes(self, start: int, end: int) -> bytes:
+        """The journal records [start, end) exactly as journaled: one or more whole committed batches, each its
+        header (with the commit word) and its events, from whatever holds them (the segments being written, or
+        old segment files, read through the engine's checked reads). What a primary's publish hook sends for the
+        range it is handed. ValueError unless `start` is a batch header and `end` the end of a batch, within
+        the committed journal; LedgerCorruptError if a batch from before the snapshot this store was opened from
+        fails its check. Safe from any thread: it holds the engine's lock (a ring server publishes on its sync
+        thread while the owner applies the next group), so that thread must not be waited for by one holding
+        that lock (settle a grouped store before closing its Ledger, as Server.close does)."""
+        engine = self.engine
+        with engine:
+            committed_end = engine.write_position
+            if not 1 <= start < end <= committed_end:
+                raise ValueError(f"[{start}, {end}) is not a range of the committed journal [1, {committed_end})")
+            try:
+                headers = engine.batch_headers(start, end, end - start)
+            except IndexError as error:
+                raise ValueError(f"[{start}, {end}) does not start at a batch header: {error}") from None
+            last_header, _, last_count = headers[-1]
+            if last_header + 1 + last_count != end:
+                raise ValueError(f"[{start}, {end}) does not end at a batch end: the batch at journal position "
+                                 f"{last_header} ends at {last_header + 1 + last_count}")
+            return engine.copy_records(start, end)
+
+    @property
+    def following(self) -> bool:
+        """True while this store is a standby (follow() until stop_following())."""
+        return self._following
+
+    def follow(self, refusal: Callable[[], BaseException] | None = None) -> None:
+        """Make this store a standby: from now on only append_replicated changes it. How commands are refused:
+        through the engine's `write_refusal` (the core's check before any command is applied), not a flag the
+        Ledger face checks, so that no path gets round it (a Ledger's `transfer` is the core's own method, and
+        a ring server calls the engine directly): every create_account(s) / transfer(s) raises refusal() (the
+        default: standby_refusal; the cluster layer passes one naming the primary). Reads go on. Replay is not a
+        command, so append_replicated still applies. Not for a read-only store (it cannot write a journal)."""
+        engine = self.engine
+        if engine.readonly:
+            raise LedgerError("a read-only ledger cannot follow a primary (it cannot write its journal)")
+        # A ring server's last group durable, published and answered first; outside the engine's lock, which its
+        # publish hook may take on the sync thread (batch_bytes).
+        self.commits.settle()
+        with engine:
+            engine.write_refusal = refusal if refusal is not None else standby_refusal
+            self._following = True
+
+    def stop_following(self) -> None:
+        """Apply commands again (a standby that becomes the primary). The commit pipeline's publish hook, if
+        any, publishes from the current write position on: the batches appended while following came from the
+        primary, which published them."""
+        engine = self.engine
+        with engine:
+            engine.write_refusal = None
+            self.commits.attach(engine, self.poison)   # publishes from here on; nothing before is its to publish
+            self._following = False
+
+    def append_replicated(self, data: bytes | bytearray | memoryview) -> int:
+        """Make this standby's journal hold `data`, one or more whole committed batches exactly as a primary
+        journaled them (Store.batch_bytes), after its own; returns the new write position.
+        Every check is made BEFORE anything is applied (replicated_batches: whole records, each header well
+        formed, at this journal's write position, within the message, committed, its checksum, the hash chain
+        from this journal's last batch, its time after the last event's). Then the bytes go into the journal
+        memory at the write position (Engine.put_records), the core's replay applies them (the code recovery
+        runs), and with durability "fsync" each batch is written (events, then header) and synced through the
+        journal, as the commit pipeline does; "os": they are in the shared mapping (the files) already, and
+        the flusher syncs them. A refusal raises LedgerReplicationError naming the check, the position and
+        expected against found: nothing was applied, the records put there are zeroed, and the next correct
+        message is taken. A batch the checks pass but replay refuses (events that contradict this state, which
+        no primary writes) is undone whole by the core; batches of the same message before it are whole, good
+        batches and are kept (the error says where the journal now ends). A failed write or sync of batches
+        already applied poisons the handle (reopening recovers), as for a command."""
+        engine = self.engine
+        with engine:
+            if engine.closed:
+                raise LedgerClosedError("the ledger is closed")
+            if engine.poisoned:
+                raise LedgerPoisonedError("the ledger handle is poisoned by a failed journal sync; reopen it")
+            if not self._following:
+                raise LedgerError("append_replicated on a store that is not following a primary (follow() first)")
+            start = engine.write_position
+            batches = replicated_batches(data, start, engine.last_checksum, engine.last_timestamp)
+            end = batches[-1][1]
+            engine.map_through(end)   # new segments first: a disk full then leaves nothing put there
+            engine.put_records(start, data)
+            try:
+                reason, stopped, _, _ = engine.replay(end)
+            except BaseException:   # Ctrl-C between batches of a long message: keep what was applied
+                self._settle_replicated(batches, end)
+                raise
+            kept = self._settle_replicated(batches, end)
+            applied_end = engine.write_position
+            if applied_end < end:
+                if reason == REPLAY_DAMAGED:
+                    engine.raise_damage()   # a record of this journal, from before its snapshot, is damaged
+                raise LedgerReplicationError(
+                    f"replay refused the replicated batch at journal position {stopped} "
+                    f"({REPLAY_REASONS[reason]}: its events contradict this standby's state, although its "
+                    f"checksum and chain hold); nothing of it was applied, and the journal ends at {applied_end}"
+                    + (f" (the {len(kept)} batches of the message before it were applied)" if kept else ""))
+            return end
+
+    def _settle_replicated(self, batches: list[tuple[int, int]], end: int) -> list[tuple[int, int]]:
+        """After append_replicated's replay stopped at the write position: zero the records put in up to `end`
+        that replay did not apply ("os": in the files, so synced too, or a crash could leave them past the
+        durable mark, where recovery would replay them), and journal the batches it did apply. Returns those."""
+        applied_end = self.engine.write_position
+        if applied_end < end:
+            self.engine.put_records(applied_end, bytes((end - applied_end) * RECORD_SIZE))
+            if self.durability == "os":
+                self.journal.sync(applied_end, end)
+        applied = [batch for batch in batches if batch[1] <= applied_end]
+        self._journal_replicated(applied)
+        return applied
+
+    def _journal_replicated(self, batches: list[tuple[int, int]]) -> None:
+        """durability "fsync": each applied batch to the files, its events then its header, then synced, before
+        the next batch's header is written (the order of docs/FORMAT.md's recovery rule, as the commit pipeline
+        keeps it). A failure poisons the handle: the batches are applied in memory, maybe not in the files."""
+        if not (self.on_disk and self.journal.write_through):
+            return
+        try:
+            for header_position, end in batches:
+                self.journal.write(header_position, end)
+                self.journal.sync(header_position, end)
+        except BaseException:
+            self.poison()
+            raise
+
     def close(self) -> None:
         """Close the engine, then the journal (with a final sync unless poisoned), then end the pipeline's sync
         thread. The caller holds the engine's lock. Idempotent."""
@@ -96,6 +256,94 @@ class Store:
                 self.journal.close()
         finally:
             self.commits.stop()
+
+
+def standby_refusal() -> LedgerError:
+    """The exception a command on a following standby raises by default (Store.follow)."""
+    return LedgerError("this ledger is a standby following a primary: it applies only the primary's replicated "
+                       "batches; send commands to the primary")
+
+
+def replicated_batches(data: bytes | bytearray | memoryview, position: int, previous_checksum: int,
+                       last_timestamp: int) -> list[tuple[int, int]]:
+    """The batches [(header position, end), ...] that `data` holds, after checking that it is one or more whole
+    committed batches that continue a journal whose write position is `position`, whose last batch has checksum
+    previous_checksum (0: none) and whose last event has time last_timestamp: whole 64-byte records; each
+    header well formed (ledger.format), at its journal position, its batch within the message, committed
+    (the commit word), its checksum over its bytes, its previous_checksum the batch before's (the hash chain),
+    its events later than the batch before's (the clock rule). Reads only `data`: nothing is applied. The
+    first failure raises LedgerReplicationError naming the check, the position, and expected against found."""
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if view.nbytes == 0 or view.nbytes % RECORD_SIZE:
+        raise LedgerReplicationError(f"replicated message of {view.nbytes} bytes at journal position {position}: "
+                                     f"expected whole {RECORD_SIZE}-byte records (one or more whole batches)")
+    words = np.frombuffer(view, dtype="<u8").reshape(-1, 8)
+    batches: list[tuple[int, int]] = []
+    offset = 0
+    while offset < words.shape[0]:
+        header_position = position + offset
+        fields = words[offset].tolist()
+        _check_replicated_header(fields, header_position, position, words.shape[0] - offset)
+        count = fields[WORD_COUNT]
+        end = header_position + 1 + count
+        events = view[(offset + 1) * RECORD_SIZE:(offset + 1 + count) * RECORD_SIZE]
+        checksum = batch_checksum(words[offset], [events])
+        if checksum != fields[WORD_CHECKSUM] or checksum != fields[WORD_COMMIT] & 0xFFFFFFFF:
+            raise LedgerReplicationError(
+                f"checksum mismatch in the replicated batch at journal position {header_position}: its bytes sum "
+                f"to {checksum:#010x}, its header says {fields[WORD_CHECKSUM]:#x} (commit word "
+                f"{fields[WORD_COMMIT]:#018x}): damaged in transit, or not written by a ledger")
+        if fields[WORD_PREVIOUS_CHECKSUM] != previous_checksum:
+            raise LedgerReplicationError(
+                f"hash chain broken at the replicated batch at journal position {header_position}: its "
+                f"previous_checksum is {fields[WORD_PREVIOUS_CHECKSUM]:#x}, expected {previous_checksum:#x} (the "
+                f"checksum of this journal's batch before it): it follows another journal (another writer)")
+        timestamp = fields[WORD_TIMESTAMP]
+        if timestamp <= last_timestamp or timestamp + count - 1 > TIMESTAMP_MAX:
+            raise LedgerReplicationError(
+                f"the replicated batch at journal position {header_position} starts at {timestamp} ns, expected "
+                f"after {last_timestamp} ns (the last event before it) and its {count} events at most at "
+                f"TIMESTAMP_MAX")
+        batches.append((header_position, end))
+        previous_checksum, last_timestamp = checksum, timestamp + count - 1
+        offset += 1 + count
+    return batches
+
+
+def _check_replicated_header(fields: list[int], header_position: int, write_position: int,
+                             records_left: int) -> None:
+    """replicated_batches' checks of one header record (eight words) where journal position header_position
+    should hold one, with records_left records of the message from it on: a header, at its own position (the
+    standby's write position for the first), whole in the message, committed."""
+    if fields[WORD_A] != HEADER_WORD_A or fields[WORD_MAGIC_VERSION] != HEADER_MAGIC_VERSION:
+        raise LedgerReplicationError(
+            f"no batch header at journal position {header_position} of the replicated message: word A "
+            f"{fields[WORD_A]:#018x}, magic and version {fields[WORD_MAGIC_VERSION]:#018x}, expected "
+            f"{HEADER_WORD_A:#018x} and {HEADER_MAGIC_VERSION:#018x}")
+    found = fields[WORD_POSITION]
+    if found != header_position:
+        if header_position != write_position:
+            why = "the message's batches do not follow one another"
+        elif found < header_position:
+            why = "a duplicate: this standby holds that batch already"
+        else:
+            why = f"a gap: the batches from {header_position} to {found} are missing"
+        where = " (this standby's write position)" if header_position == write_position else ""
+        raise LedgerReplicationError(f"replicated batch for journal position {found}, expected {header_position}"
+                                     f"{where}: {why}")
+    if header_problem(header_position, fields) is not None:
+        raise LedgerReplicationError(f"malformed batch header at journal position {header_position}: "
+                                     f"{fields[WORD_COUNT]} events, expected 1 to 2**24 - 1 within the journal")
+    if 1 + fields[WORD_COUNT] > records_left:
+        raise LedgerReplicationError(
+            f"truncated replicated message: the batch at journal position {header_position} has "
+            f"{1 + fields[WORD_COUNT]} records (header and events), the message holds {records_left} from it")
+    if fields[WORD_COMMIT] >> 32 != COMMIT_MAGIC:
+        raise LedgerReplicationError(
+            f"uncommitted batch at journal position {header_position}: commit word {fields[WORD_COMMIT]:#018x}, "
+            f"expected {COMMIT_MAGIC:#x} in its high half")
 
 
 def _check_options(durability: str, clock: Callable[[], int] | None, segment_records_log2: int,
