@@ -2,6 +2,9 @@
 
     apply (core) -> write events -> [wait for the previous group's sync] -> sync -> publish -> answer
 
+A standby's batches (taken from its primary, applied by replay) take the same write and sync step
+(`commit_replicated`), without the publish.
+
 Every writer goes through a `CommitPipeline` (the store makes one per handle), in one of two modes:
 
 - per call (the in-process API, `grouped=False`): the engine calls `after_commit` after each committed batch,
@@ -117,6 +120,14 @@ class CommitPipeline:
             return None
         self._wrote_ahead = True
         return self.journal.write_ahead(header_position, end)
+
+    def commit_replicated(self, start: int, end: int) -> None:
+        """A standby's batch [start, end), taken from its primary and applied by replay (Store.append_replicated):
+        written (events, then its header) and synced, as after_commit does, and never published (the primary
+        published it). A failed write or sync poisons the handle, as for a command."""
+        if self.writes:
+            self._write(self.journal.write, start, end)
+            self._sync(start, end)
 
     # -- grouped --
 

@@ -230,17 +230,10 @@ class Store:
 
     def _journal_replicated(self, batches: list[tuple[int, int]]) -> None:
         """durability "fsync": each applied batch to the files, its events then its header, then synced, before
-        the next batch's header is written (the order of docs/FORMAT.md's recovery rule, as the commit pipeline
-        keeps it). A failure poisons the handle: the batches are applied in memory, maybe not in the files."""
-        if not (self.on_disk and self.journal.write_through):
-            return
-        try:
-            for header_position, end in batches:
-                self.journal.write(header_position, end)
-                self.journal.sync(header_position, end)
-        except BaseException:
-            self.poison()
-            raise
+        the next batch's header is written (docs/FORMAT.md's recovery rule), through the commit pipeline's own
+        step. A failure poisons the handle: the batches are applied in memory, maybe not in the files."""
+        for header_position, end in batches:
+            self.commits.commit_replicated(header_position, end)
 
     def close(self) -> None:
         """Close the engine, then the journal (with a final sync unless poisoned), then end the pipeline's sync
