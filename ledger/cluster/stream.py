@@ -239,7 +239,7 @@ class StreamFollower:
         self.subject = subject(shard)
         self.store = store
         self.error: BaseException | None = None
-        self.sequence = 0             # the last stream sequence applied (or refused: then `error` is set)
+        self.sequence = 0             # the last stream sequence applied (a refused one is named in `error`)
         self.positions: dict[int, int] = {}
         self._changed = threading.Condition()
         self._loop = LoopThread(url, options)
