@@ -175,3 +175,16 @@ def test_the_fence_poisons_a_stale_publisher_and_a_store_behind_its_stream_may_n
         with pytest.raises(ledger.LedgerNotPrimaryError, match="LEDGER_fence"):
             publisher.attach(diverged.store)
         diverged.close()
+
+
+def test_a_publish_without_an_ack_in_time_poisons_the_handle(tmp_path):
+    with LocalCluster(tmp_path / "nats", nodes=1, port=0) as alone:
+        with stream.StreamPublisher(alone.url, "lost", replicas=1, ack_timeout_s=1.0) as publisher:
+            handle = open_primary(str(tmp_path / "primary"), publisher)
+            handle.create_account(1)
+            alone.kill(0)
+            with pytest.raises(ledger.LedgerTimeoutError, match="in doubt"):
+                handle.create_account(2)
+            with pytest.raises(ledger.LedgerClosedError):
+                handle.create_account(3)
+            handle.close()

@@ -113,16 +113,26 @@ class LoopThread:
             raise LedgerTimeoutError(f"no answer from NATS within {timeout_s} s") from None
 
     def stop(self) -> None:
-        """Close the connection and end the thread."""
+        """Close the connection, end every task of the loop (a subscription's reader, a follower) and the thread."""
         if self.thread.is_alive():
-            if self.connection is not None:
-                try:
-                    self.run(self.connection.close(), REQUEST_TIMEOUT_S)
-                except Exception:
-                    pass   # closing a dead connection: the thread ends anyway
+            try:
+                self.run(self._shutdown(), REQUEST_TIMEOUT_S * 2)
+            except Exception:
+                pass   # the loop stops anyway; what was not closed goes with the process
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join()
         self.loop.close()
+
+    async def _shutdown(self) -> None:
+        if self.connection is not None:
+            try:
+                await asyncio.wait_for(self.connection.close(), REQUEST_TIMEOUT_S)
+            except Exception:
+                pass   # a server gone: nothing to flush to
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int, bytes]:
@@ -253,13 +263,7 @@ class StreamFollower:
 
     def stop(self) -> None:
         """Stop following and disconnect."""
-        if self._task is not None:
-            self._loop.loop.call_soon_threadsafe(self._cancel_all)
         self._loop.stop()
-
-    def _cancel_all(self) -> None:
-        for task in asyncio.all_tasks(self._loop.loop):
-            task.cancel()
 
     def follow_until(self, position: int | None = None, sequence: int | None = None,
                      timeout_s: float = REQUEST_TIMEOUT_S) -> None:
