@@ -15,6 +15,7 @@ __all__ = [
     "LedgerTimeoutError",
     "LedgerClockError",
     "LedgerReplicationError",
+    "LedgerNotPrimaryError",
 ]
 
 
@@ -72,3 +73,10 @@ class LedgerReplicationError(LedgerError):
     committed batches of this journal (a duplicate, a gap, damage in transit, another writer's batches). The
     message names the check, the journal position and what was expected against what was found. Nothing of the
     refused batch was applied or kept in the journal; the standby stays usable for the correct next batch."""
+
+
+class LedgerNotPrimaryError(LedgerError):
+    """This handle may not publish to its shard's stream (ledger.cluster.stream): another publisher wrote to the
+    stream since (the single-writer fence, Nats-Expected-Last-Sequence, refused the batch), or the stream ends
+    at another journal position than this store. The message names the stream and the sequences or positions.
+    The batch refused was not acknowledged and the handle is poisoned: it is no longer the primary."""

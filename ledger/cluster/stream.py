@@ -1,0 +1,351 @@
+"""A shard's JetStream stream (issue 14, docs/CLUSTER.md "Publishing and following a shard's stream"): the
+primary publishes each committed batch as one message, byte for byte (Store.batch_bytes), fenced so that only one
+writer can append; a standby follows the stream into its own store (Store.append_replicated checks every byte).
+
+Headers of a message: `Nats-Msg-Id` (the batch range's start journal position), `Ledger-End-Position` (its end),
+and on publish `Nats-Expected-Last-Sequence` (the fence: the server stores the message only if the stream's last
+sequence is the one this publisher knows, so a second or stale publisher fails)."""
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from typing import Any, Coroutine
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import (ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType,
+                         StreamConfig)
+
+from ledger.cluster.connection import ConnectionOptions, connect_arguments
+from ledger.cluster.servers import MAX_PAYLOAD_BYTES
+from ledger.errors import LedgerNotPrimaryError, LedgerReplicationError, LedgerTimeoutError
+
+SHARD_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")   # a stream name and a subject token: no '.', '*', '>', space
+STREAM_PREFIX = "LEDGER_"
+SUBJECT_PREFIX = "ledger.journal."
+REPLICAS_DEFAULT = 3
+ACK_TIMEOUT_S = 10.0          # the one bound on a publish's ack: past it the batch is in doubt, the handle poisoned
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 10.0      # stream info, message reads
+HEADER_MESSAGE_ID = "Nats-Msg-Id"
+HEADER_EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
+HEADER_END_POSITION = "Ledger-End-Position"
+WRONG_LAST_SEQUENCE_ERROR_CODE = 10071   # JetStream's "wrong last sequence"
+JOURNAL_START_POSITION = 1    # an empty journal's write position
+# The largest message: the servers' max_payload less room for the headers. A batch past it cannot be published
+# whole yet (splitting a batch over messages comes later): the hook raises and so poisons the handle.
+MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
+
+
+def check_shard(shard: str) -> str:
+    """`shard` if it is a valid shard name: 1 to 64 of A-Z, a-z, 0-9, '_' and '-' (valid in a stream name and
+    as one subject token); ValueError otherwise."""
+    if not isinstance(shard, str) or SHARD_PATTERN.fullmatch(shard) is None:
+        raise ValueError(f"shard name {shard!r}: use 1 to 64 of A-Z, a-z, 0-9, '_' and '-'")
+    return shard
+
+
+def stream_name(shard: str) -> str:
+    """The JetStream stream holding shard `shard`'s journal."""
+    return STREAM_PREFIX + check_shard(shard)
+
+
+def subject(shard: str) -> str:
+    """The subject shard `shard`'s batches are published on (the stream's only subject)."""
+    return SUBJECT_PREFIX + check_shard(shard)
+
+
+async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -> Any:
+    """Create shard `shard`'s stream if missing (file storage, `replicas` copies, limits retention with no limit
+    but the message size, and discard NEW: a full stream refuses a publish rather than drop acknowledged
+    batches); returns its StreamInfo."""
+    assert 1 <= replicas <= 5, replicas
+    config = StreamConfig(name=stream_name(shard), subjects=[subject(shard)], storage=StorageType.FILE,
+                          num_replicas=replicas, retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.NEW,
+                          max_msg_size=MAX_PAYLOAD_BYTES, max_msgs=-1, max_bytes=-1, max_age=0,
+                          duplicate_window=120.0)
+    try:
+        return await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        return await js.add_stream(config)
+
+
+def header_int(headers: dict[str, str] | None, name: str) -> int | None:
+    """Header `name` of a message as a non-negative integer, or None when absent or not one."""
+    value = (headers or {}).get(name)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+class LoopThread:
+    """One background thread running an asyncio loop and holding one nats-py connection (and its JetStream
+    context); `run` executes a coroutine there from any other thread."""
+
+    def __init__(self, url: str, options: ConnectionOptions | None) -> None:
+        self.url = url
+        self.options = options or ConnectionOptions()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="ledger-stream", daemon=True)
+        self.connection: Any = None
+        self.js: Any = None
+
+    def start(self) -> None:
+        """Start the thread and connect."""
+        self.thread.start()
+        self.run(self._connect(), CONNECT_TIMEOUT_S * 2)
+
+    async def _connect(self) -> None:
+        async def quiet(error: Exception) -> None:
+            """nats-py logs each failed attempt with a traceback; the callers see the outcome."""
+        self.connection = await nats.connect(**connect_arguments(self.url, self.options),
+                                             connect_timeout=CONNECT_TIMEOUT_S, error_cb=quiet)
+        self.js = self.connection.jetstream(timeout=REQUEST_TIMEOUT_S)
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
+        """Run `coroutine` on the loop and return its result; LedgerTimeoutError past timeout_s."""
+        assert threading.current_thread() is not self.thread, "run() from the loop itself would deadlock"
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise LedgerTimeoutError(f"no answer from NATS within {timeout_s} s") from None
+
+    def stop(self) -> None:
+        """Close the connection, end every task of the loop (a subscription's reader, a follower) and the thread."""
+        if self.thread.is_alive():
+            try:
+                self.run(self._shutdown(), REQUEST_TIMEOUT_S * 2)
+            except Exception:
+                pass   # the loop stops anyway; what was not closed goes with the process
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+        self.loop.close()
+
+    async def _shutdown(self) -> None:
+        if self.connection is not None:
+            try:
+                await asyncio.wait_for(self.connection.close(), REQUEST_TIMEOUT_S)
+            except Exception:
+                pass   # a server gone: nothing to flush to
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int, bytes]:
+    """Stream `name`'s message `last_sequence`: its journal range and bytes ((1, 1, b"") if the stream is empty)."""
+    if last_sequence == 0:
+        return JOURNAL_START_POSITION, JOURNAL_START_POSITION, b""
+    message = await js.get_msg(name, last_sequence)
+    start = header_int(message.headers, HEADER_MESSAGE_ID)
+    end = header_int(message.headers, HEADER_END_POSITION)
+    if start is None or end is None or not start < end:
+        raise LedgerNotPrimaryError(f"stream {name}: its last message (sequence {last_sequence}) has no journal "
+                                    f"range in {HEADER_MESSAGE_ID} and {HEADER_END_POSITION}: not a ledger batch")
+    return start, end, bytes(message.data or b"")
+
+
+class StreamPublisher:
+    """The publish hook of a primary (ledger.api.open_with_hooks(path, publish=publisher)) sending each committed
+    batch range to shard `shard`'s stream. Use as a context manager; `attach(store)` after the open gives it the
+    bytes (store.batch_bytes) and checks the stream ends where the store's journal does (a primary behind or
+    ahead of its stream must not publish: LedgerNotPrimaryError). One round trip per batch for now (the hook
+    waits for each ack; pipelining comes later). A refused publish (the fence: another publisher appended
+    since), a duplicate or a timeout raises, which poisons the handle: nothing is acknowledged on doubt."""
+
+    def __init__(self, url: str, shard: str, options: ConnectionOptions | None = None,
+                 replicas: int = REPLICAS_DEFAULT, ack_timeout_s: float = ACK_TIMEOUT_S) -> None:
+        self.shard = check_shard(shard)
+        self.stream = stream_name(shard)
+        self.subject = subject(shard)
+        self.replicas = replicas
+        self.ack_timeout_s = ack_timeout_s
+        self.last_sequence = 0
+        self.end_position = JOURNAL_START_POSITION
+        self.store: Any = None
+        self._last: tuple[int, int, bytes] = (JOURNAL_START_POSITION, JOURNAL_START_POSITION, b"")
+        self._loop = LoopThread(url, options)
+
+    def __enter__(self) -> StreamPublisher:
+        self._loop.start()
+        try:
+            info = self._loop.run(ensure_stream(self._loop.js, self.shard, self.replicas), REQUEST_TIMEOUT_S)
+            self.last_sequence = info.state.last_seq
+            self._last = self._loop.run(last_message(self._loop.js, self.stream, self.last_sequence),
+                                        REQUEST_TIMEOUT_S)
+            self.end_position = self._last[1]
+        except BaseException:
+            self._loop.stop()
+            raise
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self._loop.stop()
+
+    def attach(self, store: Any) -> None:
+        """Publish from `store` (the ledger's Store); LedgerNotPrimaryError if the stream does not end at its
+        write position with the store's own last batch, byte for byte."""
+        position = store.engine.write_position
+        if position != self.end_position:
+            relation = "behind" if position < self.end_position else "ahead of"
+            raise LedgerNotPrimaryError(f"stream {self.stream} ends at journal position {self.end_position} "
+                                        f"(sequence {self.last_sequence}), the store at {position}: the store "
+                                        f"is {relation} its stream and may not publish")
+        start, end, data = self._last
+        if self.last_sequence and store.batch_bytes(start, end) != data:
+            raise LedgerNotPrimaryError(f"stream {self.stream}: its last message (sequence {self.last_sequence}, "
+                                        f"journal [{start}, {end})) is not the store's batch there: the store "
+                                        f"diverged from its stream and may not publish")
+        self.store = store
+
+    def __call__(self, start: int, end: int) -> None:
+        """The publish hook: send batches [start, end) and wait for the stream's ack."""
+        if self.store is None:
+            raise LedgerNotPrimaryError(f"stream {self.stream}: publish before attach(store)")
+        if start != self.end_position:
+            raise LedgerNotPrimaryError(f"stream {self.stream} ends at journal position {self.end_position}, "
+                                        f"the batch starts at {start}")
+        data = self.store.batch_bytes(start, end)
+        if len(data) > MESSAGE_BYTES_MAX:
+            raise LedgerNotPrimaryError(f"stream {self.stream}: batch [{start}, {end}) is {len(data)} bytes, "
+                                        f"past the {MESSAGE_BYTES_MAX}-byte message limit")
+        headers = {HEADER_MESSAGE_ID: str(start), HEADER_END_POSITION: str(end),
+                   HEADER_EXPECTED_LAST_SEQUENCE: str(self.last_sequence)}
+        ack = self._loop.run(self._publish(data, headers), self.ack_timeout_s + 1.0)
+        if ack.duplicate or ack.seq != self.last_sequence + 1:
+            # A duplicate ack names a message stored before under this start position, maybe another writer's.
+            raise LedgerNotPrimaryError(f"stream {self.stream}: batch at journal position {start} acknowledged "
+                                        f"as sequence {ack.seq} (duplicate {ack.duplicate}), expected "
+                                        f"{self.last_sequence + 1}")
+        self.last_sequence = ack.seq
+        self.end_position = end
+
+    async def _publish(self, data: bytes, headers: dict[str, str]) -> Any:
+        try:
+            return await self._loop.js.publish(self.subject, data, timeout=self.ack_timeout_s,
+                                               stream=self.stream, headers=headers)
+        except nats.js.errors.APIError as error:
+            if error.err_code == WRONG_LAST_SEQUENCE_ERROR_CODE:
+                raise LedgerNotPrimaryError(
+                    f"stream {self.stream}: another publisher appended since sequence {self.last_sequence} "
+                    f"(the server: {error.description}); this handle is no longer the primary") from None
+            raise
+        except nats.errors.TimeoutError:
+            raise LedgerTimeoutError(f"stream {self.stream}: no ack within {self.ack_timeout_s} s; the batch "
+                                     f"is in doubt") from None
+
+
+class StreamFollower:
+    """Follows shard `shard`'s stream into `store` (a standby: store.follow()), from the message after the
+    store's write position, calling store.append_replicated for each message in order. A message it refuses
+    stops the follower: `error` keeps the LedgerReplicationError, nothing of it applied, nothing skipped.
+    `positions` maps each applied message's end journal position to its stream sequence."""
+
+    def __init__(self, url: str, shard: str, store: Any, options: ConnectionOptions | None = None) -> None:
+        self.stream = stream_name(shard)
+        self.subject = subject(shard)
+        self.store = store
+        self.error: BaseException | None = None
+        self.sequence = 0             # the last stream sequence applied (a refused one is named in `error`)
+        self.positions: dict[int, int] = {}
+        self._changed = threading.Condition()
+        self._loop = LoopThread(url, options)
+        self._task: Any = None
+
+    def start(self) -> None:
+        """Connect and follow in the background."""
+        assert self._task is None, "started already"
+        self._loop.start()
+        self._task = asyncio.run_coroutine_threadsafe(self._follow(), self._loop.loop)
+
+    def stop(self) -> None:
+        """Stop following and disconnect."""
+        self._loop.stop()
+
+    def follow_until(self, position: int | None = None, sequence: int | None = None,
+                     timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        """Wait until the store reaches journal `position` or the stream `sequence` is applied (starting the
+        follower if needed); raises the follower's error, or LedgerTimeoutError past timeout_s."""
+        assert (position is None) != (sequence is None), "a position or a sequence"
+        if self._task is None:
+            self.start()
+
+        def reached() -> bool:
+            if position is not None:
+                return self.store.engine.write_position >= position
+            return self.sequence >= sequence   # type: ignore[operator]
+        with self._changed:
+            self._changed.wait_for(lambda: self.error is not None or reached(), timeout_s)
+        if self.error is not None:
+            raise self.error
+        if not reached():
+            raise LedgerTimeoutError(f"stream {self.stream}: not followed to position {position} / sequence "
+                                     f"{sequence} within {timeout_s} s (at sequence {self.sequence})")
+
+    async def _follow(self) -> None:
+        try:
+            first = await self._first_sequence()
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
+            subscription = await self._loop.js.subscribe(self.subject, stream=self.stream, ordered_consumer=True,
+                                                         config=config)
+            while True:
+                message = await subscription.next_msg(timeout=None)
+                self._apply(message.metadata.sequence.stream, message.data)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            self._set_error(error)
+
+    def _apply(self, sequence: int, data: bytes) -> None:
+        try:
+            end = self.store.append_replicated(data)
+        except LedgerReplicationError as error:
+            raise LedgerReplicationError(f"stream {self.stream} message {sequence} refused: {error}") from error
+        with self._changed:
+            self.sequence = sequence
+            self.positions[end] = sequence
+            self._changed.notify_all()
+
+    def _set_error(self, error: BaseException) -> None:
+        with self._changed:
+            self.error = error
+            self._changed.notify_all()
+
+    async def _first_sequence(self) -> int:
+        """The sequence of the message starting at the store's write position, or the one after the last message
+        if that ends there. A binary search over the Nats-Msg-Id headers (they grow with the sequence); a message
+        without one (a forgery) makes it scan from the first message instead."""
+        position = self.store.engine.write_position
+        info = await self._loop.js.stream_info(self.stream)
+        low, high = info.state.first_seq, info.state.last_seq
+        if info.state.messages == 0 or (await self._range(high))[1] == position:
+            return high + 1
+        while low <= high:
+            middle = (low + high) // 2
+            start = (await self._range(middle))[0]
+            if start is None:
+                return await self._scan(info.state.first_seq, info.state.last_seq, position)
+            if start == position:
+                return middle
+            low, high = (middle + 1, high) if start < position else (low, middle - 1)
+        raise self._no_message(position)
+
+    async def _scan(self, first: int, last: int, position: int) -> int:
+        for sequence in range(first, last + 1):
+            start, end = await self._range(sequence)
+            if start == position:
+                return sequence
+            if end == position:
+                return sequence + 1
+        raise self._no_message(position)
+
+    async def _range(self, sequence: int) -> tuple[int | None, int | None]:
+        headers = (await self._loop.js.get_msg(self.stream, sequence)).headers
+        return header_int(headers, HEADER_MESSAGE_ID), header_int(headers, HEADER_END_POSITION)
+
+    def _no_message(self, position: int) -> LedgerReplicationError:
+        return LedgerReplicationError(f"stream {self.stream} holds no message starting at journal position "
+                                      f"{position} (this standby's write position)")
