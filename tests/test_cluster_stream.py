@@ -162,7 +162,7 @@ def test_the_fence_poisons_a_stale_publisher_and_a_store_behind_its_stream_may_n
             second.close()
         with pytest.raises(ledger.LedgerNotPrimaryError, match="LEDGER_fence.*sequence 1"):
             first.create_account(3)
-        with pytest.raises(ledger.LedgerClosedError):
+        with pytest.raises(ledger.LedgerPoisonedError):
             first.create_account(4)   # poisoned: the refused batch was never acknowledged
         first.close()
     with stream.StreamPublisher(cluster.url, "fence", replicas=1) as publisher:
@@ -185,6 +185,6 @@ def test_a_publish_without_an_ack_in_time_poisons_the_handle(tmp_path):
             alone.kill(0)
             with pytest.raises(ledger.LedgerTimeoutError, match="in doubt"):
                 handle.create_account(2)
-            with pytest.raises(ledger.LedgerClosedError):
+            with pytest.raises(ledger.LedgerPoisonedError):
                 handle.create_account(3)
             handle.close()
