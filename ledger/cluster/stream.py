@@ -8,7 +8,6 @@ sequence is the one this publisher knows, so a second or stale publisher fails).
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 from typing import Any, Coroutine
 
@@ -19,42 +18,26 @@ from nats.js.api import (ConsumerConfig, DeliverPolicy, DiscardPolicy, Retention
                          StreamConfig)
 
 from ledger.cluster.connection import ConnectionOptions, connect_arguments
+from ledger.cluster.names import (
+    ACK_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    HEADER_END_POSITION,
+    HEADER_EXPECTED_LAST_SEQUENCE,
+    HEADER_MESSAGE_ID,
+    JOURNAL_START_POSITION,
+    MESSAGE_BYTES_MAX,
+    REPLICAS_DEFAULT,
+    REQUEST_TIMEOUT_S,
+    WRONG_LAST_SEQUENCE_ERROR_CODE,
+    check_shard,
+    stream_name,
+    subject,
+)
 from ledger.cluster.servers import MAX_PAYLOAD_BYTES
 from ledger.errors import LedgerNotPrimaryError, LedgerReplicationError, LedgerTimeoutError
 
-SHARD_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")   # a stream name and a subject token: no '.', '*', '>', space
-STREAM_PREFIX = "LEDGER_"
-SUBJECT_PREFIX = "ledger.journal."
-REPLICAS_DEFAULT = 3
-ACK_TIMEOUT_S = 10.0          # the one bound on a publish's ack: past it the batch is in doubt, the handle poisoned
-CONNECT_TIMEOUT_S = 5.0
-REQUEST_TIMEOUT_S = 10.0      # stream info, message reads
-HEADER_MESSAGE_ID = "Nats-Msg-Id"
-HEADER_EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
-HEADER_END_POSITION = "Ledger-End-Position"
-WRONG_LAST_SEQUENCE_ERROR_CODE = 10071   # JetStream's "wrong last sequence"
-JOURNAL_START_POSITION = 1    # an empty journal's write position
-# The largest message: the servers' max_payload less room for the headers. A batch past it cannot be published
-# whole yet (splitting a batch over messages comes later): the hook raises and so poisons the handle.
-MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
-
-
-def check_shard(shard: str) -> str:
-    """`shard` if it is a valid shard name: 1 to 64 of A-Z, a-z, 0-9, '_' and '-' (valid in a stream name and
-    as one subject token); ValueError otherwise."""
-    if not isinstance(shard, str) or SHARD_PATTERN.fullmatch(shard) is None:
-        raise ValueError(f"shard name {shard!r}: use 1 to 64 of A-Z, a-z, 0-9, '_' and '-'")
-    return shard
-
-
-def stream_name(shard: str) -> str:
-    """The JetStream stream holding shard `shard`'s journal."""
-    return STREAM_PREFIX + check_shard(shard)
-
-
-def subject(shard: str) -> str:
-    """The subject shard `shard`'s batches are published on (the stream's only subject)."""
-    return SUBJECT_PREFIX + check_shard(shard)
+__all__ = ["LoopThread", "StreamFollower", "StreamPublisher", "check_shard", "ensure_stream", "header_int",
+           "last_message", "stream_name", "subject"]
 
 
 async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -> Any:

@@ -1,0 +1,98 @@
+"""The one statement of the cluster's names, headers and limits (docs/CLUSTER.md): what every node and client of
+a cluster must agree on, so that no two modules spell a subject, a key or a bound differently.
+
+Per shard NAME (1 to 64 of A-Z a-z 0-9 _ -: valid in a stream name and as one subject token):
+
+- stream `LEDGER_<NAME>`, subject `ledger.journal.<NAME>`: the replicated journal, one message per committed batch
+  range (byte for byte), or an epoch marker (an empty message a new primary publishes before it serves);
+- KV bucket `LEDGER_CLUSTER` (one per cluster, its TTL the lease's): key `lease.<NAME>` (the primary's lease) and
+  `node.<NAME>.<NODE>` (each node's role and position, put while it runs, for `ledger cluster status`);
+- object store bucket `LEDGER_SNAPSHOTS_<NAME>`: the primary's snapshots, for a node that rejoins;
+- request subjects `ledger.request.<NAME>` (the primary answers commands and reads) and `ledger.read.<NAME>` (every
+  node answers reads, for consistency="standby")."""
+from __future__ import annotations
+
+import re
+
+from ledger.cluster.servers import MAX_PAYLOAD_BYTES
+
+SHARD_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")   # a stream name and a subject token: no '.', '*', '>', space
+NODE_PATTERN = SHARD_PATTERN                           # a node name is one KV key token too
+STREAM_PREFIX = "LEDGER_"
+SUBJECT_PREFIX = "ledger.journal."
+BUCKET = "LEDGER_CLUSTER"
+SNAPSHOT_BUCKET_PREFIX = "LEDGER_SNAPSHOTS_"
+REQUEST_SUBJECT_PREFIX = "ledger.request."
+READ_SUBJECT_PREFIX = "ledger.read."
+
+# -- message headers --
+HEADER_MESSAGE_ID = "Nats-Msg-Id"                  # a batch: its start journal position; a marker: epoch-<N>
+HEADER_EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"   # the single-writer fence
+HEADER_END_POSITION = "Ledger-End-Position"        # a batch: its end; a marker: the stream's end position then
+HEADER_EPOCH = "Ledger-Epoch"                      # on a marker (and on every batch: the epoch that published it)
+HEADER_NODE = "Ledger-Node"                        # the node that published the message
+WRONG_LAST_SEQUENCE_ERROR_CODE = 10071             # JetStream's "wrong last sequence"
+
+# -- limits and timings, every one of the cluster in this one place --
+REPLICAS_DEFAULT = 3
+ACK_TIMEOUT_S = 10.0          # the one bound on a publish's ack: past it the batch is in doubt, the handle poisoned
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 10.0      # stream info, message reads, KV operations
+LEASE_TTL_S = 2.0             # a lease not renewed for this long lapses (the KV bucket's max age)
+LEASE_RENEW_INTERVAL_S = 0.5  # the primary renews this often: three renewals may fail before it lapses
+LEASE_POLL_INTERVAL_S = 0.25  # a standby looks this often whether the lease lapsed
+NODE_REPORT_INTERVAL_S = 1.0  # each node puts its role and position this often (status)
+PUBLISH_IN_FLIGHT_MAX = 16    # batches published and not yet acknowledged, at most
+JOURNAL_START_POSITION = 1    # an empty journal's write position
+# The largest message: the servers' max_payload less room for the headers.
+MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
+
+assert LEASE_RENEW_INTERVAL_S * 3 < LEASE_TTL_S and LEASE_POLL_INTERVAL_S < LEASE_TTL_S
+
+
+def check_name(kind: str, name: str) -> str:
+    """`name` if it is a valid shard or node name (`kind` says which, for the error): 1 to 64 of A-Z, a-z, 0-9,
+    '_' and '-'; ValueError otherwise."""
+    if not isinstance(name, str) or SHARD_PATTERN.fullmatch(name) is None:
+        raise ValueError(f"{kind} name {name!r}: use 1 to 64 of A-Z, a-z, 0-9, '_' and '-'")
+    return name
+
+
+def check_shard(shard: str) -> str:
+    """`shard` if it is a valid shard name; ValueError otherwise."""
+    return check_name("shard", shard)
+
+
+def stream_name(shard: str) -> str:
+    """The JetStream stream holding shard `shard`'s journal."""
+    return STREAM_PREFIX + check_shard(shard)
+
+
+def subject(shard: str) -> str:
+    """The subject shard `shard`'s batches are published on (the stream's only subject)."""
+    return SUBJECT_PREFIX + check_shard(shard)
+
+
+def lease_key(shard: str) -> str:
+    """The KV key of shard `shard`'s primary lease."""
+    return "lease." + check_shard(shard)
+
+
+def node_key(shard: str, node: str) -> str:
+    """The KV key where node `node` of shard `shard` reports its role and position."""
+    return f"node.{check_shard(shard)}.{check_name('node', node)}"
+
+
+def snapshot_bucket(shard: str) -> str:
+    """The object store bucket holding shard `shard`'s snapshots."""
+    return SNAPSHOT_BUCKET_PREFIX + check_shard(shard)
+
+
+def request_subject(shard: str) -> str:
+    """The subject shard `shard`'s primary answers requests on."""
+    return REQUEST_SUBJECT_PREFIX + check_shard(shard)
+
+
+def read_subject(shard: str) -> str:
+    """The subject every node of shard `shard` answers reads on (consistency="standby")."""
+    return READ_SUBJECT_PREFIX + check_shard(shard)
