@@ -43,13 +43,27 @@ from ledger.errors import (
 from ledger.history import HISTORY_DTYPE, Counters, Difference, EventKind, Explanation, account_at, balance_at, explain_difference
 from ledger.ids import IdGenerator
 from ledger.moments import At
-from ledger.ring import Client, connect
+from ledger.ring import Client
+from ledger.ring import connect as _connect_ring
 from ledger.snapshot import SnapshotInfo, SnapshotJob
 from ledger._core import EVENT_DTYPE
 from ledger.tail import Tailer, tail
 from ledger.scrub import ScrubDamage, ScrubReport
 
 __version__ = "0.1.0"
+
+NETWORK_SCHEMES = ("nats://", "tls://")
+
+
+def connect(target, **options):
+    """A client of a running ledger: `connect(DIR)` (a `ledger serve DIR` on this machine, through its ring:
+    options of ledger.ring.connect) or `connect("nats://HOST:PORT[,nats://...]", shard=NAME, timeout_ms=...,
+    options=ConnectionOptions(...) or its fields as keywords)` (the shard's primary over NATS: a
+    ledger.cluster.client.Client, docs/CLUSTER.md "Clients"). Both have the same calls, results and errors."""
+    if isinstance(target, str) and target.strip().startswith(NETWORK_SCHEMES):
+        from ledger.cluster.client import connect as connect_network   # needs the `cluster` extra (nats-py)
+        return connect_network(target, **options)
+    return _connect_ring(target, **options)
 
 __all__ = [
     "ACCOUNT_DTYPE",

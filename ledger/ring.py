@@ -42,7 +42,7 @@ from ledger.errors import (
 from ledger.scrub import BackgroundScrub
 from ledger.store import open_store
 
-__all__ = ["Client", "Server", "connect", "RING_FILE", "SLOT_COUNT_DEFAULT"]
+__all__ = ["Client", "Server", "account_id", "account_row", "connect", "transfer_row", "RING_FILE", "SLOT_COUNT_DEFAULT"]
 
 RING_FILE = "commands.ring"
 SLOT_COUNT_DEFAULT = 1 << 16
@@ -137,6 +137,34 @@ def _signed(value: Any, name: str) -> int:
     if not -AMOUNT_MAX - 1 <= value <= AMOUNT_MAX:
         raise ValueError(f"{name} {value} is outside the int64 range [{-AMOUNT_MAX - 1}, {AMOUNT_MAX}]")
     return int(value)
+
+
+def transfer_row(id: Any, debit_account: Any, credit_account: Any, amount: Any, ledger: Any = 1, code: Any = 0,
+                 flags: Any = 0, pending_id: Any = 0, timeout: Any = 0, user_data: Any = 0) -> np.ndarray:
+    """The one-row TRANSFER_DTYPE batch of a single transfer's arguments, each checked as Ledger.transfer checks
+    it (same exceptions, same messages): what every client's `transfer` sends."""
+    rows = transfers_batch(1)
+    rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(debit_account, "debit_account", ID_MAX),
+               _unsigned(credit_account, "credit_account", ID_MAX), _signed(amount, "amount"),
+               _unsigned(pending_id, "pending_id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
+               _unsigned(ledger, "ledger", U32_MAX), _unsigned(timeout, "timeout", U32_MAX),
+               _unsigned(code, "code", U16_MAX), _unsigned(flags, "flags", U16_MAX))
+    return rows
+
+
+def account_row(id: Any, ledger: Any = 1, min_balance: Any = 0, max_balance: Any = BALANCE_MAX, flags: Any = 0,
+                user_data: Any = 0) -> np.ndarray:
+    """The one-row ACCOUNT_DTYPE batch of a single account's arguments, checked as Ledger.create_account does."""
+    rows = accounts_batch(1)
+    rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
+               _signed(min_balance, "min_balance"), _signed(max_balance, "max_balance"),
+               _unsigned(ledger, "ledger", U32_MAX), _unsigned(flags, "flags", U16_MAX))
+    return rows
+
+
+def account_id(id: Any) -> int:
+    """An account id argument of a read (account, balance, available), checked: an int in [0, 2**64 - 1]."""
+    return _unsigned(id, "id", ID_MAX)
 
 
 def check_permissions(directory: str, group: int | None = None) -> None:
@@ -652,27 +680,20 @@ class Client:
                  code: int = 0, flags: int = 0, pending_id: int = 0, timeout: int = 0,
                  user_data: int = 0) -> TransferResult:
         """One transfer through the writer process, with the arguments and result of Ledger.transfer."""
-        rows = transfers_batch(1)
-        rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(debit_account, "debit_account", ID_MAX),
-                   _unsigned(credit_account, "credit_account", ID_MAX), _signed(amount, "amount"),
-                   _unsigned(pending_id, "pending_id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
-                   _unsigned(ledger, "ledger", U32_MAX), _unsigned(timeout, "timeout", U32_MAX),
-                   _unsigned(code, "code", U16_MAX), _unsigned(flags, "flags", U16_MAX))
+        rows = transfer_row(id, debit_account, credit_account, amount, ledger, code, flags, pending_id, timeout,
+                            user_data)
         return TransferResult(int(self._call(_ring.SLOT_KIND_TRANSFER, rows)[0][0]))
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
                        flags: int = 0, user_data: int = 0) -> AccountResult:
         """One account through the writer process, with the arguments and result of Ledger.create_account."""
-        rows = accounts_batch(1)
-        rows[0] = (_unsigned(id, "id", ID_MAX), _unsigned(user_data, "user_data", ID_MAX),
-                   _signed(min_balance, "min_balance"), _signed(max_balance, "max_balance"),
-                   _unsigned(ledger, "ledger", U32_MAX), _unsigned(flags, "flags", U16_MAX))
+        rows = account_row(id, ledger, min_balance, max_balance, flags, user_data)
         return AccountResult(int(self._call(_ring.SLOT_KIND_ACCOUNT, rows)[0][0]))
 
     def account(self, id: int) -> Account | None:
         """The account `id` as the writer holds it now, or None."""
         rows = np.zeros(1, np.dtype([("id", "<u8")]))
-        rows["id"] = _unsigned(id, "id", ID_MAX)
+        rows["id"] = account_id(id)
         _, statuses, answers = self._call(_ring.SLOT_KIND_QUERY_ACCOUNT, rows, with_answers=True)
         if statuses[0] == _ring.STATUS_NOT_FOUND:
             return None

@@ -96,3 +96,29 @@ def request_subject(shard: str) -> str:
 def read_subject(shard: str) -> str:
     """The subject every node of shard `shard` answers reads on (consistency="standby")."""
     return READ_SUBJECT_PREFIX + check_shard(shard)
+
+
+# -- requests over NATS (ledger/cluster/protocol.py, client.py, service.py; docs/CLUSTER.md "Requests over NATS") --
+PROTOCOL_VERSION = 1                  # Ledger-Version of every request and reply; an unknown one is refused
+HEADER_VERSION = "Ledger-Version"
+HEADER_METHOD = "Ledger-Method"       # a request: which call (transfers, create_accounts, account, ...)
+HEADER_ARGUMENTS = "Ledger-Arguments"  # a request: its scalar arguments, as small JSON
+HEADER_ERROR = "Ledger-Error"         # a reply: the exception's class name (the body is its message)
+HEADER_POSITION = "Ledger-Position"   # a reply: the journal write position the answer reflects
+HEADER_RESULT = "Ledger-Result"       # a reply: a scalar result, as small JSON
+ARGUMENTS_BYTES_MAX = 4096            # the JSON of a request's scalar arguments, or of a reply's result
+ERROR_MESSAGE_BYTES_MAX = 4096        # an error reply's message (longer ones are cut)
+REQUEST_ROWS_MAX = 32_768             # rows of one request (the ring client's per-call limit too): 2 MiB of
+                                      # transfers, well inside MESSAGE_BYTES_MAX once journaled with its expiries
+COALESCED_ROWS_MAX = 16_384           # rows the client joins into one request and the service into one core call
+SERVICE_QUEUE_REQUESTS_MAX = 4096     # requests a service holds unanswered; past it a request answers busy
+CLIENT_REQUESTS_IN_FLIGHT_MAX = 2     # requests of one write method a client has out at once: the rest wait
+                                      # and are coalesced into the next one
+REQUEST_ATTEMPT_TIMEOUT_S = 3.0       # one attempt's wait for a reply; past it the request is sent again
+                                      # (a primary killed mid-call): an applied transfer then answers EXISTS
+RETRY_BACKOFF_S_MIN = 0.01            # the pause before a retry starts here and doubles per attempt
+RETRY_BACKOFF_S_MAX = 0.2
+READ_QUEUE_GROUP = "ledger-read"      # the read subject's queue group: one node answers each read
+CLIENT_TIMEOUT_MS_DEFAULT = 30_000    # a call's whole budget, retries included (as the ring client's)
+CLIENT_TIMEOUT_MS_MAX = 3_600_000
+SERVICE_STOP_TIMEOUT_S = 15.0         # stop() waits this long at most for the requests in progress
