@@ -384,11 +384,16 @@ async def connect_async(url: str, *, shard: str, timeout_ms: int = CLIENT_TIMEOU
             raise ValueError("give the connection options as options= or as keywords, not both")
         options = ConnectionOptions(**connection_options)
     arguments = connect_arguments(url, options)
+    # Once connected it reconnects for ever (each call stays bounded by timeout_ms); the first connection gets
+    # the call budget, at most CONNECT_TIMEOUT_S.
+    wait_s = min(CONNECT_TIMEOUT_S, timeout_ms / 1000)
     try:
-        opened = await nats.connect(**arguments, connect_timeout=CONNECT_TIMEOUT_S, error_cb=_quiet,
-                                    max_reconnect_attempts=-1, reconnect_time_wait=0.1, allow_reconnect=True)
+        opened = await asyncio.wait_for(nats.connect(**arguments, connect_timeout=wait_s, error_cb=_quiet,
+                                                     max_reconnect_attempts=-1, reconnect_time_wait=0.1),
+                                        wait_s)
     except Exception as error:   # nats-py raises several kinds (NoServersError, OSError, TimeoutError)
-        raise LedgerUnavailableError(f"no NATS server at {redacted(url)} answered: {error}") from None
+        raise LedgerUnavailableError(f"no NATS server at {redacted(url)} answered within {wait_s:g} s: "
+                                     f"{error or type(error).__name__}") from None
     return AsyncClient(opened, shard, timeout_ms, owns_connection=True)
 
 
