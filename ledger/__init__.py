@@ -55,15 +55,15 @@ __version__ = "0.1.0"
 NETWORK_SCHEMES = ("nats://", "tls://")
 
 
-def connect(target, **options):
+def connect(directory, **options):
     """A client of a running ledger: `connect(DIR)` (a `ledger serve DIR` on this machine, through its ring:
     options of ledger.ring.connect) or `connect("nats://HOST:PORT[,nats://...]", shard=NAME, timeout_ms=...,
     options=ConnectionOptions(...) or its fields as keywords)` (the shard's primary over NATS: a
     ledger.cluster.client.Client, docs/CLUSTER.md "Clients"). Both have the same calls, results and errors."""
-    if isinstance(target, str) and target.strip().startswith(NETWORK_SCHEMES):
+    if isinstance(directory, str) and directory.strip().startswith(NETWORK_SCHEMES):
         from ledger.cluster.client import connect as connect_network   # needs the `cluster` extra (nats-py)
-        return connect_network(target, **options)
-    return _connect_ring(target, **options)
+        return connect_network(directory, **options)
+    return _connect_ring(directory, **options)
 
 __all__ = [
     "ACCOUNT_DTYPE",
