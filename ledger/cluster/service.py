@@ -122,13 +122,11 @@ class Service:
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             try:
-                await subscription.unsubscribe()
+                # Drain, not unsubscribe: the requests the server delivered already are still queued (and
+                # answered) rather than dropped, which would leave their callers waiting out an attempt.
+                await asyncio.wait_for(subscription.drain(), CONNECT_TIMEOUT_S)
             except Exception:
                 pass   # a connection gone has no subscriptions left
-        try:
-            await self._thread.connection.flush(CONNECT_TIMEOUT_S)
-        except Exception:
-            pass
 
     def stop(self) -> None:
         """Unsubscribe (clients retry elsewhere), answer every request accepted, close. Idempotent."""
