@@ -31,6 +31,7 @@ from ledger.cluster.names import (
     CLIENT_REQUESTS_IN_FLIGHT_MAX,
     CLIENT_TIMEOUT_MS_DEFAULT,
     CLIENT_TIMEOUT_MS_MAX,
+    CLIENT_WAITING_CALLS_MAX,
     COALESCED_ROWS_MAX,
     CONNECT_TIMEOUT_S,
     REQUEST_ATTEMPT_TIMEOUT_S,
@@ -51,7 +52,7 @@ from ledger.cluster.protocol import (
 )
 from ledger.enums import (ACCOUNT_DTYPE, BALANCE_MAX, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult,
                           TransferResult)
-from ledger.errors import LedgerClosedError, LedgerError, LedgerUnavailableError
+from ledger.errors import LedgerBusyError, LedgerClosedError, LedgerError, LedgerUnavailableError
 from ledger.history import HISTORY_DTYPE
 from ledger.ring import account_id, account_row, transfer_row
 
@@ -143,7 +144,11 @@ class _Coalescer:
         self.requests_sent = 0   # requests (not attempts): fewer than calls when calls were joined
 
     def submit(self, rows: np.ndarray, deadline: float) -> asyncio.Future:
-        """Queue one call's rows; the future gets its codes (or its exception)."""
+        """Queue one call's rows; the future gets its codes (or its exception). LedgerBusyError when
+        CLIENT_WAITING_CALLS_MAX calls wait already (nothing sent)."""
+        if len(self.waiting) >= CLIENT_WAITING_CALLS_MAX:
+            raise LedgerBusyError(f"{len(self.waiting)} {self.method} calls wait on this client already; nothing "
+                                  f"of this one was sent")
         future = asyncio.get_running_loop().create_future()
         self.waiting.append(_Waiting(rows, future, deadline))
         self._pump()

@@ -112,6 +112,7 @@ REQUEST_ROWS_MAX = 32_768             # rows of one request (the ring client's p
                                       # transfers, well inside MESSAGE_BYTES_MAX once journaled with its expiries
 COALESCED_ROWS_MAX = 16_384           # rows the client joins into one request and the service into one core call
 SERVICE_QUEUE_REQUESTS_MAX = 4096     # requests a service holds unanswered; past it a request answers busy
+CLIENT_WAITING_CALLS_MAX = 65_536     # calls waiting in one client for a request; past it a call is busy
 CLIENT_REQUESTS_IN_FLIGHT_MAX = 2     # requests of one write method a client has out at once: the rest wait
                                       # and are coalesced into the next one
 REQUEST_ATTEMPT_TIMEOUT_S = 3.0       # one attempt's wait for a reply; past it the request is sent again
