@@ -318,6 +318,28 @@ def test_no_service_means_unavailable_within_the_timeout(cluster):
                 assert timeout_ms / 1000 <= elapsed_s < timeout_ms / 1000 + 0.5, elapsed_s
 
 
+def test_closing_a_client_ends_its_calls_in_progress(cluster):
+    client = ledger.connect(cluster.url, shard=next(SHARDS), timeout_ms=TIMEOUT_MS)
+    outcome: dict[str, object] = {}
+
+    def call() -> None:   # no service: it retries until the client is closed
+        started = time.monotonic()
+        try:
+            client.transfer(1, 1, 2, 1)
+        except ledger.LedgerError as error:
+            outcome["error"], outcome["seconds"] = type(error), time.monotonic() - started
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.3)
+    client.close()
+    thread.join(HANG_GUARD_S)
+    assert outcome["error"] is ledger.LedgerClosedError and outcome["seconds"] < 1.5, outcome
+    with pytest.raises(ledger.LedgerClosedError):
+        client.balance(1)
+    client.close()   # idempotent
+
+
 def test_no_nats_server_is_unavailable_at_connect():
     with pytest.raises(ledger.LedgerUnavailableError, match="no NATS server"):
         ledger.connect("nats://127.0.0.1:1", shard="x", timeout_ms=100)

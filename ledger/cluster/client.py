@@ -418,11 +418,27 @@ class _LoopThread:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise LedgerUnavailableError(f"the client's loop gave no answer within {timeout_s:g} s") from None
+        except concurrent.futures.CancelledError:
+            raise LedgerClosedError("the client was closed during this call; it may or may not have been "
+                                    "applied: retry with the same ids") from None
 
     def stop(self) -> None:
+        """End every task (the calls in progress raise LedgerClosedError in their threads), then the loop."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._cancel_all(), self.loop).result(CONNECT_TIMEOUT_S)
+        except Exception:
+            pass   # the loop stops anyway
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
+
+
+    @staticmethod
+    async def _cancel_all() -> None:
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Client:
