@@ -35,7 +35,7 @@ from ledger.cluster.names import (
 )
 from ledger.moments import At, as_at
 
-__all__ = ["BATCH_METHODS", "READ_METHODS", "ERROR_CLASSES", "Reply", "Request", "RequestRefused",
+__all__ = ["BATCH_METHODS", "READ_METHODS", "WRITE_METHODS", "ERROR_CLASSES", "Reply", "Request", "RequestRefused",
            "decode_reply", "decode_request", "encode_error", "encode_moment", "encode_reply", "encode_request",
            "decode_moment", "error_from_reply", "is_linked_open"]
 
