@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 import numpy as np
 
 import ledger
@@ -37,6 +39,7 @@ ACCOUNTS = 1_000
 SETTLEMENT = 1                    # funds every transfer (no limit), so none is rejected and every row is work
 FIRST_ACCOUNT = 2
 REPLICAS = 3
+STREAM_RETRY_INTERVAL_S = 0.25   # between attempts to create the probe's stream on a cluster just started
 PROBE_TIME_LIMIT_S = 60.0         # a probe stops after this much even if messages remain (a slow disk)
 
 
@@ -69,12 +72,25 @@ def percentiles_us(seconds: list[float]) -> tuple[float | None, float | None]:
 
 # -- the raw JetStream probe --
 
+async def _ensure_stream(js: Any, shard: str) -> Any:
+    """The probe's stream, created R3. Right after a cluster starts its meta leader may still be placing its
+    first streams: a timeout or a 503 is retried until REQUEST_TIMEOUT_S has passed, then raised."""
+    deadline = time.monotonic() + names.REQUEST_TIMEOUT_S
+    while True:
+        try:
+            return await stream.ensure_stream(js, shard, REPLICAS)
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(STREAM_RETRY_INTERVAL_S)
+
+
 async def _probe(url: str, shard: str, message_bytes: int, messages: int, in_flight: int,
                  time_limit_s: float) -> Rate:
     connection = await nats.connect(**connect_arguments(url), connect_timeout=names.CONNECT_TIMEOUT_S)
     try:
         js = connection.jetstream(timeout=names.REQUEST_TIMEOUT_S)
-        info = await stream.ensure_stream(js, shard, REPLICAS)
+        info = await _ensure_stream(js, shard)
         data = os.urandom(message_bytes)
         last_sequence, position, began = info.state.last_seq, 1, time.perf_counter()
         latencies: list[float] = []
