@@ -6,16 +6,21 @@ only. Checked: primary, epoch, standbys, each node's lag, the stream's counts an
 the table, --shard, and the exit codes (2 usage, 3 no server answers)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
+import time
 
+import nats.errors
 import nats.js.api
+import nats.js.errors
 import pytest
 
 import ledger
 from ledger import cli
 from ledger.api import open_with_hooks
+from ledger.bench_peers import cluster as cluster_bench
 from ledger.cluster import names, status, stream
 from ledger.cluster.servers import LocalCluster
 
@@ -24,17 +29,20 @@ NODES_ONLY_SHARD = "ap"
 EPOCH = 3
 REPORT_INTERVAL_S = 0.25          # faster than a node's NODE_REPORT_INTERVAL_S: the keys never lapse mid-test
 STOP_TIMEOUT_S = 5.0
+BUCKET_TIMEOUT_S = 30.0
 
 
 def node_report(node: str, role: str, position: int, sequence: int, error: str | None = None) -> bytes:
     return json.dumps({"node": node, "role": role, "epoch": EPOCH, "position": position, "sequence": sequence,
-                       "error": error, "updated_ns": __import__("time").time_ns()}).encode()
+                       "error": error, "updated_ns": time.time_ns()}).encode()
 
 
 def publish_batches(cluster: LocalCluster, path: str) -> tuple[int, list[tuple[int, int]]]:
     """A real ledger publishing real batches to the shard's R3 stream: (its end position, per message (end
     position, sequence))."""
     ends = []
+    # A new R3 stream elects its leader first: publishing before that finds no responder.
+    cluster_bench.prepare_stream(cluster.url, SHARD)
     with stream.StreamPublisher(cluster.url, SHARD, replicas=3) as publisher:
         handle = open_with_hooks(path, create=True, publish=publisher, durability="fsync")
         publisher.attach(handle.store)
@@ -57,8 +65,17 @@ class Reporter:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     async def _bucket(self):
+        """The bucket as the lease module makes it (TTL the lease's, R3); its creation, like a new stream's, may
+        time out or answer 503 while the cluster is busy placing it: retried within BUCKET_TIMEOUT_S."""
         config = nats.js.api.KeyValueConfig(bucket=names.BUCKET, ttl=names.LEASE_TTL_S, history=1, replicas=3)
-        return await self.loop.js.create_key_value(config)
+        deadline = time.monotonic() + BUCKET_TIMEOUT_S
+        while True:
+            try:
+                return await self.loop.js.create_key_value(config)
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def _put(self) -> None:
         bucket = await self.loop.js.key_value(names.BUCKET)
@@ -68,7 +85,7 @@ class Reporter:
 
     def start(self) -> None:
         self.loop.start()
-        self.loop.run(self._bucket(), names.REQUEST_TIMEOUT_S)
+        self.loop.run(self._bucket(), BUCKET_TIMEOUT_S + names.REQUEST_TIMEOUT_S)
         self.loop.run(self._put(), names.REQUEST_TIMEOUT_S)
         self.thread.start()
 

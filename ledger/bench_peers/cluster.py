@@ -30,7 +30,7 @@ import numpy as np
 import ledger
 from ledger.api import open_with_hooks
 from ledger.cluster import names, stream
-from ledger.cluster.connection import connect_arguments
+from ledger.cluster.connection import connect_arguments, parse_urls
 
 RECORD_BYTES = 64
 BATCH_TRANSFERS = 16_384          # the batch the issue names: one message of 16,385 records (1 MiB + 64 bytes)
@@ -73,16 +73,64 @@ def percentiles_us(seconds: list[float]) -> tuple[float | None, float | None]:
 # -- the raw JetStream probe --
 
 async def _ensure_stream(js: Any, shard: str) -> Any:
-    """The probe's stream, created R3. Right after a cluster starts its meta leader may still be placing its
-    first streams: a timeout or a 503 is retried until REQUEST_TIMEOUT_S has passed, then raised."""
+    """Shard `shard`'s stream, created R3 if missing, once it has a Raft leader. Right after an R3 stream is
+    created (or a cluster started) its group may still be electing: a publish then finds no responder. A timeout,
+    a 503 or no leader yet is retried until REQUEST_TIMEOUT_S has passed, then raised."""
     deadline = time.monotonic() + names.REQUEST_TIMEOUT_S
     while True:
         try:
-            return await stream.ensure_stream(js, shard, REPLICAS)
+            info = await stream.ensure_stream(js, shard, REPLICAS)
+            if info.cluster is None or info.cluster.leader is not None:
+                return info
         except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
             if time.monotonic() >= deadline:
                 raise
+        if time.monotonic() >= deadline:
+            raise ledger.LedgerTimeoutError(f"stream {stream.stream_name(shard)}: no Raft leader within "
+                                            f"{names.REQUEST_TIMEOUT_S} s")
+        await asyncio.sleep(STREAM_RETRY_INTERVAL_S)
+
+
+async def _wait_for_interest(server_url: str, shard: str) -> None:
+    """Wait until the server at `server_url` routes a publish on the shard's subject to its stream: interest in
+    a new stream's subject reaches the other servers of a cluster a moment after the stream has a leader, and a
+    publish before that gets "no responders". The test publish carries an impossible expected last sequence, so
+    the stream answers with the fence's error and stores nothing."""
+    connection = await nats.connect(server_url, connect_timeout=names.CONNECT_TIMEOUT_S)
+    deadline = time.monotonic() + names.REQUEST_TIMEOUT_S
+    try:
+        js = connection.jetstream(timeout=names.REQUEST_TIMEOUT_S)
+        while True:
+            try:
+                await js.publish(stream.subject(shard), b"", stream=stream.stream_name(shard),
+                                 headers={names.HEADER_EXPECTED_LAST_SEQUENCE: str(2**62)})
+                raise AssertionError("a publish with an impossible expected last sequence was stored")
+            except nats.js.errors.APIError as error:
+                if error.err_code == names.WRONG_LAST_SEQUENCE_ERROR_CODE:
+                    return
+                raise
+            except nats.js.errors.NoStreamResponseError:
+                if time.monotonic() >= deadline:
+                    raise
             await asyncio.sleep(STREAM_RETRY_INTERVAL_S)
+    finally:
+        await connection.close()
+
+
+def prepare_stream(url: str, shard: str) -> None:
+    """Create shard `shard`'s R3 stream, wait until it has a leader (see _ensure_stream) and until every server
+    of `url` routes publishes to it, before a publisher that would otherwise find no responder."""
+    servers = [server.url for server in parse_urls(url)]
+
+    async def main() -> None:
+        connection = await nats.connect(**connect_arguments(url), connect_timeout=names.CONNECT_TIMEOUT_S)
+        try:
+            await _ensure_stream(connection.jetstream(timeout=names.REQUEST_TIMEOUT_S), shard)
+        finally:
+            await connection.close()
+        for server in servers:
+            await _wait_for_interest(server, shard)
+    asyncio.run(main())
 
 
 async def _probe(url: str, shard: str, message_bytes: int, messages: int, in_flight: int,
@@ -131,6 +179,7 @@ def probe(url: str, shard: str, message_bytes: int, messages: int, in_flight: in
     """Publish `messages` messages of `message_bytes` to shard `shard`'s stream (R3, created if missing) with
     `in_flight` unacknowledged at most, fenced as the ledger's publisher is; messages/s and ack round trip."""
     assert message_bytes % RECORD_BYTES == 0 and messages >= 1 and 1 <= in_flight <= names.PUBLISH_IN_FLIGHT_MAX
+    prepare_stream(url, shard)
     return asyncio.run(_probe(url, shard, message_bytes, messages, in_flight, time_limit_s))
 
 
@@ -218,6 +267,7 @@ def run_ledger(directory: str, url: str, shard: str, batches: int, calls: int,
     rng = np.random.default_rng(14)
     prepared = [_batch(1 + index * batch_transfers, batch_transfers, rng) for index in range(batches)]
     first_call_id = 1 + batches * batch_transfers
+    prepare_stream(url, shard)
     with OPEN_REPLICATED(directory, url, shard, **options) as handle:
         _fund(handle)
 
