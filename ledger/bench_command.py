@@ -9,6 +9,10 @@ peers_chart.png (if matplotlib is installed) to the results directory (default: 
 current directory, never the source checkout). PostgreSQL and Redis are started on 127.0.0.1 in a temporary
 directory and always stopped.
 
+`ledger bench --cluster` instead runs a replicated ledger against a raw JetStream probe (the same bytes, R3,
+sync_interval always, the same number in flight) on a local three-node cluster it starts in the data directory
+and always stops, and prints the ratio ledger/probe and the p50/p99 (ledger/bench_peers/cluster.py).
+
 The peers live in ledger/bench_peers/ (part of the installed package: `pip install ".[bench]"` has all it needs).
 
 Exit codes: 0 every row agrees with ledger, 1 a cross-check failed or a peer group failed to run, 2 usage,
@@ -33,6 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ledger.bench_peers import cluster as cluster_bench
 from ledger.bench_peers import suite as peer_suite
 from ledger.bench_peers.ledger_peer import measure_latency
 from ledger.bench_peers.runner import RunLimits, run_peer
@@ -75,6 +80,13 @@ def parser(group_names: tuple[str, ...]) -> argparse.ArgumentParser:
     command.add_argument("--data-dir", type=Path, help="where the temporary data directory goes (default: the "
                          "system temporary directory; put it on the disk you want to measure)")
     command.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
+    command.add_argument("--cluster", action="store_true",
+                         help="instead of the peers: a replicated ledger against a raw JetStream probe on a local "
+                              "3-node cluster started in the data directory (docs/CLUSTER.md)")
+    command.add_argument("--cluster-batches", type=int, help="--cluster: 16k-transfer batches (default "
+                         f"{cluster_bench.FULL_COUNTS.batches}, quick {cluster_bench.QUICK_COUNTS.batches})")
+    command.add_argument("--cluster-calls", type=int, help="--cluster: single transfer() calls (default "
+                         f"{cluster_bench.FULL_COUNTS.calls:,}, quick {cluster_bench.QUICK_COUNTS.calls})")
     return command
 
 
@@ -95,6 +107,11 @@ def parse_arguments(argv: list[str], group_names: tuple[str, ...]) -> argparse.N
         command.error("--accounts must be >= 2 and --transfers >= 1")
     if not 1 <= arguments.batch_size <= 2**23 or arguments.per_commit_transfers < 1 or arguments.time_limit_s <= 0:
         command.error("--batch-size must be in [1, 2**23], --per-commit-transfers >= 1, --time-limit-s > 0")
+    counts = cluster_bench.QUICK_COUNTS if arguments.quick else cluster_bench.FULL_COUNTS
+    arguments.cluster_batches = arguments.cluster_batches or counts.batches
+    arguments.cluster_calls = arguments.cluster_calls or counts.calls
+    if arguments.cluster_batches < 2 or arguments.cluster_calls < 2:
+        command.error("--cluster-batches and --cluster-calls must be >= 2 (one per producer thread)")
     if arguments.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         arguments.out = Path.cwd() / RESULTS_DIRECTORY_NAME / stamp
@@ -461,6 +478,27 @@ def run(arguments: argparse.Namespace, suite: Any, work_directory: Path) -> dict
     return report
 
 
+def run_cluster(arguments: argparse.Namespace, work_directory: Path) -> int:
+    """`ledger bench --cluster`: a local 3-node cluster in the work directory, the JetStream probe and the ledger
+    side by side (ledger.bench_peers.cluster), the ratio printed and results.json written; servers always stopped."""
+    from ledger.cluster.servers import LocalCluster
+    machine = machine_description(work_directory)
+    print(f"ledger bench --cluster: 3 nats-servers (sync_interval always), R3; {arguments.cluster_batches} batches "
+          f"of {cluster_bench.BATCH_TRANSFERS:,}, {arguments.cluster_calls:,} single calls, "
+          f"{cluster_bench.PRODUCERS} producers")
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, data on {machine['device']} "
+          f"({machine['filesystem']}), fdatasync of 64 bytes p50 {machine['fdatasync_64_bytes_p50_us']} us")
+    counts = cluster_bench.Counts(arguments.cluster_batches, arguments.cluster_calls)
+    with LocalCluster(work_directory / "nats", nodes=3, port=0) as cluster:
+        report = cluster_bench.side_by_side(cluster.url, str(work_directory), counts)
+    print("\n".join(cluster_bench.report_lines(report)), flush=True)
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    document = {"command": "ledger bench " + " ".join(arguments.argv), "machine": machine, **report}
+    (arguments.out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results: {arguments.out / 'results.json'}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `ledger bench -- --quick`: the separator the top-level parser lets through
@@ -474,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     work_directory.chmod(0o711)
     try:
         with stop_on_sigterm():
+            if arguments.cluster:
+                return run_cluster(arguments, work_directory)
             report = run(arguments, peer_suite, work_directory)
     except KeyboardInterrupt:
         print("ledger bench: interrupted; servers stopped", file=sys.stderr)

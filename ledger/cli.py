@@ -6,7 +6,8 @@ journal's end (or in the future) is an error.
 
 Also: init, account create, transfer, snapshot, restore, serve, project, bench, scrub DIR (re-check every
 journal batch's checksum and hash chain; exit 3 when one is damaged), cluster nats DIR (a local NATS JetStream
-cluster in the foreground: prints its client URL, stops on SIGTERM or Ctrl-C).
+cluster in the foreground: prints its client URL, stops on SIGTERM or Ctrl-C), cluster status URL (each shard's
+primary, nodes, positions and lag; exit 3 when no server answers).
 
 Exit codes: 0 success, 1 verification failed, 2 usage or input error (a bad argument, a path that does not exist or
 already exists, a transfer or account that was not applied), 3 the data directory is locked, corrupt or
@@ -624,6 +625,15 @@ def cluster_nats_command(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cluster_status_command(arguments: argparse.Namespace) -> int:
+    """`cluster status URL [--shard NAME] [--json]`: each shard's primary, nodes and lag (ledger.cluster.status);
+    exit 3 (one line) when no server answers."""
+    from ledger.cluster import connection, status
+    report = status.read_status(arguments.url, connection.options_from_arguments(arguments), arguments.shard)
+    print(json.dumps(report.to_dict(), indent=2) if arguments.json else status.status_text(report))
+    return EXIT_OK
+
+
 def _announce_cluster(cluster: LocalCluster) -> None:
     print(cluster.url, flush=True)
     for spec in cluster.servers:
@@ -841,6 +851,14 @@ def _cluster_arguments(command: argparse.ArgumentParser) -> None:
                       help=f"base port: clients from it, routes +{servers.ROUTE_PORT_OFFSET}, monitoring "
                            f"+{servers.MONITOR_PORT_OFFSET} (default {servers.PORT_DEFAULT}; 0: free ports)")
     nats.set_defaults(handler=cluster_nats_command)
+    from ledger.cluster import connection, status
+    command = actions.add_parser("status", help="each shard's primary, epoch, nodes, positions and lag",
+                                 description=status.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_argument("url", help="the NATS servers: nats://host:port, several separated by commas")
+    command.add_argument("--shard", help="only this shard")
+    command.add_argument("--json", action="store_true", help=JSON_HELP + " (format: docs/CLUSTER.md, Status)")
+    connection.add_arguments(command)
+    command.set_defaults(handler=cluster_status_command)
 
 
 def main(argv: list[str] | None = None) -> int:

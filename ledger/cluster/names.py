@@ -37,6 +37,7 @@ WRONG_LAST_SEQUENCE_ERROR_CODE = 10071             # JetStream's "wrong last seq
 REPLICAS_DEFAULT = 3
 ACK_TIMEOUT_S = 10.0          # the one bound on a publish's ack: past it the batch is in doubt, the handle poisoned
 CONNECT_TIMEOUT_S = 5.0
+STATUS_CONNECT_RETRY_WAIT_S = 0.1   # `cluster status` tries each server once (nats-py's default: 60 x 2 s)
 REQUEST_TIMEOUT_S = 10.0      # stream info, message reads, KV operations
 LEASE_TTL_S = 2.0             # a lease not renewed for this long lapses (the KV bucket's max age)
 LEASE_RENEW_INTERVAL_S = 0.5  # the primary renews this often: three renewals may fail before it lapses
