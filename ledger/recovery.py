@@ -8,7 +8,11 @@ corruption (LedgerCorruptError naming the file, byte offset and position; nothin
 flusher has synced, so after a machine crash anything failing at or past it is a torn tail, even with intact
 batches after it (writeback order is arbitrary). STRICT: every batch was synced before the next was written
 ("fsync" mode), so only the last batch can be torn and a failure with a committed batch after it is corruption.
-No file (journals written before it existed), or a damaged one: STRICT."""
+No file (journals written before it existed), or a damaged one: STRICT.
+
+drop_batches_from(directory, position) removes the batches from a batch boundary on, from a closed ledger (a
+primary that lost its lease drops what the stream does not hold); it lowers the durable mark first, which is what
+makes a crash in the middle of it a torn tail for the next open (docs/FORMAT.md, "Dropping batches")."""
 from __future__ import annotations
 
 import datetime
@@ -404,12 +408,12 @@ def _not_a_boundary(journal: _ClosedJournal, position: int, why: str) -> ValueEr
                       f"not the header position of a committed batch nor the journal's write position ({why})")
 
 
-def _checksum_before(journal: _ClosedJournal, position: int) -> int:
-    """The checksum of the committed batch that ends exactly at `position` (0 for position 1), found from the
-    offset in its batch of the record before it; ValueError if there is none (a position inside a batch, past
-    the end, or after a batch that fails its checks)."""
+def _batch_before(journal: _ClosedJournal, position: int) -> tuple[int, int]:
+    """(header position, checksum) of the committed batch that ends exactly at `position` ((0, 0) for position
+    1), found from the offset in its batch of the record before it; ValueError if there is none (a position
+    inside a batch, past the end, or after a batch that fails its checks)."""
     if position == 1:
-        return 0
+        return 0, 0
     before = journal.record(position - 1)
     if before is None or not any(before):
         raise _not_a_boundary(journal, position, "the record before it is empty or past the segment files")
@@ -418,14 +422,14 @@ def _checksum_before(journal: _ClosedJournal, position: int) -> int:
     header = position - 1 - (before[WORD_COMMIT] >> 40)   # an event's word B: bits 40..63 its offset in the batch
     found = journal.committed(header, None) if header >= 1 else None
     if found is None or found[0] != position:
-        raise _not_a_boundary(journal, position, f"the record before it is not the last event of a committed batch")
-    return found[1]
+        raise _not_a_boundary(journal, position, "the record before it is not the last event of a committed batch")
+    return header, found[1]
 
 
-def _batches_from(journal: _ClosedJournal, position: int) -> tuple[list[tuple[int, int, int, int]], int]:
+def _batches_from(journal: _ClosedJournal, position: int) -> tuple[list[tuple[int, int, int, int]], int, int]:
     """The committed batches from `position` on, chained from the one before it: (header, end, count,
-    timestamp) each, and where they end (the journal's committed end)."""
-    previous = _checksum_before(journal, position)
+    timestamp) each, where they end (the journal's committed end), and the header of the batch before."""
+    kept_header, previous = _batch_before(journal, position)
     batches = []
     at = position
     while (found := journal.committed(at, previous)) is not None:
@@ -433,7 +437,7 @@ def _batches_from(journal: _ClosedJournal, position: int) -> tuple[list[tuple[in
         assert fields is not None
         batches.append((at, found[0], fields[WORD_COUNT], fields[WORD_TIMESTAMP]))
         at, previous = found
-    return batches, at
+    return batches, at, kept_header
 
 
 def _remove_snapshots_after(directory: str, position: int) -> None:
@@ -458,14 +462,16 @@ def _remove_segments_after(journal: _ClosedJournal, position: int) -> None:
         fsync_directory(journal.journal_directory)
 
 
-def _lower_mark(journal: _ClosedJournal, mark: DurableMark, position: int) -> None:
-    """Set the durable mark to `position` unless it is already at or before it (not strict). Everything before
-    `position` is synced first, so that the mark's promise holds (every batch before it is on disk); then a
-    failure anywhere at or past `position` reads as a torn tail, whatever a crash left of the drop."""
+def _lower_mark(journal: _ClosedJournal, mark: DurableMark, position: int, kept_header: int) -> None:
+    """Set the durable mark to `position` unless it is already at or before it (not strict). Its promise (every
+    batch before it is on disk) must hold first: a mark past `position` already made it; a strict one says every
+    batch but the last was synced, so only the batch before `position` (header `kept_header`) may not be, and
+    its segments are synced. Then a failure anywhere at or past `position` reads as a torn tail."""
     current = mark.read()
     if current != DURABLE_STRICT and current <= position:
         return
-    journal.sync(range(min(journal.count, ((position - 1) >> journal.records_log2) + 1)))
+    if current == DURABLE_STRICT and position > 1:
+        journal.sync(range(kept_header >> journal.records_log2, ((position - 1) >> journal.records_log2) + 1))
     _drop_step("mark")
     mark.set(position)
 
@@ -488,7 +494,7 @@ def drop_batches_from(directory: str, position: int) -> list[tuple[int, int]]:
     (LedgerLockedError while the ledger is open for writing).
 
     The steps, in order: the snapshots after `position` are deleted (they hold the dropped batches' effects);
-    the durable mark is set to `position` if it is strict or past it (after syncing the records before it);
+    the durable mark is set to `position` if it is strict or past it (after syncing the batch before it);
     the commit words of the dropped batches are zeroed, the last batch first, and synced; their records (and
     any torn remains after them) are zeroed, the last segment first, each synced; segment files that then hold
     nothing are deleted, the last first (segment 0 always stays).
@@ -513,14 +519,13 @@ def drop_batches_from(directory: str, position: int) -> list[tuple[int, int]]:
     journal: _ClosedJournal | None = None
     try:
         journal = _ClosedJournal(journal_directory)
-        batches, committed_end = _batches_from(journal, position)
+        batches, committed_end, kept_header = _batches_from(journal, position)
         tail_end = journal.last_nonzero(committed_end)
         _log_dropped(directory, batches)
         _remove_snapshots_after(directory, position)
-        if tail_end > position:
-            _lower_mark(journal, mark, position)
-        elif mark.read() != DURABLE_STRICT and mark.read() > position:
-            _lower_mark(journal, mark, position)
+        current_mark = mark.read()
+        if tail_end > position or (current_mark != DURABLE_STRICT and current_mark > position):
+            _lower_mark(journal, mark, position, kept_header)
         for header, _, _, _ in reversed(batches):
             _drop_step("commit")
             journal.zero_commit_word(header)

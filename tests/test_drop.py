@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ledger
-from ledger import recovery
+from ledger import cli, recovery
 from ledger.format import DURABLE_STRICT
 from ledger.snapshot import list_snapshots
 
@@ -94,6 +94,7 @@ def test_drop_several_batches_across_segments(tmp_path):
     assert dropped == [(start, end) for start, end, _ in made[5:]]
     assert segment_count(tmp_path / "l") == ((header - 1) >> RECORDS_LOG2) + 1
     reopen_and_check(tmp_path / "l", header, made[4][2])
+    assert cli.main(["verify", str(tmp_path / "l")]) == 0   # `ledger verify DIR`
 
 
 def test_drop_everything(tmp_path):
