@@ -254,13 +254,14 @@ class StreamPublisher:
                                             f"{self._sent_end}, the batch starts at {start}")
             future: concurrent.futures.Future = concurrent.futures.Future()
             if self.failure is not None:
+                self._sent_end = end      # failed as sent: the next range follows it, and fails too
                 future.set_exception(self._after_failure(start))
                 return future
             messages = self.messages(start, end, self.store.batch_bytes(start, end))
             messages[-1].future = future
             for message in messages:
                 if not self._slots.acquire(timeout=self.ack_timeout_s):
-                    self._fail_waiting(message, future, start)
+                    self._fail_waiting(future, start, end)
                     return future
                 self._in_flight += 1
                 self.in_flight_max_seen = max(self.in_flight_max_seen, self._in_flight)
@@ -308,13 +309,13 @@ class StreamPublisher:
         return type(failure)(f"stream {self.stream}: the message at journal position {start} is not "
                              f"published: an earlier one failed ({failure})")
 
-    def _fail_waiting(self, message: _Message, future: concurrent.futures.Future, start: int) -> None:
+    def _fail_waiting(self, future: concurrent.futures.Future, start: int, end: int) -> None:
         """No room in flight within ack_timeout_s: the publisher fails (what was sent of the range may be
         stored: in doubt)."""
         error = LedgerTimeoutError(f"stream {self.stream}: {PUBLISH_IN_FLIGHT_MAX} messages unacknowledged for "
                                    f"{self.ack_timeout_s} s; the batch at journal position {start} is in doubt")
         self.failure = self.failure or error
-        self._sent_end = message.end     # nothing after this may go: every later send fails
+        self._sent_end = end             # failed as sent: every later send fails
         if not future.done():
             future.set_exception(error)
 
