@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import threading
+import time
 
 import nats
 import numpy as np
@@ -351,3 +352,44 @@ def test_parts_out_of_order_missing_or_mixed_are_refused(cluster, tmp_path, case
         follower.stop()
     assert standby.stats()["journal_position"] == middle    # the whole first batch only: nothing of the parts
     standby.close()
+
+
+def test_r3_pipelined_publishing_beats_one_round_trip_per_batch(tmp_path, capsys):
+    """1,000 small batches on a three-server cluster (R3, sync always): sent with up to PUBLISH_IN_FLIGHT_MAX in
+    flight, then one at a time (send and wait); prints both rates. The standby of the first ends equal."""
+    primary = ledger.open(None)
+    rates = {}
+    with LocalCluster(tmp_path / "nats", nodes=3, port=0) as three, \
+            stream.StreamPublisher(three.url, "pipelined", replicas=3) as pipelined, \
+            stream.StreamPublisher(three.url, "one-at-a-time", replicas=3) as one_at_a_time:
+        pipelined.attach(primary.store)       # both empty: the batches below are published by hand
+        one_at_a_time.attach(primary.store)
+        accounts_one_batch_each(primary, 1000)
+        ranges = batch_ranges(primary)
+        assert len(ranges) == 1000
+        for publisher in (pipelined, one_at_a_time):
+            began = time.perf_counter()
+            if publisher is pipelined:
+                futures = [publisher.send(start, end) for start, end in ranges]
+                assert futures[-1].result(FOLLOW_TIMEOUT_S * 2).seq == len(ranges)
+                assert publisher.in_flight_max_seen == stream.PUBLISH_IN_FLIGHT_MAX
+            else:
+                for start, end in ranges:
+                    publisher(start, end)
+                assert publisher.in_flight_max_seen == 1
+            rates[publisher.shard] = len(ranges) / (time.perf_counter() - began)
+            assert publisher.last_sequence == len(ranges)
+        standby = ledger.open(None)
+        standby.store.follow()
+        follower = stream.StreamFollower(three.url, "pipelined", standby.store)
+        try:
+            follower.follow_until(sequence=len(ranges), timeout_s=FOLLOW_TIMEOUT_S)
+        finally:
+            follower.stop()
+        end = ranges[-1][1]
+        assert standby.store.batch_bytes(1, end) == primary.store.batch_bytes(1, end)
+    with capsys.disabled():
+        print(f"\nR3 publishing of 1,000 small batches: {rates['pipelined']:.0f} batches/s with up to "
+              f"{stream.PUBLISH_IN_FLIGHT_MAX} in flight, {rates['one-at-a-time']:.0f} batches/s one at a time")
+    assert rates["pipelined"] > rates["one-at-a-time"]
+
