@@ -295,7 +295,7 @@ def test_large_batches_are_split_into_messages_and_parts_and_joined_again(cluste
     with stream.StreamPublisher(cluster.url, "large", replicas=1) as publisher:
         publisher.attach(primary.store)                  # both empty; the journal is sent below as ONE range
         accounts_one_batch_each(primary, 2)
-        for first, count in ((100, 140_000), (300_000, 50_000), (400_000, 50_000)):
+        for first, count in ((300_000, 50_000), (400_000, 50_000), (100, 140_000)):
             batch = ledger.transfers_batch(count)
             batch["id"] = np.arange(first, first + count)
             batch["debit_account"], batch["credit_account"], batch["amount"], batch["ledger"] = 1, 2, 1, 1
@@ -303,15 +303,18 @@ def test_large_batches_are_split_into_messages_and_parts_and_joined_again(cluste
         ranges = batch_ranges(primary)
         end = ranges[-1][1]
         messages = publisher.messages(1, end, primary.store.batch_bytes(1, end))
-        # The accounts; the 140,000-transfer batch in two parts; the two 3.2 MB batches together.
+        # The accounts and the two 3.2 MB batches together; the 140,000-transfer batch in two parts.
+        last = ranges[-1][0]
         assert [(message.headers[stream.HEADER_MESSAGE_ID], message.headers[stream.HEADER_END_POSITION],
                  message.headers.get(stream.HEADER_PART)) for message in messages] == [
-            ("1", str(ranges[1][1]), None), (str(ranges[2][0]), str(ranges[2][1]), "1/2"),
-            (f"{ranges[2][0]}.2", str(ranges[2][1]), "2/2"), (str(ranges[3][0]), str(end), None)]
+            ("1", str(last), None), (str(last), str(end), "1/2"), (f"{last}.2", str(end), "2/2")]
         assert all(len(message.data) <= stream.MESSAGE_BYTES_MAX for message in messages)
-        assert publisher.send(1, end).result(FOLLOW_TIMEOUT_S).seq == 4
+        assert publisher.send(1, end).result(FOLLOW_TIMEOUT_S).seq == 3
+    with stream.StreamPublisher(cluster.url, "large", replicas=1) as again:   # a stream ending in a split batch
+        again.attach(primary.store)
+        assert (again.last_sequence, again.end_position) == (3, end)
     follower = follow_to_the_end(cluster.url, "large", str(tmp_path / "standby"), primary)
-    assert follower.positions == {ranges[1][1]: 1, ranges[2][1]: 3, end: 4}
+    assert follower.positions == {last: 1, end: 3}
     primary.close()
 
 

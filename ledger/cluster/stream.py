@@ -4,7 +4,10 @@ writer can append; a standby follows the stream into its own store (Store.append
 
 Headers of a message: `Nats-Msg-Id` (the batch range's start journal position), `Ledger-End-Position` (its end),
 and on publish `Nats-Expected-Last-Sequence` (the fence: the server stores the message only if the stream's last
-sequence is the one this publisher knows, so a second or stale publisher fails)."""
+sequence is the one this publisher knows, so a second or stale publisher fails). Publishing is pipelined (up to
+PUBLISH_IN_FLIGHT_MAX messages unacknowledged, in order on one connection); a range larger than one message is
+split into runs of whole batches, a single batch larger than one message into parts (`Ledger-Part: k/n`) that
+the follower joins before applying."""
 from __future__ import annotations
 
 import asyncio
@@ -128,12 +131,21 @@ async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int
     if last_sequence == 0:
         return JOURNAL_START_POSITION, JOURNAL_START_POSITION, b""
     message = await js.get_msg(name, last_sequence)
+    data = bytes(message.data or b"")
     start = header_int(message.headers, HEADER_MESSAGE_ID)
     end = header_int(message.headers, HEADER_END_POSITION)
+    part = (message.headers or {}).get(HEADER_PART, "").split("/")
+    if len(part) == 2 and part[0] == part[1] and part[0].isdigit() and 1 < int(part[0]) <= last_sequence:
+        # The last part of a split batch: the batch is its parts joined, the first one naming its start.
+        first = await js.get_msg(name, last_sequence - int(part[0]) + 1)
+        start = header_int(first.headers, HEADER_MESSAGE_ID)
+        earlier = [bytes((await js.get_msg(name, sequence)).data or b"")
+                   for sequence in range(last_sequence - int(part[0]) + 2, last_sequence)]
+        data = b"".join([bytes(first.data or b""), *earlier, data])
     if start is None or end is None or not start < end:
         raise LedgerNotPrimaryError(f"stream {name}: its last message (sequence {last_sequence}) has no journal "
                                     f"range in {HEADER_MESSAGE_ID} and {HEADER_END_POSITION}: not a ledger batch")
-    return start, end, bytes(message.data or b"")
+    return start, end, data
 
 
 class _Message:
