@@ -207,14 +207,17 @@ def accounts_one_batch_each(handle: ledger.Ledger, count: int) -> None:
         handle.create_account(id_)
 
 
-def follow_to_the_end(cluster_url: str, shard: str, path: str, primary: ledger.Ledger) -> stream.StreamFollower:
-    """A standby at `path` following shard `shard` to the primary's position: equal journals, byte for byte."""
+def follow_to_the_end(cluster_url: str, shard: str, path: str, primary: ledger.Ledger,
+                      sequence: int) -> stream.StreamFollower:
+    """A standby at `path` following shard `shard` to its message `sequence`, the primary's position: equal
+    journals, byte for byte."""
     position = primary.stats()["journal_position"]
     standby = ledger.open(path, create=True, durability="fsync", segment_records_log2=SEGMENT_RECORDS_LOG2)
     standby.store.follow()
     follower = stream.StreamFollower(cluster_url, shard, standby.store)
     try:
-        follower.follow_until(position=position, timeout_s=FOLLOW_TIMEOUT_S)
+        follower.follow_until(sequence=sequence, timeout_s=FOLLOW_TIMEOUT_S)
+        assert standby.stats()["journal_position"] == position
         assert standby.store.batch_bytes(1, position) == primary.store.batch_bytes(1, position)
         assert journal_records(path) == journal_records(primary.path)
         assert standby.verify().ok
@@ -236,7 +239,7 @@ def test_sends_are_in_flight_together_in_order_and_the_standby_ends_equal(cluste
         assert [ack.seq for ack in acks] == list(range(1, len(ranges) + 1))   # in order, none lost or repeated
         assert 1 < publisher.in_flight_max_seen <= stream.PUBLISH_IN_FLIGHT_MAX
         assert publisher.last_sequence == len(ranges) and publisher.end_position == ranges[-1][1]
-    follower = follow_to_the_end(cluster.url, "inflight", str(tmp_path / "standby"), primary)
+    follower = follow_to_the_end(cluster.url, "inflight", str(tmp_path / "standby"), primary, len(ranges))
     assert follower.positions[ranges[-1][1]] == len(ranges)
     primary.close()
 
@@ -286,7 +289,7 @@ def test_concurrent_callers_overlap_their_round_trips(cluster, tmp_path):
             thread.join(FOLLOW_TIMEOUT_S * 2)
         assert publisher.in_flight_max_seen > 1                # several callers' batches were in flight at once
         assert publisher.end_position == primary.stats()["journal_position"]
-        follow_to_the_end(cluster.url, "callers", str(tmp_path / "standby"), primary)
+        follow_to_the_end(cluster.url, "callers", str(tmp_path / "standby"), primary, publisher.last_sequence)
         primary.close()
 
 
@@ -307,18 +310,19 @@ def test_large_batches_are_split_into_messages_and_parts_and_joined_again(cluste
         last = ranges[-1][0]
         assert [(message.headers[stream.HEADER_MESSAGE_ID], message.headers[stream.HEADER_END_POSITION],
                  message.headers.get(stream.HEADER_PART)) for message in messages] == [
-            ("1", str(last), None), (str(last), str(end), "1/2"), (f"{last}.2", str(end), "2/2")]
+            ("1", str(last), None), (f"{last}.1.{publisher._instance}", str(end), "1/2"),
+            (f"{last}.2.{publisher._instance}", str(end), "2/2")]
         assert all(len(message.data) <= stream.MESSAGE_BYTES_MAX for message in messages)
         assert publisher.send(1, end).result(FOLLOW_TIMEOUT_S).seq == 3
     with stream.StreamPublisher(cluster.url, "large", replicas=1) as again:   # a stream ending in a split batch
         again.attach(primary.store)
         assert (again.last_sequence, again.end_position) == (3, end)
-    follower = follow_to_the_end(cluster.url, "large", str(tmp_path / "standby"), primary)
+    follower = follow_to_the_end(cluster.url, "large", str(tmp_path / "standby"), primary, 3)
     assert follower.positions == {last: 1, end: 3}
     primary.close()
 
 
-@pytest.mark.parametrize("case", ["out of order", "missing", "mixed"])
+@pytest.mark.parametrize("case", ["out of order", "missing", "mixed", "dropped at a marker"])
 def test_parts_out_of_order_missing_or_mixed_are_refused(cluster, tmp_path, case):
     source = ledger.open(None)
     source.create_account(1)
@@ -330,7 +334,7 @@ def test_parts_out_of_order_missing_or_mixed_are_refused(cluster, tmp_path, case
     half = len(second) // 2
 
     def part(index: int, data: bytes, start: int = middle, stop: int = end) -> None:
-        publish_raw(cluster, shard, data, {stream.HEADER_MESSAGE_ID: str(start) if index == 1 else f"{start}.{index}",
+        publish_raw(cluster, shard, data, {stream.HEADER_MESSAGE_ID: f"{start}.{index}.forged",
                                            stream.HEADER_END_POSITION: str(stop), stream.HEADER_PART: f"{index}/2"})
     publish_raw(cluster, shard, first, {stream.HEADER_MESSAGE_ID: "1", stream.HEADER_END_POSITION: str(middle)})
     if case == "out of order":
@@ -341,19 +345,29 @@ def test_parts_out_of_order_missing_or_mixed_are_refused(cluster, tmp_path, case
         # (a Nats-Msg-Id of its own: the server would drop a second message with part 1's as a duplicate)
         publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: f"{middle}-whole",
                                              stream.HEADER_END_POSITION: str(end)})
-    else:
+    elif case == "mixed":
         part(1, second[:half])
         part(2, first[len(first) // 2:], start=1, stop=middle)
+    else:   # a primary died between parts; the new one's marker, then its own batch there
+        part(1, second[:half])
+        publish_raw(cluster, shard, b"", {stream.HEADER_MESSAGE_ID: "epoch-2", stream.HEADER_END_POSITION: str(middle)})
+        publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: str(middle),
+                                             stream.HEADER_END_POSITION: str(end)})
     standby = ledger.open(str(tmp_path / "standby"), create=True, durability="fsync")
     standby.store.follow()
     follower = stream.StreamFollower(cluster.url, shard, standby.store)
     try:
-        with pytest.raises(ledger.LedgerReplicationError, match=r"message [23] refused.*parts"):
-            follower.follow_until(sequence=3, timeout_s=FOLLOW_TIMEOUT_S)
-        assert follower.sequence == 1
+        if case == "dropped at a marker":
+            follower.follow_until(sequence=4, timeout_s=FOLLOW_TIMEOUT_S)
+            assert follower.positions == {middle: 1, end: 4}
+            assert standby.stats()["journal_position"] == end
+        else:
+            with pytest.raises(ledger.LedgerReplicationError, match=r"message [23] refused.*parts"):
+                follower.follow_until(sequence=3, timeout_s=FOLLOW_TIMEOUT_S)
+            assert follower.sequence == 1
+            assert standby.stats()["journal_position"] == middle   # the first batch only: nothing of the parts
     finally:
         follower.stop()
-    assert standby.stats()["journal_position"] == middle    # the whole first batch only: nothing of the parts
     standby.close()
 
 

@@ -27,12 +27,14 @@ READ_SUBJECT_PREFIX = "ledger.read."
 
 # -- message headers --
 HEADER_MESSAGE_ID = "Nats-Msg-Id"                  # a batch: its start journal position; a marker: epoch-<N>
+MARKER_ID_PREFIX = "epoch-"                         # a marker's Nats-Msg-Id: epoch-<N>
 HEADER_EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"   # the single-writer fence
 HEADER_END_POSITION = "Ledger-End-Position"        # a batch: its end; a marker: the stream's end position then
 HEADER_EPOCH = "Ledger-Epoch"                      # on a marker (and on every batch: the epoch that published it)
 HEADER_NODE = "Ledger-Node"                        # the node that published the message
 # A batch larger than one message goes as parts "k/n" (1-based), in order, each with its Ledger-End-Position:
-# part 1 has Nats-Msg-Id <start>, part k > 1 <start>.<k>; the follower joins them before it applies the batch.
+# part k has Nats-Msg-Id <start>.<k>.<publisher> (another publisher's parts at the same start are not duplicates);
+# the follower joins them before it applies the batch, and drops an incomplete run at an epoch marker.
 HEADER_PART = "Ledger-Part"
 WRONG_LAST_SEQUENCE_ERROR_CODE = 10071             # JetStream's "wrong last sequence"
 

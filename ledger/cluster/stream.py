@@ -14,6 +14,8 @@ import asyncio
 import collections
 import concurrent.futures
 import json
+import logging
+import secrets
 import threading
 from typing import Any, Coroutine
 
@@ -30,6 +32,7 @@ from ledger.cluster.names import (
     HEADER_EXPECTED_LAST_SEQUENCE,
     HEADER_MESSAGE_ID,
     HEADER_PART,
+    MARKER_ID_PREFIX,
     JOURNAL_START_POSITION,
     MESSAGE_BYTES_MAX,
     PUBLISH_IN_FLIGHT_MAX,
@@ -44,8 +47,10 @@ from ledger.cluster.servers import MAX_PAYLOAD_BYTES
 from ledger.errors import LedgerNotPrimaryError, LedgerReplicationError, LedgerTimeoutError
 from ledger.format import RECORD_SIZE
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["LoopThread", "StreamFollower", "StreamPublisher", "check_shard", "ensure_stream", "header_int",
-           "last_message", "stream_name", "subject"]
+           "last_message", "message_start", "stream_name", "subject"]
 
 
 async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -> Any:
@@ -61,6 +66,17 @@ async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -
         return await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         return await js.add_stream(config)
+
+
+def message_start(headers: dict[str, str] | None) -> int | None:
+    """The journal position a message's range starts at: the Nats-Msg-Id of a whole message, the number before
+    the first '.' of part 1 of a split batch (`<start>.1.<publisher>`); None for a later part (it starts no
+    batch), a marker or a forgery."""
+    part = (headers or {}).get(HEADER_PART)
+    if part is None:
+        return header_int(headers, HEADER_MESSAGE_ID)
+    value = (headers or {}).get(HEADER_MESSAGE_ID, "").split(".")[0]
+    return int(value) if part.startswith("1/") and value.isdigit() else None
 
 
 def header_int(headers: dict[str, str] | None, name: str) -> int | None:
@@ -132,13 +148,13 @@ async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int
         return JOURNAL_START_POSITION, JOURNAL_START_POSITION, b""
     message = await js.get_msg(name, last_sequence)
     data = bytes(message.data or b"")
-    start = header_int(message.headers, HEADER_MESSAGE_ID)
+    start = message_start(message.headers)
     end = header_int(message.headers, HEADER_END_POSITION)
     part = (message.headers or {}).get(HEADER_PART, "").split("/")
     if len(part) == 2 and part[0] == part[1] and part[0].isdigit() and 1 < int(part[0]) <= last_sequence:
         # The last part of a split batch: the batch is its parts joined, the first one naming its start.
         first = await js.get_msg(name, last_sequence - int(part[0]) + 1)
-        start = header_int(first.headers, HEADER_MESSAGE_ID)
+        start = message_start(first.headers)
         earlier = [bytes((await js.get_msg(name, sequence)).data or b"")
                    for sequence in range(last_sequence - int(part[0]) + 2, last_sequence)]
         data = b"".join([bytes(first.data or b""), *earlier, data])
@@ -193,6 +209,9 @@ class StreamPublisher:
         self.failure: BaseException | None = None   # the first failed message's error: every later one fails
         self._last: tuple[int, int, bytes] = (JOURNAL_START_POSITION, JOURNAL_START_POSITION, b"")
         self._loop = LoopThread(url, options)
+        # In the ids of parts: another publisher's parts of a batch at the same start (a new primary's, after this
+        # one died between parts) are not duplicates of these for the server.
+        self._instance = secrets.token_hex(6)
         self._send_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(PUBLISH_IN_FLIGHT_MAX)
         self._in_flight = 0
@@ -311,7 +330,7 @@ class StreamPublisher:
         count = -(-len(body) // MESSAGE_BYTES_MAX)
         size = -(-len(body) // count)
         return [_Message(body[index * size:(index + 1) * size],
-                         {HEADER_MESSAGE_ID: str(run_start) if index == 0 else f"{run_start}.{index + 1}",
+                         {HEADER_MESSAGE_ID: f"{run_start}.{index + 1}.{self._instance}",
                           HEADER_END_POSITION: str(run_end), HEADER_PART: f"{index + 1}/{count}"}, run_end)
                 for index in range(count)]
 
@@ -502,6 +521,13 @@ class StreamFollower:
         (LedgerReplicationError): nothing of them is applied."""
         part = (headers or {}).get(HEADER_PART)
         parts = self._parts
+        if part is None and (headers or {}).get(HEADER_MESSAGE_ID, "").startswith(MARKER_ID_PREFIX):
+            if parts:   # a new primary took over mid-batch: its parts before were never acknowledged
+                logger.warning("stream %s message %d: an epoch marker after %d parts of the batch %s; those "
+                               "parts (never acknowledged) are dropped", self.stream, sequence, len(parts),
+                               self._parts_key)
+                self._parts = []
+            return None
         if part is None:
             if parts:
                 raise LedgerReplicationError(f"stream {self.stream} message {sequence} refused: a whole message "
@@ -571,7 +597,7 @@ class StreamFollower:
         part = (headers or {}).get(HEADER_PART, "1/1").split("/")
         # A part k > 1 has no start of its own (its Nats-Msg-Id is <start>.<k>); only the last one ends a batch.
         end = header_int(headers, HEADER_END_POSITION) if part[0] == part[-1] else None
-        return header_int(headers, HEADER_MESSAGE_ID), end
+        return message_start(headers), end
 
     def _no_message(self, position: int) -> LedgerReplicationError:
         return LedgerReplicationError(f"stream {self.stream} holds no message starting at journal position "
