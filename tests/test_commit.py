@@ -1,6 +1,8 @@
 """The commit pipeline's publish hook (ledger/commit.py), in both modes: every committed batch's range is
 published exactly once, in journal order, after it is durable and before the call returns (per call) or the ring
-answers (grouped); a hook that raises poisons the handle and nothing of that batch is acknowledged."""
+answers (grouped); a hook that raises poisons the handle and nothing of that batch is acknowledged. With a
+pipelined hook (send -> Future, the real StreamPublisher), the ring syncs and sends the next group before the
+previous one's acks arrived, answers in order, and a fence failure answers no group."""
 from __future__ import annotations
 
 import os
