@@ -11,29 +11,47 @@ batches after it (writeback order is arbitrary). STRICT: every batch was synced 
 No file (journals written before it existed), or a damaged one: STRICT."""
 from __future__ import annotations
 
+import datetime
 import fcntl
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ledger import _core
-from ledger.errors import LedgerCorruptError
+from ledger.errors import LedgerCorruptError, LedgerLockedError
 from ledger.format import (
+    COMMIT_MAGIC,
+    COMMIT_WORD_OFFSET,
     DURABLE_NAME,
     DURABLE_RECORD,
     DURABLE_STRICT,
     FORMAT_VERSION,
+    KIND_HEADER,
     RECORD_SIZE,
     REPLAY_CHAIN,
     REPLAY_END,
     REPLAY_INTEGRITY,
     REPLAY_REASONS,
+    SEGMENT_HEADER_BYTES,
+    SEGMENT_RECORDS_LOG2_MIN,
+    WORD_A,
+    WORD_CHECKSUM,
+    WORD_COMMIT,
+    WORD_COUNT,
+    WORD_PREVIOUS_CHECKSUM,
+    WORD_TIMESTAMP,
+    batch_checksum,
+    check_segment_header,
     committed_batch_in,
+    header_problem,
+    segment_name,
 )
 from ledger.segments import SegmentFiles, fsync_directory, write_zeros
+from ledger.snapshot import list_snapshots, snapshot_directory
 
-__all__ = ["DurableMark", "Recovery"]
+__all__ = ["DurableMark", "Recovery", "drop_batches_from"]
 
 
 class DurableMark:
@@ -251,3 +269,267 @@ class Recovery:
             return False
         finally:
             os.close(fd)   # drops the shared lock: a writer may start right after, and only writes past the mark
+
+
+# -- dropping batches (a step-down primary: docs/FORMAT.md, "Dropping batches") --
+
+DROP_LOGGER = logging.getLogger("ledger")
+DROP_READ_RECORDS_MAX = 1 << 16   # records read per pread while checking or scanning: 4 MiB of memory at most
+
+# Tests only: called with a step name before each write of drop_batches_from ("snapshot", "mark", "commit",
+# "zero", "segment"); killing the process there lands a crash exactly between two of its steps.
+drop_fault_injector: Callable[[str], None] | None = None
+
+
+def _drop_step(name: str) -> None:
+    if drop_fault_injector is not None:
+        drop_fault_injector(name)
+
+
+class _ClosedJournal:
+    """The segment files of a closed journal, read and written with pread/pwrite (nothing mapped): what
+    drop_batches_from needs, without the open-time checks and mappings of SegmentFiles."""
+
+    def __init__(self, journal_directory: str) -> None:
+        self.journal_directory = journal_directory
+        names = sorted(name for name in os.listdir(journal_directory) if name.endswith(".segment"))
+        for index, name in enumerate(names):
+            if name != segment_name(index):
+                raise LedgerCorruptError(f"journal segments are not contiguous in {journal_directory}: "
+                                         f"expected {segment_name(index)}, found {name}")
+        self.count = len(names)
+        self._fds: dict[int, int] = {}
+        self.records_log2 = SEGMENT_RECORDS_LOG2_MIN
+        if self.count:
+            page = os.pread(self.fd(0), SEGMENT_HEADER_BYTES, 0)
+            self.records_log2 = check_segment_header(page, self.path(0), 0).records_log2
+        self.end = self.count << self.records_log2     # where the segment files end
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.journal_directory, segment_name(index))
+
+    def fd(self, index: int) -> int:
+        if index not in self._fds:
+            self._fds[index] = os.open(self.path(index), os.O_RDWR)
+        return self._fds[index]
+
+    def offset(self, position: int) -> int:
+        return SEGMENT_HEADER_BYTES + (position & ((1 << self.records_log2) - 1)) * RECORD_SIZE
+
+    def pieces(self, start: int, end: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first position, uint64 (n, 8) records) for [start, end), read in pieces within one segment each."""
+        assert 0 <= start <= end <= self.end
+        position = start
+        while position < end:
+            segment_end = ((position >> self.records_log2) + 1) << self.records_log2
+            piece_end = min(end, segment_end, position + DROP_READ_RECORDS_MAX)
+            raw = os.pread(self.fd(position >> self.records_log2), (piece_end - position) * RECORD_SIZE,
+                           self.offset(position))
+            if len(raw) != (piece_end - position) * RECORD_SIZE:
+                raise LedgerCorruptError(f"{self.path(position >> self.records_log2)}: segment file cut short at "
+                                         f"journal position {position}; nothing was changed on disk")
+            yield position, np.frombuffer(raw, np.uint64).reshape(-1, 8)
+            position = piece_end
+
+    def record(self, position: int) -> list[int] | None:
+        """The eight words of the record at `position`, or None past the segment files."""
+        if not 0 <= position < self.end:
+            return None
+        return next(self.pieces(position, position + 1))[1][0].tolist()
+
+    def committed(self, position: int, previous_checksum: int | None) -> tuple[int, int] | None:
+        """(end, checksum) of the committed batch whose header is at `position` (well formed, its commit word,
+        its checksum over its events, chained to `previous_checksum` unless None), or None."""
+        fields = self.record(position)
+        if fields is None or header_problem(position, fields) is not None:
+            return None
+        end = position + 1 + fields[WORD_COUNT]
+        if fields[WORD_COMMIT] >> 32 != COMMIT_MAGIC or end > self.end:
+            return None
+        if previous_checksum is not None and fields[WORD_PREVIOUS_CHECKSUM] != previous_checksum:
+            return None
+        crc = batch_checksum(np.array(fields, np.uint64), (words for _, words in self.pieces(position + 1, end)))
+        if crc != fields[WORD_CHECKSUM] or crc != fields[WORD_COMMIT] & 0xFFFFFFFF:
+            return None
+        return end, crc
+
+    def last_nonzero(self, start: int) -> int:
+        """The position after the last non-zero record from `start` to the end of the files (`start` if none)."""
+        last = start
+        for first, words in self.pieces(min(start, self.end), self.end):
+            nonzero = np.flatnonzero(words.any(axis=1))
+            if nonzero.size:
+                last = first + int(nonzero[-1]) + 1
+        return last
+
+    def zero_commit_word(self, position: int) -> None:
+        os.pwrite(self.fd(position >> self.records_log2), bytes(8), self.offset(position) + COMMIT_WORD_OFFSET)
+
+    def zero(self, start: int, end: int) -> None:
+        """Write zeros over records [start, end), one segment at a time from the last, each synced."""
+        position = end
+        while position > start:
+            index = (position - 1) >> self.records_log2
+            first = max(start, index << self.records_log2)
+            _drop_step("zero")
+            write_zeros(self.fd(index), self.offset(first), self.offset(first) + (position - first) * RECORD_SIZE)
+            os.fdatasync(self.fd(index))
+            position = first
+
+    def sync(self, indexes: Iterable[int]) -> None:
+        for index in indexes:
+            os.fdatasync(self.fd(index))
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _take_writer_lock(directory: str) -> int:
+    """The exclusive flock on `<dir>/LOCK` that FileJournal takes: a drop runs only on a closed ledger."""
+    path = os.path.join(directory, "LOCK")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LedgerLockedError(f"{directory} is open for writing (lock held on {path}): close the ledger before "
+                                f"dropping batches from it") from None
+    return fd
+
+
+def _not_a_boundary(journal: _ClosedJournal, position: int, why: str) -> ValueError:
+    return ValueError(f"cannot drop batches from journal position {position} of {journal.journal_directory}: it is "
+                      f"not the header position of a committed batch nor the journal's write position ({why})")
+
+
+def _checksum_before(journal: _ClosedJournal, position: int) -> int:
+    """The checksum of the committed batch that ends exactly at `position` (0 for position 1), found from the
+    offset in its batch of the record before it; ValueError if there is none (a position inside a batch, past
+    the end, or after a batch that fails its checks)."""
+    if position == 1:
+        return 0
+    before = journal.record(position - 1)
+    if before is None or not any(before):
+        raise _not_a_boundary(journal, position, "the record before it is empty or past the segment files")
+    if before[WORD_A] >> 56 == KIND_HEADER:
+        raise _not_a_boundary(journal, position, f"it is inside the batch whose header is at {position - 1}")
+    header = position - 1 - (before[WORD_COMMIT] >> 40)   # an event's word B: bits 40..63 its offset in the batch
+    found = journal.committed(header, None) if header >= 1 else None
+    if found is None or found[0] != position:
+        raise _not_a_boundary(journal, position, f"the record before it is not the last event of a committed batch")
+    return found[1]
+
+
+def _batches_from(journal: _ClosedJournal, position: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """The committed batches from `position` on, chained from the one before it: (header, end, count,
+    timestamp) each, and where they end (the journal's committed end)."""
+    previous = _checksum_before(journal, position)
+    batches = []
+    at = position
+    while (found := journal.committed(at, previous)) is not None:
+        fields = journal.record(at)
+        assert fields is not None
+        batches.append((at, found[0], fields[WORD_COUNT], fields[WORD_TIMESTAMP]))
+        at, previous = found
+    return batches, at
+
+
+def _remove_snapshots_after(directory: str, position: int) -> None:
+    """Snapshots past `position` hold the effects of batches being dropped: gone before any batch is."""
+    removed = False
+    for snapshot_position, path in list_snapshots(directory):
+        if snapshot_position > position:
+            _drop_step("snapshot")
+            os.unlink(path)
+            removed = True
+    if removed:
+        fsync_directory(snapshot_directory(directory))
+
+
+def _remove_segments_after(journal: _ClosedJournal, position: int) -> None:
+    """Delete the segment files that hold no record before `position`, the last first (the files stay numbered
+    without gaps at every step); segment 0 always stays (it says the journal's segment size)."""
+    keep = max(1, ((position - 1) >> journal.records_log2) + 1)
+    for index in range(journal.count - 1, keep - 1, -1):
+        _drop_step("segment")
+        os.unlink(journal.path(index))
+        fsync_directory(journal.journal_directory)
+
+
+def _lower_mark(journal: _ClosedJournal, mark: DurableMark, position: int) -> None:
+    """Set the durable mark to `position` unless it is already at or before it (not strict). Everything before
+    `position` is synced first, so that the mark's promise holds (every batch before it is on disk); then a
+    failure anywhere at or past `position` reads as a torn tail, whatever a crash left of the drop."""
+    current = mark.read()
+    if current != DURABLE_STRICT and current <= position:
+        return
+    journal.sync(range(min(journal.count, ((position - 1) >> journal.records_log2) + 1)))
+    _drop_step("mark")
+    mark.set(position)
+
+
+def _log_dropped(directory: str, batches: list[tuple[int, int, int, int]]) -> None:
+    for header, end, count, timestamp in batches:
+        when = datetime.datetime.fromtimestamp(timestamp / 1e9, datetime.timezone.utc).isoformat()
+        DROP_LOGGER.warning("ledger: dropping batch [%d, %d) of %s: %d events, timestamp %d ns (%s); the stream "
+                            "does not hold it, so it was never acknowledged", header, end, directory, count,
+                            timestamp, when)
+
+
+def drop_batches_from(directory: str, position: int) -> list[tuple[int, int]]:
+    """Remove every batch of the closed ledger in `directory` whose header is at or after journal position
+    `position`, and return their [(header position, end)] in journal order (each logged at WARNING on the
+    "ledger" logger). What a primary that lost its lease does with the batches the stream does not hold: they
+    were never acknowledged. Afterwards the ledger opens at write position `position`, chained to the batch
+    before it. `position` must be the header position of a committed batch or the journal's write position
+    (then nothing is dropped): anything else is ValueError, before anything is changed. Takes the writer lock
+    (LedgerLockedError while the ledger is open for writing).
+
+    The steps, in order: the snapshots after `position` are deleted (they hold the dropped batches' effects);
+    the durable mark is set to `position` if it is strict or past it (after syncing the records before it);
+    the commit words of the dropped batches are zeroed, the last batch first, and synced; their records (and
+    any torn remains after them) are zeroed, the last segment first, each synced; segment files that then hold
+    nothing are deleted, the last first (segment 0 always stays).
+
+    Why a crash (of the process or of the machine) at any point leaves a journal that opens, with a committed
+    end at or before where it was and at or after `position`, and a next call that finishes the job: nothing
+    before `position` is written. A snapshot is gone before its batches are, and one that survived a crash
+    only matches batches still committed (else open skips it). Once the mark is at `position`, recovery reads
+    every failure at or past it as a torn tail and zeroes from there, even with a committed batch after the
+    gap (the disk may write pages back in any order), so no write order of the later steps can make it
+    corruption; and for a crash of the process alone the order itself keeps the invariant: commit words go
+    last batch first, so at every step the committed batches are a prefix of those the journal had. Deleted
+    segments hold only zeros and go from the last, so the files stay numbered without gaps. Open the ledger
+    for writing only after a call returned: a writer opened after a crashed drop reopens at the end of the
+    batches still committed, and a later drop from `position` must drop whatever it wrote after them."""
+    directory = os.fspath(directory)
+    if isinstance(position, bool) or not isinstance(position, int) or position < 1:
+        raise ValueError(f"position must be a journal position (an int >= 1), got {position!r}")
+    lock_fd = _take_writer_lock(directory)
+    journal_directory = os.path.join(directory, "journal")
+    mark = DurableMark(journal_directory)
+    journal: _ClosedJournal | None = None
+    try:
+        journal = _ClosedJournal(journal_directory)
+        batches, committed_end = _batches_from(journal, position)
+        tail_end = journal.last_nonzero(committed_end)
+        _log_dropped(directory, batches)
+        _remove_snapshots_after(directory, position)
+        if tail_end > position:
+            _lower_mark(journal, mark, position)
+        elif mark.read() != DURABLE_STRICT and mark.read() > position:
+            _lower_mark(journal, mark, position)
+        for header, _, _, _ in reversed(batches):
+            _drop_step("commit")
+            journal.zero_commit_word(header)
+        journal.sync(sorted({header >> journal.records_log2 for header, _, _, _ in batches}))
+        journal.zero(position, tail_end)
+        _remove_segments_after(journal, position)
+        return [(header, end) for header, end, _, _ in batches]
+    finally:
+        mark.close()
+        if journal is not None:
+            journal.close()
+        os.close(lock_fd)
