@@ -197,3 +197,62 @@ def test_a_forged_message_with_a_wrong_chain_is_refused_by_the_standby(cluster, 
     finally:
         primary.close()
         standby.close()
+
+
+def test_a_primary_stopped_past_its_lease_is_fenced_steps_down_and_converges_to_the_stream(cluster, tmp_path):
+    child, ack_log = start_writer(cluster, tmp_path, "stop", "p")
+    standby = open_node(cluster, tmp_path / "s", "stop", "s")
+    try:
+        wait_until(lambda: len(acknowledged(ack_log)) >= ACKS_BEFORE_FAULT, "the primary acknowledges")
+        child.send_signal(signal.SIGSTOP)
+        assert standby.cluster_node.wait_role("primary", WAIT_S), standby.cluster_node.error
+        first_acknowledged_transfer(standby, 1)
+        time.sleep(max(0.0, STOP_PAST_LEASE_S - names.LEASE_TTL_S))
+        continued_ns = time.monotonic_ns()
+        child.send_signal(signal.SIGCONT)
+        wait_until(lambda: (node_report(cluster, "stop", "p") or {}).get("role") == "standby", "the step-down")
+        for transfer_id in range(2, 40):
+            assert standby.transfer(transfer_id, 1, 2, 1) == ledger.TransferResult.OK
+        position = standby.stats()["journal_position"]
+        wait_until(lambda: (node_report(cluster, "stop", "p") or {}).get("position") == position,
+                   "the old primary follows the new one")
+        late = [(transfer_id, at) for transfer_id, at in acknowledged(ack_log) if at >= continued_ns]
+        assert not late, f"the fenced primary acknowledged {len(late)} transfers after SIGCONT: {late[:3]}"
+        assert_holds(standby, [transfer_id for transfer_id, _ in acknowledged(ack_log)])
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(WAIT_S) == 0
+        with ledger.open(str(tmp_path / "p"), readonly=True) as old:
+            assert old.stats()["journal_position"] == position
+            assert old.store.batch_bytes(1, position) == standby.store.batch_bytes(1, position)
+        print("\n" + (tmp_path / "p.stderr").read_text().strip())
+    finally:
+        standby.close()
+
+
+def test_a_batch_journaled_on_a_stale_lease_is_never_acknowledged_and_is_dropped_at_step_down(cluster, tmp_path,
+                                                                                               caplog):
+    first = open_node(cluster, tmp_path / "a", "stale", "a")
+    second = open_node(cluster, tmp_path / "b", "stale", "b")
+    try:
+        cluster_processes.create_accounts(first)
+        position = first.stats()["journal_position"]
+        first.cluster_node._lease.renewed_monotonic -= names.LEASE_TTL_S   # as if paused since its last renewal
+        with caplog.at_level("WARNING", logger="ledger"):
+            with pytest.raises(ledger.LedgerNotPrimaryError, match="not acknowledged"):
+                first.transfer(10, 1, 2, 5)
+            assert first.cluster_node.wait_role("standby", WAIT_S)
+            wait_until(lambda: first.primary is not None and first.stats()["journal_position"] >= position,
+                       "the old primary follows again")
+        assert f"dropped 1 local journal batches from position {position}" in caplog.text, caplog.text
+        primary = first if first.role == "primary" else second
+        wait_until(lambda: primary.role == "primary", "a primary")
+        assert primary.lookup_transfers([10])["state"][0] == ledger.TransferState.NOT_FOUND
+        assert primary.transfer(11, 1, 2, 5) == ledger.TransferResult.OK
+        end = primary.stats()["journal_position"]
+        for handle in (first, second):
+            wait_until(lambda: handle.stats()["journal_position"] == end, "every node converges")
+            assert handle.store.batch_bytes(1, end) == primary.store.batch_bytes(1, end)
+            assert handle.lookup_transfers([10])["state"][0] == ledger.TransferState.NOT_FOUND
+    finally:
+        first.close()
+        second.close()

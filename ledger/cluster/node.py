@@ -58,6 +58,7 @@ __all__ = ["PRIMARY", "ROLES", "STANDBY", "STOPPED", "ClusterNode", "cluster_siz
 PRIMARY, STANDBY, STOPPED = "primary", "standby", "stopped"
 ROLES = (PRIMARY, STANDBY, STOPPED)
 NODE_NAME_HOST_CHARS_MAX = 55   # the host part of a default node name: with "-" and 8 hex digits, 64 at most
+DROPS_LOGGED = 10               # the ranges a step-down's summary names (drop_batches_from logs every one)
 log = logging.getLogger("ledger.cluster.node")
 
 
@@ -310,9 +311,11 @@ class ClusterNode:
         self.store, self._publisher = None, None
         publisher.__exit__(None, None, None)
         self._loop.run(self._end_lease(), REQUEST_TIMEOUT_S)
-        for start, end in recovery.drop_batches_from(self.path, acknowledged_end):
-            log.warning("node %s of shard %s: dropped local journal batch [%d, %d): the stream never acknowledged "
-                        "it, so no caller was answered", self.name, self.shard, start, end)
+        dropped = recovery.drop_batches_from(self.path, acknowledged_end)   # logs each one too
+        if dropped:
+            log.warning("node %s of shard %s: dropped %d local journal batches from position %d, which the stream "
+                        "never acknowledged (no caller was answered): %s", self.name, self.shard, len(dropped),
+                        acknowledged_end, ", ".join(f"[{start}, {end})" for start, end in dropped[:DROPS_LOGGED]))
         self._trouble.clear()
         self._become_standby(self._open_store(False))
 
