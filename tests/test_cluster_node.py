@@ -256,3 +256,30 @@ def test_a_batch_journaled_on_a_stale_lease_is_never_acknowledged_and_is_dropped
     finally:
         first.close()
         second.close()
+
+
+def test_a_node_restarted_with_batches_the_stream_never_acknowledged_drops_them_and_rejoins(cluster, tmp_path,
+                                                                                           caplog):
+    first = open_node(cluster, tmp_path / "a", "rejoin", "a")
+    cluster_processes.create_accounts(first)
+    first.transfer(10, 1, 2, 5)
+    position = first.stats()["journal_position"]
+    first.close()
+    with ledger.open(str(tmp_path / "a")) as alone:   # what a primary killed before its ack leaves on disk
+        alone.transfer(11, 1, 2, 7)
+    second = open_node(cluster, tmp_path / "b", "rejoin", "b")
+    try:
+        assert second.role == "primary"
+        second.transfer(12, 1, 3, 9)
+        end = second.stats()["journal_position"]
+        with caplog.at_level("WARNING", logger="ledger"):
+            first = open_node(cluster, tmp_path / "a", "rejoin", "a")
+        assert f"dropped 1 local journal batches from position {position}" in caplog.text, caplog.text
+        assert first.role == "standby"
+        wait_until(lambda: first.stats()["journal_position"] == end, "the restarted node follows")
+        assert first.store.batch_bytes(1, end) == second.store.batch_bytes(1, end)
+        assert first.lookup_transfers([11])["state"][0] == ledger.TransferState.NOT_FOUND
+        assert first.balance(3) == 9 and first.verify().ok
+    finally:
+        first.close()
+        second.close()

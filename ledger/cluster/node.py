@@ -20,6 +20,7 @@ LoopThread. Role callbacks (`on_role`) run on the control thread."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -34,6 +35,8 @@ from ledger.cluster.connection import ConnectionOptions
 from ledger.cluster.lease import Lease, LeaseHolder, ensure_bucket
 from ledger.cluster.names import (
     FENCE_ATTEMPTS_MAX,
+    HEADER_END_POSITION,
+    HEADER_MESSAGE_ID,
     LEASE_POLL_INTERVAL_S,
     LEASE_RENEW_INTERVAL_S,
     LEASE_SAFETY_MARGIN_S,
@@ -48,7 +51,8 @@ from ledger.cluster.names import (
     node_key,
     stream_name,
 )
-from ledger.cluster.stream import LoopThread, StreamFollower, StreamPublisher, ensure_stream
+from ledger.cluster.stream import (LoopThread, StreamFollower, StreamPublisher, ensure_stream, header_int,
+                                   marker_epoch)
 from ledger import recovery
 from ledger.errors import LedgerNotPrimaryError, LedgerReplicationError
 from ledger.store import Store, open_store
@@ -72,6 +76,22 @@ def default_node_name(path: str) -> str:
 def cluster_size(connection: Any) -> int:
     """How many servers a nats-py connection knows of (those given and those the servers announced)."""
     return max(1, len({server.netloc for server in connection.servers}))
+
+
+class PublishHook:
+    """A node's publish hook for its store's commit pipeline: called plainly (publish and wait), or through send()
+    when the pipeline is pipelined; either way the node's lease checks come first and after the ack."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+
+    def __call__(self, start: int, end: int) -> None:
+        """Publish journal [start, end) and return once the stream acknowledged it (and the lease still holds)."""
+        self.node.publish_range(start, end)
+
+    def send(self, start: int, end: int) -> concurrent.futures.Future:
+        """Publish journal [start, end); a Future resolved once acknowledged (and the lease still holds)."""
+        return self.node.send_range(start, end)
 
 
 class ClusterNode:
@@ -128,7 +148,7 @@ class ClusterNode:
             self._loop.run(ensure_stream(self._loop.js, self.shard, self.replicas), REQUEST_TIMEOUT_S)
             self._lease = Lease(kv, self.shard, self.name)
             with self._changing:
-                self._become_standby(self._open_store(self._create))
+                self._become_standby(self._reconciled(self._open_store(self._create)))
                 self._poll()
         except BaseException:
             self._release_everything()
@@ -321,8 +341,60 @@ class ClusterNode:
 
     # -- the store, the follower, roles --
 
+    def _reconciled(self, store: Store) -> Store:
+        """The store, rid of the local batches its stream does not hold (a primary that crashed after journaling
+        batches it never had acknowledged): those after the last stream batch that the journal holds byte for
+        byte are dropped (logged), and the store reopened. Nothing is dropped when the journal and the stream
+        share no batch at all (another shard's or another ledger's journal: the follower then says so)."""
+        position = store.engine.write_position
+        shared = self._loop.run(self._shared_end(store), TAKEOVER_CATCH_UP_TIMEOUT_S)
+        if shared is None or shared >= position:
+            return store
+        with store.engine:
+            store.close()
+        dropped = recovery.drop_batches_from(self.path, shared)
+        log.warning("node %s of shard %s: dropped %d local journal batches from position %d, which the stream "
+                    "does not hold (journaled by a primary that stopped before their ack; never answered): %s",
+                    self.name, self.shard, len(dropped), shared,
+                    ", ".join(f"[{start}, {end})" for start, end in dropped[:DROPS_LOGGED]))
+        return self._open_store(False)
+
+    async def _shared_end(self, store: Store) -> int | None:
+        """The end journal position of the last stream batch that `store`'s journal holds byte for byte (None if
+        none): a binary search, as the batches the journal holds are a prefix of the stream's; markers (and
+        any message without a journal range) are passed over towards the lower sequences."""
+        js, name, position = self._loop.js, stream_name(self.shard), store.engine.write_position
+        info = await js.stream_info(name)
+        if info.state.messages == 0:
+            return None
+        low, high, shared = max(1, info.state.first_seq), info.state.last_seq, None
+        while low <= high:
+            middle = (low + high) // 2
+            sequence = middle
+            while sequence >= low:
+                message = await js.get_msg(name, sequence)
+                start = header_int(message.headers, HEADER_MESSAGE_ID)
+                end = header_int(message.headers, HEADER_END_POSITION)
+                if marker_epoch(message.headers) is None and start is not None and end is not None:
+                    break
+                sequence -= 1
+            if sequence < low:
+                low = middle + 1           # only markers in [low, middle]
+            elif end <= position and self._holds(store, start, end, bytes(message.data or b"")):
+                shared, low = end, middle + 1
+            else:
+                high = sequence - 1
+        return shared
+
+    @staticmethod
+    def _holds(store: Store, start: int, end: int, data: bytes) -> bool:
+        try:
+            return store.batch_bytes(start, end) == data
+        except ValueError:                 # not a batch range of this journal: it diverged before
+            return False
+
     def _open_store(self, create: bool) -> Store:
-        return open_store(self.path, create, "fsync", publish=self._publish, **self._open_options)
+        return open_store(self.path, create, "fsync", publish=PublishHook(self), **self._open_options)
 
     def _become_standby(self, store: Store) -> None:
         store.follow(self._refusal)
@@ -361,7 +433,7 @@ class ClusterNode:
 
     # -- the publish hook (the commit pipeline calls it under the engine's lock) --
 
-    def _publish(self, start: int, end: int) -> None:
+    def publish_range(self, start: int, end: int) -> None:
         """Publish [start, end) and let the call answer only if this node still certainly holds the lease,
         before and after the stream's ack. Any failure raises (the pipeline poisons the handle: the caller is
         not answered) and makes the node step down."""
@@ -377,9 +449,47 @@ class ClusterNode:
             raise
         self._check_fresh(start, end)
 
+    def send_range(self, start: int, end: int) -> concurrent.futures.Future:
+        """The pipelined form of publish_range (a commit pipeline whose hook has send(): ledger/commit.py): the same
+        checks, the publisher's send, and a Future that fails unless the lease is still fresh when the ack
+        arrives. A publisher without send() is called and waited for here."""
+        publisher = self._publisher
+        if publisher is None or self.role != PRIMARY:
+            self._raise_trouble(f"journal [{start}, {end}) committed while not the primary")
+            raise self._refusal()
+        self._check_fresh(start, end)
+        checked: concurrent.futures.Future = concurrent.futures.Future()
+        send = getattr(publisher, "send", None)
+        if send is None:
+            self.publish_range(start, end)
+            checked.set_result(None)
+            return checked
+
+        def acknowledged(sent: concurrent.futures.Future) -> None:
+            error = sent.exception()
+            if error is None:
+                try:
+                    self._check_fresh(start, end)
+                except LedgerNotPrimaryError as stale:
+                    error = stale
+            else:
+                self._raise_trouble(f"publishing journal [{start}, {end}) failed: {error}")
+            checked.set_result(sent.result()) if error is None else checked.set_exception(error)
+        try:
+            send(start, end).add_done_callback(acknowledged)
+        except BaseException as error:
+            self._raise_trouble(f"publishing journal [{start}, {end}) failed: {error}")
+            raise
+        return checked
+
     def _check_fresh(self, start: int, end: int) -> None:
+        """LedgerNotPrimaryError unless the lease is certainly held: renewed within the bound, and nothing asked
+        for a step-down (sticky: once one batch was refused, no later one is acknowledged)."""
         lease = self._lease
         assert lease is not None
+        if self._trouble.is_set():
+            raise LedgerNotPrimaryError(f"node {self.name} of shard {self.shard} is stepping down "
+                                        f"({self._trouble_reason}): journal [{start}, {end}) is not acknowledged")
         if not lease.fresh():
             reason = (f"node {self.name} of shard {self.shard}: its lease (epoch {self.epoch}) was last renewed "
                       f"{lease.age_s():.2f} s ago, past the {LEASE_TTL_S - LEASE_SAFETY_MARGIN_S} s bound: it may "
