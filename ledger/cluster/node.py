@@ -233,8 +233,11 @@ class ClusterNode:
                                 self._step_down(self._trouble_reason)
                 elif not self._stopping.wait(LEASE_POLL_INTERVAL_S):
                     with self._changing:
-                        if not self._stopping.is_set():
-                            self._poll()
+                        if self._stopping.is_set():
+                            break
+                        if self.store is None:   # a step-down that failed after closing it: open it again
+                            self._become_standby(self._reconciled(self._open_store(False)))
+                        self._poll()
             except Exception as error:   # NATS unreachable, a reopen failing: said, and tried again
                 self.error = f"{type(error).__name__}: {error}"
                 log.warning("node %s of shard %s: %s", self.name, self.shard, self.error)
@@ -397,6 +400,9 @@ class ClusterNode:
         return open_store(self.path, create, "fsync", publish=PublishHook(self), **self._open_options)
 
     def _become_standby(self, store: Store) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
         store.follow(self._refusal)
         self.store = store
         for callback in self._store_callbacks:
