@@ -4,6 +4,7 @@ holds (engine, journal, commit pipeline) and how it is opened and recovered is t
 (ledger/store.py): a Ledger wraps one Store, `Ledger.store`."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -67,6 +68,11 @@ class Ledger:
         self.durability = "replicated" if self.cluster_node is not None else store.durability
         # The single-call path goes straight to the core: argument parsing and the result lookup are C.
         self.transfer = store.engine.transfer
+        # A pipelined publish hook (ledger/commit.py): each command waits for its batch's ack after the core call,
+        # outside the engine's lock, so that several threads' round trips overlap.
+        self._call: Callable[..., Any] | None = store.commits.call if store.commits.pipelined else None
+        if self._call is not None:
+            self.transfer = functools.partial(self._call, store.engine.transfer)
 
     @property
     def role(self) -> str | None:
@@ -85,7 +91,10 @@ class Ledger:
         """Create accounts from an ACCOUNT_DTYPE array (or dict of columns); one AccountResult code per row."""
         rows = as_batch(batch, ACCOUNT_DTYPE, accounts_batch, "accounts")
         results = np.empty(rows.shape[0], np.uint8)
-        self._engine.create_accounts(rows, results)
+        if self._call is None:
+            self._engine.create_accounts(rows, results)
+        else:
+            self._call(self._engine.create_accounts, rows, results)
         return results
 
     def create_account(self, id: int, ledger: int = 1, *, min_balance: int = 0, max_balance: int = BALANCE_MAX,
@@ -94,6 +103,9 @@ class Ledger:
         id: uint64, not 0 nor 2**64 - 1. ledger: its ledger (asset), uint32, not 0. min_balance <= 0 <= max_balance
         bound its balance, pending debits and credits counted (min_balance=BALANCE_MIN: a settlement account that
         may go negative, through which money enters). flags: AccountFlags. user_data: the caller's uint64."""
+        if self._call is not None:
+            return self._call(self._engine.create_account, id, ledger, min_balance=min_balance,
+                              max_balance=max_balance, flags=int(flags), user_data=user_data)
         return self._engine.create_account(id, ledger, min_balance=min_balance, max_balance=max_balance,
                                            flags=int(flags), user_data=user_data)
 
@@ -102,7 +114,10 @@ class Ledger:
         When it returns, every applied transfer is as durable as the ledger's durability mode says."""
         rows = as_batch(batch, TRANSFER_DTYPE, transfers_batch, "transfers")
         results = np.empty(rows.shape[0], np.uint8)
-        self._engine.transfers(rows, results)
+        if self._call is None:
+            self._engine.transfers(rows, results)
+        else:
+            self._call(self._engine.transfers, rows, results)
         return results
 
     def transfer(self, id: int, debit_account: int, credit_account: int, amount: int, *, ledger: int = 1,

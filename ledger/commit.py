@@ -18,9 +18,24 @@ Every writer goes through a `CommitPipeline` (the store makes one per handle), i
   the sync thread while the server applies the next group (whose headers then wait for that sync).
   A call on the handle outside a group (accounts created before serving) is committed per call.
 
-`publish` (default None: nothing) is called with each committed batch's journal range [start, end) once it is
-durable and before it is answered, in journal order, exactly once: the place where replication's acknowledged
-publish goes. A publish that raises poisons the handle and the batch (with its group) is never answered.
+`publish` (default None: nothing) is handed each committed batch's journal range [start, end) once it is durable
+and before it is answered, in journal order, exactly once: the place where replication's acknowledged publish
+goes. The hook protocol, two kinds:
+
+- a plain callable `publish(start, end) -> None`, blocking: it returns once the range is acknowledged, or raises;
+- a pipelined hook, an object with `send(start, end) -> concurrent.futures.Future` (ledger.cluster.stream's
+  StreamPublisher): send returns at once (it may wait while its own in-flight bound is full); the Future resolves
+  once the range is acknowledged, or fails; Futures resolve in send order, once one failed every later one fails,
+  and each resolves within the hook's own bound (the pipeline waits PUBLISH_WAIT_S_MAX at most, a backstop).
+  Per call, `call(method, ...)` (what the Ledger face runs each command through when the hook is pipelined) sends
+  inside the engine's lock, as the batch commits, and waits for the ack only once the core call returned, outside
+  that lock: calls from several threads overlap their round trips (one call still returns only after its own
+  batch is acknowledged). Grouped, the sync thread syncs a group and sends its batches, and an answering thread
+  waits for their acks and answers, in journal order, while the sync thread goes on with the next group.
+
+Either way, a publish that fails (raises, or its Future fails) poisons the handle and its batch (with its group,
+and every later one) is never answered. Reads from other threads may see a batch that is durable locally but not
+yet acknowledged (its call has not returned): as with a local journal, only a returned call is promised.
 
 durability "os" writes nothing here (the core writes into the shared mapping, a flusher syncs): the pipeline only
 publishes, and the engine calls it only when there is a publish hook.
@@ -31,9 +46,11 @@ import concurrent.futures
 import threading
 from typing import Any, Callable
 
-__all__ = ["CommitGroup", "CommitPipeline", "PendingGroup", "Publish"]
+__all__ = ["PUBLISH_WAIT_S_MAX", "CommitGroup", "CommitPipeline", "PendingGroup", "Publish"]
 
-Publish = Callable[[int, int], None]
+Publish = Any   # Callable[[int, int], None], or an object with send(start, end) -> Future (see above)
+# The longest the pipeline waits for a pipelined hook's Future: a backstop only, the hook bounds its own acks.
+PUBLISH_WAIT_S_MAX = 120.0
 
 
 class PendingGroup:
@@ -67,6 +84,9 @@ class CommitPipeline:
         self.writes = writes
         self.grouped = grouped
         self.publish = publish
+        self._send: Callable[[int, int], concurrent.futures.Future] | None = getattr(publish, "send", None)
+        self._local = threading.local()   # per call: whether this thread's call waits later, and for what
+        self._publish_failure: BaseException | None = None   # a failed ack: no later group is answered
         self._on_poison: Callable[[], None] | None = None
         self._engine: Any = None
         self._applying = False        # grouped: apply() is running a core call; the engine's callbacks wait
@@ -77,6 +97,30 @@ class CommitPipeline:
         self.pending: PendingGroup | None = None
         self._syncer = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-ring-sync")
                         if grouped else None)
+        # Grouped with a pipelined hook: waits for each group's acks and answers it, in order.
+        self._answerer = (concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                thread_name_prefix="ledger-ring-answer")
+                          if grouped and self._send is not None else None)
+
+    @property
+    def pipelined(self) -> bool:
+        """True when the publish hook is pipelined (has send): commands then run through call()."""
+        return self._send is not None
+
+    def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run the engine command `method(*args, **kwargs)` with its batch's ack waited for after it returned,
+        outside the engine's lock (the pipelined hook's send happened inside, as the batch committed); returns
+        its result once the batch is acknowledged. A failed ack poisons the handle and is raised."""
+        local = self._local
+        local.deferred = True
+        try:
+            result = method(*args, **kwargs)
+        finally:
+            local.deferred = False
+            future, local.future = getattr(local, "future", None), None
+        if future is not None:
+            self._wait_published(future)
+        return result
 
     def attach(self, engine: Any, poison: Callable[[], None]) -> None:
         """The engine whose batches this pipeline commits (known once the store has chosen it at open), and what
@@ -111,7 +155,12 @@ class CommitPipeline:
                     journal.finish_write_ahead()   # a sync still running over this batch's files: let it end
             journal.sync(start, end)
         if self.publish is not None:
-            self._publish(start, end)
+            future = self._publish(start, end)
+            if future is not None:
+                if getattr(self._local, "deferred", False):
+                    self._local.future = future      # call() waits, once the engine's lock is released
+                else:
+                    self._wait_published(future)     # a direct engine call: wait here
 
     def write_ahead(self, header_position: int, end: int) -> bool | None:
         """The core's callback inside a large batch: write its final events so far and start syncing them in the
@@ -166,10 +215,14 @@ class CommitPipeline:
         group's buffers once it resolved). Otherwise here, once every group handed to the sync thread is answered
         (answers leave in journal order): None."""
         end = self._engine.write_position
-        if background and self.writes and end > group.unsynced:
+        if background and (self.writes or self._send is not None) and end > group.unsynced:
             assert self._syncer is not None, "grouped mode only"
             pending = PendingGroup()
-            pending.answered = self._syncer.submit(self._sync_publish_answer, group, end, answer, pending)
+            if self._answerer is None:
+                pending.answered = self._syncer.submit(self._sync_publish_answer, group, end, answer, pending)
+            else:   # pipelined: the sync thread goes on to the next group while this one's acks are awaited
+                sent = self._syncer.submit(self._sync_send, group, end, pending)
+                pending.answered = self._answerer.submit(self._answer_acknowledged, sent, answer)
             self.pending = pending
             return pending.answered
         self.settle()
@@ -206,6 +259,8 @@ class CommitPipeline:
         self.pending = None
         if self._syncer is not None:
             self._syncer.shutdown(wait=True)
+        if self._answerer is not None:
+            self._answerer.shutdown(wait=True)
 
     def _sync_publish_answer(self, group: CommitGroup, end: int, answer: Callable[[], None],
                              pending: PendingGroup | None) -> None:
@@ -219,9 +274,33 @@ class CommitPipeline:
             if pending is not None:
                 pending.synced.set()
         if self.publish is not None:
-            for start, stop in group.batches:
-                self._publish(start, stop)
+            futures = [self._publish(start, stop) for start, stop in group.batches]
+            for future in futures:
+                if future is not None:
+                    self._wait_published(future)
         answer()                  # only once every batch of the group is durable (and published)
+
+    def _sync_send(self, group: CommitGroup, end: int, pending: PendingGroup) -> list[concurrent.futures.Future]:
+        """The sync thread's part of a group, pipelined: sync it, send its batches; their Futures."""
+        try:
+            self._sync(group.unsynced, end)
+        except BaseException as error:
+            pending.error = error
+            raise
+        finally:
+            pending.synced.set()
+        futures = [self._publish(start, stop) for start, stop in group.batches]
+        return [future for future in futures if future is not None]
+
+    def _answer_acknowledged(self, sent: concurrent.futures.Future, answer: Callable[[], None]) -> None:
+        """The answering thread's part of a group: once it is synced and sent (`sent`) and its acks arrived,
+        answer it. Groups come here in journal order; after a failed ack no later group is answered."""
+        futures = sent.result()   # its sync or send failed: raised, never answered
+        for future in futures:
+            self._wait_published(future)
+        if self._publish_failure is not None:
+            raise self._publish_failure
+        answer()
 
     def _sync(self, start: int, end: int) -> None:
         """Make journal positions [start, end) durable (written before). A failed sync poisons the handle (no
@@ -247,15 +326,31 @@ class CommitPipeline:
         assert self._on_poison is not None, "attach() gives the pipeline its handle's poison"
         self._on_poison()
 
-    def _publish(self, start: int, end: int) -> None:
+    def _publish(self, start: int, end: int) -> concurrent.futures.Future | None:
+        """Hand [start, end) to the hook: a plain one returns once acknowledged (None here), a pipelined one's
+        send returns its Future. A failure poisons the handle."""
         if end <= self._published_end:
-            return                # published already (a commit retried after Ctrl-C)
+            return None           # published already (a commit retried after Ctrl-C)
         assert start == self._published_end, f"publish of [{start}, {end}) after {self._published_end}: a gap"
         publish = self.publish
         assert publish is not None
         try:
-            publish(start, end)
+            future = None
+            if self._send is not None:
+                future = self._send(start, end)
+            else:
+                publish(start, end)
         except BaseException:
             self._poison()
             raise
         self._published_end = end
+        return future
+
+    def _wait_published(self, future: concurrent.futures.Future) -> None:
+        """Wait for a pipelined hook's Future (PUBLISH_WAIT_S_MAX at most); a failure poisons and is raised."""
+        try:
+            future.result(PUBLISH_WAIT_S_MAX)
+        except BaseException as error:
+            self._publish_failure = self._publish_failure or error
+            self._poison()
+            raise

@@ -8,6 +8,8 @@ import asyncio
 import glob
 import os
 import shutil
+import threading
+import time
 
 import nats
 import numpy as np
@@ -188,3 +190,223 @@ def test_a_publish_without_an_ack_in_time_poisons_the_handle(tmp_path):
             with pytest.raises(ledger.LedgerPoisonedError):
                 handle.create_account(3)
             handle.close()
+
+
+# -- pipelining and splitting (issue 14: several batches in flight, batches larger than one message) --
+
+def batch_ranges(handle: ledger.Ledger) -> list[tuple[int, int]]:
+    """The [start, end) of every committed batch of `handle`'s journal."""
+    with handle.store.engine:
+        return [(header, header + 1 + count) for header, _, count in handle.store.engine.batch_headers()]
+
+
+def accounts_one_batch_each(handle: ledger.Ledger, count: int) -> None:
+    """The settlement account 1 and accounts 2 .. count + 1, one batch each."""
+    handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+    for id_ in range(2, count + 1):
+        handle.create_account(id_)
+
+
+def follow_to_the_end(cluster_url: str, shard: str, path: str, primary: ledger.Ledger,
+                      sequence: int) -> stream.StreamFollower:
+    """A standby at `path` following shard `shard` to its message `sequence`, the primary's position: equal
+    journals, byte for byte."""
+    position = primary.stats()["journal_position"]
+    standby = ledger.open(path, create=True, durability="fsync", segment_records_log2=SEGMENT_RECORDS_LOG2)
+    standby.store.follow()
+    follower = stream.StreamFollower(cluster_url, shard, standby.store)
+    try:
+        follower.follow_until(sequence=sequence, timeout_s=FOLLOW_TIMEOUT_S)
+        assert standby.stats()["journal_position"] == position
+        assert standby.store.batch_bytes(1, position) == primary.store.batch_bytes(1, position)
+        assert journal_records(path) == journal_records(primary.path)
+        assert standby.verify().ok
+    finally:
+        follower.stop()
+        standby.close()
+    return follower
+
+
+def test_sends_are_in_flight_together_in_order_and_the_standby_ends_equal(cluster, tmp_path):
+    primary = open_with_hooks(str(tmp_path / "primary"), create=True, clock=Clock(), durability="fsync",
+                              segment_records_log2=SEGMENT_RECORDS_LOG2)    # no hook: published by hand below
+    with stream.StreamPublisher(cluster.url, "inflight", replicas=1) as publisher:
+        publisher.attach(primary.store)                  # both empty
+        accounts_one_batch_each(primary, 100)
+        ranges = batch_ranges(primary)
+        futures = [publisher.send(start, end) for start, end in ranges]
+        acks = [future.result(FOLLOW_TIMEOUT_S) for future in futures]
+        assert [ack.seq for ack in acks] == list(range(1, len(ranges) + 1))   # in order, none lost or repeated
+        assert 1 < publisher.in_flight_max_seen <= stream.PUBLISH_IN_FLIGHT_MAX
+        assert publisher.last_sequence == len(ranges) and publisher.end_position == ranges[-1][1]
+    follower = follow_to_the_end(cluster.url, "inflight", str(tmp_path / "standby"), primary, len(ranges))
+    assert follower.positions[ranges[-1][1]] == len(ranges)
+    primary.close()
+
+
+def test_a_fence_failure_in_flight_fails_every_later_send_and_poisons(cluster, tmp_path):
+    with stream.StreamPublisher(cluster.url, "fence-flight", replicas=1) as publisher:
+        primary = open_primary(str(tmp_path / "primary"), publisher)
+        accounts_one_batch_each(primary, 3)
+        sequence = publisher.last_sequence
+        publish_raw(cluster, "fence-flight", b"another writer")    # the stream moves on without this publisher
+        errors: list[BaseException] = []
+
+        def call(id_: int) -> None:
+            try:
+                primary.create_account(id_)
+            except ledger.LedgerError as error:
+                errors.append(error)
+        threads = [threading.Thread(target=call, args=(id_,)) for id_ in range(10, 18)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(FOLLOW_TIMEOUT_S)
+        assert len(errors) == 8 and all(isinstance(error, ledger.LedgerError) for error in errors)
+        assert any(isinstance(error, ledger.LedgerNotPrimaryError) and "another publisher" in str(error)
+                   for error in errors)
+        assert primary.store.engine.poisoned
+        assert publisher.last_sequence == sequence             # nothing acknowledged after the forger
+        with pytest.raises(ledger.LedgerNotPrimaryError, match="earlier one failed"):
+            publisher.send(primary.stats()["journal_position"], primary.stats()["journal_position"] + 2).result(1)
+        primary.close()
+
+
+def test_concurrent_callers_overlap_their_round_trips(cluster, tmp_path):
+    with stream.StreamPublisher(cluster.url, "callers", replicas=1) as publisher:
+        primary = open_primary(str(tmp_path / "primary"), publisher)
+        accounts_one_batch_each(primary, 9)
+
+        def pay(thread: int) -> None:
+            for index in range(40):
+                assert primary.transfer(10_000 + thread * 100 + index, 1, 2 + thread, 1) == 0
+                # returned: acknowledged through its own batch at least
+                assert publisher.end_position > 1
+        threads = [threading.Thread(target=pay, args=(thread,)) for thread in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(FOLLOW_TIMEOUT_S * 2)
+        assert publisher.in_flight_max_seen > 1                # several callers' batches were in flight at once
+        assert publisher.end_position == primary.stats()["journal_position"]
+        follow_to_the_end(cluster.url, "callers", str(tmp_path / "standby"), primary, publisher.last_sequence)
+        primary.close()
+
+
+def test_large_batches_are_split_into_messages_and_parts_and_joined_again(cluster, tmp_path):
+    primary = open_with_hooks(str(tmp_path / "primary"), create=True, clock=Clock(), durability="fsync")
+    with stream.StreamPublisher(cluster.url, "large", replicas=1) as publisher:
+        publisher.attach(primary.store)                  # both empty; the journal is sent below as ONE range
+        accounts_one_batch_each(primary, 2)
+        for first, count in ((300_000, 50_000), (400_000, 50_000), (100, 140_000)):
+            batch = ledger.transfers_batch(count)
+            batch["id"] = np.arange(first, first + count)
+            batch["debit_account"], batch["credit_account"], batch["amount"], batch["ledger"] = 1, 2, 1, 1
+            assert not primary.transfers(batch).any()       # 140,000 transfers: about 9 MB, two parts
+        ranges = batch_ranges(primary)
+        end = ranges[-1][1]
+        messages = publisher.messages(1, end, primary.store.batch_bytes(1, end))
+        # The accounts and the two 3.2 MB batches together; the 140,000-transfer batch in two parts.
+        last = ranges[-1][0]
+        assert [(message.headers[stream.HEADER_MESSAGE_ID], message.headers[stream.HEADER_END_POSITION],
+                 message.headers.get(stream.HEADER_PART)) for message in messages] == [
+            ("1", str(last), None), (f"{last}.1.{publisher._instance}", str(end), "1/2"),
+            (f"{last}.2.{publisher._instance}", str(end), "2/2")]
+        assert all(len(message.data) <= stream.MESSAGE_BYTES_MAX for message in messages)
+        assert publisher.send(1, end).result(FOLLOW_TIMEOUT_S).seq == 3
+    with stream.StreamPublisher(cluster.url, "large", replicas=1) as again:   # a stream ending in a split batch
+        again.attach(primary.store)
+        assert (again.last_sequence, again.end_position) == (3, end)
+    follower = follow_to_the_end(cluster.url, "large", str(tmp_path / "standby"), primary, 3)
+    assert follower.positions == {last: 1, end: 3}
+    primary.close()
+
+
+@pytest.mark.parametrize("case", ["out of order", "missing", "mixed", "dropped at a marker"])
+def test_parts_out_of_order_missing_or_mixed_are_refused(cluster, tmp_path, case):
+    source = ledger.open(None)
+    source.create_account(1)
+    source.create_account(2)
+    middle, end = batch_ranges(source)[1]
+    first, second = source.store.batch_bytes(1, middle), source.store.batch_bytes(middle, end)
+    source.close()
+    shard = "parts-" + case.replace(" ", "-")
+    half = len(second) // 2
+
+    def part(index: int, data: bytes, start: int = middle, stop: int = end) -> None:
+        publish_raw(cluster, shard, data, {stream.HEADER_MESSAGE_ID: f"{start}.{index}.forged",
+                                           stream.HEADER_END_POSITION: str(stop), stream.HEADER_PART: f"{index}/2"})
+    publish_raw(cluster, shard, first, {stream.HEADER_MESSAGE_ID: "1", stream.HEADER_END_POSITION: str(middle)})
+    if case == "out of order":
+        part(2, second[half:])
+        part(1, second[:half])
+    elif case == "missing":
+        part(1, second[:half])
+        # (a Nats-Msg-Id of its own: the server would drop a second message with part 1's as a duplicate)
+        publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: f"{middle}-whole",
+                                             stream.HEADER_END_POSITION: str(end)})
+    elif case == "mixed":
+        part(1, second[:half])
+        part(2, first[len(first) // 2:], start=1, stop=middle)
+    else:   # a primary died between parts; the new one's marker, then its own batch there
+        part(1, second[:half])
+        publish_raw(cluster, shard, b"", {stream.HEADER_MESSAGE_ID: "epoch-2", stream.HEADER_END_POSITION: str(middle)})
+        publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: str(middle),
+                                             stream.HEADER_END_POSITION: str(end)})
+    standby = ledger.open(str(tmp_path / "standby"), create=True, durability="fsync")
+    standby.store.follow()
+    follower = stream.StreamFollower(cluster.url, shard, standby.store)
+    try:
+        if case == "dropped at a marker":
+            follower.follow_until(sequence=4, timeout_s=FOLLOW_TIMEOUT_S)
+            assert follower.positions == {middle: 1, end: 4}
+            assert standby.stats()["journal_position"] == end
+        else:
+            with pytest.raises(ledger.LedgerReplicationError, match=r"message [23] refused.*parts"):
+                follower.follow_until(sequence=3, timeout_s=FOLLOW_TIMEOUT_S)
+            assert follower.sequence == 1
+            assert standby.stats()["journal_position"] == middle   # the first batch only: nothing of the parts
+    finally:
+        follower.stop()
+    standby.close()
+
+
+def test_r3_pipelined_publishing_beats_one_round_trip_per_batch(tmp_path, capsys):
+    """1,000 small batches on a three-server cluster (R3, sync always): sent with up to PUBLISH_IN_FLIGHT_MAX in
+    flight, then one at a time (send and wait); prints both rates. The standby of the first ends equal."""
+    primary = ledger.open(None)
+    rates = {}
+    with LocalCluster(tmp_path / "nats", nodes=3, port=0) as three, \
+            stream.StreamPublisher(three.url, "pipelined", replicas=3) as pipelined, \
+            stream.StreamPublisher(three.url, "one-at-a-time", replicas=3) as one_at_a_time:
+        pipelined.attach(primary.store)       # both empty: the batches below are published by hand
+        one_at_a_time.attach(primary.store)
+        accounts_one_batch_each(primary, 1000)
+        ranges = batch_ranges(primary)
+        assert len(ranges) == 1000
+        for publisher in (pipelined, one_at_a_time):
+            began = time.perf_counter()
+            if publisher is pipelined:
+                futures = [publisher.send(start, end) for start, end in ranges]
+                assert futures[-1].result(FOLLOW_TIMEOUT_S * 2).seq == len(ranges)
+                assert publisher.in_flight_max_seen == stream.PUBLISH_IN_FLIGHT_MAX
+            else:
+                for start, end in ranges:
+                    publisher(start, end)
+                assert publisher.in_flight_max_seen == 1
+            rates[publisher.shard] = len(ranges) / (time.perf_counter() - began)
+            assert publisher.last_sequence == len(ranges)
+        standby = ledger.open(None)
+        standby.store.follow()
+        follower = stream.StreamFollower(three.url, "pipelined", standby.store)
+        try:
+            follower.follow_until(sequence=len(ranges), timeout_s=FOLLOW_TIMEOUT_S)
+        finally:
+            follower.stop()
+        end = ranges[-1][1]
+        assert standby.store.batch_bytes(1, end) == primary.store.batch_bytes(1, end)
+    with capsys.disabled():
+        print(f"\nR3 publishing of 1,000 small batches: {rates['pipelined']:.0f} batches/s with up to "
+              f"{stream.PUBLISH_IN_FLIGHT_MAX} in flight, {rates['one-at-a-time']:.0f} batches/s one at a time")
+    assert rates["pipelined"] > rates["one-at-a-time"]
+

@@ -1,6 +1,8 @@
 """The commit pipeline's publish hook (ledger/commit.py), in both modes: every committed batch's range is
 published exactly once, in journal order, after it is durable and before the call returns (per call) or the ring
-answers (grouped); a hook that raises poisons the handle and nothing of that batch is acknowledged."""
+answers (grouped); a hook that raises poisons the handle and nothing of that batch is acknowledged. With a
+pipelined hook (send -> Future, the real StreamPublisher), the ring syncs and sends the next group before the
+previous one's acks arrived, answers in order, and a fence failure answers no group."""
 from __future__ import annotations
 
 import os
@@ -159,3 +161,124 @@ def test_grouped_a_failing_publish_poisons_the_writer_and_answers_nothing(tmp_pa
         assert len(recorder.published) == 2                             # the accounts only
     finally:
         server.close()
+
+
+# -- a pipelined hook (send -> Future): the real StreamPublisher on a one-server LocalCluster --
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ledger.cluster.servers import LocalCluster
+    with LocalCluster(tmp_path_factory.mktemp("nats"), nodes=1, port=0) as running:
+        yield running
+
+
+class GatedHook:
+    """A pipelined hook over a StreamPublisher whose Futures resolve only once `gate` is set (the real ack has
+    arrived by then too): what happens while acks are outstanding. `events` logs sends and answers."""
+
+    def __init__(self, publisher) -> None:
+        self.publisher = publisher
+        self.gate = threading.Event()
+        self.events: list[tuple[str, int]] = []
+
+    def send(self, start: int, end: int):
+        import concurrent.futures
+        self.events.append(("send", end))
+        acknowledged, gated = self.publisher.send(start, end), concurrent.futures.Future()
+
+        def release() -> None:
+            self.gate.wait(10)
+            error = acknowledged.exception(10)
+            gated.set_exception(error) if error is not None else gated.set_result(acknowledged.result())
+        threading.Thread(target=release, daemon=True).start()
+        return gated
+
+
+def append_unfenced(url: str, shard: str, data: bytes) -> None:
+    """Publish `data` on the shard's subject as another writer would, without the fence."""
+    import asyncio
+
+    import nats
+
+    from ledger.cluster import stream
+
+    async def main() -> None:
+        connection = await nats.connect(url)
+        try:
+            await connection.jetstream().publish(stream.subject(shard), data, stream=stream.stream_name(shard))
+        finally:
+            await connection.close()
+    asyncio.run(main())
+
+
+def pipelined_server(tmp_path, hook, publisher) -> Server:
+    server = Server(str(tmp_path / "data"), durability="fsync", slot_count=64, publish=hook, overlap_rows_min=2)
+    publisher.attach(server.store)
+    answer = server._answer
+
+    def logged(first, *arguments) -> None:
+        hook.events.append(("answer", first))
+        answer(first, *arguments)
+    server._answer = logged
+    hook.gate.set()
+    server.ledger.create_account(1, min_balance=ledger.BALANCE_MIN)   # per call: acknowledged when it returns
+    server.ledger.create_account(2)
+    hook.gate.clear()
+    hook.events.clear()
+    return server
+
+
+def test_grouped_pipelined_the_next_group_is_synced_and_sent_before_the_previous_is_answered(cluster, tmp_path):
+    from ledger.cluster import stream
+    with stream.StreamPublisher(cluster.url, "grouped", replicas=1) as publisher:
+        hook = GatedHook(publisher)
+        server = pipelined_server(tmp_path, hook, publisher)
+        try:
+            ring = producer(server)
+            firsts = []
+            for group in range(2):
+                firsts.append(ring.submit(_ring.SLOT_KIND_TRANSFER, transfers(np.array([100 + 2 * group,
+                                                                                        101 + 2 * group])), 500))
+                assert server.drain_once()
+            for _ in range(200):
+                if len(hook.events) == 2:
+                    break
+                threading.Event().wait(0.01)
+            assert [kind for kind, _ in hook.events] == ["send", "send"]   # group 2 sent, group 1 not answered
+            hook.gate.set()
+            codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+            for first in firsts:
+                ring.wait_results(first, 2, codes, statuses, 5000, 5000)
+                assert codes.tolist() == [0, 0]
+            server.settle()
+            assert [event for event in hook.events if event[0] == "answer"] == [("answer", first)
+                                                                                for first in firsts]  # in order
+            assert publisher.end_position == server.ledger.stats()["journal_position"]
+        finally:
+            server.close()
+
+
+def test_grouped_pipelined_a_fence_failure_poisons_and_answers_no_later_group(cluster, tmp_path):
+    from ledger.cluster import stream
+    with stream.StreamPublisher(cluster.url, "grouped-fence", replicas=1) as publisher:
+        hook = GatedHook(publisher)
+        server = pipelined_server(tmp_path, hook, publisher)
+        try:
+            ring = producer(server)
+            append_unfenced(cluster.url, "grouped-fence", b"another writer")   # the stream moves on without it
+            firsts = []
+            for group in range(2):
+                firsts.append(ring.submit(_ring.SLOT_KIND_TRANSFER, transfers(np.array([200 + 2 * group,
+                                                                                        201 + 2 * group])), 500))
+                server.drain_once()
+            hook.gate.set()
+            with pytest.raises(ledger.LedgerNotPrimaryError, match="another publisher|earlier one failed"):
+                server.settle()
+            assert server.ledger.store.engine.poisoned
+            codes, statuses = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+            for first in firsts:
+                with pytest.raises(_ring.RingTimeoutError):                 # neither group answered
+                    ring.wait_results(first, 2, codes, statuses, 50, 1000)
+            assert not [event for event in hook.events if event[0] == "answer"]
+        finally:
+            server.close()

@@ -27,10 +27,15 @@ READ_SUBJECT_PREFIX = "ledger.read."
 
 # -- message headers --
 HEADER_MESSAGE_ID = "Nats-Msg-Id"                  # a batch: its start journal position; a marker: epoch-<N>
+MARKER_ID_PREFIX = "epoch-"                         # a marker's Nats-Msg-Id: epoch-<N>
 HEADER_EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"   # the single-writer fence
 HEADER_END_POSITION = "Ledger-End-Position"        # a batch: its end; a marker: the stream's end position then
 HEADER_EPOCH = "Ledger-Epoch"                      # on a marker (and on every batch: the epoch that published it)
 HEADER_NODE = "Ledger-Node"                        # the node that published the message
+# A batch larger than one message goes as parts "k/n" (1-based), in order, each with its Ledger-End-Position:
+# part k has Nats-Msg-Id <start>.<k>.<publisher> (another publisher's parts at the same start are not duplicates);
+# the follower joins them before it applies the batch, and drops an incomplete run at an epoch marker.
+HEADER_PART = "Ledger-Part"
 WRONG_LAST_SEQUENCE_ERROR_CODE = 10071             # JetStream's "wrong last sequence"
 
 # -- limits and timings, every one of the cluster in this one place --
@@ -46,8 +51,7 @@ LEASE_SAFETY_MARGIN_S = 0.5   # a primary acknowledges nothing once its last ren
 TAKEOVER_CATCH_UP_TIMEOUT_S = 60.0   # a new primary's wait to apply the stream to its end (it renews meanwhile)
 FENCE_ATTEMPTS_MAX = 5        # a new primary's epoch marker refused this often (the old one still appending): give up
 STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried again after this pause
-MARKER_ID_PREFIX = "epoch-"   # an epoch marker's Nats-Msg-Id: epoch-<N>
-PUBLISH_IN_FLIGHT_MAX = 16    # batches published and not yet acknowledged, at most
+PUBLISH_IN_FLIGHT_MAX = 16    # messages published and not yet acknowledged, at most (a publisher's send waits)
 JOURNAL_START_POSITION = 1    # an empty journal's write position
 # The largest message: the servers' max_payload less room for the headers.
 MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096

@@ -4,18 +4,25 @@ writer can append; a standby follows the stream into its own store (Store.append
 
 Headers of a message: `Nats-Msg-Id` (the batch range's start journal position), `Ledger-End-Position` (its end),
 and on publish `Nats-Expected-Last-Sequence` (the fence: the server stores the message only if the stream's last
-sequence is the one this publisher knows, so a second or stale publisher fails)."""
+sequence is the one this publisher knows, so a second or stale publisher fails). Publishing is pipelined (up to
+PUBLISH_IN_FLIGHT_MAX messages unacknowledged, in order on one connection); a range larger than one message is
+split into runs of whole batches, a single batch larger than one message into parts (`Ledger-Part: k/n`) that
+the follower joins before applying."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import json
+import logging
+import secrets
 import threading
 from typing import Any, Coroutine
 
 import nats
-import nats.errors
 import nats.js.errors
-from nats.js.api import (ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType,
-                         StreamConfig)
+from nats.js.api import (ConsumerConfig, DeliverPolicy, DiscardPolicy, Header, PubAck, RetentionPolicy,
+                         StorageType, StreamConfig)
 
 from ledger.cluster.connection import ConnectionOptions, connect_arguments
 from ledger.cluster.names import (
@@ -26,9 +33,11 @@ from ledger.cluster.names import (
     HEADER_EXPECTED_LAST_SEQUENCE,
     HEADER_MESSAGE_ID,
     HEADER_NODE,
+    HEADER_PART,
     JOURNAL_START_POSITION,
     MARKER_ID_PREFIX,
     MESSAGE_BYTES_MAX,
+    PUBLISH_IN_FLIGHT_MAX,
     REPLICAS_DEFAULT,
     REQUEST_TIMEOUT_S,
     WRONG_LAST_SEQUENCE_ERROR_CODE,
@@ -38,9 +47,12 @@ from ledger.cluster.names import (
 )
 from ledger.cluster.servers import MAX_PAYLOAD_BYTES
 from ledger.errors import LedgerNotPrimaryError, LedgerReplicationError, LedgerTimeoutError
+from ledger.format import RECORD_SIZE
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LoopThread", "StreamFollower", "StreamPublisher", "check_shard", "ensure_stream", "header_int",
-           "last_message", "marker_epoch", "stream_name", "subject"]
+           "last_message", "marker_epoch", "message_start", "stream_name", "subject"]
 
 
 async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -> Any:
@@ -56,6 +68,17 @@ async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -
         return await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         return await js.add_stream(config)
+
+
+def message_start(headers: dict[str, str] | None) -> int | None:
+    """The journal position a message's range starts at: the Nats-Msg-Id of a whole message, the number before
+    the first '.' of part 1 of a split batch (`<start>.1.<publisher>`); None for a later part (it starts no
+    batch), a marker or a forgery."""
+    part = (headers or {}).get(HEADER_PART)
+    if part is None:
+        return header_int(headers, HEADER_MESSAGE_ID)
+    value = (headers or {}).get(HEADER_MESSAGE_ID, "").split(".")[0]
+    return int(value) if part.startswith("1/") and value.isdigit() else None
 
 
 def header_int(headers: dict[str, str] | None, name: str) -> int | None:
@@ -142,7 +165,7 @@ async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int
                 raise
             break       # trimmed below this marker: the markers say where the stream ends
         if marker_epoch(message.headers) is None:
-            return _batch_range(name, message, sequence, marker_end)
+            return await _batch_range(js, name, message, sequence, marker_end)
         end = header_int(message.headers, HEADER_END_POSITION)
         if end is None or marker_end not in (None, end):
             raise LedgerNotPrimaryError(f"stream {name}: epoch marker at sequence {sequence} says the stream ends "
@@ -152,27 +175,61 @@ async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int
     return end, end, b""
 
 
-def _batch_range(name: str, message: Any, sequence: int, marker_end: int | None) -> tuple[int, int, bytes]:
+async def _batch_range(js: Any, name: str, message: Any, last_sequence: int,
+                       marker_end: int | None) -> tuple[int, int, bytes]:
     """The journal range and bytes of batch message `sequence`, the last before any epoch markers (which said the
     stream ends at `marker_end`)."""
-    start = header_int(message.headers, HEADER_MESSAGE_ID)
+    sequence = last_sequence
+    data = bytes(message.data or b"")
+    start = message_start(message.headers)
     end = header_int(message.headers, HEADER_END_POSITION)
+    part = (message.headers or {}).get(HEADER_PART, "").split("/")
+    if len(part) == 2 and part[0] == part[1] and part[0].isdigit() and 1 < int(part[0]) <= last_sequence:
+        # The last part of a split batch: the batch is its parts joined, the first one naming its start.
+        first = await js.get_msg(name, last_sequence - int(part[0]) + 1)
+        start = message_start(first.headers)
+        earlier = [bytes((await js.get_msg(name, sequence)).data or b"")
+                   for sequence in range(last_sequence - int(part[0]) + 2, last_sequence)]
+        data = b"".join([bytes(first.data or b""), *earlier, data])
     if start is None or end is None or not start < end:
         raise LedgerNotPrimaryError(f"stream {name}: its last message (sequence {sequence}) has no journal "
                                     f"range in {HEADER_MESSAGE_ID} and {HEADER_END_POSITION}: not a ledger batch")
     if marker_end not in (None, end):
         raise LedgerNotPrimaryError(f"stream {name}: the epoch marker after sequence {sequence} says the stream "
                                     f"ends at journal position {marker_end}, its last batch ends at {end}")
-    return start, end, bytes(message.data or b"")
+    return start, end, data
+
+
+class _Message:
+    """One message a publisher sent: its bytes and headers, the sequence its fence expects last, the journal
+    position its range ends at, the Future to resolve once it is settled (the last message of a send), and its
+    outcome once its ack (or error) arrived."""
+    __slots__ = ("data", "headers", "expected", "end", "future", "arrived", "outcome")
+
+    def __init__(self, data: bytes, headers: dict[str, str], end: int) -> None:
+        self.data = data
+        self.headers = headers
+        self.expected = 0
+        self.end = end
+        self.future: concurrent.futures.Future | None = None
+        self.arrived = False
+        self.outcome: Any = None
 
 
 class StreamPublisher:
     """The publish hook of a primary (ledger.api.open_with_hooks(path, publish=publisher)) sending each committed
     batch range to shard `shard`'s stream. Use as a context manager; `attach(store)` after the open gives it the
     bytes (store.batch_bytes) and checks the stream ends where the store's journal does (a primary behind or
-    ahead of its stream must not publish: LedgerNotPrimaryError). One round trip per batch for now (the hook
-    waits for each ack; pipelining comes later). A refused publish (the fence: another publisher appended
-    since), a duplicate or a timeout raises, which poisons the handle: nothing is acknowledged on doubt."""
+    ahead of its stream must not publish: LedgerNotPrimaryError).
+
+    Pipelined: `send(start, end)` publishes without waiting and returns a Future resolved with the stream's ack
+    (the commit pipeline waits for it outside the engine's lock, ledger/commit.py); at most PUBLISH_IN_FLIGHT_MAX
+    messages are unacknowledged (send waits for room). Each message carries Nats-Expected-Last-Sequence = the
+    last acknowledged sequence + the messages in flight before it, so the fence holds for every one; messages
+    leave in send order (one connection, one sending task), and Futures resolve in that order. A refused publish
+    (the fence: another publisher appended), a duplicate, or a timeout (in doubt) fails its Future, and every
+    later one fails too, naming the first failure: the pipeline poisons the handle, nothing is acknowledged on
+    doubt. `__call__(start, end)` is send and wait. A range larger than one message is split (`messages`)."""
 
     def __init__(self, url: str, shard: str, options: ConnectionOptions | None = None,
                  replicas: int = REPLICAS_DEFAULT, ack_timeout_s: float = ACK_TIMEOUT_S) -> None:
@@ -181,20 +238,36 @@ class StreamPublisher:
         self.subject = subject(shard)
         self.replicas = replicas
         self.ack_timeout_s = ack_timeout_s
-        self.last_sequence = 0
-        self.end_position = JOURNAL_START_POSITION
+        self.last_sequence = 0        # the last sequence acknowledged
+        self.end_position = JOURNAL_START_POSITION   # the journal position acknowledged messages reach
+        self.in_flight_max_seen = 0   # the most messages ever unacknowledged at once (tests, benchmarks)
         self.store: Any = None
+        self.failure: BaseException | None = None   # the first failed message's error: every later one fails
         self._last: tuple[int, int, bytes] = (JOURNAL_START_POSITION, JOURNAL_START_POSITION, b"")
         self._loop = LoopThread(url, options)
+        # In the ids of parts: another publisher's parts of a batch at the same start (a new primary's, after this
+        # one died between parts) are not duplicates of these for the server.
+        self._instance = secrets.token_hex(6)
+        self._send_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(PUBLISH_IN_FLIGHT_MAX)
+        self._in_flight = 0
+        self._sent_sequence = 0       # the sequence the last message sent gets, if every one before is stored
+        self._sent_end = JOURNAL_START_POSITION
+        self._queue: asyncio.Queue | None = None    # the sending task's (loop thread only)
+        self._order: collections.deque[_Message] = collections.deque()   # sent, not yet settled (loop thread only)
+        self._waiting: dict[str, tuple[_Message, asyncio.TimerHandle]] = {}   # by reply token (loop thread only)
+        self._token = 0
+        self._reply_prefix = ""
 
     def __enter__(self) -> StreamPublisher:
         self._loop.start()
         try:
             info = self._loop.run(ensure_stream(self._loop.js, self.shard, self.replicas), REQUEST_TIMEOUT_S)
-            self.last_sequence = info.state.last_seq
+            self.last_sequence = self._sent_sequence = info.state.last_seq
             self._last = self._loop.run(last_message(self._loop.js, self.stream, self.last_sequence),
                                         REQUEST_TIMEOUT_S)
-            self.end_position = self._last[1]
+            self.end_position = self._sent_end = self._last[1]
+            self._loop.run(self._start_sender(), REQUEST_TIMEOUT_S)
         except BaseException:
             self._loop.stop()
             raise
@@ -202,6 +275,12 @@ class StreamPublisher:
 
     def __exit__(self, *exception: object) -> None:
         self._loop.stop()
+        # The loop is stopped: what was still in flight is in doubt, and nobody may wait for it forever.
+        for message in self._order:
+            self._resolve(message, LedgerTimeoutError(f"stream {self.stream}: the publisher stopped before the "
+                                                      f"message ending at journal position {message.end} was "
+                                                      f"acknowledged; it is in doubt"))
+        self._order.clear()
 
     def attach(self, store: Any) -> None:
         """Publish from `store` (the ledger's Store); LedgerNotPrimaryError if the stream does not end at its
@@ -220,40 +299,191 @@ class StreamPublisher:
         self.store = store
 
     def __call__(self, start: int, end: int) -> None:
-        """The publish hook: send batches [start, end) and wait for the stream's ack."""
-        if self.store is None:
-            raise LedgerNotPrimaryError(f"stream {self.stream}: publish before attach(store)")
-        if start != self.end_position:
-            raise LedgerNotPrimaryError(f"stream {self.stream} ends at journal position {self.end_position}, "
-                                        f"the batch starts at {start}")
-        data = self.store.batch_bytes(start, end)
-        if len(data) > MESSAGE_BYTES_MAX:
-            raise LedgerNotPrimaryError(f"stream {self.stream}: batch [{start}, {end}) is {len(data)} bytes, "
-                                        f"past the {MESSAGE_BYTES_MAX}-byte message limit")
-        headers = {HEADER_MESSAGE_ID: str(start), HEADER_END_POSITION: str(end),
-                   HEADER_EXPECTED_LAST_SEQUENCE: str(self.last_sequence)}
-        ack = self._loop.run(self._publish(data, headers), self.ack_timeout_s + 1.0)
-        if ack.duplicate or ack.seq != self.last_sequence + 1:
-            # A duplicate ack names a message stored before under this start position, maybe another writer's.
-            raise LedgerNotPrimaryError(f"stream {self.stream}: batch at journal position {start} acknowledged "
-                                        f"as sequence {ack.seq} (duplicate {ack.duplicate}), expected "
-                                        f"{self.last_sequence + 1}")
-        self.last_sequence = ack.seq
-        self.end_position = end
-
-    async def _publish(self, data: bytes, headers: dict[str, str]) -> Any:
+        """The blocking publish hook: send(start, end) and wait for its ack (raises what fails it)."""
+        future = self.send(start, end)
         try:
-            return await self._loop.js.publish(self.subject, data, timeout=self.ack_timeout_s,
-                                               stream=self.stream, headers=headers)
-        except nats.js.errors.APIError as error:
-            if error.err_code == WRONG_LAST_SEQUENCE_ERROR_CODE:
-                raise LedgerNotPrimaryError(
-                    f"stream {self.stream}: another publisher appended since sequence {self.last_sequence} "
-                    f"(the server: {error.description}); this handle is no longer the primary") from None
-            raise
-        except nats.errors.TimeoutError:
-            raise LedgerTimeoutError(f"stream {self.stream}: no ack within {self.ack_timeout_s} s; the batch "
-                                     f"is in doubt") from None
+            future.result(self.ack_timeout_s * 2 + 1.0)   # its own timeout, and that of a message before it
+        except concurrent.futures.TimeoutError:
+            raise LedgerTimeoutError(f"stream {self.stream}: no ack for journal [{start}, {end}) in time; the "
+                                     f"batch is in doubt") from None
+
+    def send(self, start: int, end: int) -> concurrent.futures.Future:
+        """Publish the committed batches [start, end) (the range after the last one sent) without waiting for
+        the ack: returns a Future resolved with the PubAck of its last message, or failed with
+        LedgerNotPrimaryError (the fence, a duplicate) or LedgerTimeoutError (no ack in time: in doubt); once
+        one failed, every later one fails too. Waits while PUBLISH_IN_FLIGHT_MAX messages are unacknowledged
+        (LedgerTimeoutError past ack_timeout_s). Raises LedgerNotPrimaryError before attach() or on a gap."""
+        with self._send_lock:
+            if self.store is None:
+                raise LedgerNotPrimaryError(f"stream {self.stream}: publish before attach(store)")
+            if start != self._sent_end:
+                raise LedgerNotPrimaryError(f"stream {self.stream}: the last range sent ends at journal position "
+                                            f"{self._sent_end}, the batch starts at {start}")
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            if self.failure is not None:
+                self._sent_end = end      # failed as sent: the next range follows it, and fails too
+                future.set_exception(self._after_failure(start))
+                return future
+            messages = self.messages(start, end, self.store.batch_bytes(start, end))
+            messages[-1].future = future
+            for message in messages:
+                if not self._slots.acquire(timeout=self.ack_timeout_s):
+                    self._fail_waiting(future, start, end)
+                    return future
+                self._in_flight += 1
+                self.in_flight_max_seen = max(self.in_flight_max_seen, self._in_flight)
+                message.expected = self._sent_sequence
+                message.headers[HEADER_EXPECTED_LAST_SEQUENCE] = str(message.expected)
+                self._sent_sequence += 1
+                self._loop.loop.call_soon_threadsafe(self._enqueue, message)
+            self._sent_end = end
+            return future
+
+    def messages(self, start: int, end: int, data: bytes) -> list[_Message]:
+        """The messages that carry journal [start, end) (its bytes `data`): one when it fits MESSAGE_BYTES_MAX;
+        else one per run of whole batches that fits, and a single batch too large for one message as parts
+        (Ledger-Part: k/n) the follower joins again."""
+        if len(data) <= MESSAGE_BYTES_MAX:
+            return [_Message(data, {HEADER_MESSAGE_ID: str(start), HEADER_END_POSITION: str(end)}, end)]
+        engine = self.store.engine
+        with engine:
+            headers = engine.batch_headers(start, end, end - start)
+        messages: list[_Message] = []
+        run_start = start
+        for header_position, _, count in headers:
+            batch_end = header_position + 1 + count
+            if (batch_end - run_start) * RECORD_SIZE > MESSAGE_BYTES_MAX and header_position > run_start:
+                messages += self._run(run_start, header_position, start, data)   # the run before this batch
+                run_start = header_position
+        return messages + self._run(run_start, end, start, data)
+
+    def _run(self, run_start: int, run_end: int, start: int, data: bytes) -> list[_Message]:
+        """The message(s) of whole batches [run_start, run_end) out of `data` (journal from `start`): parts when
+        it is one batch larger than a message."""
+        body = data[(run_start - start) * RECORD_SIZE:(run_end - start) * RECORD_SIZE]
+        if len(body) <= MESSAGE_BYTES_MAX:
+            return [_Message(body, {HEADER_MESSAGE_ID: str(run_start), HEADER_END_POSITION: str(run_end)}, run_end)]
+        count = -(-len(body) // MESSAGE_BYTES_MAX)
+        size = -(-len(body) // count)
+        return [_Message(body[index * size:(index + 1) * size],
+                         {HEADER_MESSAGE_ID: f"{run_start}.{index + 1}.{self._instance}",
+                          HEADER_END_POSITION: str(run_end), HEADER_PART: f"{index + 1}/{count}"}, run_end)
+                for index in range(count)]
+
+    def _after_failure(self, start: int) -> BaseException:
+        failure = self.failure
+        assert failure is not None
+        return type(failure)(f"stream {self.stream}: the message at journal position {start} is not "
+                             f"published: an earlier one failed ({failure})")
+
+    def _fail_waiting(self, future: concurrent.futures.Future, start: int, end: int) -> None:
+        """No room in flight within ack_timeout_s: the publisher fails (what was sent of the range may be
+        stored: in doubt)."""
+        error = LedgerTimeoutError(f"stream {self.stream}: {PUBLISH_IN_FLIGHT_MAX} messages unacknowledged for "
+                                   f"{self.ack_timeout_s} s; the batch at journal position {start} is in doubt")
+        self.failure = self.failure or error
+        self._sent_end = end             # failed as sent: every later send fails
+        if not future.done():
+            future.set_exception(error)
+
+    # -- the loop thread: one task writes the messages in order, acks settle them in order --
+
+    async def _start_sender(self) -> None:
+        """The sending task, and one subscription for every ack (reply subject <inbox>.<token>, as nats-py's own
+        publish_async does; its error path raises inside its callback instead of failing the publish)."""
+        self._queue = asyncio.Queue()
+        self._reply_prefix = self._loop.connection.new_inbox() + "."
+        await self._loop.connection.subscribe(self._reply_prefix + "*", cb=self._reply)
+        asyncio.ensure_future(self._sender())
+
+    def _enqueue(self, message: _Message) -> None:
+        assert self._queue is not None
+        self._order.append(message)
+        self._queue.put_nowait(message)
+
+    async def _sender(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await self._queue.get()
+            if self.failure is not None:
+                self._arrived(message, None)      # never written after a failure: it fails as a later one
+                continue
+            self._token += 1
+            token = str(self._token)
+            self._waiting[token] = (message, loop.call_later(self.ack_timeout_s, self._timed_out, token))
+            message.headers[Header.EXPECTED_STREAM] = self.stream
+            try:
+                await self._loop.connection.publish(self.subject, message.data, reply=self._reply_prefix + token,
+                                                    headers=message.headers)
+            except Exception as error:
+                if self._waiting.pop(token, None) is not None:
+                    self._arrived(message, error)
+
+    async def _reply(self, reply: Any) -> None:
+        entry = self._waiting.pop(reply.subject[len(self._reply_prefix):], None)
+        if entry is None:
+            return                # timed out already
+        message, timer = entry
+        timer.cancel()
+        try:
+            outcome = json.loads(reply.data) if reply.data else {"error": {"description": "no stream responded"}}
+        except ValueError as error:
+            outcome = error
+        self._arrived(message, outcome)
+
+    def _timed_out(self, token: str) -> None:
+        entry = self._waiting.pop(token, None)
+        if entry is not None:
+            self._arrived(entry[0], TimeoutError())
+
+    def _arrived(self, message: _Message, outcome: Any) -> None:
+        """Message `message`'s ack or error arrived: settle every message from the oldest on that has one."""
+        message.arrived, message.outcome = True, outcome
+        order = self._order
+        while order and order[0].arrived:
+            head = order.popleft()
+            self._resolve(head, self._problem(head))
+            self._in_flight -= 1
+            self._slots.release()
+
+    def _problem(self, message: _Message) -> BaseException | None:
+        """What is wrong with a settled message (None: stored as expected, and the publisher's state moves on)."""
+        if self.failure is not None:
+            return self._after_failure(int(message.headers[HEADER_MESSAGE_ID].split(".")[0]))
+        outcome, start = message.outcome, message.headers[HEADER_MESSAGE_ID]
+        error = outcome.get("error") if isinstance(outcome, dict) else None
+        if error is not None and error.get("err_code") == WRONG_LAST_SEQUENCE_ERROR_CODE:
+            problem: BaseException = LedgerNotPrimaryError(
+                f"stream {self.stream}: another publisher appended since sequence {message.expected} (the "
+                f"server: {error.get('description')}); this handle is no longer the primary")
+        elif isinstance(outcome, TimeoutError):
+            problem = LedgerTimeoutError(f"stream {self.stream}: no ack within {self.ack_timeout_s} s; the batch "
+                                         f"at journal position {start} is in doubt")
+        elif isinstance(outcome, BaseException) or error is not None or not isinstance(outcome, dict):
+            problem = LedgerTimeoutError(f"stream {self.stream}: the publish of the batch at journal position "
+                                         f"{start} failed ({error or outcome!r}); it is in doubt")
+        elif outcome.get("duplicate") or outcome.get("seq") != message.expected + 1:
+            # A duplicate ack names a message stored before under this start position, maybe another writer's.
+            problem = LedgerNotPrimaryError(f"stream {self.stream}: batch at journal position {start} "
+                                            f"acknowledged as sequence {outcome.get('seq')} (duplicate "
+                                            f"{bool(outcome.get('duplicate'))}), expected {message.expected + 1}")
+        else:
+            self.last_sequence = outcome["seq"]
+            self.end_position = message.end
+            return None
+        self.failure = problem
+        return problem
+
+    @staticmethod
+    def _resolve(message: _Message, problem: BaseException | None) -> None:
+        future = message.future
+        if future is None or future.done():
+            return
+        if problem is None:
+            future.set_result(PubAck.from_response(message.outcome))
+        else:
+            future.set_exception(problem)
 
     # -- the epoch marker (docs/CLUSTER.md "Fencing and step-down") --
 
@@ -273,7 +503,7 @@ class StreamPublisher:
             raise LedgerNotPrimaryError(f"stream {self.stream}: the marker of epoch {epoch} was acknowledged as "
                                         f"sequence {ack.seq} (duplicate {ack.duplicate}), expected "
                                         f"{self.last_sequence + 1}")
-        self.last_sequence = ack.seq
+        self.last_sequence = self._sent_sequence = ack.seq
         return int(ack.seq)
 
     async def _publish_marker(self, headers: dict[str, str]) -> Any:
@@ -311,6 +541,8 @@ class StreamFollower:
         self._changed = threading.Condition()
         self._loop = LoopThread(url, options)
         self._task: Any = None
+        self._parts: list[bytes] = []             # the parts of a batch split over messages, so far
+        self._parts_key: tuple[Any, ...] = ()     # (start, end, parts) of that batch
 
     def start(self) -> None:
         """Connect and follow in the background."""
@@ -353,17 +585,52 @@ class StreamFollower:
                                                          config=config)
             while True:
                 message = await subscription.next_msg(timeout=None)
-                self._apply(message.metadata.sequence.stream, message.data, message.headers)
+                data = self._joined(message.metadata.sequence.stream, message.headers, message.data)
+                epoch = marker_epoch(message.headers)
+                if epoch is not None:
+                    self._pass_marker(message.metadata.sequence.stream, epoch, message.data, message.headers)
+                elif data is not None:
+                    self._apply(message.metadata.sequence.stream, data)
         except asyncio.CancelledError:
             raise
         except BaseException as error:
             self._set_error(error)
 
-    def _apply(self, sequence: int, data: bytes, headers: dict[str, str] | None = None) -> None:
-        epoch = marker_epoch(headers)
-        if epoch is not None:
-            self._pass_marker(sequence, epoch, data, headers)
-            return
+    def _joined(self, sequence: int, headers: dict[str, str] | None, data: bytes) -> bytes | None:
+        """The batch bytes message `sequence` completes: its data, or for a part (Ledger-Part: k/n) None until
+        part n, then the parts joined. Parts out of order, missing or of different batches are refused
+        (LedgerReplicationError): nothing of them is applied."""
+        part = (headers or {}).get(HEADER_PART)
+        parts = self._parts
+        if part is None and (headers or {}).get(HEADER_MESSAGE_ID, "").startswith(MARKER_ID_PREFIX):
+            if parts:   # a new primary took over mid-batch: its parts before were never acknowledged
+                logger.warning("stream %s message %d: an epoch marker after %d parts of the batch %s; those "
+                               "parts (never acknowledged) are dropped", self.stream, sequence, len(parts),
+                               self._parts_key)
+                self._parts = []
+            return None
+        if part is None:
+            if parts:
+                raise LedgerReplicationError(f"stream {self.stream} message {sequence} refused: a whole message "
+                                             f"while the batch {self._parts_key} has {len(parts)} parts only: "
+                                             f"parts missing")
+            return data
+        index, count = (int(number) if number.isdigit() else 0 for number in (part.split("/") + ["", ""])[:2])
+        start = (headers or {}).get(HEADER_MESSAGE_ID, "").split(".")[0]
+        key = (start, (headers or {}).get(HEADER_END_POSITION), count)
+        if not 1 <= index <= count or (index == 1) != (not parts) or (parts and key != self._parts_key) \
+                or index != len(parts) + 1:
+            raise LedgerReplicationError(f"stream {self.stream} message {sequence} refused: part {part!r} of the "
+                                         f"batch (start, end, parts) {key}, after {len(parts)} parts of "
+                                         f"{self._parts_key}: parts out of order, missing or mixed")
+        self._parts_key = key
+        parts.append(bytes(data))
+        if index < count:
+            return None
+        self._parts = []
+        return b"".join(parts)
+
+    def _apply(self, sequence: int, data: bytes) -> None:
         try:
             end = self.store.append_replicated(data)
         except LedgerReplicationError as error:
@@ -424,10 +691,13 @@ class StreamFollower:
         """Message `sequence`'s journal range from its headers; an epoch marker sits at its end position (an empty
         range), so the binary search's starts still grow with the sequence."""
         headers = (await self._loop.js.get_msg(self.stream, sequence)).headers
-        end = header_int(headers, HEADER_END_POSITION)
         if marker_epoch(headers) is not None:
+            end = header_int(headers, HEADER_END_POSITION)
             return end, end
-        return header_int(headers, HEADER_MESSAGE_ID), end
+        part = (headers or {}).get(HEADER_PART, "1/1").split("/")
+        # A part k > 1 has no start of its own (its Nats-Msg-Id is <start>.<k>); only the last one ends a batch.
+        end = header_int(headers, HEADER_END_POSITION) if part[0] == part[-1] else None
+        return message_start(headers), end
 
     def _no_message(self, position: int) -> LedgerReplicationError:
         return LedgerReplicationError(f"stream {self.stream} holds no message starting at journal position "
