@@ -123,7 +123,7 @@ class IdGenerator:
     def batch(self, count: int) -> npt.NDArray[np.uint64]: ...
 
 Batch = npt.NDArray[Any] | Mapping[str, Any]
-Durability = Literal["fsync", "os"]
+Durability = Literal["fsync", "os", "replicated"]   # "replicated": a clustered ledger only
 
 class SnapshotInfo:
     path: str
@@ -178,8 +178,13 @@ class ScrubReport:
 
 class Ledger:
     path: str | None
-    durability: Literal["fsync", "os", "memory"]
+    durability: Literal["fsync", "os", "memory", "replicated"]
     recovered_from: SnapshotInfo | None  # the snapshot this handle was opened from
+    cluster_node: Any   # a clustered handle's ledger.cluster.node.ClusterNode (on_role, wait_role, report); else None
+    @property
+    def role(self) -> Literal["primary", "standby", "stopped"] | None: ...
+    @property
+    def primary(self) -> str | None: ...
     @property
     def closed(self) -> bool: ...
     def create_accounts(self, batch: Batch) -> npt.NDArray[np.uint8]: ...
@@ -219,7 +224,8 @@ def transfers_batch(count: int) -> npt.NDArray[Any]: ...
 def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: Durability = "fsync", *,
          readonly: bool = False, clock: Callable[[], int] | None = None, segment_records_log2: int = 20,
          flush_interval_ms: int = 10, accounts_capacity: int = 0, transfers_capacity: int = 0,
-         journal_records_reserved: int = 0) -> Ledger: ...
+         journal_records_reserved: int = 0, cluster: str | None = None, shard: str | None = None,
+         node: str | None = None, cluster_options: Any = None) -> Ledger: ...
 
 HISTORY_DTYPE: np.dtype
 class EventKind(enum.IntEnum):

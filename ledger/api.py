@@ -44,16 +44,28 @@ class Ledger:
     things (accounts, stats, history, explain, verify) holds it throughout, so it sees whole batches only.
 
     Methods bound in __init__ for speed: `transfer` is the core's own method (no Python frame per call; it takes
-    the engine's lock itself)."""
+    the engine's lock itself).
 
-    def __init__(self, store: Store) -> None:
-        """A handle on an open Store (ledger.open() makes both)."""
+    A clustered handle (ledger.open(..., cluster=URL, shard=NAME)) has `cluster_node`, the ClusterNode behind it
+    (ledger/cluster/node.py), and `role` / `primary` say what it is now; its store changes when the node steps
+    down (closed, reopened as a standby), and the handle follows it."""
+
+    def __init__(self, store: Store, cluster_node: Any = None) -> None:
+        """A handle on an open Store (ledger.open() makes both); cluster_node: the ClusterNode owning the store."""
+        self.cluster_node = cluster_node  # None for a ledger of this machine alone
+        self._bind(store)
+        self.recovered_from: SnapshotInfo | None = store.recovered_from  # the snapshot opened from, if any
+        self._snapshot_job: SnapshotJob | None = None  # the last snapshot started: the next one waits for it
+        if cluster_node is not None:
+            cluster_node.on_store(self._bind)   # the store it has now, and each one it reopens
+
+    def _bind(self, store: Store) -> None:
         self.store = store  # the internal tier (engine, journal, commit pipeline): for ledger's own modules
         # Shortcuts to store.engine and store.journal for the methods below (one attribute lookup per call).
         self._engine = store.engine
         self._journal = store.journal
         self.path = store.path
-        self.durability = store.durability
+        self.durability = "replicated" if self.cluster_node is not None else store.durability
         # The single-call path goes straight to the core: argument parsing and the result lookup are C.
         self.transfer = store.engine.transfer
         # A pipelined publish hook (ledger/commit.py): each command waits for its batch's ack after the core call,
@@ -61,8 +73,17 @@ class Ledger:
         self._call: Callable[..., Any] | None = store.commits.call if store.commits.pipelined else None
         if self._call is not None:
             self.transfer = functools.partial(self._call, store.engine.transfer)
-        self.recovered_from: SnapshotInfo | None = store.recovered_from  # the snapshot opened from, if any
-        self._snapshot_job: SnapshotJob | None = None  # the last snapshot started: the next one waits for it
+
+    @property
+    def role(self) -> str | None:
+        """"primary" or "standby" (or "stopped" once closed) for a clustered handle; None otherwise."""
+        return None if self.cluster_node is None else self.cluster_node.role
+
+    @property
+    def primary(self) -> str | None:
+        """A clustered handle: the name of its shard's primary node as this node knows it (itself when primary;
+        None during a failover, or for a ledger that is not clustered)."""
+        return None if self.cluster_node is None else self.cluster_node.primary
 
     # -- commands --
 
@@ -276,7 +297,11 @@ class Ledger:
 
     def close(self) -> None:
         """Flush (in "os" mode), release the journal and the writer lock. Idempotent. From another thread: waits for
-        the call in progress; later calls raise LedgerClosedError."""
+        the call in progress; later calls raise LedgerClosedError. A clustered handle stops its node (a primary
+        releases the lease, so that a standby takes over at once)."""
+        if self.cluster_node is not None:
+            self.cluster_node.close()
+            return
         with self._engine:
             self._close()
 
@@ -299,7 +324,9 @@ class Ledger:
 def open(path: str | os.PathLike[str] | None = None, create: bool = False, durability: str = "fsync", *,
          readonly: bool = False, clock: Callable[[], int] | None = None,
          segment_records_log2: int = SEGMENT_RECORDS_LOG2_DEFAULT, flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
-         accounts_capacity: int = 0, transfers_capacity: int = 0, journal_records_reserved: int = 0) -> Ledger:
+         accounts_capacity: int = 0, transfers_capacity: int = 0, journal_records_reserved: int = 0,
+         cluster: str | None = None, shard: str | None = None, node: str | None = None,
+         cluster_options: Any = None) -> Ledger:
     """Open (or with create=True, create) the ledger in directory `path`; `path=None` keeps everything in memory.
 
     durability: "fsync" (default) makes every batch durable before the call returns (one fdatasync per call:
@@ -312,7 +339,21 @@ def open(path: str | os.PathLike[str] | None = None, create: bool = False, durab
     front. Everything grows on demand anyway, but growth rehashes and copies inside the call that crosses the
     limit; a service that knows its size avoids that pause (as TigerBeetle allocates everything at start).
     journal_records_reserved: journal records to map (and, on disk, preallocate) up front, for the same reason:
-    fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class)."""
+    fresh memory costs a page fault per page on first touch (~1 GB/s on this virtual machine class).
+
+    cluster: the NATS servers (nats://host:port, several comma-separated; cluster_options: a
+    ledger.cluster.connection.ConnectionOptions for authentication and TLS) of shard `shard` (docs/CLUSTER.md):
+    the handle is one node of the shard, named `node` (default: the host name and a digest of the directory).
+    It is the primary (the first node opened takes the lease) or a standby that follows the primary's stream
+    and takes over when its lease lapses. durability is "replicated" (give "fsync", the default, or
+    "replicated"): a call returns only once the stream acknowledged its batch and the local journal has it,
+    fsynced. A command on a standby raises LedgerNotPrimaryError naming the primary; reads answer from the
+    standby's state. `role` and `primary` say what the handle is; close() stops the node."""
+    if cluster is not None or shard is not None or node is not None or cluster_options is not None:
+        options = {"clock": clock, "segment_records_log2": segment_records_log2,
+                   "flush_interval_ms": flush_interval_ms, "accounts_capacity": accounts_capacity,
+                   "transfers_capacity": transfers_capacity, "journal_records_reserved": journal_records_reserved}
+        return _open_cluster(path, create, durability, readonly, cluster, shard, node, cluster_options, options)
     return Ledger(open_store(path, create, durability, readonly=readonly, clock=clock,
                              segment_records_log2=segment_records_log2, flush_interval_ms=flush_interval_ms,
                              accounts_capacity=accounts_capacity, transfers_capacity=transfers_capacity,
@@ -326,6 +367,29 @@ def open_with_hooks(path: str | os.PathLike[str] | None, create: bool = False, d
     documents them): fault_injector (tests) and publish (each committed batch's durable range [start, end),
     before its call returns). options: those of open()."""
     return Ledger(open_store(path, create, durability, fault_injector=fault_injector, publish=publish, **options))
+
+
+def _open_cluster(path: str | os.PathLike[str] | None, create: bool, durability: str, readonly: bool,
+                  cluster: str | None, shard: str | None, node: str | None, cluster_options: Any,
+                  open_options: dict[str, Any]) -> Ledger:
+    """ledger.open(..., cluster=...): a ClusterNode started on `path`, its store wrapped in a Ledger."""
+    if cluster is None or shard is None:
+        raise ValueError("a clustered ledger needs both cluster=URL and shard=NAME")
+    if path is None:
+        raise ValueError("a clustered ledger needs a directory: a standby journals the primary's batches")
+    if readonly:
+        raise ValueError("a clustered ledger cannot be read-only: a standby writes the batches it follows")
+    if durability not in ("fsync", "replicated"):
+        raise ValueError(f"a clustered ledger's durability is \"replicated\" (its local journal fsynced), "
+                         f"got {durability!r}")
+    try:
+        from ledger.cluster.node import ClusterNode   # here: nats-py is needed only by clustered ledgers
+    except ImportError as error:
+        raise LedgerError(f'cluster= needs the cluster extra (pip install -e ".[cluster]"): {error}') from None
+    cluster_node = ClusterNode(path, cluster, shard, node, options=cluster_options, create=create,
+                               open_options=open_options)
+    cluster_node.start()
+    return Ledger(cluster_node.store, cluster_node)
 
 
 def _disk_bytes(path: str | None) -> dict[str, int]:

@@ -48,12 +48,17 @@ LEASE_TTL_S = 2.0             # a lease not renewed for this long lapses (the KV
 LEASE_RENEW_INTERVAL_S = 0.5  # the primary renews this often: three renewals may fail before it lapses
 LEASE_POLL_INTERVAL_S = 0.25  # a standby looks this often whether the lease lapsed
 NODE_REPORT_INTERVAL_S = 1.0  # each node puts its role and position this often (status)
+LEASE_SAFETY_MARGIN_S = 0.5   # a primary acknowledges nothing once its last renewal is older than TTL less this
+TAKEOVER_CATCH_UP_TIMEOUT_S = 60.0   # a new primary's wait to apply the stream to its end (it renews meanwhile)
+FENCE_ATTEMPTS_MAX = 5        # a new primary's epoch marker refused this often (the old one still appending): give up
+STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried again after this pause
 PUBLISH_IN_FLIGHT_MAX = 16    # messages published and not yet acknowledged, at most (a publisher's send waits)
 JOURNAL_START_POSITION = 1    # an empty journal's write position
 # The largest message: the servers' max_payload less room for the headers.
 MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
 
 assert LEASE_RENEW_INTERVAL_S * 3 < LEASE_TTL_S and LEASE_POLL_INTERVAL_S < LEASE_TTL_S
+assert LEASE_RENEW_INTERVAL_S < LEASE_TTL_S - LEASE_SAFETY_MARGIN_S
 
 
 def check_name(kind: str, name: str) -> str:

@@ -29,11 +29,13 @@ from ledger.cluster.names import (
     ACK_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     HEADER_END_POSITION,
+    HEADER_EPOCH,
     HEADER_EXPECTED_LAST_SEQUENCE,
     HEADER_MESSAGE_ID,
+    HEADER_NODE,
     HEADER_PART,
-    MARKER_ID_PREFIX,
     JOURNAL_START_POSITION,
+    MARKER_ID_PREFIX,
     MESSAGE_BYTES_MAX,
     PUBLISH_IN_FLIGHT_MAX,
     REPLICAS_DEFAULT,
@@ -50,7 +52,7 @@ from ledger.format import RECORD_SIZE
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoopThread", "StreamFollower", "StreamPublisher", "check_shard", "ensure_stream", "header_int",
-           "last_message", "message_start", "stream_name", "subject"]
+           "last_message", "marker_epoch", "message_start", "stream_name", "subject"]
 
 
 async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -> Any:
@@ -83,6 +85,14 @@ def header_int(headers: dict[str, str] | None, name: str) -> int | None:
     """Header `name` of a message as a non-negative integer, or None when absent or not one."""
     value = (headers or {}).get(name)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def marker_epoch(headers: dict[str, str] | None) -> int | None:
+    """The epoch of an epoch marker (Nats-Msg-Id `epoch-<N>`: the empty message a new primary publishes before it
+    serves, docs/CLUSTER.md "Fencing and step-down"), or None for any other message."""
+    value = (headers or {}).get(HEADER_MESSAGE_ID) or ""
+    number = value[len(MARKER_ID_PREFIX):]
+    return int(number) if value.startswith(MARKER_ID_PREFIX) and number.isdigit() else None
 
 
 class LoopThread:
@@ -143,10 +153,33 @@ class LoopThread:
 
 
 async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int, bytes]:
-    """Stream `name`'s message `last_sequence`: its journal range and bytes ((1, 1, b"") if the stream is empty)."""
-    if last_sequence == 0:
-        return JOURNAL_START_POSITION, JOURNAL_START_POSITION, b""
-    message = await js.get_msg(name, last_sequence)
+    """Stream `name`'s last batch, at or before message `last_sequence`: its journal range and bytes. Epoch markers
+    after it are passed over (each must say the stream ends where that batch does); (E, E, b"") when only markers
+    are left (E: their end position, the stream trimmed below them), (1, 1, b"") if the stream is empty."""
+    sequence, marker_end = last_sequence, None
+    while sequence > 0:
+        try:
+            message = await js.get_msg(name, sequence)
+        except nats.js.errors.NotFoundError:
+            if marker_end is None:
+                raise
+            break       # trimmed below this marker: the markers say where the stream ends
+        if marker_epoch(message.headers) is None:
+            return await _batch_range(js, name, message, sequence, marker_end)
+        end = header_int(message.headers, HEADER_END_POSITION)
+        if end is None or marker_end not in (None, end):
+            raise LedgerNotPrimaryError(f"stream {name}: epoch marker at sequence {sequence} says the stream ends "
+                                        f"at journal position {end}, the marker after it {marker_end}")
+        marker_end, sequence = end, sequence - 1
+    end = marker_end or JOURNAL_START_POSITION
+    return end, end, b""
+
+
+async def _batch_range(js: Any, name: str, message: Any, last_sequence: int,
+                       marker_end: int | None) -> tuple[int, int, bytes]:
+    """The journal range and bytes of batch message `sequence`, the last before any epoch markers (which said the
+    stream ends at `marker_end`)."""
+    sequence = last_sequence
     data = bytes(message.data or b"")
     start = message_start(message.headers)
     end = header_int(message.headers, HEADER_END_POSITION)
@@ -159,8 +192,11 @@ async def last_message(js: Any, name: str, last_sequence: int) -> tuple[int, int
                    for sequence in range(last_sequence - int(part[0]) + 2, last_sequence)]
         data = b"".join([bytes(first.data or b""), *earlier, data])
     if start is None or end is None or not start < end:
-        raise LedgerNotPrimaryError(f"stream {name}: its last message (sequence {last_sequence}) has no journal "
+        raise LedgerNotPrimaryError(f"stream {name}: its last message (sequence {sequence}) has no journal "
                                     f"range in {HEADER_MESSAGE_ID} and {HEADER_END_POSITION}: not a ledger batch")
+    if marker_end not in (None, end):
+        raise LedgerNotPrimaryError(f"stream {name}: the epoch marker after sequence {sequence} says the stream "
+                                    f"ends at journal position {marker_end}, its last batch ends at {end}")
     return start, end, data
 
 
@@ -256,7 +292,7 @@ class StreamPublisher:
                                         f"(sequence {self.last_sequence}), the store at {position}: the store "
                                         f"is {relation} its stream and may not publish")
         start, end, data = self._last
-        if self.last_sequence and store.batch_bytes(start, end) != data:
+        if start < end and store.batch_bytes(start, end) != data:
             raise LedgerNotPrimaryError(f"stream {self.stream}: its last message (sequence {self.last_sequence}, "
                                         f"journal [{start}, {end})) is not the store's batch there: the store "
                                         f"diverged from its stream and may not publish")
@@ -449,20 +485,59 @@ class StreamPublisher:
         else:
             future.set_exception(problem)
 
+    # -- the epoch marker (docs/CLUSTER.md "Fencing and step-down") --
+
+    def publish_marker(self, epoch: int, node: str) -> int:
+        """Publish the epoch marker of a new primary (after attach): an empty message with Nats-Msg-Id
+        `epoch-<epoch>`, Ledger-Epoch, Ledger-Node, Ledger-End-Position (the stream's end journal position) and
+        the fence, Nats-Expected-Last-Sequence: once it is stored, a publish of the old primary (which expects
+        an earlier last sequence) fails. Returns its sequence. LedgerNotPrimaryError if the stream moved on
+        since this publisher read its end (the old primary appended meanwhile: follow again and retry)."""
+        assert self.store is not None, "publish_marker() after attach(store)"
+        assert epoch > 0, epoch
+        headers = {HEADER_MESSAGE_ID: f"{MARKER_ID_PREFIX}{epoch}", HEADER_EPOCH: str(epoch), HEADER_NODE: node,
+                   HEADER_END_POSITION: str(self.end_position),
+                   HEADER_EXPECTED_LAST_SEQUENCE: str(self.last_sequence)}
+        ack = self._loop.run(self._publish_marker(headers), self.ack_timeout_s + 1.0)
+        if ack.duplicate or ack.seq != self.last_sequence + 1:
+            raise LedgerNotPrimaryError(f"stream {self.stream}: the marker of epoch {epoch} was acknowledged as "
+                                        f"sequence {ack.seq} (duplicate {ack.duplicate}), expected "
+                                        f"{self.last_sequence + 1}")
+        self.last_sequence = self._sent_sequence = ack.seq
+        return int(ack.seq)
+
+    async def _publish_marker(self, headers: dict[str, str]) -> Any:
+        try:
+            return await self._loop.js.publish(self.subject, b"", timeout=self.ack_timeout_s, stream=self.stream,
+                                               headers=headers)
+        except nats.js.errors.APIError as error:
+            if error.err_code == WRONG_LAST_SEQUENCE_ERROR_CODE:
+                raise LedgerNotPrimaryError(
+                    f"stream {self.stream}: appended to since sequence {self.last_sequence} (the server: "
+                    f"{error.description}): the epoch marker was not stored") from None
+            raise
+        except nats.errors.TimeoutError:
+            raise LedgerTimeoutError(f"stream {self.stream}: no ack of the epoch marker within "
+                                     f"{self.ack_timeout_s} s") from None
+
 
 class StreamFollower:
     """Follows shard `shard`'s stream into `store` (a standby: store.follow()), from the message after the
     store's write position, calling store.append_replicated for each message in order. A message it refuses
     stops the follower: `error` keeps the LedgerReplicationError, nothing of it applied, nothing skipped.
-    `positions` maps each applied message's end journal position to its stream sequence."""
+    `positions` maps each applied message's end journal position to its stream sequence. An epoch marker changes
+    no journal: it is checked (empty, at this store's write position) and passed over, and `epoch` / `primary`
+    keep the last one's epoch and node."""
 
     def __init__(self, url: str, shard: str, store: Any, options: ConnectionOptions | None = None) -> None:
         self.stream = stream_name(shard)
         self.subject = subject(shard)
         self.store = store
         self.error: BaseException | None = None
-        self.sequence = 0             # the last stream sequence applied (a refused one is named in `error`)
+        self.sequence = 0             # the last stream sequence the store holds (a refused one is named in `error`)
         self.positions: dict[int, int] = {}
+        self.epoch = 0                # the last epoch marker's epoch and node (0 and None before any)
+        self.primary: str | None = None
         self._changed = threading.Condition()
         self._loop = LoopThread(url, options)
         self._task: Any = None
@@ -502,13 +577,19 @@ class StreamFollower:
     async def _follow(self) -> None:
         try:
             first = await self._first_sequence()
+            with self._changed:
+                self.sequence = max(self.sequence, first - 1)   # the messages before it: in the store already
+                self._changed.notify_all()
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
             subscription = await self._loop.js.subscribe(self.subject, stream=self.stream, ordered_consumer=True,
                                                          config=config)
             while True:
                 message = await subscription.next_msg(timeout=None)
                 data = self._joined(message.metadata.sequence.stream, message.headers, message.data)
-                if data is not None:
+                epoch = marker_epoch(message.headers)
+                if epoch is not None:
+                    self._pass_marker(message.metadata.sequence.stream, epoch, message.data, message.headers)
+                elif data is not None:
                     self._apply(message.metadata.sequence.stream, data)
         except asyncio.CancelledError:
             raise
@@ -559,6 +640,20 @@ class StreamFollower:
             self.positions[end] = sequence
             self._changed.notify_all()
 
+    def _pass_marker(self, sequence: int, epoch: int, data: bytes, headers: dict[str, str] | None) -> None:
+        """An epoch marker: nothing to apply, but it must be one (empty) and say the stream ends where this store's
+        journal does (else the new primary and this standby disagree about the journal: refused)."""
+        end = header_int(headers, HEADER_END_POSITION)
+        position = self.store.engine.write_position
+        if data or end != position:
+            raise LedgerReplicationError(
+                f"stream {self.stream} message {sequence} refused: an epoch marker (epoch {epoch}) must be empty "
+                f"and at this standby's write position {position}; it holds {len(data or b'')} bytes and says "
+                f"journal position {end}")
+        with self._changed:
+            self.sequence, self.epoch, self.primary = sequence, epoch, (headers or {}).get(HEADER_NODE)
+            self._changed.notify_all()
+
     def _set_error(self, error: BaseException) -> None:
         with self._changed:
             self.error = error
@@ -593,7 +688,12 @@ class StreamFollower:
         raise self._no_message(position)
 
     async def _range(self, sequence: int) -> tuple[int | None, int | None]:
+        """Message `sequence`'s journal range from its headers; an epoch marker sits at its end position (an empty
+        range), so the binary search's starts still grow with the sequence."""
         headers = (await self._loop.js.get_msg(self.stream, sequence)).headers
+        if marker_epoch(headers) is not None:
+            end = header_int(headers, HEADER_END_POSITION)
+            return end, end
         part = (headers or {}).get(HEADER_PART, "1/1").split("/")
         # A part k > 1 has no start of its own (its Nats-Msg-Id is <start>.<k>); only the last one ends a batch.
         end = header_int(headers, HEADER_END_POSITION) if part[0] == part[-1] else None

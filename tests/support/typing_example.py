@@ -47,7 +47,9 @@ def in_memory() -> None:
         assert report.ok, report.problems
         assert_type(report.problems, list[str])
         assert_type(handle.stats(), dict[str, int])
-        assert_type(handle.durability, Literal["fsync", "os", "memory"])
+        assert_type(handle.durability, Literal["fsync", "os", "memory", "replicated"])
+        assert_type(handle.role, Literal["primary", "standby", "stopped"] | None)
+        assert handle.role is None and handle.primary is None and handle.cluster_node is None
         assert ledger.TIMESTAMP_MAX == 2**63 - 1
 
 
