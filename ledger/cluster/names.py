@@ -44,6 +44,8 @@ LEASE_POLL_INTERVAL_S = 0.25  # a standby looks this often whether the lease lap
 NODE_REPORT_INTERVAL_S = 1.0  # each node puts its role and position this often (status)
 PUBLISH_IN_FLIGHT_MAX = 16    # batches published and not yet acknowledged, at most
 JOURNAL_START_POSITION = 1    # an empty journal's write position
+SNAPSHOTS_KEPT = 3            # snapshots kept in a shard's bucket: the stream is trimmed below the oldest of them
+HEADER_SNAPSHOT_POSITION = "Ledger-Snapshot-Position"   # an uploaded snapshot's journal position (object header)
 # The largest message: the servers' max_payload less room for the headers.
 MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
 
