@@ -118,7 +118,7 @@ def test_pruning_keeps_the_newest_snapshots_and_trims_the_stream_below_the_oldes
 
         assert archive.prune(cluster.url, "trim", kept=1) == [os.path.basename(first.path)]
         assert [position for position, _ in archive.list_uploaded(cluster.url, "trim")] == [second.position]
-        first_sequence = stream_state(cluster, "trim")
+        first_sequence = first_sequence_of(cluster, "trim")
         assert first_sequence > 1   # trimmed, and exactly to the message starting at the oldest snapshot kept
         assert start_of(cluster, "trim", first_sequence) == second.position
         assert archive.trim_stream(cluster.url, "trim") == first_sequence   # never past it
@@ -169,7 +169,7 @@ def run(cluster: LocalCluster, work) -> object:
     return asyncio.run(main())
 
 
-def stream_state(cluster: LocalCluster, shard: str) -> int:
+def first_sequence_of(cluster: LocalCluster, shard: str) -> int:
     """The first sequence of the shard's stream."""
     async def work(js):
         return (await js.stream_info(stream.stream_name(shard))).state.first_seq

@@ -138,3 +138,23 @@ def test_the_build_is_crash_safe(tmp_path, monkeypatch):
         file.write(b"\xff")
     with pytest.raises(ledger.LedgerCorruptError):
         restore.restore_from_snapshot(snapshot.path, str(tmp_path / "other"))
+
+
+def test_the_expiry_of_a_pending_transfer_from_before_the_base_is_refused_by_name(tmp_path):
+    """The known limit (docs/CLUSTER.md "Rejoin and retention"): the base snapshot holds no journal records, and
+    expiring a pending transfer needs its record. The call that would expire it is refused whole, by name."""
+    from support.clock import Clock
+    clock = Clock()
+    source = ledger.open(str(tmp_path / "source"), create=True, segment_records_log2=SEGMENT_RECORDS_LOG2,
+                         clock=clock)
+    source.create_account(1, min_balance=ledger.BALANCE_MIN)
+    source.create_account(2)
+    assert source.transfer(PENDING_ID, 1, 2, 9, flags=ledger.TransferFlags.PENDING, timeout=1) == 0
+    snapshot = source.snapshot()
+    source.close()
+    position = restore.restore_from_snapshot(snapshot.path, str(tmp_path / "node"))
+    with ledger.open(str(tmp_path / "node"), clock=clock) as node:
+        clock.advance(2 * 10**9)
+        with pytest.raises(ledger.LedgerHistoryUnavailableError, match=f"before position {position}"):
+            node.transfer(60, 1, 2, 1)
+        assert node.stats()["journal_position"] == position
