@@ -28,7 +28,7 @@ from ledger.enums import TIMESTAMP_MAX, TransferState
 from ledger.errors import LedgerCorruptError
 from ledger.format import POSITION_BITS, POSITION_MASK, REPLAY_END  # a transfer table value: position | state << 40
 from ledger.progress import Progress
-from ledger.snapshot import SCALARS, list_snapshots, read_snapshot
+from ledger.snapshot import SCALARS, journal_base, list_snapshots, load_into, read_snapshot, snapshot_path
 
 if TYPE_CHECKING:
     from ledger.store import Store
@@ -322,12 +322,22 @@ def verify_live(store: "Store") -> VerifyReport:
     end = live.write_position
     started = time.perf_counter()
     snapshots, problems = _snapshots_to_check(store.path, end)
+    base = None if store.path is None else journal_base(store.path)
     rebuilt = _core.Engine(journal.segment_records_log2, journal.view,
                            segment_files=journal.segment_files() if hasattr(journal, "segment_files") else None,
-                           account_capacity=live.account_count, transfer_capacity=live.transfer_count)
+                           **({} if base is not None else {"account_capacity": live.account_count,
+                                                          "transfer_capacity": live.transfer_count}))
     try:
         rebuilt.map_through(end)
-        batches = events = checked = 0
+        checked = 0
+        if base is not None:
+            # A journal that begins at its base snapshot (a rejoined node): the replay starts from that snapshot
+            # (its checksums and state hash checked as it loads) and is chained from its last checksum.
+            snapshots = [(position, path) for position, path in snapshots if position > base]
+            load_into(snapshot_path(store.path, base), base, rebuilt, live.account_count, live.transfer_count,
+                      base=True)
+            checked = 1
+        batches = events = 0
         reason = REPLAY_END
         with Progress(end, "verify", "records") as progress:
             # Stop at every snapshot's position on the way: the order of `problems` is the order of positions,

@@ -80,3 +80,9 @@ class LedgerNotPrimaryError(LedgerError):
     stream since (the single-writer fence, Nats-Expected-Last-Sequence, refused the batch), or the stream ends
     at another journal position than this store. The message names the stream and the sequences or positions.
     The batch refused was not acknowledged and the handle is poisoned: it is no longer the primary."""
+
+
+class LedgerHistoryUnavailableError(LedgerError):
+    """A read of a journal record before the position this data directory's journal begins at: the node rejoined
+    its cluster from a snapshot (docs/FORMAT.md "Journal base"), so the records before that snapshot's position are
+    on other nodes, not here. The message names the position. Read the history from a node that has it."""

@@ -35,7 +35,8 @@ import threading
 from typing import Callable
 
 from ledger import _core
-from ledger.errors import LedgerCorruptError, LedgerLockedError, LedgerPoisonedError
+from ledger.errors import (LedgerCorruptError, LedgerError, LedgerHistoryUnavailableError, LedgerLockedError,
+                           LedgerPoisonedError)
 from ledger.format import (
     COMMIT_MAGIC,
     DURABLE_STRICT,
@@ -48,6 +49,7 @@ from ledger.format import (
 from ledger.memory import anonymous_buffer, populate_pages
 from ledger.recovery import DurableMark, Recovery
 from ledger.segments import Segment, SegmentFiles, make_directories, segment_name, write_zeros
+from ledger.snapshot import journal_base
 
 __all__ = [
     "COMMIT_MAGIC",
@@ -206,6 +208,7 @@ class FileJournal:
             raise ValueError(f"flush_interval_ms must be in [1, {FLUSH_INTERVAL_MS_MAX}], got {flush_interval_ms}")
         self.directory = os.fspath(directory)
         self.journal_directory = os.path.join(self.directory, "journal")
+        self.base = journal_base(self.directory)   # where the journal begins: None at genesis, else a snapshot's
         self.durability = durability
         self.readonly = readonly
         self.write_through = durability == "fsync" and not readonly
@@ -363,8 +366,15 @@ class FileJournal:
         """One line on the torn tail recovery zeroed, or None if there was none."""
         return self.recovery.torn_tail_report()
 
-    def damaged(self, position: int, header_position: int, reason: str) -> LedgerCorruptError:
-        """The error for a damaged record found when read (Engine.damage_error)."""
+    def damaged(self, position: int, header_position: int, reason: str) -> LedgerError:
+        """The error for a damaged record found when read (Engine.damage_error). A record before the journal's
+        base (a rejoined node: records before the base snapshot's position are zero) is not damage: it is not
+        here, and the error says so."""
+        if self.base is not None and position < self.base:
+            return LedgerHistoryUnavailableError(
+                f"journal position {position} is before position {self.base}, where this data directory's journal "
+                f"begins: it rejoined its cluster from the snapshot at {self.base}, and the records before it are "
+                f"on other nodes ({self.directory})")
         return self.recovery.damaged(position, header_position, reason)
 
     def durable_mark(self) -> int:

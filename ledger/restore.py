@@ -27,16 +27,18 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from typing import Any, Callable
 
 import ledger
 from ledger.errors import LedgerCorruptError
-from ledger.format import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
+from ledger.format import (FORMAT_VERSION, RECORD_SIZE, SEGMENT_HEADER, SEGMENT_HEADER_BYTES,
+                           SEGMENT_HEADER_CHECKSUM, SEGMENT_MAGIC, segment_bytes, segment_name)
 from ledger.moments import At
-from ledger.snapshot import list_snapshots, read_snapshot, write_snapshot
+from ledger.snapshot import list_snapshots, read_snapshot, write_journal_base, write_snapshot
 
-__all__ = ["RestoreResult", "restore", "parse_time"]
+__all__ = ["RestoreResult", "restore", "parse_time", "restore_from_snapshot"]
 
 COPY_CHUNK_BYTES = 16 << 20   # bytes per read/write while copying segments
 HEADERS_PER_CALL = 1 << 16    # batch headers fetched per call while looking for the cut
@@ -268,6 +270,67 @@ def restore(source: str, destination: str, until_position: int | None = None, un
                                      f"{restored.stats()['journal_position']}, not at the cut {cut}")
         verified = restored.verify().ok
     return RestoreResult(destination, cut, last_timestamp, chosen[0] if chosen else None, segments, verified)
+
+
+def _write_empty_segment(path: str, index: int, records_log2: int, allocate: bool) -> None:
+    """A segment file holding only its header, every record zero: sparse (`allocate` False: a segment before the
+    journal's base, never written) or preallocated (the base's own segment, which the writer writes on into)."""
+    from ledger import _core
+    size = segment_bytes(records_log2)
+    header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, RECORD_SIZE, records_log2, 0, index,
+                                 index << records_log2, time.time_ns())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if allocate:
+            os.posix_fallocate(fd, 0, size)
+        else:
+            os.ftruncate(fd, size)
+        os.pwrite(fd, header + SEGMENT_HEADER_CHECKSUM.pack(_core.crc32c(header)), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build_from_snapshot(staging: str, scalars: dict[str, int], arrays: dict[str, Any]) -> None:
+    """The "journal base" layout (docs/FORMAT.md) in `staging`: segments through the base's own, records zero;
+    the snapshot; the base file last (its presence is what makes the zeros a base, not a journal)."""
+    position = scalars["write_position"]
+    records_log2 = scalars["segment_records_log2"]
+    journal_directory = os.path.join(staging, "journal")
+    os.mkdir(journal_directory, 0o700)
+    base_segment = position >> records_log2
+    for index in range(base_segment + 1):
+        _write_empty_segment(os.path.join(journal_directory, segment_name(index)), index, records_log2,
+                             allocate=index == base_segment)
+    _fsync_path(journal_directory)
+    write_snapshot(staging, scalars, arrays, keep=1, stall_seconds=0.0)   # fsyncs the file and its folder
+    write_journal_base(staging, position)                                  # fsyncs staging
+
+
+def restore_from_snapshot(snapshot_file: str, destination: str) -> int:
+    """Build `destination` (must not exist) from one snapshot file alone, for a node that rejoins a cluster: its
+    journal begins at the snapshot's position P (docs/FORMAT.md "Journal base"), so reads before P are refused and
+    the stream after P is followed into it. The snapshot's own checks (checksums, state hash) must pass. Crash
+    safe as `restore` is (temporary directory, fsync, rename, parent fsync). Returns P."""
+    scalars, arrays, _ = read_snapshot(snapshot_file)   # raises LedgerCorruptError when its checks fail
+    if os.path.lexists(destination):
+        raise FileExistsError(errno.EEXIST, "exists; a rejoin builds a new directory", destination)
+    parent = os.path.dirname(os.path.abspath(destination))
+    prefix = f".{os.path.basename(os.path.abspath(destination))}.restoring-"
+    _remove_abandoned_stagings(parent, prefix)
+    staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(staging_fd, fcntl.LOCK_EX)   # held until it is DEST or gone: "this restore is alive"
+        _build_from_snapshot(staging, scalars, arrays)
+        _rename_no_replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        os.close(staging_fd)
+    _fsync_path(parent)
+    return scalars["write_position"]
 
 
 def print_progress(done: int, total: int) -> None:

@@ -35,7 +35,8 @@ from ledger import _core
 from ledger.errors import LedgerCorruptError, LedgerFullError
 
 __all__ = ["SnapshotInfo", "SnapshotJob", "write_snapshot", "read_snapshot", "list_snapshots", "remove_unfinished",
-           "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION"]
+           "snapshot_bytes", "SNAPSHOT_FORMAT_VERSION", "JOURNAL_BASE_FILE", "journal_base", "write_journal_base",
+           "snapshot_path"]
 
 SNAPSHOT_MAGIC = b"LDGRSNP\x00"
 SNAPSHOT_FORMAT_VERSION = 1
@@ -82,6 +83,56 @@ class SnapshotInfo:
 
 def snapshot_directory(directory: str) -> str:
     return os.path.join(directory, "snapshots")
+
+
+def snapshot_path(directory: str, position: int) -> str:
+    """Where the snapshot at `position` of data directory `directory` is (or would be) kept."""
+    return os.path.join(snapshot_directory(directory), f"snapshot-{position:016d}.snapshot")
+
+
+# A data directory rebuilt from a snapshot (a node that rejoined, docs/FORMAT.md "Journal base"): its journal
+# begins at the snapshot's position P, the records before P are zero, and this file says so. Absent: the journal
+# begins at genesis.
+JOURNAL_BASE_FILE = "journal-base"
+JOURNAL_BASE_MAGIC = "ledger journal base v1"
+
+
+def journal_base(directory: str) -> int | None:
+    """P if `directory`'s journal begins at the snapshot at position P (a rejoined node), None if it begins at
+    genesis. A base file that cannot be read is corruption: guessing genesis would read zeros as the journal."""
+    path = os.path.join(directory, JOURNAL_BASE_FILE)
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise LedgerCorruptError(f"{path}: unreadable journal base file: {error}") from error
+    lines = text.split("\n")
+    if len(lines) != 3 or lines[0] != JOURNAL_BASE_MAGIC or not lines[1].isdigit() or lines[2] != "":
+        raise LedgerCorruptError(f"{path}: not a journal base file (expected '{JOURNAL_BASE_MAGIC}' and a position)")
+    position = int(lines[1])
+    if position < 1:
+        raise LedgerCorruptError(f"{path}: journal base position {position} is below 1")
+    return position
+
+
+def write_journal_base(directory: str, position: int) -> None:
+    """Record, atomically and durably (temporary file, fsync, rename, directory fsync), that `directory`'s journal
+    begins at the snapshot at `position`."""
+    assert position >= 1, position
+    final = os.path.join(directory, JOURNAL_BASE_FILE)
+    temporary = final + ".tmp"
+    with open(temporary, "w", encoding="ascii") as file:
+        file.write(f"{JOURNAL_BASE_MAGIC}\n{position}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.rename(temporary, final)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
 
 
 def list_snapshots(directory: str) -> list[tuple[int, str]]:
@@ -200,8 +251,10 @@ def write_snapshot(directory: str, scalars: dict[str, int], arrays: dict[str, np
     except BaseException:
         _unlink_if_present(final)  # reported as failed: not kept either (its rename may not be durable)
         raise
-    for _, old in list_snapshots(directory)[max(1, keep):]:
-        _unlink_if_present(old)
+    base = journal_base(directory)   # the base snapshot of a rejoined journal is never deleted: it IS its start
+    for old_position, old in list_snapshots(directory)[max(1, keep):]:
+        if old_position != base:
+            _unlink_if_present(old)
     return SnapshotInfo(final, position, scalars["last_timestamp"], scalars["account_count"],
                         scalars["transfer_count"], os.path.getsize(final), stall_seconds,
                         time.perf_counter() - started)
@@ -315,17 +368,20 @@ def read_snapshot(path: str) -> tuple[dict[str, int], dict[str, np.ndarray], int
 
 
 def load_into(path: str, position: int, engine: Any, account_capacity: int = 0,
-              transfer_capacity: int = 0) -> SnapshotInfo:
+              transfer_capacity: int = 0, base: bool = False) -> SnapshotInfo:
     """Read a snapshot straight into a fresh engine's memory (no intermediate copy), then make room for
     account_capacity accounts and transfer_capacity transfers in all (Engine.import_end). On any error the engine
-    is left half-loaded: the caller discards it."""
+    is left half-loaded: the caller discards it. base: this is the journal's base snapshot (the journal begins at
+    its position, its last batch is not in the journal): the journal after it is chained from its last checksum
+    instead of its last batch being looked up."""
     started = time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
     try:
         scalars, hash_expected, body_expected, layout = _read_header(path, fd)
         if scalars["write_position"] != position:
             raise LedgerCorruptError(f"{path}: position {scalars['write_position']} differs from its name")
-        if not engine.check_batch_end(scalars["last_header_position"], position, scalars["last_checksum"]):
+        if not base and not engine.check_batch_end(scalars["last_header_position"], position,
+                                                   scalars["last_checksum"]):
             raise LedgerCorruptError(f"{path}: does not match the journal at position {position}")
         counts = dict(zip(SECTIONS, (count for _, count in layout)))
         if counts["accounts_hot"] != scalars["account_count"] or counts["accounts_cold"] != scalars["account_count"]:

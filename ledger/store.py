@@ -58,7 +58,8 @@ from ledger.journal import (
     MemoryJournal,
 )
 from ledger.progress import Progress
-from ledger.snapshot import SnapshotInfo, list_snapshots, load_into, remove_unfinished
+from ledger.snapshot import SnapshotInfo, journal_base, list_snapshots, load_into, remove_unfinished
+from ledger.snapshot import snapshot_path as snapshot_path_at
 
 __all__ = ["DURABILITY_MODES", "READONLY_RECOVERY_ATTEMPTS", "Store", "open_store", "replicated_batches",
            "standby_refusal"]
@@ -486,14 +487,25 @@ def _engine_from_snapshot(directory: str, new_engine: Callable[[bool], _core.Eng
     room for the capacities asked for. A damaged one is skipped with a warning and an older one (or genesis) is
     used. An engine to load into starts small: allocating the capacities first would fault in memory (4 GB for a
     100M-transfer table) that the snapshot's own tables then replace."""
+    base = journal_base(directory)
     for position, snapshot_path in list_snapshots(directory):
+        if base is not None and position < base:
+            continue   # before the journal's base: its journal is not here to check it against
         engine = new_engine(False)
         try:
-            return engine, load_into(snapshot_path, position, engine, accounts_capacity, transfers_capacity)
+            return engine, load_into(snapshot_path, position, engine, accounts_capacity, transfers_capacity,
+                                     base=position == base)
         except (LedgerCorruptError, ValueError, OSError) as error:
+            if position == base:
+                engine.close()
+                raise LedgerCorruptError(f"{directory}: the journal begins at position {base} (rejoined from a "
+                                         f"snapshot) and its base snapshot fails its checks: {error}") from error
             warnings.warn(f"ledger: snapshot skipped, using an older one or the journal from genesis: {error}",
                           RuntimeWarning, stacklevel=4)
             engine.close()
+    if base is not None:
+        raise LedgerCorruptError(f"{directory}: the journal begins at position {base} (rejoined from a snapshot) "
+                                 f"and its base snapshot {snapshot_path_at(directory, base)} is missing")
     return new_engine(True), None
 
 

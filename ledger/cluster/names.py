@@ -54,6 +54,8 @@ FENCE_ATTEMPTS_MAX = 5        # a new primary's epoch marker refused this often 
 STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried again after this pause
 PUBLISH_IN_FLIGHT_MAX = 16    # messages published and not yet acknowledged, at most (a publisher's send waits)
 JOURNAL_START_POSITION = 1    # an empty journal's write position
+SNAPSHOTS_KEPT = 3            # snapshots kept in a shard's bucket: the stream is trimmed below the oldest of them
+HEADER_SNAPSHOT_POSITION = "Ledger-Snapshot-Position"   # an uploaded snapshot's journal position (object header)
 # The largest message: the servers' max_payload less room for the headers.
 MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
 
