@@ -6,7 +6,8 @@ SIGKILLed or SIGSTOPped.
 opens DIR as node NODE of shard SHARD (creating it), and once it is the primary creates the accounts and prints
 "ready"; then it sends transfers (ids from FIRST_ID up, SETTLEMENT to a wallet, amount 1) while it is the primary,
 one call at a time, and appends a line per outcome to ACK_LOG: `ok ID MONOTONIC_NS` for each acknowledged
-transfer, `refused CLASS MONOTONIC_NS` for each call that raised. Role changes print `role ROLE EPOCH`. SIGTERM
+transfer (the time its call STARTED: a process stopped between the ack and the log line would otherwise log an
+ack from before a SIGSTOP with a time after its SIGCONT), `refused CLASS MONOTONIC_NS` for each call that raised. Role changes print `role ROLE EPOCH`. SIGTERM
 closes the ledger and exits 0."""
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def writer(directory: str, url: str, shard: str, node: str, ack_log: str) -> Non
             if handle.role != "primary":
                 stopping.wait(PAUSE_S)
                 continue
+            started_ns = time.monotonic_ns()
             try:
                 code = handle.transfer(next_id, SETTLEMENT, WALLETS[next_id % len(WALLETS)], 1)
             except ledger.LedgerError as error:
@@ -58,7 +60,7 @@ def writer(directory: str, url: str, shard: str, node: str, ack_log: str) -> Non
                 stopping.wait(PAUSE_S)
                 continue
             if code == ledger.TransferResult.OK:
-                log.write(f"ok {next_id} {time.monotonic_ns()}\n")
+                log.write(f"ok {next_id} {started_ns}\n")
             next_id += 1
     handle.close()
 
