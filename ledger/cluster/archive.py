@@ -8,7 +8,7 @@ below the first message at or after the OLDEST snapshot kept, never past it: who
 journal at or after the oldest one, can still catch up from the stream.
 
 `rejoin` makes a data directory followable: one missing, empty, or behind what the stream still holds is built
-from the newest snapshot in the bucket whose own checks pass (ledger.restore.restore_from_snapshot: a journal that
+from the newest snapshot in the bucket whose own checks pass (ledger.rebuild.restore_from_snapshot: a journal that
 begins at that snapshot, docs/FORMAT.md "Journal base"); a StreamFollower then follows from its position. A
 damaged object is skipped with a warning. Every call is bounded (REQUEST_TIMEOUT_S, or the transfer's own bound)."""
 from __future__ import annotations
@@ -24,8 +24,6 @@ import warnings
 from typing import Any, Coroutine
 
 import nats.js.errors
-
-import ledger
 from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 
 from ledger.cluster.connection import ConnectionOptions
@@ -42,12 +40,13 @@ from ledger.cluster.names import (
 )
 from ledger.cluster.stream import LoopThread, header_int
 from ledger.errors import LedgerCorruptError
-from ledger.restore import restore_from_snapshot
+from ledger.rebuild import restore_from_snapshot
 from ledger.snapshot import read_snapshot
+from ledger.store import open_store
 
-__all__ = ["RejoinResult", "download_async", "download_newest", "first_at_or_after", "list_uploaded", "prune",
-           "prune_async", "rejoin", "rejoin_async", "trim_async", "trim_stream", "upload_async", "upload_snapshot",
-           "uploaded"]
+__all__ = ["RejoinResult", "behind_async", "download_async", "download_newest", "first_at_or_after",
+           "journal_position", "list_uploaded", "prune", "prune_async", "rejoin", "rejoin_async", "trim_async",
+           "trim_stream", "upload_async", "upload_snapshot", "uploaded"]
 
 SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = "snapshot-", ".snapshot"
 TRANSFER_TIMEOUT_S = 600.0   # one snapshot's upload or download (gigabytes over a slow link)
@@ -219,6 +218,17 @@ async def prune_async(js: Any, shard: str, kept: int = SNAPSHOTS_KEPT) -> list[s
     return deleted
 
 
+async def behind_async(js: Any, shard: str, position: int) -> bool:
+    """Whether shard `shard`'s stream was trimmed past journal `position`: its first message (not sequence 1)
+    starts after it, so a journal there can no longer catch up from the stream (it must rejoin). False for a
+    stream never trimmed, and for a position at or after the first message (reconciling handles one ahead)."""
+    name = stream_name(shard)
+    state = (await js.stream_info(name)).state
+    if state.first_seq <= 1 or state.messages == 0:
+        return False
+    return position < await _message_start(js, name, state.first_seq)
+
+
 async def _can_follow(js: Any, shard: str, position: int) -> bool:
     """Whether a follower can start at journal `position`: a message of the stream starts there, or its last
     message ends there, or the stream never held anything and `position` is the journal's start."""
@@ -231,23 +241,26 @@ async def _can_follow(js: Any, shard: str, position: int) -> bool:
     return header_int((await js.get_msg(name, state.last_seq)).headers, HEADER_END_POSITION) == position
 
 
-def _journal_position(directory: str) -> int | None:
+def journal_position(directory: str) -> int | None:
     """The write position of the ledger in `directory`, None if there is none (missing, or empty)."""
     if not os.path.isdir(os.path.join(directory, "journal")):
         if os.path.isdir(directory) and os.listdir(directory):
             raise ValueError(f"{directory}: neither empty nor a ledger data directory; rejoin will not touch it")
         return None
-    with ledger.open(directory, readonly=True) as handle:
-        return int(handle.stats()["journal_position"])
+    store = open_store(directory, readonly=True)
+    with store.engine:
+        position = int(store.engine.write_position)
+        store.close()
+    return position
 
 
 async def rejoin_async(js: Any, directory: str, shard: str) -> RejoinResult:
     """Make `directory` a data directory a StreamFollower of shard `shard` can follow: kept as it is if the
     stream goes on from its position; else (missing, empty, or behind what the stream still holds) built from
-    the newest good snapshot of the bucket (ledger.restore.restore_from_snapshot), an old directory moved aside
+    the newest good snapshot of the bucket (ledger.rebuild.restore_from_snapshot), an old directory moved aside
     to `<directory>.replaced-<ns>` (kept: it may hold what no other node has). No snapshot: nothing is done."""
     directory = os.path.abspath(directory)
-    position = _journal_position(directory)
+    position = journal_position(directory)
     if position is not None and await _can_follow(js, shard, position):
         return RejoinResult(False, position)
     parent = os.path.dirname(directory)
