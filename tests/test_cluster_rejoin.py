@@ -54,6 +54,11 @@ def transfers(handle: ledger.Ledger, first_id: int, count: int) -> None:
             == ledger.TransferResult.OK
 
 
+def pending(handle: ledger.Ledger, transfer_id: int) -> None:
+    assert handle.transfer(transfer_id, cluster_processes.SETTLEMENT, cluster_processes.WALLETS[-1], 50,
+                           flags=ledger.TransferFlags.PENDING) == ledger.TransferResult.OK
+
+
 def snapshot_uploaded(handle: ledger.Ledger) -> int:
     """A snapshot on the primary, once its node uploaded it and pruned: its position."""
     info = handle.snapshot()
@@ -79,6 +84,7 @@ def test_a_node_whose_data_directory_was_deleted_rejoins_from_the_object_store_a
     standby = open_node(cluster, tmp_path / "b", "rejoin1", "b")
     try:
         cluster_processes.create_accounts(primary)
+        pending(primary, 7)   # still pending at the snapshot: its event is written back into the rebuilt journal
         transfers(primary, 1000, 300)
         snapshot = snapshot_uploaded(primary)
         assert archive.list_uploaded(cluster.url, "rejoin1")[0][0] == snapshot
@@ -97,6 +103,9 @@ def test_a_node_whose_data_directory_was_deleted_rejoins_from_the_object_store_a
         assert standby.store.batch_bytes(snapshot, end) == primary.store.batch_bytes(snapshot, end)
         with pytest.raises(ledger.LedgerHistoryUnavailableError):
             standby.history(cluster_processes.WALLETS[0])
+        assert primary.transfer(8, 0, 0, 0, flags=ledger.TransferFlags.POST_PENDING, pending_id=7) \
+            == ledger.TransferResult.OK   # the rejoined standby applies it: it reads the pending's event
+        caught_up(standby, primary)
         standby.close()
         verify_exits_0(tmp_path / "b")
 
@@ -125,6 +134,8 @@ def test_a_stream_trimmed_after_snapshots_still_lets_a_rejoining_node_catch_up(c
         with node._changing:           # as if its connection were lost until the stream was trimmed
             node._follower.stop()
             node._follower = None
+        transfers(primary, 5000, 20)
+        pending(primary, 7)   # the stream is kept from its batch on (not from before): rejoined nodes can void it
         for round_number in range(names.SNAPSHOTS_KEPT + 1):
             transfers(primary, 10_000 * (round_number + 1), 60)
             snapshot_uploaded(primary)
@@ -145,6 +156,10 @@ def test_a_stream_trimmed_after_snapshots_still_lets_a_rejoining_node_catch_up(c
         assert os.path.exists(tmp_path / "b" / "journal-base")
         assert any(name.startswith("b.replaced-") for name in os.listdir(tmp_path))   # moved aside, kept
         caught_up(behind, primary)
+        assert primary.transfer(8, 0, 0, 0, flags=ledger.TransferFlags.VOID_PENDING, pending_id=7) \
+            == ledger.TransferResult.OK
+        caught_up(behind, primary)
+        caught_up(running, primary)
         end = primary.stats()["journal_position"]
         base = uploaded[0][0]
         assert behind.store.batch_bytes(base, end) == primary.store.batch_bytes(base, end)

@@ -30,6 +30,8 @@ from ledger.cluster.connection import ConnectionOptions
 from ledger.cluster.names import (
     HEADER_END_POSITION,
     HEADER_MESSAGE_ID,
+    HEADER_PART,
+    HEADER_PENDING_POSITION,
     HEADER_SNAPSHOT_POSITION,
     JOURNAL_START_POSITION,
     REPLICAS_DEFAULT,
@@ -38,8 +40,11 @@ from ledger.cluster.names import (
     snapshot_bucket,
     stream_name,
 )
-from ledger.cluster.stream import LoopThread, header_int
+from ledger.cluster.stream import LoopThread, header_int, marker_epoch, message_start
+from ledger.enums import TransferState
 from ledger.errors import LedgerCorruptError
+from ledger.format import (POSITION_BITS, POSITION_MASK, RECORD_SIZE, SEGMENT_HEADER, SEGMENT_HEADER_BYTES,
+                           segment_name)
 from ledger.rebuild import restore_from_snapshot
 from ledger.snapshot import read_snapshot
 from ledger.store import open_store
@@ -70,6 +75,15 @@ def _position_of(name: str) -> int | None:
     if name.startswith(SNAPSHOT_PREFIX) and name.endswith(SNAPSHOT_SUFFIX) and digits.isdigit():
         return int(digits)
     return None
+
+
+def oldest_pending(arrays: dict[str, Any]) -> int | None:
+    """The journal position of the event of the oldest transfer still pending in a snapshot's state (its
+    transfer table: bits 0..39 the event's position, 40..47 its TransferState), None if none is pending."""
+    slots = arrays["transfer_slots"]
+    values = slots["value"][slots["key"] != 0]
+    pending = values[((values >> POSITION_BITS) & 0xFF) == TransferState.PENDING] & POSITION_MASK
+    return int(pending.min()) if pending.size else None
 
 
 def _file_digest(path: str) -> bytes:
@@ -120,7 +134,8 @@ async def upload_async(js: Any, shard: str, snapshot_path: str, replicas: int = 
     position = _position_of(name)
     if position is None:
         raise ValueError(f"{snapshot_path}: not a snapshot file name ({SNAPSHOT_PREFIX}<position>{SNAPSHOT_SUFFIX})")
-    read_snapshot(snapshot_path)   # raises LedgerCorruptError: its checksums and state hash
+    _, arrays, _ = read_snapshot(snapshot_path)   # raises LedgerCorruptError: its checksums and state hash
+    pending = oldest_pending(arrays)
     bucket = await _bucket(js, shard, replicas, create=True)
     digest = _file_digest(snapshot_path)
     try:
@@ -128,7 +143,10 @@ async def upload_async(js: Any, shard: str, snapshot_path: str, replicas: int = 
             return False
     except nats.js.errors.ObjectNotFoundError:
         pass
-    meta = ObjectMeta(name=name, headers={HEADER_SNAPSHOT_POSITION: str(position)})
+    headers = {HEADER_SNAPSHOT_POSITION: str(position)}
+    if pending is not None:
+        headers[HEADER_PENDING_POSITION] = str(pending)
+    meta = ObjectMeta(name=name, headers=headers)
     with open(snapshot_path, "rb") as file:
         await bucket.put(name, file, meta=meta)
     return True
@@ -198,10 +216,77 @@ async def trim_async(js: Any, shard: str) -> int:
         return (await js.stream_info(name)).state.first_seq
     oldest = snapshots[-1][0]
     sequence, state = await first_at_or_after(js, shard, oldest)
+    pending = [position for position in await _pending_positions(js, shard, snapshots) if position < oldest]
+    if pending:   # kept from the batch holding the oldest pending transfer: a rejoin writes those back
+        holding, _ = await first_at_or_after(js, shard, min(pending))
+        sequence = min(sequence, holding - 1)
     keep_from = min(sequence, state.last_seq)
     if state.messages and keep_from > state.first_seq:
         await js.purge_stream(name, seq=keep_from)
     return max(keep_from, state.first_seq)
+
+
+async def _pending_positions(js: Any, shard: str, snapshots: list[tuple[int, str]]) -> list[int]:
+    """The oldest-pending positions (header Ledger-Pending-Position) of these uploaded snapshots that have one."""
+    bucket = await _bucket(js, shard, 1, create=False)
+    found = []
+    for _, name in snapshots:
+        position = header_int((await bucket.get_info(name)).headers, HEADER_PENDING_POSITION)
+        if position is not None:
+            found.append(position)
+    return found
+
+
+def _write_records(journal: str, records_log2: int, start: int, data: bytes) -> None:
+    """Write records [start, start + len(data) / 64) into the segments of `journal` (a rebuilt directory's, whose
+    segments up to the base exist, zero), at their positions, and fsync them."""
+    position, view = start, memoryview(data)
+    while view:
+        index = position >> records_log2
+        count = min(((index + 1) << records_log2) - position, len(view) // RECORD_SIZE)
+        fd = os.open(os.path.join(journal, segment_name(index)), os.O_WRONLY)
+        try:
+            os.pwrite(fd, view[:count * RECORD_SIZE],
+                      SEGMENT_HEADER_BYTES + (position - (index << records_log2)) * RECORD_SIZE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        position, view = position + count, view[count * RECORD_SIZE:]
+
+
+async def _write_back_pending(js: Any, shard: str, directory: str, pending: int, base: int) -> int:
+    """Write the batches of shard `shard`'s stream from the one holding journal position `pending` (the oldest
+    transfer still pending in the base snapshot) up to `base` into the rebuilt `directory`'s journal, at their
+    positions (before the base: history there, the pending transfers' events readable, so they can be posted,
+    voided or expired). Returns the batches written; 0 with a warning when the stream no longer holds them."""
+    name, journal = stream_name(shard), os.path.join(directory, "journal")
+    with open(os.path.join(journal, segment_name(0)), "rb") as file:
+        records_log2 = SEGMENT_HEADER.unpack(file.read(SEGMENT_HEADER.size))[3]
+    sequence, state = await first_at_or_after(js, shard, pending)
+    sequence -= 1
+    if sequence < max(1, state.first_seq):
+        warnings.warn(f"ledger: stream {name} no longer holds the batch of the pending transfer at journal "
+                      f"position {pending}: it cannot be posted, voided or expired on {directory}",
+                      RuntimeWarning, stacklevel=2)
+        return 0
+    written, start, pieces = 0, None, []
+    for sequence in range(sequence, state.last_seq + 1):
+        message = await js.get_msg(name, sequence)
+        headers = message.headers or {}
+        part = headers.get(HEADER_PART, "1/1").split("/")
+        if marker_epoch(headers) is not None:
+            pieces = []
+            continue
+        if part[0] == "1":
+            start, pieces = message_start(headers), []
+        pieces.append(bytes(message.data or b""))
+        if part[0] != part[-1]:
+            continue
+        if start is None or start >= base:
+            break
+        _write_records(journal, records_log2, start, b"".join(pieces))
+        written += 1
+    return written
 
 
 async def prune_async(js: Any, shard: str, kept: int = SNAPSHOTS_KEPT) -> list[str]:
@@ -282,6 +367,11 @@ async def rejoin_async(js: Any, directory: str, shard: str) -> RejoinResult:
         await asyncio.get_running_loop().run_in_executor(None, restore_from_snapshot, path, directory)
     finally:
         os.unlink(path)
+    bucket = await _bucket(js, shard, 1, create=False)
+    info = await bucket.get_info(f"{SNAPSHOT_PREFIX}{snapshot_position:016d}{SNAPSHOT_SUFFIX}")
+    pending = header_int(info.headers, HEADER_PENDING_POSITION)
+    if pending is not None and pending < snapshot_position:
+        await _write_back_pending(js, shard, directory, pending, snapshot_position)
     return RejoinResult(True, snapshot_position, replaced)
 
 
