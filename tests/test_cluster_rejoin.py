@@ -1,9 +1,10 @@
 """Rejoin and retention wired into the cluster node (docs/CLUSTER.md "Rejoin and retention") on a real
 three-server LocalCluster: a primary's snapshot is uploaded to the shard's bucket (and the bucket pruned, the
 stream trimmed) off its write path; a node whose data directory was deleted rejoins from the object store and the
-stream, ends byte for byte with the primary after the snapshot, passes `ledger verify`, and can take over; a
+stream, ends byte for byte with the primary after the snapshot (a transfer pending since before it can be
+posted), passes `ledger verify`, and can take over; a
 standby behind a trimmed stream, at start or while it runs, is rebuilt from the bucket and catches up. Every wait
-is bounded."""
+is bounded. A snapshot of batches the stream never acknowledged is not uploaded."""
 from __future__ import annotations
 
 import os
@@ -166,3 +167,19 @@ def test_a_stream_trimmed_after_snapshots_still_lets_a_rejoining_node_catch_up(c
     finally:
         for handle in handles:
             handle.close()
+
+
+def test_a_snapshot_of_batches_the_stream_never_acknowledged_is_not_uploaded(cluster, tmp_path):
+    primary = open_node(cluster, tmp_path / "a", "rejoin3", "a", primary=True)
+    try:
+        cluster_processes.create_accounts(primary)
+        transfers(primary, 1000, 5)
+        with ledger.open(str(tmp_path / "other"), create=True, **OPEN_OPTIONS) as other:   # not this stream's
+            cluster_processes.create_accounts(other)
+            transfers(other, 1000, 6)
+            snapshot = other.snapshot()
+        with pytest.raises(ValueError, match="never acknowledged"):
+            archive.upload_snapshot(cluster.url, "rejoin3", snapshot.path)
+        assert archive.list_uploaded(cluster.url, "rejoin3") == []
+    finally:
+        primary.close()

@@ -10,7 +10,13 @@ journal at or after the oldest one, can still catch up from the stream.
 `rejoin` makes a data directory followable: one missing, empty, or behind what the stream still holds is built
 from the newest snapshot in the bucket whose own checks pass (ledger.rebuild.restore_from_snapshot: a journal that
 begins at that snapshot, docs/FORMAT.md "Journal base"); a StreamFollower then follows from its position. A
-damaged object is skipped with a warning. Every call is bounded (REQUEST_TIMEOUT_S, or the transfer's own bound)."""
+damaged object is skipped with a warning. Every call is bounded (REQUEST_TIMEOUT_S, or the transfer's own bound).
+
+Pending transfers from before a snapshot: each upload records its oldest still-pending transfer's event position
+(header Ledger-Pending-Position); trimming keeps the stream from the batch holding it, and `rejoin` writes the
+batches from there up to the base back into the rebuilt journal, so they can still be posted, voided or expired.
+ClusterNode (ledger/cluster/node.py) calls all this itself: rejoin at start and when its follower finds the stream
+trimmed past it; upload and prune after each of its primary's snapshots."""
 from __future__ import annotations
 
 import asyncio
@@ -56,6 +62,7 @@ __all__ = ["RejoinResult", "behind_async", "download_async", "download_newest", 
 SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = "snapshot-", ".snapshot"
 TRANSFER_TIMEOUT_S = 600.0   # one snapshot's upload or download (gigabytes over a slow link)
 HASH_PIECE_BYTES = 16 << 20
+BATCH_CHECKSUM_OFFSET = 40   # a batch header record's checksum field (docs/FORMAT.md "Batch header (kind 15)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +141,11 @@ async def upload_async(js: Any, shard: str, snapshot_path: str, replicas: int = 
     position = _position_of(name)
     if position is None:
         raise ValueError(f"{snapshot_path}: not a snapshot file name ({SNAPSHOT_PREFIX}<position>{SNAPSHOT_SUFFIX})")
-    _, arrays, _ = read_snapshot(snapshot_path)   # raises LedgerCorruptError: its checksums and state hash
+    scalars, arrays, _ = read_snapshot(snapshot_path)   # raises LedgerCorruptError: its checksums and state hash
+    if not await _stream_holds(js, shard, scalars):
+        raise ValueError(f"{snapshot_path}: stream {stream_name(shard)} holds no batch ending at journal position "
+                         f"{position} with this snapshot's last checksum: its journal was never acknowledged (a "
+                         f"primary that stepped down since, or another shard's): not uploaded")
     pending = oldest_pending(arrays)
     bucket = await _bucket(js, shard, replicas, create=True)
     digest = _file_digest(snapshot_path)
@@ -150,6 +161,37 @@ async def upload_async(js: Any, shard: str, snapshot_path: str, replicas: int = 
     with open(snapshot_path, "rb") as file:
         await bucket.put(name, file, meta=meta)
     return True
+
+
+async def _stream_holds(js: Any, shard: str, scalars: dict[str, int]) -> bool:
+    """Whether shard `shard`'s stream holds the snapshot's last batch: a message (not a marker) ending at its
+    position whose data has, at that batch's header, the snapshot's last checksum. A snapshot of batches the
+    stream never acknowledged (journaled by a primary just before it stepped down) must not seed a rejoin."""
+    position, header_position = scalars["write_position"], scalars["last_header_position"]
+    if position == JOURNAL_START_POSITION:
+        return True
+    name = stream_name(shard)
+    sequence, state = await first_at_or_after(js, shard, position)
+    sequence = min(sequence, state.last_seq + 1) - 1
+    while sequence >= max(1, state.first_seq):
+        message = await js.get_msg(name, sequence)
+        if marker_epoch(message.headers) is None:
+            break
+        sequence -= 1
+    else:
+        return False
+    headers = message.headers or {}
+    part = headers.get(HEADER_PART, "1/1").split("/")
+    if header_int(headers, HEADER_END_POSITION) != position or not part[0].isdigit():
+        return False
+    first = sequence - int(part[0]) + 1
+    pieces = [bytes((await js.get_msg(name, number)).data or b"") for number in range(first, sequence)]
+    data = b"".join(pieces) + bytes(message.data or b"")
+    start = message_start((await js.get_msg(name, first)).headers) if first != sequence else message_start(headers)
+    if start is None or not start <= header_position < position:
+        return False
+    offset = (header_position - start) * RECORD_SIZE + BATCH_CHECKSUM_OFFSET
+    return int.from_bytes(data[offset:offset + 8], "little") == scalars["last_checksum"]
 
 
 async def download_async(js: Any, shard: str, directory: str) -> tuple[int, str] | None:
@@ -208,7 +250,8 @@ async def first_at_or_after(js: Any, shard: str, position: int) -> tuple[int, An
 
 async def trim_async(js: Any, shard: str) -> int:
     """Purge shard `shard`'s stream below the first message at or after the OLDEST snapshot in its bucket, never
-    past it, and never its last message (a follower's start search needs one to say where the stream ends).
+    past it, nor past the batch holding the oldest still-pending transfer of a snapshot kept (a rejoin writes it
+    back), and never its last message (a follower's start search needs one to say where the stream ends).
     Returns the stream's first sequence after. No snapshot in the bucket: nothing is purged."""
     snapshots = await uploaded(js, shard)
     name = stream_name(shard)

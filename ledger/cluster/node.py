@@ -13,10 +13,15 @@ role on its own. `ledger.open(path, cluster=URL, shard=NAME)` makes one and wrap
   it step down: it closes its store, drops the local batches the stream did not acknowledge (each logged with
   its range), reopens and follows as a standby. The same Ledger handle goes on (`on_store` rebinds it).
 - both: put `node.<shard>.<node>` (role, epoch, position, sequence, error) every NODE_REPORT_INTERVAL_S.
+- rejoin and retention (docs/CLUSTER.md "Rejoin and retention"): a directory missing, empty or behind the
+  trimmed stream is rebuilt from the shard's snapshot bucket at start, and a standby whose follower finds the
+  stream trimmed past it rejoins the same way; a primary's snapshots (Ledger.snapshot -> snapshot_written) are
+  uploaded and the bucket pruned on the node's archive thread.
 
 Threads: the node's LoopThread (one NATS connection: the lease, the reports, the renewal task), one control
 thread (polls, takes over, steps down; one role change at a time), and the follower's or publisher's own
-LoopThread. Role callbacks (`on_role`) run on the control thread."""
+LoopThread; the archive thread (uploads, each on a connection of its own). Role callbacks (`on_role`) run on
+the control thread."""
 from __future__ import annotations
 
 import asyncio
