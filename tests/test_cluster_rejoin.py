@@ -2,9 +2,9 @@
 three-server LocalCluster: a primary's snapshot is uploaded to the shard's bucket (and the bucket pruned, the
 stream trimmed) off its write path; a node whose data directory was deleted rejoins from the object store and the
 stream, ends byte for byte with the primary after the snapshot (a transfer pending since before it can be
-posted), passes `ledger verify`, and can take over; a
-standby behind a trimmed stream, at start or while it runs, is rebuilt from the bucket and catches up. Every wait
-is bounded. A snapshot of batches the stream never acknowledged is not uploaded."""
+posted), passes `ledger verify`, and can take over; a standby behind a trimmed stream, at start or while it runs,
+is rebuilt from the bucket and catches up; a snapshot of batches the stream never acknowledged is not uploaded.
+Every wait is bounded."""
 from __future__ import annotations
 
 import os
