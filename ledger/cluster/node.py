@@ -107,7 +107,8 @@ class ClusterNode:
     its ledger in directory `path` (created with create=True; `open_options`: ledger.open's clock,
     segment_records_log2 and capacities). `start()` opens it and returns once it is primary or standby; `close()`
     stops it. `role`, `epoch` (of the primary it knows), `primary` (that node's name, None during a failover)
-    and `error` (the last problem, for status) are read-only for others."""
+    and `error` (the last problem, for status), `archived_position` (the newest snapshot it uploaded) are
+    read-only for others."""
 
     def __init__(self, path: str | os.PathLike[str], url: str, shard: str, node: str | None = None, *,
                  options: ConnectionOptions | None = None, create: bool = False, replicas: int | None = None,
