@@ -254,12 +254,17 @@ class Ledger:
 
         A snapshot that would not leave room for the journal's next segment on the filesystem is refused before
         anything is written (LedgerFullError); one that fails anyway (the space went meanwhile, its child was
-        killed) deletes what it wrote."""
+        killed) deletes what it wrote.
+
+        A clustered handle's primary then uploads the snapshot to its shard's object store bucket and prunes the
+        bucket and the stream, on a background thread (ClusterNode.snapshot_written; a standby's stay local)."""
         earlier = self._snapshot_job
         if earlier is not None:
             earlier.join()  # before the handle is held: the earlier child may take long, other calls go on
         with self._engine:  # held for the fork only: other threads' calls go on while the child writes
             job = self._start_snapshot(keep)
+        if self.cluster_node is not None:   # a primary uploads it to the shard's bucket, in the background
+            self.cluster_node.snapshot_written(job)
         return job.wait() if wait else job
 
     def _start_snapshot(self, keep: int) -> SnapshotJob:

@@ -27,16 +27,15 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from typing import Any, Callable
 
 import ledger
 from ledger.errors import LedgerCorruptError
-from ledger.format import (FORMAT_VERSION, RECORD_SIZE, SEGMENT_HEADER, SEGMENT_HEADER_BYTES,
-                           SEGMENT_HEADER_CHECKSUM, SEGMENT_MAGIC, segment_bytes, segment_name)
+from ledger.format import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
 from ledger.moments import At
-from ledger.snapshot import list_snapshots, read_snapshot, write_journal_base, write_snapshot
+from ledger.rebuild import fsync_path, remove_abandoned_stagings, rename_no_replace, restore_from_snapshot
+from ledger.snapshot import list_snapshots, read_snapshot, write_snapshot
 
 __all__ = ["RestoreResult", "restore", "parse_time", "restore_from_snapshot"]
 
@@ -132,15 +131,6 @@ def _choose_snapshot(source: str, named: str | None, handle: ledger.Ledger, cut:
     return None
 
 
-def _fsync_path(path: str) -> None:
-    """fsync a file or a directory by path (a directory's fsync makes the names in it durable)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_segment(source_path: str, target_path: str, keep_bytes: int, segment_bytes: int) -> None:
     """Copy the first `keep_bytes` of a segment file, write zeros up to its full size, fsync."""
     assert SEGMENT_HEADER_BYTES <= keep_bytes <= segment_bytes
@@ -178,59 +168,12 @@ def _build(staging: str, handle: ledger.Ledger, cut: int, chosen: tuple[str, dic
                       SEGMENT_HEADER_BYTES + kept_records * RECORD_SIZE, journal.segment_bytes)
         if progress is not None:
             progress((index + 1) * journal.segment_bytes, total)
-    _fsync_path(os.path.join(staging, "journal"))
+    fsync_path(os.path.join(staging, "journal"))
     if chosen is not None:
         _, scalars, arrays = chosen
         write_snapshot(staging, scalars, arrays, keep=1, stall_seconds=0.0)  # fsyncs the file and its folder
-    _fsync_path(staging)
+    fsync_path(staging)
     return segments
-
-
-RENAME_NOREPLACE = 1
-AT_FDCWD = -100
-
-
-def _rename_no_replace(source: str, destination: str) -> None:
-    """rename(2) that fails with FileExistsError if `destination` appeared meanwhile: a plain rename would replace
-    an empty directory created there since restore checked (renameat2 RENAME_NOREPLACE, Linux >= 3.15). Where
-    the kernel, libc or file system lacks it, a check just before the rename narrows the window instead."""
-    import ctypes
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except AttributeError:
-        renameat2 = None
-    if renameat2 is not None:
-        if renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(destination), RENAME_NOREPLACE) == 0:
-            return
-        error = ctypes.get_errno()
-        if error not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(error, os.strerror(error), destination)
-    if os.path.lexists(destination):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), destination)
-    os.rename(source, destination)
-
-
-def _remove_abandoned_stagings(parent: str, prefix: str) -> None:
-    """Delete the temporary directories of earlier restores to the same destination that no live restore holds
-    (a restore flocks its directory while it builds): a restore that was killed or crashed leaves one behind."""
-    for name in os.listdir(parent):
-        if not name.startswith(prefix):
-            continue
-        path = os.path.join(parent, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            continue   # gone meanwhile, not a directory, or a symbolic link: not ours to delete
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue   # a restore to the same destination is building it right now
-            shutil.rmtree(path)
-            warnings.warn(f"ledger restore: deleted {path}, left by an earlier restore that did not finish",
-                          RuntimeWarning, stacklevel=3)
-        finally:
-            os.close(fd)
 
 
 def restore(source: str, destination: str, until_position: int | None = None, until_time: int | None = None,
@@ -246,7 +189,7 @@ def restore(source: str, destination: str, until_position: int | None = None, un
         raise FileExistsError(errno.EEXIST, "exists; restore builds a new directory", destination)
     parent = os.path.dirname(os.path.abspath(destination))
     prefix = f".{os.path.basename(os.path.abspath(destination))}.restoring-"
-    _remove_abandoned_stagings(parent, prefix)
+    remove_abandoned_stagings(parent, prefix)
     with ledger.open(directory, readonly=True) as handle:
         cut, last_timestamp = _find_cut(handle, until_position, until_time)
         chosen = _choose_snapshot(source, named, handle, cut)
@@ -256,81 +199,20 @@ def restore(source: str, destination: str, until_position: int | None = None, un
             staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(staging_fd, fcntl.LOCK_EX)   # held until it is DEST or gone: "this restore is alive"
             segments = _build(staging, handle, cut, chosen, progress)
-            _rename_no_replace(staging, destination)
+            rename_no_replace(staging, destination)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
             if staging_fd >= 0:
                 os.close(staging_fd)
-    _fsync_path(parent)
+    fsync_path(parent)
     with ledger.open(destination) as restored:
         if restored.stats()["journal_position"] != cut:   # what was copied did not read back as written
             raise LedgerCorruptError(f"{destination}: the restored journal ends at journal position "
                                      f"{restored.stats()['journal_position']}, not at the cut {cut}")
         verified = restored.verify().ok
     return RestoreResult(destination, cut, last_timestamp, chosen[0] if chosen else None, segments, verified)
-
-
-def _write_empty_segment(path: str, index: int, records_log2: int, allocate: bool) -> None:
-    """A segment file holding only its header, every record zero: sparse (`allocate` False: a segment before the
-    journal's base, never written) or preallocated (the base's own segment, which the writer writes on into)."""
-    from ledger import _core
-    size = segment_bytes(records_log2)
-    header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, RECORD_SIZE, records_log2, 0, index,
-                                 index << records_log2, time.time_ns())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        if allocate:
-            os.posix_fallocate(fd, 0, size)
-        else:
-            os.ftruncate(fd, size)
-        os.pwrite(fd, header + SEGMENT_HEADER_CHECKSUM.pack(_core.crc32c(header)), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _build_from_snapshot(staging: str, scalars: dict[str, int], arrays: dict[str, Any]) -> None:
-    """The "journal base" layout (docs/FORMAT.md) in `staging`: segments through the base's own, records zero;
-    the snapshot; the base file last (its presence is what makes the zeros a base, not a journal)."""
-    position = scalars["write_position"]
-    records_log2 = scalars["segment_records_log2"]
-    journal_directory = os.path.join(staging, "journal")
-    os.mkdir(journal_directory, 0o700)
-    base_segment = position >> records_log2
-    for index in range(base_segment + 1):
-        _write_empty_segment(os.path.join(journal_directory, segment_name(index)), index, records_log2,
-                             allocate=index == base_segment)
-    _fsync_path(journal_directory)
-    write_snapshot(staging, scalars, arrays, keep=1, stall_seconds=0.0)   # fsyncs the file and its folder
-    write_journal_base(staging, position)                                  # fsyncs staging
-
-
-def restore_from_snapshot(snapshot_file: str, destination: str) -> int:
-    """Build `destination` (must not exist) from one snapshot file alone, for a node that rejoins a cluster: its
-    journal begins at the snapshot's position P (docs/FORMAT.md "Journal base"), so reads before P are refused and
-    the stream after P is followed into it. The snapshot's own checks (checksums, state hash) must pass. Crash
-    safe as `restore` is (temporary directory, fsync, rename, parent fsync). Returns P."""
-    scalars, arrays, _ = read_snapshot(snapshot_file)   # raises LedgerCorruptError when its checks fail
-    if os.path.lexists(destination):
-        raise FileExistsError(errno.EEXIST, "exists; a rejoin builds a new directory", destination)
-    parent = os.path.dirname(os.path.abspath(destination))
-    prefix = f".{os.path.basename(os.path.abspath(destination))}.restoring-"
-    _remove_abandoned_stagings(parent, prefix)
-    staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(staging_fd, fcntl.LOCK_EX)   # held until it is DEST or gone: "this restore is alive"
-        _build_from_snapshot(staging, scalars, arrays)
-        _rename_no_replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        os.close(staging_fd)
-    _fsync_path(parent)
-    return scalars["write_position"]
 
 
 def print_progress(done: int, total: int) -> None:

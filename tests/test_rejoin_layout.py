@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ledger
-from ledger import restore
+from ledger import rebuild, restore
 from ledger.format import RECORD_SIZE, SEGMENT_HEADER_BYTES, segment_name
 from ledger.snapshot import JOURNAL_BASE_FILE, journal_base, list_snapshots
 
@@ -122,7 +122,7 @@ def test_the_build_is_crash_safe(tmp_path, monkeypatch):
 
     def crash(directory: str, position: int) -> None:
         raise OSError("crash while writing the base file")
-    monkeypatch.setattr(restore, "write_journal_base", crash)
+    monkeypatch.setattr(rebuild, "write_journal_base", crash)
     with pytest.raises(OSError, match="crash"):
         restore.restore_from_snapshot(snapshot.path, destination)
     assert sorted(os.listdir(tmp_path)) == ["source"]   # no destination, no staging left

@@ -55,7 +55,11 @@ STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried
 PUBLISH_IN_FLIGHT_MAX = 16    # messages published and not yet acknowledged, at most (a publisher's send waits)
 JOURNAL_START_POSITION = 1    # an empty journal's write position
 SNAPSHOTS_KEPT = 3            # snapshots kept in a shard's bucket: the stream is trimmed below the oldest of them
+SNAPSHOT_INTERVAL_S = 300.0   # `ledger serve --cluster`: its primary snapshots this often (uploaded, then pruned)
 HEADER_SNAPSHOT_POSITION = "Ledger-Snapshot-Position"   # an uploaded snapshot's journal position (object header)
+# An uploaded snapshot's oldest still-pending transfer: the journal position of its event (object header; absent
+# when none is pending). The stream is kept from the batch holding it, and a rejoin writes those batches back.
+HEADER_PENDING_POSITION = "Ledger-Pending-Position"
 # The largest message: the servers' max_payload less room for the headers.
 MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
 

@@ -13,10 +13,15 @@ role on its own. `ledger.open(path, cluster=URL, shard=NAME)` makes one and wrap
   it step down: it closes its store, drops the local batches the stream did not acknowledge (each logged with
   its range), reopens and follows as a standby. The same Ledger handle goes on (`on_store` rebinds it).
 - both: put `node.<shard>.<node>` (role, epoch, position, sequence, error) every NODE_REPORT_INTERVAL_S.
+- rejoin and retention (docs/CLUSTER.md "Rejoin and retention"): a directory missing, empty or behind the
+  trimmed stream is rebuilt from the shard's snapshot bucket at start, and a standby whose follower finds the
+  stream trimmed past it rejoins the same way; a primary's snapshots (Ledger.snapshot -> snapshot_written) are
+  uploaded and the bucket pruned on the node's archive thread.
 
 Threads: the node's LoopThread (one NATS connection: the lease, the reports, the renewal task), one control
 thread (polls, takes over, steps down; one role change at a time), and the follower's or publisher's own
-LoopThread. Role callbacks (`on_role`) run on the control thread."""
+LoopThread; the archive thread (uploads, each on a connection of its own). Role callbacks (`on_role`) run on
+the control thread."""
 from __future__ import annotations
 
 import asyncio
@@ -25,12 +30,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import socket
 import threading
 import time
 from typing import Any, Callable
 
+from ledger.cluster import archive
 from ledger.cluster.connection import ConnectionOptions
 from ledger.cluster.lease import Lease, LeaseHolder, ensure_bucket
 from ledger.cluster.names import (
@@ -44,6 +51,7 @@ from ledger.cluster.names import (
     NODE_REPORT_INTERVAL_S,
     REPLICAS_DEFAULT,
     REQUEST_TIMEOUT_S,
+    SNAPSHOTS_KEPT,
     STEP_DOWN_RETRY_S,
     TAKEOVER_CATCH_UP_TIMEOUT_S,
     check_name,
@@ -99,7 +107,8 @@ class ClusterNode:
     its ledger in directory `path` (created with create=True; `open_options`: ledger.open's clock,
     segment_records_log2 and capacities). `start()` opens it and returns once it is primary or standby; `close()`
     stops it. `role`, `epoch` (of the primary it knows), `primary` (that node's name, None during a failover)
-    and `error` (the last problem, for status) are read-only for others."""
+    and `error` (the last problem, for status), `archived_position` (the newest snapshot it uploaded) are
+    read-only for others."""
 
     def __init__(self, path: str | os.PathLike[str], url: str, shard: str, node: str | None = None, *,
                  options: ConnectionOptions | None = None, create: bool = False, replicas: int | None = None,
@@ -133,6 +142,11 @@ class ClusterNode:
         self._role_callbacks: list[Callable[[str, int], None]] = []
         self._store_callbacks: list[Callable[[Store], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"ledger-node-{self.name}", daemon=True)
+        self.archived_position: int | None = None   # the newest snapshot this node uploaded (None: none yet)
+        self._archived = threading.Condition()
+        self._archive_jobs: queue.Queue[Any] = queue.Queue()   # snapshot jobs to upload; None stops the thread
+        self._archiver = threading.Thread(target=self._archive_forever, name=f"ledger-archive-{self.name}",
+                                          daemon=True)
 
     # -- lifecycle --
 
@@ -148,19 +162,22 @@ class ClusterNode:
             self._loop.run(ensure_stream(self._loop.js, self.shard, self.replicas), REQUEST_TIMEOUT_S)
             self._lease = Lease(kv, self.shard, self.name)
             with self._changing:
-                self._become_standby(self._reconciled(self._open_store(self._create)))
+                built = self._rejoin_if_behind()
+                self._become_standby(self._reconciled(self._open_store(self._create and not built)))
                 self._poll()
         except BaseException:
             self._release_everything()
             raise
         self._reporting = asyncio.run_coroutine_threadsafe(self._report_forever(), self._loop.loop)
         self._thread.start()
+        self._archiver.start()
 
     def close(self) -> None:
         """Stop: no more role changes, the store closed (after the call in progress), the lease released if held
         (deleted, so a standby takes over at once rather than after the TTL), a last report ("stopped").
         Idempotent."""
         self._stopping.set()
+        self._archive_jobs.put(None)   # an upload in progress ends on its own connection (bounded by its timeout)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
         with self._changing:
@@ -235,7 +252,8 @@ class ClusterNode:
                     with self._changing:
                         if self._stopping.is_set():
                             break
-                        if self.store is None:   # a step-down that failed after closing it: open it again
+                        if self.store is None:   # a step-down or rejoin that failed after closing it
+                            self._rejoin_if_behind()
                             self._become_standby(self._reconciled(self._open_store(False)))
                         self._poll()
             except Exception as error:   # NATS unreachable, a reopen failing: said, and tried again
@@ -253,6 +271,7 @@ class ClusterNode:
         if follower is not None and follower.error is not None:
             self.error = f"{type(follower.error).__name__}: {follower.error}"
             if isinstance(follower.error, LedgerReplicationError):
+                self._rejoin_trimmed()   # the stream trimmed past this standby: rebuilt from the bucket, if it can
                 return
             follower.stop()
             self._start_follower()     # a connection lost, not a refused message: follow again
@@ -341,6 +360,77 @@ class ClusterNode:
                         acknowledged_end, ", ".join(f"[{start}, {end})" for start, end in dropped[:DROPS_LOGGED]))
         self._trouble.clear()
         self._become_standby(self._open_store(False))
+
+    # -- rejoin and snapshots (docs/CLUSTER.md "Rejoin and retention") --
+
+    def _rejoin_if_behind(self) -> bool:
+        """At start: a directory missing, empty, or behind what the trimmed stream still holds is rebuilt from the
+        newest good snapshot in the bucket (archive.rejoin_async; an old one moved aside). Whether it was built.
+        A directory the stream goes on from, or one ahead of it (reconciled after), is left as it is."""
+        position = archive.journal_position(self.path)
+        if position is not None and not self._loop.run(archive.behind_async(self._loop.js, self.shard, position),
+                                                       REQUEST_TIMEOUT_S):
+            return False
+        result = self._loop.run(archive.rejoin_async(self._loop.js, self.path, self.shard),
+                                archive.TRANSFER_TIMEOUT_S)
+        if result.built:
+            log.info("node %s of shard %s: %s rebuilt from the snapshot at journal position %d%s", self.name,
+                     self.shard, self.path, result.position,
+                     f" (the old directory moved to {result.replaced})" if result.replaced else "")
+        return result.built
+
+    def _rejoin_trimmed(self) -> None:
+        """A standby whose follower stopped because the stream was trimmed past its write position (it holds no
+        message starting there): close the store, rejoin (the old directory moved aside), reopen and follow. A
+        follower that stopped for any other reason is left stopped (its error says why)."""
+        assert self.store is not None
+        position = self.store.engine.write_position
+        if not self._loop.run(archive.behind_async(self._loop.js, self.shard, position), REQUEST_TIMEOUT_S):
+            return
+        log.warning("node %s of shard %s: stream %s was trimmed past this standby's journal position %d: "
+                    "rejoining from the snapshot bucket", self.name, self.shard, stream_name(self.shard), position)
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+        store, self.store = self.store, None
+        with store.engine:
+            store.close()
+        built = self._rejoin_if_behind()   # raises: the control thread says so and opens the old one again
+        self.error = None if built else self.error
+        self._become_standby(self._open_store(False))
+
+    def snapshot_written(self, job: Any) -> None:
+        """The Ledger's snapshot() calls this with each SnapshotJob it started (ledger/api.py). A primary's
+        snapshot is uploaded to the shard's bucket and the bucket pruned (archive.upload_snapshot, archive.prune:
+        SNAPSHOTS_KEPT kept, the stream trimmed below the oldest) on the archive thread, off the write path: it
+        waits for the file, never holds the engine lock, and a failure is logged (and in `error`), never raised
+        to the writer; the next snapshot is uploaded as usual. A standby's snapshots stay local."""
+        if self.role == PRIMARY and not self._stopping.is_set():
+            self._archive_jobs.put(job)
+
+    def wait_archived(self, position: int, timeout_s: float) -> bool:
+        """Wait until this node uploaded a snapshot at journal `position` or later (and pruned); whether it did."""
+        with self._archived:
+            return self._archived.wait_for(
+                lambda: self.archived_position is not None and self.archived_position >= position, timeout_s)
+
+    def _archive_forever(self) -> None:
+        """The archive thread: upload and prune each queued snapshot, on connections of its own (a slow upload
+        never delays the lease renewals on the node's loop)."""
+        while (job := self._archive_jobs.get()) is not None:
+            try:
+                info = job.wait()
+                archive.upload_snapshot(self.url, self.shard, info.path, self.options, self.replicas or 1)
+                deleted = archive.prune(self.url, self.shard, SNAPSHOTS_KEPT, self.options)
+            except Exception as error:   # the next snapshot is uploaded as usual: a missed one is not needed
+                self.error = f"uploading a snapshot failed: {type(error).__name__}: {error}"
+                log.warning("node %s of shard %s: %s", self.name, self.shard, self.error)
+                continue
+            log.info("node %s of shard %s: snapshot %s uploaded; %d older deleted from the bucket", self.name,
+                     self.shard, info.path, len(deleted))
+            with self._archived:
+                self.archived_position = max(self.archived_position or 0, int(info.position))
+                self._archived.notify_all()
 
     # -- the store, the follower, roles --
 
