@@ -410,3 +410,52 @@ def test_r3_pipelined_publishing_beats_one_round_trip_per_batch(tmp_path, capsys
               f"{stream.PUBLISH_IN_FLIGHT_MAX} in flight, {rates['one-at-a-time']:.0f} batches/s one at a time")
     assert rates["pipelined"] > rates["one-at-a-time"]
 
+
+
+FRESH_STREAM_ROUNDS = 8
+RECREATE_AFTER_S = 0.3          # the stream missing this long under a live publisher: well within its ack timeout
+
+
+def test_a_fresh_r3_stream_is_published_to_at_once_without_no_responders(tmp_path):
+    """A new R3 stream is created through one server and published to at once through another, many times: the
+    publisher waits in __enter__ until the stream answers through its own connection (ready_stream), and a publish
+    that still meets "no responders" (here: the stream deleted under a live publisher, made again 0.3 s later) is
+    sent again within its ack timeout instead of poisoning the publisher."""
+    resent = 0
+
+    async def create(url: str, shard: str) -> None:
+        connection = await nats.connect(url)
+        try:
+            await connection.jetstream().add_stream(name=stream.stream_name(shard), subjects=[stream.subject(shard)],
+                                                    num_replicas=3, storage=nats.js.api.StorageType.FILE)
+        finally:
+            await connection.close()
+
+    async def delete(url: str, shard: str) -> None:
+        connection = await nats.connect(url)
+        try:
+            await connection.jetstream().delete_stream(stream.stream_name(shard))
+        finally:
+            await connection.close()
+    with LocalCluster(tmp_path / "nats", nodes=3, port=0) as three:
+        for round_ in range(FRESH_STREAM_ROUNDS):
+            shard = f"fresh-{round_}"
+            asyncio.run(create(three.urls[0], shard))
+            with stream.StreamPublisher(three.urls[-1], shard, replicas=3) as publisher:
+                primary = ledger.open(None)
+                publisher.attach(primary.store)      # empty, as the stream: its batches are published by hand
+                accounts_one_batch_each(primary, 2)
+                (first_start, first_end), (second_start, second_end) = batch_ranges(primary)
+                assert publisher.send(first_start, first_end).result(FOLLOW_TIMEOUT_S).seq == 1
+                asyncio.run(delete(three.urls[0], shard))      # nobody takes the subject for a while
+                publisher.last_sequence = publisher._sent_sequence = 0   # as a publisher of the new stream
+                later = threading.Timer(RECREATE_AFTER_S, lambda: asyncio.run(create(three.urls[0], shard)))
+                later.start()
+                try:
+                    assert publisher.send(second_start, second_end).result(FOLLOW_TIMEOUT_S).seq == 1
+                finally:
+                    later.join()
+                resent += getattr(publisher, "resent", 0)
+    assert resent >= FRESH_STREAM_ROUNDS    # at least once per round: while the stream was missing
+    print(f"{FRESH_STREAM_ROUNDS} fresh R3 streams published to at once; {resent} writes sent again after "
+          f"no responders")

@@ -37,9 +37,13 @@ from ledger.cluster.names import (
     JOURNAL_START_POSITION,
     MARKER_ID_PREFIX,
     MESSAGE_BYTES_MAX,
+    NO_RESPONDERS_RETRY_S,
+    NO_RESPONDERS_STATUS,
     PUBLISH_IN_FLIGHT_MAX,
     REPLICAS_DEFAULT,
     REQUEST_TIMEOUT_S,
+    STREAM_READY_RETRY_S,
+    STREAM_READY_TIMEOUT_S,
     WRONG_LAST_SEQUENCE_ERROR_CODE,
     check_shard,
     stream_name,
@@ -52,7 +56,7 @@ from ledger.format import RECORD_SIZE
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoopThread", "StreamFollower", "StreamPublisher", "check_shard", "ensure_stream", "header_int",
-           "last_message", "marker_epoch", "message_start", "stream_name", "subject"]
+           "last_message", "marker_epoch", "message_start", "ready_stream", "stream_name", "subject"]
 
 
 async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -> Any:
@@ -68,6 +72,39 @@ async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -
         return await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         return await js.add_stream(config)
+
+
+async def ready_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT,
+                       timeout_s: float = STREAM_READY_TIMEOUT_S) -> Any:
+    """ensure_stream, then wait until the stream answers a publish through this connection; its StreamInfo.
+    Right after an R3 stream is created its Raft group may still be electing (a timeout, a 503, no leader), and
+    once it has a leader the servers may not have learned yet that it takes the subject: a publish then gets "no
+    responders". The probe publish expects an impossible last sequence, so the stream refuses it by its fence
+    and stores nothing. LedgerTimeoutError past timeout_s, naming what was missing."""
+    loop = asyncio.get_running_loop()
+    deadline, missing = loop.time() + timeout_s, "an answer"
+    while loop.time() < deadline:
+        try:
+            info = await ensure_stream(js, shard, replicas)
+            if info.cluster is not None and info.cluster.leader is None:
+                missing = "a Raft leader"
+            else:
+                await js.publish(subject(shard), b"", stream=stream_name(shard), timeout=REQUEST_TIMEOUT_S,
+                                 headers={HEADER_EXPECTED_LAST_SEQUENCE: str(2**62)})
+                raise LedgerReplicationError(f"stream {stream_name(shard)} stored a publish expecting last "
+                                             f"sequence 2**62: it does not check the fence")
+        except nats.js.errors.APIError as error:
+            if error.err_code == WRONG_LAST_SEQUENCE_ERROR_CODE:
+                return await js.stream_info(stream_name(shard))
+            if not isinstance(error, nats.js.errors.ServiceUnavailableError):
+                raise
+            missing = "a Raft leader"
+        except nats.js.errors.NoStreamResponseError:
+            missing = "responders on its subject"
+        except nats.errors.TimeoutError:
+            missing = "an answer"
+        await asyncio.sleep(STREAM_READY_RETRY_S)
+    raise LedgerTimeoutError(f"stream {stream_name(shard)}: not ready within {timeout_s} s (no {missing})")
 
 
 def message_start(headers: dict[str, str] | None) -> int | None:
@@ -204,7 +241,7 @@ class _Message:
     """One message a publisher sent: its bytes and headers, the sequence its fence expects last, the journal
     position its range ends at, the Future to resolve once it is settled (the last message of a send), and its
     outcome once its ack (or error) arrived."""
-    __slots__ = ("data", "headers", "expected", "end", "future", "arrived", "outcome")
+    __slots__ = ("data", "headers", "expected", "end", "future", "arrived", "outcome", "sent", "deadline")
 
     def __init__(self, data: bytes, headers: dict[str, str], end: int) -> None:
         self.data = data
@@ -214,6 +251,8 @@ class _Message:
         self.future: concurrent.futures.Future | None = None
         self.arrived = False
         self.outcome: Any = None
+        self.sent = False        # written once at least (a resend after "no responders" writes it again)
+        self.deadline = 0.0      # the loop's time by which its ack must arrive (its first write + the ack timeout)
 
 
 class StreamPublisher:
@@ -241,6 +280,7 @@ class StreamPublisher:
         self.last_sequence = 0        # the last sequence acknowledged
         self.end_position = JOURNAL_START_POSITION   # the journal position acknowledged messages reach
         self.in_flight_max_seen = 0   # the most messages ever unacknowledged at once (tests, benchmarks)
+        self.resent = 0               # writes again after "no responders" (tests)
         self.store: Any = None
         self.failure: BaseException | None = None   # the first failed message's error: every later one fails
         self._last: tuple[int, int, bytes] = (JOURNAL_START_POSITION, JOURNAL_START_POSITION, b"")
@@ -254,6 +294,7 @@ class StreamPublisher:
         self._sent_sequence = 0       # the sequence the last message sent gets, if every one before is stored
         self._sent_end = JOURNAL_START_POSITION
         self._queue: asyncio.Queue | None = None    # the sending task's (loop thread only)
+        self._writing: asyncio.Lock | None = None   # held by each write: messages leave in order (loop thread only)
         self._order: collections.deque[_Message] = collections.deque()   # sent, not yet settled (loop thread only)
         self._waiting: dict[str, tuple[_Message, asyncio.TimerHandle]] = {}   # by reply token (loop thread only)
         self._token = 0
@@ -262,7 +303,8 @@ class StreamPublisher:
     def __enter__(self) -> StreamPublisher:
         self._loop.start()
         try:
-            info = self._loop.run(ensure_stream(self._loop.js, self.shard, self.replicas), REQUEST_TIMEOUT_S)
+            info = self._loop.run(ready_stream(self._loop.js, self.shard, self.replicas),
+                                  STREAM_READY_TIMEOUT_S + REQUEST_TIMEOUT_S)
             self.last_sequence = self._sent_sequence = info.state.last_seq
             self._last = self._loop.run(last_message(self._loop.js, self.stream, self.last_sequence),
                                         REQUEST_TIMEOUT_S)
@@ -392,6 +434,7 @@ class StreamPublisher:
         """The sending task, and one subscription for every ack (reply subject <inbox>.<token>, as nats-py's own
         publish_async does; its error path raises inside its callback instead of failing the publish)."""
         self._queue = asyncio.Queue()
+        self._writing = asyncio.Lock()
         self._reply_prefix = self._loop.connection.new_inbox() + "."
         await self._loop.connection.subscribe(self._reply_prefix + "*", cb=self._reply)
         asyncio.ensure_future(self._sender())
@@ -409,28 +452,65 @@ class StreamPublisher:
             if self.failure is not None:
                 self._arrived(message, None)      # never written after a failure: it fails as a later one
                 continue
-            self._token += 1
-            token = str(self._token)
-            self._waiting[token] = (message, loop.call_later(self.ack_timeout_s, self._timed_out, token))
+            message.deadline = loop.time() + self.ack_timeout_s
             message.headers[Header.EXPECTED_STREAM] = self.stream
-            try:
-                await self._loop.connection.publish(self.subject, message.data, reply=self._reply_prefix + token,
-                                                    headers=message.headers)
-            except Exception as error:
-                if self._waiting.pop(token, None) is not None:
-                    self._arrived(message, error)
+            assert self._writing is not None
+            async with self._writing:
+                await self._write(message)
+
+    async def _write(self, message: _Message) -> None:
+        """Write `message` with a new reply token, its ack due by its deadline (under self._writing: in order)."""
+        loop = asyncio.get_running_loop()
+        self._token += 1
+        token = str(self._token)
+        self._waiting[token] = (message, loop.call_later(max(0.0, message.deadline - loop.time()),
+                                                         self._timed_out, token))
+        message.sent = True
+        try:
+            await self._loop.connection.publish(self.subject, message.data, reply=self._reply_prefix + token,
+                                                headers=message.headers)
+        except Exception as error:
+            if self._waiting.pop(token, None) is not None:
+                self._arrived(message, error)
 
     async def _reply(self, reply: Any) -> None:
         entry = self._waiting.pop(reply.subject[len(self._reply_prefix):], None)
         if entry is None:
-            return                # timed out already
+            return                # timed out already, or written again since
         message, timer = entry
         timer.cancel()
+        if not reply.data and (reply.headers or {}).get(Header.STATUS) == NO_RESPONDERS_STATUS:
+            # No server took it (no stream has learned the subject yet): nothing is stored, so it is sent again
+            # while its ack timeout allows; past it, it fails as in doubt like any other.
+            if asyncio.get_running_loop().time() + NO_RESPONDERS_RETRY_S < message.deadline:
+                asyncio.ensure_future(self._write_again_from(message))
+                return
         try:
             outcome = json.loads(reply.data) if reply.data else {"error": {"description": "no stream responded"}}
         except ValueError as error:
             outcome = error
         self._arrived(message, outcome)
+
+    async def _write_again_from(self, message: _Message) -> None:
+        """Write `message` and every message written after it again, in order, after NO_RESPONDERS_RETRY_S. None of
+        those later ones can be stored (each expects the one before it stored first: the fence), so their replies
+        to the earlier writes are dropped (their tokens forgotten) and only the new writes' count."""
+        assert self._writing is not None
+        async with self._writing:
+            order = list(self._order)
+            if message not in order:
+                return            # settled meanwhile (the publisher stopping)
+            again = [later for later in order[order.index(message):] if later.sent]
+            for token, (waiting, timer) in list(self._waiting.items()):
+                if waiting in again:
+                    del self._waiting[token]
+                    timer.cancel()
+            for later in again:
+                later.arrived, later.outcome = False, None
+            self.resent += 1
+            await asyncio.sleep(NO_RESPONDERS_RETRY_S)
+            for later in again:
+                await self._write(later)
 
     def _timed_out(self, token: str) -> None:
         entry = self._waiting.pop(token, None)
