@@ -166,14 +166,15 @@ def test_sigkill_of_the_primary_lets_the_standby_take_over_with_every_acknowledg
         standby.close()
 
 
-def publish_forged(cluster: LocalCluster, shard: str, data: bytes, start: int, end: int) -> None:
-    """Publish `data` on the shard's subject as a forger would: the right headers, no fence."""
+def publish_forged(cluster: LocalCluster, shard: str, data: bytes, start: int, end: int, epoch: int) -> None:
+    """Publish `data` on the shard's subject as a forger would: the right headers (the primary's epoch), no fence."""
     async def main():
         connection = await nats.connect(servers=cluster.url.split(","))
         try:
             await connection.jetstream().publish(stream.subject(shard), data, stream=stream.stream_name(shard),
                                                  headers={names.HEADER_MESSAGE_ID: str(start),
-                                                          names.HEADER_END_POSITION: str(end)})
+                                                          names.HEADER_END_POSITION: str(end),
+                                                          names.HEADER_EPOCH: str(epoch)})
         finally:
             await connection.close()
     asyncio.run(main())
@@ -191,7 +192,8 @@ def test_a_forged_message_with_a_wrong_chain_is_refused_by_the_standby(cluster, 
             for account in (11, 12, 13):
                 forger.create_account(account)
             forged = forger.store.batch_bytes(position, forger.stats()["journal_position"])
-        publish_forged(cluster, "forged", forged, position, position + len(forged) // 64)
+        publish_forged(cluster, "forged", forged, position, position + len(forged) // 64,
+                       primary.cluster_node.epoch)
         node = standby.cluster_node
         wait_until(lambda: node.error, "the standby refuses the forged message", timeout_s=5.0)
         assert "message 4 refused" in node.error and "hash chain" in node.error, node.error   # 1: the marker

@@ -351,7 +351,7 @@ def test_parts_out_of_order_missing_or_mixed_are_refused(cluster, tmp_path, case
     else:   # a primary died between parts; the new one's marker, then its own batch there
         part(1, second[:half])
         publish_raw(cluster, shard, b"", {stream.HEADER_MESSAGE_ID: "epoch-2", stream.HEADER_END_POSITION: str(middle)})
-        publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: str(middle),
+        publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: str(middle), stream.HEADER_EPOCH: "2",
                                              stream.HEADER_END_POSITION: str(end)})
     standby = ledger.open(str(tmp_path / "standby"), create=True, durability="fsync")
     standby.store.follow()
@@ -459,3 +459,79 @@ def test_a_fresh_r3_stream_is_published_to_at_once_without_no_responders(tmp_pat
     assert resent >= FRESH_STREAM_ROUNDS    # at least once per round: while the stream was missing
     print(f"{FRESH_STREAM_ROUNDS} fresh R3 streams published to at once; {resent} writes sent again after "
           f"no responders")
+
+
+def test_batches_carry_their_primary_s_epoch_and_a_batch_below_the_last_marker_is_refused(cluster, tmp_path):
+    """Every batch message says which primary published it (Ledger-Epoch, Ledger-Node of its marker); a follower
+    refuses a batch whose epoch is below the last marker's, naming the epoch check, and applies nothing of it,
+    while a batch of the marker's epoch is applied."""
+    shard = "epochs"
+    source = ledger.open(None)
+    with stream.StreamPublisher(cluster.url, shard, replicas=1) as publisher:
+        publisher.attach(source.store)
+        assert publisher.publish_marker(3, "a") == 1
+        source.create_account(1)
+        source.create_account(2)
+        (first_start, first_end), (second_start, second_end) = batch_ranges(source)
+        publisher(first_start, first_end)
+
+    async def headers_of(sequence: int) -> dict:
+        connection = await nats.connect(cluster.url)
+        try:
+            return (await connection.jetstream().get_msg(stream.stream_name(shard), sequence)).headers
+        finally:
+            await connection.close()
+    headers = asyncio.run(headers_of(2))
+    assert headers[stream.HEADER_EPOCH] == "3" and headers[stream.HEADER_NODE] == "a"
+    # A forger's copy of the next batch with every header right but an older epoch's.
+    publish_raw(cluster, shard, source.store.batch_bytes(second_start, second_end),
+                {stream.HEADER_MESSAGE_ID: str(second_start), stream.HEADER_END_POSITION: str(second_end),
+                 stream.HEADER_EPOCH: "2", stream.HEADER_NODE: "old"})
+    standby = ledger.open(None)
+    standby.store.follow()
+    follower = stream.StreamFollower(cluster.url, shard, standby.store)
+    try:
+        with pytest.raises(ledger.LedgerReplicationError, match=r"message 3 refused by the epoch check: a batch "
+                                                                  r"of epoch 2 \(node old\) after the marker of "
+                                                                  r"epoch 3 \(node a\)"):
+            follower.follow_until(sequence=3, timeout_s=FOLLOW_TIMEOUT_S)
+        assert follower.sequence == 2 and follower.epoch == 3
+        assert standby.stats()["journal_position"] == first_end
+    finally:
+        follower.stop()
+
+
+class SlowStore:
+    """A store whose append_replicated returns a moment after it applied (its write position moved): what a
+    busy follower thread looks like to a waiter."""
+
+    def __init__(self, store, pause_s: float) -> None:
+        self.store, self.pause_s, self.engine = store, pause_s, store.engine
+
+    def append_replicated(self, data: bytes) -> int:
+        end = self.store.append_replicated(data)
+        time.sleep(self.pause_s)
+        return end
+
+
+def test_follow_until_a_position_returns_once_the_follower_says_it_applied_it(cluster, tmp_path):
+    """follow_until(position=...) waits on the follower's own counters: when it returns, `positions` and
+    `sequence` already name the message that reached the position (the store's write position moves first)."""
+    source = ledger.open(None)
+    with stream.StreamPublisher(cluster.url, "until", replicas=1) as publisher:
+        publisher.attach(source.store)
+        source.create_account(1)
+        start, end = batch_ranges(source)[0]
+        publisher(start, end)
+    standby = ledger.open(None)
+    standby.store.follow()
+    follower = stream.StreamFollower(cluster.url, "until", SlowStore(standby.store, 0.5))
+    try:
+        follower.start()
+        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+        while standby.store.engine.write_position < end and time.monotonic() < deadline:
+            time.sleep(0.005)
+        follower.follow_until(position=end, timeout_s=FOLLOW_TIMEOUT_S)    # called inside the window
+        assert follower.positions == {end: 1} and follower.sequence == 1 and follower.position == end
+    finally:
+        follower.stop()

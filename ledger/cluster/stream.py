@@ -282,6 +282,8 @@ class StreamPublisher:
         self.in_flight_max_seen = 0   # the most messages ever unacknowledged at once (tests, benchmarks)
         self.resent = 0               # writes again after "no responders" (tests)
         self.store: Any = None
+        self.epoch = 0                # of the primary publishing (its marker's), in Ledger-Epoch of every batch
+        self.node: str | None = None  # that primary's node name, in Ledger-Node
         self.failure: BaseException | None = None   # the first failed message's error: every later one fails
         self._last: tuple[int, int, bytes] = (JOURNAL_START_POSITION, JOURNAL_START_POSITION, b"")
         self._loop = LoopThread(url, options)
@@ -386,7 +388,7 @@ class StreamPublisher:
         else one per run of whole batches that fits, and a single batch too large for one message as parts
         (Ledger-Part: k/n) the follower joins again."""
         if len(data) <= MESSAGE_BYTES_MAX:
-            return [_Message(data, {HEADER_MESSAGE_ID: str(start), HEADER_END_POSITION: str(end)}, end)]
+            return [_Message(data, self._headers(str(start), end), end)]
         engine = self.store.engine
         with engine:
             headers = engine.batch_headers(start, end, end - start)
@@ -404,13 +406,25 @@ class StreamPublisher:
         it is one batch larger than a message."""
         body = data[(run_start - start) * RECORD_SIZE:(run_end - start) * RECORD_SIZE]
         if len(body) <= MESSAGE_BYTES_MAX:
-            return [_Message(body, {HEADER_MESSAGE_ID: str(run_start), HEADER_END_POSITION: str(run_end)}, run_end)]
+            return [_Message(body, self._headers(str(run_start), run_end), run_end)]
         count = -(-len(body) // MESSAGE_BYTES_MAX)
         size = -(-len(body) // count)
         return [_Message(body[index * size:(index + 1) * size],
-                         {HEADER_MESSAGE_ID: f"{run_start}.{index + 1}.{self._instance}",
-                          HEADER_END_POSITION: str(run_end), HEADER_PART: f"{index + 1}/{count}"}, run_end)
+                         self._headers(f"{run_start}.{index + 1}.{self._instance}", run_end,
+                                       f"{index + 1}/{count}"),
+                         run_end)
                 for index in range(count)]
+
+    def _headers(self, message_id: str, end: int, part: str | None = None) -> dict[str, str]:
+        """A batch message's headers: its id and end position (and part), and the publishing primary's epoch and
+        node (a follower refuses a batch of an epoch below the last marker's)."""
+        headers = {HEADER_MESSAGE_ID: message_id, HEADER_END_POSITION: str(end)}
+        if part is not None:
+            headers[HEADER_PART] = part
+        headers[HEADER_EPOCH] = str(self.epoch)
+        if self.node is not None:
+            headers[HEADER_NODE] = self.node
+        return headers
 
     def _after_failure(self, start: int) -> BaseException:
         failure = self.failure
@@ -584,6 +598,7 @@ class StreamPublisher:
                                         f"sequence {ack.seq} (duplicate {ack.duplicate}), expected "
                                         f"{self.last_sequence + 1}")
         self.last_sequence = self._sent_sequence = ack.seq
+        self.epoch, self.node = epoch, node       # every batch from now on says who published it
         return int(ack.seq)
 
     async def _publish_marker(self, headers: dict[str, str]) -> Any:
@@ -615,6 +630,7 @@ class StreamFollower:
         self.store = store
         self.error: BaseException | None = None
         self.sequence = 0             # the last stream sequence the store holds (a refused one is named in `error`)
+        self.position = store.engine.write_position   # the store's write position after the last message applied
         self.positions: dict[int, int] = {}
         self.epoch = 0                # the last epoch marker's epoch and node (0 and None before any)
         self.primary: str | None = None
@@ -643,8 +659,10 @@ class StreamFollower:
             self.start()
 
         def reached() -> bool:
+            # The follower's own counters, set together once a message is applied (the store's write position
+            # moves inside append_replicated, before `positions` and `sequence` say so).
             if position is not None:
-                return self.store.engine.write_position >= position
+                return self.position >= position
             return self.sequence >= sequence   # type: ignore[operator]
         with self._changed:
             self._changed.wait_for(lambda: self.error is not None or reached(), timeout_s)
@@ -656,9 +674,11 @@ class StreamFollower:
 
     async def _follow(self) -> None:
         try:
-            first = await self._first_sequence()
+            first, epoch = await self._start_epoch(await self._first_sequence())
             with self._changed:
                 self.sequence = max(self.sequence, first - 1)   # the messages before it: in the store already
+                self.position = self.store.engine.write_position
+                self.epoch = max(self.epoch, epoch)
                 self._changed.notify_all()
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
             subscription = await self._loop.js.subscribe(self.subject, stream=self.stream, ordered_consumer=True,
@@ -667,6 +687,7 @@ class StreamFollower:
                 message = await subscription.next_msg(timeout=None)
                 data = self._joined(message.metadata.sequence.stream, message.headers, message.data)
                 epoch = marker_epoch(message.headers)
+                self._check_epoch(message.metadata.sequence.stream, epoch, message.headers)
                 if epoch is not None:
                     self._pass_marker(message.metadata.sequence.stream, epoch, message.data, message.headers)
                 elif data is not None:
@@ -716,9 +737,21 @@ class StreamFollower:
         except LedgerReplicationError as error:
             raise LedgerReplicationError(f"stream {self.stream} message {sequence} refused: {error}") from error
         with self._changed:
-            self.sequence = sequence
+            self.sequence, self.position = sequence, end
             self.positions[end] = sequence
             self._changed.notify_all()
+
+    def _check_epoch(self, sequence: int, marker: int | None, headers: dict[str, str] | None) -> None:
+        """Refuse a message of an epoch below the last marker's (a batch's Ledger-Epoch, none counting as 0; a
+        marker's own epoch): a stale primary's batch cannot follow a newer marker, the fence refuses it, so such
+        a message was put there by something else (a forger, a publisher that skips the fence)."""
+        epoch = marker if marker is not None else header_int(headers, HEADER_EPOCH) or 0
+        if epoch < self.epoch:
+            what = "epoch marker" if marker is not None else "batch"
+            raise LedgerReplicationError(
+                f"stream {self.stream} message {sequence} refused by the epoch check: a {what} of epoch {epoch} "
+                f"(node {(headers or {}).get(HEADER_NODE)}) after the marker of epoch {self.epoch} (node "
+                f"{self.primary}); a primary's batch cannot follow a newer primary's marker past the fence")
 
     def _pass_marker(self, sequence: int, epoch: int, data: bytes, headers: dict[str, str] | None) -> None:
         """An epoch marker: nothing to apply, but it must be one (empty) and say the stream ends where this store's
@@ -757,6 +790,22 @@ class StreamFollower:
                 return middle
             low, high = (middle + 1, high) if start < position else (low, middle - 1)
         raise self._no_message(position)
+
+    async def _start_epoch(self, first: int) -> tuple[int, int]:
+        """Where to start, moved back over the epoch markers right before `first` that sit at the store's write
+        position (they are passed again, so `epoch` knows them), and the epoch of the message before that (a
+        marker's, or a batch's Ledger-Epoch: the store holds it): the epoch check's floor from the start."""
+        position = self.store.engine.write_position
+        while first > 1:
+            try:
+                headers = (await self._loop.js.get_msg(self.stream, first - 1)).headers
+            except nats.js.errors.NotFoundError:
+                return first, 0            # trimmed: nothing before to know an epoch from
+            epoch = marker_epoch(headers)
+            if epoch is None or header_int(headers, HEADER_END_POSITION) != position:
+                return first, epoch if epoch is not None else header_int(headers, HEADER_EPOCH) or 0
+            first -= 1
+        return first, 0
 
     async def _scan(self, first: int, last: int, position: int) -> int:
         for sequence in range(first, last + 1):
