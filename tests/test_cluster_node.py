@@ -289,3 +289,39 @@ def test_a_node_restarted_with_batches_the_stream_never_acknowledged_drops_them_
     finally:
         first.close()
         second.close()
+
+
+def test_a_ledger_made_before_clustering_publishes_its_journal_into_an_empty_stream(cluster, tmp_path):
+    """ledger.open(DIR, cluster=..., shard=...) on a ledger with a journal, its shard's stream empty: the node
+    publishes the journal as it takes the lease, before serving, so a new standby follows it from position 1 to
+    the same bytes; another ledger with its own history on that shard is never made primary and says why."""
+    with ledger.open(str(tmp_path / "a"), create=True) as before:
+        for account in (1, 2, 3):
+            before.create_account(account, min_balance=ledger.BALANCE_MIN if account == 1 else 0)
+        for transfer_id in range(100, 110):
+            before.transfer(transfer_id, 1, 2 + transfer_id % 2, 5)
+        made = before.stats()["journal_position"]
+    with ledger.open(str(tmp_path / "c"), create=True) as other:
+        other.create_account(7)
+    primary = ledger.open(str(tmp_path / "a"), cluster=cluster.url, shard="seeded", node="a")
+    standby = other_standby = None
+    try:
+        assert primary.cluster_node.wait_role("primary", WAIT_S), primary.cluster_node.error
+        standby = open_node(cluster, tmp_path / "b", "seeded", "b")
+        wait_until(lambda: standby.stats()["journal_position"] == made, "the standby follows from position 1")
+        assert standby.store.batch_bytes(1, made) == primary.store.batch_bytes(1, made)
+        assert primary.transfer(200, 1, 2, 7) == ledger.TransferResult.OK
+        end = primary.stats()["journal_position"]
+        wait_until(lambda: standby.stats()["journal_position"] == end, "the standby follows the new batch")
+        assert standby.account(2).credits_posted == primary.account(2).credits_posted
+        other_standby = ledger.open(str(tmp_path / "c"), cluster=cluster.url, shard="seeded", node="c")
+        node = other_standby.cluster_node
+        wait_until(lambda: node.error, "the diverged ledger says why it does not follow")
+        assert "diverged" in node.error, node.error
+        primary.close()                       # the lease released: b takes it, never c
+        assert standby.cluster_node.wait_role("primary", WAIT_S), standby.cluster_node.error
+        assert node.role == "standby"
+    finally:
+        for handle in (primary, standby, other_standby):
+            if handle is not None:
+                handle.close()

@@ -319,6 +319,12 @@ def test_large_batches_are_split_into_messages_and_parts_and_joined_again(cluste
         assert (again.last_sequence, again.end_position) == (3, end)
     follower = follow_to_the_end(cluster.url, "large", str(tmp_path / "standby"), primary, 3)
     assert follower.positions == {last: 1, end: 3}
+    # The same journal brought into an empty stream by attach(publish_journal=True): split the same way.
+    with stream.StreamPublisher(cluster.url, "large-existing", replicas=1) as existing:
+        existing.attach(primary.store, publish_journal=True)
+        assert (existing.last_sequence, existing.end_position) == (3, end)
+    follower = follow_to_the_end(cluster.url, "large-existing", str(tmp_path / "standby-existing"), primary, 3)
+    assert follower.positions == {last: 1, end: 3}
     primary.close()
 
 

@@ -53,6 +53,7 @@ LEASE_SAFETY_MARGIN_S = 0.5   # a primary acknowledges nothing once its last ren
 TAKEOVER_CATCH_UP_TIMEOUT_S = 60.0   # a new primary's wait to apply the stream to its end (it renews meanwhile)
 FENCE_ATTEMPTS_MAX = 5        # a new primary's epoch marker refused this often (the old one still appending): give up
 STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried again after this pause
+PUBLISH_EXISTING_BATCHES_MAX = 4096   # batch headers read at once while publishing a pre-cluster journal
 PUBLISH_IN_FLIGHT_MAX = 16    # messages published and not yet acknowledged, at most (a publisher's send waits)
 JOURNAL_START_POSITION = 1    # an empty journal's write position
 STREAM_READY_TIMEOUT_S = 10.0   # a new stream's wait for a Raft leader and for its subject to reach the servers

@@ -307,7 +307,10 @@ class ClusterNode:
             publisher = StreamPublisher(self.url, self.shard, self.options, replicas=self.replicas or 1)
             publisher.__enter__()
             try:
-                publisher.attach(self.store)
+                # A ledger made before its stream (the stream holds no batch) publishes its journal first, as
+                # this epoch's batches, so that standbys follow it from position 1.
+                publisher.epoch, publisher.node = epoch, self.name
+                publisher.attach(self.store, publish_journal=True)
                 publisher.publish_marker(epoch, self.name)
                 return publisher
             except LedgerNotPrimaryError as error:     # the old primary appended since: follow it again

@@ -39,6 +39,7 @@ from ledger.cluster.names import (
     MESSAGE_BYTES_MAX,
     NO_RESPONDERS_RETRY_S,
     NO_RESPONDERS_STATUS,
+    PUBLISH_EXISTING_BATCHES_MAX,
     PUBLISH_IN_FLIGHT_MAX,
     REPLICAS_DEFAULT,
     REQUEST_TIMEOUT_S,
@@ -326,10 +327,16 @@ class StreamPublisher:
                                                       f"acknowledged; it is in doubt"))
         self._order.clear()
 
-    def attach(self, store: Any) -> None:
+    def attach(self, store: Any, publish_journal: bool = False) -> None:
         """Publish from `store` (the ledger's Store); LedgerNotPrimaryError if the stream does not end at its
-        write position with the store's own last batch, byte for byte."""
+        write position with the store's own last batch, byte for byte. With publish_journal, a store ahead of a
+        stream that holds no batch (a ledger made before it was clustered) first publishes its whole journal
+        (publish_existing), so that standbys can follow from position 1."""
         position = store.engine.write_position
+        if publish_journal and position > self.end_position == JOURNAL_START_POSITION and self._last[2] == b"":
+            self.store = store
+            self.publish_existing(position)
+            return
         if position != self.end_position:
             relation = "behind" if position < self.end_position else "ahead of"
             raise LedgerNotPrimaryError(f"stream {self.stream} ends at journal position {self.end_position} "
@@ -341,6 +348,34 @@ class StreamPublisher:
                                         f"journal [{start}, {end})) is not the store's batch there: the store "
                                         f"diverged from its stream and may not publish")
         self.store = store
+
+    def publish_existing(self, end: int) -> None:
+        """Publish the attached store's journal [1, end), pipelined, in runs of whole batches of at most one
+        message each (a batch larger than a message in parts), and wait for the last ack; raises what fails
+        it (the publisher is then poisoned)."""
+        assert self.store is not None and self._sent_end == JOURNAL_START_POSITION, "from an empty stream only"
+        engine, start, future = self.store.engine, JOURNAL_START_POSITION, None
+        while start < end:
+            with engine:
+                headers = engine.batch_headers(start, end, PUBLISH_EXISTING_BATCHES_MAX)
+            run_start = start
+            for header_position, _, count in headers:
+                batch_end = header_position + 1 + count
+                if (batch_end - run_start) * RECORD_SIZE > MESSAGE_BYTES_MAX and header_position > run_start:
+                    future = self.send(run_start, header_position)
+                    run_start = header_position
+                start = batch_end
+            if not headers:
+                raise LedgerReplicationError(f"journal [{start}, {end}) holds no committed batch to publish")
+            future = self.send(run_start, start)
+        try:
+            if future is not None:
+                future.result(self.ack_timeout_s * 2 + 1.0)
+        except concurrent.futures.TimeoutError:
+            raise LedgerTimeoutError(f"stream {self.stream}: no ack for the existing journal's last range in "
+                                     f"time; it is in doubt") from None
+        logger.info("stream %s: published the existing journal [%d, %d) of a ledger made before its stream",
+                    self.stream, JOURNAL_START_POSITION, end)
 
     def __call__(self, start: int, end: int) -> None:
         """The blocking publish hook: send(start, end) and wait for its ack (raises what fails it)."""
@@ -830,4 +865,5 @@ class StreamFollower:
 
     def _no_message(self, position: int) -> LedgerReplicationError:
         return LedgerReplicationError(f"stream {self.stream} holds no message starting at journal position "
-                                      f"{position} (this standby's write position)")
+                                      f"{position} (this standby's write position): the journal diverged from "
+                                      f"the stream (another history, or another shard's) or is ahead of it")
