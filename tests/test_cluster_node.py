@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import nats
@@ -28,6 +29,7 @@ FAILOVER_TARGET_S = 5.0      # issue 14: SIGKILL of the primary to the first ack
 WAIT_S = 20.0                # the bound on any wait of these tests (a loaded machine), never reached when well
 ACKS_BEFORE_FAULT = 50       # transfers the child primary has acknowledged before it is killed or stopped
 STOP_PAST_LEASE_S = names.LEASE_TTL_S + 1.0
+B_POLLS_AFTER_S = 0.05       # the caught-up standby's poll after the held-back one's (under TAKEOVER_DEFER_MIN_S)
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +327,59 @@ def test_a_ledger_made_before_clustering_publishes_its_journal_into_an_empty_str
         for handle in (primary, standby, other_standby):
             if handle is not None:
                 handle.close()
+
+
+def test_the_most_caught_up_standby_takes_the_lapsed_lease(cluster, tmp_path):
+    """Three nodes, the standby c held back (its store applies nothing for a while): when the primary a leaves,
+    c, even polling first, lets b (further along by the node reports) take the lease, and follows it."""
+    primary = open_node(cluster, tmp_path / "a", "caught-up", "a", primary=True)
+    ahead = open_node(cluster, tmp_path / "b", "caught-up", "b")
+    behind = open_node(cluster, tmp_path / "c", "caught-up", "c")
+    gate, b_may_poll = threading.Event(), threading.Event()
+    try:
+        primary.create_account(1, min_balance=ledger.BALANCE_MIN)
+        position = primary.stats()["journal_position"]
+        wait_until(lambda: behind.stats()["journal_position"] == position, "c follows")
+        store = behind.cluster_node.store
+        apply = store.append_replicated
+        store.append_replicated = lambda data: gate.wait(WAIT_S) and apply(data)   # c is held back from here
+        for account in (2, 3, 4):
+            primary.create_account(account)
+        end = primary.stats()["journal_position"]
+        wait_until(lambda: (node_report(cluster, "caught-up", "b") or {}).get("position") == end, "b reports")
+        assert behind.stats()["journal_position"] == position
+        node = behind.cluster_node
+        b_held = threading.Event()
+
+        def hold_b() -> None:                        # b's control thread polls only once this lets go
+            with ahead.cluster_node._changing:
+                b_held.set()
+                b_may_poll.wait(WAIT_S)
+        holder = threading.Thread(target=hold_b)
+        holder.start()
+        assert b_held.wait(WAIT_S)
+        primary.close()                              # releases the lease: nobody holds it
+        releasing = threading.Timer(2.0, gate.set)   # without the deferral c would take it and wait on its gate
+        releasing.start()
+
+        def c_polls() -> None:
+            with node._changing:
+                node._poll()
+        polling = threading.Thread(target=c_polls)
+        polling.start()                              # c polls first, at once; b a moment later
+        time.sleep(B_POLLS_AFTER_S)
+        b_may_poll.set()
+        holder.join()
+        polling.join()
+        assert ahead.cluster_node.wait_role("primary", WAIT_S), ahead.cluster_node.error
+        assert node.role == "standby" and node.primary == "b", (node.role, node.primary)
+        gate.set()
+        releasing.join()
+        assert ahead.transfer(10, 1, 2, 5) == ledger.TransferResult.OK
+        final = ahead.stats()["journal_position"]
+        wait_until(lambda: behind.stats()["journal_position"] == final, "c follows b")
+    finally:
+        gate.set()
+        b_may_poll.set()
+        for handle in (primary, ahead, behind):
+            handle.close()

@@ -46,6 +46,9 @@ from ledger.cluster.names import (
     REQUEST_TIMEOUT_S,
     STEP_DOWN_RETRY_S,
     TAKEOVER_CATCH_UP_TIMEOUT_S,
+    TAKEOVER_DEFER_MAX_S,
+    TAKEOVER_DEFER_MIN_S,
+    TAKEOVER_DEFER_PER_POSITION_S,
     check_name,
     check_shard,
     node_key,
@@ -257,8 +260,53 @@ class ClusterNode:
             follower.stop()
             self._start_follower()     # a connection lost, not a refused message: follow again
             return
-        if holder is None:
+        if holder is None and not self._deferred():
             self._take_over()
+
+    def _deferred(self) -> bool:
+        """Whether another node took the lease while this one let a live standby further along go first: a
+        standby that knows (from the node reports) of one ahead of it waits a moment, longer the further behind
+        it is (TAKEOVER_DEFER_*: under a second), so that the most caught-up standby usually takes it. Only a
+        preference: whoever takes the lease applies the stream to its end before serving."""
+        assert self._lease is not None and self.store is not None
+        try:
+            lag = self._loop.run(self._behind_a_standby(self.store.engine.write_position), LEASE_TTL_S)
+        except Exception as error:   # the reports are a hint: without them, take the lease as before
+            log.info("node %s of shard %s: node reports not read (%s)", self.name, self.shard, error)
+            return False
+        if lag <= 0:
+            return False
+        delay_s = min(TAKEOVER_DEFER_MAX_S, TAKEOVER_DEFER_MIN_S + TAKEOVER_DEFER_PER_POSITION_S * lag)
+        log.info("node %s of shard %s: a standby is %d journal positions ahead; taking the lease only after "
+                 "%.2f s", self.name, self.shard, lag, delay_s)
+        if self._stopping.wait(delay_s):
+            return True
+        holder = self._loop.run(self._lease.read(), REQUEST_TIMEOUT_S)
+        self._note(holder)
+        return holder is not None
+
+    async def _behind_a_standby(self, position: int) -> int:
+        """How many journal positions the furthest-along other standby of the shard (by its last report, still
+        in the bucket: it reported within the TTL) is ahead of `position`; 0 if none is. A standby whose
+        follower refused a message is left out: it never takes the lease."""
+        assert self._lease is not None
+        watcher = await self._lease.kv.watch(f"{node_key(self.shard, self.name).rsplit('.', 1)[0]}.*",
+                                             ignore_deletes=True)
+        furthest = position
+        try:
+            async for entry in watcher:
+                if entry is None:              # the values there were when the watch began: all seen
+                    break
+                try:
+                    report = json.loads(entry.value or b"")
+                    if report.get("node") != self.name and report.get("role") == STANDBY \
+                            and "LedgerReplicationError" not in str(report.get("error")):
+                        furthest = max(furthest, int(report.get("position") or 0))
+                except (ValueError, TypeError, AttributeError):
+                    continue                   # an unreadable report: no hint
+        finally:
+            await watcher.stop()
+        return furthest - position
 
     def _note(self, holder: LeaseHolder | None) -> None:
         if holder is None:
