@@ -97,6 +97,23 @@ class PublishHook:
         return self.node.send_range(start, end)
 
 
+class FreshFuture(concurrent.futures.Future):
+    """The Future of a pipelined publish (ClusterNode.send_range): resolved when the ack arrives (the lease checked
+    then), and result() checks the lease once more on the thread that waits for it, before that caller is
+    answered: a process paused between the ack's arrival and the caller's wake-up must not answer after its
+    lease may have lapsed (as the plain hook checks after the ack, on the caller's thread)."""
+
+    def __init__(self, node: ClusterNode, start: int, end: int) -> None:
+        super().__init__()
+        self.node, self.start, self.end = node, start, end
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The ack, if the lease is still certainly held now; LedgerNotPrimaryError (and a step-down) if not."""
+        value = super().result(timeout)
+        self.node._check_fresh(self.start, self.end)
+        return value
+
+
 class ClusterNode:
     """One node of shard `shard` on the NATS servers `url` (comma-separated; `options`: authentication and TLS),
     its ledger in directory `path` (created with create=True; `open_options`: ledger.open's clock,
@@ -515,7 +532,7 @@ class ClusterNode:
             self._raise_trouble(f"journal [{start}, {end}) committed while not the primary")
             raise self._refusal()
         self._check_fresh(start, end)
-        checked: concurrent.futures.Future = concurrent.futures.Future()
+        checked: concurrent.futures.Future = FreshFuture(self, start, end)
         send = getattr(publisher, "send", None)
         if send is None:
             self.publish_range(start, end)
