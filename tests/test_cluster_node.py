@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import nats
@@ -28,6 +29,7 @@ FAILOVER_TARGET_S = 5.0      # issue 14: SIGKILL of the primary to the first ack
 WAIT_S = 20.0                # the bound on any wait of these tests (a loaded machine), never reached when well
 ACKS_BEFORE_FAULT = 50       # transfers the child primary has acknowledged before it is killed or stopped
 STOP_PAST_LEASE_S = names.LEASE_TTL_S + 1.0
+B_POLLS_AFTER_S = 0.05       # the caught-up standby's poll after the held-back one's (under TAKEOVER_DEFER_MIN_S)
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +168,15 @@ def test_sigkill_of_the_primary_lets_the_standby_take_over_with_every_acknowledg
         standby.close()
 
 
-def publish_forged(cluster: LocalCluster, shard: str, data: bytes, start: int, end: int) -> None:
-    """Publish `data` on the shard's subject as a forger would: the right headers, no fence."""
+def publish_forged(cluster: LocalCluster, shard: str, data: bytes, start: int, end: int, epoch: int) -> None:
+    """Publish `data` on the shard's subject as a forger would: the right headers (the primary's epoch), no fence."""
     async def main():
         connection = await nats.connect(servers=cluster.url.split(","))
         try:
             await connection.jetstream().publish(stream.subject(shard), data, stream=stream.stream_name(shard),
                                                  headers={names.HEADER_MESSAGE_ID: str(start),
-                                                          names.HEADER_END_POSITION: str(end)})
+                                                          names.HEADER_END_POSITION: str(end),
+                                                          names.HEADER_EPOCH: str(epoch)})
         finally:
             await connection.close()
     asyncio.run(main())
@@ -191,7 +194,8 @@ def test_a_forged_message_with_a_wrong_chain_is_refused_by_the_standby(cluster, 
             for account in (11, 12, 13):
                 forger.create_account(account)
             forged = forger.store.batch_bytes(position, forger.stats()["journal_position"])
-        publish_forged(cluster, "forged", forged, position, position + len(forged) // 64)
+        publish_forged(cluster, "forged", forged, position, position + len(forged) // 64,
+                       primary.cluster_node.epoch)
         node = standby.cluster_node
         wait_until(lambda: node.error, "the standby refuses the forged message", timeout_s=5.0)
         assert "message 4 refused" in node.error and "hash chain" in node.error, node.error   # 1: the marker
@@ -289,3 +293,95 @@ def test_a_node_restarted_with_batches_the_stream_never_acknowledged_drops_them_
     finally:
         first.close()
         second.close()
+
+
+def test_a_ledger_made_before_clustering_publishes_its_journal_into_an_empty_stream(cluster, tmp_path):
+    """ledger.open(DIR, cluster=..., shard=...) on a ledger with a journal, its shard's stream empty: the node
+    publishes the journal as it takes the lease, before serving, so a new standby follows it from position 1 to
+    the same bytes; another ledger with its own history on that shard is never made primary and says why."""
+    with ledger.open(str(tmp_path / "a"), create=True) as before:
+        for account in (1, 2, 3):
+            before.create_account(account, min_balance=ledger.BALANCE_MIN if account == 1 else 0)
+        for transfer_id in range(100, 110):
+            before.transfer(transfer_id, 1, 2 + transfer_id % 2, 5)
+        made = before.stats()["journal_position"]
+    with ledger.open(str(tmp_path / "c"), create=True) as other:
+        other.create_account(7)
+    primary = ledger.open(str(tmp_path / "a"), cluster=cluster.url, shard="seeded", node="a")
+    standby = other_standby = None
+    try:
+        assert primary.cluster_node.wait_role("primary", WAIT_S), primary.cluster_node.error
+        standby = open_node(cluster, tmp_path / "b", "seeded", "b")
+        wait_until(lambda: standby.stats()["journal_position"] == made, "the standby follows from position 1")
+        assert standby.store.batch_bytes(1, made) == primary.store.batch_bytes(1, made)
+        assert primary.transfer(200, 1, 2, 7) == ledger.TransferResult.OK
+        end = primary.stats()["journal_position"]
+        wait_until(lambda: standby.stats()["journal_position"] == end, "the standby follows the new batch")
+        assert standby.account(2).credits_posted == primary.account(2).credits_posted
+        other_standby = ledger.open(str(tmp_path / "c"), cluster=cluster.url, shard="seeded", node="c")
+        node = other_standby.cluster_node
+        wait_until(lambda: node.error, "the diverged ledger says why it does not follow")
+        assert "diverged" in node.error, node.error
+        primary.close()                       # the lease released: b takes it, never c
+        assert standby.cluster_node.wait_role("primary", WAIT_S), standby.cluster_node.error
+        assert node.role == "standby"
+    finally:
+        for handle in (primary, standby, other_standby):
+            if handle is not None:
+                handle.close()
+
+
+def test_the_most_caught_up_standby_takes_the_lapsed_lease(cluster, tmp_path):
+    """Three nodes, the standby c held back (its store applies nothing for a while): when the primary a leaves,
+    c, even polling first, lets b (further along by the node reports) take the lease, and follows it."""
+    primary = open_node(cluster, tmp_path / "a", "caught-up", "a", primary=True)
+    ahead = open_node(cluster, tmp_path / "b", "caught-up", "b")
+    behind = open_node(cluster, tmp_path / "c", "caught-up", "c")
+    gate, b_may_poll = threading.Event(), threading.Event()
+    try:
+        primary.create_account(1, min_balance=ledger.BALANCE_MIN)
+        position = primary.stats()["journal_position"]
+        wait_until(lambda: behind.stats()["journal_position"] == position, "c follows")
+        store = behind.cluster_node.store
+        apply = store.append_replicated
+        store.append_replicated = lambda data: gate.wait(WAIT_S) and apply(data)   # c is held back from here
+        for account in (2, 3, 4):
+            primary.create_account(account)
+        end = primary.stats()["journal_position"]
+        wait_until(lambda: (node_report(cluster, "caught-up", "b") or {}).get("position") == end, "b reports")
+        assert behind.stats()["journal_position"] == position
+        node = behind.cluster_node
+        b_held = threading.Event()
+
+        def hold_b() -> None:                        # b's control thread polls only once this lets go
+            with ahead.cluster_node._changing:
+                b_held.set()
+                b_may_poll.wait(WAIT_S)
+        holder = threading.Thread(target=hold_b)
+        holder.start()
+        assert b_held.wait(WAIT_S)
+        primary.close()                              # releases the lease: nobody holds it
+        releasing = threading.Timer(2.0, gate.set)   # without the deferral c would take it and wait on its gate
+        releasing.start()
+
+        def c_polls() -> None:
+            with node._changing:
+                node._poll()
+        polling = threading.Thread(target=c_polls)
+        polling.start()                              # c polls first, at once; b a moment later
+        time.sleep(B_POLLS_AFTER_S)
+        b_may_poll.set()
+        holder.join()
+        polling.join()
+        assert ahead.cluster_node.wait_role("primary", WAIT_S), ahead.cluster_node.error
+        assert node.role == "standby" and node.primary == "b", (node.role, node.primary)
+        gate.set()
+        releasing.join()
+        assert ahead.transfer(10, 1, 2, 5) == ledger.TransferResult.OK
+        final = ahead.stats()["journal_position"]
+        wait_until(lambda: behind.stats()["journal_position"] == final, "c follows b")
+    finally:
+        gate.set()
+        b_may_poll.set()
+        for handle in (primary, ahead, behind):
+            handle.close()

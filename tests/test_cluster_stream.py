@@ -319,6 +319,12 @@ def test_large_batches_are_split_into_messages_and_parts_and_joined_again(cluste
         assert (again.last_sequence, again.end_position) == (3, end)
     follower = follow_to_the_end(cluster.url, "large", str(tmp_path / "standby"), primary, 3)
     assert follower.positions == {last: 1, end: 3}
+    # The same journal brought into an empty stream by attach(publish_journal=True): split the same way.
+    with stream.StreamPublisher(cluster.url, "large-existing", replicas=1) as existing:
+        existing.attach(primary.store, publish_journal=True)
+        assert (existing.last_sequence, existing.end_position) == (3, end)
+    follower = follow_to_the_end(cluster.url, "large-existing", str(tmp_path / "standby-existing"), primary, 3)
+    assert follower.positions == {last: 1, end: 3}
     primary.close()
 
 
@@ -351,7 +357,7 @@ def test_parts_out_of_order_missing_or_mixed_are_refused(cluster, tmp_path, case
     else:   # a primary died between parts; the new one's marker, then its own batch there
         part(1, second[:half])
         publish_raw(cluster, shard, b"", {stream.HEADER_MESSAGE_ID: "epoch-2", stream.HEADER_END_POSITION: str(middle)})
-        publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: str(middle),
+        publish_raw(cluster, shard, second, {stream.HEADER_MESSAGE_ID: str(middle), stream.HEADER_EPOCH: "2",
                                              stream.HEADER_END_POSITION: str(end)})
     standby = ledger.open(str(tmp_path / "standby"), create=True, durability="fsync")
     standby.store.follow()
@@ -410,3 +416,128 @@ def test_r3_pipelined_publishing_beats_one_round_trip_per_batch(tmp_path, capsys
               f"{stream.PUBLISH_IN_FLIGHT_MAX} in flight, {rates['one-at-a-time']:.0f} batches/s one at a time")
     assert rates["pipelined"] > rates["one-at-a-time"]
 
+
+
+FRESH_STREAM_ROUNDS = 8
+RECREATE_AFTER_S = 0.3          # the stream missing this long under a live publisher: well within its ack timeout
+
+
+def test_a_fresh_r3_stream_is_published_to_at_once_without_no_responders(tmp_path):
+    """A new R3 stream is created through one server and published to at once through another, many times: the
+    publisher waits in __enter__ until the stream answers through its own connection (ready_stream), and a publish
+    that still meets "no responders" (here: the stream deleted under a live publisher, made again 0.3 s later) is
+    sent again within its ack timeout instead of poisoning the publisher."""
+    resent = 0
+
+    async def create(url: str, shard: str) -> None:
+        connection = await nats.connect(url)
+        try:
+            await connection.jetstream().add_stream(name=stream.stream_name(shard), subjects=[stream.subject(shard)],
+                                                    num_replicas=3, storage=nats.js.api.StorageType.FILE)
+        finally:
+            await connection.close()
+
+    async def delete(url: str, shard: str) -> None:
+        connection = await nats.connect(url)
+        try:
+            await connection.jetstream().delete_stream(stream.stream_name(shard))
+        finally:
+            await connection.close()
+    with LocalCluster(tmp_path / "nats", nodes=3, port=0) as three:
+        for round_ in range(FRESH_STREAM_ROUNDS):
+            shard = f"fresh-{round_}"
+            asyncio.run(create(three.urls[0], shard))
+            with stream.StreamPublisher(three.urls[-1], shard, replicas=3) as publisher:
+                primary = ledger.open(None)
+                publisher.attach(primary.store)      # empty, as the stream: its batches are published by hand
+                accounts_one_batch_each(primary, 2)
+                (first_start, first_end), (second_start, second_end) = batch_ranges(primary)
+                assert publisher.send(first_start, first_end).result(FOLLOW_TIMEOUT_S).seq == 1
+                asyncio.run(delete(three.urls[0], shard))      # nobody takes the subject for a while
+                publisher.last_sequence = publisher._sent_sequence = 0   # as a publisher of the new stream
+                later = threading.Timer(RECREATE_AFTER_S, lambda: asyncio.run(create(three.urls[0], shard)))
+                later.start()
+                try:
+                    assert publisher.send(second_start, second_end).result(FOLLOW_TIMEOUT_S).seq == 1
+                finally:
+                    later.join()
+                resent += getattr(publisher, "resent", 0)
+    assert resent >= FRESH_STREAM_ROUNDS    # at least once per round: while the stream was missing
+    print(f"{FRESH_STREAM_ROUNDS} fresh R3 streams published to at once; {resent} writes sent again after "
+          f"no responders")
+
+
+def test_batches_carry_their_primary_s_epoch_and_a_batch_below_the_last_marker_is_refused(cluster, tmp_path):
+    """Every batch message says which primary published it (Ledger-Epoch, Ledger-Node of its marker); a follower
+    refuses a batch whose epoch is below the last marker's, naming the epoch check, and applies nothing of it,
+    while a batch of the marker's epoch is applied."""
+    shard = "epochs"
+    source = ledger.open(None)
+    with stream.StreamPublisher(cluster.url, shard, replicas=1) as publisher:
+        publisher.attach(source.store)
+        assert publisher.publish_marker(3, "a") == 1
+        source.create_account(1)
+        source.create_account(2)
+        (first_start, first_end), (second_start, second_end) = batch_ranges(source)
+        publisher(first_start, first_end)
+
+    async def headers_of(sequence: int) -> dict:
+        connection = await nats.connect(cluster.url)
+        try:
+            return (await connection.jetstream().get_msg(stream.stream_name(shard), sequence)).headers
+        finally:
+            await connection.close()
+    headers = asyncio.run(headers_of(2))
+    assert headers[stream.HEADER_EPOCH] == "3" and headers[stream.HEADER_NODE] == "a"
+    # A forger's copy of the next batch with every header right but an older epoch's.
+    publish_raw(cluster, shard, source.store.batch_bytes(second_start, second_end),
+                {stream.HEADER_MESSAGE_ID: str(second_start), stream.HEADER_END_POSITION: str(second_end),
+                 stream.HEADER_EPOCH: "2", stream.HEADER_NODE: "old"})
+    standby = ledger.open(None)
+    standby.store.follow()
+    follower = stream.StreamFollower(cluster.url, shard, standby.store)
+    try:
+        with pytest.raises(ledger.LedgerReplicationError, match=r"message 3 refused by the epoch check: a batch "
+                                                                  r"of epoch 2 \(node old\) after the marker of "
+                                                                  r"epoch 3 \(node a\)"):
+            follower.follow_until(sequence=3, timeout_s=FOLLOW_TIMEOUT_S)
+        assert follower.sequence == 2 and follower.epoch == 3
+        assert standby.stats()["journal_position"] == first_end
+    finally:
+        follower.stop()
+
+
+class SlowStore:
+    """A store whose append_replicated returns a moment after it applied (its write position moved): what a
+    busy follower thread looks like to a waiter."""
+
+    def __init__(self, store, pause_s: float) -> None:
+        self.store, self.pause_s, self.engine = store, pause_s, store.engine
+
+    def append_replicated(self, data: bytes) -> int:
+        end = self.store.append_replicated(data)
+        time.sleep(self.pause_s)
+        return end
+
+
+def test_follow_until_a_position_returns_once_the_follower_says_it_applied_it(cluster, tmp_path):
+    """follow_until(position=...) waits on the follower's own counters: when it returns, `positions` and
+    `sequence` already name the message that reached the position (the store's write position moves first)."""
+    source = ledger.open(None)
+    with stream.StreamPublisher(cluster.url, "until", replicas=1) as publisher:
+        publisher.attach(source.store)
+        source.create_account(1)
+        start, end = batch_ranges(source)[0]
+        publisher(start, end)
+    standby = ledger.open(None)
+    standby.store.follow()
+    follower = stream.StreamFollower(cluster.url, "until", SlowStore(standby.store, 0.5))
+    try:
+        follower.start()
+        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+        while standby.store.engine.write_position < end and time.monotonic() < deadline:
+            time.sleep(0.005)
+        follower.follow_until(position=end, timeout_s=FOLLOW_TIMEOUT_S)    # called inside the window
+        assert follower.positions == {end: 1} and follower.sequence == 1 and follower.position == end
+    finally:
+        follower.stop()

@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import nats
-import nats.errors
-import nats.js.errors
 import numpy as np
 
 import ledger
@@ -39,7 +37,6 @@ ACCOUNTS = 1_000
 SETTLEMENT = 1                    # funds every transfer (no limit), so none is rejected and every row is work
 FIRST_ACCOUNT = 2
 REPLICAS = 3
-STREAM_RETRY_INTERVAL_S = 0.25   # between attempts to create the probe's stream on a cluster just started
 PROBE_TIME_LIMIT_S = 60.0         # a probe stops after this much even if messages remain (a slow disk)
 
 
@@ -72,65 +69,19 @@ def percentiles_us(seconds: list[float]) -> tuple[float | None, float | None]:
 
 # -- the raw JetStream probe --
 
-async def _ensure_stream(js: Any, shard: str) -> Any:
-    """Shard `shard`'s stream, created R3 if missing, once it has a Raft leader. Right after an R3 stream is
-    created (or a cluster started) its group may still be electing: a publish then finds no responder. A timeout,
-    a 503 or no leader yet is retried until REQUEST_TIMEOUT_S has passed, then raised."""
-    deadline = time.monotonic() + names.REQUEST_TIMEOUT_S
-    while True:
-        try:
-            info = await stream.ensure_stream(js, shard, REPLICAS)
-            if info.cluster is None or info.cluster.leader is not None:
-                return info
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
-            if time.monotonic() >= deadline:
-                raise
-        if time.monotonic() >= deadline:
-            raise ledger.LedgerTimeoutError(f"stream {stream.stream_name(shard)}: no Raft leader within "
-                                            f"{names.REQUEST_TIMEOUT_S} s")
-        await asyncio.sleep(STREAM_RETRY_INTERVAL_S)
-
-
-async def _wait_for_interest(server_url: str, shard: str) -> None:
-    """Wait until the server at `server_url` routes a publish on the shard's subject to its stream: interest in
-    a new stream's subject reaches the other servers of a cluster a moment after the stream has a leader, and a
-    publish before that gets "no responders". The test publish carries an impossible expected last sequence, so
-    the stream answers with the fence's error and stores nothing."""
-    connection = await nats.connect(server_url, connect_timeout=names.CONNECT_TIMEOUT_S)
-    deadline = time.monotonic() + names.REQUEST_TIMEOUT_S
-    try:
-        js = connection.jetstream(timeout=names.REQUEST_TIMEOUT_S)
-        while True:
-            try:
-                await js.publish(stream.subject(shard), b"", stream=stream.stream_name(shard),
-                                 headers={names.HEADER_EXPECTED_LAST_SEQUENCE: str(2**62)})
-                raise AssertionError("a publish with an impossible expected last sequence was stored")
-            except nats.js.errors.APIError as error:
-                if error.err_code == names.WRONG_LAST_SEQUENCE_ERROR_CODE:
-                    return
-                raise
-            except nats.js.errors.NoStreamResponseError:
-                if time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(STREAM_RETRY_INTERVAL_S)
-    finally:
-        await connection.close()
-
-
 def prepare_stream(url: str, shard: str) -> None:
-    """Create shard `shard`'s R3 stream, wait until it has a leader (see _ensure_stream) and until every server
-    of `url` routes publishes to it, before a publisher that would otherwise find no responder."""
-    servers = [server.url for server in parse_urls(url)]
-
-    async def main() -> None:
-        connection = await nats.connect(**connect_arguments(url), connect_timeout=names.CONNECT_TIMEOUT_S)
+    """Create shard `shard`'s R3 stream and wait until every server of `url` routes a publish to it
+    (ledger.cluster.stream.ready_stream through a connection to each): a new stream's leader is elected and its
+    subject learned by the other servers a moment after it is created, and a publish before that finds no
+    responder."""
+    async def main(server: str) -> None:
+        connection = await nats.connect(**connect_arguments(server), connect_timeout=names.CONNECT_TIMEOUT_S)
         try:
-            await _ensure_stream(connection.jetstream(timeout=names.REQUEST_TIMEOUT_S), shard)
+            await stream.ready_stream(connection.jetstream(timeout=names.REQUEST_TIMEOUT_S), shard, REPLICAS)
         finally:
             await connection.close()
-        for server in servers:
-            await _wait_for_interest(server, shard)
-    asyncio.run(main())
+    for server in parse_urls(url):
+        asyncio.run(main(server.url))
 
 
 async def _probe(url: str, shard: str, message_bytes: int, messages: int, in_flight: int,
@@ -138,7 +89,7 @@ async def _probe(url: str, shard: str, message_bytes: int, messages: int, in_fli
     connection = await nats.connect(**connect_arguments(url), connect_timeout=names.CONNECT_TIMEOUT_S)
     try:
         js = connection.jetstream(timeout=names.REQUEST_TIMEOUT_S)
-        info = await _ensure_stream(js, shard)
+        info = await stream.ready_stream(js, shard, REPLICAS)
         data = os.urandom(message_bytes)
         last_sequence, position, began = info.state.last_seq, 1, time.perf_counter()
         latencies: list[float] = []

@@ -37,6 +37,7 @@ HEADER_NODE = "Ledger-Node"                        # the node that published the
 # the follower joins them before it applies the batch, and drops an incomplete run at an epoch marker.
 HEADER_PART = "Ledger-Part"
 WRONG_LAST_SEQUENCE_ERROR_CODE = 10071             # JetStream's "wrong last sequence"
+NO_RESPONDERS_STATUS = "503"                       # NATS's reply status to a publish no subscriber received
 
 # -- limits and timings, every one of the cluster in this one place --
 REPLICAS_DEFAULT = 3
@@ -52,6 +53,7 @@ LEASE_SAFETY_MARGIN_S = 0.5   # a primary acknowledges nothing once its last ren
 TAKEOVER_CATCH_UP_TIMEOUT_S = 60.0   # a new primary's wait to apply the stream to its end (it renews meanwhile)
 FENCE_ATTEMPTS_MAX = 5        # a new primary's epoch marker refused this often (the old one still appending): give up
 STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried again after this pause
+PUBLISH_EXISTING_BATCHES_MAX = 4096   # batch headers read at once while publishing a pre-cluster journal
 PUBLISH_IN_FLIGHT_MAX = 16    # messages published and not yet acknowledged, at most (a publisher's send waits)
 JOURNAL_START_POSITION = 1    # an empty journal's write position
 SNAPSHOTS_KEPT = 3            # snapshots kept in a shard's bucket: the stream is trimmed below the oldest of them
@@ -60,6 +62,12 @@ HEADER_SNAPSHOT_POSITION = "Ledger-Snapshot-Position"   # an uploaded snapshot's
 # An uploaded snapshot's oldest still-pending transfer: the journal position of its event (object header; absent
 # when none is pending). The stream is kept from the batch holding it, and a rejoin writes those batches back.
 HEADER_PENDING_POSITION = "Ledger-Pending-Position"
+STREAM_READY_TIMEOUT_S = 10.0   # a new stream's wait for a Raft leader and for its subject to reach the servers
+STREAM_READY_RETRY_S = 0.05     # between looks at a stream not ready yet (no leader, no responders)
+NO_RESPONDERS_RETRY_S = 0.05    # a publish nobody received (no stream took the subject yet) is sent again after
+TAKEOVER_DEFER_MIN_S = 0.4      # a standby behind a live one waits this long before taking a lapsed lease ...
+TAKEOVER_DEFER_PER_POSITION_S = 0.0001   # ... plus this per journal position it is behind ...
+TAKEOVER_DEFER_MAX_S = 0.75     # ... at most: well under a second, and only ever a preference
 # The largest message: the servers' max_payload less room for the headers.
 MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
 

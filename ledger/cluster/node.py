@@ -54,6 +54,9 @@ from ledger.cluster.names import (
     SNAPSHOTS_KEPT,
     STEP_DOWN_RETRY_S,
     TAKEOVER_CATCH_UP_TIMEOUT_S,
+    TAKEOVER_DEFER_MAX_S,
+    TAKEOVER_DEFER_MIN_S,
+    TAKEOVER_DEFER_PER_POSITION_S,
     check_name,
     check_shard,
     node_key,
@@ -100,6 +103,23 @@ class PublishHook:
     def send(self, start: int, end: int) -> concurrent.futures.Future:
         """Publish journal [start, end); a Future resolved once acknowledged (and the lease still holds)."""
         return self.node.send_range(start, end)
+
+
+class FreshFuture(concurrent.futures.Future):
+    """The Future of a pipelined publish (ClusterNode.send_range): resolved when the ack arrives (the lease checked
+    then), and result() checks the lease once more on the thread that waits for it, before that caller is
+    answered: a process paused between the ack's arrival and the caller's wake-up must not answer after its
+    lease may have lapsed (as the plain hook checks after the ack, on the caller's thread)."""
+
+    def __init__(self, node: ClusterNode, start: int, end: int) -> None:
+        super().__init__()
+        self.node, self.start, self.end = node, start, end
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The ack, if the lease is still certainly held now; LedgerNotPrimaryError (and a step-down) if not."""
+        value = super().result(timeout)
+        self.node._check_fresh(self.start, self.end)
+        return value
 
 
 class ClusterNode:
@@ -276,8 +296,53 @@ class ClusterNode:
             follower.stop()
             self._start_follower()     # a connection lost, not a refused message: follow again
             return
-        if holder is None:
+        if holder is None and not self._deferred():
             self._take_over()
+
+    def _deferred(self) -> bool:
+        """Whether another node took the lease while this one let a live standby further along go first: a
+        standby that knows (from the node reports) of one ahead of it waits a moment, longer the further behind
+        it is (TAKEOVER_DEFER_*: under a second), so that the most caught-up standby usually takes it. Only a
+        preference: whoever takes the lease applies the stream to its end before serving."""
+        assert self._lease is not None and self.store is not None
+        try:
+            lag = self._loop.run(self._behind_a_standby(self.store.engine.write_position), LEASE_TTL_S)
+        except Exception as error:   # the reports are a hint: without them, take the lease as before
+            log.info("node %s of shard %s: node reports not read (%s)", self.name, self.shard, error)
+            return False
+        if lag <= 0:
+            return False
+        delay_s = min(TAKEOVER_DEFER_MAX_S, TAKEOVER_DEFER_MIN_S + TAKEOVER_DEFER_PER_POSITION_S * lag)
+        log.info("node %s of shard %s: a standby is %d journal positions ahead; taking the lease only after "
+                 "%.2f s", self.name, self.shard, lag, delay_s)
+        if self._stopping.wait(delay_s):
+            return True
+        holder = self._loop.run(self._lease.read(), REQUEST_TIMEOUT_S)
+        self._note(holder)
+        return holder is not None
+
+    async def _behind_a_standby(self, position: int) -> int:
+        """How many journal positions the furthest-along other standby of the shard (by its last report, still
+        in the bucket: it reported within the TTL) is ahead of `position`; 0 if none is. A standby whose
+        follower refused a message is left out: it never takes the lease."""
+        assert self._lease is not None
+        watcher = await self._lease.kv.watch(f"{node_key(self.shard, self.name).rsplit('.', 1)[0]}.*",
+                                             ignore_deletes=True)
+        furthest = position
+        try:
+            async for entry in watcher:
+                if entry is None:              # the values there were when the watch began: all seen
+                    break
+                try:
+                    report = json.loads(entry.value or b"")
+                    if report.get("node") != self.name and report.get("role") == STANDBY \
+                            and "LedgerReplicationError" not in str(report.get("error")):
+                        furthest = max(furthest, int(report.get("position") or 0))
+                except (ValueError, TypeError, AttributeError):
+                    continue                   # an unreadable report: no hint
+        finally:
+            await watcher.stop()
+        return furthest - position
 
     def _note(self, holder: LeaseHolder | None) -> None:
         if holder is None:
@@ -326,7 +391,10 @@ class ClusterNode:
             publisher = StreamPublisher(self.url, self.shard, self.options, replicas=self.replicas or 1)
             publisher.__enter__()
             try:
-                publisher.attach(self.store)
+                # A ledger made before its stream (the stream holds no batch) publishes its journal first, as
+                # this epoch's batches, so that standbys follow it from position 1.
+                publisher.epoch, publisher.node = epoch, self.name
+                publisher.attach(self.store, publish_journal=True)
                 publisher.publish_marker(epoch, self.name)
                 return publisher
             except LedgerNotPrimaryError as error:     # the old primary appended since: follow it again
@@ -554,7 +622,7 @@ class ClusterNode:
             self._raise_trouble(f"journal [{start}, {end}) committed while not the primary")
             raise self._refusal()
         self._check_fresh(start, end)
-        checked: concurrent.futures.Future = concurrent.futures.Future()
+        checked: concurrent.futures.Future = FreshFuture(self, start, end)
         send = getattr(publisher, "send", None)
         if send is None:
             self.publish_range(start, end)

@@ -37,9 +37,14 @@ from ledger.cluster.names import (
     JOURNAL_START_POSITION,
     MARKER_ID_PREFIX,
     MESSAGE_BYTES_MAX,
+    NO_RESPONDERS_RETRY_S,
+    NO_RESPONDERS_STATUS,
+    PUBLISH_EXISTING_BATCHES_MAX,
     PUBLISH_IN_FLIGHT_MAX,
     REPLICAS_DEFAULT,
     REQUEST_TIMEOUT_S,
+    STREAM_READY_RETRY_S,
+    STREAM_READY_TIMEOUT_S,
     WRONG_LAST_SEQUENCE_ERROR_CODE,
     check_shard,
     stream_name,
@@ -52,7 +57,7 @@ from ledger.format import RECORD_SIZE
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoopThread", "StreamFollower", "StreamPublisher", "check_shard", "ensure_stream", "header_int",
-           "last_message", "marker_epoch", "message_start", "stream_name", "subject"]
+           "last_message", "marker_epoch", "message_start", "ready_stream", "stream_name", "subject"]
 
 
 async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -> Any:
@@ -68,6 +73,39 @@ async def ensure_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT) -
         return await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         return await js.add_stream(config)
+
+
+async def ready_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT,
+                       timeout_s: float = STREAM_READY_TIMEOUT_S) -> Any:
+    """ensure_stream, then wait until the stream answers a publish through this connection; its StreamInfo.
+    Right after an R3 stream is created its Raft group may still be electing (a timeout, a 503, no leader), and
+    once it has a leader the servers may not have learned yet that it takes the subject: a publish then gets "no
+    responders". The probe publish expects an impossible last sequence, so the stream refuses it by its fence
+    and stores nothing. LedgerTimeoutError past timeout_s, naming what was missing."""
+    loop = asyncio.get_running_loop()
+    deadline, missing = loop.time() + timeout_s, "an answer"
+    while loop.time() < deadline:
+        try:
+            info = await ensure_stream(js, shard, replicas)
+            if info.cluster is not None and info.cluster.leader is None:
+                missing = "a Raft leader"
+            else:
+                await js.publish(subject(shard), b"", stream=stream_name(shard), timeout=REQUEST_TIMEOUT_S,
+                                 headers={HEADER_EXPECTED_LAST_SEQUENCE: str(2**62)})
+                raise LedgerReplicationError(f"stream {stream_name(shard)} stored a publish expecting last "
+                                             f"sequence 2**62: it does not check the fence")
+        except nats.js.errors.APIError as error:
+            if error.err_code == WRONG_LAST_SEQUENCE_ERROR_CODE:
+                return await js.stream_info(stream_name(shard))
+            if not isinstance(error, nats.js.errors.ServiceUnavailableError):
+                raise
+            missing = "a Raft leader"
+        except nats.js.errors.NoStreamResponseError:
+            missing = "responders on its subject"
+        except nats.errors.TimeoutError:
+            missing = "an answer"
+        await asyncio.sleep(STREAM_READY_RETRY_S)
+    raise LedgerTimeoutError(f"stream {stream_name(shard)}: not ready within {timeout_s} s (no {missing})")
 
 
 def message_start(headers: dict[str, str] | None) -> int | None:
@@ -204,7 +242,7 @@ class _Message:
     """One message a publisher sent: its bytes and headers, the sequence its fence expects last, the journal
     position its range ends at, the Future to resolve once it is settled (the last message of a send), and its
     outcome once its ack (or error) arrived."""
-    __slots__ = ("data", "headers", "expected", "end", "future", "arrived", "outcome")
+    __slots__ = ("data", "headers", "expected", "end", "future", "arrived", "outcome", "sent", "deadline")
 
     def __init__(self, data: bytes, headers: dict[str, str], end: int) -> None:
         self.data = data
@@ -214,6 +252,8 @@ class _Message:
         self.future: concurrent.futures.Future | None = None
         self.arrived = False
         self.outcome: Any = None
+        self.sent = False        # written once at least (a resend after "no responders" writes it again)
+        self.deadline = 0.0      # the loop's time by which its ack must arrive (its first write + the ack timeout)
 
 
 class StreamPublisher:
@@ -241,7 +281,10 @@ class StreamPublisher:
         self.last_sequence = 0        # the last sequence acknowledged
         self.end_position = JOURNAL_START_POSITION   # the journal position acknowledged messages reach
         self.in_flight_max_seen = 0   # the most messages ever unacknowledged at once (tests, benchmarks)
+        self.resent = 0               # writes again after "no responders" (tests)
         self.store: Any = None
+        self.epoch = 0                # of the primary publishing (its marker's), in Ledger-Epoch of every batch
+        self.node: str | None = None  # that primary's node name, in Ledger-Node
         self.failure: BaseException | None = None   # the first failed message's error: every later one fails
         self._last: tuple[int, int, bytes] = (JOURNAL_START_POSITION, JOURNAL_START_POSITION, b"")
         self._loop = LoopThread(url, options)
@@ -254,6 +297,7 @@ class StreamPublisher:
         self._sent_sequence = 0       # the sequence the last message sent gets, if every one before is stored
         self._sent_end = JOURNAL_START_POSITION
         self._queue: asyncio.Queue | None = None    # the sending task's (loop thread only)
+        self._writing: asyncio.Lock | None = None   # held by each write: messages leave in order (loop thread only)
         self._order: collections.deque[_Message] = collections.deque()   # sent, not yet settled (loop thread only)
         self._waiting: dict[str, tuple[_Message, asyncio.TimerHandle]] = {}   # by reply token (loop thread only)
         self._token = 0
@@ -262,7 +306,8 @@ class StreamPublisher:
     def __enter__(self) -> StreamPublisher:
         self._loop.start()
         try:
-            info = self._loop.run(ensure_stream(self._loop.js, self.shard, self.replicas), REQUEST_TIMEOUT_S)
+            info = self._loop.run(ready_stream(self._loop.js, self.shard, self.replicas),
+                                  STREAM_READY_TIMEOUT_S + REQUEST_TIMEOUT_S)
             self.last_sequence = self._sent_sequence = info.state.last_seq
             self._last = self._loop.run(last_message(self._loop.js, self.stream, self.last_sequence),
                                         REQUEST_TIMEOUT_S)
@@ -282,10 +327,16 @@ class StreamPublisher:
                                                       f"acknowledged; it is in doubt"))
         self._order.clear()
 
-    def attach(self, store: Any) -> None:
+    def attach(self, store: Any, publish_journal: bool = False) -> None:
         """Publish from `store` (the ledger's Store); LedgerNotPrimaryError if the stream does not end at its
-        write position with the store's own last batch, byte for byte."""
+        write position with the store's own last batch, byte for byte. With publish_journal, a store ahead of a
+        stream that holds no batch (a ledger made before it was clustered) first publishes its whole journal
+        (publish_existing), so that standbys can follow from position 1."""
         position = store.engine.write_position
+        if publish_journal and position > self.end_position == JOURNAL_START_POSITION and self._last[2] == b"":
+            self.store = store
+            self.publish_existing(position)
+            return
         if position != self.end_position:
             relation = "behind" if position < self.end_position else "ahead of"
             raise LedgerNotPrimaryError(f"stream {self.stream} ends at journal position {self.end_position} "
@@ -297,6 +348,34 @@ class StreamPublisher:
                                         f"journal [{start}, {end})) is not the store's batch there: the store "
                                         f"diverged from its stream and may not publish")
         self.store = store
+
+    def publish_existing(self, end: int) -> None:
+        """Publish the attached store's journal [1, end), pipelined, in runs of whole batches of at most one
+        message each (a batch larger than a message in parts), and wait for the last ack; raises what fails
+        it (the publisher is then poisoned)."""
+        assert self.store is not None and self._sent_end == JOURNAL_START_POSITION, "from an empty stream only"
+        engine, start, future = self.store.engine, JOURNAL_START_POSITION, None
+        while start < end:
+            with engine:
+                headers = engine.batch_headers(start, end, PUBLISH_EXISTING_BATCHES_MAX)
+            run_start = start
+            for header_position, _, count in headers:
+                batch_end = header_position + 1 + count
+                if (batch_end - run_start) * RECORD_SIZE > MESSAGE_BYTES_MAX and header_position > run_start:
+                    future = self.send(run_start, header_position)
+                    run_start = header_position
+                start = batch_end
+            if not headers:
+                raise LedgerReplicationError(f"journal [{start}, {end}) holds no committed batch to publish")
+            future = self.send(run_start, start)
+        try:
+            if future is not None:
+                future.result(self.ack_timeout_s * 2 + 1.0)
+        except concurrent.futures.TimeoutError:
+            raise LedgerTimeoutError(f"stream {self.stream}: no ack for the existing journal's last range in "
+                                     f"time; it is in doubt") from None
+        logger.info("stream %s: published the existing journal [%d, %d) of a ledger made before its stream",
+                    self.stream, JOURNAL_START_POSITION, end)
 
     def __call__(self, start: int, end: int) -> None:
         """The blocking publish hook: send(start, end) and wait for its ack (raises what fails it)."""
@@ -344,7 +423,7 @@ class StreamPublisher:
         else one per run of whole batches that fits, and a single batch too large for one message as parts
         (Ledger-Part: k/n) the follower joins again."""
         if len(data) <= MESSAGE_BYTES_MAX:
-            return [_Message(data, {HEADER_MESSAGE_ID: str(start), HEADER_END_POSITION: str(end)}, end)]
+            return [_Message(data, self._headers(str(start), end), end)]
         engine = self.store.engine
         with engine:
             headers = engine.batch_headers(start, end, end - start)
@@ -362,13 +441,25 @@ class StreamPublisher:
         it is one batch larger than a message."""
         body = data[(run_start - start) * RECORD_SIZE:(run_end - start) * RECORD_SIZE]
         if len(body) <= MESSAGE_BYTES_MAX:
-            return [_Message(body, {HEADER_MESSAGE_ID: str(run_start), HEADER_END_POSITION: str(run_end)}, run_end)]
+            return [_Message(body, self._headers(str(run_start), run_end), run_end)]
         count = -(-len(body) // MESSAGE_BYTES_MAX)
         size = -(-len(body) // count)
         return [_Message(body[index * size:(index + 1) * size],
-                         {HEADER_MESSAGE_ID: f"{run_start}.{index + 1}.{self._instance}",
-                          HEADER_END_POSITION: str(run_end), HEADER_PART: f"{index + 1}/{count}"}, run_end)
+                         self._headers(f"{run_start}.{index + 1}.{self._instance}", run_end,
+                                       f"{index + 1}/{count}"),
+                         run_end)
                 for index in range(count)]
+
+    def _headers(self, message_id: str, end: int, part: str | None = None) -> dict[str, str]:
+        """A batch message's headers: its id and end position (and part), and the publishing primary's epoch and
+        node (a follower refuses a batch of an epoch below the last marker's)."""
+        headers = {HEADER_MESSAGE_ID: message_id, HEADER_END_POSITION: str(end)}
+        if part is not None:
+            headers[HEADER_PART] = part
+        headers[HEADER_EPOCH] = str(self.epoch)
+        if self.node is not None:
+            headers[HEADER_NODE] = self.node
+        return headers
 
     def _after_failure(self, start: int) -> BaseException:
         failure = self.failure
@@ -392,6 +483,7 @@ class StreamPublisher:
         """The sending task, and one subscription for every ack (reply subject <inbox>.<token>, as nats-py's own
         publish_async does; its error path raises inside its callback instead of failing the publish)."""
         self._queue = asyncio.Queue()
+        self._writing = asyncio.Lock()
         self._reply_prefix = self._loop.connection.new_inbox() + "."
         await self._loop.connection.subscribe(self._reply_prefix + "*", cb=self._reply)
         asyncio.ensure_future(self._sender())
@@ -409,28 +501,65 @@ class StreamPublisher:
             if self.failure is not None:
                 self._arrived(message, None)      # never written after a failure: it fails as a later one
                 continue
-            self._token += 1
-            token = str(self._token)
-            self._waiting[token] = (message, loop.call_later(self.ack_timeout_s, self._timed_out, token))
+            message.deadline = loop.time() + self.ack_timeout_s
             message.headers[Header.EXPECTED_STREAM] = self.stream
-            try:
-                await self._loop.connection.publish(self.subject, message.data, reply=self._reply_prefix + token,
-                                                    headers=message.headers)
-            except Exception as error:
-                if self._waiting.pop(token, None) is not None:
-                    self._arrived(message, error)
+            assert self._writing is not None
+            async with self._writing:
+                await self._write(message)
+
+    async def _write(self, message: _Message) -> None:
+        """Write `message` with a new reply token, its ack due by its deadline (under self._writing: in order)."""
+        loop = asyncio.get_running_loop()
+        self._token += 1
+        token = str(self._token)
+        self._waiting[token] = (message, loop.call_later(max(0.0, message.deadline - loop.time()),
+                                                         self._timed_out, token))
+        message.sent = True
+        try:
+            await self._loop.connection.publish(self.subject, message.data, reply=self._reply_prefix + token,
+                                                headers=message.headers)
+        except Exception as error:
+            if self._waiting.pop(token, None) is not None:
+                self._arrived(message, error)
 
     async def _reply(self, reply: Any) -> None:
         entry = self._waiting.pop(reply.subject[len(self._reply_prefix):], None)
         if entry is None:
-            return                # timed out already
+            return                # timed out already, or written again since
         message, timer = entry
         timer.cancel()
+        if not reply.data and (reply.headers or {}).get(Header.STATUS) == NO_RESPONDERS_STATUS:
+            # No server took it (no stream has learned the subject yet): nothing is stored, so it is sent again
+            # while its ack timeout allows; past it, it fails as in doubt like any other.
+            if asyncio.get_running_loop().time() + NO_RESPONDERS_RETRY_S < message.deadline:
+                asyncio.ensure_future(self._write_again_from(message))
+                return
         try:
             outcome = json.loads(reply.data) if reply.data else {"error": {"description": "no stream responded"}}
         except ValueError as error:
             outcome = error
         self._arrived(message, outcome)
+
+    async def _write_again_from(self, message: _Message) -> None:
+        """Write `message` and every message written after it again, in order, after NO_RESPONDERS_RETRY_S. None of
+        those later ones can be stored (each expects the one before it stored first: the fence), so their replies
+        to the earlier writes are dropped (their tokens forgotten) and only the new writes' count."""
+        assert self._writing is not None
+        async with self._writing:
+            order = list(self._order)
+            if message not in order:
+                return            # settled meanwhile (the publisher stopping)
+            again = [later for later in order[order.index(message):] if later.sent]
+            for token, (waiting, timer) in list(self._waiting.items()):
+                if waiting in again:
+                    del self._waiting[token]
+                    timer.cancel()
+            for later in again:
+                later.arrived, later.outcome = False, None
+            self.resent += 1
+            await asyncio.sleep(NO_RESPONDERS_RETRY_S)
+            for later in again:
+                await self._write(later)
 
     def _timed_out(self, token: str) -> None:
         entry = self._waiting.pop(token, None)
@@ -504,6 +633,7 @@ class StreamPublisher:
                                         f"sequence {ack.seq} (duplicate {ack.duplicate}), expected "
                                         f"{self.last_sequence + 1}")
         self.last_sequence = self._sent_sequence = ack.seq
+        self.epoch, self.node = epoch, node       # every batch from now on says who published it
         return int(ack.seq)
 
     async def _publish_marker(self, headers: dict[str, str]) -> Any:
@@ -535,6 +665,7 @@ class StreamFollower:
         self.store = store
         self.error: BaseException | None = None
         self.sequence = 0             # the last stream sequence the store holds (a refused one is named in `error`)
+        self.position = store.engine.write_position   # the store's write position after the last message applied
         self.positions: dict[int, int] = {}
         self.epoch = 0                # the last epoch marker's epoch and node (0 and None before any)
         self.primary: str | None = None
@@ -563,8 +694,10 @@ class StreamFollower:
             self.start()
 
         def reached() -> bool:
+            # The follower's own counters, set together once a message is applied (the store's write position
+            # moves inside append_replicated, before `positions` and `sequence` say so).
             if position is not None:
-                return self.store.engine.write_position >= position
+                return self.position >= position
             return self.sequence >= sequence   # type: ignore[operator]
         with self._changed:
             self._changed.wait_for(lambda: self.error is not None or reached(), timeout_s)
@@ -576,9 +709,11 @@ class StreamFollower:
 
     async def _follow(self) -> None:
         try:
-            first = await self._first_sequence()
+            first, epoch = await self._start_epoch(await self._first_sequence())
             with self._changed:
                 self.sequence = max(self.sequence, first - 1)   # the messages before it: in the store already
+                self.position = self.store.engine.write_position
+                self.epoch = max(self.epoch, epoch)
                 self._changed.notify_all()
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
             subscription = await self._loop.js.subscribe(self.subject, stream=self.stream, ordered_consumer=True,
@@ -587,6 +722,7 @@ class StreamFollower:
                 message = await subscription.next_msg(timeout=None)
                 data = self._joined(message.metadata.sequence.stream, message.headers, message.data)
                 epoch = marker_epoch(message.headers)
+                self._check_epoch(message.metadata.sequence.stream, epoch, message.headers)
                 if epoch is not None:
                     self._pass_marker(message.metadata.sequence.stream, epoch, message.data, message.headers)
                 elif data is not None:
@@ -636,9 +772,21 @@ class StreamFollower:
         except LedgerReplicationError as error:
             raise LedgerReplicationError(f"stream {self.stream} message {sequence} refused: {error}") from error
         with self._changed:
-            self.sequence = sequence
+            self.sequence, self.position = sequence, end
             self.positions[end] = sequence
             self._changed.notify_all()
+
+    def _check_epoch(self, sequence: int, marker: int | None, headers: dict[str, str] | None) -> None:
+        """Refuse a message of an epoch below the last marker's (a batch's Ledger-Epoch, none counting as 0; a
+        marker's own epoch): a stale primary's batch cannot follow a newer marker, the fence refuses it, so such
+        a message was put there by something else (a forger, a publisher that skips the fence)."""
+        epoch = marker if marker is not None else header_int(headers, HEADER_EPOCH) or 0
+        if epoch < self.epoch:
+            what = "epoch marker" if marker is not None else "batch"
+            raise LedgerReplicationError(
+                f"stream {self.stream} message {sequence} refused by the epoch check: a {what} of epoch {epoch} "
+                f"(node {(headers or {}).get(HEADER_NODE)}) after the marker of epoch {self.epoch} (node "
+                f"{self.primary}); a primary's batch cannot follow a newer primary's marker past the fence")
 
     def _pass_marker(self, sequence: int, epoch: int, data: bytes, headers: dict[str, str] | None) -> None:
         """An epoch marker: nothing to apply, but it must be one (empty) and say the stream ends where this store's
@@ -678,6 +826,22 @@ class StreamFollower:
             low, high = (middle + 1, high) if start < position else (low, middle - 1)
         raise self._no_message(position)
 
+    async def _start_epoch(self, first: int) -> tuple[int, int]:
+        """Where to start, moved back over the epoch markers right before `first` that sit at the store's write
+        position (they are passed again, so `epoch` knows them), and the epoch of the message before that (a
+        marker's, or a batch's Ledger-Epoch: the store holds it): the epoch check's floor from the start."""
+        position = self.store.engine.write_position
+        while first > 1:
+            try:
+                headers = (await self._loop.js.get_msg(self.stream, first - 1)).headers
+            except nats.js.errors.NotFoundError:
+                return first, 0            # trimmed: nothing before to know an epoch from
+            epoch = marker_epoch(headers)
+            if epoch is None or header_int(headers, HEADER_END_POSITION) != position:
+                return first, epoch if epoch is not None else header_int(headers, HEADER_EPOCH) or 0
+            first -= 1
+        return first, 0
+
     async def _scan(self, first: int, last: int, position: int) -> int:
         for sequence in range(first, last + 1):
             start, end = await self._range(sequence)
@@ -701,4 +865,5 @@ class StreamFollower:
 
     def _no_message(self, position: int) -> LedgerReplicationError:
         return LedgerReplicationError(f"stream {self.stream} holds no message starting at journal position "
-                                      f"{position} (this standby's write position)")
+                                      f"{position} (this standby's write position): the journal diverged from "
+                                      f"the stream (another history, or another shard's) or is ahead of it")
