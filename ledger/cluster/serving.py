@@ -183,9 +183,9 @@ def serve_shard(directory: str, url: str, shard: str, node: str | None, stop: th
     try:
         if stop.is_set():
             return
+        say(f"serving {directory} as node {handle.cluster_node.name} of shard {shard} (pid {os.getpid()}, "
+            f"durability=replicated); Ctrl-C or SIGTERM stops")
         server.start()
-        say(f"serving {directory} as node {handle.cluster_node.name} of shard {shard} "
-            f"(durability=replicated); Ctrl-C or SIGTERM stops")
         while not stop.wait(SERVE_POLL_INTERVAL_S):
             server.poll()
     finally:
