@@ -574,6 +574,7 @@ def serve_cluster_command(arguments: argparse.Namespace) -> int:
     role change, until SIGTERM or SIGHUP (exit 0) or Ctrl-C (130); then stop answering, close the node and
     release its lease, so a standby takes over at once."""
     from ledger.cluster import connection, serving
+    from ledger.cluster.names import check_name, check_shard
     if arguments.cluster is None or arguments.shard is None:
         raise UsageError("a node of a shard needs both --cluster URL and --shard NAME")
     if arguments.durability == "os":
@@ -585,6 +586,9 @@ def serve_cluster_command(arguments: argparse.Namespace) -> int:
                          f"(its requests come over NATS)")
     if arguments.snapshot_every_s < 0:
         raise UsageError(f"--snapshot-every-s must be 0 (never) or more, got {arguments.snapshot_every_s}")
+    check_shard(arguments.shard)
+    if arguments.node is not None:
+        check_name("node", arguments.node)
     options = connection.options_from_arguments(arguments)
     connection.connect_arguments(arguments.cluster, options)   # a bad URL or option: usage, before any connection
     create = not os.path.isdir(os.path.join(arguments.dir, "journal"))
