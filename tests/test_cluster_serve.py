@@ -22,6 +22,7 @@ import pytest
 import ledger
 from ledger import cli
 from ledger.cluster.servers import LocalCluster
+from ledger.cluster.status import read_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -97,8 +98,13 @@ def serve(directory, url: str, shard: str, node: str, *extra: str) -> Child:
     return child
 
 
-def status(url: str, shard: str) -> dict:
-    """`ledger cluster status URL --shard SHARD --json`'s one shard."""
+def status(url: str, shard: str, command: bool = False) -> dict:
+    """The status of one shard as `ledger cluster status URL --shard SHARD --json` prints it: read in this
+    process (status.read_status, what the command runs; fast to poll), or with command=True by the command."""
+    if not command:
+        shards = read_status(url, shard=shard).to_dict()["shards"]
+        assert [entry["shard"] for entry in shards] == [shard]
+        return shards[0]
     done = subprocess.run([sys.executable, "-m", "ledger", "cluster", "status", url, "--shard", shard, "--json"],
                           capture_output=True, text=True, timeout=WAIT_S, env=ENVIRONMENT)
     assert done.returncode == 0, done.stderr
@@ -123,9 +129,9 @@ def create_accounts(client) -> None:
 
 
 def test_a_standby_takes_over_on_sigterm_while_a_client_goes_on(cluster, tmp_path):
-    a = serve(tmp_path / "a", cluster.url, "two", "a")
+    a = serve(tmp_path / "a", cluster.url, "two", "a", "--snapshot-every-s", "0.5")
     assert a.wait_line("is (primary|standby)").group(1) == "primary"
-    b = serve(tmp_path / "b", cluster.url, "two", "b")
+    b = serve(tmp_path / "b", cluster.url, "two", "b", "--snapshot-every-s", "0.5")
     assert b.wait_line(r"is standby, following node a \(epoch (\d+)\)")
     with ledger.connect(cluster.url, shard="two", timeout_ms=CLIENT_TIMEOUT_MS) as client:
         create_accounts(client)
@@ -142,6 +148,10 @@ def test_a_standby_takes_over_on_sigterm_while_a_client_goes_on(cluster, tmp_pat
                     and nodes["a"]["position"] == nodes["b"]["position"] > 1
                     and nodes["a"]["lag_positions"] == nodes["b"]["lag_positions"] == 0)
         wait_until(both_at_the_end, "status showing primary a and standby b at the stream's end position")
+        shard = status(cluster.url, "two", command=True)   # the command's JSON says the same
+        assert (shard["primary"], shard["standbys"]) == ("a", ["b"])
+        assert {node["node"]: node["position"] for node in shard["nodes"]} == {"a": shard["stream"]["end_position"],
+                                                                              "b": shard["stream"]["end_position"]}
 
         acknowledged, failures, stop = [], [], threading.Event()
 
@@ -171,8 +181,15 @@ def test_a_standby_takes_over_on_sigterm_while_a_client_goes_on(cluster, tmp_pat
         assert not failures, failures
         assert client.balance(2) == 100 + len(acknowledged)
         wait_until(lambda: status(cluster.url, "two")["primary"] == "b", "status showing b the primary")
+    for node in "ab":   # each snapshotted its own store while serving (the primary, the standby)
+        assert any(name.endswith(".snapshot") for name in os.listdir(tmp_path / node / "snapshots")), node
+    again = Child([sys.executable, "-m", "ledger", "serve", str(tmp_path / "a"), "--cluster", cluster.url,
+                   "--shard", "two", "--node", "a"])    # back, without --create: a standby of the new primary
+    again.wait_line(r"node a of shard two is standby, following node b")
     assert b.stop(signal.SIGINT) == 130
     assert "ledger: interrupted" in b.lines["stderr"]
+    again.wait_line(r"node a of shard two is primary")
+    assert again.stop(signal.SIGTERM) == 0
 
 
 def test_a_standby_answers_reads_only_with_its_position(cluster, tmp_path):
