@@ -592,6 +592,9 @@ def serve_cluster_command(arguments: argparse.Namespace) -> int:
     options = connection.options_from_arguments(arguments)
     connection.connect_arguments(arguments.cluster, options)   # a bad URL or option: usage, before any connection
     create = not os.path.isdir(os.path.join(arguments.dir, "journal"))
+    # The node's own warnings (a step-down and why, batches dropped, NATS lost) as one stderr line each, as ours.
+    import logging
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="ledger: %(name)s: %(message)s")
     with StopSignals() as stop:
         serving.serve_shard(arguments.dir, arguments.cluster, arguments.shard, arguments.node, stop.event,
                             create=create, options=options, announce=_announce_line,

@@ -21,7 +21,7 @@ import pytest
 
 import ledger
 from ledger import cli
-from ledger.cluster.servers import LocalCluster
+from ledger.cluster.servers import LocalCluster, ServerAuthorization
 from ledger.cluster.status import read_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +225,19 @@ def test_a_standby_answers_reads_only_with_its_position(cluster, tmp_path):
         handle.close()
         if b is not None:
             assert b.stop(signal.SIGTERM) == 0
+
+
+def test_a_node_authenticates_as_the_other_cluster_commands_do(tmp_path):
+    """A token-protected one-server cluster: the token from $NATS_TOKEN (as `cluster status` takes it) reaches
+    both the node and its request Service."""
+    with LocalCluster(tmp_path / "nats", nodes=1, port=0, authorization=ServerAuthorization(token="s3cret")) as run:
+        node = Child([sys.executable, "-m", "ledger", "serve", str(tmp_path / "a"), "--create", "--cluster", run.url,
+                      "--shard", "auth", "--node", "a"], env={**ENVIRONMENT, "NATS_TOKEN": "s3cret"})
+        node.wait_line(r"node a of shard auth is primary")
+        with ledger.connect(run.url, shard="auth", token="s3cret", timeout_ms=CLIENT_TIMEOUT_MS) as client:
+            create_accounts(client)
+            assert client.transfer(1, 1, 2, 5) == ledger.TransferResult.OK
+        assert node.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.parametrize("extra, message", [
