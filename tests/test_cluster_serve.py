@@ -240,6 +240,32 @@ def test_a_node_authenticates_as_the_other_cluster_commands_do(tmp_path):
         assert node.stop(signal.SIGTERM) == 0
 
 
+def test_a_role_change_stops_the_old_service_before_the_new_one_starts(cluster, tmp_path):
+    """ShardServer in this process on a real node: told "standby" (what a step-down's callback says), the
+    command Service is stopped and a read-only one runs; told "primary" again, the reverse; stopped, none."""
+    from ledger.cluster.serving import ShardServer
+    handle = ledger.open(str(tmp_path / "a"), create=True, cluster=cluster.url, shard="switch", node="a")
+    lines: list[str] = []
+    server = ShardServer(handle, cluster.url, "switch", announce=lines.append)
+    try:
+        assert handle.cluster_node.wait_role("primary", WAIT_S), handle.cluster_node.error
+        server.start()
+        first = server.service
+        assert first is not None and first.primary and first.running
+        assert lines == ["node a of shard switch is primary (epoch %d)" % handle.cluster_node.epoch]
+        server._on_role("standby", handle.cluster_node.epoch)   # as the node's step-down calls it
+        assert not first.running, "the command Service must be stopped before anything else"
+        assert server.service is not None and not server.service.primary and server.service.running
+        reads_only = server.service
+        server._on_role("primary", handle.cluster_node.epoch)
+        assert not reads_only.running and server.service.primary and server.changes == 3
+    finally:
+        server.stop()
+        assert server.service is None
+        handle.close()
+    assert lines[-1] == "node a of shard switch stopped"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--durability", "os"], "--durability os does not combine with --cluster"),
     (["--slots", "1024"], "--slots: options of the ring server"),
