@@ -153,7 +153,7 @@ def test_a_standby_takes_over_on_sigterm_while_a_client_goes_on(cluster, tmp_pat
         assert {node["node"]: node["position"] for node in shard["nodes"]} == {"a": shard["stream"]["end_position"],
                                                                               "b": shard["stream"]["end_position"]}
 
-        acknowledged, failures, stop = [], [], threading.Event()
+        acknowledged, answered, failures, stop = [], [], [], threading.Event()
 
         def send() -> None:   # a client's calls across the failover: each answered OK, or EXISTS for a retry
             next_id = 1_000
@@ -165,11 +165,13 @@ def test_a_standby_takes_over_on_sigterm_while_a_client_goes_on(cluster, tmp_pat
                     return
                 assert code in (ledger.TransferResult.OK, ledger.TransferResult.EXISTS), code
                 acknowledged.append(next_id)
+                answered.append(time.monotonic())
                 next_id += 1
         sender = threading.Thread(target=send)
         sender.start()
         try:
             wait_until(lambda: len(acknowledged) >= 20, "20 transfers through the primary")
+            stopped = time.monotonic()
             assert a.stop(signal.SIGTERM) == 0
             a.wait_line("node a of shard two stopped")
             b.wait_line(r"node b of shard two is primary \(epoch \d+\)")
@@ -179,6 +181,8 @@ def test_a_standby_takes_over_on_sigterm_while_a_client_goes_on(cluster, tmp_pat
             stop.set()
             sender.join(WAIT_S)
         assert not failures, failures
+        pause_s = max(later - earlier for earlier, later in zip(answered, answered[1:]) if later > stopped)
+        print(f"the client's longest wait for an answer across the SIGTERM failover: {pause_s:.3f} s")
         assert client.balance(2) == 100 + len(acknowledged)
         wait_until(lambda: status(cluster.url, "two")["primary"] == "b", "status showing b the primary")
     for node in "ab":   # each snapshotted its own store while serving (the primary, the standby)
