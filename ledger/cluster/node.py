@@ -46,6 +46,7 @@ from ledger.cluster.names import (
     REQUEST_TIMEOUT_S,
     STEP_DOWN_RETRY_S,
     TAKEOVER_CATCH_UP_TIMEOUT_S,
+    TAKEOVER_REQUEST_TIMEOUT_S,
     check_name,
     check_shard,
     node_key,
@@ -297,7 +298,7 @@ class ClusterNode:
         for _ in range(FENCE_ATTEMPTS_MAX):
             if self._trouble.is_set():
                 raise LedgerNotPrimaryError(self._trouble_reason)
-            last = self._loop.run(self._last_sequence(), REQUEST_TIMEOUT_S)
+            last = self._loop.run(self._last_sequence(), TAKEOVER_REQUEST_TIMEOUT_S + 1.0)
             if self._follower is None:
                 self._start_follower()
             assert self._follower is not None
@@ -540,7 +541,9 @@ class ClusterNode:
             await asyncio.wait_for(self._lease.release(), REQUEST_TIMEOUT_S)
 
     async def _last_sequence(self) -> int:
-        return int((await self._loop.js.stream_info(stream_name(self.shard))).state.last_seq)
+        """The stream's last sequence, within TAKEOVER_REQUEST_TIMEOUT_S (a leaderless stream answers nothing)."""
+        info = await asyncio.wait_for(self._loop.js.stream_info(stream_name(self.shard)), TAKEOVER_REQUEST_TIMEOUT_S)
+        return int(info.state.last_seq)
 
     async def _report_once(self) -> None:
         assert self._lease is not None
