@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+import ledger
+from ledger.cluster import names
 from ledger.cluster.servers import LocalCluster
 from support import cluster_campaign
 
@@ -15,6 +19,10 @@ CI_SEED = 14
 TIME_BUDGET_S = 90.0          # what the 10 kills should take on the 2-core machine (printed, not asserted:
                               # a loaded machine is slower, and the campaign's own waits bound it)
 LOAD_AFTER_RESTART_S = 1.0    # the clients' acknowledgements looked at once the killed server is back
+# SIGKILL of the stream's leader to the next acknowledgement: JetStream's election (~5-6 s here) and a takeover.
+# Before TAKEOVER_REQUEST_TIMEOUT_S a would-be primary waited REQUEST_TIMEOUT_S for the leaderless stream,
+# holding the lease: 11 s and more.
+SERVER_FAILOVER_BOUND_S = names.REQUEST_TIMEOUT_S + names.LEASE_TTL_S
 
 
 def test_sigkills_of_the_primary_under_load_lose_no_acknowledged_transfer(tmp_path):
@@ -46,3 +54,27 @@ def test_sigkill_of_the_stream_leaders_server_loses_nothing_and_the_clients_go_o
             campaign.kill_all()
     print(f"\nkilled nats-server {leader}, the stream's leader: {cluster_campaign.summary_text(summary)}")
     assert summary["violations"] == [] and summary["faults"] == 1
+    assert summary["failover_s_max"] < SERVER_FAILOVER_BOUND_S
+
+
+def test_a_takeover_gives_up_quickly_on_a_stream_without_a_leader(tmp_path):
+    """A would-be primary's look at the stream's end (ClusterNode._last_sequence) on a stream that has no Raft
+    leader (two of three servers killed) fails within TAKEOVER_REQUEST_TIMEOUT_S, so the takeover lets the lease
+    go and tries again once the stream has a leader; it waited the 10 s REQUEST_TIMEOUT_S before."""
+    with LocalCluster(tmp_path / "nats", nodes=3, port=0) as cluster:
+        handle = ledger.open(str(tmp_path / "node"), create=True, cluster=cluster.url, shard="leaderless",
+                             node="a")
+        try:
+            node = handle.cluster_node
+            assert node.wait_role("primary", cluster_campaign.START_WAIT_S), node.error
+            assert node._loop.run(node._last_sequence(), names.REQUEST_TIMEOUT_S) >= 1   # the epoch marker
+            cluster.kill(1)
+            cluster.kill(2)
+            started = time.monotonic()
+            with pytest.raises(Exception):
+                node._loop.run(node._last_sequence(), names.REQUEST_TIMEOUT_S * 2)
+            elapsed_s = time.monotonic() - started
+            assert elapsed_s < names.TAKEOVER_REQUEST_TIMEOUT_S + 1.0, elapsed_s
+            cluster.start(1)     # a quorum again: the node closes without waiting out its requests
+        finally:
+            handle.close()
