@@ -4,7 +4,8 @@ large for a position is an error, not a guess), an ISO-8601 time (`2024-05-01T12
 offset it is UTC) or nanoseconds since the epoch with the suffix ns (`1714564800000000000ns`). `--at` past the
 journal's end (or in the future) is an error.
 
-Also: init, account create, transfer, snapshot, restore, serve, project, bench, scrub DIR (re-check every
+Also: init, account create, transfer, snapshot, restore, serve (the ring server; with --cluster URL --shard NAME a
+node of a shard answering over NATS), project, bench, scrub DIR (re-check every
 journal batch's checksum and hash chain; exit 3 when one is damaged), cluster nats DIR (a local NATS JetStream
 cluster in the foreground: prints its client URL, stops on SIGTERM or Ctrl-C), cluster status URL (each shard's
 primary, nodes, positions and lag; exit 3 when no server answers).
@@ -533,21 +534,78 @@ def group_id(text: str) -> int:
     return gid
 
 
+RING_ONLY_OPTIONS = ("slots", "group", "abandon_after_ms", "spin_count", "idle_wait_ms", "overlap_rows_min")
+
+
 def serve_command(arguments: argparse.Namespace) -> int:
-    from ledger.ring import serve
+    """`serve DIR`: the ring server (ledger.ring.serve) for processes of this machine; with `--cluster URL --shard
+    NAME`: one node of a shard, answering over NATS (ledger.cluster.serving)."""
     if not os.path.isdir(os.path.join(arguments.dir, "journal")):
         if not arguments.create:
             # A typo must not start serving a new, empty ledger that clients then write into.
             raise UsageError(f"no ledger here: {arguments.dir} (ledger init DIR makes one, or serve --create)")
         check_new_ledger_directory(arguments.dir)
-    return serve(arguments.dir, create=arguments.create, durability=arguments.durability,
-                 slot_count=arguments.slots, group=arguments.group,
-                 abandon_after_ms=arguments.abandon_after_ms, spin_count=arguments.spin_count,
-                 idle_wait_ms=arguments.idle_wait_ms, snapshot_every_s=arguments.snapshot_every_s or None,
-                 overlap_rows_min=arguments.overlap_rows_min, accounts_capacity=arguments.accounts_capacity,
-                 transfers_capacity=arguments.transfers_capacity,
-                 ready=lambda: print(f"ledger: serving {arguments.dir} (durability={arguments.durability}); "
+    if arguments.cluster is not None or arguments.shard is not None or arguments.node is not None:
+        return serve_cluster_command(arguments)
+    if arguments.durability == "replicated":
+        raise UsageError("--durability replicated needs --cluster URL --shard NAME (a ledger of this machine alone "
+                         "is fsync or os)")
+    from ledger import ring as ring_module
+    from ledger.ring import serve
+    durability = arguments.durability or "fsync"
+    return serve(arguments.dir, create=arguments.create, durability=durability,
+                 slot_count=_or(arguments.slots, 1 << 16), group=arguments.group,
+                 abandon_after_ms=_or(arguments.abandon_after_ms, ring_module.ABANDON_AFTER_MS_DEFAULT),
+                 spin_count=_or(arguments.spin_count, ring_module.SPIN_COUNT_DEFAULT),
+                 idle_wait_ms=_or(arguments.idle_wait_ms, ring_module.IDLE_WAIT_MS_DEFAULT),
+                 snapshot_every_s=arguments.snapshot_every_s or None,
+                 overlap_rows_min=_or(arguments.overlap_rows_min, ring_module.OVERLAP_ROWS_MIN_DEFAULT),
+                 accounts_capacity=arguments.accounts_capacity, transfers_capacity=arguments.transfers_capacity,
+                 ready=lambda: print(f"ledger: serving {arguments.dir} (durability={durability}); "
                                      f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def serve_cluster_command(arguments: argparse.Namespace) -> int:
+    """`serve DIR --cluster URL --shard NAME [--node NAME]`: run the node in the foreground, one stderr line per
+    role change, until SIGTERM or SIGHUP (exit 0) or Ctrl-C (130); then stop answering, close the node and
+    release its lease, so a standby takes over at once."""
+    from ledger.cluster import connection, serving
+    from ledger.cluster.names import check_name, check_shard
+    if arguments.cluster is None or arguments.shard is None:
+        raise UsageError("a node of a shard needs both --cluster URL and --shard NAME")
+    if arguments.durability == "os":
+        raise UsageError("--durability os does not combine with --cluster: a node's durability is replicated (a "
+                         "batch is answered once the stream's replicas and this node's fsynced journal hold it)")
+    given = [f"--{name.replace('_', '-')}" for name in RING_ONLY_OPTIONS if getattr(arguments, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: options of the ring server, which serve --cluster does not run "
+                         f"(its requests come over NATS)")
+    if arguments.snapshot_every_s < 0:
+        raise UsageError(f"--snapshot-every-s must be 0 (never) or more, got {arguments.snapshot_every_s}")
+    check_shard(arguments.shard)
+    if arguments.node is not None:
+        check_name("node", arguments.node)
+    options = connection.options_from_arguments(arguments)
+    connection.connect_arguments(arguments.cluster, options)   # a bad URL or option: usage, before any connection
+    create = not os.path.isdir(os.path.join(arguments.dir, "journal"))
+    with StopSignals() as stop:
+        serving.serve_shard(arguments.dir, arguments.cluster, arguments.shard, arguments.node, stop.event,
+                            create=create, options=options, announce=_announce_line,
+                            snapshot_every_s=arguments.snapshot_every_s or None,
+                            open_options={"accounts_capacity": arguments.accounts_capacity,
+                                          "transfers_capacity": arguments.transfers_capacity})
+    if stop.number == signal.SIGINT:
+        print("ledger: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _announce_line(line: str) -> None:
+    print(f"ledger: {line}", file=sys.stderr, flush=True)
 
 
 CLUSTER_POLL_S = 0.2  # how often `cluster nats` looks whether its servers still run (and for a stop signal)
@@ -815,26 +873,39 @@ def _serve_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("dir", help="the data directory (an existing ledger, unless --create)")
     command.add_argument("--create", action="store_true",
                          help="make a new ledger if DIR holds none (a new directory or an empty one)")
-    command.add_argument("--durability", choices=["fsync", "os"], default="fsync",
-                         help="fsync: answered means on disk (default); os: in the page cache, synced within ms")
-    command.add_argument("--slots", type=int, default=1 << 16,
-                         help="ring slots, a power of two (default 65,536; docs/RING.md)")
+    command.add_argument("--durability", choices=["fsync", "os", "replicated"],
+                         help="fsync: answered means on disk (default); os: in the page cache, synced within ms; "
+                              "with --cluster always replicated: on the stream's replicas and fsynced here")
+    from ledger import ring as ring_module
+    # The ring server's own options default to None here, so that --cluster can refuse them when given.
+    command.add_argument("--slots", type=int, help="ring slots, a power of two (default 65,536; docs/RING.md)")
     command.add_argument("--group", type=group_id, metavar="GROUP",
                          help="a group (name or gid) allowed to submit commands (the ring files become 0660)")
     command.add_argument("--accounts-capacity", type=int, default=0, help="room to allocate up front")
     command.add_argument("--transfers-capacity", type=int, default=0, help="room to allocate up front")
-    from ledger import ring as ring_module
-    command.add_argument("--abandon-after-ms", type=int, default=ring_module.ABANDON_AFTER_MS_DEFAULT,
-                         help="give up a claimed batch left unpublished this long (its producer died or hangs)")
-    command.add_argument("--spin-count", type=int, default=ring_module.SPIN_COUNT_DEFAULT,
-                         help=f"pause instructions spun for new work before sleeping (0..{ring_module.SPIN_COUNT_MAX})")
-    command.add_argument("--idle-wait-ms", type=int, default=ring_module.IDLE_WAIT_MS_DEFAULT,
-                         help=f"longest idle sleep (1..{ring_module.IDLE_WAIT_MS_MAX}); a publish wakes it at once")
+    command.add_argument("--abandon-after-ms", type=int,
+                         help=f"give up a claimed batch left unpublished this long (its producer died or hangs; "
+                              f"default {ring_module.ABANDON_AFTER_MS_DEFAULT})")
+    command.add_argument("--spin-count", type=int,
+                         help=f"pause instructions spun for new work before sleeping (0..{ring_module.SPIN_COUNT_MAX}, "
+                              f"default {ring_module.SPIN_COUNT_DEFAULT})")
+    command.add_argument("--idle-wait-ms", type=int,
+                         help=f"longest idle sleep (1..{ring_module.IDLE_WAIT_MS_MAX}, default "
+                              f"{ring_module.IDLE_WAIT_MS_DEFAULT}); a publish wakes it at once")
     command.add_argument("--snapshot-every-s", type=float, default=ring_module.SNAPSHOT_EVERY_S_DEFAULT,
                          help="snapshot this often when the journal moved, so a restart replays little (0: never)")
-    command.add_argument("--overlap-rows-min", type=int, default=ring_module.OVERLAP_ROWS_MIN_DEFAULT,
+    command.add_argument("--overlap-rows-min", type=int,
                          help=f"a drained group this large is synced while the next is applied "
-                              f"(1..{ring_module.GROUP_ROWS_MAX + 1}; the maximum: never)")
+                              f"(1..{ring_module.GROUP_ROWS_MAX + 1}; the maximum: never; default "
+                              f"{ring_module.OVERLAP_ROWS_MIN_DEFAULT})")
+    cluster = command.add_argument_group("a node of a shard (docs/CLUSTER.md, \"Serving a shard\"): requests over "
+                                         "NATS instead of the ring")
+    cluster.add_argument("--cluster", metavar="URL",
+                         help="the NATS servers (nats://host:port, several separated by commas)")
+    cluster.add_argument("--shard", help="the shard this node serves (1 to 64 of A-Z a-z 0-9 _ -)")
+    cluster.add_argument("--node", help="this node's name (default: the host name and a digest of DIR)")
+    from ledger.cluster import connection
+    connection.add_arguments(command)
     command.set_defaults(handler=serve_command)
 
 

@@ -57,6 +57,8 @@ TAKEOVER_CATCH_UP_TIMEOUT_S = 60.0   # a new primary's wait to apply the stream 
 FENCE_ATTEMPTS_MAX = 5        # a new primary's epoch marker refused this often (the old one still appending): give up
 STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried again after this pause
 PUBLISH_IN_FLIGHT_MAX = 16    # messages published and not yet acknowledged, at most (a publisher's send waits)
+SERVE_POLL_INTERVAL_S = 0.2  # `serve --cluster` looks this often for a stop signal, a new primary, a snapshot due
+SERVE_RETRY_INTERVAL_S = 1.0  # `serve --cluster`: a request Service that did not start is tried again after this
 JOURNAL_START_POSITION = 1    # an empty journal's write position
 # The largest message: the servers' max_payload less room for the headers.
 MESSAGE_BYTES_MAX = MAX_PAYLOAD_BYTES - 4096
