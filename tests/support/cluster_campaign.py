@@ -139,9 +139,9 @@ class AckReader:
 
 
 def spawn(arguments: list[str], stderr_path: str) -> subprocess.Popen:
-    """A child of tests/support/cluster_processes.py, its stderr appended to `stderr_path`."""
+    """A child running `python ARGUMENTS...`, its stderr appended to `stderr_path`."""
     with open(stderr_path, "a") as stderr:
-        return subprocess.Popen([sys.executable, SUPPORT, *arguments], stdin=subprocess.DEVNULL,
+        return subprocess.Popen([sys.executable, *arguments], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=stderr,
                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
@@ -156,16 +156,19 @@ def wait_for(condition: Callable[[], object], timeout_s: float, pause_s: float =
         time.sleep(pause_s)
 
 
-def stop(child: subprocess.Popen, timeout_s: float = STOP_WAIT_S) -> bool:
-    """SIGTERM `child` and reap it; SIGKILL after `timeout_s`. Whether it exited on its own with status 0."""
-    if child.poll() is None:
+def stop(child: subprocess.Popen, timeout_s: float = STOP_WAIT_S, signalled: bool = False) -> str | None:
+    """SIGTERM `child` (unless `signalled` already: a second one could find the default handler back, as the
+    process exits) and reap it; SIGKILL after `timeout_s`. None if it exited on its own with status 0, else what
+    went wrong."""
+    if child.poll() is None and not signalled:
         child.send_signal(signal.SIGTERM)
     try:
-        return child.wait(timeout_s) == 0
+        status = child.wait(timeout_s)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-        return False
+        return f"still running {timeout_s:g} s after SIGTERM (killed)"
+    return None if status == 0 else f"exit status {status}"
 
 
 class Campaign:
@@ -195,8 +198,9 @@ class Campaign:
         return self.path(f"client{index}.acks")
 
     def start_node(self, name: str) -> None:
-        self.nodes[name] = spawn(["serve", self.path(name), self.cluster.url, SHARD, name],
-                                 self.path(f"{name}.stderr"))
+        """Node `name` as a user runs one: `ledger serve DIR --cluster URL --shard NAME --node NAME`."""
+        self.nodes[name] = spawn(["-m", "ledger", "serve", self.path(name), "--create", "--cluster", self.cluster.url,
+                                  "--shard", SHARD, "--node", name], self.path(f"{name}.stderr"))
 
     def shard_status(self):
         try:
@@ -227,7 +231,7 @@ class Campaign:
             assert all(int(code) == int(ledger.AccountResult.OK) for code in codes), codes
         for index in range(self.client_count):
             self.readers.append(AckReader(self.ack_log(index)))
-            self.clients.append(spawn(["client", self.cluster.url, SHARD, str((index + 1) * CLIENT_ID_STRIDE),
+            self.clients.append(spawn([SUPPORT, "client", self.cluster.url, SHARD, str((index + 1) * CLIENT_ID_STRIDE),
                                        self.ack_log(index), str(index)], self.path(f"client{index}.stderr")))
         if not wait_for(lambda: all(reader.update().acknowledged for reader in self.readers), START_WAIT_S):
             raise RuntimeError(f"the clients acknowledged nothing within {START_WAIT_S} s")
@@ -257,24 +261,22 @@ class Campaign:
 
     # -- faults --
 
-    def wait_standby(self, name: str) -> bool:
-        """Whether node `name` (restarted) reports itself a standby within START_WAIT_S."""
-        def reported() -> bool:
-            status = self.shard_status()
-            return status is not None and any(node.node == name and node.role == "standby" and node.age_s is not
-                                              None and node.age_s < REPORT_FRESH_S for node in status.nodes)
-        return bool(wait_for(reported, START_WAIT_S))
+    def standbys(self) -> set[str]:
+        status = self.shard_status()
+        return {node.node for node in status.nodes if node.role == "standby" and node.age_s is not None and
+                node.age_s < REPORT_FRESH_S} if status is not None else set()
 
-    def kill_primary_once(self, rng: random.Random, pause_s: tuple[float, float]) -> None:
-        """After a random pause, SIGKILL the primary node, wait for the next acknowledgement, restart it."""
+    def kill_primary_once(self, rng: random.Random, pause_s: tuple[float, float], standbys_min: int) -> None:
+        """After a random pause, once `standbys_min` nodes are standbys (the node restarted after the last kill
+        among them, or not yet), SIGKILL the primary node, wait for the next acknowledgement, restart it."""
         time.sleep(rng.uniform(*pause_s))
         name = wait_for(self.primary, FAILOVER_WAIT_S)
         if name is None:
             self.violations.append(f"kill {self.faults + 1}: no primary within {FAILOVER_WAIT_S} s")
             return
-        for other in self.node_names:
-            if other != name and not self.wait_standby(other):
-                self.violations.append(f"kill {self.faults + 1}: node {other} is no standby: {self.tail(other)}")
+        if not wait_for(lambda: len(self.standbys() - {name}) >= standbys_min, START_WAIT_S):
+            self.violations.append(f"kill {self.faults + 1}: fewer than {standbys_min} standbys within "
+                                   f"{START_WAIT_S} s: {sorted(self.standbys())}")
         child = self.nodes[name]
         child.kill()
         fault_ns = time.monotonic_ns()
@@ -320,21 +322,28 @@ class Campaign:
         if status is None or status.stream is None or status.primary is None:
             return False
         reports = {node.node: node for node in status.nodes if node.age_s is not None and node.age_s < REPORT_FRESH_S}
-        return all(name in reports and reports[name].position == status.stream.end_position
-                   for name in self.node_names)
+        return all(name in reports and reports[name].position == status.stream.end_position and
+                   reports[name].role in ("primary", "standby") for name in self.node_names)
 
     def finish(self) -> dict:
         """Stop the clients, wait for the nodes to converge, stop them, check every node; the summary."""
+        for child in self.clients:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)   # all at once: each ends after its call in progress
         for index, child in enumerate(self.clients):
-            if not stop(child):
-                self.violations.append(f"client {index} did not stop cleanly: {self.tail(f'client{index}')}")
+            if (trouble := stop(child, signalled=True)) is not None:
+                self.violations.append(f"client {index} did not stop cleanly ({trouble}): "
+                                       f"{self.tail(f'client{index}')}")
         for reader in self.readers:
             reader.update()
         if not wait_for(self.converged, CONVERGE_WAIT_S, pause_s=0.2):
             self.violations.append(f"the nodes did not converge within {CONVERGE_WAIT_S} s")
+        for child in self.nodes.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
         for name, child in self.nodes.items():
-            if not stop(child):
-                self.violations.append(f"node {name} did not stop cleanly: {self.tail(name)}")
+            if (trouble := stop(child, signalled=True)) is not None:
+                self.violations.append(f"node {name} did not stop cleanly ({trouble}): {self.tail(name)}")
         self.check()
         return self.summary()
 
@@ -431,20 +440,29 @@ def summary_text(summary: dict) -> str:
 
 
 def run(kills: int, seed: int, scratch: str, nodes: int = 3, clients: int = 2,
-        pause_s: tuple[float, float] = (0.5, 2.0), say: Callable[[str], None] = print) -> dict:
-    """The primary-kill campaign: `kills` SIGKILLs of the primary at random moments; the summary."""
+        pause_s: tuple[float, float] = (0.5, 2.0), standbys_min: int | None = None,
+        say: Callable[[str], None] = print) -> dict:
+    """The primary-kill campaign: `kills` SIGKILLs of the primary at random moments, each once `standbys_min`
+    (default: every other node, the one restarted last included) are standbys; the summary."""
+    standbys_min = nodes - 1 if standbys_min is None else standbys_min
+    assert 1 <= standbys_min <= nodes - 1, (standbys_min, nodes)
     rng = random.Random(seed)
     with LocalCluster(os.path.join(scratch, "nats"), nodes=3, port=0) as cluster:
         campaign = Campaign(cluster, scratch, nodes, clients, say)
         try:
+            began = time.monotonic()
             campaign.start()
             started = time.monotonic()
+            say(f"cluster, {nodes} nodes and {clients} clients started in {started - began:.1f} s")
             for kill in range(1, kills + 1):
-                campaign.kill_primary_once(rng, pause_s)
+                campaign.kill_primary_once(rng, pause_s, standbys_min)
                 if kill % 10 == 0 or kill == kills:
                     last = campaign.failovers_s[-1] if campaign.failovers_s else float("nan")
                     say(f"{kill}/{kills} kills, last failover {last:.2f} s, {len(campaign.violations)} violations, "
                         f"{time.monotonic() - started:.0f} s")
-            return campaign.finish()
+            finishing = time.monotonic()
+            summary = campaign.finish()
+            say(f"clients stopped, nodes converged, stopped and checked in {time.monotonic() - finishing:.1f} s")
+            return summary
         finally:
             campaign.kill_all()

@@ -9,12 +9,6 @@ one call at a time, and appends a line per outcome to ACK_LOG: `ok ID MONOTONIC_
 transfer, `refused CLASS MONOTONIC_NS` for each call that raised. Role changes print `role ROLE EPOCH`. SIGTERM
 closes the ledger and exits 0.
 
-    python tests/support/cluster_processes.py serve DIR URL SHARD NODE
-
-is a node that answers clients (tests/test_cluster_campaign.py, bench/cluster_campaign.py): node NODE of SHARD in
-DIR with a Service (ledger/cluster/service.py) started whenever the node is the primary and stopped when it is
-not; it prints "role ROLE EPOCH" at each change. SIGTERM stops the service, closes the ledger and exits 0.
-
     python tests/support/cluster_processes.py client URL SHARD FIRST_ID ACK_LOG SEED
 
 sends transfer requests through ledger.connect (tests/support/cluster_campaign.py says what it logs).
@@ -22,7 +16,7 @@ SIGTERM ends it after the call in progress."""
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import signal
 import sys
 import threading
@@ -75,49 +69,11 @@ def writer(directory: str, url: str, shard: str, node: str, ack_log: str) -> Non
     handle.close()
 
 
-def serve(directory: str, url: str, shard: str, node: str) -> None:
-    """A node and its Service, the service following the node's role (see the module docstring)."""
-    from ledger.cluster.service import Service
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    stopping = threading.Event()
-    roles: queue.Queue[str] = queue.Queue()
-    signal.signal(signal.SIGTERM, lambda *_: (stopping.set(), roles.put("stopping")))
-    handle = ledger.open(directory, create=True, cluster=url, shard=shard, node=node)
-    assert handle.cluster_node is not None
-
-    def changed(role: str, epoch: int) -> None:
-        print(f"role {role} {epoch}", flush=True)
-        roles.put(role)
-    handle.cluster_node.on_role(changed)
-    service = None
-    while not stopping.is_set():
-        role = roles.get()
-        while not roles.empty():   # only the newest role counts
-            role = roles.get()
-        if role == "primary" and service is None:
-            try:
-                service = Service(handle, url, shard)
-                service.start()
-            except Exception as error:   # NATS unreachable for a moment: try again while still the primary
-                print(f"service start failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-                service = None
-                stopping.wait(PAUSE_S * 10)
-                roles.put(handle.cluster_node.role)
-        elif role != "primary" and service is not None:
-            service.stop()
-            service = None
-    if service is not None:
-        service.stop()
-    handle.close()
-
-
 if __name__ == "__main__":
     if sys.argv[1] == "writer":
         writer(*sys.argv[2:7])
-    elif sys.argv[1] == "serve":
-        serve(*sys.argv[2:6])
     elif sys.argv[1] == "client":
-        sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from support import cluster_campaign
         cluster_campaign.client(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
     else:
