@@ -248,7 +248,10 @@ class ClusterNode:
         """A standby's look at the lease: note who holds it; take it when nobody does and this node's follower
         is healthy (one that refused a message is never made primary: it says why in `error`)."""
         assert self._lease is not None
-        holder = self._loop.run(self._lease.read(), REQUEST_TIMEOUT_S)
+        # Bounded short: the lease's KV stream without a Raft leader (its server just killed) answers nothing,
+        # and a read waiting REQUEST_TIMEOUT_S would keep this standby from taking over long after the election.
+        holder = self._loop.run(asyncio.wait_for(self._lease.read(), TAKEOVER_REQUEST_TIMEOUT_S),
+                                TAKEOVER_REQUEST_TIMEOUT_S + 1.0)
         self._note(holder)
         follower = self._follower
         if follower is not None and follower.error is not None:

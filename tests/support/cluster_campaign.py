@@ -8,8 +8,9 @@ kill.
 
 A client (`client`, a child process) sends requests of 1 to REQUEST_TRANSFERS_MAX transfers with consecutive
 ids from its own FIRST_ID, one call at a time, and appends to its ack log, flushed per line:
-`request FIRST COUNT MONOTONIC_NS` before the call, `ok FIRST COUNT MONOTONIC_NS CODES` when it returned (CODES: the result
-codes joined by ','; OK or EXISTS are acknowledged), `error FIRST COUNT MONOTONIC_NS CLASS` when it raised.
+`request FIRST COUNT MONOTONIC_NS` before the call, `ok FIRST COUNT MONOTONIC_NS CODES` when it returned
+(CODES: the result codes joined by ','; OK or EXISTS are acknowledged), `error FIRST COUNT MONOTONIC_NS CLASS`
+when it raised.
 Every transfer's accounts and amount are a function of its id (`transfer_of`), so the checker can recompute
 every balance from the set of transfers a node holds."""
 from __future__ import annotations
@@ -199,8 +200,9 @@ class Campaign:
 
     def start_node(self, name: str) -> None:
         """Node `name` as a user runs one: `ledger serve DIR --cluster URL --shard NAME --node NAME`."""
-        self.nodes[name] = spawn(["-m", "ledger", "serve", self.path(name), "--create", "--cluster", self.cluster.url,
-                                  "--shard", SHARD, "--node", name], self.path(f"{name}.stderr"))
+        command = ["-m", "ledger", "serve", self.path(name), "--create", "--cluster", self.cluster.url, "--shard",
+                   SHARD, "--node", name]
+        self.nodes[name] = spawn(command, self.path(f"{name}.stderr"))
 
     def shard_status(self):
         try:
@@ -223,6 +225,9 @@ class Campaign:
             raise RuntimeError(f"no primary within {START_WAIT_S} s: {self.tail(self.node_names[0])}")
         for name in self.node_names[1:]:
             self.start_node(name)
+        if not wait_for(lambda: len(self.standbys()) == len(self.node_names) - 1, START_WAIT_S):
+            raise RuntimeError(f"the standbys did not start within {START_WAIT_S} s: " +
+                               "; ".join(f"{name}: {self.tail(name)}" for name in self.node_names[1:]))
         with ledger.connect(self.cluster.url, shard=SHARD, timeout_ms=CLIENT_TIMEOUT_MS) as connection:
             accounts = ledger.accounts_batch(len(ACCOUNTS))
             accounts["id"], accounts["ledger"] = ACCOUNTS, 1
@@ -337,7 +342,13 @@ class Campaign:
         for reader in self.readers:
             reader.update()
         if not wait_for(self.converged, CONVERGE_WAIT_S, pause_s=0.2):
-            self.violations.append(f"the nodes did not converge within {CONVERGE_WAIT_S} s")
+            status = self.shard_status()
+            seen = "no status" if status is None else (
+                f"stream ends at {status.stream.end_position if status.stream else None}, primary "
+                f"{status.primary}; " + ", ".join(f"{node.node} {node.role} at {node.position} ({node.error})"
+                                                   for node in status.nodes))
+            self.violations.append(f"the nodes did not converge within {CONVERGE_WAIT_S} s: {seen}; " +
+                                   "; ".join(f"{name}: {self.tail(name)[-600:]}" for name in self.node_names))
         for child in self.nodes.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -371,8 +382,10 @@ class Campaign:
                     reference = (name, data)
                     self.check_node(name, handle, sent, acknowledged)
                 elif data != reference[1]:
-                    self.violations.append(f"node {name}: its journal ({position - 1} events) differs from node "
-                                           f"{reference[0]}'s")
+                    shorter = min(len(data), len(reference[1]))
+                    relation = "is a prefix of" if data[:shorter] == reference[1][:shorter] else "differs from"
+                    self.violations.append(f"node {name}: its journal ({position - 1} events) {relation} node "
+                                           f"{reference[0]}'s ({len(reference[1]) // 64} events)")
 
     def check_node(self, name: str, handle: ledger.Ledger, sent: list[tuple[int, int]],
                    acknowledged: list[tuple[int, int, int, int]]) -> None:
@@ -418,7 +431,8 @@ class Campaign:
         times = sorted(at for _, _, at, _ in acknowledged)
         gaps = np.diff(np.array(times, np.int64)) / 1e9 if len(times) > 1 else np.zeros(1)
         failovers = self.failovers_s or [float("nan")]
-        return {"faults": self.faults, "failovers_s": list(self.failovers_s), "acknowledged_requests": len(acknowledged),
+        return {"faults": self.faults, "failovers_s": list(self.failovers_s),
+                "acknowledged_requests": len(acknowledged),
                 "acknowledged_transfers": sum(count for _, count, _, _ in acknowledged),
                 "transfers_held": getattr(self, "transfers_held", 0),
                 "failover_s_min": min(failovers), "failover_s_median": statistics.median(failovers),
