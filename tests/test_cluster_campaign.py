@@ -13,6 +13,7 @@ import pytest
 import ledger
 from ledger.cluster import names
 from ledger.cluster.servers import LocalCluster
+from ledger.cluster.status import read_status
 from support import cluster_campaign
 
 CI_KILLS = 10
@@ -71,8 +72,11 @@ def test_a_takeover_gives_up_quickly_on_a_stream_without_a_leader(tmp_path):
             node = handle.cluster_node
             assert node.wait_role("primary", cluster_campaign.START_WAIT_S), node.error
             assert node._loop.run(node._last_sequence(), names.REQUEST_TIMEOUT_S) >= 1   # the epoch marker
-            cluster.kill(1)
-            cluster.kill(2)
+            leader = read_status(cluster.url, shard="leaderless").shards[0].stream.leader
+            names_of_servers = [spec.name for spec in cluster.servers]
+            killed = names_of_servers.index(leader)
+            cluster.kill(killed)                          # the stream's leader and one more: the one left is a
+            cluster.kill((killed + 1) % 3)                # follower without quorum, which answers nothing
             started = time.monotonic()
             with pytest.raises(Exception):
                 node._loop.run(node._last_sequence(), names.REQUEST_TIMEOUT_S * 2)
@@ -83,6 +87,6 @@ def test_a_takeover_gives_up_quickly_on_a_stream_without_a_leader(tmp_path):
                 node._poll()
             elapsed_s = time.monotonic() - started
             assert elapsed_s < names.TAKEOVER_REQUEST_TIMEOUT_S + 1.0, elapsed_s
-            cluster.start(1)     # a quorum again: the node closes without waiting out its requests
+            cluster.start(killed)     # a quorum again: the node closes without waiting out its requests
         finally:
             handle.close()
