@@ -50,6 +50,11 @@ LEASE_RENEW_INTERVAL_S = 0.5  # the primary renews this often: three renewals ma
 LEASE_POLL_INTERVAL_S = 0.25  # a standby looks this often whether the lease lapsed
 NODE_REPORT_INTERVAL_S = 1.0  # each node puts its role and position this often (status)
 LEASE_SAFETY_MARGIN_S = 0.5   # a primary acknowledges nothing once its last renewal is older than TTL less this
+# A standby's look at the lease and a would-be primary's at the stream's end: a stream with no Raft leader (its
+# server just killed, an election under way) answers nothing, and a takeover waiting REQUEST_TIMEOUT_S for it
+# holds the lease all along (a poll: waits), long after the new leader is there. Past this bound the takeover
+# lets the lease go and the next poll tries again.
+TAKEOVER_REQUEST_TIMEOUT_S = 1.0
 TAKEOVER_CATCH_UP_TIMEOUT_S = 60.0   # a new primary's wait to apply the stream to its end (it renews meanwhile)
 FENCE_ATTEMPTS_MAX = 5        # a new primary's epoch marker refused this often (the old one still appending): give up
 STEP_DOWN_RETRY_S = 1.0       # a failed role change (NATS unreachable) is tried again after this pause

@@ -57,6 +57,7 @@ from ledger.cluster.names import (
     TAKEOVER_DEFER_MAX_S,
     TAKEOVER_DEFER_MIN_S,
     TAKEOVER_DEFER_PER_POSITION_S,
+    TAKEOVER_REQUEST_TIMEOUT_S,
     check_name,
     check_shard,
     node_key,
@@ -285,7 +286,10 @@ class ClusterNode:
         """A standby's look at the lease: note who holds it; take it when nobody does and this node's follower
         is healthy (one that refused a message is never made primary: it says why in `error`)."""
         assert self._lease is not None
-        holder = self._loop.run(self._lease.read(), REQUEST_TIMEOUT_S)
+        # Bounded short: the lease's KV stream without a Raft leader (its server just killed) answers nothing,
+        # and a read waiting REQUEST_TIMEOUT_S would keep this standby from taking over long after the election.
+        holder = self._loop.run(asyncio.wait_for(self._lease.read(), TAKEOVER_REQUEST_TIMEOUT_S),
+                                TAKEOVER_REQUEST_TIMEOUT_S + 1.0)
         self._note(holder)
         follower = self._follower
         if follower is not None and follower.error is not None:
@@ -381,7 +385,7 @@ class ClusterNode:
         for _ in range(FENCE_ATTEMPTS_MAX):
             if self._trouble.is_set():
                 raise LedgerNotPrimaryError(self._trouble_reason)
-            last = self._loop.run(self._last_sequence(), REQUEST_TIMEOUT_S)
+            last = self._loop.run(self._last_sequence(), TAKEOVER_REQUEST_TIMEOUT_S + 1.0)
             if self._follower is None:
                 self._start_follower()
             assert self._follower is not None
@@ -698,7 +702,9 @@ class ClusterNode:
             await asyncio.wait_for(self._lease.release(), REQUEST_TIMEOUT_S)
 
     async def _last_sequence(self) -> int:
-        return int((await self._loop.js.stream_info(stream_name(self.shard))).state.last_seq)
+        """The stream's last sequence, within TAKEOVER_REQUEST_TIMEOUT_S (a leaderless stream answers nothing)."""
+        info = await asyncio.wait_for(self._loop.js.stream_info(stream_name(self.shard)), TAKEOVER_REQUEST_TIMEOUT_S)
+        return int(info.state.last_seq)
 
     async def _report_once(self) -> None:
         assert self._lease is not None

@@ -7,11 +7,17 @@ opens DIR as node NODE of shard SHARD (creating it), and once it is the primary 
 "ready"; then it sends transfers (ids from FIRST_ID up, SETTLEMENT to a wallet, amount 1) while it is the primary,
 one call at a time, and appends a line per outcome to ACK_LOG: `ok ID MONOTONIC_NS` for each acknowledged
 transfer (the time its call STARTED: a process stopped between the ack and the log line would otherwise log an
-ack from before a SIGSTOP with a time after its SIGCONT), `refused CLASS MONOTONIC_NS` for each call that raised. Role changes print `role ROLE EPOCH`. SIGTERM
-closes the ledger and exits 0."""
+ack from before a SIGSTOP with a time after its SIGCONT), `refused CLASS MONOTONIC_NS` for each call that raised.
+Role changes print `role ROLE EPOCH`. SIGTERM closes the ledger and exits 0.
+
+    python tests/support/cluster_processes.py client URL SHARD FIRST_ID ACK_LOG SEED
+
+sends transfer requests through ledger.connect (tests/support/cluster_campaign.py says what it logs).
+SIGTERM ends it after the call in progress."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -66,6 +72,11 @@ def writer(directory: str, url: str, shard: str, node: str, ack_log: str) -> Non
 
 
 if __name__ == "__main__":
-    if sys.argv[1] != "writer":
+    if sys.argv[1] == "writer":
+        writer(*sys.argv[2:7])
+    elif sys.argv[1] == "client":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from support import cluster_campaign
+        cluster_campaign.client(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
+    else:
         raise SystemExit(__doc__)
-    writer(*sys.argv[2:7])
