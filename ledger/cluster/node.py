@@ -321,7 +321,8 @@ class ClusterNode:
                  "%.2f s", self.name, self.shard, lag, delay_s)
         if self._stopping.wait(delay_s):
             return True
-        holder = self._loop.run(self._lease.read(), REQUEST_TIMEOUT_S)
+        holder = self._loop.run(asyncio.wait_for(self._lease.read(), TAKEOVER_REQUEST_TIMEOUT_S),
+                                TAKEOVER_REQUEST_TIMEOUT_S + 1.0)
         self._note(holder)
         return holder is not None
 
