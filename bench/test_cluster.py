@@ -1,12 +1,12 @@
 """Replicated throughput and latency (issue 14) on a local three-node JetStream cluster (sync_interval always,
 R3): a raw JetStream probe publishing the bytes a ledger would (16k-transfer batches: 16,385 x 64 bytes; single
-transfers: 2 x 64 bytes) with 1 and PUBLISH_IN_FLIGHT_MAX in flight and no ledger, then the ledger itself with
+transfers: 2 x 64 bytes) with 1, 2 (the ledger's producers) and PUBLISH_IN_FLIGHT_MAX in flight and no ledger, then the ledger itself with
 two producer threads (16k batches, single calls); the ledger's ratio to the probe with the same number in flight.
 
-Run: cd /work/wt/clusterbench && PYTHONPATH=$PWD python -m pytest bench/test_cluster.py --benchmark-only
+Run: python -m pytest bench/test_cluster.py --benchmark-only
 
-The code is ledger/bench_peers/cluster.py (shared with `ledger bench --cluster`). Switching to the pipelined
-publisher or to `ledger.open(DIR, cluster=URL, shard=NAME)` is one line there: LEDGER_IN_FLIGHT, OPEN_REPLICATED."""
+The code is ledger/bench_peers/cluster.py (shared with `ledger bench --cluster`): the ledger is
+`ledger.open(DIR, cluster=URL, shard=NAME)` with its pipelined publisher."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ from ledger.cluster.servers import LocalCluster
 
 BATCH_MESSAGES = 60          # 16k-transfer batches per probe round and ledger round (~1 M transfers)
 SINGLE_MESSAGES = 3_000
-IN_FLIGHT = sorted({1, names.PUBLISH_IN_FLIGHT_MAX})
+IN_FLIGHT = sorted({1, cluster_bench.LEDGER_IN_FLIGHT, names.PUBLISH_IN_FLIGHT_MAX})
 MEASURED: dict[tuple[str, int], cluster_bench.Rate] = {}   # the probe rows, for the ledger rows' ratios
 
 

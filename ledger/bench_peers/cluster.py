@@ -7,10 +7,11 @@ ledger against a raw JetStream probe on the same servers in the same run.
 - `run_ledger`: a ledger that publishes every committed batch to its shard's stream, driven by two producer
   threads: 16k-transfer batches (throughput) and single transfer() calls (throughput and per-call p50/p99).
 
-Today the publisher waits for each ack (one round trip per batch), so the ledger is set against the probe with
-one message in flight (LEDGER_IN_FLIGHT). Two one-line switches once the other slices land: LEDGER_IN_FLIGHT =
-PUBLISH_IN_FLIGHT_MAX when the publisher is pipelined, and OPEN_REPLICATED = open_with_cluster when
-`ledger.open(DIR, cluster=URL, shard=NAME)` exists."""
+The ledger is `ledger.open(DIR, cluster=URL, shard=NAME)` (durability "replicated", a one-node shard: its
+primary), its publisher pipelined: each producer's call waits for its own batch's ack, outside the engine's lock,
+so two producers have at most two batches in flight, and the ledger is set against the probe with that many in
+flight (LEDGER_IN_FLIGHT = PRODUCERS). `open_with_publisher` (open_with_hooks + a StreamPublisher) is kept for a
+comparison without the node (lease, reports)."""
 from __future__ import annotations
 
 import asyncio
@@ -155,16 +156,16 @@ def open_with_publisher(directory: str, url: str, shard: str, **options: Any) ->
 
 @contextlib.contextmanager
 def open_with_cluster(directory: str, url: str, shard: str, **options: Any) -> Iterator[ledger.Ledger]:
-    """The replicated open of issue 14 (`ledger.open(DIR, cluster=URL, shard=NAME)`, being built)."""
-    handle = ledger.open(directory, create=True, cluster=url, shard=shard, **options)  # type: ignore[call-arg]
+    """The replicated open of issue 14: `ledger.open(DIR, cluster=URL, shard=NAME)`, the node's primary."""
+    handle = ledger.open(directory, create=True, cluster=url, shard=shard, **options)
     try:
         yield handle
     finally:
         handle.close()
 
 
-OPEN_REPLICATED: Callable[..., contextlib.AbstractContextManager[ledger.Ledger]] = open_with_publisher
-LEDGER_IN_FLIGHT = 1   # the publisher waits for each ack today; names.PUBLISH_IN_FLIGHT_MAX once it is pipelined
+OPEN_REPLICATED: Callable[..., contextlib.AbstractContextManager[ledger.Ledger]] = open_with_cluster
+LEDGER_IN_FLIGHT = PRODUCERS   # each producer's call waits for its own ack: this many batches in flight at most
 
 
 def _fund(handle: ledger.Ledger) -> None:
@@ -263,13 +264,13 @@ TARGET_RATIO = 0.8          # the issue's target: the ledger at least 0.8x the p
 
 
 def side_by_side(url: str, directory: str, counts: Counts, batch_transfers: int = BATCH_TRANSFERS) -> dict[str, Any]:
-    """The probe (1 and PUBLISH_IN_FLIGHT_MAX in flight, batch and single-transfer messages) and the ledger on
+    """The probe (1, LEDGER_IN_FLIGHT and PUBLISH_IN_FLIGHT_MAX in flight, batch and single-transfer messages) and the ledger on
     the cluster at `url`; the rows and the ratios ledger/probe (against the probe with LEDGER_IN_FLIGHT)."""
     batch_bytes, single_bytes = batch_message_bytes(batch_transfers), batch_message_bytes(1)
     probes = {}
     for kind, message_bytes, messages in (("batch", batch_bytes, counts.batches), ("single", single_bytes,
                                                                                    counts.calls)):
-        for in_flight in sorted({1, names.PUBLISH_IN_FLIGHT_MAX}):
+        for in_flight in sorted({1, LEDGER_IN_FLIGHT, names.PUBLISH_IN_FLIGHT_MAX}):
             probes[(kind, in_flight)] = probe(url, f"probe-{kind}-{in_flight}", message_bytes,
                                               messages * (1 if in_flight == 1 else 2), in_flight)
     batch_row, call_row = run_ledger(os.path.join(directory, "ledger"), url, "bench", counts.batches, counts.calls,
