@@ -19,10 +19,10 @@ def test_bench_cluster_runs_the_probe_and_the_ledger_side_by_side(tmp_path):
     completed = subprocess.run(command, check=False, cwd=REPOSITORY, capture_output=True, text=True,
                                timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     assert completed.returncode == 0, f"exit {completed.returncode}\n{completed.stdout}\n{completed.stderr}"
-    assert "ledger/probe (1 in flight" in completed.stdout
+    assert "ledger/probe (2 in flight" in completed.stdout
     results = json.loads((out / "results.json").read_text())
     labels = [row["label"] for row in results["rows"]]
-    assert sum(label.startswith("JetStream probe R3") for label in labels) == 4
+    assert sum(label.startswith("JetStream probe R3") for label in labels) == 6   # 1, 2 and 16 in flight
     assert sum(label.startswith("ledger R3") for label in labels) == 2
     for row in results["rows"]:
         assert row["count"] > 0 and row["per_second"] > 0 and 0 < row["p50_us"] <= row["p99_us"], row

@@ -296,9 +296,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
                      f"{unit}{latency}")
     in_flight = report["ledger_in_flight"]
     verdict = "meets" if min(report["batch_ratio"], report["single_ratio"]) >= report["target_ratio"] else "misses"
-    lines += [f"ledger/probe ({in_flight} in flight, the ledger's today): {report['batch_ratio']:.2f}x for "
+    lines += [f"ledger/probe ({in_flight} in flight, as the ledger's producers): {report['batch_ratio']:.2f}x for "
               f"{report['batch_transfers']:,}-transfer batches, {report['single_ratio']:.2f}x for single calls "
               f"({verdict} the {report['target_ratio']}x target)",
-              f"ledger batches / probe with {names.PUBLISH_IN_FLIGHT_MAX} in flight (what pipelining aims at): "
+              f"ledger batches / probe with {names.PUBLISH_IN_FLIGHT_MAX} in flight (the publisher's bound): "
               f"{report['batch_ratio_to_pipelined_probe']:.2f}x"]
     return lines
