@@ -13,7 +13,7 @@ import numpy as np
 
 from ledger import _core
 from ledger.audit import VerifyReport, verify_live
-from ledger.batches import ACCOUNT_STATE_DTYPE, Account, accounts_batch, as_batch, transfers_batch
+from ledger.batches import ACCOUNT_STATE_DTYPE, Account, accounts_batch, as_batch, transfer_ids, transfers_batch
 from ledger.commit import Publish
 from ledger.enums import (ACCOUNT_DTYPE, BALANCE_MAX, TRANSFER_DTYPE, TRANSFER_RECORD_DTYPE, AccountResult,
                           TransferResult)
@@ -169,16 +169,7 @@ class Ledger:
 
     def lookup_transfers(self, ids: Any) -> np.ndarray:
         """One TRANSFER_RECORD_DTYPE row per id; `state` is TransferState.NOT_FOUND for unknown ids."""
-        keys = np.asarray(ids)
-        if keys.ndim == 0:
-            keys = keys.reshape(1)
-        if keys.ndim != 1:
-            raise ValueError(f"ids must be 1-dimensional, got shape {keys.shape}")
-        if keys.size and keys.dtype.kind not in "iu":
-            raise TypeError(f"ids must be integers, got dtype {keys.dtype}")
-        if keys.size and keys.dtype.kind == "i" and int(keys.min()) < 0:
-            raise ValueError("ids must be >= 0")
-        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        keys = transfer_ids(ids)
         out = np.empty(keys.shape[0], TRANSFER_RECORD_DTYPE)
         return self._engine.lookup_transfers(keys, out)
 

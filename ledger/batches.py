@@ -11,7 +11,8 @@ import numpy as np
 
 from ledger.enums import ACCOUNT_DTYPE, BALANCE_MAX, BATCH_SIZE_MAX, TRANSFER_DTYPE
 
-__all__ = ["ACCOUNT_STATE_DTYPE", "Account", "accounts_batch", "as_batch", "checked_count", "transfers_batch"]
+__all__ = ["ACCOUNT_STATE_DTYPE", "Account", "accounts_batch", "as_batch", "checked_count", "transfer_ids",
+           "transfers_batch"]
 
 # What Ledger.accounts() returns: every account with its counters.
 ACCOUNT_STATE_DTYPE = np.dtype(
@@ -72,6 +73,21 @@ def transfers_batch(count: int) -> np.ndarray:
     batch = np.zeros(checked_count(count), TRANSFER_DTYPE)
     batch["ledger"] = 1
     return batch
+
+
+def transfer_ids(ids: Any) -> np.ndarray:
+    """lookup_transfers' ids (one integer or a 1-dimensional array of them, each >= 0) as a contiguous uint64
+    array; ValueError or TypeError naming what is wrong. One check for the in-process Ledger and the clients."""
+    keys = np.asarray(ids)
+    if keys.ndim == 0:
+        keys = keys.reshape(1)
+    if keys.ndim != 1:
+        raise ValueError(f"ids must be 1-dimensional, got shape {keys.shape}")
+    if keys.size and keys.dtype.kind not in "iu":
+        raise TypeError(f"ids must be integers, got dtype {keys.dtype}")
+    if keys.size and keys.dtype.kind == "i" and int(keys.min()) < 0:
+        raise ValueError("ids must be >= 0")
+    return np.ascontiguousarray(keys, dtype="<u8")
 
 
 def checked_count(count: int) -> int:

@@ -307,6 +307,9 @@ def test_calls_retry_through_a_service_restart_with_exactly_once_effects(served)
     assert served.client.balance(2) == 40
 
 
+GIVE_UP_SLACK_S = 3.0
+
+
 def test_no_service_means_unavailable_within_the_timeout(cluster):
     for timeout_ms in (300, 1000):
         with ledger.connect(cluster.url, shard=next(SHARDS), timeout_ms=timeout_ms) as client:
@@ -315,7 +318,9 @@ def test_no_service_means_unavailable_within_the_timeout(cluster):
                 with pytest.raises(ledger.LedgerUnavailableError, match="retry with the same ids"):
                     call()
                 elapsed_s = time.monotonic() - started
-                assert timeout_ms / 1000 <= elapsed_s < timeout_ms / 1000 + 0.5, elapsed_s
+                # Never before the budget; after it, within one attempt's back-off and a loaded machine's pause
+                # (a bound that tells "gives up" from "retries forever", not a speed).
+                assert timeout_ms / 1000 <= elapsed_s < timeout_ms / 1000 + GIVE_UP_SLACK_S, elapsed_s
 
 
 def test_closing_a_client_ends_its_calls_in_progress(cluster):

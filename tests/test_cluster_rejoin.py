@@ -7,6 +7,7 @@ is rebuilt from the bucket and catches up; a snapshot of batches the stream neve
 Every wait is bounded."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -19,33 +20,22 @@ import pytest
 import ledger
 from ledger.cluster import archive, names
 from ledger.cluster.servers import LocalCluster
-from support import cluster_processes
+from support import cluster_processes, waiting
 
 WAIT_S = 20.0
 OPEN_OPTIONS = {"segment_records_log2": 10}   # 1024 records a segment: a snapshot lies several segments in
+wait_until = functools.partial(waiting.wait_until, timeout_s=WAIT_S, pause_s=0.02)
+
+
+def open_node(cluster: LocalCluster, path, shard: str, node: str, primary: bool = False) -> ledger.Ledger:
+    """Node `node` of `shard` on the module's cluster (support.waiting.open_node)."""
+    return waiting.open_node(cluster.url, path, shard, node, WAIT_S, primary, **OPEN_OPTIONS)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with LocalCluster(tmp_path_factory.mktemp("nats"), nodes=3, port=0) as running:
         yield running
-
-
-def open_node(cluster: LocalCluster, path, shard: str, node: str, primary: bool = False) -> ledger.Ledger:
-    handle = ledger.open(str(path), create=True, cluster=cluster.url, shard=shard, node=node, **OPEN_OPTIONS)
-    if primary:
-        assert handle.cluster_node.wait_role("primary", WAIT_S), handle.cluster_node.error
-    return handle
-
-
-def wait_until(condition, what: str, timeout_s: float = WAIT_S, pause_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(pause_s)
-    pytest.fail(f"not within {timeout_s} s: {what}")
 
 
 def transfers(handle: ledger.Ledger, first_id: int, count: int) -> None:

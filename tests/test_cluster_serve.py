@@ -7,6 +7,8 @@ nodes on one machine" walkthrough, run command by command as the README spells i
 walkthrough markers), so the README cannot rot. Every wait is bounded."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import re
@@ -16,13 +18,16 @@ import sys
 import threading
 import time
 
+import nats
 import numpy as np
 import pytest
 
 import ledger
 from ledger import cli
+from ledger.cluster import stream
 from ledger.cluster.servers import LocalCluster, ServerAuthorization
 from ledger.cluster.status import read_status
+from support import waiting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -30,11 +35,22 @@ WAIT_S = 20.0            # the bound on any wait here (a loaded machine); never 
 CLIENT_TIMEOUT_MS = 15_000
 ROLE_LINE = re.compile(r"ledger: node (\S+) of shard (\S+) is (primary|standby)")
 ENVIRONMENT = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+wait_until = functools.partial(waiting.wait_until, timeout_s=WAIT_S, pause_s=0.05)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """A three-server cluster that has placed and answered one R3 stream: a cluster a moment old may still
+    time out the first streams and buckets a node creates (seen about one run in four here); the node retries
+    those within STREAM_READY_TIMEOUT_S, and these tests start from a warm cluster, as a deployment does."""
     with LocalCluster(tmp_path_factory.mktemp("nats"), nodes=3, port=0) as running:
+        async def warm() -> None:
+            connection = await nats.connect(servers=running.url.split(","))
+            try:
+                await stream.ready_stream(connection.jetstream(), "warm-up")
+            finally:
+                await connection.close()
+        asyncio.run(warm())
         yield running
 
 
@@ -113,16 +129,6 @@ def status(url: str, shard: str, command: bool = False) -> dict:
     return shards[0]
 
 
-def wait_until(condition, what: str, timeout_s: float = WAIT_S, pause_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(pause_s)
-    pytest.fail(f"not within {timeout_s} s: {what}")
-
-
 def create_accounts(client) -> None:
     assert client.create_account(1, min_balance=ledger.BALANCE_MIN) == ledger.AccountResult.OK
     assert client.create_account(2) == ledger.AccountResult.OK
@@ -148,8 +154,11 @@ def test_a_standby_takes_over_on_sigterm_while_a_client_goes_on(cluster, tmp_pat
                     and nodes["a"]["position"] == nodes["b"]["position"] > 1
                     and nodes["a"]["lag_positions"] == nodes["b"]["lag_positions"] == 0)
         wait_until(both_at_the_end, "status showing primary a and standby b at the stream's end position")
-        shard = status(cluster.url, "two", command=True)   # the command's JSON says the same
-        assert (shard["primary"], shard["standbys"]) == ("a", ["b"])
+        # The command's JSON says the same. Looked at until it does: one read of the KV bucket may miss keys
+        # being put again that moment (seen about one run in four), which the in-process poll above rides out too.
+        shard = wait_until(lambda: (lambda read: read if (read["primary"], read["standbys"]) == ("a", ["b"])
+                                    else None)(status(cluster.url, "two", command=True)),
+                           "the status command naming primary a and standby b", pause_s=0.2)
         assert {node["node"]: node["position"] for node in shard["nodes"]} == {"a": shard["stream"]["end_position"],
                                                                               "b": shard["stream"]["end_position"]}
 

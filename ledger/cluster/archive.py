@@ -130,6 +130,13 @@ async def uploaded(js: Any, shard: str) -> list[tuple[int, str]]:
         infos = await bucket.list(ignore_deletes=True)
     except nats.js.errors.NotFoundError:
         return []   # an empty bucket
+    except TimeoutError as error:   # nats.errors.TimeoutError is one
+        # nats-py's listing waits for its watcher's end-of-data marker, which a bucket whose first object is
+        # being uploaded that moment may not send in time. Nothing listed is safe: the node follows the stream
+        # from its own position, and one the stream was trimmed past comes back here (ClusterNode._rejoin_trimmed).
+        warnings.warn(f"ledger: the snapshot bucket of shard {shard} was not listed ({error!r}): no snapshot "
+                      f"used this time", RuntimeWarning, stacklevel=2)
+        return []
     found = [(_position_of(info.name), info.name) for info in infos if not info.deleted]
     return sorted(((position, name) for position, name in found if position is not None), reverse=True)
 

@@ -25,7 +25,7 @@ import nats
 import nats.errors
 import numpy as np
 
-from ledger.batches import Account, accounts_batch, as_batch, transfers_batch
+from ledger.batches import Account, accounts_batch, as_batch, transfer_ids, transfers_batch
 from ledger.cluster.connection import ConnectionOptions, connect_arguments, redacted
 from ledger.cluster.names import (
     CLIENT_REQUESTS_IN_FLIGHT_MAX,
@@ -109,19 +109,11 @@ def _json_scalar(value: Any, name: str) -> Any:
 
 def _lookup_keys(ids: Any) -> np.ndarray:
     """lookup_transfers' ids checked as Ledger.lookup_transfers checks them, as a uint64 array."""
-    keys = np.asarray(ids)
-    if keys.ndim == 0:
-        keys = keys.reshape(1)
-    if keys.ndim != 1:
-        raise ValueError(f"ids must be 1-dimensional, got shape {keys.shape}")
-    if keys.size and keys.dtype.kind not in "iu":
-        raise TypeError(f"ids must be integers, got dtype {keys.dtype}")
-    if keys.size and keys.dtype.kind == "i" and int(keys.min()) < 0:
-        raise ValueError("ids must be >= 0")
+    keys = transfer_ids(ids)
     if keys.shape[0] > REQUEST_ROWS_MAX:
         raise ValueError(f"lookup_transfers over NATS takes at most {REQUEST_ROWS_MAX} ids a call, got "
                          f"{keys.shape[0]}: split them")
-    return np.ascontiguousarray(keys, dtype="<u8")
+    return keys
 
 
 @dataclasses.dataclass

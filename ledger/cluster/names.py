@@ -70,6 +70,7 @@ HEADER_SNAPSHOT_POSITION = "Ledger-Snapshot-Position"   # an uploaded snapshot's
 # when none is pending). The stream is kept from the batch holding it, and a rejoin writes those batches back.
 HEADER_PENDING_POSITION = "Ledger-Pending-Position"
 STREAM_READY_TIMEOUT_S = 10.0   # a new stream's wait for a Raft leader and for its subject to reach the servers
+START_REQUEST_TIMEOUT_S = 2.0   # a node's start-time requests (bucket, stream), tried again within STREAM_READY_TIMEOUT_S
 STREAM_READY_RETRY_S = 0.05     # between looks at a stream not ready yet (no leader, no responders)
 NO_RESPONDERS_RETRY_S = 0.05    # a publish nobody received (no stream took the subject yet) is sent again after
 TAKEOVER_DEFER_MIN_S = 0.4      # a standby behind a live one waits this long before taking a lapsed lease ...

@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import nats.errors
+
 from ledger.cluster import archive
 from ledger.cluster.connection import ConnectionOptions
 from ledger.cluster.lease import Lease, LeaseHolder, ensure_bucket
@@ -52,7 +54,10 @@ from ledger.cluster.names import (
     REPLICAS_DEFAULT,
     REQUEST_TIMEOUT_S,
     SNAPSHOTS_KEPT,
+    START_REQUEST_TIMEOUT_S,
     STEP_DOWN_RETRY_S,
+    STREAM_READY_RETRY_S,
+    STREAM_READY_TIMEOUT_S,
     TAKEOVER_CATCH_UP_TIMEOUT_S,
     TAKEOVER_DEFER_MAX_S,
     TAKEOVER_DEFER_MIN_S,
@@ -66,7 +71,7 @@ from ledger.cluster.names import (
 from ledger.cluster.stream import (LoopThread, StreamFollower, StreamPublisher, ensure_stream, header_int,
                                    marker_epoch)
 from ledger import recovery
-from ledger.errors import LedgerNotPrimaryError, LedgerReplicationError
+from ledger.errors import LedgerNotPrimaryError, LedgerReplicationError, LedgerTimeoutError
 from ledger.store import Store, open_store
 
 __all__ = ["PRIMARY", "ROLES", "STANDBY", "STOPPED", "ClusterNode", "cluster_size", "default_node_name"]
@@ -179,11 +184,13 @@ class ClusterNode:
         try:
             servers = cluster_size(self._loop.connection)
             self.replicas = self.replicas or min(REPLICAS_DEFAULT, servers)
-            kv = self._loop.run(ensure_bucket(self._loop.js, servers), REQUEST_TIMEOUT_S)
-            self._loop.run(ensure_stream(self._loop.js, self.shard, self.replicas), REQUEST_TIMEOUT_S)
+            kv = self._when_ready("the KV bucket", lambda: self._loop.run(
+                ensure_bucket(self._loop.js, servers), START_REQUEST_TIMEOUT_S))
+            self._when_ready("the stream", lambda: self._loop.run(
+                ensure_stream(self._loop.js, self.shard, self.replicas), START_REQUEST_TIMEOUT_S))
             self._lease = Lease(kv, self.shard, self.name)
             with self._changing:
-                built = self._rejoin_if_behind()
+                built = self._when_ready("the snapshot bucket", self._rejoin_if_behind)
                 self._become_standby(self._reconciled(self._open_store(self._create and not built)))
                 self._poll()
         except BaseException:
@@ -435,6 +442,22 @@ class ClusterNode:
         self._become_standby(self._open_store(False))
 
     # -- rejoin and snapshots (docs/CLUSTER.md "Rejoin and retention") --
+
+    def _when_ready(self, what: str, step: Callable[[], Any]) -> Any:
+        """step() at start, tried again while `what` (a stream or bucket just created, a cluster just started and
+        still placing them) does not answer (a NATS request timing out, no responders), for at most
+        STREAM_READY_TIMEOUT_S: a node started a moment after its cluster must not fail on what the next look
+        finds ready. Every step retried here is idempotent (create if missing; a rebuild is all or nothing)."""
+        deadline = time.monotonic() + STREAM_READY_TIMEOUT_S
+        while True:
+            try:
+                return step()
+            except (TimeoutError, LedgerTimeoutError, nats.errors.NoRespondersError) as error:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("node %s of shard %s: %s does not answer yet (%s); trying again", self.name, self.shard,
+                         what, error)
+                time.sleep(STREAM_READY_RETRY_S)
 
     def _rejoin_if_behind(self) -> bool:
         """At start: a directory missing, empty, or behind what the trimmed stream still holds is rebuilt from the
