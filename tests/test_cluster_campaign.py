@@ -81,12 +81,14 @@ def test_a_takeover_gives_up_quickly_on_a_stream_without_a_leader(tmp_path):
             with pytest.raises(Exception):
                 node._loop.run(node._last_sequence(), names.REQUEST_TIMEOUT_S * 2)
             elapsed_s = time.monotonic() - started
-            assert elapsed_s < names.TAKEOVER_REQUEST_TIMEOUT_S + 1.0, elapsed_s
+            # A liveness bound, not a speed: before the fix the look waited out REQUEST_TIMEOUT_S (10.0 s); now
+            # TAKEOVER_REQUEST_TIMEOUT_S (1 s). The bound between the two tells them apart on a loaded machine.
+            assert elapsed_s < names.REQUEST_TIMEOUT_S, elapsed_s
             started = time.monotonic()
             with node._changing, contextlib.suppress(Exception):   # a standby's look at the lease (its KV stream)
                 node._poll()
             elapsed_s = time.monotonic() - started
-            assert elapsed_s < names.TAKEOVER_REQUEST_TIMEOUT_S + 1.0, elapsed_s
+            assert elapsed_s < names.REQUEST_TIMEOUT_S, elapsed_s   # the same liveness bound
             cluster.start(killed)     # a quorum again: the node closes without waiting out its requests
         finally:
             handle.close()
