@@ -2,6 +2,8 @@
 
     apply (core) -> write events -> [wait for the previous group's sync] -> sync -> publish -> answer
 
+(per call with a pipelined hook: write -> send -> sync -> wait for the ack -> answer, see after_commit).
+
 A standby's batches (taken from its primary, applied by replay) take the same write and sync step
 (`commit_replicated`), without the publish.
 
@@ -19,7 +21,8 @@ Every writer goes through a `CommitPipeline` (the store makes one per handle), i
   A call on the handle outside a group (accounts created before serving) is committed per call.
 
 `publish` (default None: nothing) is handed each committed batch's journal range [start, end) once it is durable
-and before it is answered, in journal order, exactly once: the place where replication's acknowledged publish
+(per call with a pipelined hook: once written, its local sync then running beside the round trip) and before it is
+answered, in journal order, exactly once: the place where replication's acknowledged publish
 goes. The hook protocol, two kinds:
 
 - a plain callable `publish(start, end) -> None`, blocking: it returns once the range is acknowledged, or raises;
@@ -142,9 +145,17 @@ class CommitPipeline:
     def after_commit(self, start: int, end: int) -> None:
         """The core's callback after each committed batch [start, end), before its call returns: write its header
         after its events, let a background sync of its written-ahead events end, sync, publish. Inside a grouped
-        apply() it does nothing: apply() takes the batch on once the core call returns."""
+        apply() it does nothing: apply() takes the batch on once the core call returns.
+
+        Under call() (a pipelined hook, the call's ack waited for once the engine's lock is released) the batch is
+        sent before the local sync, so that the sync overlaps the stream's round trip instead of adding to it: the
+        call is still answered only once both are done (the sync here, the ack in call()). A crash between the
+        two may leave the stream a batch ahead of this journal, which is any standby's state: a restarted node
+        follows the stream (docs/CLUSTER.md, "Restart"). A direct engine call keeps sync, then publish and wait:
+        a retried after_commit (Ctrl-C in the sync) must not lose the Future it would wait for."""
         if self._applying:
             return
+        deferred = getattr(self._local, "deferred", False)
         if self.writes:
             journal = self.journal
             try:
@@ -153,14 +164,25 @@ class CommitPipeline:
                 if self._wrote_ahead:
                     self._wrote_ahead = False
                     journal.finish_write_ahead()   # a sync still running over this batch's files: let it end
+            if deferred and self.publish is not None:
+                self._defer_published(start, end)
             journal.sync(start, end)
+            if deferred:
+                return
         if self.publish is not None:
             future = self._publish(start, end)
             if future is not None:
-                if getattr(self._local, "deferred", False):
+                if deferred:
                     self._local.future = future      # call() waits, once the engine's lock is released
                 else:
                     self._wait_published(future)     # a direct engine call: wait here
+
+    def _defer_published(self, start: int, end: int) -> None:
+        """Send [start, end) and leave its Future for call() to wait for (a retried commit sends nothing more:
+        the Future of its first attempt stays)."""
+        future = self._publish(start, end)
+        if future is not None:
+            self._local.future = future
 
     def write_ahead(self, header_position: int, end: int) -> bool | None:
         """The core's callback inside a large batch: write its final events so far and start syncing them in the

@@ -282,3 +282,43 @@ def test_grouped_pipelined_a_fence_failure_poisons_and_answers_no_later_group(cl
             assert not [event for event in hook.events if event[0] == "answer"]
         finally:
             server.close()
+
+
+def test_per_call_pipelined_the_local_sync_runs_beside_the_round_trip_and_the_call_waits_for_both(cluster,
+                                                                                                   tmp_path):
+    """Per call with a pipelined hook, a batch is sent before its local fdatasync (the sync overlaps the stream's
+    round trip instead of adding to it), and the call still returns only once the ack came as well."""
+    from ledger.cluster import stream
+    with stream.StreamPublisher(cluster.url, "per-call-overlap", replicas=1) as publisher:
+        hook = GatedHook(publisher)
+        handle = open_with_hooks(str(tmp_path / "data"), create=True, publish=hook)
+        try:
+            publisher.attach(handle.store)
+            journal = handle.store.journal
+            sync = journal.sync
+
+            def logged_sync(start: int, end: int) -> None:
+                sync(start, end)
+                hook.events.append(("synced", end))
+            journal.sync = logged_sync
+            hook.gate.set()
+            handle.create_account(1, min_balance=ledger.BALANCE_MIN)
+            handle.create_account(2)
+            hook.gate.clear()
+            hook.events.clear()
+            results: list[object] = []
+            caller = threading.Thread(target=lambda: results.append(handle.transfer(10, 1, 2, 5)))
+            caller.start()
+            for _ in range(500):                                     # a liveness bound (5 s), not a speed
+                if len(hook.events) >= 2:
+                    break
+                threading.Event().wait(0.01)
+            assert [kind for kind, _ in hook.events] == ["send", "synced"]   # sent first, synced with the ack out
+            assert hook.events[0][1] == hook.events[1][1] == handle.store.engine.write_position
+            caller.join(0.2)
+            assert caller.is_alive() and not results                # not answered before its ack
+            hook.gate.set()
+            caller.join(10)
+            assert results == [ledger.TransferResult.OK]
+        finally:
+            handle.close()
