@@ -161,7 +161,7 @@ class ShardMap:
     _firsts: tuple[int, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ranges = tuple(tuple(entry) for entry in self.ranges)
+        ranges: tuple[Range, ...] = tuple((first, last, shard) for first, last, shard in self.ranges)
         if _canonical(ranges) != ranges:
             raise ValueError("shard map ranges must be sorted, apart and joined: make the map with "
                              "ShardMap.from_ranges or parse")
@@ -172,7 +172,7 @@ class ShardMap:
         if any(not 0 <= number < SHARD_NUMBERS_MAX for number in numbers.values()) or \
                 list(self.numbers) != sorted(self.numbers, key=lambda item: item[1]):
             raise ValueError(f"shard map numbers {self.numbers!r}: each in [0, {SHARD_NUMBERS_MAX}), sorted")
-        unnumbered = sorted({shard for _, _, shard in ranges} - set(numbers))
+        unnumbered = sorted({str(shard) for _, _, shard in ranges} - set(numbers))
         if unnumbered:
             raise ValueError(f"shard map: shard {unnumbered[0]} has no number")
         object.__setattr__(self, "ranges", ranges)
@@ -420,7 +420,7 @@ def _where(move: Move) -> str:
 async def _check_owner(connection: Any, owner: str, moves: list[Move], timeout_s: float) -> list[str]:
     """The reasons (none: fine) to refuse taking `moves` from shard `owner`, all asked within timeout_s."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    reasons = []
+    reasons: list[str] = []
     for move in moves:
         try:
             count = await _count(connection, owner, move, deadline)
