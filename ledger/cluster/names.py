@@ -7,6 +7,8 @@ Per shard NAME (1 to 64 of A-Z a-z 0-9 _ -: valid in a stream name and as one su
   range (byte for byte), or an epoch marker (an empty message a new primary publishes before it serves);
 - KV bucket `LEDGER_CLUSTER` (one per cluster, its TTL the lease's): key `lease.<NAME>` (the primary's lease) and
   `node.<NAME>.<NODE>` (each node's role and position, put while it runs, for `ledger cluster status`);
+- KV bucket `LEDGER_SHARDS` (one per cluster, no TTL, a few revisions kept): key `map`, the shard map (ranges of
+  account ids -> shard; its KV revision is its version);
 - object store bucket `LEDGER_SNAPSHOTS_<NAME>`: the primary's snapshots, for a node that rejoins;
 - request subjects `ledger.request.<NAME>` (the primary answers commands and reads) and `ledger.read.<NAME>` (every
   node answers reads, for consistency="standby")."""
@@ -156,3 +158,20 @@ READ_QUEUE_GROUP = "ledger-read"      # the read subject's queue group: one node
 CLIENT_TIMEOUT_MS_DEFAULT = 30_000    # a call's whole budget, retries included (as the ring client's)
 CLIENT_TIMEOUT_MS_MAX = 3_600_000
 SERVICE_STOP_TIMEOUT_S = 15.0         # stop() waits this long at most for the requests in progress
+
+# -- the shard map (ledger/cluster/shards.py; docs/CLUSTER.md "Shard map") --
+SHARD_MAP_BUCKET = "LEDGER_SHARDS"     # one per cluster, no TTL: the map lives until it is set again
+SHARD_MAP_KEY = "map"
+SHARD_MAP_HISTORY = 5                 # revisions of the map the bucket keeps (people looking back; KV allows 64)
+SHARD_MAP_FORMAT = 1                  # the stored JSON's (and `ledger cluster shards --json`'s) version
+SHARD_MAP_RANGES_MAX = 1024           # ranges of one map: its JSON stays far below a message (about 64 KiB)
+SHARD_NUMBERS_MAX = 1024              # shards a cluster ever numbers (a number is never reused: bridge accounts)
+ACCOUNT_ID_MIN = 1                    # id 0 is no account
+# Ids from 2**63 up are the cluster's own: the bridge accounts between shards and the leg ids derived from a
+# caller's transfer id (issue 15). A shard map never gives them to a shard, so no caller's account collides.
+CLUSTER_ID_MIN = 2**63
+# How long a shard's primary has to answer whether it holds accounts in a range a new map takes from it (its
+# requests retried within it through a failover); past it the change is refused: nobody proved the range empty.
+SHARD_MAP_ANSWER_TIMEOUT_S = 3.0
+
+assert SHARD_MAP_HISTORY <= 64 and ACCOUNT_ID_MIN < CLUSTER_ID_MIN

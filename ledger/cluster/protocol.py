@@ -8,7 +8,8 @@ dtype's own layout): TRANSFER_DTYPE for `transfers`, ACCOUNT_DTYPE for `create_a
 `lookup_transfers`; empty otherwise.
 
 A reply: `Ledger-Version: 1`, `Ledger-Position: <the journal write position the answer reflects>`; on success a
-body (uint8 result codes, TRANSFER_RECORD_DTYPE or HISTORY_DTYPE rows) or `Ledger-Result: <JSON>` (an account);
+body (uint8 result codes, TRANSFER_RECORD_DTYPE or HISTORY_DTYPE rows) or `Ledger-Result: <JSON>` (an account, a
+count);
 on failure `Ledger-Error: <exception class name>` and the message as UTF-8 in the body."""
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ IDS_DTYPE = np.dtype("<u8")
 # The methods that carry rows, with their rows' dtype. Writes are coalesced; lookup_transfers is a read.
 BATCH_METHODS = {"transfers": TRANSFER_DTYPE, "create_accounts": ACCOUNT_DTYPE, "lookup_transfers": IDS_DTYPE}
 WRITE_METHODS = ("transfers", "create_accounts")
-READ_METHODS = ("account", "lookup_transfers", "history")
+# accounts_in_range ({"first", "last"}: how many accounts have an id in [first, last]) is the shard map's check
+# (ledger/cluster/shards.py) before it takes a range from a shard.
+READ_METHODS = ("account", "lookup_transfers", "history", "accounts_in_range")
 # The exceptions a reply may name and the client raises again as themselves; any other is a LedgerError.
 ERROR_CLASSES: dict[str, type[Exception]] = {
     **{name: getattr(errors, name) for name in errors.__all__},

@@ -25,6 +25,7 @@ import numpy as np
 
 from ledger.cluster.connection import ConnectionOptions
 from ledger.cluster.names import (
+    ACCOUNT_ID_MIN,
     COALESCED_ROWS_MAX,
     CONNECT_TIMEOUT_S,
     MESSAGE_BYTES_MAX,
@@ -48,9 +49,28 @@ from ledger.cluster.protocol import (
 from ledger.cluster.stream import LoopThread
 from ledger.errors import LedgerBusyError, LedgerError
 
-__all__ = ["Service"]
+__all__ = ["Service", "accounts_in_range"]
 
 TAKE_WAIT_S = 0.05   # the idle worker looks this often whether it should stop
+ACCOUNT_ID_MAX = 2**64 - 1
+
+
+def accounts_in_range(ledger_handle: Any, first: Any, last: Any) -> int:
+    """How many accounts of `ledger_handle` (a Ledger) have an id in [first, last], both included: a count over
+    the engine's live id array under its lock (one pass of numpy, no copy of the accounts). TypeError / ValueError
+    naming a bound that is not an account id, or first > last."""
+    for name, value in (("first", first), ("last", last)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"accounts_in_range: {name} must be an integer account id, got {value!r}")
+        if not ACCOUNT_ID_MIN <= value <= ACCOUNT_ID_MAX:
+            raise ValueError(f"accounts_in_range: {name} {value} is not an account id "
+                             f"[{ACCOUNT_ID_MIN}, {ACCOUNT_ID_MAX}]")
+    if first > last:
+        raise ValueError(f"accounts_in_range: first {first} is above last {last}")
+    engine = ledger_handle.store.engine
+    with engine:   # the views are live: no batch may grow (move) them while they are read
+        ids = engine.account_arrays()[1]["id"]
+        return int(np.count_nonzero((ids >= np.uint64(first)) & (ids <= np.uint64(last))))
 
 
 @dataclasses.dataclass
@@ -268,6 +288,9 @@ class Service:
             return encode_reply(position, result=None if account is None else list(account), with_result=True)
         if request.method == "lookup_transfers":
             return encode_reply(position, self.ledger.lookup_transfers(request.rows).tobytes())
+        if request.method == "accounts_in_range":
+            count = accounts_in_range(self.ledger, arguments.get("first"), arguments.get("last"))
+            return encode_reply(position, result=count, with_result=True)
         assert request.method == "history", request.method
         rows = self.ledger.history(arguments.get("id"), since=decode_moment(arguments.get("since")),
                                    until=decode_moment(arguments.get("until")), limit=arguments.get("limit"))

@@ -226,18 +226,25 @@ def _shards_named(keys: dict[str, bytes]) -> set[str]:
     return names
 
 
-async def _read(url: str, options: ConnectionOptions | None, only: str | None) -> ClusterStatus:
+async def connect_once(url: str, options: ConnectionOptions | None) -> Any:
+    """A nats-py connection for one command (`cluster status`, `cluster shards`): each server of the URL tried
+    once, no reconnecting; ClusterUnreachableError (one line, the URL redacted) when none answers. ValueError or
+    FileNotFoundError for bad options, before any connection is tried."""
     arguments = connect_arguments(url, options)
 
     async def quiet(error: Exception) -> None:
         """nats-py logs each failed attempt with a traceback; the one line of the outcome says it."""
     try:
-        connection = await nats.connect(**arguments, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=False,
-                                        max_reconnect_attempts=1, reconnect_time_wait=STATUS_CONNECT_RETRY_WAIT_S,
-                                        error_cb=quiet)
+        return await nats.connect(**arguments, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=False,
+                                  max_reconnect_attempts=1, reconnect_time_wait=STATUS_CONNECT_RETRY_WAIT_S,
+                                  error_cb=quiet)
     except (nats.errors.Error, OSError, asyncio.TimeoutError) as error:
         raise ClusterUnreachableError(f"cannot connect to NATS at {redacted(url)}: "
                                       f"{str(error) or type(error).__name__}") from None
+
+
+async def _read(url: str, options: ConnectionOptions | None, only: str | None) -> ClusterStatus:
+    connection = await connect_once(url, options)
     try:
         js = connection.jetstream(timeout=REQUEST_TIMEOUT_S)
         streams = await _streams(js, only)
