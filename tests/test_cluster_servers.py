@@ -379,17 +379,19 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("")
     (tmp_path / "ledger" / "journal").mkdir(parents=True)
-    for arguments in (["--nodes", "0"], ["--nodes", "10"], ["--port", "80"], ["--port", "65000"],
-                      ["--port", "70000"]):
-        completed = subprocess.run([sys.executable, "-m", "ledger", "cluster", "nats", str(tmp_path / "x"),
-                                    *arguments], capture_output=True, text=True, timeout=60)
-        assert completed.returncode == 2 and len(completed.stderr.splitlines()) == 1, (arguments, completed)
+    cases = [[str(tmp_path / "x"), *arguments] for arguments in (["--nodes", "0"], ["--nodes", "10"],
+                                                                  ["--port", "80"], ["--port", "65000"],
+                                                                  ["--port", "70000"])]
     directories = [a_file, a_file / "below", tmp_path / "missing" / "below", tmp_path / "ledger"]
     if os.geteuid() != 0:   # root writes into a read-only directory anyway
         (tmp_path / "read-only").mkdir(mode=0o500)
         directories.append(tmp_path / "read-only")
-    for directory in directories:
-        completed = subprocess.run([sys.executable, "-m", "ledger", "cluster", "nats", str(directory)],
-                                   capture_output=True, text=True, timeout=60)
-        assert completed.returncode == 2 and len(completed.stderr.splitlines()) == 1, (directory, completed)
+    cases += [[str(directory)] for directory in directories]
+    # The commands run side by side: each is a separate process that must refuse its arguments on its own
+    # (nine interpreter starts one after another were most of this test's time).
+    children = [subprocess.Popen([sys.executable, "-m", "ledger", "cluster", "nats", *case], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL) for case in cases]
+    for case, child in zip(cases, children):
+        stdout, stderr = child.communicate(timeout=60)
+        assert child.returncode == 2 and len(stderr.splitlines()) == 1, (case, child.returncode, stdout, stderr)
     assert not (tmp_path / "x").exists()
