@@ -83,7 +83,7 @@ async def ready_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT,
     responders". The probe publish expects an impossible last sequence, so the stream refuses it by its fence
     and stores nothing. LedgerTimeoutError past timeout_s, naming what was missing."""
     loop = asyncio.get_running_loop()
-    deadline, missing = loop.time() + timeout_s, "an answer"
+    deadline, missing = loop.time() + timeout_s, "answer"
     while loop.time() < deadline:
         try:
             info = await ensure_stream(js, shard, replicas)
@@ -103,7 +103,7 @@ async def ready_stream(js: Any, shard: str, replicas: int = REPLICAS_DEFAULT,
         except nats.js.errors.NoStreamResponseError:
             missing = "responders on its subject"
         except nats.errors.TimeoutError:
-            missing = "an answer"
+            missing = "answer"
         await asyncio.sleep(STREAM_READY_RETRY_S)
     raise LedgerTimeoutError(f"stream {stream_name(shard)}: not ready within {timeout_s} s (no {missing})")
 
